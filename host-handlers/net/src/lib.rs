@@ -1,0 +1,1 @@
+//! Host handlers on the vsock ports.

@@ -1,0 +1,1 @@
+//! KVM virtual machine monitor for sandbox guests.
