@@ -1,1 +1,91 @@
-fn main() {}
+//! `sandbox-init`: PID 1 of the sandbox guest.
+//!
+//! Boot sequence: a writable overlay root on tmpfs over the read-only image,
+//! the pseudo filesystems, the hostname, then the command from the host's
+//! [`LaunchSpec`]. Init reaps every orphan while the command runs, reports the
+//! command's status, stops what is left and powers the VM off (a reboot, which
+//! the VMM treats as power-off: the guest boots with `reboot=k`).
+//!
+//! Init must never panic (a dead PID 1 is a kernel panic): every step returns
+//! an error that is printed on the console before the VM is powered off, and
+//! the host reports a guest that stopped without an exit status.
+
+mod command;
+mod mounts;
+
+use std::io::Write;
+
+use guest_protocol::{console, LaunchSpec};
+
+fn main() {
+    if let Err(err) = run() {
+        log(&format!("error: {err}"));
+    }
+    power_off();
+}
+
+fn run() -> Result<(), InitError> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline")
+        .or_else(|_| {
+            // /proc is not mounted yet the first time: mount it where the
+            // read-only image has the directory, read, and let mounts redo it.
+            mounts::mount_proc("/proc")?;
+            std::fs::read_to_string("/proc/cmdline")
+        })
+        .map_err(|e| InitError::step("read /proc/cmdline", e))?;
+    let spec = LaunchSpec::from_cmdline(&cmdline).map_err(|e| InitError::step("read the launch spec", e))?;
+
+    mounts::overlay_root().map_err(|e| InitError::step("set up the writable root", e))?;
+    mounts::pseudo_filesystems().map_err(|e| InitError::step("mount /proc, /sys, /dev, /tmp", e))?;
+    nix::unistd::sethostname(&spec.hostname).map_err(|e| InitError::step("set the hostname", e))?;
+    std::fs::write("/etc/hostname", format!("{}\n", spec.hostname))
+        .map_err(|e| InitError::step("write /etc/hostname", e))?;
+    command::raw_console_output().map_err(|e| InitError::step("configure the console", e))?;
+
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(console::START);
+    let _ = out.flush();
+    drop(out);
+
+    let status = command::run(&spec);
+
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(&console::exit_marker(status));
+    let _ = out.flush();
+    Ok(())
+}
+
+/// Stop every process, flush filesystems and reboot (= power off for the VMM).
+fn power_off() -> ! {
+    command::kill_all();
+    nix::unistd::sync();
+    loop {
+        let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+/// A line on the console, where the host shows it as guest log.
+pub(crate) fn log(msg: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "sandbox-init: {msg}");
+}
+
+/// A boot step that failed.
+#[derive(Debug)]
+pub(crate) struct InitError {
+    step: &'static str,
+    cause: String,
+}
+
+impl InitError {
+    pub(crate) fn step(step: &'static str, cause: impl std::fmt::Display) -> Self {
+        Self { step, cause: cause.to_string() }
+    }
+}
+
+impl std::fmt::Display for InitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.step, self.cause)
+    }
+}
