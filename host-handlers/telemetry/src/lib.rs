@@ -10,11 +10,48 @@
 //! - [`ai::StreamParser`] parses a provider response body as it streams past;
 //!   its result travels inside [`NetEvent::model_call`] so that the writer links
 //!   the rows in one transaction.
+//!
+//! # Design
+//!
+//! One SQLite database per sandbox (WAL mode, so readers such as `sandbox logs
+//! --follow` never block the writer). A single writer thread owns the only
+//! writing connection; handlers hand it rows through a bounded channel, and the
+//! writer commits whatever has queued up as one transaction, so the commit rate
+//! adapts to the load. Enqueuing never blocks: [`Recorder::record_dns`] and
+//! [`Recorder::record_net`] are safe to call from async tasks. The async
+//! [`Recorder::record_dns_wait`] / [`Recorder::record_net_wait`] variants wait
+//! for room in the channel instead of failing with [`TelemetryError::Full`].
+//!
+//! Nothing is lost silently: when a transaction cannot be committed (disk full,
+//! database locked by another process, corruption) the writer logs the error,
+//! stores it (see [`Recorder::failure`]), counts the rows it could not write
+//! and stops. From then on every `record_*` call returns
+//! [`TelemetryError::WriterFailed`], [`Recorder::healthy`] is false and
+//! [`Recorder::accept_new_connections`] tells handlers to refuse new
+//! connections unless [`TelemetryConfig::on_write_failure`] says otherwise.
+//! The failure is permanent for the session: an audit log with a gap in the
+//! middle would be worse than a sandbox that stopped talking to the network.
+//!
+//! Secrets: rows store the request headers they are given (the handler passes
+//! them after rewrites, with secret values redacted) and, as a second line of
+//! defence, the writer redacts values of credential-like headers and query
+//! parameters again (see [`redact`]).
 
-use std::path::Path;
-use std::time::SystemTime;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, oneshot};
 
 pub mod ai;
+pub mod preview;
+pub mod query;
+pub mod redact;
+mod schema;
+mod writer;
+
+pub use ai::prices::{ModelPrice, PriceTable};
 
 /// How a request or query ended, as stored in the `decision` column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +59,17 @@ pub enum Outcome {
     Allowed,
     Denied,
     Error,
+}
+
+impl Outcome {
+    /// The text stored in the `decision` column: `allowed`, `denied` or `error`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allowed => "allowed",
+            Outcome::Denied => "denied",
+            Outcome::Error => "error",
+        }
+    }
 }
 
 /// One row of `dns_events`.
@@ -74,38 +122,277 @@ pub enum TelemetryError {
     WriterFailed(String),
     #[error("session database writer is overloaded")]
     Full,
+    #[error("session database is closed")]
+    Closed,
+    #[error("session database {path} has schema version {found}; this build supports up to {supported}")]
+    SchemaTooNew { path: String, found: i64, supported: i64 },
+    #[error("session database {path}: {what}")]
+    NotUsable { path: String, what: String },
+    #[error("reading session database {path}: {source}")]
+    Query { path: String, source: rusqlite::Error },
+    #[error("price table {origin}: {reason}")]
+    Prices { origin: String, reason: String },
+    #[error("writing log output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+/// What handlers do once rows can no longer be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnWriteFailure {
+    /// Refuse new connections and queries (fail closed). The default.
+    #[default]
+    RefuseConnections,
+    /// Keep serving without a record (fail open). Every `record_*` call still
+    /// returns the error, so handlers can log what they could not record.
+    KeepServing,
+}
+
+/// Settings for [`SessionDb::open_with`].
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    /// Rows that may wait for the writer before `record_*` returns
+    /// [`TelemetryError::Full`].
+    pub channel_capacity: usize,
+    /// Most rows committed in one transaction.
+    pub max_batch: usize,
+    /// How long a write waits for a lock held by another connection before
+    /// it counts as a failure.
+    pub busy_timeout: Duration,
+    /// Whether handlers keep accepting connections after a write failure.
+    pub on_write_failure: OnWriteFailure,
+    /// Prices used to fill `estimated_cost_usd` of model calls that have none.
+    pub prices: PriceTable,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            channel_capacity: 16_384,
+            max_batch: 2_048,
+            busy_timeout: Duration::from_secs(5),
+            on_write_failure: OnWriteFailure::default(),
+            prices: PriceTable::builtin(),
+        }
+    }
+}
+
+/// A message for the writer thread.
+enum Message {
+    Dns(Box<DnsEvent>),
+    Net(Box<NetEvent>),
+    /// Reply once everything queued before it is committed.
+    Flush(oneshot::Sender<Result<(), TelemetryError>>),
+    /// Commit everything queued, stop accepting rows and reply when done.
+    Close(oneshot::Sender<Result<(), TelemetryError>>),
+}
+
+/// State shared by the writer and every recorder.
+#[derive(Debug)]
+struct Shared {
+    path: PathBuf,
+    /// Set once, by the writer, when a transaction could not be committed.
+    failure: OnceLock<String>,
+    closed: AtomicBool,
+    committed: AtomicU64,
+    rejected: AtomicU64,
+    on_write_failure: OnWriteFailure,
 }
 
 /// The session database and its writer.
 #[derive(Debug)]
-pub struct SessionDb {}
+pub struct SessionDb {
+    recorder: Recorder,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
 
 impl SessionDb {
     /// Open (creating and migrating) `path` and start the writer.
-    pub fn open(_path: &Path) -> Result<SessionDb, TelemetryError> {
-        Ok(SessionDb {})
+    pub fn open(path: &Path) -> Result<SessionDb, TelemetryError> {
+        Self::open_with(path, TelemetryConfig::default())
+    }
+
+    /// Like [`SessionDb::open`], with explicit settings.
+    pub fn open_with(path: &Path, config: TelemetryConfig) -> Result<SessionDb, TelemetryError> {
+        let conn = schema::open_for_writing(path, config.busy_timeout)?;
+        let (sender, receiver) = mpsc::channel(config.channel_capacity.max(1));
+        let shared = Arc::new(Shared {
+            path: path.to_path_buf(),
+            failure: OnceLock::new(),
+            closed: AtomicBool::new(false),
+            committed: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            on_write_failure: config.on_write_failure,
+        });
+        let writer = writer::Writer::new(conn, receiver, Arc::clone(&shared), &config);
+        let handle = std::thread::Builder::new()
+            .name("session-db-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| TelemetryError::NotUsable {
+                path: path.display().to_string(),
+                what: format!("cannot start the writer thread: {e}"),
+            })?;
+        Ok(SessionDb { recorder: Recorder { sender, shared }, writer: Some(handle) })
     }
 
     /// A handle for handlers.
     pub fn recorder(&self) -> Recorder {
-        Recorder {}
+        self.recorder.clone()
+    }
+
+    /// Commit everything queued so far, then stop the writer. Rows recorded
+    /// afterwards are refused with [`TelemetryError::Closed`]. Returns the
+    /// number of events committed during the session, or the writer's failure.
+    pub async fn close(mut self) -> Result<u64, TelemetryError> {
+        let result = self.recorder.request(Message::Close).await;
+        if let Some(handle) = self.writer.take() {
+            // The writer has replied; it is past its last statement.
+            if handle.join().is_err() {
+                return Err(TelemetryError::WriterFailed("the writer thread panicked".into()));
+            }
+        }
+        result.map(|()| self.recorder.committed_events())
     }
 }
 
 /// Enqueues rows for the writer. Clone freely; `Send + Sync`.
 #[derive(Debug, Clone)]
-pub struct Recorder {}
+pub struct Recorder {
+    sender: mpsc::Sender<Message>,
+    shared: Arc<Shared>,
+}
 
 impl Recorder {
-    pub fn record_dns(&self, _event: DnsEvent) -> Result<(), TelemetryError> {
-        Ok(())
+    /// Queue a `dns_events` row. Never blocks.
+    pub fn record_dns(&self, event: DnsEvent) -> Result<(), TelemetryError> {
+        self.try_enqueue(Message::Dns(Box::new(event)))
     }
-    pub fn record_net(&self, _event: NetEvent) -> Result<(), TelemetryError> {
-        Ok(())
+
+    /// Queue a `net_events` row (and its model call and tool calls). Never blocks.
+    pub fn record_net(&self, event: NetEvent) -> Result<(), TelemetryError> {
+        self.try_enqueue(Message::Net(Box::new(event)))
     }
+
+    /// Queue a `dns_events` row, waiting for room if the writer is behind.
+    pub async fn record_dns_wait(&self, event: DnsEvent) -> Result<(), TelemetryError> {
+        self.enqueue(Message::Dns(Box::new(event))).await
+    }
+
+    /// Queue a `net_events` row, waiting for room if the writer is behind.
+    pub async fn record_net_wait(&self, event: NetEvent) -> Result<(), TelemetryError> {
+        self.enqueue(Message::Net(Box::new(event))).await
+    }
+
     /// False once the writer has failed: handlers then refuse new connections
     /// (unless configured to fail open).
     pub fn healthy(&self) -> bool {
-        true
+        self.shared.failure.get().is_none()
+            && !self.shared.closed.load(Ordering::Acquire)
+            && !self.sender.is_closed()
+    }
+
+    /// Whether a handler should accept a new connection or query: true while
+    /// the writer is healthy, and always under [`OnWriteFailure::KeepServing`].
+    pub fn accept_new_connections(&self) -> bool {
+        self.healthy() || self.shared.on_write_failure == OnWriteFailure::KeepServing
+    }
+
+    /// The writer's error, once it has failed.
+    pub fn failure(&self) -> Option<&str> {
+        self.shared.failure.get().map(String::as_str)
+    }
+
+    /// Events committed so far (DNS and network rows; model and tool calls
+    /// are part of their network row).
+    pub fn committed_events(&self) -> u64 {
+        self.shared.committed.load(Ordering::Acquire)
+    }
+
+    /// Events refused because the channel was full or the writer had failed.
+    pub fn rejected_events(&self) -> u64 {
+        self.shared.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Wait until every row queued before this call is committed.
+    pub async fn flush(&self) -> Result<(), TelemetryError> {
+        self.request(Message::Flush).await
+    }
+
+    fn check_usable(&self) -> Result<(), TelemetryError> {
+        if let Some(failure) = self.shared.failure.get() {
+            return Err(TelemetryError::WriterFailed(failure.clone()));
+        }
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(TelemetryError::Closed);
+        }
+        Ok(())
+    }
+
+    fn try_enqueue(&self, message: Message) -> Result<(), TelemetryError> {
+        let result = self.check_usable().and_then(|()| {
+            self.sender.try_send(message).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => TelemetryError::Full,
+                mpsc::error::TrySendError::Closed(_) => self.stopped_error(),
+            })
+        });
+        if result.is_err() {
+            self.shared.rejected.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn enqueue(&self, message: Message) -> Result<(), TelemetryError> {
+        let result = match self.check_usable() {
+            Ok(()) => self.sender.send(message).await.map_err(|_| self.stopped_error()),
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            self.shared.rejected.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Send a message that the writer answers, and wait for the answer.
+    async fn request(
+        &self,
+        message: impl FnOnce(oneshot::Sender<Result<(), TelemetryError>>) -> Message,
+    ) -> Result<(), TelemetryError> {
+        self.check_usable()?;
+        let (reply, answer) = oneshot::channel();
+        self.sender.send(message(reply)).await.map_err(|_| self.stopped_error())?;
+        answer.await.map_err(|_| self.stopped_error())?
+    }
+
+    /// The error for a writer that no longer receives messages.
+    fn stopped_error(&self) -> TelemetryError {
+        match self.shared.failure.get() {
+            Some(failure) => TelemetryError::WriterFailed(failure.clone()),
+            None if self.shared.closed.load(Ordering::Acquire) => TelemetryError::Closed,
+            None => TelemetryError::WriterFailed("the writer has stopped".into()),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch (negative before it), as stored in `*_ms` columns.
+fn unix_ms(time: SystemTime) -> i64 {
+    match time.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => i64::try_from(e.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recorder_is_send_sync_clone() {
+        fn assert_traits<T: Send + Sync + Clone + 'static>() {}
+        assert_traits::<Recorder>();
+    }
+
+    #[test]
+    fn unix_ms_handles_times_before_the_epoch() {
+        assert_eq!(unix_ms(SystemTime::UNIX_EPOCH + Duration::from_millis(1500)), 1500);
+        assert_eq!(unix_ms(SystemTime::UNIX_EPOCH - Duration::from_millis(20)), -20);
     }
 }
