@@ -10,11 +10,14 @@
 //! an error that is printed on the console before the VM is powered off, and
 //! the host reports a guest that stopped without an exit status.
 
+mod agent;
 mod command;
 mod mounts;
+mod reaper;
 
 use std::io::Write;
 
+use guest_protocol::agent::AGENT_PORT;
 use guest_protocol::{console, LaunchSpec};
 
 fn main() {
@@ -33,14 +36,32 @@ fn run() -> Result<(), InitError> {
             std::fs::read_to_string("/proc/cmdline")
         })
         .map_err(|e| InitError::step("read /proc/cmdline", e))?;
-    let spec = LaunchSpec::from_cmdline(&cmdline).map_err(|e| InitError::step("read the launch spec", e))?;
+    // With a launch spec, init runs that command on the console and powers
+    // off; without one, the host drives the guest through the agent.
+    let spec = match LaunchSpec::from_cmdline(&cmdline) {
+        Ok(spec) => Some(spec),
+        Err(guest_protocol::ProtocolError::Missing) => None,
+        Err(e) => return Err(InitError::step("read the launch spec", e)),
+    };
+    let hostname = spec.as_ref().map_or("sandbox", |s| s.hostname.as_str());
 
     mounts::overlay_root().map_err(|e| InitError::step("set up the writable root", e))?;
     mounts::pseudo_filesystems().map_err(|e| InitError::step("mount /proc, /sys, /dev, /tmp", e))?;
-    nix::unistd::sethostname(&spec.hostname).map_err(|e| InitError::step("set the hostname", e))?;
-    std::fs::write("/etc/hostname", format!("{}\n", spec.hostname))
-        .map_err(|e| InitError::step("write /etc/hostname", e))?;
+    nix::unistd::sethostname(hostname).map_err(|e| InitError::step("set the hostname", e))?;
+    std::fs::write("/etc/hostname", format!("{hostname}\n")).map_err(|e| InitError::step("write /etc/hostname", e))?;
     command::raw_console_output().map_err(|e| InitError::step("configure the console", e))?;
+
+    let (shutdown_tx, shutdown_rx) = std::sync::mpsc::channel();
+    let agent = agent::listen(AGENT_PORT, shutdown_tx);
+    let Some(spec) = spec else {
+        agent.map_err(|e| InitError::step("start the agent on vsock port 5000", e))?;
+        // Serve until the host asks for a shutdown.
+        let _ = shutdown_rx.recv();
+        return Ok(());
+    };
+    if let Err(e) = agent {
+        log(&format!("agent not available (no vsock device?): {e}"));
+    }
 
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(console::START);

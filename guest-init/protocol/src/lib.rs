@@ -9,6 +9,7 @@
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
+pub mod agent;
 pub mod console;
 
 /// Kernel command-line key carrying the launch spec.

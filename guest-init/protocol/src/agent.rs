@@ -1,0 +1,196 @@
+//! The agent protocol: what the host and the guest agent (vsock port 5000)
+//! say to each other.
+//!
+//! Each message is a frame: a 4-byte big-endian payload length, then the
+//! payload, a postcard-encoded [`HostMessage`] or [`GuestMessage`]. Frames
+//! above [`MAX_FRAME`] are refused before anything is allocated. A connection
+//! opens with a [`HostMessage::Hello`] answered by [`GuestMessage::Hello`]
+//! (both carry [`VERSION`]), then carries one request: an exec, a file
+//! transfer, or a shutdown. Concurrent requests use concurrent connections.
+
+use std::io::{self, Read, Write};
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// Protocol version; the agent refuses a different one.
+pub const VERSION: u32 = 1;
+/// Largest frame payload, in bytes.
+pub const MAX_FRAME: usize = 1 << 20;
+/// Largest data chunk a sender puts in one frame.
+pub const CHUNK: usize = 64 * 1024;
+/// Guest vsock port of the agent.
+pub const AGENT_PORT: u32 = 5000;
+
+/// Terminal size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WinSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// A command to run in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exec {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: String,
+    /// User name or numeric uid; `None` runs as root.
+    pub user: Option<String>,
+    /// Run on a pseudo-terminal of this size (stdout and stderr merged).
+    pub tty: Option<WinSize>,
+}
+
+/// Host to guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HostMessage {
+    Hello { version: u32 },
+    Exec(Exec),
+    Stdin(Vec<u8>),
+    /// End of standard input.
+    StdinEof,
+    Signal(i32),
+    Resize(WinSize),
+    /// Write a file: `Data` frames follow, then `DataEnd`.
+    PutFile { path: String, mode: u32 },
+    /// Read a file: the guest answers with `Data` frames and `DataEnd`.
+    GetFile { path: String },
+    Data(Vec<u8>),
+    DataEnd,
+    /// Stop every process and power the VM off.
+    Shutdown,
+}
+
+/// Guest to host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestMessage {
+    Hello { version: u32 },
+    Started { pid: u32 },
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    /// Shell convention: 0..=255, 128+N for signal N, 127 not found, 126 not executable.
+    Exited { status: i32 },
+    /// File contents (for `GetFile`) or `PutFile` acknowledgement (`DataEnd`).
+    Data(Vec<u8>),
+    DataEnd,
+    /// The request failed; the connection ends.
+    Error(String),
+}
+
+/// A frame that could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("connection: {0}")]
+    Io(#[from] io::Error),
+    #[error("frame of {0} bytes is over the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("undecodable frame: {0}")]
+    Decode(#[from] postcard::Error),
+}
+
+/// Write one message as a frame.
+pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), FrameError> {
+    let payload = postcard::to_stdvec(msg)?;
+    if payload.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge(payload.len()));
+    }
+    let len = u32::try_from(payload.len()).map_err(|_| FrameError::TooLarge(payload.len()))?;
+    let mut frame = Vec::with_capacity(4 + payload.len());
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&payload);
+    w.write_all(&frame)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Read one frame; `Ok(None)` on a clean end of stream between frames.
+pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<Option<T>, FrameError> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < len.len() {
+        match r.read(&mut len[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(FrameError::Io(io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload)?;
+    Ok(Some(postcard::from_bytes(&payload)?))
+}
+
+/// Decode a buffer of frames (fuzzing entry point: any bytes, never a panic).
+pub fn decode_all<T: DeserializeOwned>(mut bytes: &[u8]) -> Vec<Result<T, String>> {
+    let mut out = Vec::new();
+    loop {
+        match read_frame::<T>(&mut bytes) {
+            Ok(Some(m)) => out.push(Ok(m)),
+            Ok(None) => break,
+            Err(e) => {
+                out.push(Err(e.to_string()));
+                break;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_through_frames() {
+        let msgs = vec![
+            HostMessage::Hello { version: VERSION },
+            HostMessage::Exec(Exec {
+                argv: vec!["sh".into(), "-c".into(), "cat".into()],
+                env: vec![("A".into(), "b".into())],
+                cwd: "/".into(),
+                user: Some("nobody".into()),
+                tty: Some(WinSize { rows: 24, cols: 80 }),
+            }),
+            HostMessage::Stdin(vec![0, 1, 2, 255]),
+            HostMessage::StdinEof,
+            HostMessage::Signal(2),
+        ];
+        let mut wire = Vec::new();
+        for m in &msgs {
+            write_frame(&mut wire, m).unwrap();
+        }
+        let mut r = wire.as_slice();
+        let mut back = Vec::new();
+        while let Some(m) = read_frame::<HostMessage>(&mut r).unwrap() {
+            back.push(m);
+        }
+        assert_eq!(back, msgs);
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_before_allocation() {
+        let mut wire = u32::MAX.to_be_bytes().to_vec();
+        wire.extend_from_slice(b"x");
+        let err = read_frame::<GuestMessage>(&mut wire.as_slice()).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge(n) if n == u32::MAX as usize));
+        let huge = HostMessage::Data(vec![0; MAX_FRAME + 1]);
+        assert!(matches!(write_frame(&mut Vec::new(), &huge), Err(FrameError::TooLarge(_))));
+    }
+
+    #[test]
+    fn garbage_and_truncation_are_errors() {
+        let mut wire = 3u32.to_be_bytes().to_vec();
+        wire.extend_from_slice(&[0xff, 0xff, 0xff]);
+        assert!(matches!(read_frame::<HostMessage>(&mut wire.as_slice()), Err(FrameError::Decode(_))));
+        let mut wire = 10u32.to_be_bytes().to_vec();
+        wire.extend_from_slice(b"abc");
+        assert!(matches!(read_frame::<HostMessage>(&mut wire.as_slice()), Err(FrameError::Io(_))));
+        assert!(matches!(read_frame::<HostMessage>(&mut [0u8, 0].as_slice()), Err(FrameError::Io(_))));
+        assert!(read_frame::<HostMessage>(&mut [].as_slice()).unwrap().is_none());
+    }
+}

@@ -1,0 +1,92 @@
+//! PID 1's reaper: one thread collects every child that exits (orphans
+//! included) and hands each status to whoever started that process.
+//!
+//! Spawning goes through [`spawn`], which registers the child under the same
+//! lock the reaper takes to deliver a status, so a child that exits at once
+//! still finds its waiter.
+
+use std::collections::HashMap;
+use std::io;
+use std::process::{Child, Command};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Condvar, Mutex, OnceLock};
+
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+
+#[derive(Default)]
+struct Registry {
+    waiters: HashMap<i32, Sender<i32>>,
+    /// Bumped by every spawn, so the reaper knows when to look again.
+    spawned: u64,
+}
+
+struct Reaper {
+    registry: Mutex<Registry>,
+    children: Condvar,
+}
+
+fn reaper() -> &'static Reaper {
+    static REAPER: OnceLock<Reaper> = OnceLock::new();
+    REAPER.get_or_init(|| {
+        std::thread::Builder::new()
+            .name("reaper".into())
+            .spawn(reap_forever)
+            .map_err(|e| crate::log(&format!("cannot start the reaper: {e}")))
+            .ok();
+        Reaper { registry: Mutex::new(Registry::default()), children: Condvar::new() }
+    })
+}
+
+/// Start `cmd`; the receiver gets its status in shell convention.
+pub(crate) fn spawn(cmd: &mut Command) -> io::Result<(Child, Receiver<i32>)> {
+    let r = reaper();
+    let mut reg = r.registry.lock().map_err(|_| io::Error::other("reaper registry poisoned"))?;
+    let child = cmd.spawn()?;
+    let (tx, rx) = channel();
+    let pid = i32::try_from(child.id()).map_err(|_| io::Error::other("pid out of range"))?;
+    reg.waiters.insert(pid, tx);
+    reg.spawned += 1;
+    r.children.notify_all();
+    Ok((child, rx))
+}
+
+/// Shell convention for a wait status, `None` for stops and continues.
+pub(crate) fn shell_status(status: WaitStatus) -> Option<(i32, i32)> {
+    match status {
+        WaitStatus::Exited(pid, code) => Some((pid.as_raw(), code)),
+        WaitStatus::Signaled(pid, sig, _) => Some((pid.as_raw(), 128 + sig as i32)),
+        _ => None,
+    }
+}
+
+fn reap_forever() {
+    let r = reaper();
+    let mut seen = 0;
+    loop {
+        // Blocks while any child lives, registered or an orphan re-parented
+        // to init, and collects each one as it exits.
+        match waitpid(None, Some(WaitPidFlag::__WALL)) {
+            Ok(status) => {
+                let Some((pid, code)) = shell_status(status) else { continue };
+                if let Ok(mut reg) = r.registry.lock() {
+                    if let Some(tx) = reg.waiters.remove(&pid) {
+                        let _ = tx.send(code);
+                    }
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(nix::errno::Errno::ECHILD) => {
+                // No children at all: sleep until the next spawn.
+                if let Ok(reg) = r.registry.lock() {
+                    if let Ok(reg) = r.children.wait_while(reg, |reg| reg.spawned == seen) {
+                        seen = reg.spawned;
+                    }
+                }
+            }
+            Err(e) => {
+                crate::log(&format!("reaper: waitpid: {e}"));
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    }
+}
