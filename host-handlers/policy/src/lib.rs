@@ -8,70 +8,67 @@
 //! - [`Decision`], [`Verdict`], [`Action`], [`DnsRecord`], [`SecretValue`],
 //! - [`Engine::load`], [`Engine::decide`],
 //! - [`Policy`] (an engine plus the `ask` resolution) and [`Policy::decide`].
+//!
+//! Beyond the contract: [`Engine::load_layers`] and [`EngineBuilder`] load
+//! profiles into layers (built-in < corporate < user < command line) with
+//! section locks; [`ProfileSource`] names a file, a built-in profile
+//! (`deny-all`, `dev`) or profile text; [`Secrets`] fills `${secret:NAME}`;
+//! [`Engine::explain`] says why an event gets its verdict; [`check`] loads
+//! profiles and summarises them; [`Event::from_json`] reads events.
+//!
+//! The profile format and its semantics are described in the crate's README
+//! section (precedence, rewrite, ask, layers, locks, secrets).
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
+mod builtin;
+mod condition;
+mod engine;
+mod event;
+mod explain;
+mod location;
+mod policy;
+mod profile;
+mod secrets;
+
+use std::fmt;
 use std::path::PathBuf;
-use std::sync::Arc;
 
-/// A DNS query seen from the guest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DnsRequest {
-    /// Query name, lower case, without the trailing dot.
-    pub qname: String,
-    /// Record type mnemonic, e.g. "A", "AAAA", "TXT".
-    pub qtype: String,
-}
-
-/// An HTTP request seen inside a guest TLS connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpRequest {
-    /// Host header (or :authority), lower case, without port.
-    pub host: String,
-    /// TLS SNI of the connection.
-    pub sni: String,
-    pub method: String,
-    pub path: String,
-    /// Query string without the leading '?', empty if none.
-    pub query: String,
-    /// Header names lower case; repeated headers joined with ", ".
-    pub headers: BTreeMap<String, String>,
-    /// "https" for traffic through the MITM.
-    pub scheme: String,
-}
-
-/// An upstream response, with the request it answers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpResponse {
-    pub request: HttpRequest,
-    pub status: u16,
-    pub headers: BTreeMap<String, String>,
-}
-
-/// A non-HTTP connection attempt.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TcpConnect {
-    pub host: String,
-    pub ip: Option<IpAddr>,
-    pub port: u16,
-}
-
-/// A security event (`dns.request`, `http.request`, `http.response`, `tcp.connect`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    DnsRequest(DnsRequest),
-    HttpRequest(HttpRequest),
-    HttpResponse(HttpResponse),
-    TcpConnect(TcpConnect),
-}
+pub use builtin::{builtin_profile, BUILTIN_PROFILES};
+pub use engine::{check, Engine, EngineBuilder, Layer, ProfileSource, RuleDecision};
+pub use event::{
+    DnsRequest, Event, EventKind, Field, FieldType, HttpRequest, HttpResponse, Section, TcpConnect,
+};
+pub use explain::{Explanation, Outcome, RuleInfo, RuleTrace, Summary};
+pub use location::Location;
+pub use policy::{Asker, Policy, DEFAULT_ASK_TIMEOUT};
+pub use secrets::Secrets;
 
 /// The final decision on an event. `rewrite` rules never decide; they only
 /// contribute [`Action`]s to traffic that is allowed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Decision {
+    /// Let the traffic through (with the verdict's actions applied).
     Allow,
+    /// Refuse the traffic.
     Block,
+    /// Ask the user; [`Policy::decide`] resolves this to allow or block.
     Ask,
+}
+
+impl Decision {
+    /// `allow`, `block` or `ask`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Block => "block",
+            Decision::Ask => "ask",
+        }
+    }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// A value that may hold a secret (`${secret:NAME}` filled in at load).
@@ -109,35 +106,110 @@ impl SecretValue {
     }
 }
 
-impl std::fmt::Debug for SecretValue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl fmt::Display for SecretValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.redacted())
     }
 }
 
 /// A synthesised DNS record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DnsRecord {
+    /// An IPv4 address.
     A(std::net::Ipv4Addr),
+    /// An IPv6 address.
     Aaaa(std::net::Ipv6Addr),
+    /// An alias (a name, lower case, without the trailing dot).
     Cname(String),
+    /// One text string (at most 255 bytes).
     Txt(String),
+}
+
+impl DnsRecord {
+    /// The record type mnemonic: `A`, `AAAA`, `CNAME` or `TXT`.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            DnsRecord::A(_) => "A",
+            DnsRecord::Aaaa(_) => "AAAA",
+            DnsRecord::Cname(_) => "CNAME",
+            DnsRecord::Txt(_) => "TXT",
+        }
+    }
+}
+
+impl fmt::Display for DnsRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DnsRecord::A(ip) => write!(f, "A {ip}"),
+            DnsRecord::Aaaa(ip) => write!(f, "AAAA {ip}"),
+            DnsRecord::Cname(name) => write!(f, "CNAME {name}"),
+            DnsRecord::Txt(text) => write!(f, "TXT {text:?}"),
+        }
+    }
 }
 
 /// What a matching `rewrite` rule does to allowed traffic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
+    /// Remove a request header (name lower case).
     RemoveRequestHeader(String),
+    /// Set a request header (name lower case), replacing any value the guest sent.
     SetRequestHeader(String, SecretValue),
+    /// Remove a response header (name lower case).
     RemoveResponseHeader(String),
+    /// Set a response header (name lower case), replacing any value upstream sent.
     SetResponseHeader(String, SecretValue),
-    /// Answer a DNS query with these records without asking upstream.
-    DnsAnswer { records: Vec<DnsRecord>, ttl: u32 },
+    /// Answer a DNS query with these records without asking upstream. The
+    /// records are those of the query's type (a CNAME answers every type;
+    /// `ANY` gets all); none means an empty answer (NOERROR, no records).
+    DnsAnswer {
+        /// The answer records.
+        records: Vec<DnsRecord>,
+        /// Time to live of every record, in seconds.
+        ttl: u32,
+    },
+}
+
+impl Action {
+    /// The header an action touches, with `true` for request headers.
+    fn header(&self) -> Option<(bool, &str)> {
+        match self {
+            Action::RemoveRequestHeader(name) | Action::SetRequestHeader(name, _) => Some((true, name)),
+            Action::RemoveResponseHeader(name) | Action::SetResponseHeader(name, _) => Some((false, name)),
+            Action::DnsAnswer { .. } => None,
+        }
+    }
+}
+
+/// Secrets show as `[REDACTED]`.
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Action::RemoveRequestHeader(name) => write!(f, "remove request header {name}"),
+            Action::SetRequestHeader(name, value) => write!(f, "set request header {name}: {value}"),
+            Action::RemoveResponseHeader(name) => write!(f, "remove response header {name}"),
+            Action::SetResponseHeader(name, value) => write!(f, "set response header {name}: {value}"),
+            Action::DnsAnswer { records, ttl } if records.is_empty() => {
+                write!(f, "answer DNS with no records (ttl {ttl})")
+            }
+            Action::DnsAnswer { records, ttl } => {
+                let records = records.iter().map(DnsRecord::to_string).collect::<Vec<_>>().join(", ");
+                write!(f, "answer DNS with {records} (ttl {ttl})")
+            }
+        }
+    }
 }
 
 /// The engine's answer for one event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
+    /// The decision.
     pub decision: Decision,
     /// Name of the deciding rule (`http.allow_pypi`), `None` when nothing matched.
     pub rule: Option<String>,
@@ -145,53 +217,62 @@ pub struct Verdict {
     pub actions: Vec<Action>,
 }
 
-/// A profile that could not be loaded.
+/// A profile that could not be loaded (or an event that could not be read).
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
-    #[error("{file}:{line}:{column}: {message}")]
-    Invalid { file: PathBuf, line: usize, column: usize, message: String },
-    #[error("{file}: {source}")]
-    Io { file: PathBuf, source: std::io::Error },
+    /// A problem at a place in a profile.
+    #[error("{}:{line}:{column}: {message}", file.display())]
+    Invalid {
+        /// The profile (`builtin:<name>` for built-in profiles).
+        file: PathBuf,
+        /// Line, from 1.
+        line: usize,
+        /// Column in characters, from 1.
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A profile or secrets file that could not be read.
+    #[error("{}: {source}", file.display())]
+    Io {
+        /// The file.
+        file: PathBuf,
+        /// Why it could not be read.
+        source: std::io::Error,
+    },
+    /// A built-in profile name that does not exist.
+    #[error("unknown built-in profile `{name}` (built-in profiles: {})", BUILTIN_PROFILES.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", "))]
+    UnknownBuiltin {
+        /// The name asked for.
+        name: String,
+    },
+    /// An event (JSON) that could not be read.
+    #[error("invalid event: {message}")]
+    Event {
+        /// What is wrong.
+        message: String,
+    },
+    /// Several problems, one per line.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Several(Vec<ProfileError>),
 }
 
-/// Compiled profiles. Cheap to share across threads (`Arc` inside).
-#[derive(Debug, Clone)]
-pub struct Engine {
-    _inner: Arc<()>,
-}
-
-impl Engine {
-    /// Load profiles, lowest layer first.
-    pub fn load(_paths: &[PathBuf]) -> Result<Engine, ProfileError> {
-        Ok(Engine { _inner: Arc::new(()) })
+impl ProfileError {
+    /// One error for a list of problems (which must not be empty).
+    pub(crate) fn from_list(mut errors: Vec<ProfileError>) -> ProfileError {
+        if errors.len() == 1 {
+            if let Some(error) = errors.pop() {
+                return error;
+            }
+        }
+        ProfileError::Several(errors)
     }
 
-    /// Decide on one event. No matching rule means block.
-    pub fn decide(&self, _event: &Event) -> Verdict {
-        Verdict { decision: Decision::Block, rule: None, actions: Vec::new() }
-    }
-}
-
-/// Answers `ask` decisions (the CLI asks on the terminal; platforms pass their own).
-pub trait Asker: Send + Sync + std::fmt::Debug {
-    /// `true` allows. The caller applies the timeout.
-    fn ask(&self, event: &Event, rule: Option<&str>) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>>;
-}
-
-/// An [`Engine`] plus how `ask` is resolved: the only thing handlers call.
-#[derive(Debug, Clone)]
-pub struct Policy {
-    engine: Engine,
-}
-
-impl Policy {
-    pub fn new(engine: Engine) -> Self {
-        Self { engine }
-    }
-
-    /// Decide, resolving `ask` through the asker (timeout: block). The returned
-    /// decision is never [`Decision::Ask`].
-    pub async fn decide(&self, event: &Event) -> Verdict {
-        self.engine.decide(event)
+    /// Every single problem.
+    pub fn problems(&self) -> Vec<&ProfileError> {
+        match self {
+            ProfileError::Several(errors) => errors.iter().flat_map(ProfileError::problems).collect(),
+            other => vec![other],
+        }
     }
 }
