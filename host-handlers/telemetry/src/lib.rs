@@ -117,19 +117,31 @@ pub struct NetEvent {
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
     #[error("session database {path}: {source}")]
-    Open { path: String, source: rusqlite::Error },
+    Open {
+        path: String,
+        source: rusqlite::Error,
+    },
     #[error("session database writer has failed: {0}")]
     WriterFailed(String),
     #[error("session database writer is overloaded")]
     Full,
     #[error("session database is closed")]
     Closed,
-    #[error("session database {path} has schema version {found}; this build supports up to {supported}")]
-    SchemaTooNew { path: String, found: i64, supported: i64 },
+    #[error(
+        "session database {path} has schema version {found}; this build supports up to {supported}"
+    )]
+    SchemaTooNew {
+        path: String,
+        found: i64,
+        supported: i64,
+    },
     #[error("session database {path}: {what}")]
     NotUsable { path: String, what: String },
     #[error("reading session database {path}: {source}")]
-    Query { path: String, source: rusqlite::Error },
+    Query {
+        path: String,
+        source: rusqlite::Error,
+    },
     #[error("price table {origin}: {reason}")]
     Prices { origin: String, reason: String },
     #[error("writing log output: {0}")]
@@ -231,7 +243,10 @@ impl SessionDb {
                 path: path.display().to_string(),
                 what: format!("cannot start the writer thread: {e}"),
             })?;
-        Ok(SessionDb { recorder: Recorder { sender, shared }, writer: Some(handle) })
+        Ok(SessionDb {
+            recorder: Recorder { sender, shared },
+            writer: Some(handle),
+        })
     }
 
     /// A handle for handlers.
@@ -247,7 +262,9 @@ impl SessionDb {
         if let Some(handle) = self.writer.take() {
             // The writer has replied; it is past its last statement.
             if handle.join().is_err() {
-                return Err(TelemetryError::WriterFailed("the writer thread panicked".into()));
+                return Err(TelemetryError::WriterFailed(
+                    "the writer thread panicked".into(),
+                ));
             }
         }
         result.map(|()| self.recorder.committed_events())
@@ -342,7 +359,11 @@ impl Recorder {
 
     async fn enqueue(&self, message: Message) -> Result<(), TelemetryError> {
         let result = match self.check_usable() {
-            Ok(()) => self.sender.send(message).await.map_err(|_| self.stopped_error()),
+            Ok(()) => self
+                .sender
+                .send(message)
+                .await
+                .map_err(|_| self.stopped_error()),
             Err(e) => Err(e),
         };
         if result.is_err() {
@@ -358,7 +379,10 @@ impl Recorder {
     ) -> Result<(), TelemetryError> {
         self.check_usable()?;
         let (reply, answer) = oneshot::channel();
-        self.sender.send(message(reply)).await.map_err(|_| self.stopped_error())?;
+        self.sender
+            .send(message(reply))
+            .await
+            .map_err(|_| self.stopped_error())?;
         answer.await.map_err(|_| self.stopped_error())?
     }
 
@@ -392,7 +416,13 @@ mod tests {
 
     #[test]
     fn unix_ms_handles_times_before_the_epoch() {
-        assert_eq!(unix_ms(SystemTime::UNIX_EPOCH + Duration::from_millis(1500)), 1500);
-        assert_eq!(unix_ms(SystemTime::UNIX_EPOCH - Duration::from_millis(20)), -20);
+        assert_eq!(
+            unix_ms(SystemTime::UNIX_EPOCH + Duration::from_millis(1500)),
+            1500
+        );
+        assert_eq!(
+            unix_ms(SystemTime::UNIX_EPOCH - Duration::from_millis(20)),
+            -20
+        );
     }
 }

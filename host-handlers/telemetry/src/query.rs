@@ -29,7 +29,11 @@ const BATCH: usize = 1000;
 /// SQL expression formatting a `*_ms` column as an RFC 3339 UTC timestamp.
 macro_rules! iso_time {
     ($column:literal) => {
-        concat!("strftime('%Y-%m-%dT%H:%M:%fZ', ", $column, " / 1000.0, 'unixepoch')")
+        concat!(
+            "strftime('%Y-%m-%dT%H:%M:%fZ', ",
+            $column,
+            " / 1000.0, 'unixepoch')"
+        )
     };
 }
 
@@ -245,7 +249,13 @@ impl LogRow {
                 let tools: Vec<String> = r
                     .tool_calls
                     .iter()
-                    .map(|t| format!("{}({})", printable(&t.name), printable(crate::preview::truncate_str(&t.arguments_preview, 60))))
+                    .map(|t| {
+                        format!(
+                            "{}({})",
+                            printable(&t.name),
+                            printable(crate::preview::truncate_str(&t.arguments_preview, 60))
+                        )
+                    })
                     .collect();
                 extra("tools", tools.join(", "));
                 if !r.complete {
@@ -311,7 +321,11 @@ impl LogReader {
     pub fn read_new(&mut self) -> Result<(Vec<LogRow>, bool), TelemetryError> {
         let mut per_kind: Vec<Vec<LogRow>> = Vec::with_capacity(3);
         for (slot, kind) in KINDS.iter().enumerate() {
-            let rows = if self.selected[slot] { self.fetch(*kind, self.last_id[slot])? } else { Vec::new() };
+            let rows = if self.selected[slot] {
+                self.fetch(*kind, self.last_id[slot])?
+            } else {
+                Vec::new()
+            };
             per_kind.push(rows);
         }
         // When a table returned a full batch, rows of other tables later than
@@ -326,9 +340,10 @@ impl LogReader {
         let mut out = Vec::new();
         for (slot, rows) in per_kind.into_iter().enumerate() {
             let keep: Vec<LogRow> = match limiting {
-                Some((limit_slot, cutoff)) if limit_slot != slot => {
-                    rows.into_iter().take_while(|r| r.sort_ms() <= cutoff).collect()
-                }
+                Some((limit_slot, cutoff)) if limit_slot != slot => rows
+                    .into_iter()
+                    .take_while(|r| r.sort_ms() <= cutoff)
+                    .collect(),
                 _ => rows,
             };
             if let Some(last) = keep.last() {
@@ -341,7 +356,10 @@ impl LogReader {
     }
 
     fn fetch(&self, kind: Kind, after: i64) -> Result<Vec<LogRow>, TelemetryError> {
-        let err = |source| TelemetryError::Query { path: self.path.clone(), source };
+        let err = |source| TelemetryError::Query {
+            path: self.path.clone(),
+            source,
+        };
         let limit = i64::try_from(BATCH).unwrap_or(i64::MAX);
         let (sql, map): (&str, fn(&Row<'_>) -> rusqlite::Result<LogRow>) = match kind {
             Kind::Dns => (DNS_SQL, dns_row),
@@ -349,7 +367,9 @@ impl LogReader {
             Kind::Ai => (AI_SQL, ai_row),
         };
         let mut statement = self.conn.prepare_cached(sql).map_err(err)?;
-        let rows = statement.query_map(params![after, limit], map).map_err(err)?;
+        let rows = statement
+            .query_map(params![after, limit], map)
+            .map_err(err)?;
         rows.collect::<Result<Vec<_>, _>>().map_err(err)
     }
 }
@@ -384,7 +404,8 @@ const AI_SQL: &str = concat!(
 
 /// A JSON text column, tolerating what another writer may have put there.
 fn json_column<T: for<'de> Deserialize<'de> + Default>(text: Option<String>) -> T {
-    text.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default()
+    text.and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default()
 }
 
 /// A body preview column: text as is, a blob as base64.

@@ -18,7 +18,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::ai::ModelCall;
 use crate::preview::{body_preview, truncate_str, Preview};
-use crate::{redact, unix_ms, DnsEvent, Message, NetEvent, PriceTable, Shared, TelemetryConfig, TelemetryError};
+use crate::{
+    redact, unix_ms, DnsEvent, Message, NetEvent, PriceTable, Shared, TelemetryConfig,
+    TelemetryError,
+};
 
 /// Longest stored text field (domain, path, rule, error, ...).
 const MAX_TEXT: usize = 8 * 1024;
@@ -48,7 +51,13 @@ impl Writer {
         shared: Arc<Shared>,
         config: &TelemetryConfig,
     ) -> Writer {
-        Writer { conn, receiver, shared, max_batch: config.max_batch.max(1), prices: config.prices.clone() }
+        Writer {
+            conn,
+            receiver,
+            shared,
+            max_batch: config.max_batch.max(1),
+            prices: config.prices.clone(),
+        }
     }
 
     pub(crate) fn run(mut self) {
@@ -106,7 +115,9 @@ impl Writer {
         if events.is_empty() {
             return Ok(());
         }
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         for event in events {
             match event {
                 Message::Dns(dns) => insert_dns(&tx, dns)?,
@@ -158,7 +169,12 @@ fn sql_int(value: u64) -> i64 {
 }
 
 fn insert_dns(tx: &Transaction<'_>, event: &DnsEvent) -> rusqlite::Result<()> {
-    let answers: Vec<&str> = event.answers.iter().take(MAX_ANSWERS).map(|a| text(a)).collect();
+    let answers: Vec<&str> = event
+        .answers
+        .iter()
+        .take(MAX_ANSWERS)
+        .map(|a| text(a))
+        .collect();
     let answers = serde_json::to_string(&answers).unwrap_or_else(|_| "[]".into());
     tx.prepare_cached(
         "INSERT INTO dns_events (time_ms, qname, qtype, rcode, decision, matched_rule, answers, \
@@ -195,7 +211,10 @@ fn headers_json(headers: &[(String, String)]) -> String {
         .take(MAX_HEADERS)
         .map(|(name, value)| {
             let value = redact::header_value(name, value);
-            (truncate_str(name, MAX_HEADER_VALUE), truncate_str(&value, MAX_HEADER_VALUE).to_owned())
+            (
+                truncate_str(name, MAX_HEADER_VALUE),
+                truncate_str(&value, MAX_HEADER_VALUE).to_owned(),
+            )
         })
         .collect();
     serde_json::to_string(&stored).unwrap_or_else(|_| "[]".into())
@@ -248,7 +267,10 @@ fn insert_model_call(
     call: &ModelCall,
     prices: &PriceTable,
 ) -> rusqlite::Result<()> {
-    let cost = call.estimated_cost_usd.filter(|c| c.is_finite()).or_else(|| prices.estimate(call));
+    let cost = call
+        .estimated_cost_usd
+        .filter(|c| c.is_finite())
+        .or_else(|| prices.estimate(call));
     let problems = (!call.problems.is_empty()).then(|| call.problems.join("; "));
     tx.prepare_cached(
         "INSERT INTO model_calls (net_event_id, provider, model, input_tokens, output_tokens, \

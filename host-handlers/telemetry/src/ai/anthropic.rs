@@ -28,9 +28,14 @@ pub(super) fn apply(draft: &mut Draft, event: &Value) {
         }
         Some("content_block_delta") => {
             let index = u64_field(event, "index").unwrap_or(0);
-            let Some(delta) = event.get("delta") else { return };
+            let Some(delta) = event.get("delta") else {
+                return;
+            };
             if str_field(delta, "type") == Some("input_json_delta") {
-                if let (Some(part), Some(tool)) = (str_field(delta, "partial_json"), draft.existing_tool((index, 0))) {
+                if let (Some(part), Some(tool)) = (
+                    str_field(delta, "partial_json"),
+                    draft.existing_tool((index, 0)),
+                ) {
                     tool.append_arguments(part);
                 }
             }
@@ -89,7 +94,9 @@ fn apply_block(draft: &mut Draft, index: u64, block: &Value, streamed: bool) {
     if !is_tool {
         return;
     }
-    let Some(tool) = draft.tool((index, 0)) else { return };
+    let Some(tool) = draft.tool((index, 0)) else {
+        return;
+    };
     tool.set_name(str_field(block, "name"));
     tool.set_call_id(str_field(block, "id"));
     match block.get("input") {

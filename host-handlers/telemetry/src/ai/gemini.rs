@@ -27,17 +27,31 @@ pub(super) fn apply(draft: &mut Draft, chunk: &Value) {
     if let Some(usage) = chunk.get("usageMetadata") {
         apply_usage(draft, usage);
     }
-    if let Some(reason) = chunk.get("promptFeedback").and_then(|f| str_field(f, "blockReason")) {
+    if let Some(reason) = chunk
+        .get("promptFeedback")
+        .and_then(|f| str_field(f, "blockReason"))
+    {
         draft.set_stop(&format!("blocked: {reason}"));
         draft.call.complete = true;
     }
-    let Some(candidates) = chunk.get("candidates").and_then(Value::as_array) else { return };
+    let Some(candidates) = chunk.get("candidates").and_then(Value::as_array) else {
+        return;
+    };
     for (pos, candidate) in candidates.iter().enumerate() {
         let index = u64_field(candidate, "index").unwrap_or(position(pos));
-        let parts = candidate.get("content").and_then(|c| c.get("parts")).and_then(Value::as_array);
-        for call in parts.into_iter().flatten().filter_map(|part| part.get("functionCall")) {
+        let parts = candidate
+            .get("content")
+            .and_then(|c| c.get("parts"))
+            .and_then(Value::as_array);
+        for call in parts
+            .into_iter()
+            .flatten()
+            .filter_map(|part| part.get("functionCall"))
+        {
             let key = draft.next_tool_key(index);
-            let Some(tool) = draft.tool(key) else { continue };
+            let Some(tool) = draft.tool(key) else {
+                continue;
+            };
             tool.set_name(str_field(call, "name"));
             tool.set_call_id(str_field(call, "id"));
             if let Some(args) = call.get("args") {
@@ -67,7 +81,11 @@ fn apply_usage(draft: &mut Draft, usage: &Value) {
         draft.call.cache_read_tokens = cached;
     }
     if candidates.is_some() || thoughts.is_some() {
-        draft.call.output_tokens = Some(candidates.unwrap_or(0).saturating_add(thoughts.unwrap_or(0)));
+        draft.call.output_tokens = Some(
+            candidates
+                .unwrap_or(0)
+                .saturating_add(thoughts.unwrap_or(0)),
+        );
     }
 }
 
@@ -77,7 +95,10 @@ mod tests {
 
     #[test]
     fn model_comes_from_the_path() {
-        assert_eq!(model_from_path("/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"), Some("gemini-2.5-flash"));
+        assert_eq!(
+            model_from_path("/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"),
+            Some("gemini-2.5-flash")
+        );
         assert_eq!(
             model_from_path("/v1/projects/p/locations/l/publishers/google/models/gemini-2.5-pro:generateContent"),
             Some("gemini-2.5-pro")

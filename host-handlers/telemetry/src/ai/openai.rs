@@ -36,14 +36,18 @@ pub(super) fn apply_chat(draft: &mut Draft, chunk: &Value) {
                 .and_then(Value::as_array);
             for (tool_pos, call) in calls.into_iter().flatten().enumerate() {
                 let tool_index = u64_field(call, "index").unwrap_or(position(tool_pos));
-                let Some(tool) = draft.tool((choice_index, tool_index)) else { continue };
+                let Some(tool) = draft.tool((choice_index, tool_index)) else {
+                    continue;
+                };
                 tool.set_call_id(str_field(call, "id"));
                 // `function` for function tools, `custom` for free-form custom tools.
                 if let Some(function) = call.get("function").or_else(|| call.get("custom")) {
                     if tool.name.is_empty() {
                         tool.set_name(str_field(function, "name"));
                     }
-                    if let Some(part) = str_field(function, "arguments").or_else(|| str_field(function, "input")) {
+                    if let Some(part) =
+                        str_field(function, "arguments").or_else(|| str_field(function, "input"))
+                    {
                         tool.append_arguments(part);
                     }
                 }
@@ -51,8 +55,15 @@ pub(super) fn apply_chat(draft: &mut Draft, chunk: &Value) {
         }
     }
     if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
-        let cached = usage.get("prompt_tokens_details").and_then(|d| u64_field(d, "cached_tokens"));
-        apply_usage(draft, u64_field(usage, "prompt_tokens"), cached, u64_field(usage, "completion_tokens"));
+        let cached = usage
+            .get("prompt_tokens_details")
+            .and_then(|d| u64_field(d, "cached_tokens"));
+        apply_usage(
+            draft,
+            u64_field(usage, "prompt_tokens"),
+            cached,
+            u64_field(usage, "completion_tokens"),
+        );
     }
     if str_field(chunk, "object") == Some("chat.completion") {
         draft.call.complete = true;
@@ -77,7 +88,10 @@ pub(super) fn apply_responses(draft: &mut Draft, event: &Value) {
             | "response.custom_tool_call_input.delta"
             | "response.mcp_call_arguments.delta",
         ) => {
-            if let (Some(delta), Some(tool)) = (str_field(event, "delta"), draft.existing_tool((output_index, 0))) {
+            if let (Some(delta), Some(tool)) = (
+                str_field(event, "delta"),
+                draft.existing_tool((output_index, 0)),
+            ) {
                 tool.append_arguments(delta);
             }
         }
@@ -87,7 +101,9 @@ pub(super) fn apply_responses(draft: &mut Draft, event: &Value) {
             | "response.mcp_call_arguments.done",
         ) => {
             let arguments = event.get("arguments").or_else(|| event.get("input"));
-            if let (Some(arguments), Some(tool)) = (arguments, draft.existing_tool((output_index, 0))) {
+            if let (Some(arguments), Some(tool)) =
+                (arguments, draft.existing_tool((output_index, 0)))
+            {
                 tool.set_arguments(arguments);
             }
         }
@@ -112,7 +128,9 @@ fn apply_response(draft: &mut Draft, response: &Value) {
     draft.set_model(str_field(response, "model"));
     match str_field(response, "status") {
         Some("incomplete") => {
-            let reason = response.get("incomplete_details").and_then(|d| str_field(d, "reason"));
+            let reason = response
+                .get("incomplete_details")
+                .and_then(|d| str_field(d, "reason"));
             draft.set_stop(reason.unwrap_or("incomplete"));
         }
         Some(status) => draft.set_stop(status),
@@ -127,8 +145,15 @@ fn apply_response(draft: &mut Draft, response: &Value) {
         }
     }
     if let Some(usage) = response.get("usage").filter(|u| u.is_object()) {
-        let cached = usage.get("input_tokens_details").and_then(|d| u64_field(d, "cached_tokens"));
-        apply_usage(draft, u64_field(usage, "input_tokens"), cached, u64_field(usage, "output_tokens"));
+        let cached = usage
+            .get("input_tokens_details")
+            .and_then(|d| u64_field(d, "cached_tokens"));
+        apply_usage(
+            draft,
+            u64_field(usage, "input_tokens"),
+            cached,
+            u64_field(usage, "output_tokens"),
+        );
     }
     draft.call.complete = true;
 }
@@ -136,7 +161,9 @@ fn apply_response(draft: &mut Draft, response: &Value) {
 /// An output item; only tool calls are kept. A complete item replaces the
 /// arguments accumulated from deltas.
 fn apply_item(draft: &mut Draft, output_index: u64, item: &Value) {
-    let Some(kind) = str_field(item, "type") else { return };
+    let Some(kind) = str_field(item, "type") else {
+        return;
+    };
     let (name, arguments) = match kind {
         "function_call" | "mcp_call" => (str_field(item, "name"), item.get("arguments")),
         "custom_tool_call" => (str_field(item, "name"), item.get("input")),
@@ -145,9 +172,14 @@ fn apply_item(draft: &mut Draft, output_index: u64, item: &Value) {
         other if other.ends_with("_call") => (Some(other), item.get("action")),
         _ => return,
     };
-    let Some(tool) = draft.tool((output_index, 0)) else { return };
+    let call_id = str_field(item, "call_id").or_else(|| str_field(item, "id"));
+    // The same call seen before under another index is the same call.
+    let key = call_id
+        .and_then(|id| draft.tool_key_by_call_id(id))
+        .unwrap_or((output_index, 0));
+    let Some(tool) = draft.tool(key) else { return };
     tool.set_name(name);
-    tool.set_call_id(str_field(item, "call_id").or_else(|| str_field(item, "id")));
+    tool.set_call_id(call_id);
     if let Some(arguments) = arguments.filter(|a| !a.is_null() && a.as_str() != Some("")) {
         tool.set_arguments(arguments);
     }
