@@ -1,0 +1,60 @@
+//! Configuration of the handlers.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::ca::SandboxCa;
+
+/// How the DNS and MITM handlers of one sandbox reach upstream.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// Upstream DNS servers (UDP with TCP fallback). Empty: the host's `/etc/resolv.conf`.
+    pub dns_servers: Vec<SocketAddr>,
+    /// Trust the host's system root certificates for upstream TLS.
+    pub system_roots: bool,
+    /// PEM files of additional root certificates trusted for upstream TLS.
+    pub extra_root_files: Vec<PathBuf>,
+    /// Networks a guest may reach although they are loopback, link-local,
+    /// private or host-owned (for example `127.0.0.1/32` for a local upstream).
+    /// They also let such addresses through in DNS answers.
+    pub allowed_networks: Vec<IpNet>,
+    /// Directory of the sandbox CA ([`SandboxCa::load_or_create`]).
+    pub ca_dir: PathBuf,
+    /// Time for a guest to send the PROXY header and complete the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Time to resolve, connect to and complete TLS with an upstream.
+    pub connect_timeout: Duration,
+    /// Time for an upstream to start its response (then 504).
+    pub response_timeout: Duration,
+    /// A guest connection with no bytes moving either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Time for one upstream DNS attempt.
+    pub dns_timeout: Duration,
+    /// Most guest connections served at once per handler; more are closed.
+    pub max_connections: usize,
+    /// Serve new connections even when telemetry cannot record them.
+    /// Off by default: an unrecorded connection would break "nothing is lost silently".
+    pub fail_open: bool,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        Self {
+            dns_servers: Vec::new(),
+            system_roots: true,
+            extra_root_files: Vec::new(),
+            allowed_networks: Vec::new(),
+            ca_dir: SandboxCa::default_dir(),
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            response_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(300),
+            dns_timeout: Duration::from_secs(5),
+            max_connections: 1024,
+            fail_open: false,
+        }
+    }
+}

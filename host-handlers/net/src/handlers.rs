@@ -1,0 +1,80 @@
+//! The public entry point: both handlers of one sandbox, sharing the resolver
+//! cache, the address guard and the CA.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use sandbox_policy::Policy;
+use sandbox_telemetry::Recorder;
+
+use crate::ca::SandboxCa;
+use crate::config::NetConfig;
+use crate::dns::DnsHandler;
+use crate::error::Result;
+use crate::mitm::MitmHandler;
+use crate::server::Server;
+use crate::upstream::Upstream;
+
+/// Vsock port of the MITM handler.
+pub const MITM_PORT: u32 = 5002;
+/// Vsock port of the DNS handler.
+pub const DNS_PORT: u32 = 5007;
+
+/// The DNS and MITM handlers of one sandbox.
+#[derive(Debug)]
+pub struct Handlers {
+    config: NetConfig,
+    upstream: Arc<Upstream>,
+    ca: Arc<SandboxCa>,
+    policy: Policy,
+    recorder: Recorder,
+}
+
+impl Handlers {
+    /// Load (or create) the CA, read the DNS configuration and the root
+    /// certificates. Nothing listens yet.
+    pub fn new(config: NetConfig, policy: Policy, recorder: Recorder) -> Result<Handlers> {
+        let ca = Arc::new(SandboxCa::load_or_create(&config.ca_dir)?);
+        let upstream = Arc::new(Upstream::new(&config)?);
+        Ok(Handlers { config, upstream, ca, policy, recorder })
+    }
+
+    /// The sandbox CA whose certificate the guest must trust.
+    pub fn ca(&self) -> &SandboxCa {
+        &self.ca
+    }
+
+    /// Serve DNS on the Unix socket `path` (the host side of vsock port 5007).
+    /// Must be called inside a tokio runtime.
+    pub fn serve_dns(&self, path: &Path) -> Result<Server> {
+        let handler = DnsHandler {
+            upstream: self.upstream.clone(),
+            policy: self.policy.clone(),
+            recorder: self.recorder.clone(),
+            idle_timeout: self.config.idle_timeout,
+            fail_open: self.config.fail_open,
+        };
+        Server::bind(path, self.config.max_connections, Arc::new(handler))
+    }
+
+    /// Serve the MITM handler on the Unix socket `path` (the host side of vsock
+    /// port 5002). Must be called inside a tokio runtime.
+    pub fn serve_mitm(&self, path: &Path) -> Result<Server> {
+        let handler = MitmHandler::new(
+            self.upstream.clone(),
+            self.ca.clone(),
+            self.policy.clone(),
+            self.recorder.clone(),
+            &self.config,
+        )?;
+        Server::bind(path, self.config.max_connections, Arc::new(handler))
+    }
+
+    /// Serve both handlers in a VMM's vsock directory, on `vsock.sock_5007`
+    /// and `vsock.sock_5002`. Returns (DNS, MITM).
+    pub fn serve_vsock_dir(&self, dir: &Path) -> Result<(Server, Server)> {
+        let dns = self.serve_dns(&dir.join(format!("vsock.sock_{DNS_PORT}")))?;
+        let mitm = self.serve_mitm(&dir.join(format!("vsock.sock_{MITM_PORT}")))?;
+        Ok((dns, mitm))
+    }
+}

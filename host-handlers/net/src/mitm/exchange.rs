@@ -1,0 +1,234 @@
+//! One HTTP exchange's telemetry row, and the body wrappers that fill it while
+//! the bodies stream through (never buffered whole).
+//!
+//! The row is written exactly once, when the [`Exchange`] is dropped: at the end
+//! of the response body, on an error, when the guest goes away mid-body, or
+//! straight away for requests answered by the handler itself (403, 502, 504).
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use sandbox_telemetry::ai::StreamParser;
+use sandbox_telemetry::{NetEvent, Outcome, Recorder};
+
+/// Bytes of each body kept in the row.
+pub(crate) const PREVIEW_LEN: usize = 4096;
+
+/// Byte count and preview of a body, shared with the exchange it belongs to.
+#[derive(Debug, Default)]
+pub(crate) struct Capture {
+    bytes: AtomicU64,
+    preview: Mutex<Vec<u8>>,
+}
+
+impl Capture {
+    fn add(&self, chunk: &[u8]) {
+        let before = self.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        if before < PREVIEW_LEN as u64 {
+            let mut preview = self.preview.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let room = PREVIEW_LEN.saturating_sub(preview.len());
+            preview.extend_from_slice(&chunk[..room.min(chunk.len())]);
+        }
+    }
+
+    fn take(&self) -> (u64, Vec<u8>) {
+        let preview = std::mem::take(&mut *self.preview.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        (self.bytes.load(Ordering::Relaxed), preview)
+    }
+}
+
+/// The telemetry of one request, recorded when dropped.
+#[derive(Debug)]
+pub(crate) struct Exchange {
+    recorder: Recorder,
+    /// The row; `bytes_*` and previews are filled in from the captures at the end.
+    pub(crate) event: NetEvent,
+    pub(crate) sent: Arc<Capture>,
+    received: Capture,
+    parser: Option<StreamParser>,
+}
+
+impl Exchange {
+    pub(crate) fn new(recorder: Recorder, started: SystemTime, domain: String, sni: Option<String>) -> Self {
+        let event = NetEvent {
+            started,
+            finished: started,
+            domain,
+            sni,
+            method: None,
+            path: None,
+            status_code: None,
+            decision: Outcome::Error,
+            matched_rule: None,
+            bytes_sent: 0,
+            bytes_received: 0,
+            request_headers: Vec::new(),
+            request_body_preview: Vec::new(),
+            response_body_preview: Vec::new(),
+            error: None,
+            model_call: None,
+        };
+        Self { recorder, event, sent: Arc::default(), received: Capture::default(), parser: None }
+    }
+
+    /// Set how the exchange ended, with the rule that decided it.
+    pub(crate) fn decide(&mut self, decision: Outcome, rule: Option<String>) {
+        self.event.decision = decision;
+        self.event.matched_rule = rule;
+    }
+
+    pub(crate) fn fail(&mut self, error: impl Into<String>) {
+        self.event.decision = Outcome::Error;
+        self.event.error = Some(error.into());
+    }
+
+    pub(crate) fn set_parser(&mut self, parser: Option<StreamParser>) {
+        self.parser = parser;
+    }
+
+    /// Count bytes that went through a tunnel after a protocol upgrade.
+    pub(crate) fn add_tunnel_bytes(&mut self, sent: u64, received: u64) {
+        self.sent.bytes.fetch_add(sent, Ordering::Relaxed);
+        self.received.bytes.fetch_add(received, Ordering::Relaxed);
+    }
+
+    fn received(&mut self, chunk: &[u8]) {
+        self.received.add(chunk);
+        if let Some(parser) = &mut self.parser {
+            parser.feed(chunk);
+        }
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let mut event = self.event.clone();
+        event.finished = SystemTime::now();
+        (event.bytes_sent, event.request_body_preview) = self.sent.take();
+        (event.bytes_received, event.response_body_preview) = self.received.take();
+        event.model_call = self.parser.take().map(StreamParser::finish);
+        if let Err(err) = self.recorder.record_net(event) {
+            tracing::error!(%err, domain = %self.event.domain, "HTTP exchange not recorded");
+        }
+    }
+}
+
+/// A request body on its way upstream, counted into the exchange.
+#[derive(Debug)]
+pub(crate) struct CountedBody<B> {
+    inner: B,
+    capture: Arc<Capture>,
+}
+
+impl<B> CountedBody<B> {
+    pub(crate) fn new(inner: B, capture: Arc<Capture>) -> Self {
+        Self { inner, capture }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for CountedBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                this.capture.add(data);
+            }
+        }
+        polled
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body on its way to the guest; ends the exchange when it ends.
+#[derive(Debug)]
+pub(crate) struct ObservedBody<B: Body> {
+    inner: B,
+    exchange: Option<Exchange>,
+}
+
+impl<B: Body> ObservedBody<B> {
+    pub(crate) fn new(inner: B, exchange: Exchange) -> Self {
+        Self { inner, exchange: Some(exchange) }
+    }
+}
+
+impl<B: Body> Drop for ObservedBody<B> {
+    fn drop(&mut self) {
+        if let Some(exchange) = &mut self.exchange {
+            if !self.inner.is_end_stream() {
+                exchange.fail("response not completed: the guest went away");
+            }
+        }
+    }
+}
+
+impl<B> Body for ObservedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(exchange)) = (frame.data_ref(), this.exchange.as_mut()) {
+                    exchange.received(data);
+                }
+            }
+            Poll::Ready(Some(Err(err))) => {
+                if let Some(mut exchange) = this.exchange.take() {
+                    exchange.fail(format!("upstream response body: {err}"));
+                }
+            }
+            Poll::Ready(None) => drop(this.exchange.take()),
+            Poll::Pending => {}
+        }
+        if this.exchange.is_some() && this.inner.is_end_stream() {
+            drop(this.exchange.take());
+        }
+        polled
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn capture_counts_everything_and_keeps_the_first_4k() {
+        let capture = Capture::default();
+        capture.add(&[1u8; 3000]);
+        capture.add(&[2u8; 3000]);
+        capture.add(&[3u8; 10]);
+        let (bytes, preview) = capture.take();
+        assert_eq!(bytes, 6010);
+        assert_eq!(preview.len(), PREVIEW_LEN);
+        assert_eq!(preview[2999], 1);
+        assert_eq!(preview[3000], 2);
+    }
+}

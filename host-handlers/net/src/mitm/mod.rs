@@ -1,0 +1,220 @@
+//! The MITM TLS handler (vsock port 5002).
+//!
+//! Per guest connection: read the PROXY v1 header (original destination), read
+//! the ClientHello and take its SNI (none: blocked), present a leaf for that name
+//! signed by the sandbox CA, and serve HTTP/1.1 (keep-alive, chunked, upgrades)
+//! and HTTP/2 (many streams) with hyper. Each request is decided by the policy
+//! and, if allowed, forwarded to the host the SNI names (resolved on the host,
+//! port from the header) over verified TLS; see [`request`].
+//!
+//! Connections that fail before their first request (bad header, garbage, no
+//! SNI, failed handshake, timeouts, refusals) get one telemetry row each; the
+//! others get one row per request.
+
+mod exchange;
+mod request;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use sandbox_policy::Policy;
+use sandbox_telemetry::{Outcome, Recorder};
+use tokio::io::BufReader;
+use tokio::net::UnixStream;
+use tokio::time::{timeout_at, Instant};
+use tokio_rustls::server::TlsStream;
+
+use crate::ca::{LeafCache, SandboxCa};
+use crate::client_hello::read_client_hello;
+use crate::config::NetConfig;
+use crate::error::Result;
+use crate::idle::{Activity, Tracked};
+use crate::proxy_header::{ProxyHeader, MAX_LEN};
+use crate::server::ConnectionHandler;
+use crate::upstream::{Upstream, UpstreamConnector};
+use exchange::{CountedBody, Exchange};
+use request::Conn;
+
+/// Rule recorded for a ClientHello without a usable server name.
+pub const NO_SNI_RULE: &str = "builtin.no_sni";
+
+/// The guest side of a connection once TLS is up.
+type GuestStream = TlsStream<BufReader<Tracked<UnixStream>>>;
+
+/// Serves guest TLS connections.
+#[derive(Debug)]
+pub(crate) struct MitmHandler {
+    upstream: Arc<Upstream>,
+    client: Client<UpstreamConnector, CountedBody<Incoming>>,
+    leaves: Arc<LeafCache>,
+    tls: Arc<ServerConfig>,
+    http: auto::Builder<TokioExecutor>,
+    policy: Policy,
+    recorder: Recorder,
+    handshake_timeout: Duration,
+    response_timeout: Duration,
+    idle_timeout: Duration,
+    fail_open: bool,
+}
+
+/// Leaves are looked up by the SNI rustls saw (the handler minted it just before).
+impl ResolvesServerCert for LeafCache {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello.server_name()?.to_ascii_lowercase();
+        self.get(&name).inspect_err(|err| tracing::error!(%err, name, "no leaf certificate")).ok()
+    }
+}
+
+/// What is known about a connection that failed before its first request.
+#[derive(Debug, Default)]
+struct Setup {
+    domain: String,
+    sni: Option<String>,
+}
+
+/// Why a connection ended before its first request.
+#[derive(Debug)]
+struct SetupFailure {
+    outcome: Outcome,
+    rule: Option<String>,
+    error: String,
+}
+
+impl SetupFailure {
+    fn error(error: impl ToString) -> Self {
+        Self { outcome: Outcome::Error, rule: None, error: error.to_string() }
+    }
+}
+
+impl MitmHandler {
+    pub(crate) fn new(
+        upstream: Arc<Upstream>,
+        ca: Arc<SandboxCa>,
+        policy: Policy,
+        recorder: Recorder,
+        config: &NetConfig,
+    ) -> Result<MitmHandler> {
+        let leaves = Arc::new(LeafCache::new(ca));
+        let mut tls = ServerConfig::builder_with_provider(Arc::new(crate::crypto_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_no_client_auth()
+            .with_cert_resolver(leaves.clone());
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(UpstreamConnector::new(upstream.clone()));
+
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        http.http1().timer(TokioTimer::new()).keep_alive(true).half_close(true);
+        http.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
+
+        Ok(MitmHandler {
+            upstream,
+            client,
+            leaves,
+            tls: Arc::new(tls),
+            http,
+            policy,
+            recorder,
+            handshake_timeout: config.handshake_timeout,
+            response_timeout: config.response_timeout,
+            idle_timeout: config.idle_timeout,
+            fail_open: config.fail_open,
+        })
+    }
+
+    /// PROXY header, ClientHello, leaf, TLS handshake.
+    async fn accept(
+        &self,
+        setup: &mut Setup,
+        stream: Tracked<UnixStream>,
+    ) -> std::result::Result<(ProxyHeader, String, GuestStream), SetupFailure> {
+        // The header is read through a small buffer so that little of the
+        // ClientHello behind it is copied twice; the buffer stays in the stream.
+        let mut io = BufReader::with_capacity(2 * MAX_LEN, stream);
+        let header = ProxyHeader::read(&mut io).await.map_err(SetupFailure::error)?;
+        setup.domain = header.destination.ip().to_string();
+        let (hello, start) = read_client_hello(io).await.map_err(SetupFailure::error)?;
+        let Some(sni) = hello.sni else {
+            return Err(SetupFailure {
+                outcome: Outcome::Denied,
+                rule: Some(NO_SNI_RULE.into()),
+                error: "ClientHello has no server name (SNI)".into(),
+            });
+        };
+        setup.domain = sni.clone();
+        setup.sni = Some(sni.clone());
+        self.leaves.get(&sni).map_err(SetupFailure::error)?;
+        let tls = start
+            .into_stream(self.tls.clone())
+            .await
+            .map_err(|e| SetupFailure::error(format!("TLS handshake with the guest: {e}")))?;
+        Ok((header, sni, tls))
+    }
+
+    fn record_setup(&self, started: SystemTime, setup: Setup, failure: SetupFailure) {
+        tracing::debug!(domain = %setup.domain, error = %failure.error, "guest connection ended without a request");
+        let mut exchange = Exchange::new(self.recorder.clone(), started, setup.domain, setup.sni);
+        exchange.decide(failure.outcome, failure.rule);
+        exchange.event.error = Some(failure.error);
+    }
+}
+
+impl ConnectionHandler for MitmHandler {
+    async fn serve(self: Arc<Self>, stream: UnixStream) {
+        let started = SystemTime::now();
+        let activity = Activity::new();
+        let mut setup = Setup::default();
+        let deadline = Instant::now() + self.handshake_timeout;
+        let accepted = timeout_at(deadline, self.accept(&mut setup, Tracked::new(stream, activity.clone()))).await;
+        let (header, sni, tls) = match accepted {
+            Ok(Ok(accepted)) => accepted,
+            Ok(Err(failure)) => return self.record_setup(started, setup, failure),
+            Err(_) => {
+                let error = format!("no PROXY header and TLS handshake within {:?}", self.handshake_timeout);
+                return self.record_setup(started, setup, SetupFailure::error(error));
+            }
+        };
+
+        let conn = Arc::new(Conn::new(self.clone(), sni.clone(), header.destination.port(), activity.clone()));
+        let requests = conn.requests.clone();
+        let service = service_fn(move |req| {
+            let conn = conn.clone();
+            async move { Ok::<_, std::convert::Infallible>(conn.handle(req).await) }
+        });
+        let serving = self.http.serve_connection_with_upgrades(TokioIo::new(tls), service);
+        let ended = tokio::select! {
+            served = serving => served.err().map(|e| e.to_string()),
+            _ = activity.expired(self.idle_timeout) => Some(format!("idle for {:?}", self.idle_timeout)),
+        };
+        if requests.load(Ordering::Relaxed) == 0 {
+            let error = ended.map_or_else(|| "closed without a request".to_owned(), |e| format!("no request: {e}"));
+            let setup = Setup { domain: sni.clone(), sni: Some(sni) };
+            self.record_setup(started, setup, SetupFailure::error(error));
+        }
+    }
+
+    fn accepting(&self) -> bool {
+        self.fail_open || self.recorder.healthy()
+    }
+
+    fn refused(&self, reason: &str) {
+        tracing::warn!(reason, "MITM connection refused");
+        self.record_setup(SystemTime::now(), Setup::default(), SetupFailure::error(format!("connection refused: {reason}")));
+    }
+}
+
+/// Counts requests served on a connection.
+pub(crate) type RequestCount = Arc<AtomicU64>;

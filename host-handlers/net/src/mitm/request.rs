@@ -1,0 +1,520 @@
+//! One HTTP request inside a guest TLS connection.
+//!
+//! 1. The Host header (and `:authority`) must name the SNI of the connection;
+//!    otherwise 403 by `builtin.sni_host_mismatch` (domain fronting).
+//! 2. The `http.request` event goes to the policy; anything but allow is a 403
+//!    whose text body names the rule.
+//! 3. Rewrite actions change the request headers before forwarding and before
+//!    logging; values from secrets are logged as `[REDACTED]`, and so are
+//!    credential headers (Authorization, Cookie, API keys).
+//! 4. The request goes to `https://<sni>:<original port>` through the pooled
+//!    client (HTTP/2 or HTTP/1.1, whichever the upstream picks), or, for an
+//!    HTTP/1.1 upgrade such as WebSocket, over a dedicated HTTP/1.1 connection
+//!    that becomes a byte tunnel after `101`.
+//! 5. The `http.response` event may still block (a block by a named rule turns
+//!    the answer into a 403; no matching response rule leaves the request's
+//!    decision standing), and response header rewrites apply.
+//! 6. The response body streams to the guest through [`ObservedBody`], which
+//!    counts it, keeps a preview, feeds the AI stream parser and writes the row.
+//!
+//! Upstream failures answer 502 (504 for timeouts); an upstream whose addresses
+//! are all refused by the address guard answers 403 by `builtin.address_guard`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::Authority;
+use hyper::upgrade::OnUpgrade;
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::TokioIo;
+use sandbox_policy::{Action, Decision, Event, HttpRequest, HttpResponse};
+use sandbox_telemetry::ai::StreamParser;
+use sandbox_telemetry::Outcome;
+
+use super::exchange::{CountedBody, Exchange, ObservedBody};
+use super::{MitmHandler, RequestCount};
+use crate::dns::ADDRESS_GUARD_RULE;
+use crate::error::Error;
+use crate::idle::Activity;
+
+/// Rule recorded when the Host of a request is not the connection's SNI.
+pub const SNI_HOST_MISMATCH_RULE: &str = "builtin.sni_host_mismatch";
+
+/// Headers whose values are never logged.
+const CREDENTIAL_HEADERS: &[&str] =
+    &["authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key"];
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body of every response sent to the guest.
+pub(crate) type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// State shared by the requests of one guest connection.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    handler: Arc<MitmHandler>,
+    sni: String,
+    port: u16,
+    activity: Arc<Activity>,
+    pub(crate) requests: RequestCount,
+}
+
+/// A request already answered by the handler (403, 502, 504, 400).
+struct Refusal {
+    status: StatusCode,
+    outcome: Outcome,
+    rule: Option<String>,
+    message: String,
+}
+
+impl Refusal {
+    fn blocked(rule: Option<String>, message: String) -> Self {
+        Self { status: StatusCode::FORBIDDEN, outcome: Outcome::Denied, rule, message }
+    }
+    fn failed(status: StatusCode, message: String) -> Self {
+        Self { status, outcome: Outcome::Error, rule: None, message }
+    }
+}
+
+/// What an allowed request turned into.
+enum Reply {
+    /// A response whose body streams to the guest.
+    Stream(Response<Incoming>),
+    /// A `101` after which the guest and upstream connections are joined.
+    Tunnel { response: Response<Incoming>, guest: OnUpgrade },
+}
+
+/// Join the upgraded guest and upstream connections until either side ends or
+/// nothing moves for the idle timeout; the exchange is recorded at the end.
+async fn tunnel(guest: OnUpgrade, upstream: OnUpgrade, mut exchange: Exchange, activity: Arc<Activity>, idle: Duration) {
+    match tokio::join!(guest, upstream) {
+        (Ok(guest), Ok(upstream)) => {
+            let (mut guest, mut upstream) = (TokioIo::new(guest), TokioIo::new(upstream));
+            tokio::select! {
+                copied = tokio::io::copy_bidirectional(&mut guest, &mut upstream) => match copied {
+                    Ok((sent, received)) => exchange.add_tunnel_bytes(sent, received),
+                    Err(err) => exchange.event.error = Some(format!("tunnel: {err}")),
+                },
+                _ = activity.expired(idle) => exchange.event.error = Some(format!("tunnel idle for {idle:?}")),
+            }
+        }
+        (guest, upstream) => {
+            let err = guest.err().or(upstream.err()).map(|e| e.to_string()).unwrap_or_default();
+            exchange.fail(format!("upgrade failed: {err}"));
+        }
+    }
+}
+
+impl Conn {
+    pub(crate) fn new(handler: Arc<MitmHandler>, sni: String, port: u16, activity: Arc<Activity>) -> Self {
+        Self { handler, sni, port, activity, requests: RequestCount::default() }
+    }
+
+    pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
+        self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let recorder = self.handler.recorder.clone();
+        let mut exchange = Exchange::new(recorder, SystemTime::now(), self.sni.clone(), Some(self.sni.clone()));
+        exchange.event.method = Some(req.method().to_string());
+        exchange.event.path = Some(req.uri().path().to_owned());
+        exchange.event.request_headers = logged_headers(req.headers(), &HashSet::new());
+        match self.process(req, &mut exchange).await {
+            Ok(Reply::Stream(response)) => {
+                let (parts, body) = response.into_parts();
+                let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+                let path = exchange.event.path.clone().unwrap_or_default();
+                exchange.set_parser(StreamParser::for_request(&exchange.event.domain, &path, content_type));
+                let body = ObservedBody::new(body, exchange).map_err(BoxError::from).boxed_unsync();
+                Response::from_parts(parts, body)
+            }
+            Ok(Reply::Tunnel { mut response, guest }) => {
+                let upstream = hyper::upgrade::on(&mut response);
+                tokio::spawn(tunnel(guest, upstream, exchange, self.activity.clone(), self.handler.idle_timeout));
+                let (parts, _) = response.into_parts();
+                Response::from_parts(parts, Empty::new().map_err(|never| match never {}).boxed_unsync())
+            }
+            Err(refusal) => {
+                let rule = refusal.rule.or(exchange.event.matched_rule.take());
+                exchange.decide(refusal.outcome, rule);
+                exchange.event.status_code = Some(refusal.status.as_u16());
+                exchange.event.error = Some(refusal.message.clone());
+                text_response(refusal.status, refusal.message)
+            }
+        }
+    }
+
+    async fn process(&self, mut req: Request<Incoming>, exchange: &mut Exchange) -> Result<Reply, Refusal> {
+        let host = request_host(&req).map_err(|why| Refusal::blocked(Some(SNI_HOST_MISMATCH_RULE.into()), why))?;
+        if host != self.sni {
+            let why = format!("Host {host} does not match the TLS server name {}", self.sni);
+            return Err(Refusal::blocked(Some(SNI_HOST_MISMATCH_RULE.into()), why));
+        }
+        exchange.event.domain = host.clone();
+        let request_event = HttpRequest {
+            host,
+            sni: self.sni.clone(),
+            method: req.method().to_string(),
+            path: req.uri().path().to_owned(),
+            query: req.uri().query().unwrap_or_default().to_owned(),
+            headers: header_map(req.headers()),
+            scheme: "https".into(),
+        };
+        let verdict = self.handler.policy.decide(&Event::HttpRequest(request_event.clone())).await;
+        if verdict.decision != Decision::Allow {
+            let message = match &verdict.rule {
+                Some(rule) => format!("blocked by sandbox policy rule {rule}"),
+                None => "blocked by sandbox policy: no rule allows this request".to_owned(),
+            };
+            return Err(Refusal::blocked(verdict.rule, message));
+        }
+        exchange.decide(Outcome::Allowed, verdict.rule.clone());
+        let secret_headers = rewrite_headers(req.headers_mut(), &verdict.actions, Target::Request);
+        exchange.event.request_headers = logged_headers(req.headers(), &secret_headers);
+
+        if req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE) {
+            let guest = hyper::upgrade::on(&mut req);
+            let response = self.send_upgrade(req, exchange).await?;
+            let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+            let response = self.screen_response(response, exchange, request_event, &verdict.actions).await?;
+            return Ok(if switching { Reply::Tunnel { response, guest } } else { Reply::Stream(response) });
+        }
+        let response = self.send(req, exchange).await?;
+        Ok(Reply::Stream(self.screen_response(response, exchange, request_event, &verdict.actions).await?))
+    }
+
+    /// Forward through the pooled client.
+    async fn send(&self, req: Request<Incoming>, exchange: &Exchange) -> Result<Response<Incoming>, Refusal> {
+        let (parts, body) = req.into_parts();
+        let mut upstream_req = Request::new(CountedBody::new(body, exchange.sent.clone()));
+        *upstream_req.method_mut() = parts.method;
+        *upstream_req.uri_mut() = self.upstream_uri(&parts.uri)?;
+        *upstream_req.headers_mut() = parts.headers;
+        strip_hop_by_hop(upstream_req.headers_mut());
+        let sent = tokio::time::timeout(self.handler.response_timeout, self.handler.client.request(upstream_req)).await;
+        match sent {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(err)) => Err(upstream_refusal(&self.sni, &err)),
+            Err(_) => Err(self.response_timed_out()),
+        }
+    }
+
+    /// Forward an upgrade request over its own HTTP/1.1 connection (the pooled
+    /// client may speak HTTP/2 upstream, which has no such upgrades).
+    async fn send_upgrade(&self, req: Request<Incoming>, exchange: &Exchange) -> Result<Response<Incoming>, Refusal> {
+        let handler = &self.handler;
+        let (parts, body) = req.into_parts();
+        let upgrade = parts.headers.get(header::UPGRADE).cloned();
+        let mut upstream_req = Request::new(CountedBody::new(body, exchange.sent.clone()));
+        *upstream_req.method_mut() = parts.method;
+        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        *upstream_req.uri_mut() = Uri::try_from(target)
+            .map_err(|e| Refusal::failed(StatusCode::BAD_REQUEST, format!("request target {target}: {e}")))?;
+        *upstream_req.headers_mut() = parts.headers;
+        strip_hop_by_hop(upstream_req.headers_mut());
+        if let Some(upgrade) = upgrade {
+            upstream_req.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            upstream_req.headers_mut().insert(header::UPGRADE, upgrade);
+        }
+        let exchanged = tokio::time::timeout(handler.response_timeout, async {
+            let stream = handler.upstream.connect(&self.sni, self.port, true).await.map_err(BoxError::from)?;
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(async move {
+                if let Err(err) = connection.with_upgrades().await {
+                    tracing::debug!(%err, "upstream upgrade connection ended");
+                }
+            });
+            Ok::<_, BoxError>(sender.send_request(upstream_req).await?)
+        })
+        .await;
+        match exchanged {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(err)) => Err(upstream_refusal(&self.sni, err.as_ref())),
+            Err(_) => Err(self.response_timed_out()),
+        }
+    }
+
+    /// The `http.response` decision and response header rewrites.
+    async fn screen_response(
+        &self,
+        response: Response<Incoming>,
+        exchange: &mut Exchange,
+        request: HttpRequest,
+        request_actions: &[Action],
+    ) -> Result<Response<Incoming>, Refusal> {
+        let status = response.status();
+        exchange.event.status_code = Some(status.as_u16());
+        let event = HttpResponse { request, status: status.as_u16(), headers: header_map(response.headers()) };
+        let verdict = self.handler.policy.decide(&Event::HttpResponse(event)).await;
+        if verdict.decision != Decision::Allow && verdict.rule.is_some() {
+            let message = format!("response blocked by sandbox policy rule {}", verdict.rule.as_deref().unwrap_or_default());
+            return Err(Refusal::blocked(verdict.rule, message));
+        }
+        let (mut parts, body) = response.into_parts();
+        if status != StatusCode::SWITCHING_PROTOCOLS {
+            strip_hop_by_hop(&mut parts.headers);
+        }
+        parts.version = Version::HTTP_11;
+        rewrite_headers(&mut parts.headers, request_actions, Target::Response);
+        if verdict.decision == Decision::Allow {
+            rewrite_headers(&mut parts.headers, &verdict.actions, Target::Response);
+        }
+        Ok(Response::from_parts(parts, body))
+    }
+
+    fn upstream_uri(&self, uri: &Uri) -> Result<Uri, Refusal> {
+        let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
+        format!("https://{}:{}{path}", self.sni, self.port)
+            .parse()
+            .map_err(|e| Refusal::failed(StatusCode::BAD_REQUEST, format!("request target {uri}: {e}")))
+    }
+
+    fn response_timed_out(&self) -> Refusal {
+        let message = format!("upstream {} did not respond within {:?}", self.sni, self.handler.response_timeout);
+        Refusal::failed(StatusCode::GATEWAY_TIMEOUT, message)
+    }
+}
+
+/// Map an upstream failure to what the guest sees.
+fn upstream_refusal(host: &str, err: &(dyn std::error::Error + 'static)) -> Refusal {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    let mut chain = Vec::new();
+    let mut ours = None;
+    while let Some(current) = source {
+        chain.push(current.to_string());
+        if ours.is_none() {
+            ours = current.downcast_ref::<Error>();
+        }
+        source = current.source();
+    }
+    chain.dedup();
+    let detail = chain.join(": ");
+    match ours {
+        Some(Error::AddressRefused { .. }) => {
+            Refusal::blocked(Some(ADDRESS_GUARD_RULE.into()), format!("upstream address refused: {detail}"))
+        }
+        Some(Error::ConnectTimeout { .. }) => Refusal::failed(StatusCode::GATEWAY_TIMEOUT, detail),
+        _ => Refusal::failed(StatusCode::BAD_GATEWAY, format!("upstream {host} failed: {detail}")),
+    }
+}
+
+fn text_response(status: StatusCode, message: String) -> Response<ResponseBody> {
+    let text = format!("{} {}: {message}\n", status.as_u16(), status.canonical_reason().unwrap_or_default());
+    let mut response = Response::new(Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed_unsync());
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+/// The host a request names: `:authority`/absolute-form and every Host header
+/// must agree. Lower case, without port or trailing dot.
+fn request_host<B>(req: &Request<B>) -> Result<String, String> {
+    let normalize = |host: &str| host.trim_end_matches('.').to_ascii_lowercase();
+    let mut hosts = Vec::new();
+    if let Some(authority) = req.uri().authority() {
+        hosts.push(normalize(authority.host()));
+    }
+    for value in req.headers().get_all(header::HOST) {
+        let authority = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse::<Authority>().ok())
+            .ok_or_else(|| format!("malformed Host header {value:?}"))?;
+        hosts.push(normalize(authority.host()));
+    }
+    let Some(first) = hosts.first() else {
+        return Err("request names no host".into());
+    };
+    if hosts.iter().any(|h| h != first) {
+        return Err(format!("conflicting hosts in one request: {}", hosts.join(", ")));
+    }
+    Ok(first.clone())
+}
+
+/// Headers for policy events: lower-case names, repeated values joined by ", ".
+fn header_map(headers: &HeaderMap) -> BTreeMap<String, String> {
+    let mut map = BTreeMap::<String, String>::new();
+    for (name, value) in headers {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        map.entry(name.as_str().to_owned())
+            .and_modify(|joined| {
+                joined.push_str(", ");
+                joined.push_str(&value);
+            })
+            .or_insert_with(|| value.into_owned());
+    }
+    map
+}
+
+/// Headers as logged: secrets and credentials redacted.
+fn logged_headers(headers: &HeaderMap, secret: &HashSet<HeaderName>) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(name, value)| {
+            let hidden = secret.contains(name) || CREDENTIAL_HEADERS.contains(&name.as_str());
+            let value = if hidden { "[REDACTED]".into() } else { String::from_utf8_lossy(value.as_bytes()).into_owned() };
+            (name.as_str().to_owned(), value)
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Request,
+    Response,
+}
+
+/// Apply the header actions for `target`; returns the names set from secrets.
+fn rewrite_headers(headers: &mut HeaderMap, actions: &[Action], target: Target) -> HashSet<HeaderName> {
+    let mut secret = HashSet::new();
+    for action in actions {
+        let (name, value) = match (action, target) {
+            (Action::RemoveRequestHeader(name), Target::Request) | (Action::RemoveResponseHeader(name), Target::Response) => {
+                (name, None)
+            }
+            (Action::SetRequestHeader(name, value), Target::Request)
+            | (Action::SetResponseHeader(name, value), Target::Response) => (name, Some(value)),
+            _ => continue,
+        };
+        let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+            tracing::warn!(name, "rewrite names an invalid header");
+            continue;
+        };
+        match value {
+            None => {
+                headers.remove(&name);
+            }
+            Some(value) => match HeaderValue::from_str(value.expose()) {
+                Ok(mut header_value) => {
+                    header_value.set_sensitive(value.is_secret());
+                    if value.is_secret() {
+                        secret.insert(name.clone());
+                    }
+                    headers.insert(name, header_value);
+                }
+                Err(_) => tracing::warn!(%name, value = value.redacted(), "rewrite value is not a valid header value"),
+            },
+        }
+    }
+    secret
+}
+
+/// Remove connection-specific headers (RFC 9110 section 7.6.1); `te: trailers`
+/// stays, as HTTP/2 allows it.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    let te_trailers = headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use sandbox_policy::SecretValue;
+
+    fn request(uri: &str, hosts: &[&str]) -> Request<()> {
+        let mut builder = Request::builder().uri(uri);
+        for host in hosts {
+            builder = builder.header(header::HOST, *host);
+        }
+        builder.body(()).unwrap()
+    }
+
+    #[test]
+    fn host_comes_from_authority_and_host_headers() {
+        assert_eq!(request_host(&request("/", &["API.Example.com:443"])).unwrap(), "api.example.com");
+        assert_eq!(request_host(&request("https://a.test/x", &[])).unwrap(), "a.test");
+        assert_eq!(request_host(&request("https://a.test./x", &["a.test"])).unwrap(), "a.test");
+        assert!(request_host(&request("https://a.test/x", &["b.test"])).unwrap_err().contains("conflicting"));
+        assert!(request_host(&request("/", &["a.test", "b.test"])).unwrap_err().contains("conflicting"));
+        assert!(request_host(&request("/", &[])).unwrap_err().contains("no host"));
+        assert!(request_host(&request("/", &["bad host"])).unwrap_err().contains("malformed"));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
+        headers.insert("x-private", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut headers);
+        let mut names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["accept", "te"]);
+    }
+
+    #[test]
+    fn rewrites_apply_to_their_side_and_secrets_are_redacted_in_logs() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-remove", HeaderValue::from_static("1"));
+        headers.insert("authorization", HeaderValue::from_static("Bearer guest"));
+        let actions = vec![
+            Action::RemoveRequestHeader("x-remove".into()),
+            Action::SetRequestHeader("x-api-token".into(), SecretValue::secret("s3cr3t")),
+            Action::SetRequestHeader("x-plain".into(), SecretValue::plain("visible")),
+            Action::SetResponseHeader("x-response".into(), SecretValue::plain("no")),
+        ];
+        let secret = rewrite_headers(&mut headers, &actions, Target::Request);
+        assert!(!headers.contains_key("x-remove") && !headers.contains_key("x-response"));
+        assert_eq!(headers["x-api-token"], "s3cr3t");
+        assert!(headers["x-api-token"].is_sensitive());
+        let logged = logged_headers(&headers, &secret);
+        let text = format!("{logged:?}");
+        assert!(!text.contains("s3cr3t") && !text.contains("Bearer guest"), "{text}");
+        assert!(logged.contains(&("x-plain".into(), "visible".into())));
+        assert!(logged.contains(&("x-api-token".into(), "[REDACTED]".into())));
+    }
+
+    #[test]
+    fn headers_for_events_join_repeats() {
+        let mut headers = HeaderMap::new();
+        headers.append("accept", HeaderValue::from_static("a"));
+        headers.append("accept", HeaderValue::from_static("b"));
+        assert_eq!(header_map(&headers)["accept"], "a, b");
+    }
+
+    #[test]
+    fn refusals_map_guard_timeouts_and_other_failures() {
+        let refused = Error::AddressRefused { host: "m.test".into(), refused: vec!["169.254.169.254".parse().unwrap()] };
+        let r = upstream_refusal("m.test", &refused);
+        assert_eq!((r.status, r.rule.as_deref()), (StatusCode::FORBIDDEN, Some(ADDRESS_GUARD_RULE)));
+        assert!(r.message.contains("169.254.169.254"));
+        let r = upstream_refusal("t.test", &Error::ConnectTimeout { host: "t.test".into() });
+        assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+        let tls = Error::UpstreamTls { host: "b.test".into(), source: std::io::Error::other("invalid peer certificate") };
+        let r = upstream_refusal("b.test", &tls);
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+        assert!(r.message.contains("invalid peer certificate"));
+    }
+}

@@ -1,0 +1,274 @@
+//! Reaching upstream on a guest's behalf: the shared DNS resolver, the address
+//! guard, and TLS connections verified against the system roots plus configured
+//! extra roots.
+//!
+//! An upstream connection always starts from a host name (the SNI the guest sent)
+//! and resolves it on the host; the destination address the guest announced is
+//! never dialled. Every resolved address is checked by the [`AddressGuard`], and
+//! the address actually connected to is checked again before TLS starts.
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::TokioResolver;
+use hyper::Uri;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::ClientConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::{timeout_at, Instant};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::config::NetConfig;
+use crate::error::{Error, Result};
+use crate::guard::AddressGuard;
+
+/// ALPN protocol ids offered to upstreams.
+const ALPN_H2: &[u8] = b"h2";
+const ALPN_HTTP11: &[u8] = b"http/1.1";
+
+/// Everything needed to reach upstream: shared by the DNS and MITM handlers of a sandbox.
+#[derive(Debug)]
+pub struct Upstream {
+    resolver: TokioResolver,
+    guard: AddressGuard,
+    /// Offers h2 and http/1.1.
+    tls_any: Arc<ClientConfig>,
+    /// Offers http/1.1 only, for requests that upgrade the connection.
+    tls_http1: Arc<ClientConfig>,
+    connect_timeout: std::time::Duration,
+}
+
+impl Upstream {
+    /// Build the resolver, guard and TLS client configuration from `config`.
+    pub fn new(config: &NetConfig) -> Result<Upstream> {
+        let roots = root_store(config)?;
+        let mut tls = ClientConfig::builder_with_provider(Arc::new(crate::crypto_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut tls_http1 = tls.clone();
+        tls_http1.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+        tls.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
+        Ok(Upstream {
+            resolver: build_resolver(config)?,
+            guard: AddressGuard::new(config.allowed_networks.clone()),
+            tls_any: Arc::new(tls),
+            tls_http1: Arc::new(tls_http1),
+            connect_timeout: config.connect_timeout,
+        })
+    }
+
+    /// The caching resolver used for guest queries and upstream connections.
+    pub fn resolver(&self) -> &TokioResolver {
+        &self.resolver
+    }
+
+    /// The address guard.
+    pub fn guard(&self) -> &AddressGuard {
+        &self.guard
+    }
+
+    /// Open a verified TLS connection to `host:port`. With `http1_only` the
+    /// ALPN offer is http/1.1 alone (needed for protocol upgrades).
+    pub async fn connect(&self, host: &str, port: u16, http1_only: bool) -> Result<UpstreamStream> {
+        let deadline = Instant::now() + self.connect_timeout;
+        let timed_out = || Error::ConnectTimeout { host: host.to_owned() };
+        let tcp = timeout_at(deadline, self.dial(host, port)).await.map_err(|_| timed_out())??;
+        let name = ServerName::try_from(host.to_owned())
+            .map_err(|e| Error::Resolve { host: host.to_owned(), message: e.to_string() })?;
+        let tls = if http1_only { &self.tls_http1 } else { &self.tls_any };
+        let stream = timeout_at(deadline, TlsConnector::from(tls.clone()).connect(name, tcp))
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|source| Error::UpstreamTls { host: host.to_owned(), source })?;
+        Ok(UpstreamStream { inner: stream })
+    }
+
+    /// Resolve `host` and connect to the first permitted address that answers.
+    async fn dial(&self, host: &str, port: u16) -> Result<TcpStream> {
+        let resolve_error = |message: String| Error::Resolve { host: host.to_owned(), message };
+        let fqdn = format!("{}.", host.trim_end_matches('.'));
+        let lookup = self.resolver.lookup_ip(fqdn.as_str()).await.map_err(|e| resolve_error(e.to_string()))?;
+        let (permitted, refused): (Vec<IpAddr>, Vec<IpAddr>) =
+            lookup.iter().partition(|ip| self.guard.check(*ip).is_ok());
+        if permitted.is_empty() {
+            if refused.is_empty() {
+                return Err(resolve_error("no addresses".into()));
+            }
+            return Err(Error::AddressRefused { host: host.to_owned(), refused });
+        }
+        let mut last_error = None;
+        for ip in permitted {
+            let addr = SocketAddr::new(ip, port);
+            match TcpStream::connect(addr).await {
+                Ok(stream) => {
+                    let peer = stream.peer_addr().map_err(|source| Error::Connect { addr, source })?;
+                    if self.guard.check(peer.ip()).is_err() {
+                        return Err(Error::AddressRefused { host: host.to_owned(), refused: vec![peer.ip()] });
+                    }
+                    let _ = stream.set_nodelay(true);
+                    return Ok(stream);
+                }
+                Err(source) => last_error = Some(Error::Connect { addr, source }),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| resolve_error("no addresses".into())))
+    }
+}
+
+fn root_store(config: &NetConfig) -> Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    if config.system_roots {
+        let native = rustls_native_certs::load_native_certs();
+        for err in &native.errors {
+            tracing::warn!(%err, "system root certificates");
+        }
+        let (added, ignored) = roots.add_parsable_certificates(native.certs);
+        tracing::debug!(added, ignored, "system root certificates loaded");
+    }
+    for path in &config.extra_root_files {
+        let text = std::fs::read(path).map_err(|source| Error::File { path: path.clone(), source })?;
+        let certs = rustls_pemfile::certs(&mut text.as_slice())
+            .collect::<io::Result<Vec<CertificateDer<'static>>>>()
+            .map_err(|e| Error::Roots(format!("{}: {e}", path.display())))?;
+        if certs.is_empty() {
+            return Err(Error::Roots(format!("{}: no PEM certificate", path.display())));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| Error::Roots(format!("{}: {e}", path.display())))?;
+        }
+    }
+    if roots.is_empty() {
+        return Err(Error::Roots("no root certificate to verify upstreams with".into()));
+    }
+    Ok(roots)
+}
+
+fn build_resolver(config: &NetConfig) -> Result<TokioResolver> {
+    let (resolver_config, mut opts) = if config.dns_servers.is_empty() {
+        hickory_resolver::system_conf::read_system_conf()
+            .map_err(|e| Error::Resolver(format!("/etc/resolv.conf: {e}")))?
+    } else {
+        let servers = config
+            .dns_servers
+            .iter()
+            .map(|addr| {
+                let mut server = NameServerConfig::udp_and_tcp(addr.ip());
+                server.connections = [ConnectionConfig::udp(), ConnectionConfig::tcp()]
+                    .into_iter()
+                    .map(|mut c| {
+                        c.port = addr.port();
+                        c
+                    })
+                    .collect();
+                server
+            })
+            .collect();
+        (ResolverConfig::from_name_servers(servers), ResolverOpts::default())
+    };
+    // Guests send fully qualified names; the host's hosts file and search
+    // domains are the host's business, not the guest's.
+    opts.use_hosts_file = ResolveHosts::Never;
+    opts.ndots = 0;
+    opts.timeout = config.dns_timeout;
+    opts.preserve_intermediates = true;
+    opts.cache_size = 8192;
+    let resolver_config = ResolverConfig::from_name_servers(resolver_config.name_servers().to_vec());
+    hickory_resolver::Resolver::builder_with_config(resolver_config, TokioRuntimeProvider::default())
+        .with_options(opts)
+        .build()
+        .map_err(|e| Error::Resolver(e.to_string()))
+}
+
+/// A verified TLS connection to an upstream.
+#[derive(Debug)]
+pub struct UpstreamStream {
+    inner: TlsStream<TcpStream>,
+}
+
+impl UpstreamStream {
+    /// Whether the upstream chose HTTP/2.
+    pub fn is_h2(&self) -> bool {
+        self.inner.get_ref().1.alpn_protocol() == Some(ALPN_H2)
+    }
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl Connection for UpstreamStream {
+    fn connected(&self) -> Connected {
+        if self.is_h2() {
+            Connected::new().negotiated_h2()
+        } else {
+            Connected::new()
+        }
+    }
+}
+
+/// The connector of the pooled upstream HTTP client: `https://host:port` URIs
+/// become [`Upstream::connect`] calls.
+#[derive(Debug, Clone)]
+pub struct UpstreamConnector {
+    upstream: Arc<Upstream>,
+}
+
+impl UpstreamConnector {
+    pub fn new(upstream: Arc<Upstream>) -> Self {
+        Self { upstream }
+    }
+}
+
+impl tower_service::Service<Uri> for UpstreamConnector {
+    type Response = TokioIo<UpstreamStream>;
+    type Error = Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let upstream = self.upstream.clone();
+        Box::pin(async move {
+            let host = uri.host().unwrap_or_default().to_owned();
+            let port = uri.port_u16().unwrap_or(443);
+            upstream.connect(&host, port, false).await.map(TokioIo::new)
+        })
+    }
+}
