@@ -1,0 +1,287 @@
+//! virtio-blk: a disk image as a block device, read-only or writable.
+//!
+//! One request queue. The device offers VIRTIO_BLK_F_RO for read-only images
+//! (writes then fail with IOERR), VIRTIO_BLK_F_FLUSH for writable ones,
+//! VIRTIO_BLK_F_SEG_MAX so the driver sends large scattered requests in one
+//! chain, and event-index notification suppression. Requests are served on the
+//! event loop thread when the driver notifies the queue's ioeventfd.
+
+pub mod disk;
+pub mod request;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use tracing::{debug, warn};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use self::disk::DiskImage;
+use self::request::process_queue;
+use super::{
+    read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
+use std::sync::Arc;
+
+/// Size of the request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Most data buffers per request offered to the driver (the chain also holds
+/// the header and the status byte).
+pub const SEG_MAX: u32 = 128;
+
+enum State {
+    Inactive,
+    Active {
+        mem: GuestMemoryMmap,
+        queue: Box<Queue>,
+        interrupt: Arc<Interrupt>,
+    },
+    /// The driver broke the queue; requests are ignored until it resets the device.
+    Broken,
+}
+
+/// A virtio block device.
+pub struct Block {
+    disk: DiskImage,
+    features: u64,
+    config: [u8; 16],
+    queue_events: [EventFd; 1],
+    state: State,
+}
+
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Block")
+            .field("disk", &self.disk)
+            .field("features", &self.features)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Block {
+    /// A device serving `disk`.
+    pub fn new(disk: DiskImage) -> std::io::Result<Self> {
+        let mut features =
+            VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | (1 << VIRTIO_BLK_F_SEG_MAX);
+        features |= if disk.read_only() {
+            1 << VIRTIO_BLK_F_RO
+        } else {
+            1 << VIRTIO_BLK_F_FLUSH
+        };
+        // struct virtio_blk_config: capacity (le64), size_max (le32), seg_max (le32).
+        let mut config = [0u8; 16];
+        config[..8].copy_from_slice(&disk.sectors().to_le_bytes());
+        config[12..].copy_from_slice(&SEG_MAX.to_le_bytes());
+        Ok(Self {
+            disk,
+            features,
+            config,
+            queue_events: [EventFd::new(EFD_NONBLOCK)?],
+            state: State::Inactive,
+        })
+    }
+
+    fn process(&mut self) {
+        let State::Active {
+            mem,
+            queue,
+            interrupt,
+        } = &mut self.state
+        else {
+            debug!("virtio-blk: queue notified while the device is not active");
+            return;
+        };
+        match process_queue(queue, mem, &mut self.disk) {
+            Ok(outcome) => {
+                if outcome.notify {
+                    if let Err(e) = interrupt.signal_used_queue() {
+                        warn!("virtio-blk: cannot interrupt the guest: {e}");
+                    }
+                }
+                if outcome.more {
+                    if let Err(e) = self.queue_events[0].write(1) {
+                        warn!("virtio-blk: cannot reschedule the queue: {e}");
+                    }
+                }
+            }
+            Err(e) => {
+                warn!("virtio-blk: queue is broken, ignoring it until the driver resets the device: {e}");
+                self.state = State::Broken;
+            }
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        debug!(
+            "virtio-blk: ignoring {}-byte config write at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        if !matches!(self.state, State::Inactive) {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let Activation {
+            mem,
+            queues,
+            interrupt,
+            ..
+        } = activation;
+        let got = queues.len();
+        let Ok([queue]) = <[Queue; 1]>::try_from(queues) else {
+            return Err(ActivateError::QueueCount { expected: 1, got });
+        };
+        self.state = State::Active {
+            mem,
+            queue: Box::new(queue),
+            interrupt,
+        };
+        // Serve whatever the driver queued before DRIVER_OK.
+        self.queue_events[0].write(1)?;
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.state = State::Inactive;
+    }
+}
+
+impl MutEventSubscriber for Block {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.queue_events[0], EventSet::IN)) {
+            warn!("virtio-blk: cannot poll the queue event: {e}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        // The only event is the queue notification.
+        let _ = self.queue_events[0].read();
+        Block::process(self);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::io::Write;
+    use virtio_queue::QueueT;
+    use vm_memory::{Bytes, GuestAddress};
+
+    fn disk(read_only: bool, sectors: u64) -> DiskImage {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&vec![0u8; (sectors * 512) as usize])
+            .unwrap();
+        DiskImage::from_file(file, read_only).unwrap()
+    }
+
+    #[test]
+    fn features_follow_the_image_mode() {
+        let ro = Block::new(disk(true, 4)).unwrap();
+        assert_ne!(ro.features() & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_eq!(ro.features() & (1 << VIRTIO_BLK_F_FLUSH), 0);
+        let rw = Block::new(disk(false, 4)).unwrap();
+        assert_eq!(rw.features() & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_ne!(rw.features() & (1 << VIRTIO_BLK_F_FLUSH), 0);
+        for dev in [&ro, &rw] {
+            assert_ne!(dev.features() & VIRTIO_F_VERSION_1, 0);
+            assert_eq!(dev.device_type(), 2);
+            assert_eq!(dev.queue_max_sizes(), &[QUEUE_SIZE]);
+        }
+    }
+
+    #[test]
+    fn config_space_holds_capacity_and_seg_max() {
+        let dev = Block::new(disk(true, 9)).unwrap();
+        let mut capacity = [0u8; 8];
+        dev.read_config(0, &mut capacity);
+        assert_eq!(u64::from_le_bytes(capacity), 9);
+        let mut seg_max = [0u8; 4];
+        dev.read_config(12, &mut seg_max);
+        assert_eq!(u32::from_le_bytes(seg_max), SEG_MAX);
+        let mut beyond = [0xffu8; 4];
+        dev.read_config(64, &mut beyond);
+        assert_eq!(beyond, [0; 4]);
+    }
+
+    #[test]
+    fn activation_needs_exactly_one_queue_and_kicks_the_queue() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let mut dev = Block::new(disk(true, 1)).unwrap();
+        let activation = |queues| Activation {
+            mem: mem.clone(),
+            queues,
+            interrupt: interrupt.clone(),
+            acked_features: VIRTIO_F_VERSION_1,
+        };
+        assert!(matches!(
+            dev.activate(activation(vec![])),
+            Err(ActivateError::QueueCount {
+                expected: 1,
+                got: 0
+            })
+        ));
+        dev.activate(activation(vec![Queue::new(QUEUE_SIZE).unwrap()]))
+            .unwrap();
+        assert_eq!(dev.queue_events[0].read().unwrap(), 1);
+        assert!(matches!(
+            dev.activate(activation(vec![Queue::new(QUEUE_SIZE).unwrap()])),
+            Err(ActivateError::AlreadyActive)
+        ));
+        dev.reset();
+        dev.activate(activation(vec![Queue::new(QUEUE_SIZE).unwrap()]))
+            .unwrap();
+    }
+
+    #[test]
+    fn a_broken_queue_stops_the_device_until_reset() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let mut dev = Block::new(disk(true, 1)).unwrap();
+        let mut queue = Queue::new(16).unwrap();
+        queue.set_desc_table_address(Some(0x1000), Some(0));
+        queue.set_avail_ring_address(Some(0x2000), Some(0));
+        queue.set_used_ring_address(Some(0x3000), Some(0));
+        queue.set_ready(true);
+        // The available index claims 100 requests in a 16-entry queue.
+        mem.write_obj(100u16, GuestAddress(0x2002)).unwrap();
+        dev.activate(Activation {
+            mem: mem.clone(),
+            queues: vec![queue],
+            interrupt,
+            acked_features: VIRTIO_F_VERSION_1,
+        })
+        .unwrap();
+        Block::process(&mut dev);
+        assert!(matches!(dev.state, State::Broken));
+        dev.reset();
+        assert!(matches!(dev.state, State::Inactive));
+    }
+}
