@@ -595,7 +595,8 @@ mod tests {
             (r#"{"event":"tcp.connect","host":"a","port":70000}"#, "invalid value: integer `70000`"),
             (r#"{"event":"dns.request","qname":"."}"#, "`qname` is empty"),
             (r#"{"event":"dns.request"}"#, "missing field `qname`"),
-            ("[1,2", "EOF while parsing"),
+            (r#"{"event": "dns.request", "qname": "#, "EOF while parsing"),
+            ("[1, 2]", "expected variant identifier"),
         ] {
             let error = Event::from_json(json).unwrap_err().to_string();
             assert!(error.contains(expected), "{json}: {error}");

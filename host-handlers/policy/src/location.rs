@@ -116,17 +116,29 @@ fn basic_string_offset(raw: &str, value_offset: usize) -> usize {
     let bytes = raw.as_bytes();
     let mut raw_at = 0;
     let mut produced = 0;
-    while raw_at < bytes.len() && produced < value_offset {
+    loop {
+        // Line-ending backslash: the backslash and all whitespace after it vanish.
+        if bytes.get(raw_at) == Some(&b'\\')
+            && bytes.get(raw_at + 1).is_some_and(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+        {
+            raw_at += 1;
+            while raw_at < bytes.len() && bytes[raw_at].is_ascii_whitespace() {
+                raw_at += 1;
+            }
+            continue;
+        }
+        if raw_at >= bytes.len() || produced >= value_offset {
+            break;
+        }
         if bytes[raw_at] != b'\\' {
             let len = raw[raw_at..].chars().next().map_or(1, char::len_utf8);
             raw_at += len;
             produced += len;
             continue;
         }
-        let escape = bytes.get(raw_at + 1).copied();
-        match escape {
-            Some(b'u') | Some(b'U') => {
-                let digits = if escape == Some(b'u') { 4 } else { 8 };
+        match bytes.get(raw_at + 1).copied() {
+            Some(escape @ (b'u' | b'U')) => {
+                let digits = if escape == b'u' { 4 } else { 8 };
                 let hex = raw.get(raw_at + 2..raw_at + 2 + digits).unwrap_or("");
                 let decoded = u32::from_str_radix(hex, 16)
                     .ok()
@@ -134,13 +146,6 @@ fn basic_string_offset(raw: &str, value_offset: usize) -> usize {
                     .map_or(1, char::len_utf8);
                 raw_at += 2 + digits;
                 produced += decoded;
-            }
-            Some(b' ') | Some(b'\t') | Some(b'\r') | Some(b'\n') => {
-                // Line-ending backslash: the backslash and all whitespace after it vanish.
-                raw_at += 1;
-                while raw_at < bytes.len() && bytes[raw_at].is_ascii_whitespace() {
-                    raw_at += 1;
-                }
             }
             _ => {
                 raw_at += 2;

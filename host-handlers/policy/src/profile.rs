@@ -149,7 +149,8 @@ pub(crate) fn text_of(name: std::sync::Arc<std::path::Path>, bytes: Vec<u8>) -> 
 pub(crate) fn parse(source: &SourceText, env: &Env, secrets: &Secrets) -> Result<Profile, Vec<ProfileError>> {
     let file: FileToml = toml::from_str(&source.text).map_err(|error| {
         let offset = error.span().map_or(0, |span| span.start);
-        vec![source.error(offset, error.message().trim_end().to_owned())]
+        let message = error.message().trim_end().lines().collect::<Vec<_>>().join(": ");
+        vec![source.error(offset, message)]
     })?;
     let Some(security) = file.security else {
         return Ok(Profile::default());

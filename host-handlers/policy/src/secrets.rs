@@ -20,6 +20,8 @@ use crate::ProfileError;
 pub struct Secrets {
     values: BTreeMap<String, String>,
     files: Vec<PathBuf>,
+    /// Whether [`Secrets::with_value`] added any.
+    given: bool,
     environment: bool,
 }
 
@@ -28,6 +30,7 @@ impl fmt::Debug for Secrets {
         f.debug_struct("Secrets")
             .field("names", &self.values.keys().collect::<Vec<_>>())
             .field("files", &self.files)
+            .field("given", &self.given)
             .field("environment", &self.environment)
             .finish()
     }
@@ -68,6 +71,7 @@ impl Secrets {
     /// Adds one secret (for embedders and tests).
     pub fn with_value(mut self, name: impl Into<String>, value: impl Into<String>) -> Secrets {
         self.values.entry(name.into()).or_insert_with(|| value.into());
+        self.given = true;
         self
     }
 
@@ -85,6 +89,9 @@ impl Secrets {
     /// Where [`Secrets::get`] looks, for error messages.
     pub(crate) fn places(&self) -> String {
         let mut places: Vec<String> = self.files.iter().map(|file| file.display().to_string()).collect();
+        if self.given {
+            places.insert(0, "the secrets given to the engine".to_owned());
+        }
         if self.environment {
             places.push("the environment".to_owned());
         }

@@ -110,47 +110,8 @@ impl Condition {
 
     /// Parses, checks and compiles `text` for rules on `event`.
     pub fn compile(text: &str, event: EventKind, env: &Env) -> Result<Condition, CompileError> {
-        if text.trim().is_empty() {
-            return Err(CompileError { offset: 0, message: "the condition is empty".into() });
-        }
-        if text.len() > MAX_CONDITION_LEN {
-            return Err(CompileError {
-                offset: 0,
-                message: format!("the condition is longer than {MAX_CONDITION_LEN} bytes"),
-            });
-        }
-        let (mut expr, source_info) = env.parser().parse_with_source_info(text).map_err(|errors| {
-            // Prefer the parser's syntax errors to its follow-up complaints.
-            let first = errors
-                .errors
-                .iter()
-                .find(|e| e.msg.starts_with("Syntax error"))
-                .or(errors.errors.first());
-            match first {
-                Some(e) => CompileError {
-                    offset: offset_of(text, e.pos),
-                    message: format!("invalid condition: {}", e.msg.replacen("Syntax error", "syntax error", 1)),
-                },
-                None => CompileError { offset: 0, message: "invalid condition".into() },
-            }
-        })?;
-        let node_offset = |id: u64| {
-            source_info
-                .offset_for(id)
-                .map_or(0, |(start, _)| usize::try_from(start).unwrap_or(0))
-        };
-        let mut checker = check::Checker::new(event);
-        let ty = checker.check(&mut expr).map_err(|e| CompileError {
-            offset: node_offset(e.id),
-            message: e.message,
-        })?;
-        if !matches!(ty, Ty::Bool | Ty::Dyn) {
-            return Err(CompileError {
-                offset: node_offset(expr.id),
-                message: format!("the condition must be a bool, found {ty}"),
-            });
-        }
-        Ok(Condition { cond: lower::lower(&expr, &checker.facts) })
+        let (expr, facts) = parse_and_check(text, event, env)?;
+        Ok(Condition { cond: lower::lower(&expr, &facts) })
     }
 
     /// Evaluates the condition. An `Err` is a CEL evaluation error (for
@@ -158,6 +119,52 @@ impl Condition {
     pub fn eval(&self, cx: &EvalCx<'_, '_, '_>) -> Result<bool, ExecutionError> {
         self.cond.eval(cx)
     }
+}
+
+/// Parses and checks `text` for rules on `event`: the rewritten tree and
+/// what the checker learnt about it.
+fn parse_and_check(text: &str, event: EventKind, env: &Env) -> Result<(IdedExpr, check::Facts), CompileError> {
+    if text.trim().is_empty() {
+        return Err(CompileError { offset: 0, message: "the condition is empty".into() });
+    }
+    if text.len() > MAX_CONDITION_LEN {
+        return Err(CompileError {
+            offset: 0,
+            message: format!("the condition is longer than {MAX_CONDITION_LEN} bytes"),
+        });
+    }
+    let (mut expr, source_info) = env.parser().parse_with_source_info(text).map_err(|errors| {
+        // Prefer the parser's syntax errors to its follow-up complaints.
+        let first = errors
+            .errors
+            .iter()
+            .find(|e| e.msg.starts_with("Syntax error"))
+            .or(errors.errors.first());
+        match first {
+            Some(e) => CompileError {
+                offset: offset_of(text, e.pos),
+                message: format!("invalid condition: {}", e.msg.replacen("Syntax error", "syntax error", 1)),
+            },
+            None => CompileError { offset: 0, message: "invalid condition".into() },
+        }
+    })?;
+    let node_offset = |id: u64| {
+        source_info
+            .offset_for(id)
+            .map_or(0, |(start, _)| usize::try_from(start).unwrap_or(0))
+    };
+    let mut checker = check::Checker::new(event);
+    let ty = checker.check(&mut expr).map_err(|e| CompileError {
+        offset: node_offset(e.id),
+        message: e.message,
+    })?;
+    if !matches!(ty, Ty::Bool | Ty::Dyn) {
+        return Err(CompileError {
+            offset: node_offset(expr.id),
+            message: format!("the condition must be a bool, found {ty}"),
+        });
+    }
+    Ok((expr, checker.facts))
 }
 
 /// The byte offset of a 1-based (line, column) position of the parser.
