@@ -159,7 +159,7 @@ pub(crate) fn parse(source: &SourceText, env: &Env, secrets: &Secrets) -> Result
     let mut profile = Profile { description: security.description, ..Profile::default() };
     for lock in &security.locks {
         match Section::from_name(lock.get_ref()) {
-            Some(section) => profile.locks.push(LockSpec { section, location: source.location(lock.span().start) }),
+            Some(section) => profile.locks.push(LockSpec { section, location: source.location(string_start(lock.span())) }),
             None => errors.push(source.error(
                 string_start(lock.span()),
                 format!("unknown section `{}` in locks (sections: dns, http, tcp)", lock.get_ref()),
