@@ -123,7 +123,8 @@ fn memory_kib(pid: u32) -> Option<(u64, u64)> {
         let mut fields = line.split_whitespace();
         match fields.next() {
             Some("Size:") => {
-                current_is_guest = fields.next().and_then(|v| v.parse::<u64>().ok()) == Some(guest_kib);
+                current_is_guest =
+                    fields.next().and_then(|v| v.parse::<u64>().ok()) == Some(guest_kib);
             }
             Some("Rss:") => {
                 let rss: u64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -201,9 +202,22 @@ fn ours(kernel: &Path, image: &Path) -> Result<Command, String> {
 fn qemu(kernel: &Path, image: &Path) -> Command {
     let mut command = Command::new("qemu-system-x86_64");
     command
-        .args(["-enable-kvm", "-M", "microvm,acpi=off", "-cpu", "host,-arch-capabilities"])
+        .args([
+            "-enable-kvm",
+            "-M",
+            "microvm,acpi=off",
+            "-cpu",
+            "host,-arch-capabilities",
+        ])
         .args(["-m", &MEMORY_MIB.to_string(), "-smp", "1"])
-        .args(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-no-reboot"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+        ])
         .arg("-kernel")
         .arg(kernel)
         .args(["-append", &cmdline()])

@@ -1,0 +1,665 @@
+//! The host end of the vsock device: Unix sockets in Firecracker's convention.
+//!
+//! - Host-initiated: the muxer listens on `vsock.sock` (the configured
+//!   path). A host client connects, sends `CONNECT <port>\n`, and once the
+//!   guest accepts (RESPONSE) reads `OK <hostport>\n`, where `hostport` is an
+//!   ephemeral port the muxer picked for the host end; from then on the Unix
+//!   stream carries the connection's bytes. If the guest refuses (RST) or
+//!   does not answer within [`CONNECT_TIMEOUT`], the client's stream is
+//!   closed without a reply.
+//! - Guest-initiated: a REQUEST to host port `P` is connected to the Unix
+//!   socket `<path>_P` (for example `vsock.sock_5002`). If nothing listens
+//!   there, the guest gets an RST at once. The muxer connects nowhere else.
+//!
+//! Connections are keyed by (host port, guest port). Packets whose source is
+//! not the guest's CID or whose destination is not the host are dropped;
+//! packets for unknown connections are answered with RST (unless they are
+//! RSTs themselves).
+//!
+//! The muxer owns an epoll instance holding the listener, the clients in the
+//! middle of their handshake, the connection streams (only while there is
+//! something to poll for) and a timer for deadlines. Its descriptor
+//! ([`AsRawFd`]) becomes readable when any of them is ready; the device's
+//! event loop polls it and calls [`Muxer::process_events`], as Firecracker's
+//! vsock backend does. Everything is bounded: connections
+//! ([`Limits::max_connections`]), guest bytes buffered per connection
+//! ([`connection::TX_BUF_SIZE`]), unfinished handshakes, and RSTs waiting for
+//! rx buffers ([`Limits::max_pending_resets`]; beyond it
+//! [`Muxer::rx_backlogged`] tells the device to stop taking tx packets until
+//! the guest drains its rx queue).
+
+use std::collections::{HashMap, VecDeque};
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, warn};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::connection::{self, ConnKey, Connection, RxStep, Verdict};
+use super::packet::{op, Header, HOST_CID, TYPE_STREAM};
+use super::unix::{connect_nonblocking, ConnectLine};
+
+/// How long the guest has to answer a host-initiated REQUEST.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a host client has to send its `CONNECT` line.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// First ephemeral host port for host-initiated connections (ports below are
+/// left to services, as in Firecracker).
+pub const FIRST_EPHEMERAL_PORT: u32 = 1 << 30;
+
+const LISTENER_TOKEN: u64 = 0;
+const TIMER_TOKEN: u64 = 1;
+const FIRST_TOKEN: u64 = 2;
+/// Epoll events handled per [`Muxer::process_events`] call.
+const EVENT_BATCH: usize = 64;
+
+/// Resource bounds of a muxer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Open connections, in either direction. A guest REQUEST beyond it is
+    /// reset; a host client beyond it is disconnected.
+    pub max_connections: usize,
+    /// Host clients connected to `vsock.sock` that have not finished their
+    /// `CONNECT` line.
+    pub max_handshakes: usize,
+    /// RSTs for unknown connections waiting for rx buffers before tx
+    /// processing pauses.
+    pub max_pending_resets: usize,
+}
+
+impl Default for Limits {
+    /// With 256 KiB of buffered guest bytes at most per connection, 256
+    /// connections bound that memory to 64 MiB.
+    fn default() -> Self {
+        Self {
+            max_connections: 256,
+            max_handshakes: 32,
+            max_pending_resets: 64,
+        }
+    }
+}
+
+/// A packet waiting for an rx buffer.
+#[derive(Debug)]
+enum RxItem {
+    /// The connection has something to send.
+    Conn(ConnKey),
+    /// An RST for a connection that does not exist (any more).
+    Reset { key: ConnKey, type_: u16 },
+}
+
+#[derive(Debug)]
+struct Entry {
+    conn: Connection,
+    token: u64,
+    /// What the stream is registered for; empty means not registered.
+    registered: EventSet,
+    in_rxq: bool,
+}
+
+#[derive(Debug)]
+struct Handshake {
+    stream: UnixStream,
+    line: ConnectLine,
+    deadline: Instant,
+}
+
+/// The Unix-socket backend of a vsock device.
+#[derive(Debug)]
+pub struct Muxer {
+    guest_cid: u64,
+    uds_path: PathBuf,
+    listener: UnixListener,
+    epoll: Epoll,
+    timer: TimerFd,
+    timer_armed: Option<Instant>,
+    limits: Limits,
+    conns: HashMap<ConnKey, Entry>,
+    /// Epoll token of each connection stream.
+    conn_tokens: HashMap<u64, ConnKey>,
+    handshakes: HashMap<u64, Handshake>,
+    rxq: VecDeque<RxItem>,
+    pending_resets: usize,
+    next_token: u64,
+    next_local_port: u32,
+}
+
+impl AsRawFd for Muxer {
+    /// The epoll descriptor: readable when [`Muxer::process_events`] has work.
+    fn as_raw_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+}
+
+impl Drop for Muxer {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.uds_path) {
+            debug!("vsock: removing {}: {e}", self.uds_path.display());
+        }
+    }
+}
+
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl with F_GETFL takes no pointers; `fd` is open.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above, with an integer flag argument.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Muxer {
+    /// A muxer for the guest `guest_cid`, listening on `uds_path` with the
+    /// default [`Limits`].
+    pub fn new(guest_cid: u64, uds_path: &Path) -> io::Result<Self> {
+        Self::with_limits(guest_cid, uds_path, Limits::default())
+    }
+
+    /// A muxer with explicit limits.
+    pub fn with_limits(guest_cid: u64, uds_path: &Path, limits: Limits) -> io::Result<Self> {
+        let listener = UnixListener::bind(uds_path)?;
+        listener.set_nonblocking(true)?;
+        let epoll = Epoll::new()?;
+        let timer = TimerFd::new()?;
+        set_nonblocking(timer.as_raw_fd())?;
+        epoll.ctl(
+            ControlOperation::Add,
+            listener.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
+        )?;
+        epoll.ctl(
+            ControlOperation::Add,
+            timer.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TIMER_TOKEN),
+        )?;
+        Ok(Self {
+            guest_cid,
+            uds_path: uds_path.to_path_buf(),
+            listener,
+            epoll,
+            timer,
+            timer_armed: None,
+            limits,
+            conns: HashMap::new(),
+            conn_tokens: HashMap::new(),
+            handshakes: HashMap::new(),
+            rxq: VecDeque::new(),
+            pending_resets: 0,
+            next_token: FIRST_TOKEN,
+            next_local_port: FIRST_EPHEMERAL_PORT,
+        })
+    }
+
+    /// Open connections.
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Whether a packet is waiting for an rx buffer.
+    pub fn has_pending_rx(&self) -> bool {
+        !self.rxq.is_empty()
+    }
+
+    /// Whether the device should stop taking tx packets until rx drains.
+    pub fn rx_backlogged(&self) -> bool {
+        self.pending_resets >= self.limits.max_pending_resets
+    }
+
+    /// Forgets every connection (the driver reset the device); host streams
+    /// are closed. Host clients in their handshake are kept.
+    pub fn reset(&mut self) {
+        let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
+        for key in keys {
+            self.remove_conn(key);
+        }
+        self.rxq.clear();
+        self.pending_resets = 0;
+    }
+
+    /// Handles the ready host descriptors (a batch; the epoll descriptor
+    /// stays readable if more are ready).
+    pub fn process_events(&mut self) {
+        let mut events = [EpollEvent::default(); EVENT_BATCH];
+        let n = match self.epoll.wait(0, &mut events) {
+            Ok(n) => n,
+            Err(e) => {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    warn!("vsock: polling host sockets: {e}");
+                }
+                return;
+            }
+        };
+        for event in &events[..n] {
+            match event.data() {
+                LISTENER_TOKEN => self.accept_clients(),
+                TIMER_TOKEN => self.expire(),
+                token => {
+                    if self.handshakes.contains_key(&token) {
+                        self.continue_handshake(token);
+                    } else if let Some(&key) = self.conn_tokens.get(&token) {
+                        self.on_stream_event(key, event.event_set());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles a packet from the guest.
+    pub fn send_pkt(&mut self, header: &Header, payload: &[u8]) {
+        if !self.from_guest_to_host(header) {
+            return;
+        }
+        let key = ConnKey {
+            local_port: header.dst_port,
+            peer_port: header.src_port,
+        };
+        if header.type_ != TYPE_STREAM {
+            debug!("vsock: socket type {} is not supported", header.type_);
+            self.push_reset_for(header);
+            return;
+        }
+        if let Some(entry) = self.conns.get_mut(&key) {
+            let verdict = entry.conn.recv_pkt(header, payload);
+            self.apply(key, verdict);
+            return;
+        }
+        match header.op {
+            op::REQUEST => self.guest_connect(header),
+            op::RST => {}
+            other => {
+                debug!("vsock: op {other} for unknown connection {key:?}");
+                self.push_reset_for(header);
+            }
+        }
+    }
+
+    /// Handles a packet from the guest whose header was readable but whose
+    /// payload was not (too long, or cut short): the stream it belongs to
+    /// cannot continue, so it is reset.
+    pub fn reject_pkt(&mut self, header: &Header) {
+        if !self.from_guest_to_host(header) || header.op == op::RST {
+            return;
+        }
+        let key = ConnKey {
+            local_port: header.dst_port,
+            peer_port: header.src_port,
+        };
+        if self.conns.contains_key(&key) {
+            self.remove_conn(key);
+        }
+        self.push_reset_for(header);
+    }
+
+    /// The next packet for the guest, its payload (at most `buf.len()`
+    /// bytes) in `buf`; `None` if nothing is waiting.
+    pub fn recv_pkt(&mut self, buf: &mut [u8]) -> Option<(Header, usize)> {
+        while let Some(item) = self.rxq.pop_front() {
+            match item {
+                RxItem::Reset { key, type_ } => {
+                    self.pending_resets = self.pending_resets.saturating_sub(1);
+                    return Some((self.reset_header(key, type_), 0));
+                }
+                RxItem::Conn(key) => {
+                    let Some(entry) = self.conns.get_mut(&key) else {
+                        continue;
+                    };
+                    entry.in_rxq = false;
+                    match entry.conn.next_rx(buf) {
+                        RxStep::Packet(header, len) => {
+                            self.refresh(key);
+                            return Some((header, len));
+                        }
+                        RxStep::Idle => self.refresh(key),
+                        RxStep::Reset => {
+                            self.remove_conn(key);
+                            return Some((self.reset_header(key, TYPE_STREAM), 0));
+                        }
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    fn from_guest_to_host(&self, header: &Header) -> bool {
+        if header.src_cid != self.guest_cid || header.dst_cid != HOST_CID {
+            debug!(
+                "vsock: dropping packet from CID {} to CID {} (guest is {}, host is {HOST_CID})",
+                header.src_cid, header.dst_cid, self.guest_cid
+            );
+            return false;
+        }
+        true
+    }
+
+    fn reset_header(&self, key: ConnKey, type_: u16) -> Header {
+        Header {
+            src_cid: HOST_CID,
+            dst_cid: self.guest_cid,
+            src_port: key.local_port,
+            dst_port: key.peer_port,
+            type_,
+            op: op::RST,
+            ..Header::default()
+        }
+    }
+
+    /// Queues an RST answering `header` (unless it is an RST).
+    fn push_reset_for(&mut self, header: &Header) {
+        if header.op == op::RST {
+            return;
+        }
+        let key = ConnKey {
+            local_port: header.dst_port,
+            peer_port: header.src_port,
+        };
+        self.push_reset(key, header.type_);
+    }
+
+    fn push_reset(&mut self, key: ConnKey, type_: u16) {
+        self.pending_resets += 1;
+        self.rxq.push_back(RxItem::Reset { key, type_ });
+    }
+
+    /// The host socket for guest connections to host port `port`.
+    fn port_path(&self, port: u32) -> PathBuf {
+        let mut path = OsString::from(self.uds_path.as_os_str());
+        path.push(format!("_{port}"));
+        PathBuf::from(path)
+    }
+
+    fn guest_connect(&mut self, request: &Header) {
+        if self.conns.len() >= self.limits.max_connections {
+            debug!(
+                "vsock: refusing guest connection to port {}: {} connections open",
+                request.dst_port,
+                self.conns.len()
+            );
+            self.push_reset_for(request);
+            return;
+        }
+        let path = self.port_path(request.dst_port);
+        match connect_nonblocking(&path) {
+            Ok(stream) => {
+                let conn = Connection::peer_init(stream, self.guest_cid, request);
+                self.insert(conn);
+            }
+            Err(e) => {
+                debug!(
+                    "vsock: guest connection to host port {} refused: {}: {e}",
+                    request.dst_port,
+                    path.display()
+                );
+                self.push_reset_for(request);
+            }
+        }
+    }
+
+    fn alloc_token(&mut self) -> u64 {
+        let token = self.next_token;
+        self.next_token += 1;
+        token
+    }
+
+    fn insert(&mut self, conn: Connection) {
+        let key = conn.key();
+        let token = self.alloc_token();
+        self.conn_tokens.insert(token, key);
+        self.conns.insert(
+            key,
+            Entry {
+                conn,
+                token,
+                registered: EventSet::empty(),
+                in_rxq: false,
+            },
+        );
+        self.refresh(key);
+    }
+
+    fn remove_conn(&mut self, key: ConnKey) {
+        let Some(entry) = self.conns.remove(&key) else {
+            return;
+        };
+        self.conn_tokens.remove(&entry.token);
+        if !entry.registered.is_empty() {
+            // Closing the stream (dropping it) removes it from the epoll
+            // set anyway; this keeps the set exact if a descriptor was shared.
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                entry.conn.stream().as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+    }
+
+    /// Acts on a connection's verdict.
+    fn apply(&mut self, key: ConnKey, verdict: Verdict) {
+        match verdict {
+            Verdict::Keep => self.refresh(key),
+            Verdict::Reset => {
+                self.remove_conn(key);
+                self.push_reset(key, TYPE_STREAM);
+            }
+            Verdict::Remove => self.remove_conn(key),
+        }
+    }
+
+    /// Brings the muxer's view of a connection up to date: its epoll
+    /// registration, its place in the rx queue, and its deadline.
+    fn refresh(&mut self, key: ConnKey) {
+        let Some(entry) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let wanted = entry.conn.interest();
+        if wanted != entry.registered {
+            let fd = entry.conn.stream().as_raw_fd();
+            let result = if wanted.is_empty() {
+                self.epoll
+                    .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+            } else {
+                let operation = if entry.registered.is_empty() {
+                    ControlOperation::Add
+                } else {
+                    ControlOperation::Modify
+                };
+                self.epoll
+                    .ctl(operation, fd, EpollEvent::new(wanted, entry.token))
+            };
+            if let Err(e) = result {
+                warn!("vsock: cannot poll the host stream of {key:?}: {e}");
+                self.apply(key, Verdict::Reset);
+                return;
+            }
+            entry.registered = wanted;
+        }
+        if entry.conn.has_pending_rx() && !entry.in_rxq {
+            entry.in_rxq = true;
+            self.rxq.push_back(RxItem::Conn(key));
+        }
+        if let Some(deadline) = entry.conn.deadline() {
+            self.arm_timer(deadline);
+        }
+    }
+
+    fn on_stream_event(&mut self, key: ConnKey, events: EventSet) {
+        if let Some(entry) = self.conns.get_mut(&key) {
+            let verdict = entry.conn.on_event(events);
+            self.apply(key, verdict);
+        }
+    }
+
+    fn accept_clients(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => self.start_handshake(stream),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    warn!("vsock: accepting on {}: {e}", self.uds_path.display());
+                    return;
+                }
+            }
+        }
+    }
+
+    fn start_handshake(&mut self, stream: UnixStream) {
+        if self.handshakes.len() >= self.limits.max_handshakes {
+            warn!(
+                "vsock: {} host clients are already in their handshake; closing a new one",
+                self.handshakes.len()
+            );
+            return;
+        }
+        if let Err(e) = stream.set_nonblocking(true) {
+            warn!("vsock: host client socket: {e}");
+            return;
+        }
+        let token = self.alloc_token();
+        if let Err(e) = self.epoll.ctl(
+            ControlOperation::Add,
+            stream.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, token),
+        ) {
+            warn!("vsock: cannot poll a host client: {e}");
+            return;
+        }
+        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+        self.handshakes.insert(
+            token,
+            Handshake {
+                stream,
+                line: ConnectLine::default(),
+                deadline,
+            },
+        );
+        self.arm_timer(deadline);
+    }
+
+    fn end_handshake(&mut self, token: u64) -> Option<UnixStream> {
+        let handshake = self.handshakes.remove(&token)?;
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            handshake.stream.as_raw_fd(),
+            EpollEvent::default(),
+        );
+        Some(handshake.stream)
+    }
+
+    fn continue_handshake(&mut self, token: u64) {
+        let Some(handshake) = self.handshakes.get_mut(&token) else {
+            return;
+        };
+        let port = match handshake.line.read_from(&mut handshake.stream) {
+            Ok(None) => return,
+            Ok(Some(port)) => port,
+            Err(e) => {
+                warn!("vsock: host client on {}: {e}", self.uds_path.display());
+                self.end_handshake(token);
+                return;
+            }
+        };
+        let Some(stream) = self.end_handshake(token) else {
+            return;
+        };
+        if self.conns.len() >= self.limits.max_connections {
+            warn!(
+                "vsock: refusing host connection to guest port {port}: {} connections open",
+                self.conns.len()
+            );
+            return;
+        }
+        let Some(local_port) = self.alloc_local_port(port) else {
+            warn!("vsock: no free host port for a connection to guest port {port}");
+            return;
+        };
+        let key = ConnKey {
+            local_port,
+            peer_port: port,
+        };
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
+        self.insert(Connection::local_init(stream, self.guest_cid, key, deadline));
+    }
+
+    /// An ephemeral host port not used towards `peer_port`.
+    fn alloc_local_port(&mut self, peer_port: u32) -> Option<u32> {
+        // At most `conns.len()` ports are taken, so this many tries find one.
+        for _ in 0..=self.conns.len() {
+            let port = self.next_local_port;
+            // u32::MAX is VMADDR_PORT_ANY.
+            self.next_local_port = if port >= u32::MAX - 1 {
+                FIRST_EPHEMERAL_PORT
+            } else {
+                port + 1
+            };
+            let key = ConnKey {
+                local_port: port,
+                peer_port,
+            };
+            if !self.conns.contains_key(&key) {
+                return Some(port);
+            }
+        }
+        None
+    }
+
+    fn arm_timer(&mut self, deadline: Instant) {
+        if self.timer_armed.is_some_and(|armed| armed <= deadline) {
+            return;
+        }
+        // A zero duration would disarm the timer.
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        match self.timer.reset(wait, None) {
+            Ok(()) => self.timer_armed = Some(deadline),
+            Err(e) => warn!("vsock: cannot arm the deadline timer: {e}"),
+        }
+    }
+
+    /// Drops handshakes and resets connections whose deadline passed.
+    fn expire(&mut self) {
+        // The timer is non-blocking: reading it only clears its readiness.
+        let _ = self.timer.wait();
+        self.timer_armed = None;
+        let now = Instant::now();
+        let late: Vec<u64> = self
+            .handshakes
+            .iter()
+            .filter(|(_, h)| h.deadline <= now)
+            .map(|(&token, _)| token)
+            .collect();
+        for token in late {
+            warn!("vsock: host client sent no CONNECT line in time; closing it");
+            self.end_handshake(token);
+        }
+        let late: Vec<ConnKey> = self
+            .conns
+            .values()
+            .filter(|e| e.conn.expired(now))
+            .map(|e| e.conn.key())
+            .collect();
+        for key in late {
+            debug!("vsock: {key:?} timed out");
+            self.apply(key, Verdict::Reset);
+        }
+        let next = self
+            .handshakes
+            .values()
+            .map(|h| h.deadline)
+            .chain(self.conns.values().filter_map(|e| e.conn.deadline()))
+            .min();
+        if let Some(next) = next {
+            self.arm_timer(next);
+        }
+    }
+}
