@@ -111,7 +111,7 @@ pub enum Error {
     #[error("no interrupt line left for another virtio device")]
     TooManyDevices,
     /// A vCPU stopped because KVM could not emulate an instruction.
-    #[error("vCPU {vcpu}: KVM internal error {suberror} (1 = instruction emulation failure), data {data:#x?}; {registers}")]
+    #[error("vCPU {vcpu}: KVM internal error {suberror} (1 = instruction emulation failure), data (hex) {data:x?}; {registers}")]
     EmulationFailure {
         /// The vCPU.
         vcpu: u8,
