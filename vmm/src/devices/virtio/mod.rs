@@ -11,6 +11,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod vsock;
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};

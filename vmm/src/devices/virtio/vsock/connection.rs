@@ -282,7 +282,10 @@ impl Connection {
 
     fn recv_data(&mut self, payload: &[u8]) -> Verdict {
         if self.state != State::Established || self.peer_shutdown & shutdown::SEND != 0 {
-            debug!("vsock: {:?}: data after the guest's end of stream", self.key);
+            debug!(
+                "vsock: {:?}: data after the guest's end of stream",
+                self.key
+            );
             return Verdict::Reset;
         }
         if self.tx_buf.len() + payload.len() > TX_BUF_SIZE as usize {
@@ -774,12 +777,8 @@ mod tests {
         let mut early = guest(op::RW, 1);
         early.src_port = 5000;
         early.dst_port = 1 << 30;
-        let mut probe = Connection::local_init(
-            UnixStream::pair().unwrap().0,
-            GUEST_CID,
-            key,
-            deadline,
-        );
+        let mut probe =
+            Connection::local_init(UnixStream::pair().unwrap().0, GUEST_CID, key, deadline);
         assert_eq!(probe.recv_pkt(&early, b"x"), Verdict::Reset);
 
         assert_eq!(conn.recv_pkt(&guest(op::RESPONSE, 0), &[]), Verdict::Keep);
@@ -806,7 +805,9 @@ mod tests {
         conn.recv_pkt(&guest(op::CREDIT_REQUEST, 0), &[]);
         let mut buf = [0u8; 16];
         match conn.next_rx(&mut buf) {
-            RxStep::Packet(h, 0) => assert_eq!((h.op, h.buf_alloc), (op::CREDIT_UPDATE, TX_BUF_SIZE)),
+            RxStep::Packet(h, 0) => {
+                assert_eq!((h.op, h.buf_alloc), (op::CREDIT_UPDATE, TX_BUF_SIZE))
+            }
             other => panic!("{other:?}"),
         }
         assert_eq!(conn.next_rx(&mut buf), RxStep::Idle);

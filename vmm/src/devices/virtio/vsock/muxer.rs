@@ -5,7 +5,7 @@
 //!   guest accepts (RESPONSE) reads `OK <hostport>\n`, where `hostport` is an
 //!   ephemeral port the muxer picked for the host end; from then on the Unix
 //!   stream carries the connection's bytes. If the guest refuses (RST) or
-//!   does not answer within [`CONNECT_TIMEOUT`], the client's stream is
+//!   does not answer within [`Limits::connect_timeout`], the client's stream is
 //!   closed without a reply.
 //! - Guest-initiated: a REQUEST to host port `P` is connected to the Unix
 //!   socket `<path>_P` (for example `vsock.sock_5002`). If nothing listens
@@ -23,7 +23,7 @@
 //! event loop polls it and calls [`Muxer::process_events`], as Firecracker's
 //! vsock backend does. Everything is bounded: connections
 //! ([`Limits::max_connections`]), guest bytes buffered per connection
-//! ([`connection::TX_BUF_SIZE`]), unfinished handshakes, and RSTs waiting for
+//! ([`TX_BUF_SIZE`](super::connection::TX_BUF_SIZE)), unfinished handshakes, and RSTs waiting for
 //! rx buffers ([`Limits::max_pending_resets`]; beyond it
 //! [`Muxer::rx_backlogged`] tells the device to stop taking tx packets until
 //! the guest drains its rx queue).
@@ -40,14 +40,10 @@ use tracing::{debug, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::connection::{self, ConnKey, Connection, RxStep, Verdict};
+use super::connection::{ConnKey, Connection, RxStep, Verdict};
 use super::packet::{op, Header, HOST_CID, TYPE_STREAM};
 use super::unix::{connect_nonblocking, ConnectLine};
 
-/// How long the guest has to answer a host-initiated REQUEST.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a host client has to send its `CONNECT` line.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// First ephemeral host port for host-initiated connections (ports below are
 /// left to services, as in Firecracker).
 pub const FIRST_EPHEMERAL_PORT: u32 = 1 << 30;
@@ -70,16 +66,23 @@ pub struct Limits {
     /// RSTs for unknown connections waiting for rx buffers before tx
     /// processing pauses.
     pub max_pending_resets: usize,
+    /// How long the guest has to answer a host-initiated REQUEST.
+    pub connect_timeout: Duration,
+    /// How long a host client has to send its `CONNECT` line.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for Limits {
     /// With 256 KiB of buffered guest bytes at most per connection, 256
-    /// connections bound that memory to 64 MiB.
+    /// connections bound that memory to 64 MiB. The timeouts are generous
+    /// because a guest kernel can be slow to schedule its vsock worker.
     fn default() -> Self {
         Self {
             max_connections: 256,
             max_handshakes: 32,
             max_pending_resets: 64,
+            connect_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -255,7 +258,7 @@ impl Muxer {
 
     /// Handles a packet from the guest.
     pub fn send_pkt(&mut self, header: &Header, payload: &[u8]) {
-        if !self.from_guest_to_host(header) {
+        if !self.addressed_guest_to_host(header) {
             return;
         }
         let key = ConnKey {
@@ -286,7 +289,7 @@ impl Muxer {
     /// payload was not (too long, or cut short): the stream it belongs to
     /// cannot continue, so it is reset.
     pub fn reject_pkt(&mut self, header: &Header) {
-        if !self.from_guest_to_host(header) || header.op == op::RST {
+        if !self.addressed_guest_to_host(header) || header.op == op::RST {
             return;
         }
         let key = ConnKey {
@@ -330,7 +333,7 @@ impl Muxer {
         None
     }
 
-    fn from_guest_to_host(&self, header: &Header) -> bool {
+    fn addressed_guest_to_host(&self, header: &Header) -> bool {
         if header.src_cid != self.guest_cid || header.dst_cid != HOST_CID {
             debug!(
                 "vsock: dropping packet from CID {} to CID {} (guest is {}, host is {HOST_CID})",
@@ -533,7 +536,7 @@ impl Muxer {
             warn!("vsock: cannot poll a host client: {e}");
             return;
         }
-        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+        let deadline = Instant::now() + self.limits.handshake_timeout;
         self.handshakes.insert(
             token,
             Handshake {
@@ -586,8 +589,13 @@ impl Muxer {
             local_port,
             peer_port: port,
         };
-        let deadline = Instant::now() + CONNECT_TIMEOUT;
-        self.insert(Connection::local_init(stream, self.guest_cid, key, deadline));
+        let deadline = Instant::now() + self.limits.connect_timeout;
+        self.insert(Connection::local_init(
+            stream,
+            self.guest_cid,
+            key,
+            deadline,
+        ));
     }
 
     /// An ephemeral host port not used towards `peer_port`.

@@ -20,7 +20,7 @@ use std::ops::Deref;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Size of `struct virtio_vsock_hdr`.
 pub const HEADER_SIZE: usize = 44;
@@ -226,7 +226,12 @@ where
 
 /// Copies the bytes of `descriptors`, starting `skip` bytes in, into `out`
 /// until it is full; returns the bytes copied.
-fn gather(mem: &GuestMemoryMmap, descriptors: &[Descriptor], mut skip: usize, out: &mut [u8]) -> usize {
+fn gather(
+    mem: &GuestMemoryMmap,
+    descriptors: &[Descriptor],
+    mut skip: usize,
+    out: &mut [u8],
+) -> usize {
     let mut filled = 0;
     for desc in descriptors {
         if filled == out.len() {
@@ -358,6 +363,7 @@ mod tests {
     use super::*;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
 
     const F_NEXT: u16 = 1;
     const F_WRITE: u16 = 2;
@@ -404,7 +410,10 @@ mod tests {
     }
 
     /// Builds a chain from buffers (addr, len, flags) and reads it as tx.
-    fn tx(mem: &GuestMemoryMmap, bufs: &[(u64, u32, u16)]) -> (Result<Header, PacketError>, Vec<u8>) {
+    fn tx(
+        mem: &GuestMemoryMmap,
+        bufs: &[(u64, u32, u16)],
+    ) -> (Result<Header, PacketError>, Vec<u8>) {
         let q = MockSplitQueue::new(mem, 16);
         let descs: Vec<_> = bufs.iter().map(|&(a, l, f)| desc(a, l, f, 0)).collect();
         let chain = q.build_desc_chain(&descs).unwrap();
@@ -460,7 +469,10 @@ mod tests {
     #[test]
     fn zero_length_chain_is_refused() {
         let m = mem();
-        assert_eq!(tx(&m, &[(0x10_0000, 0, 0)]).0, Err(PacketError::ShortHeader(0)));
+        assert_eq!(
+            tx(&m, &[(0x10_0000, 0, 0)]).0,
+            Err(PacketError::ShortHeader(0))
+        );
         assert_eq!(
             tx(&m, &[(0x10_0000, 20, 0), (0x11_0000, 0, 0)]).0,
             Err(PacketError::ShortHeader(20))
@@ -548,25 +560,35 @@ mod tests {
         let q = MockSplitQueue::new(&m, 16);
         // 0 -> 1 -> 0 -> ...
         q.add_desc_chains(
-            &[desc(0x10_0000, 44, F_NEXT, 1), desc(0x11_0000, 8, F_NEXT, 0)],
+            &[
+                desc(0x10_0000, 44, F_NEXT, 1),
+                desc(0x11_0000, 8, F_NEXT, 0),
+            ],
             0,
         )
         .unwrap();
         let mut queue: virtio_queue::Queue = q.create_queue().unwrap();
         let chain = virtio_queue::QueueT::pop_descriptor_chain(&mut queue, &m).unwrap();
         let mut payload = Vec::new();
-        assert_eq!(read_tx(&m, chain, &mut payload), Err(PacketError::BrokenChain));
+        assert_eq!(
+            read_tx(&m, chain, &mut payload),
+            Err(PacketError::BrokenChain)
+        );
     }
 
     #[test]
     fn next_index_past_the_table_is_refused() {
         let m = mem();
         let q = MockSplitQueue::new(&m, 16);
-        q.add_desc_chains(&[desc(0x10_0000, 44, F_NEXT, 200)], 0).unwrap();
+        q.add_desc_chains(&[desc(0x10_0000, 44, F_NEXT, 200)], 0)
+            .unwrap();
         let mut queue: virtio_queue::Queue = q.create_queue().unwrap();
         let chain = virtio_queue::QueueT::pop_descriptor_chain(&mut queue, &m).unwrap();
         let mut payload = Vec::new();
-        assert_eq!(read_tx(&m, chain, &mut payload), Err(PacketError::BrokenChain));
+        assert_eq!(
+            read_tx(&m, chain, &mut payload),
+            Err(PacketError::BrokenChain)
+        );
     }
 
     fn rx(m: &GuestMemoryMmap, bufs: &[(u64, u32, u16)]) -> Result<RxBuffer, PacketError> {
@@ -592,7 +614,8 @@ mod tests {
         let mut at = 0;
         for &(addr, len) in &bufs {
             let n = (len as usize).min(back.len() - at);
-            m.read_slice(&mut back[at..at + n], GuestAddress(addr)).unwrap();
+            m.read_slice(&mut back[at..at + n], GuestAddress(addr))
+                .unwrap();
             at += n;
         }
         let got = Header::from_bytes(back[..HEADER_SIZE].try_into().unwrap());
@@ -616,7 +639,11 @@ mod tests {
     #[test]
     fn rx_capacity_is_capped_at_the_maximum_payload() {
         let m = mem();
-        let buffer = rx(&m, &[(0x10_0000, 44, F_WRITE), (0x20_0000, 0x20_0000, F_WRITE)]).unwrap();
+        let buffer = rx(
+            &m,
+            &[(0x10_0000, 44, F_WRITE), (0x20_0000, 0x20_0000, F_WRITE)],
+        )
+        .unwrap();
         assert_eq!(buffer.payload_capacity(), MAX_PAYLOAD as usize);
     }
 
