@@ -1,0 +1,22 @@
+//! Errors of the sandbox runtime.
+
+use std::path::PathBuf;
+
+/// Why a sandbox could not run a command to its end.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the guest kernel is not built ({0} does not exist); build it with ./setup.sh (or kernel-config/build.sh), or set SANDBOX_KERNEL")]
+    KernelMissing(PathBuf),
+    #[error("the default image is not built ({0} does not exist); build it with ./setup.sh (or rootfs/build-default.sh)")]
+    DefaultImageMissing(PathBuf),
+    #[error("cannot use {path} as a guest image: {reason}")]
+    BadImage { path: PathBuf, reason: String },
+    #[error("invalid sandbox configuration: {0}")]
+    Config(String),
+    #[error("invalid command for the guest: {0}")]
+    Launch(#[from] guest_protocol::ProtocolError),
+    #[error(transparent)]
+    Vmm(#[from] vmm::Error),
+    #[error("the guest stopped without reporting an exit status (kernel panic or init failure); last console lines:\n{0}")]
+    NoExitStatus(String),
+}

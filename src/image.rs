@@ -1,0 +1,115 @@
+//! Guest root images: `default` or a path to a filesystem image file.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::{paths, Error};
+
+/// A guest root image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Image {
+    /// The built-in image (busybox and the sandbox's own guest programs).
+    Default,
+    /// An erofs or ext4 image file.
+    File(PathBuf),
+}
+
+/// Filesystems the guest kernel can mount as its root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootFs {
+    Erofs,
+    Ext4,
+}
+
+impl RootFs {
+    /// The `rootfstype=` name.
+    pub fn kernel_name(self) -> &'static str {
+        match self {
+            RootFs::Erofs => "erofs",
+            RootFs::Ext4 => "ext4",
+        }
+    }
+}
+
+impl Image {
+    /// `default`, or anything else as a path.
+    pub fn parse(name: &str) -> Image {
+        if name == "default" {
+            Image::Default
+        } else {
+            Image::File(PathBuf::from(name))
+        }
+    }
+
+    /// The image file and its filesystem, checked.
+    pub fn resolve(&self) -> Result<(PathBuf, RootFs), Error> {
+        let path = match self {
+            Image::Default => paths::default_image()?,
+            Image::File(p) => p.clone(),
+        };
+        let fs = detect(&path)?;
+        Ok((path, fs))
+    }
+}
+
+/// Both superblocks sit 1024 bytes in: erofs's magic first, ext4's at +56.
+fn detect(path: &Path) -> Result<RootFs, Error> {
+    let bad = |reason: &str| Error::BadImage { path: path.to_path_buf(), reason: reason.to_string() };
+    let mut f = std::fs::File::open(path).map_err(|e| bad(&e.to_string()))?;
+    if !f.metadata().map_err(|e| bad(&e.to_string()))?.is_file() {
+        return Err(bad("not a regular file"));
+    }
+    let mut head = [0u8; 1024 + 64];
+    f.read_exact(&mut head).map_err(|_| bad("too small to hold a filesystem"))?;
+    let erofs = u32::from_le_bytes([head[1024], head[1025], head[1026], head[1027]]);
+    let ext4 = u16::from_le_bytes([head[1024 + 56], head[1024 + 57]]);
+    if erofs == 0xE0F5_E1E2 {
+        Ok(RootFs::Erofs)
+    } else if ext4 == 0xEF53 {
+        Ok(RootFs::Ext4)
+    } else {
+        Err(bad("not an erofs or ext4 filesystem image"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn image_with(bytes_at_1024: &[u8], offset: usize) -> tempfile::NamedTempFile {
+        let mut data = vec![0u8; 4096];
+        data[1024 + offset..1024 + offset + bytes_at_1024.len()].copy_from_slice(bytes_at_1024);
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), data).unwrap();
+        f
+    }
+
+    #[test]
+    fn recognises_erofs_and_ext4() {
+        let erofs = image_with(&0xE0F5_E1E2u32.to_le_bytes(), 0);
+        assert_eq!(detect(erofs.path()).unwrap(), RootFs::Erofs);
+        let ext4 = image_with(&0xEF53u16.to_le_bytes(), 56);
+        assert_eq!(detect(ext4.path()).unwrap(), RootFs::Ext4);
+    }
+
+    #[test]
+    fn rejects_what_is_not_an_image() {
+        let zeros = image_with(&[], 0);
+        let err = detect(zeros.path()).unwrap_err().to_string();
+        assert!(err.contains("not an erofs or ext4"), "{err}");
+        let tiny = tempfile::NamedTempFile::new().unwrap();
+        let err = detect(tiny.path()).unwrap_err().to_string();
+        assert!(err.contains("too small"), "{err}");
+        let err = detect(Path::new("/nonexistent/image")).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/image"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        assert!(detect(dir.path()).is_err());
+    }
+
+    #[test]
+    fn default_is_a_name_and_anything_else_a_path() {
+        assert_eq!(Image::parse("default"), Image::Default);
+        assert_eq!(Image::parse("./default"), Image::File("./default".into()));
+    }
+}

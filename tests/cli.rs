@@ -1,0 +1,63 @@
+//! The CLI's answers to bad input: a clear message and a non-zero status,
+//! before any VM is started.
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Command, Output};
+
+fn sandbox(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sandbox"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn a_missing_kernel_names_the_command_that_builds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = sandbox(&["run", "default", "--", "true"], &[("SANDBOX_CACHE", dir.path().to_str().unwrap()), ("SANDBOX_KERNEL", "")]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("./setup.sh"), "{}", stderr(&o));
+}
+
+#[test]
+fn an_image_that_is_not_an_image_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("vmlinux");
+    std::fs::write(&kernel, b"not used").unwrap();
+    let junk = dir.path().join("junk.img");
+    std::fs::write(&junk, vec![7u8; 8192]).unwrap();
+    let kernel = kernel.to_str().unwrap();
+    let o = sandbox(&["run", junk.to_str().unwrap(), "--", "true"], &[("SANDBOX_KERNEL", kernel)]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("not an erofs or ext4 filesystem image"), "{}", stderr(&o));
+    let o = sandbox(&["run", "/nonexistent.img", "--", "true"], &[("SANDBOX_KERNEL", kernel)]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("/nonexistent.img"), "{}", stderr(&o));
+}
+
+#[test]
+fn memory_and_cpus_out_of_range_are_refused() {
+    for (flag, value, msg) in [("--memory", "16", "memory must be between"), ("--memory", "999999", "memory must be between"), ("--cpus", "0", "vCPUs must be between")] {
+        let o = sandbox(&["run", flag, value, "default", "--", "true"], &[]);
+        assert_eq!(o.status.code(), Some(125), "{flag} {value}");
+        assert!(stderr(&o).contains(msg), "{flag} {value}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn unknown_flags_and_missing_commands_are_usage_errors() {
+    let o = sandbox(&["run", "--no-such-flag", "default", "--", "true"], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--no-such-flag"), "{}", stderr(&o));
+    let o = sandbox(&["run", "default"], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = sandbox(&["run", "-e", "NOEQUALS", "default", "--", "true"], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("KEY=VALUE"), "{}", stderr(&o));
+}
