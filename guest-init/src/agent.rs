@@ -129,6 +129,10 @@ fn serve_request(mut conn: Box<dyn Connection>, shutdown: &Sender<()>) -> Result
             let result = get_file(&mut conn, &path);
             reply_result(&mut conn, result, GuestMessage::DataEnd)
         }
+        Some(HostMessage::TrustCa(pem)) => {
+            let result = crate::trust::install_ca(std::path::Path::new("/"), &pem).map(|_| ());
+            reply_result(&mut conn, result, GuestMessage::DataEnd)
+        }
         Some(HostMessage::Shutdown) => {
             write_frame(&mut conn, &GuestMessage::DataEnd)?;
             let _ = shutdown.send(());
@@ -204,7 +208,9 @@ struct Running {
 fn exec_command(conn: Box<dyn Connection>, exec: Exec) -> Result<(), FrameError> {
     let writer: Writer = Arc::new(Mutex::new(conn.try_clone_conn()?));
     let mut reader = conn;
-    let mut cmd = match command::build(&exec.argv, &exec.env, &exec.cwd, exec.user.as_deref()) {
+    let mut env = crate::trust::ca_env();
+    env.extend(exec.env.iter().cloned());
+    let mut cmd = match command::build(&exec.argv, &env, &exec.cwd, exec.user.as_deref()) {
         Ok(cmd) => cmd,
         Err(e) => return send(&writer, &GuestMessage::Error(e)),
     };

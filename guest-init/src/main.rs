@@ -13,7 +13,10 @@
 mod agent;
 mod command;
 mod mounts;
+mod network;
 mod reaper;
+mod supervise;
+mod trust;
 
 use std::io::Write;
 
@@ -50,6 +53,15 @@ fn run() -> Result<(), InitError> {
     nix::unistd::sethostname(hostname).map_err(|e| InitError::step("set the hostname", e))?;
     std::fs::write("/etc/hostname", format!("{hostname}\n")).map_err(|e| InitError::step("write /etc/hostname", e))?;
     command::raw_console_output().map_err(|e| InitError::step("configure the console", e))?;
+    network::setup().map_err(|e| InitError::step("build the guest network", e))?;
+    std::fs::write("/etc/resolv.conf", network::resolv_conf()).map_err(|e| InitError::step("write /etc/resolv.conf", e))?;
+    for proxy in supervise::PROXIES {
+        if std::path::Path::new(proxy).exists() {
+            supervise::supervise(proxy).map_err(|e| InitError::step("start the guest proxies", e))?;
+        } else {
+            log(&format!("{proxy} is not in this image: no network access"));
+        }
+    }
 
     let (shutdown_tx, shutdown_rx) = std::sync::mpsc::channel();
     let agent = agent::listen(AGENT_PORT, shutdown_tx);

@@ -56,6 +56,9 @@ pub enum HostMessage {
     GetFile { path: String },
     Data(Vec<u8>),
     DataEnd,
+    /// Trust this CA certificate (PEM) from now on: system bundle, certifi,
+    /// and the TLS environment variables of every later command.
+    TrustCa(String),
     /// Stop every process and power the VM off.
     Shutdown,
 }
