@@ -35,9 +35,6 @@ pub struct NetConfig {
     pub dns_timeout: Duration,
     /// Most guest connections served at once per handler; more are closed.
     pub max_connections: usize,
-    /// Serve new connections even when telemetry cannot record them.
-    /// Off by default: an unrecorded connection would break "nothing is lost silently".
-    pub fail_open: bool,
 }
 
 impl Default for NetConfig {
@@ -54,7 +51,6 @@ impl Default for NetConfig {
             idle_timeout: Duration::from_secs(300),
             dns_timeout: Duration::from_secs(5),
             max_connections: 1024,
-            fail_open: false,
         }
     }
 }

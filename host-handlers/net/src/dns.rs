@@ -176,7 +176,6 @@ pub(crate) struct DnsHandler {
     pub(crate) policy: Policy,
     pub(crate) recorder: Recorder,
     pub(crate) idle_timeout: Duration,
-    pub(crate) fail_open: bool,
 }
 
 impl DnsHandler {
@@ -405,7 +404,7 @@ impl ConnectionHandler for DnsHandler {
     }
 
     fn accepting(&self) -> bool {
-        self.fail_open || self.recorder.healthy()
+        self.recorder.accept_new_connections()
     }
 
     fn refused(&self, reason: &str) {

@@ -161,9 +161,7 @@ fn classify_v6(ip: Ipv6Addr) -> Option<Refusal> {
 fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let seg = ip.segments();
     let o = ip.octets();
-    if seg[..6] == [0, 0, 0, 0, 0, 0] {
-        Some(Ipv4Addr::new(o[12], o[13], o[14], o[15]))
-    } else if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+    if seg[..6] == [0, 0, 0, 0, 0, 0] || seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
         Some(Ipv4Addr::new(o[12], o[13], o[14], o[15]))
     } else if seg[0] == 0x2002 {
         Some(Ipv4Addr::new(o[2], o[3], o[4], o[5]))

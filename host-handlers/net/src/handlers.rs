@@ -52,7 +52,6 @@ impl Handlers {
             policy: self.policy.clone(),
             recorder: self.recorder.clone(),
             idle_timeout: self.config.idle_timeout,
-            fail_open: self.config.fail_open,
         };
         Server::bind(path, self.config.max_connections, Arc::new(handler))
     }

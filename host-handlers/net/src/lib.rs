@@ -26,6 +26,9 @@ pub mod proxy_header;
 mod server;
 pub mod upstream;
 
+#[cfg(feature = "fixtures")]
+pub mod fixtures;
+
 pub use ca::SandboxCa;
 pub use config::NetConfig;
 pub use error::{Error, Result};

@@ -70,6 +70,9 @@ impl ProxyHeader {
             return Err(Error::ProxyHeader("connection closed before it"));
         }
         if line.last() != Some(&b'\n') {
+            if line.len() < MAX_LEN {
+                return Err(Error::ProxyHeader("connection closed inside it"));
+            }
             return Err(Error::ProxyHeader("no line end within 107 bytes"));
         }
         Self::parse(&line)
@@ -178,7 +181,9 @@ mod tests {
         let err = ProxyHeader::read(&mut &endless[..]).await.unwrap_err();
         assert!(err.to_string().contains("within 107"), "{err}");
         let err = ProxyHeader::read(&mut &b""[..]).await.unwrap_err();
-        assert!(err.to_string().contains("closed"), "{err}");
+        assert!(err.to_string().contains("closed before"), "{err}");
+        let err = ProxyHeader::read(&mut &b"PROXY TCP4 1.2"[..]).await.unwrap_err();
+        assert!(err.to_string().contains("closed inside"), "{err}");
         let garbage = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n".to_vec();
         assert!(ProxyHeader::read(&mut &garbage[..]).await.is_err());
     }

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 pub(crate) trait ConnectionHandler: Send + Sync + 'static {
     /// Serve one guest connection to the end. Must record what happened.
     fn serve(self: Arc<Self>, stream: UnixStream) -> impl Future<Output = ()> + Send;
-    /// Whether new connections may be served (telemetry healthy or fail-open).
+    /// Whether new connections may be served (telemetry healthy, or configured to keep serving).
     fn accepting(&self) -> bool;
     /// Record a connection that was closed without being served.
     fn refused(&self, reason: &str);

@@ -5,6 +5,7 @@
 //! of the response body, on an error, when the guest goes away mid-body, or
 //! straight away for requests answered by the handler itself (403, 502, 504).
 
+use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,6 +16,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use sandbox_telemetry::ai::StreamParser;
 use sandbox_telemetry::{NetEvent, Outcome, Recorder};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Bytes of each body kept in the row.
 pub(crate) const PREVIEW_LEN: usize = 4096;
@@ -36,6 +38,15 @@ impl Capture {
         }
     }
 
+    /// Count bytes without keeping them (tunnelled streams).
+    fn count(&self, bytes: usize) {
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
     fn take(&self) -> (u64, Vec<u8>) {
         let preview = std::mem::take(&mut *self.preview.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         (self.bytes.load(Ordering::Relaxed), preview)
@@ -49,7 +60,7 @@ pub(crate) struct Exchange {
     /// The row; `bytes_*` and previews are filled in from the captures at the end.
     pub(crate) event: NetEvent,
     pub(crate) sent: Arc<Capture>,
-    received: Capture,
+    received: Arc<Capture>,
     parser: Option<StreamParser>,
 }
 
@@ -73,7 +84,7 @@ impl Exchange {
             error: None,
             model_call: None,
         };
-        Self { recorder, event, sent: Arc::default(), received: Capture::default(), parser: None }
+        Self { recorder, event, sent: Arc::default(), received: Arc::default(), parser: None }
     }
 
     /// Set how the exchange ended, with the rule that decided it.
@@ -91,10 +102,10 @@ impl Exchange {
         self.parser = parser;
     }
 
-    /// Count bytes that went through a tunnel after a protocol upgrade.
-    pub(crate) fn add_tunnel_bytes(&mut self, sent: u64, received: u64) {
-        self.sent.bytes.fetch_add(sent, Ordering::Relaxed);
-        self.received.bytes.fetch_add(received, Ordering::Relaxed);
+    /// Wrap the guest's side of a tunnel so that its traffic is counted:
+    /// reads are bytes sent upstream, writes bytes received from it.
+    pub(crate) fn count_tunnel<T>(&self, guest: T) -> CountedIo<T> {
+        CountedIo { inner: guest, reads: self.sent.clone(), writes: self.received.clone() }
     }
 
     fn received(&mut self, chunk: &[u8]) {
@@ -158,18 +169,24 @@ impl<B: Body<Data = Bytes> + Unpin> Body for CountedBody<B> {
 pub(crate) struct ObservedBody<B: Body> {
     inner: B,
     exchange: Option<Exchange>,
+    /// The length announced by the upstream, if any.
+    length: Option<u64>,
 }
 
 impl<B: Body> ObservedBody<B> {
     pub(crate) fn new(inner: B, exchange: Exchange) -> Self {
-        Self { inner, exchange: Some(exchange) }
+        let length = inner.size_hint().exact();
+        Self { inner, exchange: Some(exchange), length }
     }
 }
 
 impl<B: Body> Drop for ObservedBody<B> {
     fn drop(&mut self) {
+        // A server stops polling a body once it has written the announced
+        // length, possibly before the upstream's end-of-stream arrived.
         if let Some(exchange) = &mut self.exchange {
-            if !self.inner.is_end_stream() {
+            let complete = self.inner.is_end_stream() || self.length == Some(exchange.received.bytes());
+            if !complete {
                 exchange.fail("response not completed: the guest went away");
             }
         }
@@ -211,6 +228,41 @@ where
     }
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The guest's side of an upgraded connection, counted into its exchange.
+#[derive(Debug)]
+pub(crate) struct CountedIo<T> {
+    inner: T,
+    reads: Arc<Capture>,
+    writes: Arc<Capture>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for CountedIo<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.reads.count(buf.filled().len() - before);
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for CountedIo<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            this.writes.count(n);
+        }
+        polled
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 

@@ -63,7 +63,6 @@ pub(crate) struct MitmHandler {
     handshake_timeout: Duration,
     response_timeout: Duration,
     idle_timeout: Duration,
-    fail_open: bool,
 }
 
 /// Leaves are looked up by the SNI rustls saw (the handler minted it just before).
@@ -131,7 +130,6 @@ impl MitmHandler {
             handshake_timeout: config.handshake_timeout,
             response_timeout: config.response_timeout,
             idle_timeout: config.idle_timeout,
-            fail_open: config.fail_open,
         })
     }
 
@@ -207,7 +205,7 @@ impl ConnectionHandler for MitmHandler {
     }
 
     fn accepting(&self) -> bool {
-        self.fail_open || self.recorder.healthy()
+        self.recorder.accept_new_connections()
     }
 
     fn refused(&self, reason: &str) {

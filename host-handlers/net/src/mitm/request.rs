@@ -5,15 +5,18 @@
 //! 2. The `http.request` event goes to the policy; anything but allow is a 403
 //!    whose text body names the rule.
 //! 3. Rewrite actions change the request headers before forwarding and before
-//!    logging; values from secrets are logged as `[REDACTED]`, and so are
-//!    credential headers (Authorization, Cookie, API keys).
+//!    logging; values from secrets are logged as `REDACTED`, and so are
+//!    credential-like headers (telemetry's [`redact`] rules).
 //! 4. The request goes to `https://<sni>:<original port>` through the pooled
 //!    client (HTTP/2 or HTTP/1.1, whichever the upstream picks), or, for an
 //!    HTTP/1.1 upgrade such as WebSocket, over a dedicated HTTP/1.1 connection
 //!    that becomes a byte tunnel after `101`.
-//! 5. The `http.response` event may still block (a block by a named rule turns
-//!    the answer into a 403; no matching response rule leaves the request's
-//!    decision standing), and response header rewrites apply.
+//! 5. The `http.response` event is decided too (no matching rule blocks, as
+//!    for every event): anything but allow turns the answer into a 403 naming
+//!    the rule. Response header rewrites apply.
+//!    For known AI provider endpoints the request asks for an uncompressed
+//!    response (`accept-encoding: identity`) so that the model call can be
+//!    parsed from the body.
 //! 6. The response body streams to the guest through [`ObservedBody`], which
 //!    counts it, keeps a preview, feeds the AI stream parser and writes the row.
 //!
@@ -35,7 +38,7 @@ use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use sandbox_policy::{Action, Decision, Event, HttpRequest, HttpResponse};
 use sandbox_telemetry::ai::StreamParser;
-use sandbox_telemetry::Outcome;
+use sandbox_telemetry::{redact, Outcome};
 
 use super::exchange::{CountedBody, Exchange, ObservedBody};
 use super::{MitmHandler, RequestCount};
@@ -45,10 +48,6 @@ use crate::idle::Activity;
 
 /// Rule recorded when the Host of a request is not the connection's SNI.
 pub const SNI_HOST_MISMATCH_RULE: &str = "builtin.sni_host_mismatch";
-
-/// Headers whose values are never logged.
-const CREDENTIAL_HEADERS: &[&str] =
-    &["authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key"];
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body of every response sent to the guest.
@@ -94,10 +93,13 @@ enum Reply {
 async fn tunnel(guest: OnUpgrade, upstream: OnUpgrade, mut exchange: Exchange, activity: Arc<Activity>, idle: Duration) {
     match tokio::join!(guest, upstream) {
         (Ok(guest), Ok(upstream)) => {
-            let (mut guest, mut upstream) = (TokioIo::new(guest), TokioIo::new(upstream));
+            let mut guest = exchange.count_tunnel(TokioIo::new(guest));
+            let mut upstream = TokioIo::new(upstream);
             tokio::select! {
                 copied = tokio::io::copy_bidirectional(&mut guest, &mut upstream) => match copied {
-                    Ok((sent, received)) => exchange.add_tunnel_bytes(sent, received),
+                    // A peer closing without TLS close_notify is a normal end here.
+                    Ok(_) => {}
+                    Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => {}
                     Err(err) => exchange.event.error = Some(format!("tunnel: {err}")),
                 },
                 _ = activity.expired(idle) => exchange.event.error = Some(format!("tunnel idle for {idle:?}")),
@@ -120,14 +122,14 @@ impl Conn {
         let recorder = self.handler.recorder.clone();
         let mut exchange = Exchange::new(recorder, SystemTime::now(), self.sni.clone(), Some(self.sni.clone()));
         exchange.event.method = Some(req.method().to_string());
-        exchange.event.path = Some(req.uri().path().to_owned());
+        exchange.event.path = Some(req.uri().path_and_query().map_or("/", |pq| pq.as_str()).to_owned());
         exchange.event.request_headers = logged_headers(req.headers(), &HashSet::new());
         match self.process(req, &mut exchange).await {
             Ok(Reply::Stream(response)) => {
                 let (parts, body) = response.into_parts();
                 let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
-                let path = exchange.event.path.clone().unwrap_or_default();
-                exchange.set_parser(StreamParser::for_request(&exchange.event.domain, &path, content_type));
+                let path = req_path(exchange.event.path.as_deref());
+                exchange.set_parser(StreamParser::for_request(&exchange.event.domain, path, content_type));
                 let body = ObservedBody::new(body, exchange).map_err(BoxError::from).boxed_unsync();
                 Response::from_parts(parts, body)
             }
@@ -173,17 +175,20 @@ impl Conn {
         }
         exchange.decide(Outcome::Allowed, verdict.rule.clone());
         let secret_headers = rewrite_headers(req.headers_mut(), &verdict.actions, Target::Request);
+        if StreamParser::for_request(&request_event.host, &request_event.path, None).is_some() {
+            req.headers_mut().insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        }
         exchange.event.request_headers = logged_headers(req.headers(), &secret_headers);
 
         if req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE) {
             let guest = hyper::upgrade::on(&mut req);
             let response = self.send_upgrade(req, exchange).await?;
             let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-            let response = self.screen_response(response, exchange, request_event, &verdict.actions).await?;
+            let response = self.screen_response(response, exchange, request_event).await?;
             return Ok(if switching { Reply::Tunnel { response, guest } } else { Reply::Stream(response) });
         }
         let response = self.send(req, exchange).await?;
-        Ok(Reply::Stream(self.screen_response(response, exchange, request_event, &verdict.actions).await?))
+        Ok(Reply::Stream(self.screen_response(response, exchange, request_event).await?))
     }
 
     /// Forward through the pooled client.
@@ -243,14 +248,16 @@ impl Conn {
         response: Response<Incoming>,
         exchange: &mut Exchange,
         request: HttpRequest,
-        request_actions: &[Action],
     ) -> Result<Response<Incoming>, Refusal> {
         let status = response.status();
         exchange.event.status_code = Some(status.as_u16());
         let event = HttpResponse { request, status: status.as_u16(), headers: header_map(response.headers()) };
         let verdict = self.handler.policy.decide(&Event::HttpResponse(event)).await;
-        if verdict.decision != Decision::Allow && verdict.rule.is_some() {
-            let message = format!("response blocked by sandbox policy rule {}", verdict.rule.as_deref().unwrap_or_default());
+        if verdict.decision != Decision::Allow {
+            let message = match &verdict.rule {
+                Some(rule) => format!("response blocked by sandbox policy rule {rule}"),
+                None => "response blocked by sandbox policy: no rule allows this response".to_owned(),
+            };
             return Err(Refusal::blocked(verdict.rule, message));
         }
         let (mut parts, body) = response.into_parts();
@@ -258,10 +265,7 @@ impl Conn {
             strip_hop_by_hop(&mut parts.headers);
         }
         parts.version = Version::HTTP_11;
-        rewrite_headers(&mut parts.headers, request_actions, Target::Response);
-        if verdict.decision == Decision::Allow {
-            rewrite_headers(&mut parts.headers, &verdict.actions, Target::Response);
-        }
+        rewrite_headers(&mut parts.headers, &verdict.actions, Target::Response);
         Ok(Response::from_parts(parts, body))
     }
 
@@ -299,6 +303,11 @@ fn upstream_refusal(host: &str, err: &(dyn std::error::Error + 'static)) -> Refu
         Some(Error::ConnectTimeout { .. }) => Refusal::failed(StatusCode::GATEWAY_TIMEOUT, detail),
         _ => Refusal::failed(StatusCode::BAD_GATEWAY, format!("upstream {host} failed: {detail}")),
     }
+}
+
+/// The path of a logged `path?query`.
+fn req_path(logged: Option<&str>) -> &str {
+    logged.unwrap_or("/").split('?').next().unwrap_or("/")
 }
 
 fn text_response(status: StatusCode, message: String) -> Response<ResponseBody> {
@@ -349,13 +358,16 @@ fn header_map(headers: &HeaderMap) -> BTreeMap<String, String> {
     map
 }
 
-/// Headers as logged: secrets and credentials redacted.
+/// Headers as logged: values set from secrets and credential-like headers redacted.
 fn logged_headers(headers: &HeaderMap, secret: &HashSet<HeaderName>) -> Vec<(String, String)> {
     headers
         .iter()
         .map(|(name, value)| {
-            let hidden = secret.contains(name) || CREDENTIAL_HEADERS.contains(&name.as_str());
-            let value = if hidden { "[REDACTED]".into() } else { String::from_utf8_lossy(value.as_bytes()).into_owned() };
+            let value = if secret.contains(name) {
+                redact::REDACTED.to_owned()
+            } else {
+                redact::header_value(name.as_str(), &String::from_utf8_lossy(value.as_bytes())).into_owned()
+            };
             (name.as_str().to_owned(), value)
         })
         .collect()
@@ -493,7 +505,8 @@ mod tests {
         let text = format!("{logged:?}");
         assert!(!text.contains("s3cr3t") && !text.contains("Bearer guest"), "{text}");
         assert!(logged.contains(&("x-plain".into(), "visible".into())));
-        assert!(logged.contains(&("x-api-token".into(), "[REDACTED]".into())));
+        assert!(logged.contains(&("x-api-token".into(), "REDACTED".into())));
+        assert!(logged.contains(&("authorization".into(), "Bearer REDACTED".into())));
     }
 
     #[test]

@@ -1,0 +1,218 @@
+//! A sandbox's network side on loopback: the DNS fixture as upstream resolver,
+//! an HTTPS upstream with its own CA, a session database, the handlers on Unix
+//! sockets in a temporary directory, and a guest client.
+#![allow(clippy::unwrap_used, dead_code)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sandbox_net::fixtures::{Guest, HttpsUpstream, TestCa, TestDns};
+use sandbox_net::{Handlers, NetConfig, Server};
+use sandbox_policy::{Engine, Layer, Policy, ProfileSource, Secrets};
+use sandbox_telemetry::query::{DnsRow, LogOptions, LogReader, LogRow, NetRow};
+use sandbox_telemetry::{Recorder, SessionDb};
+
+/// Names the upstream certificate covers.
+pub const UPSTREAM_NAMES: &[&str] = &["a.test", "b.test", "blocked.test", "metadata.test", "loop.test", "down.test"];
+
+/// The secret the rewrite rule puts into `x-api-token`.
+pub const SECRET_TOKEN: &str = "tok-7f3a9c-secret";
+
+/// The profile the tests run under, in the policy's TOML/CEL format.
+pub const PROFILE: &str = r#"
+[security.rules.dns.test_names]
+on = "dns.request"
+if = 'dns.request.qname.endsWith(".test") && dns.request.qname != "blocked.test"'
+decision = "allow"
+
+[security.rules.dns.svc_rewrite]
+on = "dns.request"
+if = 'dns.request.qname == "svc.test"'
+decision = "rewrite"
+answer = { ttl = 30, a = ["10.9.8.7"] }
+
+[security.rules.http.test_hosts]
+on = "http.request"
+if = 'http.request.host in ["a.test", "b.test", "metadata.test", "loop.test", "down.test", "untrusted.test"]'
+decision = "allow"
+
+[security.rules.http.no_post_b]
+on = "http.request"
+if = 'http.request.host == "b.test" && http.request.method == "POST"'
+decision = "block"
+priority = 10
+
+[security.rules.http.no_websocket_b]
+on = "http.request"
+if = 'http.request.host == "b.test" && "upgrade" in http.request.headers'
+decision = "block"
+priority = 10
+
+[security.rules.http.token]
+on = "http.request"
+if = 'http.request.host == "a.test" && http.request.path == "/headers"'
+decision = "rewrite"
+set_request_headers = { "x-api-token" = "${secret:NET_TEST_TOKEN}" }
+remove_request_headers = ["x-remove-me"]
+
+[security.rules.http.responses]
+on = "http.response"
+decision = "allow"
+
+[security.rules.http.no_teapots]
+on = "http.response"
+if = 'http.response.status == 418'
+decision = "block"
+priority = 10
+
+[security.rules.http.mark_a]
+on = "http.response"
+if = 'http.request.host == "a.test"'
+decision = "rewrite"
+set_response_headers = { "x-sandbox" = "seen" }
+"#;
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub db: Option<SessionDb>,
+    pub db_path: PathBuf,
+    pub recorder: Recorder,
+    pub dns_fixture: TestDns,
+    pub upstream_ca: TestCa,
+    pub upstream: HttpsUpstream,
+    pub handlers: Handlers,
+    pub dns: Option<Server>,
+    pub mitm: Option<Server>,
+    pub guest: Guest,
+}
+
+impl Harness {
+    /// Handlers allowed to reach 127.0.0.1 (where the upstream listens).
+    pub async fn start() -> Harness {
+        Self::start_with(|config| config.allowed_networks = vec!["127.0.0.1/32".parse().unwrap()]).await
+    }
+
+    pub async fn start_with(configure: impl FnOnce(&mut NetConfig)) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let dns_fixture = TestDns::start(&[
+            ("a.test", ip("127.0.0.1")),
+            ("b.test", ip("127.0.0.1")),
+            ("blocked.test", ip("127.0.0.1")),
+            ("loop.test", ip("127.0.0.1")),
+            ("down.test", ip("127.0.0.1")),
+            ("untrusted.test", ip("127.0.0.1")),
+            ("metadata.test", ip("169.254.169.254")),
+            ("private.test", ip("10.0.0.5")),
+            ("mixed.test", ip("93.184.216.34")),
+            ("mixed.test", ip("192.168.1.9")),
+        ])
+        .await
+        .unwrap();
+        let upstream_ca = TestCa::new("upstream test CA").unwrap();
+        let upstream = HttpsUpstream::start(&upstream_ca, UPSTREAM_NAMES).await.unwrap();
+
+        let mut config = NetConfig {
+            dns_servers: vec![dns_fixture.addr()],
+            system_roots: false,
+            extra_root_files: vec![upstream_ca.write_pem(dir.path(), "upstream-ca.pem").unwrap()],
+            ca_dir: dir.path().join("ca"),
+            handshake_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(3),
+            response_timeout: Duration::from_secs(5),
+            dns_timeout: Duration::from_secs(2),
+            ..NetConfig::default()
+        };
+        configure(&mut config);
+
+        let engine = Engine::builder()
+            .secrets(Secrets::none().with_value("NET_TEST_TOKEN", SECRET_TOKEN))
+            .profile(Layer::User, ProfileSource::Text { name: "net-test.toml".into(), text: PROFILE.into() })
+            .build()
+            .unwrap();
+        let db_path = dir.path().join("session.db");
+        let db = SessionDb::open(&db_path).unwrap();
+        let recorder = db.recorder();
+        let handlers = Handlers::new(config, Policy::new(engine), recorder.clone()).unwrap();
+        let (dns, mitm) = handlers.serve_vsock_dir(dir.path()).unwrap();
+        let guest = Guest::new(mitm.path(), handlers.ca().ca_cert_pem()).unwrap();
+        Harness {
+            dir,
+            db: Some(db),
+            db_path,
+            recorder,
+            dns_fixture,
+            upstream_ca,
+            upstream,
+            handlers,
+            dns: Some(dns),
+            mitm: Some(mitm),
+            guest,
+        }
+    }
+
+    pub fn dns_socket(&self) -> PathBuf {
+        self.dir.path().join("vsock.sock_5007")
+    }
+
+    pub fn mitm_socket(&self) -> PathBuf {
+        self.dir.path().join("vsock.sock_5002")
+    }
+
+    /// The original destination the guest would announce for the upstream.
+    pub fn upstream_addr(&self) -> SocketAddr {
+        self.upstream.addr()
+    }
+
+    async fn rows(&self) -> Vec<LogRow> {
+        self.recorder.flush().await.unwrap();
+        let mut reader = LogReader::open(&self.db_path, &LogOptions::default()).unwrap();
+        let mut rows = Vec::new();
+        loop {
+            let (mut batch, more) = reader.read_new().unwrap();
+            rows.append(&mut batch);
+            if !more {
+                return rows;
+            }
+        }
+    }
+
+    /// Every `net_events` row so far.
+    pub async fn net_rows(&self) -> Vec<NetRow> {
+        self.rows().await.into_iter().filter_map(|r| if let LogRow::Net(n) = r { Some(n) } else { None }).collect()
+    }
+
+    /// Every `dns_events` row so far.
+    pub async fn dns_rows(&self) -> Vec<DnsRow> {
+        self.rows().await.into_iter().filter_map(|r| if let LogRow::Dns(d) = r { Some(d) } else { None }).collect()
+    }
+
+    /// Wait until `count` net rows exist (rows are written when bodies end,
+    /// which can be just after the client saw the last byte).
+    pub async fn wait_net_rows(&self, count: usize) -> Vec<NetRow> {
+        for _ in 0..200 {
+            let rows = self.net_rows().await;
+            if rows.len() >= count {
+                return rows;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.net_rows().await
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(dns) = self.dns.take() {
+            dns.shutdown().await;
+        }
+        if let Some(mitm) = self.mitm.take() {
+            mitm.shutdown().await;
+        }
+        if let Some(db) = self.db.take() {
+            db.close().await.unwrap();
+        }
+    }
+}
+
+pub fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
