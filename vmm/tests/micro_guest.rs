@@ -130,6 +130,17 @@ fn serial_output_reaches_the_sink_and_an_i8042_reset_ends_the_vm() {
 }
 
 #[test]
+fn a_guest_with_memory_above_the_mmio_gap_runs() {
+    let g = guest(&elf(HELLO_AND_RESET, true));
+    let sink = Sink::default();
+    let mut config = config(&g, 1, &sink);
+    config.memory_mib = 4096;
+    let reason = Vm::create(config).unwrap().run().unwrap();
+    assert_eq!(reason, ExitReason::GuestShutdown);
+    assert_eq!(&*sink.0.lock().unwrap(), b"hi\n");
+}
+
+#[test]
 fn a_triple_fault_ends_the_vm_as_a_guest_shutdown() {
     let g = guest(&elf(TRIPLE_FAULT, true));
     let reason = Vm::create(config(&g, 2, &Sink::default()))

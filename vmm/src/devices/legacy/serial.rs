@@ -350,6 +350,59 @@ mod tests {
         assert_eq!(lsr[0] & LSR_DATA_READY, 0);
     }
 
+    /// Reads everything the guest would see in the receive FIFO right now.
+    fn drain(serial: &Mutex<Serial>) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut serial = lock(serial);
+        loop {
+            let mut lsr = [0u8];
+            serial.read(LSR, &mut lsr);
+            if lsr[0] & LSR_DATA_READY == 0 {
+                return got;
+            }
+            let mut b = [0u8];
+            serial.read(DATA, &mut b);
+            got.push(b[0]);
+        }
+    }
+
+    #[test]
+    fn host_input_is_pumped_with_flow_control_until_end_of_file() {
+        use event_manager::SubscriberOps;
+        type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+        let (serial, _irq, drained) = serial_with(Box::new(io::sink()));
+        let serial = Arc::new(Mutex::new(serial));
+        let (reader, mut writer) = io::pipe().unwrap();
+        let mut events = event_manager::EventManager::<Subscriber>::new().unwrap();
+        let input = Arc::new(Mutex::new(SerialInput::new(
+            serial.clone(),
+            OwnedFd::from(reader),
+            drained,
+        )));
+        events.add_subscriber(input.clone());
+
+        let sent: Vec<u8> = (0..100u8).collect();
+        writer.write_all(&sent).unwrap();
+        events.run_with_timeout(1000).unwrap();
+        assert_eq!(lock(&serial).fifo_capacity(), 0, "the FIFO fills up");
+        // With the FIFO full the input is not polled, although bytes wait in the pipe.
+        events.run_with_timeout(1000).unwrap();
+        assert!(!lock(&input).polling_input);
+
+        let mut received = drain(&serial);
+        assert_eq!(received.len(), 64);
+        // Draining signals the pump, which resumes polling and moves the rest.
+        events.run_with_timeout(1000).unwrap();
+        events.run_with_timeout(1000).unwrap();
+        received.extend(drain(&serial));
+        assert_eq!(received, sent);
+
+        drop(writer);
+        events.run_with_timeout(1000).unwrap();
+        let input = lock(&input);
+        assert!(input.closed && !input.polling_input);
+    }
+
     #[test]
     fn input_beyond_the_fifo_is_not_queued() {
         let (mut serial, _, _) = serial_with(Box::new(io::sink()));
