@@ -671,3 +671,418 @@ impl Muxer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::io::{Read, Write};
+    use std::path::Path;
+
+    use crate::devices::virtio::vsock::connection::TX_BUF_SIZE;
+    use crate::devices::virtio::vsock::packet::shutdown;
+
+    const GUEST_CID: u64 = 3;
+
+    fn limits() -> Limits {
+        Limits {
+            connect_timeout: Duration::from_millis(30),
+            handshake_timeout: Duration::from_millis(30),
+            ..Limits::default()
+        }
+    }
+
+    fn guest(op: u16, src_port: u32, dst_port: u32) -> Header {
+        Header {
+            src_cid: GUEST_CID,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            type_: TYPE_STREAM,
+            op,
+            buf_alloc: 65536,
+            ..Header::default()
+        }
+    }
+
+    fn drain(m: &mut Muxer) -> Vec<(Header, Vec<u8>)> {
+        let mut buf = vec![0u8; 65536];
+        let mut out = Vec::new();
+        while let Some((h, n)) = m.recv_pkt(&mut buf) {
+            out.push((h, buf[..n].to_vec()));
+        }
+        out
+    }
+
+    /// Waits until the muxer's descriptor is readable, then processes it.
+    fn pump(m: &mut Muxer) {
+        let epoll = Epoll::new().unwrap();
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                m.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, 0),
+            )
+            .unwrap();
+        let mut events = [EpollEvent::default(); 1];
+        assert_eq!(
+            epoll.wait(5000, &mut events).unwrap(),
+            1,
+            "muxer never became ready"
+        );
+        m.process_events();
+    }
+
+    fn ops(packets: &[(Header, Vec<u8>)]) -> Vec<u16> {
+        packets.iter().map(|(h, _)| h.op).collect()
+    }
+
+    fn setup(dir: &Path, limits: Limits) -> (Muxer, PathBuf) {
+        let path = dir.join("vsock.sock");
+        (Muxer::with_limits(GUEST_CID, &path, limits).unwrap(), path)
+    }
+
+    #[test]
+    fn guest_request_without_listener_is_reset_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, _) = setup(dir.path(), limits());
+        m.send_pkt(&guest(op::REQUEST, 1234, 6000), &[]);
+        let out = drain(&mut m);
+        assert_eq!(ops(&out), [op::RST]);
+        let rst = out[0].0;
+        assert_eq!((rst.src_cid, rst.dst_cid), (HOST_CID, GUEST_CID));
+        assert_eq!((rst.src_port, rst.dst_port), (6000, 1234));
+        assert_eq!(m.connection_count(), 0);
+    }
+
+    #[test]
+    fn guest_request_reaches_the_port_socket_and_data_flows() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, path) = setup(dir.path(), limits());
+        let listener = UnixListener::bind(format!("{}_5002", path.display())).unwrap();
+        m.send_pkt(&guest(op::REQUEST, 1234, 5002), &[]);
+        let out = drain(&mut m);
+        assert_eq!(ops(&out), [op::RESPONSE]);
+        assert_eq!((out[0].0.src_port, out[0].0.dst_port), (5002, 1234));
+        let (mut handler, _) = listener.accept().unwrap();
+        let mut rw = guest(op::RW, 1234, 5002);
+        rw.len = 5;
+        m.send_pkt(&rw, b"hello");
+        let mut got = [0u8; 5];
+        handler.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello");
+        handler.write_all(b"world").unwrap();
+        pump(&mut m);
+        let out = drain(&mut m);
+        assert_eq!(ops(&out), [op::RW]);
+        assert_eq!(out[0].1, b"world");
+        assert_eq!(m.connection_count(), 1);
+        // The guest closes: RST, and the handler sees end-of-file.
+        let mut close = guest(op::SHUTDOWN, 1234, 5002);
+        close.flags = shutdown::BOTH;
+        m.send_pkt(&close, &[]);
+        assert_eq!(ops(&drain(&mut m)), [op::RST]);
+        assert_eq!(m.connection_count(), 0);
+        let mut rest = Vec::new();
+        handler.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn packets_with_foreign_cids_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, _) = setup(dir.path(), limits());
+        let mut spoofed = guest(op::REQUEST, 1, 6000);
+        spoofed.src_cid = 4;
+        m.send_pkt(&spoofed, &[]);
+        let mut elsewhere = guest(op::REQUEST, 1, 6000);
+        elsewhere.dst_cid = 5;
+        m.send_pkt(&elsewhere, &[]);
+        m.reject_pkt(&spoofed);
+        assert!(!m.has_pending_rx());
+    }
+
+    #[test]
+    fn unknown_connections_are_reset_but_resets_are_not_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, _) = setup(dir.path(), limits());
+        for op in [
+            op::RW,
+            op::SHUTDOWN,
+            op::CREDIT_UPDATE,
+            op::CREDIT_REQUEST,
+            op::RESPONSE,
+            0,
+            42,
+        ] {
+            m.send_pkt(&guest(op, 10, 20), &[]);
+        }
+        let out = drain(&mut m);
+        assert_eq!(ops(&out), [op::RST; 7]);
+        m.send_pkt(&guest(op::RST, 10, 20), &[]);
+        assert!(!m.has_pending_rx());
+    }
+
+    #[test]
+    fn other_socket_types_are_reset_with_their_type() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, path) = setup(dir.path(), limits());
+        let _listener = UnixListener::bind(format!("{}_5002", path.display())).unwrap();
+        let mut seqpacket = guest(op::REQUEST, 1, 5002);
+        seqpacket.type_ = 2;
+        m.send_pkt(&seqpacket, &[]);
+        let out = drain(&mut m);
+        assert_eq!(ops(&out), [op::RST]);
+        assert_eq!(out[0].0.type_, 2);
+        assert_eq!(m.connection_count(), 0);
+    }
+
+    #[test]
+    fn requests_beyond_the_connection_limit_are_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, path) = setup(
+            dir.path(),
+            Limits {
+                max_connections: 2,
+                ..limits()
+            },
+        );
+        let _listener = UnixListener::bind(format!("{}_5002", path.display())).unwrap();
+        for port in 1..=3 {
+            m.send_pkt(&guest(op::REQUEST, port, 5002), &[]);
+        }
+        let out = drain(&mut m);
+        assert_eq!(ops(&out), [op::RESPONSE, op::RESPONSE, op::RST]);
+        assert_eq!(out[2].0.dst_port, 3);
+        assert_eq!(m.connection_count(), 2);
+        // A duplicate request on a live connection resets it.
+        m.send_pkt(&guest(op::REQUEST, 1, 5002), &[]);
+        assert_eq!(ops(&drain(&mut m)), [op::RST]);
+        assert_eq!(m.connection_count(), 1);
+    }
+
+    #[test]
+    fn host_clients_connect_to_guest_ports_with_their_own_host_ports() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, path) = setup(dir.path(), Limits::default());
+        let mut a = UnixStream::connect(&path).unwrap();
+        let mut b = UnixStream::connect(&path).unwrap();
+        a.write_all(b"CONNECT 5000\n").unwrap();
+        b.write_all(b"connect 5000\nearly").unwrap();
+        let mut requests = Vec::new();
+        while requests.len() < 2 {
+            pump(&mut m);
+            requests.extend(drain(&mut m));
+        }
+        assert_eq!(ops(&requests), [op::REQUEST, op::REQUEST]);
+        let ports: Vec<u32> = requests.iter().map(|(h, _)| h.src_port).collect();
+        assert_ne!(ports[0], ports[1]);
+        for (h, _) in &requests {
+            assert!(h.src_port >= FIRST_EPHEMERAL_PORT);
+            assert_eq!((h.dst_port, h.dst_cid), (5000, GUEST_CID));
+            // The guest accepts.
+            m.send_pkt(&guest(op::RESPONSE, 5000, h.src_port), &[]);
+        }
+        let mut replies = Vec::new();
+        for client in [&mut a, &mut b] {
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            while byte[0] != b'\n' {
+                client.read_exact(&mut byte).unwrap();
+                line.push(byte[0]);
+            }
+            replies.push(String::from_utf8(line).unwrap());
+        }
+        let mut expected: Vec<String> = ports.iter().map(|p| format!("OK {p}\n")).collect();
+        expected.sort();
+        replies.sort();
+        assert_eq!(replies, expected);
+        // Bytes sent right after the CONNECT line are kept for the guest.
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            if got.iter().any(|(h, _): &(Header, Vec<u8>)| h.op == op::RW) {
+                break;
+            }
+            pump(&mut m);
+            got.extend(drain(&mut m));
+        }
+        let data: Vec<_> = got.iter().filter(|(h, _)| h.op == op::RW).collect();
+        assert_eq!(data.len(), 1);
+        assert_eq!(data[0].1, b"early");
+    }
+
+    #[test]
+    fn refused_host_connection_closes_the_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, path) = setup(dir.path(), limits());
+        let mut client = UnixStream::connect(&path).unwrap();
+        client.write_all(b"CONNECT 7\n").unwrap();
+        let mut request = Vec::new();
+        while request.is_empty() {
+            pump(&mut m);
+            request = drain(&mut m);
+        }
+        let port = request[0].0.src_port;
+        m.send_pkt(&guest(op::RST, 7, port), &[]);
+        assert_eq!(m.connection_count(), 0);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn unanswered_host_connection_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, path) = setup(dir.path(), limits());
+        let mut client = UnixStream::connect(&path).unwrap();
+        client.write_all(b"CONNECT 7\n").unwrap();
+        let mut request = Vec::new();
+        while request.is_empty() {
+            pump(&mut m);
+            request = drain(&mut m);
+        }
+        assert_eq!(m.connection_count(), 1);
+        // The deadline timer makes the muxer ready (first, perhaps, for the
+        // handshake's deadline, which no longer matters).
+        for _ in 0..3 {
+            if m.connection_count() == 0 {
+                break;
+            }
+            pump(&mut m);
+        }
+        assert_eq!(m.connection_count(), 0);
+        let out = drain(&mut m);
+        assert_eq!(ops(&out), [op::RST]);
+        assert_eq!(out[0].0.src_port, request[0].0.src_port);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn bad_or_missing_handshakes_close_the_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, path) = setup(dir.path(), limits());
+        let mut garbage = UnixStream::connect(&path).unwrap();
+        garbage.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+        let mut silent = UnixStream::connect(&path).unwrap();
+        // Accept both, read the garbage, then the silent one times out.
+        for _ in 0..3 {
+            pump(&mut m);
+        }
+        let mut rest = Vec::new();
+        garbage.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        silent.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        assert!(!m.has_pending_rx());
+        assert_eq!(m.connection_count(), 0);
+    }
+
+    #[test]
+    fn handshakes_beyond_the_limit_are_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, path) = setup(
+            dir.path(),
+            Limits {
+                max_handshakes: 1,
+                ..Limits::default()
+            },
+        );
+        let _first = UnixStream::connect(&path).unwrap();
+        let mut second = UnixStream::connect(&path).unwrap();
+        pump(&mut m);
+        let mut rest = Vec::new();
+        second.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn queued_resets_are_bounded_by_backpressure() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, _) = setup(
+            dir.path(),
+            Limits {
+                max_pending_resets: 3,
+                ..limits()
+            },
+        );
+        for port in 0..3 {
+            assert!(!m.rx_backlogged());
+            m.send_pkt(&guest(op::RW, port, 9), &[]);
+        }
+        assert!(m.rx_backlogged());
+        let mut buf = [0u8; 16];
+        m.recv_pkt(&mut buf).unwrap();
+        assert!(!m.rx_backlogged());
+    }
+
+    #[test]
+    fn malformed_packets_reset_their_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, path) = setup(dir.path(), limits());
+        let listener = UnixListener::bind(format!("{}_5002", path.display())).unwrap();
+        m.send_pkt(&guest(op::REQUEST, 1, 5002), &[]);
+        drain(&mut m);
+        let (mut handler, _) = listener.accept().unwrap();
+        let mut oversized = guest(op::RW, 1, 5002);
+        oversized.len = u32::MAX;
+        m.reject_pkt(&oversized);
+        assert_eq!(ops(&drain(&mut m)), [op::RST]);
+        assert_eq!(m.connection_count(), 0);
+        let mut rest = Vec::new();
+        handler.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn guest_exceeding_its_credit_is_reset_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, path) = setup(dir.path(), limits());
+        let listener = UnixListener::bind(format!("{}_5002", path.display())).unwrap();
+        m.send_pkt(&guest(op::REQUEST, 1, 5002), &[]);
+        drain(&mut m);
+        // The handler never reads.
+        let (_handler, _) = listener.accept().unwrap();
+        let chunk = vec![0u8; 65536];
+        let mut rw = guest(op::RW, 1, 5002);
+        rw.len = 65536;
+        let mut sent = 0usize;
+        while m.connection_count() == 1 {
+            m.send_pkt(&rw, &chunk);
+            sent += chunk.len();
+            assert!(sent < 64 << 20, "never reset");
+        }
+        let out = drain(&mut m);
+        assert_eq!(out.last().map(|(h, _)| h.op), Some(op::RST));
+        // What was accepted never exceeded the socket buffer plus the credit.
+        assert!(sent <= 16 << 20, "{sent} bytes accepted");
+        assert!(sent > TX_BUF_SIZE as usize);
+    }
+
+    #[test]
+    fn device_reset_forgets_connections_and_closes_streams() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, path) = setup(dir.path(), limits());
+        let listener = UnixListener::bind(format!("{}_5002", path.display())).unwrap();
+        m.send_pkt(&guest(op::REQUEST, 1, 5002), &[]);
+        let (mut handler, _) = listener.accept().unwrap();
+        m.reset();
+        assert_eq!(m.connection_count(), 0);
+        assert!(!m.has_pending_rx());
+        let mut rest = Vec::new();
+        handler.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn the_socket_file_goes_away_with_the_muxer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, path) = setup(dir.path(), limits());
+        assert!(path.exists());
+        // A second muxer cannot take the same path.
+        assert!(Muxer::new(GUEST_CID, &path).is_err());
+        drop(m);
+        assert!(!path.exists());
+    }
+}
