@@ -50,3 +50,14 @@ pub use vstate::exit::{ExitReason, StopHandle};
 pub(crate) fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
+
+// Compile-time checks: a VM can be created on one thread and run on another,
+// and stop handles are shared between threads.
+const _: () = {
+    const fn send<T: Send>() {}
+    const fn send_sync<T: Send + Sync>() {}
+    send::<Vm>();
+    send::<VmConfig>();
+    send_sync::<Error>();
+    send_sync::<StopHandle>();
+};

@@ -46,7 +46,8 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     events: EventManager<Subscriber>,
     serial: Arc<Mutex<Serial>>,
-    serial_drained: EventFd,
+    /// The UART's FIFO-drained event, until serial input is attached.
+    serial_drained: Option<EventFd>,
     exit: Arc<ExitSignal>,
     _vm: VmFd,
     _memory: GuestMemoryMmap,
@@ -210,7 +211,7 @@ impl Vm {
             vcpus,
             events,
             serial,
-            serial_drained,
+            serial_drained: Some(serial_drained),
             exit,
             _vm: vm,
             _memory: mem,
@@ -223,12 +224,16 @@ impl Vm {
     }
 
     /// Feeds the guest's serial console from `input` (a pipe, terminal or
-    /// socket; read when it is readable). Without it the console has no input.
+    /// socket; read when it is readable). Without it the console has no
+    /// input. Can be called once.
     pub fn set_serial_input(&mut self, input: OwnedFd) -> Result<()> {
-        let drained = self
-            .serial_drained
-            .try_clone()
-            .map_err(io("duplicating an eventfd"))?;
+        let drained = self.serial_drained.take().ok_or(Error::Io {
+            what: "attaching serial input",
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the serial console already has an input",
+            ),
+        })?;
         self.events
             .add_subscriber(Arc::new(Mutex::new(SerialInput::new(
                 self.serial.clone(),
