@@ -57,6 +57,7 @@ fn child() -> ExitCode {
         vcpus: 1,
         root_disk: image.into(),
         scratch_disk: None,
+        vsock: None,
         serial: Box::new(std::io::stdout()),
     };
     match vmm::Vm::create(config).and_then(vmm::Vm::run) {

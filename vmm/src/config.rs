@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::arch::mptable;
 use crate::devices::virtio::block::disk::DiskImage;
+use crate::devices::virtio::vsock::VsockConfig;
 use crate::error::{Error, Result};
 
 /// Smallest guest memory: enough for the kernel to boot a small user space.
@@ -30,6 +31,8 @@ pub struct VmConfig {
     pub root_disk: PathBuf,
     /// Optional scratch disk image, attached writable as the second device (`/dev/vdb`).
     pub scratch_disk: Option<PathBuf>,
+    /// Optional virtio-vsock device (the guest's CID and its host Unix socket).
+    pub vsock: Option<VsockConfig>,
     /// Where the guest's serial console output goes. Writes should not block
     /// for long: a vCPU waits for each byte.
     pub serial: Box<dyn Write + Send>,
@@ -44,6 +47,7 @@ impl std::fmt::Debug for VmConfig {
             .field("vcpus", &self.vcpus)
             .field("root_disk", &self.root_disk)
             .field("scratch_disk", &self.scratch_disk)
+            .field("vsock", &self.vsock)
             .finish_non_exhaustive()
     }
 }
@@ -172,6 +176,7 @@ mod tests {
             vcpus: 1,
             root_disk: root,
             scratch_disk: None,
+            vsock: None,
             serial: Box::new(std::io::sink()),
         }
     }

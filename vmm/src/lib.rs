@@ -4,7 +4,8 @@
 //! 1..N vCPUs, with exactly these devices: a 16550 serial console routed to a
 //! host sink, the i8042 reset line (the guest's way to power off), and
 //! virtio-mmio block devices for a read-only root image and an optional
-//! writable scratch image. There is no network device.
+//! writable scratch image, and an optional virtio-vsock device whose host end
+//! is Unix sockets. There is no network device.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), vmm::Error> {
@@ -15,6 +16,7 @@
 //!     vcpus: 1,
 //!     root_disk: "root.erofs".into(),
 //!     scratch_disk: None,
+//!     vsock: None,
 //!     serial: Box::new(std::io::stdout()),
 //! };
 //! let vm = vmm::Vm::create(config)?;
@@ -41,6 +43,7 @@ mod vstate;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 pub use config::{VmConfig, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};
+pub use devices::virtio::vsock::VsockConfig;
 pub use error::{Error, Result};
 pub use vm::Vm;
 pub use vstate::exit::{ExitReason, StopHandle};

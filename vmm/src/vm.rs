@@ -2,11 +2,12 @@
 //!
 //! [`Vm::create`] validates the configuration, then builds everything before
 //! any guest code runs: guest memory, the KVM VM, the devices (serial console,
-//! i8042 reset line, one virtio-mmio block device per disk), the kernel and its
-//! boot information, and the vCPUs. [`Vm::run`] starts one thread per vCPU and
-//! runs the device event loop on the calling thread until the VM is asked to
-//! end; it then stops and joins the vCPU threads, and everything the VM owned
-//! (threads, file descriptors, guest memory) is gone when it returns.
+//! i8042 reset line, one virtio-mmio block device per disk, the optional vsock
+//! device), the kernel and its boot information, and the vCPUs. [`Vm::run`]
+//! starts one thread per vCPU and runs the device event loop on the calling
+//! thread until the VM is asked to end; it then stops and joins the vCPU
+//! threads, and everything the VM owned (threads, file descriptors, guest
+//! memory) is gone when it returns.
 
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
@@ -27,6 +28,7 @@ use crate::devices::legacy::serial::{Serial, SerialInput};
 use crate::devices::virtio::block::disk::DiskImage;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{reg, MmioTransport};
+use crate::devices::virtio::vsock::{Vsock, VsockConfig};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::error::{io, kvm, Error, Result};
 use crate::layout::{
@@ -111,6 +113,15 @@ impl DeviceSetup<'_> {
         let device = Block::new(disk).map_err(io("creating a block device"))?;
         self.attach_virtio(device)
     }
+
+    fn attach_vsock(&mut self, config: &VsockConfig) -> Result<()> {
+        let device = Vsock::new(config).map_err(|source| Error::File {
+            what: "vsock socket",
+            path: config.uds_path.clone(),
+            source,
+        })?;
+        self.attach_virtio(device)
+    }
 }
 
 impl Vm {
@@ -176,6 +187,9 @@ impl Vm {
         devices.attach_block(files.root)?;
         if let Some(scratch) = files.scratch {
             devices.attach_block(scratch)?;
+        }
+        if let Some(vsock) = &config.vsock {
+            devices.attach_vsock(vsock)?;
         }
         let DeviceSetup {
             mmio,

@@ -141,6 +141,7 @@ fn config(image: &Path, scratch: Option<PathBuf>, vcpus: u8, console: &Console) 
         vcpus,
         root_disk: image.to_path_buf(),
         scratch_disk: scratch,
+        vsock: None,
         serial: Box::new(console.clone()),
     }
 }

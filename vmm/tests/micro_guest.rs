@@ -116,6 +116,7 @@ fn config(guest: &Guest, vcpus: u8, sink: &Sink) -> VmConfig {
         vcpus,
         root_disk: guest.disk.clone(),
         scratch_disk: None,
+        vsock: None,
         serial: Box::new(sink.clone()),
     }
 }
