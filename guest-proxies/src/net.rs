@@ -88,7 +88,8 @@ pub fn proxy_header(source: SocketAddr, destination: SocketAddr) -> String {
 
 /// The destination of a redirected connection before nat rewrote it.
 pub fn original_destination(stream: &TcpStream) -> std::io::Result<SocketAddr> {
-    let mut addr = libc::sockaddr_in { sin_family: 0, sin_port: 0, sin_addr: libc::in_addr { s_addr: 0 }, sin_zero: [0; 8] };
+    let mut addr =
+        libc::sockaddr_in { sin_family: 0, sin_port: 0, sin_addr: libc::in_addr { s_addr: 0 }, sin_zero: [0; 8] };
     let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
     // SAFETY: the descriptor is open for as long as `stream` is borrowed, and
     // the kernel writes at most `len` bytes to `addr`, a sockaddr_in of that size.

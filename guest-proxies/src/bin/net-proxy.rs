@@ -29,7 +29,8 @@ fn main() -> anyhow::Result<()> {
     guest_proxies::init_logging(args.log_level);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("start the runtime")?;
     runtime.block_on(async {
-        let listener = TcpListener::bind(args.listen).await.map_err(|source| Error::Listen { addr: args.listen, source })?;
+        let listener =
+            TcpListener::bind(args.listen).await.map_err(|source| Error::Listen { addr: args.listen, source })?;
         tracing::info!(listen = %args.listen, upstream = %args.upstream, "net-proxy ready");
         net::serve(listener, args.upstream).await;
         Ok(())
