@@ -1,10 +1,11 @@
 //! The CPUID a vCPU sees: what KVM supports on this host
-//! (KVM_GET_SUPPORTED_CPUID), with the per-vCPU topology filled in and the KVM
-//! hypervisor leaves present, so the guest finds kvm-clock and the other
-//! paravirtual features.
+//! (KVM_GET_SUPPORTED_CPUID), plus the TSC-deadline timer that KVM emulates
+//! but reports only as a capability, with the per-vCPU topology filled in and
+//! the KVM hypervisor leaves present, so the guest finds kvm-clock and the
+//! other paravirtual features.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Cap, Kvm};
 
 use crate::error::{kvm, Result};
 
@@ -21,6 +22,7 @@ const LEAF_KVM_SIGNATURE: u32 = 0x4000_0000;
 /// KVM's paravirtual feature leaf.
 const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
 
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 /// "KVMKVMKVM\0\0\0" as EBX, ECX, EDX.
@@ -31,9 +33,20 @@ const TOPOLOGY_LEVEL_CORE: u32 = 2;
 
 /// The host's supported CPUID, including KVM's hypervisor leaves.
 pub fn supported(kvm_fd: &Kvm) -> Result<CpuId> {
-    kvm_fd
+    let mut cpuid = kvm_fd
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))
+        .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    if kvm_fd.check_extension(Cap::TscDeadlineTimer) {
+        set_tsc_deadline(cpuid.as_mut_slice());
+    }
+    Ok(cpuid)
+}
+
+/// Announces the TSC-deadline mode of the local APIC timer.
+fn set_tsc_deadline(entries: &mut [kvm_cpuid_entry2]) {
+    for entry in entries.iter_mut().filter(|e| e.function == LEAF_FEATURES) {
+        entry.ecx |= ECX_TSC_DEADLINE;
+    }
 }
 
 /// Number of APIC-ID bits needed to number `count` processors.
@@ -150,6 +163,14 @@ mod tests {
         adjust_for_vcpu(&mut entries, 0, 1);
         assert_eq!(entries[0].ebx, 0x0001_0800);
         assert_eq!(entries[0].edx & EDX_HTT, 0);
+    }
+
+    #[test]
+    fn tsc_deadline_is_set_in_leaf_1_only() {
+        let mut entries = [entry(LEAF_FEATURES, 0), entry(0x7, 0)];
+        set_tsc_deadline(&mut entries);
+        assert_eq!(entries[0].ecx, ECX_TSC_DEADLINE);
+        assert_eq!(entries[1].ecx, 0);
     }
 
     #[test]
