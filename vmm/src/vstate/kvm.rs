@@ -5,6 +5,8 @@
 //! speaker port stubbed, the two pages of address space Intel KVM needs for
 //! real-mode emulation, and one memory slot per guest RAM region.
 
+use std::ffi::CStr;
+
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -26,7 +28,11 @@ const REQUIRED_CAPS: [(Cap, &str); 8] = [
 
 /// Opens `/dev/kvm`, telling a missing device apart from a permission problem.
 pub fn open() -> Result<Kvm> {
-    Kvm::new().map_err(|e| match e.errno() {
+    open_at(c"/dev/kvm")
+}
+
+fn open_at(path: &CStr) -> Result<Kvm> {
+    Kvm::new_with_path(path).map_err(|e| match e.errno() {
         libc::ENOENT | libc::ENODEV | libc::ENXIO => Error::KvmMissing,
         libc::EACCES | libc::EPERM => Error::KvmPermission,
         _ => Error::KvmOpen(e),
@@ -71,4 +77,26 @@ pub fn create_vm(kvm_fd: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd> {
         unsafe { vm.set_user_memory_region(region) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(vm)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_missing_device_is_reported_as_no_kvm() {
+        assert!(matches!(
+            open_at(c"/nonexistent/kvm"),
+            Err(Error::KvmMissing)
+        ));
+    }
+
+    #[test]
+    fn other_open_failures_keep_the_os_error() {
+        // Opening a directory read-write fails with EISDIR.
+        let err = open_at(c"/").unwrap_err();
+        assert!(matches!(err, Error::KvmOpen(_)), "{err}");
+        assert!(err.to_string().contains("/dev/kvm"));
+    }
 }
