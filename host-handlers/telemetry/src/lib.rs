@@ -15,7 +15,8 @@
 //!
 //! One SQLite database per sandbox (WAL mode, so readers such as `sandbox logs
 //! --follow` never block the writer). A single writer thread owns the only
-//! writing connection; handlers hand it rows through a bounded channel, and the
+//! writing connection (an OS thread rather than a tokio task, because SQLite
+//! calls block); handlers hand it rows through a bounded channel, and the
 //! writer commits whatever has queued up as one transaction, so the commit rate
 //! adapts to the load. Enqueuing never blocks: [`Recorder::record_dns`] and
 //! [`Recorder::record_net`] are safe to call from async tasks. The async
