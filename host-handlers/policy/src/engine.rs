@@ -220,6 +220,10 @@ pub struct Engine {
     inner: Arc<Inner>,
 }
 
+/// The stack of the thread that loads profiles (only the pages used are
+/// committed).
+const LOADER_STACK_SIZE: usize = 256 << 20;
+
 /// Collects profiles (by layer) and secrets, then loads them.
 #[derive(Debug, Default)]
 pub struct EngineBuilder {
@@ -241,7 +245,23 @@ impl EngineBuilder {
     }
 
     /// Loads every profile: all problems are reported together.
+    ///
+    /// Loading runs on a thread of its own with a large stack: the CEL
+    /// parser recurses once per level of nesting, and a hostile condition
+    /// may nest as deep as its length allows before the engine can reject it.
     pub fn build(self) -> Result<Engine, ProfileError> {
+        std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("policy-loader".into())
+                .stack_size(LOADER_STACK_SIZE)
+                .spawn_scoped(scope, || self.build_here())
+                .map_err(ProfileError::Loader)?
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    fn build_here(self) -> Result<Engine, ProfileError> {
         let secrets = self.secrets.unwrap_or_else(Secrets::from_env);
         let env = condition::environment();
         let mut profiles = self.profiles;

@@ -252,6 +252,9 @@ pub enum ProfileError {
         /// What is wrong.
         message: String,
     },
+    /// The thread that loads profiles could not be started.
+    #[error("cannot start the profile loader: {0}")]
+    Loader(std::io::Error),
     /// Several problems, one per line.
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Several(Vec<ProfileError>),

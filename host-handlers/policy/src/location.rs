@@ -131,7 +131,7 @@ fn basic_string_offset(raw: &str, value_offset: usize) -> usize {
             break;
         }
         if bytes[raw_at] != b'\\' {
-            let len = raw[raw_at..].chars().next().map_or(1, char::len_utf8);
+            let len = raw.get(raw_at..).and_then(|rest| rest.chars().next()).map_or(1, char::len_utf8);
             raw_at += len;
             produced += len;
             continue;

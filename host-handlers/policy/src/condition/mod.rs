@@ -31,6 +31,13 @@ pub(crate) use check::Ty;
 /// The longest condition accepted, in bytes.
 pub(crate) const MAX_CONDITION_LEN: usize = 8192;
 
+/// The deepest condition accepted, in levels of the parsed tree. The CEL
+/// interpreter recurses once per level on whatever thread decides (tokio
+/// workers have 2 MiB stacks), using about 3 KiB a level in release builds
+/// and 60 KiB in debug builds. Chains of `&&` and `||` are parsed as
+/// balanced trees, so even long ones take few levels.
+pub(crate) const MAX_CONDITION_DEPTH: usize = 24;
+
 /// The CEL environment conditions are parsed and evaluated in: the standard
 /// library and macros, without the optional-value syntax.
 pub(crate) fn environment() -> Env {
@@ -141,6 +148,10 @@ fn parse_and_check(text: &str, event: EventKind, env: &Env) -> Result<(IdedExpr,
             .find(|e| e.msg.starts_with("Syntax error"))
             .or(errors.errors.first());
         match first {
+            Some(e) if e.msg.contains("Recursion limit") => CompileError {
+                offset: 0,
+                message: "the condition nests deeper than the parser allows".into(),
+            },
             Some(e) => CompileError {
                 offset: offset_of(text, e.pos),
                 message: format!("invalid condition: {}", e.msg.replacen("Syntax error", "syntax error", 1)),
@@ -164,7 +175,64 @@ fn parse_and_check(text: &str, event: EventKind, env: &Env) -> Result<(IdedExpr,
             message: format!("the condition must be a bool, found {ty}"),
         });
     }
+    // Measured on the checked tree, where a field such as `http.request.host`
+    // is one level, as the interpreter sees it.
+    if let Some(id) = too_deep(&expr) {
+        return Err(CompileError {
+            offset: node_offset(id),
+            message: format!("the condition nests deeper than {MAX_CONDITION_DEPTH} levels"),
+        });
+    }
     Ok((expr, checker.facts))
+}
+
+/// The first node found deeper than [`MAX_CONDITION_DEPTH`], if any. Walks
+/// without recursing, as the tree may be arbitrarily deep.
+fn too_deep(expr: &IdedExpr) -> Option<u64> {
+    use cel::common::ast::{EntryExpr, Expr};
+    let mut pending = vec![(expr, 1)];
+    while let Some((node, depth)) = pending.pop() {
+        if depth > MAX_CONDITION_DEPTH {
+            return Some(node.id);
+        }
+        let below = depth + 1;
+        match &node.expr {
+            Expr::Call(call) => {
+                pending.extend(call.target.iter().map(|target| (&**target, below)));
+                pending.extend(call.args.iter().map(|arg| (arg, below)));
+            }
+            Expr::Select(select) => pending.push((&select.operand, below)),
+            Expr::List(list) => pending.extend(list.elements.iter().map(|element| (element, below))),
+            Expr::Map(map) => {
+                for entry in &map.entries {
+                    if let EntryExpr::MapEntry(entry) = &entry.expr {
+                        pending.push((&entry.key, below));
+                        pending.push((&entry.value, below));
+                    }
+                }
+            }
+            Expr::Struct(structure) => {
+                for entry in &structure.entries {
+                    if let EntryExpr::StructField(field) = &entry.expr {
+                        pending.push((&field.value, below));
+                    }
+                }
+            }
+            Expr::Comprehension(comprehension) => {
+                for part in [
+                    &comprehension.iter_range,
+                    &comprehension.accu_init,
+                    &comprehension.loop_cond,
+                    &comprehension.loop_step,
+                    &comprehension.result,
+                ] {
+                    pending.push((part, below));
+                }
+            }
+            Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
+        }
+    }
+    None
 }
 
 /// The byte offset of a 1-based (line, column) position of the parser.
