@@ -86,7 +86,7 @@ fn ours() -> Sample {
     let run = Sandbox::builder(Image::Default)
         .memory_mib(MEMORY_MIB)
         .console(FirstByte(Arc::clone(&first)))
-        .output(FirstByte(Arc::clone(&first)))
+        .stdout(FirstByte(Arc::clone(&first)))
         .timeout(Duration::from_secs(600))
         .run(["/bin/true"])
         .unwrap();

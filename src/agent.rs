@@ -160,6 +160,16 @@ impl AgentConn {
         }
     }
 
+    /// Make the guest trust `pem` (the sandbox CA certificate).
+    pub fn trust_ca(mut self, pem: &str) -> Result<(), AgentError> {
+        write_frame(&mut self.stream, &HostMessage::TrustCa(pem.into()))?;
+        match read_frame::<GuestMessage>(&mut self.stream)? {
+            Some(GuestMessage::DataEnd) => Ok(()),
+            Some(GuestMessage::Error(e)) => Err(AgentError::Remote(e)),
+            other => Err(AgentError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Ask the guest to stop everything and power off.
     pub fn shutdown(mut self) -> Result<(), AgentError> {
         write_frame(&mut self.stream, &HostMessage::Shutdown)?;

@@ -17,6 +17,18 @@ pub enum Error {
     Launch(#[from] guest_protocol::ProtocolError),
     #[error(transparent)]
     Vmm(#[from] vmm::Error),
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+    #[error("the guest did not come up: {0}")]
+    Boot(String),
+    #[error(transparent)]
+    Agent(#[from] crate::agent::AgentError),
+    #[error(transparent)]
+    Telemetry(#[from] sandbox_telemetry::TelemetryError),
+    #[error(transparent)]
+    Net(#[from] sandbox_net::Error),
+    #[error(transparent)]
+    Profile(#[from] sandbox_policy::ProfileError),
     #[error("the guest stopped without reporting an exit status (kernel panic or init failure); last console lines:\n{0}")]
     NoExitStatus(String),
 }

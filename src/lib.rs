@@ -11,7 +11,7 @@
 //!     .env("GREETING", "hello")
 //!     .timeout(Duration::from_secs(60))
 //!     .run(["/bin/sh", "-c", "echo $GREETING; uname -a"])?;
-//! print!("{}", String::from_utf8_lossy(&run.output));
+//! print!("{}", String::from_utf8_lossy(&run.stdout));
 //! assert_eq!(run.status, sandbox::Status::Exited(0));
 //! # Ok::<(), sandbox::Error>(())
 //! ```
@@ -20,11 +20,17 @@ mod error;
 mod image;
 pub mod paths;
 pub mod agent;
+mod console;
+mod instance;
 mod run;
 
 pub use error::Error;
 pub use image::{Image, RootFs};
+pub use guest_protocol::agent::{Exec, WinSize};
+pub use instance::Instance;
 pub use run::{RunOutput, Sandbox, SandboxBuilder, Status};
+pub use sandbox_net::NetConfig;
+pub use sandbox_policy as policy;
 
 /// Guest memory bounds, in MiB (the VMM's).
 pub const MEMORY_MIB_RANGE: std::ops::RangeInclusive<u32> = vmm::MIN_MEMORY_MIB..=vmm::MAX_MEMORY_MIB;

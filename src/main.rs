@@ -2,12 +2,17 @@
 //!
 //! Exit status of `sandbox run`: the guest command's own status; 124 when it
 //! ran past `--timeout`; 125 when the sandbox itself failed (no KVM, no
-//! kernel, bad image, bad arguments); 2 for a command line clap rejects.
+//! kernel, bad image, bad profile); 2 for a command line clap rejects.
 
+use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use sandbox::policy::{Engine, Event, Layer, ProfileSource};
 
 /// Status when the command ran past its timeout (as timeout(1) reports it).
 const EXIT_TIMEOUT: u8 = 124;
@@ -24,7 +29,15 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Boot a sandbox, run a command in it, and exit with the command's status.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Print what a sandbox's guest tried to reach (its session.db).
+    Logs(LogsArgs),
+    /// Check profiles, or explain a decision.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Manage the sandbox CA that signs the certificates guests see.
+    #[command(subcommand)]
+    Ca(CaCommand),
 }
 
 #[derive(Debug, Args)]
@@ -44,6 +57,27 @@ struct RunArgs {
     /// Working directory of the command in the guest.
     #[arg(short = 'w', long, value_name = "DIR", default_value = "/")]
     workdir: String,
+    /// Run the command as this guest user.
+    #[arg(short = 'u', long, value_name = "USER")]
+    user: Option<String>,
+    /// Pass this process's standard input to the command.
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Policy profile: a TOML file or a built-in name (`deny-all`, `dev`); repeatable.
+    #[arg(long, value_name = "PROFILE")]
+    profile: Vec<String>,
+    /// A corporate profile (its locks bind every --profile).
+    #[arg(long, value_name = "FILE")]
+    corporate_profile: Vec<PathBuf>,
+    /// Let guests reach this internal network (CIDR), e.g. 127.0.0.1/32 for a local upstream.
+    #[arg(long, value_name = "CIDR")]
+    allow_net: Vec<ipnet::IpNet>,
+    /// Upstream DNS server (IP:PORT); default: the host's resolv.conf.
+    #[arg(long, value_name = "ADDR")]
+    dns_server: Vec<std::net::SocketAddr>,
+    /// Trust this PEM root for upstream TLS, beside the system roots.
+    #[arg(long, value_name = "FILE")]
+    upstream_ca: Vec<PathBuf>,
     /// Show the guest kernel's console log on stderr.
     #[arg(long)]
     console: bool,
@@ -52,6 +86,52 @@ struct RunArgs {
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     cmd: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct LogsArgs {
+    /// The sandbox id (printed by `sandbox run` with --print-id or in `SANDBOX_LOG=info`), or `last`.
+    id: String,
+    /// Only DNS queries.
+    #[arg(long)]
+    dns: bool,
+    /// Only network requests.
+    #[arg(long)]
+    net: bool,
+    /// Only model calls.
+    #[arg(long)]
+    ai: bool,
+    /// JSON lines.
+    #[arg(long)]
+    json: bool,
+    /// Keep printing new rows.
+    #[arg(short = 'f', long)]
+    follow: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Load profiles (lowest layer first) and report errors with file:line:column.
+    Check {
+        #[arg(required = true)]
+        profiles: Vec<String>,
+    },
+    /// Decide on one event and say which rule decided and why.
+    Explain {
+        #[arg(required = true)]
+        profiles: Vec<String>,
+        /// The event as JSON, e.g. '{"http.request": {"host": "pypi.org", "method": "GET"}}'.
+        #[arg(long)]
+        event: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Print the CA certificate (PEM), creating the CA if there is none.
+    Show,
+    /// Replace the CA with a new one; running sandboxes keep the old one.
+    Rotate,
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -70,19 +150,50 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    match cli.command {
-        Command::Run(args) => run(args),
+    let result = match cli.command {
+        Command::Run(args) => return run(*args),
+        Command::Logs(args) => logs(args),
+        Command::Policy(cmd) => policy(cmd),
+        Command::Ca(cmd) => ca(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("sandbox: {err:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
 fn run(args: RunArgs) -> ExitCode {
+    let mut net = sandbox::NetConfig {
+        dns_servers: args.dns_server,
+        extra_root_files: args.upstream_ca,
+        allowed_networks: args.allow_net,
+        ..sandbox::NetConfig::default()
+    };
+    net.system_roots = true;
     let mut builder = sandbox::Sandbox::builder(sandbox::Image::parse(&args.image))
         .memory_mib(args.memory)
         .vcpus(args.cpus)
         .cwd(args.workdir)
-        .output(std::io::stdout());
+        .net_config(net)
+        .stdout(std::io::stdout())
+        .stderr(std::io::stderr());
+    for file in &args.corporate_profile {
+        builder = builder.profile_at(Layer::Corporate, ProfileSource::File(file.clone()));
+    }
+    for profile in &args.profile {
+        builder = builder.profile(profile);
+    }
     for (k, v) in args.env {
         builder = builder.env(k, v);
+    }
+    if let Some(user) = args.user {
+        builder = builder.user(user);
+    }
+    if args.interactive {
+        builder = builder.stdin(std::io::stdin());
     }
     if let Some(secs) = args.timeout {
         builder = builder.timeout(Duration::from_secs(secs));
@@ -91,16 +202,93 @@ fn run(args: RunArgs) -> ExitCode {
         builder = builder.console(std::io::stderr());
     }
     match builder.run(args.cmd) {
-        Ok(out) => match out.status {
-            sandbox::Status::Exited(code) => ExitCode::from(u8::try_from(code).unwrap_or(255)),
-            sandbox::Status::TimedOut => {
-                eprintln!("sandbox: the command did not finish within {}s; the sandbox was stopped", args.timeout.unwrap_or(0));
-                ExitCode::from(EXIT_TIMEOUT)
+        Ok(out) => {
+            tracing::info!(id = %out.id, session_db = %out.session_db.display(), boot = ?out.boot_time, "sandbox finished");
+            if std::io::stderr().is_terminal() {
+                tracing::debug!("logs: sandbox logs {}", out.id);
             }
-        },
+            remember_last(&out.id);
+            match out.status {
+                sandbox::Status::Exited(code) => ExitCode::from(u8::try_from(code).unwrap_or(255)),
+                sandbox::Status::TimedOut => {
+                    eprintln!(
+                        "sandbox: the command did not finish within {}s; the sandbox was stopped",
+                        args.timeout.unwrap_or(0)
+                    );
+                    ExitCode::from(EXIT_TIMEOUT)
+                }
+            }
+        }
         Err(err) => {
             eprintln!("sandbox: {err}");
             ExitCode::from(EXIT_SANDBOX_ERROR)
         }
     }
+}
+
+/// `sandbox logs last` reads the most recent run's database.
+fn remember_last(id: &str) {
+    let _ = std::fs::write(sandbox::paths::sandboxes_dir().join("last"), id);
+}
+
+fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
+    let dir = sandbox::paths::sandboxes_dir();
+    let id = if args.id == "last" {
+        std::fs::read_to_string(dir.join("last")).context("no sandbox has run yet")?.trim().to_string()
+    } else {
+        args.id
+    };
+    anyhow::ensure!(id.chars().all(|c| c.is_ascii_alphanumeric()), "not a sandbox id: {id:?}");
+    let db = dir.join(&id).join("session.db");
+    anyhow::ensure!(db.is_file(), "no session database for sandbox {id} ({} does not exist)", db.display());
+    let options = sandbox_telemetry::query::LogOptions {
+        dns: args.dns,
+        net: args.net,
+        ai: args.ai,
+        json: args.json,
+        follow: args.follow,
+        ..Default::default()
+    };
+    let stop = AtomicBool::new(false);
+    sandbox_telemetry::query::print_logs(&db, &options, &mut std::io::stdout().lock(), &stop)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn layers(profiles: &[String]) -> Vec<(Layer, ProfileSource)> {
+    profiles.iter().map(|p| (Layer::User, ProfileSource::from_arg(p))).collect()
+}
+
+fn policy(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        PolicyCommand::Check { profiles } => match sandbox::policy::check(&layers(&profiles)) {
+            Ok(summary) => {
+                println!("{summary}");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        PolicyCommand::Explain { profiles, event } => {
+            let engine = Engine::load_layers(&layers(&profiles))?;
+            let event = Event::from_json(&event)?;
+            println!("{}", engine.explain(&event));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn ca(cmd: CaCommand) -> anyhow::Result<ExitCode> {
+    let dir = sandbox_net::SandboxCa::default_dir();
+    let ca = match cmd {
+        CaCommand::Show => sandbox_net::SandboxCa::load_or_create(&dir)?,
+        CaCommand::Rotate => {
+            let ca = sandbox_net::SandboxCa::rotate(&dir)?;
+            eprintln!("sandbox: new CA in {}", ca.path().display());
+            ca
+        }
+    };
+    print!("{}", ca.ca_cert_pem());
+    Ok(ExitCode::SUCCESS)
 }

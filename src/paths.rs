@@ -41,3 +41,22 @@ pub fn default_image() -> Result<PathBuf, Error> {
         Err(Error::DefaultImageMissing(path))
     }
 }
+
+/// The directory of persistent data: the sandbox CA, and one directory per
+/// sandbox. `$SANDBOX_DATA`, else `${XDG_DATA_HOME:-$HOME/.local/share}/sandbox`.
+pub fn data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SANDBOX_DATA").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    std::env::var_os("XDG_DATA_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("/var/lib"))
+        .join("sandbox")
+}
+
+/// Where each sandbox keeps its sockets and `session.db`.
+pub fn sandboxes_dir() -> PathBuf {
+    data_dir().join("sandboxes")
+}

@@ -1,13 +1,16 @@
-//! Booting a sandbox, running one command in it, and collecting the result.
+//! The library API: configure a sandbox, boot it, run one command in it.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use guest_protocol::console::{Demux, Piece};
-use guest_protocol::LaunchSpec;
+use guest_protocol::agent::{Exec, WinSize};
+use sandbox_net::NetConfig;
+use sandbox_policy::{Engine, Layer, Policy, ProfileSource};
 
+use crate::instance::{Instance, InstanceConfig};
 use crate::{paths, Error, Image, MEMORY_MIB_RANGE, VCPUS_RANGE};
 
 /// How the guest command ended.
@@ -24,14 +27,19 @@ pub enum Status {
 #[derive(Debug, Clone)]
 pub struct RunOutput {
     pub status: Status,
-    /// The command's output (stdout and stderr interleaved), unless it was
-    /// streamed to a writer given with [`SandboxBuilder::output`].
-    pub output: Vec<u8>,
+    /// The command's standard output, unless streamed with [`SandboxBuilder::stdout`].
+    pub stdout: Vec<u8>,
+    /// The command's standard error, unless streamed with [`SandboxBuilder::stderr`].
+    pub stderr: Vec<u8>,
     /// The guest kernel's and init's console log (the last 64 KiB).
     pub console: Vec<u8>,
-    /// From starting the VM to the command starting in the guest.
-    pub boot_time: Option<Duration>,
-    /// From starting the VM to the VM stopping.
+    /// The sandbox's id (its directory and `session.db` are kept under it).
+    pub id: String,
+    /// The sandbox's `session.db`: every DNS query and connection attempt.
+    pub session_db: PathBuf,
+    /// From power-on until the guest agent answered.
+    pub boot_time: Duration,
+    /// From power-on until the VM stopped.
     pub total_time: Duration,
 }
 
@@ -40,7 +48,7 @@ pub struct RunOutput {
 pub struct Sandbox;
 
 impl Sandbox {
-    /// A sandbox booting `image`, with default resources.
+    /// A sandbox booting `image`, with default resources and the `deny-all` profile.
     pub fn builder(image: Image) -> SandboxBuilder {
         SandboxBuilder {
             image,
@@ -48,11 +56,17 @@ impl Sandbox {
             vcpus: 1,
             env: Vec::new(),
             cwd: "/".into(),
-            hostname: "sandbox".into(),
+            user: None,
+            tty: None,
             timeout: None,
-            output: None,
+            stdin: None,
+            stdout: None,
+            stderr: None,
             console: None,
             kernel: None,
+            profiles: Vec::new(),
+            policy: None,
+            net: NetConfig::default(),
         }
     }
 }
@@ -64,11 +78,17 @@ pub struct SandboxBuilder {
     vcpus: u8,
     env: Vec<(String, String)>,
     cwd: String,
-    hostname: String,
+    user: Option<String>,
+    tty: Option<WinSize>,
     timeout: Option<Duration>,
-    output: Option<Box<dyn Write + Send>>,
+    stdin: Option<Box<dyn Read + Send>>,
+    stdout: Option<Box<dyn Write + Send>>,
+    stderr: Option<Box<dyn Write + Send>>,
     console: Option<Box<dyn Write + Send>>,
     kernel: Option<PathBuf>,
+    profiles: Vec<(Layer, ProfileSource)>,
+    policy: Option<Policy>,
+    net: NetConfig,
 }
 
 impl std::fmt::Debug for SandboxBuilder {
@@ -80,6 +100,7 @@ impl std::fmt::Debug for SandboxBuilder {
             .field("env", &self.env)
             .field("cwd", &self.cwd)
             .field("timeout", &self.timeout)
+            .field("profiles", &self.profiles)
             .finish_non_exhaustive()
     }
 }
@@ -105,9 +126,14 @@ impl SandboxBuilder {
         self.cwd = dir.into();
         self
     }
-    /// Guest hostname (default `sandbox`).
-    pub fn hostname(mut self, name: impl Into<String>) -> Self {
-        self.hostname = name.into();
+    /// Run the command as this user (a name in the image's /etc/passwd, or a uid).
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.user = Some(user.into());
+        self
+    }
+    /// Run the command on a pseudo-terminal of this size.
+    pub fn tty(mut self, size: WinSize) -> Self {
+        self.tty = Some(size);
         self
     }
     /// Stop the VM if the command has not ended after this long.
@@ -115,9 +141,19 @@ impl SandboxBuilder {
         self.timeout = Some(timeout);
         self
     }
-    /// Stream the command's output here as it arrives instead of collecting it.
-    pub fn output(mut self, sink: impl Write + Send + 'static) -> Self {
-        self.output = Some(Box::new(sink));
+    /// Feed the command's standard input from here (default: empty).
+    pub fn stdin(mut self, src: impl Read + Send + 'static) -> Self {
+        self.stdin = Some(Box::new(src));
+        self
+    }
+    /// Stream the command's standard output here instead of collecting it.
+    pub fn stdout(mut self, sink: impl Write + Send + 'static) -> Self {
+        self.stdout = Some(Box::new(sink));
+        self
+    }
+    /// Stream the command's standard error here instead of collecting it.
+    pub fn stderr(mut self, sink: impl Write + Send + 'static) -> Self {
+        self.stderr = Some(Box::new(sink));
         self
     }
     /// Stream the guest console log (kernel messages) here as it arrives.
@@ -130,13 +166,29 @@ impl SandboxBuilder {
         self.kernel = Some(vmlinux.into());
         self
     }
+    /// Add a policy profile (a file path or a built-in name such as `dev`) at
+    /// the user layer. Without any, the built-in `deny-all` applies.
+    pub fn profile(mut self, profile: &str) -> Self {
+        self.profiles.push((Layer::User, ProfileSource::from_arg(profile)));
+        self
+    }
+    /// Add a profile at a given layer (corporate profiles can lock sections).
+    pub fn profile_at(mut self, layer: Layer, source: ProfileSource) -> Self {
+        self.profiles.push((layer, source));
+        self
+    }
+    /// Use this policy (for example one with an `ask` callback) instead of profiles.
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = Some(policy);
+        self
+    }
+    /// Network handler settings: upstream DNS, extra roots, allowed internal networks.
+    pub fn net_config(mut self, net: NetConfig) -> Self {
+        self.net = net;
+        self
+    }
 
-    /// Boot the VM, run `argv` in it, wait for it to end.
-    pub fn run<I, S>(self, argv: I) -> Result<RunOutput, Error>
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<String>,
-    {
+    fn check(&self) -> Result<(), Error> {
         if !MEMORY_MIB_RANGE.contains(&self.memory_mib) {
             return Err(Error::Config(format!(
                 "memory must be between {} and {} MiB, not {}",
@@ -156,148 +208,112 @@ impl SandboxBuilder {
         if self.timeout == Some(Duration::ZERO) {
             return Err(Error::Config("the timeout must be longer than zero".into()));
         }
-        let spec = LaunchSpec {
-            argv: argv.into_iter().map(Into::into).collect(),
-            env: self.env,
-            cwd: self.cwd,
-            hostname: self.hostname,
+        if !self.cwd.starts_with('/') {
+            return Err(Error::Config(format!("the working directory must be absolute, not {:?}", self.cwd)));
+        }
+        Ok(())
+    }
+
+    /// Boot the sandbox and return it running, for several commands.
+    pub fn start(&mut self) -> Result<Instance, Error> {
+        self.check()?;
+        let policy = match self.policy.take() {
+            Some(p) => p,
+            None if self.profiles.is_empty() => Policy::new(Engine::builtin("deny-all")?),
+            None => Policy::new(Engine::load_layers(&self.profiles)?),
         };
-        let launch_arg = spec.to_cmdline_arg()?;
-        let kernel = match self.kernel {
+        let kernel = match self.kernel.take() {
             Some(k) => k,
             None => paths::kernel()?,
         };
         let (root_disk, rootfs) = self.image.resolve()?;
         let cmdline = format!(
-            "{} root=/dev/vda ro rootfstype={} init=/sbin/sandbox-init {launch_arg}",
+            "{} root=/dev/vda ro rootfstype={} init=/sbin/sandbox-init",
             vmm::cmdline::base_args(),
             rootfs.kernel_name()
         );
-
-        let state = Arc::new(Mutex::new(ConsoleState::default()));
-        let started = Instant::now();
-        let sink = ConsoleSink {
-            demux: Demux::new(),
-            started,
-            state: Arc::clone(&state),
-            output: self.output,
-            console: self.console,
-        };
-        let vm = vmm::Vm::create(vmm::VmConfig {
+        Instance::start(InstanceConfig {
             kernel,
+            root_disk,
             cmdline,
             memory_mib: self.memory_mib,
             vcpus: self.vcpus,
-            root_disk,
-            scratch_disk: None,
-            serial: Box::new(sink),
-        })?;
+            policy,
+            net: self.net.clone(),
+            console: self.console.take(),
+        })
+    }
 
+    /// Boot the sandbox, run `argv` in it, power it off.
+    pub fn run<I, S>(mut self, argv: I) -> Result<RunOutput, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let argv: Vec<String> = argv.into_iter().map(Into::into).collect();
+        if argv.first().is_none_or(String::is_empty) {
+            return Err(Error::Config("no command given".into()));
+        }
+        let started = Instant::now();
+        let instance = self.start()?;
+        let timed_out = Arc::new(AtomicBool::new(false));
         let (done_tx, done_rx) = mpsc::channel::<()>();
         let watchdog = self.timeout.map(|timeout| {
-            let stop = vm.stop_handle();
+            let stop = instance.stop_handle();
+            let timed_out = Arc::clone(&timed_out);
             std::thread::spawn(move || {
-                let expired = matches!(done_rx.recv_timeout(timeout), Err(mpsc::RecvTimeoutError::Timeout));
-                if expired {
+                if let Err(mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(timeout) {
+                    timed_out.store(true, Ordering::SeqCst);
                     stop.stop();
                 }
-                expired
             })
         });
-        let result = vm.run();
-        drop(done_tx);
-        let timed_out = watchdog.map(|w| w.join().unwrap_or(false)).unwrap_or(false);
-        let total_time = started.elapsed();
-        let exit = result?;
 
-        let mut state = state.lock().map_err(|_| Error::NoExitStatus("console state poisoned".into()))?;
-        let state = std::mem::take(&mut *state);
-        let status = match (state.status, timed_out, exit) {
-            (Some(code), _, _) => Status::Exited(code),
-            (None, true, _) | (None, _, vmm::ExitReason::StopRequested) => Status::TimedOut,
-            (None, false, vmm::ExitReason::GuestShutdown) => {
-                let log = String::from_utf8_lossy(&state.console);
-                let tail: Vec<&str> = log.lines().rev().take(20).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                return Err(Error::NoExitStatus(tail.join("\n")));
+        let collected_out = Arc::new(Mutex::new(Vec::new()));
+        let collected_err = Arc::new(Mutex::new(Vec::new()));
+        let mut stdout: Box<dyn Write + Send> = self.stdout.take().unwrap_or_else(|| Box::new(Collect(Arc::clone(&collected_out))));
+        let mut stderr: Box<dyn Write + Send> = self.stderr.take().unwrap_or_else(|| Box::new(Collect(Arc::clone(&collected_err))));
+        let exec = Exec { argv, env: self.env.clone(), cwd: self.cwd.clone(), user: self.user.clone(), tty: self.tty };
+        let result = instance.exec(exec, self.stdin.take(), &mut stdout, &mut stderr);
+        drop(done_tx);
+        if let Some(w) = watchdog {
+            let _ = w.join();
+        }
+        let id = instance.id().to_string();
+        let session_db = instance.dir().join("session.db");
+        let boot_time = instance.boot_time();
+        let status = match result {
+            _ if timed_out.load(Ordering::SeqCst) => Status::TimedOut,
+            Ok(code) => Status::Exited(code),
+            Err(e) => {
+                let _ = instance.shutdown();
+                return Err(e);
             }
         };
+        let console = instance.shutdown()?;
+        let take = |v: &Arc<Mutex<Vec<u8>>>| v.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default();
         Ok(RunOutput {
             status,
-            output: state.output,
-            console: state.console,
-            boot_time: state.boot_time,
-            total_time,
+            stdout: take(&collected_out),
+            stderr: take(&collected_err),
+            console,
+            id,
+            session_db,
+            boot_time,
+            total_time: started.elapsed(),
         })
     }
 }
 
-/// How much console log a run keeps.
-const CONSOLE_KEEP: usize = 64 * 1024;
+/// Collects a stream into shared memory.
+struct Collect(Arc<Mutex<Vec<u8>>>);
 
-#[derive(Debug, Default)]
-struct ConsoleState {
-    output: Vec<u8>,
-    console: Vec<u8>,
-    status: Option<i32>,
-    boot_time: Option<Duration>,
-}
-
-/// The VM's serial port sink: splits the stream into log, output and status.
-struct ConsoleSink {
-    demux: Demux,
-    started: Instant,
-    state: Arc<Mutex<ConsoleState>>,
-    output: Option<Box<dyn Write + Send>>,
-    console: Option<Box<dyn Write + Send>>,
-}
-
-impl ConsoleSink {
-    fn handle(&mut self, pieces: Vec<Piece>) -> std::io::Result<()> {
-        let Ok(mut state) = self.state.lock() else {
-            return Err(std::io::Error::other("console state poisoned"));
-        };
-        for piece in pieces {
-            match piece {
-                Piece::Log(bytes) => {
-                    if let Some(c) = self.console.as_mut() {
-                        c.write_all(&bytes)?;
-                        c.flush()?;
-                    }
-                    state.console.extend_from_slice(&bytes);
-                    let excess = state.console.len().saturating_sub(CONSOLE_KEEP);
-                    state.console.drain(..excess);
-                }
-                Piece::Output(bytes) => match self.output.as_mut() {
-                    Some(out) => {
-                        out.write_all(&bytes)?;
-                        out.flush()?;
-                    }
-                    None => state.output.extend_from_slice(&bytes),
-                },
-                Piece::Started => state.boot_time = Some(self.started.elapsed()),
-                Piece::Exited(code) => state.status = Some(code),
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Write for ConsoleSink {
+impl Write for Collect {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let pieces = self.demux.feed(buf);
-        self.handle(pieces)?;
+        self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.extend_from_slice(buf);
         Ok(buf.len())
     }
-
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
-    }
-}
-
-impl Drop for ConsoleSink {
-    fn drop(&mut self) {
-        let pieces = self.demux.finish();
-        let _ = self.handle(pieces);
     }
 }

@@ -22,6 +22,7 @@ fn a_command_runs_with_its_arguments_environment_and_status() {
         echo written > /etc/overlay-test && cat /etc/overlay-test
         grep -q ' / overlay ' /proc/mounts && echo "root=overlay"
         echo "pid1=$(cat /proc/1/comm)"
+        echo "to stderr" >&2
         exit 3
     "#;
     let t = Instant::now();
@@ -32,9 +33,9 @@ fn a_command_runs_with_its_arguments_environment_and_status() {
         .timeout(Duration::from_secs(300))
         .run(["/bin/sh", "-c", script, "sh", "a b", "c"])
         .unwrap();
-    let out = String::from_utf8_lossy(&run.output);
+    let out = String::from_utf8_lossy(&run.stdout);
     eprintln!(
-        "boot to command: {:?}, whole run: {:?} (wall {:?})\n--- output ---\n{out}",
+        "boot to agent: {:?}, whole run: {:?} (wall {:?})\n--- output ---\n{out}",
         run.boot_time,
         run.total_time,
         t.elapsed()
@@ -43,7 +44,8 @@ fn a_command_runs_with_its_arguments_environment_and_status() {
     assert!(out.starts_with("Linux sandbox "), "{out}");
     assert!(out.contains("host=sandbox cwd=/tmp greeting=hello world args=2:a b:c\n"), "{out}");
     assert!(out.contains("written\nroot=overlay\npid1=sandbox-init\n"), "{out}");
-    assert!(run.boot_time.is_some());
+    assert_eq!(String::from_utf8_lossy(&run.stderr), "to stderr\n");
+    assert!(run.session_db.is_file());
 }
 
 #[test]
