@@ -7,6 +7,9 @@
 //! memory: peak resident set minus the resident part of the guest RAM mapping.
 //! `BOOT_BENCH_ROUNDS` sets the number of rounds (default 3).
 //!
+//! CPU time (all threads, until the command has exited) is printed too: it
+//! varies less than wall-clock time when other work shares the machine.
+//!
 //! The process-exit ratio is not a like-for-like comparison: QEMU's microvm
 //! has no i8042, so the guest's `reboot=k` first spins on the missing
 //! controller before falling back to another reset method.
@@ -120,6 +123,18 @@ fn root_image(dir: &Path) -> Result<PathBuf, String> {
     Ok(image)
 }
 
+/// User plus system CPU time of a process (all its threads), in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the whole line.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
 /// Resident kiB of the whole process and of its guest-RAM-sized anonymous mapping.
 fn memory_kib(pid: u32) -> Option<(u64, u64)> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
@@ -151,6 +166,7 @@ struct Run {
     ready: Duration,
     done: Duration,
     exit: Duration,
+    cpu: Duration,
     overhead_kib: u64,
 }
 
@@ -163,12 +179,13 @@ fn measure(mut command: Command) -> Result<Run, String> {
         .map_err(|e| format!("cannot start {command:?}: {e}"))?;
     let stdout = child.stdout.take().ok_or("no stdout")?;
     let (tx, rx) = mpsc::channel();
+    let pid = child.id();
     let reader = std::thread::spawn(move || {
         let mut log = String::new();
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             for marker in [READY_LINE, DONE_LINE] {
                 if line.contains(marker) {
-                    let _ = tx.send((marker, start.elapsed()));
+                    let _ = tx.send((marker, start.elapsed(), cpu_ticks(pid)));
                 }
             }
             log.push_str(&line);
@@ -194,18 +211,25 @@ fn measure(mut command: Command) -> Result<Run, String> {
     };
     let exit = start.elapsed();
     let log = reader.join().map_err(|_| "console reader panicked")?;
-    let marks: Vec<(&str, Duration)> = rx.try_iter().collect();
+    let marks: Vec<(&str, Duration, Option<u64>)> = rx.try_iter().collect();
+    let ticks = marks
+        .iter()
+        .find(|(m, _, _)| *m == DONE_LINE)
+        .and_then(|(_, _, ticks)| *ticks)
+        .unwrap_or(0);
     let at = |marker: &str| {
         marks
             .iter()
-            .find(|(m, _)| *m == marker)
-            .map(|(_, t)| *t)
+            .find(|(m, _, _)| *m == marker)
+            .map(|(_, t, _)| *t)
             .ok_or_else(|| format!("guest never printed {marker:?} ({status}); console:\n{log}"))
     };
     Ok(Run {
         ready: at(READY_LINE)?,
         done: at(DONE_LINE)?,
         exit,
+        // USER_HZ is 100 on Linux.
+        cpu: Duration::from_millis(ticks * 10),
         overhead_kib,
     })
 }
@@ -271,14 +295,16 @@ fn bench() -> Result<(), String> {
         let a = measure(ours(&kernel, &image)?)?;
         let b = measure(qemu(&kernel, &image))?;
         println!(
-            "round {round}: vmm ready {:.2} s done {:.2} s exit {:.2} s overhead {} KiB | qemu ready {:.2} s done {:.2} s exit {:.2} s overhead {} KiB",
+            "round {round}: vmm ready {:.2} s done {:.2} s exit {:.2} s cpu {:.2} s overhead {} KiB | qemu ready {:.2} s done {:.2} s exit {:.2} s cpu {:.2} s overhead {} KiB",
             a.ready.as_secs_f64(),
             a.done.as_secs_f64(),
             a.exit.as_secs_f64(),
+            a.cpu.as_secs_f64(),
             a.overhead_kib,
             b.ready.as_secs_f64(),
             b.done.as_secs_f64(),
             b.exit.as_secs_f64(),
+            b.cpu.as_secs_f64(),
             b.overhead_kib
         );
         mine.push(a);
@@ -289,6 +315,7 @@ fn bench() -> Result<(), String> {
     let done = |r: &Run| r.done.as_secs_f64();
     let exit = |r: &Run| r.exit.as_secs_f64();
     let overhead = |r: &Run| r.overhead_kib as f64 / 1024.0;
+    let cpu = |r: &Run| r.cpu.as_secs_f64();
     for (what, f) in [
         ("first /init line", ready as fn(&Run) -> f64),
         ("command exit", done),
@@ -301,6 +328,12 @@ fn bench() -> Result<(), String> {
             med(&mine, f) / med(&reference, f)
         );
     }
+    println!(
+        "median CPU time until command exit (less sensitive to other load): vmm {:.2} s, qemu {:.2} s, ratio {:.3}",
+        med(&mine, cpu),
+        med(&reference, cpu),
+        med(&mine, cpu) / med(&reference, cpu)
+    );
     println!(
         "VMM memory overhead (RSS minus resident guest RAM): vmm {:.1} MiB, qemu {:.1} MiB",
         med(&mine, overhead),
