@@ -11,7 +11,6 @@
 
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
-use std::thread;
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -37,7 +36,7 @@ use crate::layout::{
 };
 use crate::vstate::exit::{ExitReason, ExitSignal, ExitSubscriber, StopHandle};
 use crate::vstate::kvm as kvm_setup;
-use crate::vstate::vcpu::{self, Vcpu, VcpuSetup};
+use crate::vstate::vcpu::{self, Vcpu, VcpuSetup, VcpuThreads};
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -267,31 +266,13 @@ impl Vm {
             ..
         } = self;
 
-        let mut threads = Vec::with_capacity(vcpus.len());
-        for vcpu in vcpus {
-            let id = vcpu.id();
-            let vcpu_exit = exit.clone();
-            let spawned = thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || vcpu.run(&vcpu_exit));
-            match spawned {
-                Ok(handle) => threads.push((id, handle)),
-                Err(source) => {
-                    exit.request(Err(Error::Io {
-                        what: "starting a vCPU thread",
-                        source,
-                    }));
-                    break;
-                }
-            }
-        }
-
+        let threads = VcpuThreads::start(vcpus, &exit);
         while !exit.is_stopping() {
             if let Err(e) = events.run() {
                 exit.request(Err(Error::EventLoop(e)));
             }
         }
-        vcpu::stop_and_join(threads, &exit);
+        drop(threads);
         exit.take_outcome().unwrap_or(Ok(ExitReason::StopRequested))
     }
 }

@@ -261,19 +261,62 @@ impl Vcpu {
     }
 }
 
-/// Stops vCPU threads: kicks each out of KVM_RUN until it has left its run
-/// loop (the exit flag must already be set), then joins it. A thread that
-/// panicked is reported through `exit`.
-pub fn stop_and_join(threads: Vec<(u8, JoinHandle<()>)>, exit: &ExitSignal) {
-    for (id, thread) in threads {
-        while !thread.is_finished() {
-            if let Err(e) = thread.kill(kick_signal()) {
-                warn!("vcpu{id}: cannot signal the thread: {e}");
+/// The running vCPU threads. Dropping this stops and joins them, also when
+/// the event loop unwinds from a panic.
+#[derive(Debug)]
+pub struct VcpuThreads {
+    exit: Arc<ExitSignal>,
+    threads: Vec<(u8, JoinHandle<()>)>,
+}
+
+impl VcpuThreads {
+    /// Starts one thread per vCPU. A thread that cannot be started, or a vCPU
+    /// that panics, ends the VM with an error.
+    pub fn start(vcpus: Vec<Vcpu>, exit: &Arc<ExitSignal>) -> Self {
+        let mut threads = Vec::with_capacity(vcpus.len());
+        for vcpu in vcpus {
+            let id = vcpu.id();
+            let vcpu_exit = exit.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || {
+                    let run = std::panic::AssertUnwindSafe(|| vcpu.run(&vcpu_exit));
+                    if std::panic::catch_unwind(run).is_err() {
+                        vcpu_exit.request(Err(Error::VcpuPanic(id)));
+                    }
+                });
+            match spawned {
+                Ok(handle) => threads.push((id, handle)),
+                Err(source) => {
+                    exit.request(Err(Error::Io {
+                        what: "starting a vCPU thread",
+                        source,
+                    }));
+                    break;
+                }
             }
-            std::thread::sleep(Duration::from_millis(1));
         }
-        if thread.join().is_err() {
-            exit.request(Err(Error::VcpuPanic(id)));
+        Self {
+            exit: exit.clone(),
+            threads,
+        }
+    }
+}
+
+impl Drop for VcpuThreads {
+    /// Kicks each thread out of KVM_RUN until it has left its run loop, then joins it.
+    fn drop(&mut self) {
+        // Normally the VM is already ending and this changes nothing.
+        self.exit.request(Ok(ExitReason::StopRequested));
+        for (id, thread) in self.threads.drain(..) {
+            while !thread.is_finished() {
+                if let Err(e) = thread.kill(kick_signal()) {
+                    warn!("vcpu{id}: cannot signal the thread: {e}");
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // The thread body catches panics; nothing is left to report here.
+            let _ = thread.join();
         }
     }
 }
