@@ -241,16 +241,17 @@ impl Connection for UpstreamStream {
     }
 }
 
-/// The connector of the pooled upstream HTTP client: `https://host:port` URIs
-/// become [`Upstream::connect`] calls.
+/// The connector of a pooled upstream HTTP client: `https://host:port` URIs
+/// become [`Upstream::connect`] calls, offering http/1.1 alone or h2 first.
 #[derive(Debug, Clone)]
 pub struct UpstreamConnector {
     upstream: Arc<Upstream>,
+    http1_only: bool,
 }
 
 impl UpstreamConnector {
-    pub fn new(upstream: Arc<Upstream>) -> Self {
-        Self { upstream }
+    pub fn new(upstream: Arc<Upstream>, http1_only: bool) -> Self {
+        Self { upstream, http1_only }
     }
 }
 
@@ -265,10 +266,11 @@ impl tower_service::Service<Uri> for UpstreamConnector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let upstream = self.upstream.clone();
+        let http1_only = self.http1_only;
         Box::pin(async move {
             let host = uri.host().unwrap_or_default().to_owned();
             let port = uri.port_u16().unwrap_or(443);
-            upstream.connect(&host, port, false).await.map(TokioIo::new)
+            upstream.connect(&host, port, http1_only).await.map(TokioIo::new)
         })
     }
 }

@@ -53,6 +53,28 @@ impl Capture {
     }
 }
 
+/// A row with nothing known yet but when and where.
+fn blank_event(started: SystemTime, domain: String, sni: Option<String>) -> NetEvent {
+    NetEvent {
+        started,
+        finished: started,
+        domain,
+        sni,
+        method: None,
+        path: None,
+        status_code: None,
+        decision: Outcome::Error,
+        matched_rule: None,
+        bytes_sent: 0,
+        bytes_received: 0,
+        request_headers: Vec::new(),
+        request_body_preview: Vec::new(),
+        response_body_preview: Vec::new(),
+        error: None,
+        model_call: None,
+    }
+}
+
 /// The telemetry of one request, recorded when dropped.
 #[derive(Debug)]
 pub(crate) struct Exchange {
@@ -66,24 +88,7 @@ pub(crate) struct Exchange {
 
 impl Exchange {
     pub(crate) fn new(recorder: Recorder, started: SystemTime, domain: String, sni: Option<String>) -> Self {
-        let event = NetEvent {
-            started,
-            finished: started,
-            domain,
-            sni,
-            method: None,
-            path: None,
-            status_code: None,
-            decision: Outcome::Error,
-            matched_rule: None,
-            bytes_sent: 0,
-            bytes_received: 0,
-            request_headers: Vec::new(),
-            request_body_preview: Vec::new(),
-            response_body_preview: Vec::new(),
-            error: None,
-            model_call: None,
-        };
+        let event = blank_event(started, domain, sni);
         Self { recorder, event, sent: Arc::default(), received: Arc::default(), parser: None }
     }
 
@@ -118,13 +123,14 @@ impl Exchange {
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        let mut event = self.event.clone();
+        let mut event = std::mem::replace(&mut self.event, blank_event(SystemTime::UNIX_EPOCH, String::new(), None));
         event.finished = SystemTime::now();
         (event.bytes_sent, event.request_body_preview) = self.sent.take();
         (event.bytes_received, event.response_body_preview) = self.received.take();
         event.model_call = self.parser.take().map(StreamParser::finish);
+        let domain = event.domain.clone();
         if let Err(err) = self.recorder.record_net(event) {
-            tracing::error!(%err, domain = %self.event.domain, "HTTP exchange not recorded");
+            tracing::error!(%err, domain, "HTTP exchange not recorded");
         }
     }
 }

@@ -54,7 +54,11 @@ type GuestStream = TlsStream<BufReader<Tracked<UnixStream>>>;
 #[derive(Debug)]
 pub(crate) struct MitmHandler {
     upstream: Arc<Upstream>,
-    client: Client<UpstreamConnector, CountedBody<Incoming>>,
+    /// Pooled upstream connections for guests speaking HTTP/1.1 (offering
+    /// http/1.1 only) and HTTP/2 (offering h2 first): the upstream leg speaks
+    /// what the guest speaks whenever the upstream can.
+    client_http1: Client<UpstreamConnector, CountedBody<Incoming>>,
+    client_h2: Client<UpstreamConnector, CountedBody<Incoming>>,
     leaves: Arc<LeafCache>,
     tls: Arc<ServerConfig>,
     http: auto::Builder<TokioExecutor>,
@@ -109,19 +113,22 @@ impl MitmHandler {
             .with_cert_resolver(leaves.clone());
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
 
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(UpstreamConnector::new(upstream.clone()));
+        let client = |http1_only| {
+            Client::builder(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .build(UpstreamConnector::new(upstream.clone(), http1_only))
+        };
 
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1().timer(TokioTimer::new()).keep_alive(true).half_close(true);
         http.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
 
         Ok(MitmHandler {
+            client_http1: client(true),
+            client_h2: client(false),
             upstream,
-            client,
             leaves,
             tls: Arc::new(tls),
             http,
@@ -186,7 +193,8 @@ impl ConnectionHandler for MitmHandler {
             }
         };
 
-        let conn = Arc::new(Conn::new(self.clone(), sni.clone(), header.destination.port(), activity.clone()));
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let conn = Arc::new(Conn::new(self.clone(), sni.clone(), header.destination.port(), h2, activity.clone()));
         let requests = conn.requests.clone();
         let service = service_fn(move |req| {
             let conn = conn.clone();

@@ -7,8 +7,9 @@
 //! 3. Rewrite actions change the request headers before forwarding and before
 //!    logging; values from secrets are logged as `REDACTED`, and so are
 //!    credential-like headers (telemetry's [`redact`] rules).
-//! 4. The request goes to `https://<sni>:<original port>` through the pooled
-//!    client (HTTP/2 or HTTP/1.1, whichever the upstream picks), or, for an
+//! 4. The request goes to `https://<sni>:<original port>` through a pooled
+//!    client speaking the guest's protocol when the upstream can (a guest on
+//!    HTTP/2 offers h2 first, one on HTTP/1.1 offers http/1.1 only), or, for an
 //!    HTTP/1.1 upgrade such as WebSocket, over a dedicated HTTP/1.1 connection
 //!    that becomes a byte tunnel after `101`.
 //! 5. The `http.response` event is decided too (no matching rule blocks, as
@@ -59,6 +60,8 @@ pub(crate) struct Conn {
     handler: Arc<MitmHandler>,
     sni: String,
     port: u16,
+    /// The guest speaks HTTP/2.
+    h2: bool,
     activity: Arc<Activity>,
     pub(crate) requests: RequestCount,
 }
@@ -113,8 +116,8 @@ async fn tunnel(guest: OnUpgrade, upstream: OnUpgrade, mut exchange: Exchange, a
 }
 
 impl Conn {
-    pub(crate) fn new(handler: Arc<MitmHandler>, sni: String, port: u16, activity: Arc<Activity>) -> Self {
-        Self { handler, sni, port, activity, requests: RequestCount::default() }
+    pub(crate) fn new(handler: Arc<MitmHandler>, sni: String, port: u16, h2: bool, activity: Arc<Activity>) -> Self {
+        Self { handler, sni, port, h2, activity, requests: RequestCount::default() }
     }
 
     pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
@@ -199,7 +202,8 @@ impl Conn {
         *upstream_req.uri_mut() = self.upstream_uri(&parts.uri)?;
         *upstream_req.headers_mut() = parts.headers;
         strip_hop_by_hop(upstream_req.headers_mut());
-        let sent = tokio::time::timeout(self.handler.response_timeout, self.handler.client.request(upstream_req)).await;
+        let client = if self.h2 { &self.handler.client_h2 } else { &self.handler.client_http1 };
+        let sent = tokio::time::timeout(self.handler.response_timeout, client.request(upstream_req)).await;
         match sent {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(err)) => Err(upstream_refusal(&self.sni, &err)),
