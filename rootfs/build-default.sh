@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the built-in `default` guest image: a read-only erofs filesystem with
-# Debian's static busybox, the sandbox init, and the guest proxies when built.
+# Debian's static busybox, the sandbox init, the guest proxies and `fetch`.
 #
 #   rootfs/build-default.sh           build if needed, print the image path
 #
@@ -28,6 +28,7 @@ need_pkg() { # package, file it provides
 }
 need_pkg busybox-static /bin/busybox
 need_pkg erofs-utils /usr/bin/mkfs.erofs
+need_pkg musl-tools /usr/bin/musl-gcc
 
 target=x86_64-unknown-linux-musl
 rustup target list --installed 2>/dev/null | grep -qx "$target" || {
@@ -35,12 +36,7 @@ rustup target list --installed 2>/dev/null | grep -qx "$target" || {
     rustup target add "$target" >&2
 }
 log "building guest binaries (musl, size-optimised)"
-bins=(-p guest-init)
-if grep -q '^name = "dns-proxy"\|src/bin/dns-proxy.rs' "$root/guest-proxies/Cargo.toml" 2>/dev/null \
-    || [ -f "$root/guest-proxies/src/bin/dns-proxy.rs" ]; then
-    bins+=(-p guest-proxies)
-fi
-(cd "$root" && cargo build --quiet --target "$target" --profile guest "${bins[@]}") >&2
+(cd "$root" && cargo build --quiet --target "$target" --profile guest -p guest-init -p guest-proxies) >&2
 out_bin="$root/target/$target/guest"
 
 stage="$(mktemp -d)"
@@ -54,9 +50,9 @@ install -m 0755 /bin/busybox "$stage/bin/busybox"
     [ -e "$stage/$applet" ] || ln -s /bin/busybox "$stage/$applet"
 done
 install -m 0755 "$out_bin/sandbox-init" "$stage/sbin/sandbox-init"
-for p in dns-proxy net-proxy; do
-    [ -f "$out_bin/$p" ] && install -m 0755 "$out_bin/$p" "$stage/usr/libexec/sandbox/$p"
-done
+install -m 0755 "$out_bin/dns-proxy" "$out_bin/net-proxy" "$stage/usr/libexec/sandbox/"
+# A small HTTPS client (busybox's wget is not usable in the guest).
+if [ -f "$out_bin/fetch" ]; then install -m 0755 "$out_bin/fetch" "$stage/usr/bin/fetch"; fi
 # The console must exist before init mounts devtmpfs: the kernel opens it for init.
 mknod -m 0600 "$stage/dev/console" c 5 1
 mknod -m 0666 "$stage/dev/null" c 1 3
