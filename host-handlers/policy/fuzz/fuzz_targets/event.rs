@@ -31,7 +31,7 @@ on = "http.request"
 decision = "rewrite"
 set_request_headers = { authorization = "Bearer ${secret:TOKEN}" }
 
-[security.rules.http.responses]
+[security.rules.http.fuzz_responses]
 on = "http.response"
 if = 'http.response.status >= 500 || http.response.headers.all(k, k.size() < 20) || http.request.path.contains("/x")'
 decision = "allow"
