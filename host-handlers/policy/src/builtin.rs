@@ -10,5 +10,8 @@ pub const BUILTIN_PROFILES: &[(&str, &str)] = &[
 
 /// The text of a built-in profile.
 pub fn builtin_profile(name: &str) -> Option<&'static str> {
-    BUILTIN_PROFILES.iter().find(|(known, _)| *known == name).map(|(_, text)| *text)
+    BUILTIN_PROFILES
+        .iter()
+        .find(|(known, _)| *known == name)
+        .map(|(_, text)| *text)
 }

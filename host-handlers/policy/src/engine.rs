@@ -53,9 +53,14 @@ impl RuleDecision {
     }
 
     pub(crate) fn from_name(name: &str) -> Option<RuleDecision> {
-        [RuleDecision::Allow, RuleDecision::Block, RuleDecision::Ask, RuleDecision::Rewrite]
-            .into_iter()
-            .find(|decision| decision.name() == name)
+        [
+            RuleDecision::Allow,
+            RuleDecision::Block,
+            RuleDecision::Ask,
+            RuleDecision::Rewrite,
+        ]
+        .into_iter()
+        .find(|decision| decision.name() == name)
     }
 
     /// The decision a deciding rule makes (`None` for rewrite rules).
@@ -142,13 +147,19 @@ impl ProfileSource {
     fn read(&self) -> Result<SourceText, ProfileError> {
         match self {
             ProfileSource::File(path) => {
-                let bytes = std::fs::read(path).map_err(|source| ProfileError::Io { file: path.clone(), source })?;
+                let bytes = std::fs::read(path).map_err(|source| ProfileError::Io {
+                    file: path.clone(),
+                    source,
+                })?;
                 profile::text_of(Arc::from(path.as_path()), bytes)
             }
             ProfileSource::Builtin(name) => {
                 let text = builtin::builtin_profile(name)
                     .ok_or_else(|| ProfileError::UnknownBuiltin { name: name.clone() })?;
-                Ok(SourceText { name: Arc::from(Path::new(&format!("builtin:{name}"))), text: text.to_owned() })
+                Ok(SourceText {
+                    name: Arc::from(Path::new(&format!("builtin:{name}"))),
+                    text: text.to_owned(),
+                })
             }
             ProfileSource::Text { name, text } => {
                 profile::text_of(Arc::from(Path::new(name)), text.clone().into_bytes())
@@ -322,17 +333,28 @@ impl EngineBuilder {
                 });
             }
             // A profile's locks bind the profiles after it, not its own rules.
-            locks.extend(profile.locks.into_iter().map(|LockSpec { section, location }| Lock {
-                section,
-                location,
+            locks.extend(
+                profile
+                    .locks
+                    .into_iter()
+                    .map(|LockSpec { section, location }| Lock {
+                        section,
+                        location,
+                        layer: *layer,
+                    }),
+            );
+            loaded.push(LoadedProfile {
+                name: text.name.clone(),
                 layer: *layer,
-            }));
-            loaded.push(LoadedProfile { name: text.name.clone(), layer: *layer, description: profile.description });
+                description: profile.description,
+            });
         }
         if !errors.is_empty() {
             return Err(ProfileError::from_list(errors));
         }
-        Ok(Engine { inner: Arc::new(Inner::new(Arc::new(env), rules, locks, loaded)) })
+        Ok(Engine {
+            inner: Arc::new(Inner::new(Arc::new(env), rules, locks, loaded)),
+        })
     }
 }
 
@@ -347,17 +369,31 @@ impl fmt::Debug for Inner {
 }
 
 impl Inner {
-    fn new(env: Arc<Env>, rules: Vec<Rule>, locks: Vec<Lock>, profiles: Vec<LoadedProfile>) -> Inner {
+    fn new(
+        env: Arc<Env>,
+        rules: Vec<Rule>,
+        locks: Vec<Lock>,
+        profiles: Vec<LoadedProfile>,
+    ) -> Inner {
         let mut deciding: [Vec<usize>; 4] = Default::default();
         let mut rewriting: [Vec<usize>; 4] = Default::default();
         for (index, rule) in rules.iter().enumerate() {
-            let list = if rule.decision == RuleDecision::Rewrite { &mut rewriting } else { &mut deciding };
+            let list = if rule.decision == RuleDecision::Rewrite {
+                &mut rewriting
+            } else {
+                &mut deciding
+            };
             list[rule.event.index()].push(index);
         }
         for list in &mut deciding {
             list.sort_by(|&a, &b| {
                 let (a, b) = (&rules[a], &rules[b]);
-                (a.priority, a.decision.tie_rank(), a.order, &a.name).cmp(&(b.priority, b.decision.tie_rank(), b.order, &b.name))
+                (a.priority, a.decision.tie_rank(), a.order, &a.name).cmp(&(
+                    b.priority,
+                    b.decision.tie_rank(),
+                    b.order,
+                    &b.name,
+                ))
             });
         }
         for list in &mut rewriting {
@@ -366,17 +402,28 @@ impl Inner {
                 (a.priority, a.order, &a.name).cmp(&(b.priority, b.order, &b.name))
             });
         }
-        Inner { env, rules, deciding, rewriting, locks, profiles }
+        Inner {
+            env,
+            rules,
+            deciding,
+            rewriting,
+            locks,
+            profiles,
+        }
     }
 
     /// Allow, block and ask rules for a kind, in precedence order.
     pub fn deciding(&self, kind: EventKind) -> impl Iterator<Item = &Rule> {
-        self.deciding[kind.index()].iter().map(|&index| &self.rules[index])
+        self.deciding[kind.index()]
+            .iter()
+            .map(|&index| &self.rules[index])
     }
 
     /// Rewrite rules for a kind, in priority order.
     pub fn rewriting(&self, kind: EventKind) -> impl Iterator<Item = &Rule> {
-        self.rewriting[kind.index()].iter().map(|&index| &self.rules[index])
+        self.rewriting[kind.index()]
+            .iter()
+            .map(|&index| &self.rules[index])
     }
 
     /// The actions of the matching rewrite rules. For each header, and for
@@ -390,16 +437,24 @@ impl Inner {
             for action in &rule.actions {
                 let taken = match action.header() {
                     Some(header) => actions.iter().any(|done| done.header() == Some(header)),
-                    None => actions.iter().any(|done| matches!(done, Action::DnsAnswer { .. })),
+                    None => actions
+                        .iter()
+                        .any(|done| matches!(done, Action::DnsAnswer { .. })),
                 };
                 if taken {
                     continue;
                 }
                 actions.push(match (action, event) {
-                    (Action::DnsAnswer { records, ttl }, Event::DnsRequest(query)) => Action::DnsAnswer {
-                        records: records.iter().filter(|r| answers(r, &query.qtype)).cloned().collect(),
-                        ttl: *ttl,
-                    },
+                    (Action::DnsAnswer { records, ttl }, Event::DnsRequest(query)) => {
+                        Action::DnsAnswer {
+                            records: records
+                                .iter()
+                                .filter(|r| answers(r, &query.qtype))
+                                .cloned()
+                                .collect(),
+                            ttl: *ttl,
+                        }
+                    }
                     _ => action.clone(),
                 });
             }
@@ -409,11 +464,23 @@ impl Inner {
 
     fn decide(&self, event: &Event, cx: &EvalCx<'_, '_, '_>) -> Verdict {
         match self.deciding(event.kind()).find(|rule| rule.matches(cx)) {
-            None => Verdict { decision: Decision::Block, rule: None, actions: Vec::new() },
+            None => Verdict {
+                decision: Decision::Block,
+                rule: None,
+                actions: Vec::new(),
+            },
             Some(rule) => {
                 let decision = rule.decision.decision().unwrap_or(Decision::Block);
-                let actions = if decision == Decision::Allow { self.actions(event, cx) } else { Vec::new() };
-                Verdict { decision, rule: Some(rule.name.clone()), actions }
+                let actions = if decision == Decision::Allow {
+                    self.actions(event, cx)
+                } else {
+                    Vec::new()
+                };
+                Verdict {
+                    decision,
+                    rule: Some(rule.name.clone()),
+                    actions,
+                }
             }
         }
     }
@@ -436,7 +503,9 @@ impl Engine {
     pub fn load(paths: &[PathBuf]) -> Result<Engine, ProfileError> {
         paths
             .iter()
-            .fold(Engine::builder(), |builder, path| builder.profile(Layer::User, ProfileSource::File(path.clone())))
+            .fold(Engine::builder(), |builder, path| {
+                builder.profile(Layer::User, ProfileSource::File(path.clone()))
+            })
             .build()
     }
 
@@ -445,13 +514,17 @@ impl Engine {
     pub fn load_layers(profiles: &[(Layer, ProfileSource)]) -> Result<Engine, ProfileError> {
         profiles
             .iter()
-            .fold(Engine::builder(), |builder, (layer, source)| builder.profile(*layer, source.clone()))
+            .fold(Engine::builder(), |builder, (layer, source)| {
+                builder.profile(*layer, source.clone())
+            })
             .build()
     }
 
     /// The engine of one built-in profile.
     pub fn builtin(name: &str) -> Result<Engine, ProfileError> {
-        Engine::builder().profile(Layer::Builtin, ProfileSource::Builtin(name.to_owned())).build()
+        Engine::builder()
+            .profile(Layer::Builtin, ProfileSource::Builtin(name.to_owned()))
+            .build()
     }
 
     /// Decide on one event. No matching rule means block.
@@ -477,14 +550,27 @@ impl Engine {
                 let outcome = match rule.condition.eval(cx) {
                     Ok(true) => Outcome::Matched,
                     Ok(false) => Outcome::NotMatched,
-                    Err(error) => Outcome::Failed { error: error.to_string(), counts_as_match: rule.decision == RuleDecision::Block },
+                    Err(error) => Outcome::Failed {
+                        error: error.to_string(),
+                        counts_as_match: rule.decision == RuleDecision::Block,
+                    },
                 };
-                rules.push(RuleTrace { rule: RuleInfo::new(rule), outcome });
+                rules.push(RuleTrace {
+                    rule: RuleInfo::new(rule),
+                    outcome,
+                });
             }
             for rule in inner.rules.iter().filter(|rule| rule.event != kind) {
-                rules.push(RuleTrace { rule: RuleInfo::new(rule), outcome: Outcome::OtherEvent(rule.event) });
+                rules.push(RuleTrace {
+                    rule: RuleInfo::new(rule),
+                    outcome: Outcome::OtherEvent(rule.event),
+                });
             }
-            Explanation { event: event.clone(), verdict, rules }
+            Explanation {
+                event: event.clone(),
+                verdict,
+                rules,
+            }
         })
     }
 

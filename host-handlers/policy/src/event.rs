@@ -130,7 +130,9 @@ impl EventKind {
 
     /// The fields a condition on this kind may use.
     pub fn fields(self) -> impl Iterator<Item = Field> {
-        Field::ALL.into_iter().filter(move |field| field.events().contains(&self))
+        Field::ALL
+            .into_iter()
+            .filter(move |field| field.events().contains(&self))
     }
 }
 
@@ -167,7 +169,9 @@ impl Section {
 
     /// Parses a section name.
     pub fn from_name(name: &str) -> Option<Section> {
-        Section::ALL.into_iter().find(|section| section.name() == name)
+        Section::ALL
+            .into_iter()
+            .find(|section| section.name() == name)
     }
 }
 
@@ -497,7 +501,11 @@ impl RawHttpRequest {
             sni,
             method: self.method,
             path: self.path,
-            query: self.query.strip_prefix('?').map(str::to_owned).unwrap_or(self.query),
+            query: self
+                .query
+                .strip_prefix('?')
+                .map(str::to_owned)
+                .unwrap_or(self.query),
             headers: normalise_headers(self.headers),
             scheme: self.scheme.to_ascii_lowercase(),
         })
@@ -512,7 +520,11 @@ impl RawEvent {
                 qtype: qtype.to_ascii_uppercase(),
             }),
             RawEvent::HttpRequest(request) => Event::HttpRequest(request.into_request()?),
-            RawEvent::HttpResponse { request, status, headers } => Event::HttpResponse(HttpResponse {
+            RawEvent::HttpResponse {
+                request,
+                status,
+                headers,
+            } => Event::HttpResponse(HttpResponse {
                 request: request.into_request()?,
                 status,
                 headers: normalise_headers(headers),
@@ -527,7 +539,11 @@ impl RawEvent {
 }
 
 fn write_request(f: &mut fmt::Formatter<'_>, request: &HttpRequest) -> fmt::Result {
-    write!(f, "{} {}://{}{}", request.method, request.scheme, request.host, request.path)?;
+    write!(
+        f,
+        "{} {}://{}{}",
+        request.method, request.scheme, request.host, request.path
+    )?;
     if !request.query.is_empty() {
         write!(f, "?{}", request.query)?;
     }
@@ -566,23 +582,42 @@ mod tests {
 
     #[test]
     fn json_events_get_defaults_and_normalised_names() {
-        let event = Event::from_json(r#"{"event":"http.request","host":"GitHub.com.","headers":{"User-Agent":"x"}}"#).unwrap();
-        let Event::HttpRequest(request) = event else { panic!("wrong kind") };
+        let event = Event::from_json(
+            r#"{"event":"http.request","host":"GitHub.com.","headers":{"User-Agent":"x"}}"#,
+        )
+        .unwrap();
+        let Event::HttpRequest(request) = event else {
+            panic!("wrong kind")
+        };
         assert_eq!(request.host, "github.com");
         assert_eq!(request.sni, "github.com");
         assert_eq!(request.method, "GET");
         assert_eq!(request.path, "/");
         assert_eq!(request.scheme, "https");
-        assert_eq!(request.headers.get("user-agent").map(String::as_str), Some("x"));
+        assert_eq!(
+            request.headers.get("user-agent").map(String::as_str),
+            Some("x")
+        );
 
         let event = Event::from_json(r#"{"event":"dns.request","qname":"PyPI.org."}"#).unwrap();
-        assert_eq!(event, Event::DnsRequest(DnsRequest { qname: "pypi.org".into(), qtype: "A".into() }));
+        assert_eq!(
+            event,
+            Event::DnsRequest(DnsRequest {
+                qname: "pypi.org".into(),
+                qtype: "A".into()
+            })
+        );
 
-        let event = Event::from_json(r#"{"event":"tcp.connect","host":"db","ip":"10.0.0.5","port":5432}"#).unwrap();
+        let event =
+            Event::from_json(r#"{"event":"tcp.connect","host":"db","ip":"10.0.0.5","port":5432}"#)
+                .unwrap();
         assert_eq!(event.ip_text(), "10.0.0.5");
         assert_eq!(event.int_field(Field::TcpPort), Some(5432));
 
-        let event = Event::from_json(r#"{"event":"http.response","status":404,"request":{"host":"a.b","query":"?x=1"}}"#).unwrap();
+        let event = Event::from_json(
+            r#"{"event":"http.response","status":404,"request":{"host":"a.b","query":"?x=1"}}"#,
+        )
+        .unwrap();
         assert_eq!(event.str_field(Field::HttpQuery), Some("x=1"));
         assert_eq!(event.int_field(Field::HttpStatus), Some(404));
     }
@@ -590,9 +625,18 @@ mod tests {
     #[test]
     fn bad_json_events_are_errors() {
         for (json, expected) in [
-            (r#"{"event":"http.requests","host":"a"}"#, "unknown variant `http.requests`"),
-            (r#"{"event":"http.request","hots":"a"}"#, "unknown field `hots`"),
-            (r#"{"event":"tcp.connect","host":"a","port":70000}"#, "invalid value: integer `70000`"),
+            (
+                r#"{"event":"http.requests","host":"a"}"#,
+                "unknown variant `http.requests`",
+            ),
+            (
+                r#"{"event":"http.request","hots":"a"}"#,
+                "unknown field `hots`",
+            ),
+            (
+                r#"{"event":"tcp.connect","host":"a","port":70000}"#,
+                "invalid value: integer `70000`",
+            ),
             (r#"{"event":"dns.request","qname":"."}"#, "`qname` is empty"),
             (r#"{"event":"dns.request"}"#, "missing field `qname`"),
             (r#"{"event": "dns.request", "qname": "#, "EOF while parsing"),

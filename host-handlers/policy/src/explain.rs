@@ -80,7 +80,14 @@ pub struct RuleTrace {
 impl RuleTrace {
     /// Whether the rule took part as a match.
     fn counts(&self) -> bool {
-        matches!(self.outcome, Outcome::Matched | Outcome::Failed { counts_as_match: true, .. })
+        matches!(
+            self.outcome,
+            Outcome::Matched
+                | Outcome::Failed {
+                    counts_as_match: true,
+                    ..
+                }
+        )
     }
 }
 
@@ -105,16 +112,24 @@ impl fmt::Display for Explanation {
             Some(rule) => {
                 write!(f, "decision: {} by rule {rule}", self.verdict.decision)?;
                 if let Some(trace) = self.rules.iter().find(|trace| trace.rule.name == rule) {
-                    write!(f, " (priority {}, {})", trace.rule.priority, trace.rule.location)?;
+                    write!(
+                        f,
+                        " (priority {}, {})",
+                        trace.rule.priority, trace.rule.location
+                    )?;
                 }
                 writeln!(f)?;
                 if self.verdict.decision == Decision::Ask {
-                    writeln!(f, "  the user is asked; no answer before the timeout blocks")?;
+                    writeln!(
+                        f,
+                        "  the user is asked; no answer before the timeout blocks"
+                    )?;
                 }
             }
         }
         writeln!(f, "rules:")?;
-        let winner_rule = winner.and_then(|rule| self.rules.iter().find(|trace| trace.rule.name == rule));
+        let winner_rule =
+            winner.and_then(|rule| self.rules.iter().find(|trace| trace.rule.name == rule));
         for trace in &self.rules {
             let rule = &trace.rule;
             write!(
@@ -187,8 +202,16 @@ impl Summary {
             .map(RuleInfo::new)
             .collect();
         Summary {
-            profiles: inner.profiles.iter().map(|p| (p.name.clone(), p.layer, p.description.clone())).collect(),
-            locks: inner.locks.iter().map(|lock| (lock.section, lock.location.clone())).collect(),
+            profiles: inner
+                .profiles
+                .iter()
+                .map(|p| (p.name.clone(), p.layer, p.description.clone()))
+                .collect(),
+            locks: inner
+                .locks
+                .iter()
+                .map(|lock| (lock.section, lock.location.clone()))
+                .collect(),
             rules,
         }
     }
@@ -196,7 +219,12 @@ impl Summary {
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "ok: {} rules from {} profiles", self.rules.len(), self.profiles.len())?;
+        writeln!(
+            f,
+            "ok: {} rules from {} profiles",
+            self.rules.len(),
+            self.profiles.len()
+        )?;
         for (name, layer, description) in &self.profiles {
             write!(f, "profile {} ({layer} layer)", name.display())?;
             match description {
@@ -213,7 +241,11 @@ impl fmt::Display for Summary {
                 writeln!(f, "{} rules, in precedence order:", rule.event)?;
                 kind = Some(rule.event);
             }
-            writeln!(f, "  {} [{} priority {}] {}", rule.name, rule.decision, rule.priority, rule.location)?;
+            writeln!(
+                f,
+                "  {} [{} priority {}] {}",
+                rule.name, rule.decision, rule.priority, rule.location
+            )?;
         }
         write!(f, "anything no rule allows is blocked")
     }

@@ -82,11 +82,17 @@ pub struct SecretValue {
 impl SecretValue {
     /// A value that is not secret.
     pub fn plain(value: impl Into<String>) -> Self {
-        Self { value: value.into(), secret: false }
+        Self {
+            value: value.into(),
+            secret: false,
+        }
     }
     /// A value that came from a secret.
     pub fn secret(value: impl Into<String>) -> Self {
-        Self { value: value.into(), secret: true }
+        Self {
+            value: value.into(),
+            secret: true,
+        }
     }
     /// The real value, to put on the wire. Never log it.
     pub fn expose(&self) -> &str {
@@ -180,8 +186,12 @@ impl Action {
     /// The header an action touches, with `true` for request headers.
     fn header(&self) -> Option<(bool, &str)> {
         match self {
-            Action::RemoveRequestHeader(name) | Action::SetRequestHeader(name, _) => Some((true, name)),
-            Action::RemoveResponseHeader(name) | Action::SetResponseHeader(name, _) => Some((false, name)),
+            Action::RemoveRequestHeader(name) | Action::SetRequestHeader(name, _) => {
+                Some((true, name))
+            }
+            Action::RemoveResponseHeader(name) | Action::SetResponseHeader(name, _) => {
+                Some((false, name))
+            }
             Action::DnsAnswer { .. } => None,
         }
     }
@@ -192,14 +202,22 @@ impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Action::RemoveRequestHeader(name) => write!(f, "remove request header {name}"),
-            Action::SetRequestHeader(name, value) => write!(f, "set request header {name}: {value}"),
+            Action::SetRequestHeader(name, value) => {
+                write!(f, "set request header {name}: {value}")
+            }
             Action::RemoveResponseHeader(name) => write!(f, "remove response header {name}"),
-            Action::SetResponseHeader(name, value) => write!(f, "set response header {name}: {value}"),
+            Action::SetResponseHeader(name, value) => {
+                write!(f, "set response header {name}: {value}")
+            }
             Action::DnsAnswer { records, ttl } if records.is_empty() => {
                 write!(f, "answer DNS with no records (ttl {ttl})")
             }
             Action::DnsAnswer { records, ttl } => {
-                let records = records.iter().map(DnsRecord::to_string).collect::<Vec<_>>().join(", ");
+                let records = records
+                    .iter()
+                    .map(DnsRecord::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 write!(f, "answer DNS with {records} (ttl {ttl})")
             }
         }
@@ -274,7 +292,9 @@ impl ProfileError {
     /// Every single problem.
     pub fn problems(&self) -> Vec<&ProfileError> {
         match self {
-            ProfileError::Several(errors) => errors.iter().flat_map(ProfileError::problems).collect(),
+            ProfileError::Several(errors) => {
+                errors.iter().flat_map(ProfileError::problems).collect()
+            }
             other => vec![other],
         }
     }

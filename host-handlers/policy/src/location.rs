@@ -119,7 +119,9 @@ fn basic_string_offset(raw: &str, value_offset: usize) -> usize {
     loop {
         // Line-ending backslash: the backslash and all whitespace after it vanish.
         if bytes.get(raw_at) == Some(&b'\\')
-            && bytes.get(raw_at + 1).is_some_and(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+            && bytes
+                .get(raw_at + 1)
+                .is_some_and(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
         {
             raw_at += 1;
             while raw_at < bytes.len() && bytes[raw_at].is_ascii_whitespace() {
@@ -131,7 +133,10 @@ fn basic_string_offset(raw: &str, value_offset: usize) -> usize {
             break;
         }
         if bytes[raw_at] != b'\\' {
-            let len = raw.get(raw_at..).and_then(|rest| rest.chars().next()).map_or(1, char::len_utf8);
+            let len = raw
+                .get(raw_at..)
+                .and_then(|rest| rest.chars().next())
+                .map_or(1, char::len_utf8);
             raw_at += len;
             produced += len;
             continue;
@@ -161,7 +166,10 @@ mod tests {
     use super::*;
 
     fn source(text: &str) -> SourceText {
-        SourceText { name: Arc::from(Path::new("p.toml")), text: text.to_owned() }
+        SourceText {
+            name: Arc::from(Path::new("p.toml")),
+            text: text.to_owned(),
+        }
     }
 
     #[test]

@@ -27,7 +27,11 @@ pub const DEFAULT_ASK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Answers `ask` decisions (the CLI asks on the terminal; platforms pass their own).
 pub trait Asker: Send + Sync + std::fmt::Debug {
     /// `true` allows. The caller applies the timeout.
-    fn ask(&self, event: &Event, rule: Option<&str>) -> Pin<Box<dyn Future<Output = bool> + Send + '_>>;
+    fn ask(
+        &self,
+        event: &Event,
+        rule: Option<&str>,
+    ) -> Pin<Box<dyn Future<Output = bool> + Send + '_>>;
 }
 
 /// What an answer is remembered by: the asking rule and the event's target.
@@ -54,14 +58,27 @@ pub struct Policy {
 impl Policy {
     /// A policy without an asker: `ask` blocks.
     pub fn new(engine: Engine) -> Self {
-        Self { engine, asking: None, remember: true }
+        Self {
+            engine,
+            asking: None,
+            remember: true,
+        }
     }
 
     /// A policy that asks `asker`, waiting at most `timeout` for an answer;
     /// answers are remembered.
     pub fn with_asker(engine: Engine, asker: Arc<dyn Asker>, timeout: Duration) -> Self {
-        let asking = Asking { asker, timeout, answers: Mutex::new(HashMap::new()), turn: tokio::sync::Mutex::new(()) };
-        Self { engine, asking: Some(Arc::new(asking)), remember: true }
+        let asking = Asking {
+            asker,
+            timeout,
+            answers: Mutex::new(HashMap::new()),
+            turn: tokio::sync::Mutex::new(()),
+        };
+        Self {
+            engine,
+            asking: Some(Arc::new(asking)),
+            remember: true,
+        }
     }
 
     /// Whether answers are remembered and reused (the default) or every
@@ -122,9 +139,17 @@ impl Policy {
 
     fn resolved(&self, event: &Event, rule: Option<String>, allowed: bool) -> Verdict {
         if allowed {
-            Verdict { decision: Decision::Allow, rule, actions: self.engine.actions(event) }
+            Verdict {
+                decision: Decision::Allow,
+                rule,
+                actions: self.engine.actions(event),
+            }
         } else {
-            Verdict { decision: Decision::Block, rule, actions: Vec::new() }
+            Verdict {
+                decision: Decision::Block,
+                rule,
+                actions: Vec::new(),
+            }
         }
     }
 
@@ -132,6 +157,10 @@ impl Policy {
         if !self.remember {
             return None;
         }
-        asking.answers.lock().ok().and_then(|answers| answers.get(key).copied())
+        asking
+            .answers
+            .lock()
+            .ok()
+            .and_then(|answers| answers.get(key).copied())
     }
 }

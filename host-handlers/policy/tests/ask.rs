@@ -23,14 +23,27 @@ async fn answers_timeouts_and_no_asker() {
         let asker = Scripted::new(answer, Duration::from_secs(1));
         let policy = Policy::with_asker(engine(), asker.clone(), TIMEOUT);
         let verdict = policy.decide(&request("unknown.example")).await;
-        assert_eq!((verdict.decision, verdict.rule.as_deref()), (expected, Some("http.ask_unknown")), "{what}");
+        assert_eq!(
+            (verdict.decision, verdict.rule.as_deref()),
+            (expected, Some("http.ask_unknown")),
+            "{what}"
+        );
         assert_eq!(asker.calls(), 1, "{what}");
         // An allowed answer brings the rewrite actions with it.
-        let rewrites = verdict.actions.iter().filter(|a| matches!(a, Action::SetRequestHeader(..))).count();
+        let rewrites = verdict
+            .actions
+            .iter()
+            .filter(|a| matches!(a, Action::SetRequestHeader(..)))
+            .count();
         assert_eq!(rewrites, usize::from(expected == Decision::Allow), "{what}");
     }
-    let verdict = Policy::new(engine()).decide(&request("unknown.example")).await;
-    assert_eq!((verdict.decision, verdict.rule.as_deref()), (Decision::Block, Some("http.ask_unknown")));
+    let verdict = Policy::new(engine())
+        .decide(&request("unknown.example"))
+        .await;
+    assert_eq!(
+        (verdict.decision, verdict.rule.as_deref()),
+        (Decision::Block, Some("http.ask_unknown"))
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -38,7 +51,10 @@ async fn a_slow_answer_is_a_timeout() {
     let asker = Scripted::new(Some(true), Duration::from_secs(31));
     let policy = Policy::with_asker(engine(), asker.clone(), TIMEOUT);
     let started = tokio::time::Instant::now();
-    assert_eq!(policy.decide(&request("slow.example")).await.decision, Decision::Block);
+    assert_eq!(
+        policy.decide(&request("slow.example")).await.decision,
+        Decision::Block
+    );
     assert_eq!(started.elapsed(), TIMEOUT);
 }
 
@@ -47,8 +63,13 @@ async fn decisions_that_are_not_ask_do_not_ask() {
     let asker = Scripted::new(Some(false), Duration::ZERO);
     let policy = Policy::with_asker(engine(), asker.clone(), TIMEOUT);
     let verdict = policy.decide(&request("known.example")).await;
-    assert_eq!((verdict.decision, verdict.actions.len()), (Decision::Allow, 1));
-    let verdict = policy.decide(&Event::from_json(r#"{"event": "dns.request", "qname": "x"}"#).unwrap()).await;
+    assert_eq!(
+        (verdict.decision, verdict.actions.len()),
+        (Decision::Allow, 1)
+    );
+    let verdict = policy
+        .decide(&Event::from_json(r#"{"event": "dns.request", "qname": "x"}"#).unwrap())
+        .await;
     assert_eq!((verdict.decision, verdict.rule), (Decision::Block, None));
     assert_eq!(asker.calls(), 0);
 }
@@ -58,12 +79,23 @@ async fn answers_are_remembered_per_rule_and_host() {
     let asker = Scripted::new(Some(true), Duration::from_millis(10));
     let policy = Policy::with_asker(engine(), asker.clone(), TIMEOUT);
     let clone = policy.clone();
-    for (host, calls) in [("a.example", 1), ("a.example", 1), ("b.example", 2), ("a.example", 2)] {
-        assert_eq!(policy.decide(&request(host)).await.decision, Decision::Allow);
+    for (host, calls) in [
+        ("a.example", 1),
+        ("a.example", 1),
+        ("b.example", 2),
+        ("a.example", 2),
+    ] {
+        assert_eq!(
+            policy.decide(&request(host)).await.decision,
+            Decision::Allow
+        );
         assert_eq!(asker.calls(), calls, "{host}");
     }
     // Clones share what was answered.
-    assert_eq!(clone.decide(&request("b.example")).await.decision, Decision::Allow);
+    assert_eq!(
+        clone.decide(&request("b.example")).await.decision,
+        Decision::Allow
+    );
     assert_eq!(asker.calls(), 2);
 
     let forgetful = Policy::with_asker(engine(), asker.clone(), TIMEOUT).remember_answers(false);
@@ -78,7 +110,10 @@ async fn timeouts_are_not_remembered() {
     let silent = Scripted::new(None, Duration::ZERO);
     let policy = Policy::with_asker(engine(), silent.clone(), Duration::from_secs(1));
     for calls in [1, 2] {
-        assert_eq!(policy.decide(&request("a.example")).await.decision, Decision::Block);
+        assert_eq!(
+            policy.decide(&request("a.example")).await.decision,
+            Decision::Block
+        );
         assert_eq!(silent.calls(), calls);
     }
 }

@@ -6,23 +6,30 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use sandbox_policy::{
-    Action, Decision, DnsRecord, Engine, Event, Layer, ProfileError, ProfileSource, Secrets, Verdict,
+    Action, Decision, DnsRecord, Engine, Event, Layer, ProfileError, ProfileSource, Secrets,
+    Verdict,
 };
 
 fn text(name: &str, text: &str) -> ProfileSource {
-    ProfileSource::Text { name: name.to_owned(), text: text.to_owned() }
+    ProfileSource::Text {
+        name: name.to_owned(),
+        text: text.to_owned(),
+    }
 }
 
 fn secrets() -> Secrets {
-    Secrets::none().with_value("TOKEN", "t0k3n-value").with_value("USER", "alice")
+    Secrets::none()
+        .with_value("TOKEN", "t0k3n-value")
+        .with_value("USER", "alice")
 }
 
 fn layered(profiles: &[(Layer, &str, &str)]) -> Result<Engine, ProfileError> {
     profiles
         .iter()
-        .fold(Engine::builder().secrets(secrets()), |builder, (layer, name, profile)| {
-            builder.profile(*layer, text(name, profile))
-        })
+        .fold(
+            Engine::builder().secrets(secrets()),
+            |builder, (layer, name, profile)| builder.profile(*layer, text(name, profile)),
+        )
         .build()
 }
 
@@ -41,7 +48,9 @@ fn rule(name: &str, decision: &str, priority: u32, condition: Option<&str>) -> S
         rule.push_str(&format!("if = '{condition}'\n"));
     }
     if decision == "rewrite" {
-        rule.push_str(&format!("set_request_headers = {{ \"x-{name}\" = \"1\" }}\n"));
+        rule.push_str(&format!(
+            "set_request_headers = {{ \"x-{name}\" = \"1\" }}\n"
+        ));
     }
     rule + "\n"
 }
@@ -54,8 +63,20 @@ fn precedence_ties_and_no_match() {
     let missing_header = Some(r#"http.request.headers["x-missing"] == "1""#);
     // (what, rules, event, expected decision, expected deciding rule)
     let cases: Vec<(&str, String, &str, Decision, Option<&str>)> = vec![
-        ("no rules: block", String::new(), GET_X, Decision::Block, None),
-        ("a matching allow", rule("a", "allow", 10, X), GET_X, Decision::Allow, Some("http.a")),
+        (
+            "no rules: block",
+            String::new(),
+            GET_X,
+            Decision::Block,
+            None,
+        ),
+        (
+            "a matching allow",
+            rule("a", "allow", 10, X),
+            GET_X,
+            Decision::Allow,
+            Some("http.a"),
+        ),
         (
             "an allow that does not match",
             rule("a", "allow", 10, Some(r#"http.request.host == "y.com""#)),
@@ -63,16 +84,76 @@ fn precedence_ties_and_no_match() {
             Decision::Block,
             None,
         ),
-        ("lower number wins: block", rule("b", "block", 5, X) + &rule("a", "allow", 10, X), GET_X, Decision::Block, Some("http.b")),
-        ("lower number wins: allow", rule("a", "allow", 5, X) + &rule("b", "block", 10, X), GET_X, Decision::Allow, Some("http.a")),
-        ("priority 0 beats 1000", rule("a", "allow", 1000, X) + &rule("b", "block", 0, X), GET_X, Decision::Block, Some("http.b")),
-        ("tie: block beats allow", rule("a", "allow", 10, X) + &rule("b", "block", 10, X), GET_X, Decision::Block, Some("http.b")),
-        ("tie: ask beats allow", rule("a", "allow", 10, X) + &rule("b", "ask", 10, X), GET_X, Decision::Ask, Some("http.b")),
-        ("tie: block beats ask", rule("a", "ask", 10, X) + &rule("b", "block", 10, X), GET_X, Decision::Block, Some("http.b")),
-        ("tie between allows: first by name", rule("b", "allow", 10, X) + &rule("a", "allow", 10, X), GET_X, Decision::Allow, Some("http.a")),
-        ("ask with a lower number than allow", rule("a", "allow", 10, X) + &rule("b", "ask", 5, X), GET_X, Decision::Ask, Some("http.b")),
-        ("rewrite never decides", rule("a", "rewrite", 1, X), GET_X, Decision::Block, None),
-        ("a rule without `if` matches its event", rule("a", "allow", 10, None), GET_X, Decision::Allow, Some("http.a")),
+        (
+            "lower number wins: block",
+            rule("b", "block", 5, X) + &rule("a", "allow", 10, X),
+            GET_X,
+            Decision::Block,
+            Some("http.b"),
+        ),
+        (
+            "lower number wins: allow",
+            rule("a", "allow", 5, X) + &rule("b", "block", 10, X),
+            GET_X,
+            Decision::Allow,
+            Some("http.a"),
+        ),
+        (
+            "priority 0 beats 1000",
+            rule("a", "allow", 1000, X) + &rule("b", "block", 0, X),
+            GET_X,
+            Decision::Block,
+            Some("http.b"),
+        ),
+        (
+            "tie: block beats allow",
+            rule("a", "allow", 10, X) + &rule("b", "block", 10, X),
+            GET_X,
+            Decision::Block,
+            Some("http.b"),
+        ),
+        (
+            "tie: ask beats allow",
+            rule("a", "allow", 10, X) + &rule("b", "ask", 10, X),
+            GET_X,
+            Decision::Ask,
+            Some("http.b"),
+        ),
+        (
+            "tie: block beats ask",
+            rule("a", "ask", 10, X) + &rule("b", "block", 10, X),
+            GET_X,
+            Decision::Block,
+            Some("http.b"),
+        ),
+        (
+            "tie between allows: first by name",
+            rule("b", "allow", 10, X) + &rule("a", "allow", 10, X),
+            GET_X,
+            Decision::Allow,
+            Some("http.a"),
+        ),
+        (
+            "ask with a lower number than allow",
+            rule("a", "allow", 10, X) + &rule("b", "ask", 5, X),
+            GET_X,
+            Decision::Ask,
+            Some("http.b"),
+        ),
+        (
+            "rewrite never decides",
+            rule("a", "rewrite", 1, X),
+            GET_X,
+            Decision::Block,
+            None,
+        ),
+        (
+            "a rule without `if` matches its event",
+            rule("a", "allow", 10, None),
+            GET_X,
+            Decision::Allow,
+            Some("http.a"),
+        ),
         (
             "rules for other events do not apply",
             "[security.rules.dns.a]\non = \"dns.request\"\ndecision = \"allow\"\n".to_owned(),
@@ -110,8 +191,12 @@ fn precedence_ties_and_no_match() {
         ),
         (
             "false && failure is false, not a failure",
-            rule("a", "block", 5, Some(r#"http.request.host == "y.com" && http.request.headers["x"] == "1""#))
-                + &rule("b", "allow", 10, X),
+            rule(
+                "a",
+                "block",
+                5,
+                Some(r#"http.request.host == "y.com" && http.request.headers["x"] == "1""#),
+            ) + &rule("b", "allow", 10, X),
             GET_X,
             Decision::Allow,
             Some("http.b"),
@@ -119,9 +204,16 @@ fn precedence_ties_and_no_match() {
     ];
     for (what, rules, json, decision, deciding) in cases {
         let verdict = engine(&rules).decide(&event(json));
-        assert_eq!((verdict.decision, verdict.rule.as_deref()), (decision, deciding), "{what}");
+        assert_eq!(
+            (verdict.decision, verdict.rule.as_deref()),
+            (decision, deciding),
+            "{what}"
+        );
         if decision != Decision::Allow {
-            assert!(verdict.actions.is_empty(), "{what}: actions on a {decision} verdict");
+            assert!(
+                verdict.actions.is_empty(),
+                "{what}: actions on a {decision} verdict"
+            );
         }
     }
 }
@@ -148,13 +240,34 @@ decision = "allow"
 "#,
     );
     for (json, decision) in [
-        (r#"{"event": "tcp.connect", "host": "db.internal", "ip": "10.1.2.3", "port": 5432}"#, Decision::Allow),
-        (r#"{"event": "tcp.connect", "host": "db.internal", "ip": "192.168.1.1", "port": 5432}"#, Decision::Block),
-        (r#"{"event": "tcp.connect", "host": "db.internal", "port": 5432}"#, Decision::Block),
-        (r#"{"event": "tcp.connect", "host": "db.internal", "ip": "10.1.2.3", "port": 22}"#, Decision::Block),
-        (r#"{"event": "dns.request", "qname": "www.example.com", "qtype": "AAAA"}"#, Decision::Allow),
-        (r#"{"event": "dns.request", "qname": "www.example.com", "qtype": "TXT"}"#, Decision::Block),
-        (r#"{"event": "dns.request", "qname": "example.com"}"#, Decision::Block),
+        (
+            r#"{"event": "tcp.connect", "host": "db.internal", "ip": "10.1.2.3", "port": 5432}"#,
+            Decision::Allow,
+        ),
+        (
+            r#"{"event": "tcp.connect", "host": "db.internal", "ip": "192.168.1.1", "port": 5432}"#,
+            Decision::Block,
+        ),
+        (
+            r#"{"event": "tcp.connect", "host": "db.internal", "port": 5432}"#,
+            Decision::Block,
+        ),
+        (
+            r#"{"event": "tcp.connect", "host": "db.internal", "ip": "10.1.2.3", "port": 22}"#,
+            Decision::Block,
+        ),
+        (
+            r#"{"event": "dns.request", "qname": "www.example.com", "qtype": "AAAA"}"#,
+            Decision::Allow,
+        ),
+        (
+            r#"{"event": "dns.request", "qname": "www.example.com", "qtype": "TXT"}"#,
+            Decision::Block,
+        ),
+        (
+            r#"{"event": "dns.request", "qname": "example.com"}"#,
+            Decision::Block,
+        ),
     ] {
         assert_eq!(engine.decide(&event(json)).decision, decision, "{json}");
     }
@@ -181,7 +294,8 @@ priority = 500
 fn layers_and_locks() {
     let allow_paste = "[security.rules.http.user_paste]\non = \"http.request\"\nif = 'http.request.host == \"paste.example\"'\ndecision = \"allow\"\npriority = 1\n";
     let ask_paste = allow_paste.replace("\"allow\"", "\"ask\"");
-    let rewrite_paste = allow_paste.replace("\"allow\"", "\"rewrite\"") + "remove_request_headers = [\"cookie\"]\n";
+    let rewrite_paste =
+        allow_paste.replace("\"allow\"", "\"rewrite\"") + "remove_request_headers = [\"cookie\"]\n";
     let block_intranet = "[security.rules.http.user_no_intranet]\non = \"http.request\"\nif = 'http.request.host == \"intranet.corp\"'\ndecision = \"block\"\npriority = 900\n";
     let allow_dns = "[security.rules.dns.user_dns]\non = \"dns.request\"\ndecision = \"allow\"\n";
     let unlocked = CORPORATE_LOCKS_HTTP.replace("locks = [\"http\"]", "");
@@ -196,7 +310,12 @@ fn layers_and_locks() {
     };
 
     // (what, profiles, event, expected verdict or error)
-    type Case<'a> = (&'a str, Vec<(Layer, &'a str, &'a str)>, &'a str, Result<(Decision, &'a str), String>);
+    type Case<'a> = (
+        &'a str,
+        Vec<(Layer, &'a str, &'a str)>,
+        &'a str,
+        Result<(Decision, &'a str), String>,
+    );
     let cases: Vec<Case> = vec![
         (
             "without a lock a user rule with a lower number wins",
@@ -274,7 +393,11 @@ fn layers_and_locks() {
         let result = layered(&profiles).map(|engine| engine.decide(&event(json)));
         match (result, expected) {
             (Ok(verdict), Ok((decision, rule))) => {
-                assert_eq!((verdict.decision, verdict.rule.as_deref()), (decision, Some(rule)), "{what}")
+                assert_eq!(
+                    (verdict.decision, verdict.rule.as_deref()),
+                    (decision, Some(rule)),
+                    "{what}"
+                )
             }
             (Err(error), Err(message)) => assert_eq!(error.to_string(), message, "{what}"),
             (result, expected) => panic!("{what}: got {result:?}, expected {expected:?}"),
@@ -289,22 +412,34 @@ fn load_treats_files_in_order_as_successive_layers() {
     let user = dir.path().join("user.toml");
     std::fs::write(&corp, CORPORATE_LOCKS_HTTP).unwrap();
     std::fs::write(&user, rule("mine", "allow", 1, X)).unwrap();
-    let error = Engine::load(&[corp.clone(), user.clone()]).unwrap_err().to_string();
-    assert!(error.contains("rule `http.mine` is `allow` in section `http`, which is locked by"), "{error}");
+    let error = Engine::load(&[corp.clone(), user.clone()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("rule `http.mine` is `allow` in section `http`, which is locked by"),
+        "{error}"
+    );
     assert!(error.contains("corp.toml:3:11 (user layer)"), "{error}");
     // The other way round the lock comes last and binds nothing.
     let engine = Engine::load(&[user, corp]).unwrap();
     assert_eq!(engine.decide(&event(GET_X)).decision, Decision::Allow);
     let missing = dir.path().join("missing.toml");
     let error = Engine::load(&[missing]).unwrap_err().to_string();
-    assert!(error.contains("missing.toml: No such file or directory"), "{error}");
+    assert!(
+        error.contains("missing.toml: No such file or directory"),
+        "{error}"
+    );
 }
 
 #[test]
 fn every_problem_in_every_profile_is_reported() {
     let first = "[security.rules.http.a]\non = \"http.request\"\ndecision = \"alow\"\n\n[security.rules.http.b]\non = \"http.request\"\nif = 'http.request.hots == \"x\"'\ndecision = \"allow\"\n";
     let second = "[security]\nlocks = [\"tpc\"]\n";
-    let error = layered(&[(Layer::Corporate, "one.toml", first), (Layer::User, "two.toml", second)]).unwrap_err();
+    let error = layered(&[
+        (Layer::Corporate, "one.toml", first),
+        (Layer::User, "two.toml", second),
+    ])
+    .unwrap_err();
     assert_eq!(
         error.to_string(),
         "one.toml:3:13: unknown decision `alow` (decisions: allow, block, ask, rewrite)\n\
@@ -349,7 +484,9 @@ set_response_headers = { "x-sandbox" = "1" }
 #[test]
 fn rewrites_apply_to_allowed_traffic_lowest_number_first_per_header() {
     let engine = engine(REWRITES);
-    let verdict = engine.decide(&event(r#"{"event": "http.request", "host": "api.example.com", "headers": {"cookie": "a"}}"#));
+    let verdict = engine.decide(&event(
+        r#"{"event": "http.request", "host": "api.example.com", "headers": {"cookie": "a"}}"#,
+    ));
     assert_eq!(verdict.decision, Decision::Allow);
     assert_eq!(
         verdict.actions,
@@ -357,15 +494,28 @@ fn rewrites_apply_to_allowed_traffic_lowest_number_first_per_header() {
             Action::RemoveRequestHeader("cookie".into()),
             // within one rule, in the order of the names as written ("X-Plain" < "authorization")
             Action::SetRequestHeader("x-plain".into(), sandbox_policy::SecretValue::plain("yes")),
-            Action::SetRequestHeader("authorization".into(), sandbox_policy::SecretValue::secret("Bearer t0k3n-value")),
-            Action::SetRequestHeader("x-user".into(), sandbox_policy::SecretValue::secret("alice@alice")),
+            Action::SetRequestHeader(
+                "authorization".into(),
+                sandbox_policy::SecretValue::secret("Bearer t0k3n-value")
+            ),
+            Action::SetRequestHeader(
+                "x-user".into(),
+                sandbox_policy::SecretValue::secret("alice@alice")
+            ),
             Action::SetRequestHeader("x-extra".into(), sandbox_policy::SecretValue::plain("1")),
         ]
     );
     // Traffic that is not allowed gets no actions even when rewrites match.
-    let verdict = engine.decide(&event(r#"{"event": "http.request", "host": "www.example.com"}"#));
-    assert_eq!((verdict.decision, verdict.actions.len()), (Decision::Block, 0));
-    let verdict = engine.decide(&event(r#"{"event": "http.response", "status": 200, "request": {"host": "x.org"}}"#));
+    let verdict = engine.decide(&event(
+        r#"{"event": "http.request", "host": "www.example.com"}"#,
+    ));
+    assert_eq!(
+        (verdict.decision, verdict.actions.len()),
+        (Decision::Block, 0)
+    );
+    let verdict = engine.decide(&event(
+        r#"{"event": "http.response", "status": 200, "request": {"host": "x.org"}}"#,
+    ));
     assert_eq!(
         verdict.actions,
         vec![
@@ -380,7 +530,11 @@ fn secrets_are_filled_at_load_and_never_shown() {
     let engine = engine(REWRITES);
     let event = event(r#"{"event": "http.request", "host": "api.example.com"}"#);
     let verdict = engine.decide(&event);
-    let Some(Action::SetRequestHeader(_, value)) = verdict.actions.iter().find(|a| matches!(a, Action::SetRequestHeader(name, _) if name == "authorization")) else {
+    let Some(Action::SetRequestHeader(_, value)) = verdict
+        .actions
+        .iter()
+        .find(|a| matches!(a, Action::SetRequestHeader(name, _) if name == "authorization"))
+    else {
         panic!("no authorization header: {verdict:?}");
     };
     assert!(value.is_secret());
@@ -388,16 +542,27 @@ fn secrets_are_filled_at_load_and_never_shown() {
     assert_eq!(value.redacted(), "[REDACTED]");
     for shown in [
         format!("{verdict:?}"),
-        verdict.actions.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"),
+        verdict
+            .actions
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n"),
         engine.explain(&event).to_string(),
         format!("{:?}", engine.explain(&event)),
         engine.summary().to_string(),
         format!("{engine:?}"),
         format!("{:?}", secrets()),
     ] {
-        assert!(!shown.contains("t0k3n") && !shown.contains("alice"), "a secret is shown: {shown}");
+        assert!(
+            !shown.contains("t0k3n") && !shown.contains("alice"),
+            "a secret is shown: {shown}"
+        );
     }
-    assert!(engine.explain(&event).to_string().contains("set request header authorization: [REDACTED]"));
+    assert!(engine
+        .explain(&event)
+        .to_string()
+        .contains("set request header authorization: [REDACTED]"));
 }
 
 #[test]
@@ -425,7 +590,10 @@ fn secrets_come_from_files_and_the_environment() {
             _ => None,
         })
         .collect();
-    assert_eq!(values, vec![("x-env", "env-value"), ("x-file", "file-value")]);
+    assert_eq!(
+        values,
+        vec![("x-env", "env-value"), ("x-file", "file-value")]
+    );
     // Without the environment the variable is not found, and the error says where it looked.
     let error = Engine::builder()
         .profile(Layer::User, text("p.toml", &profile))
@@ -435,7 +603,10 @@ fn secrets_come_from_files_and_the_environment() {
         .to_string();
     assert_eq!(
         error,
-        format!("p.toml:8:70: secret `{variable}` is not set (looked in {})", file.display())
+        format!(
+            "p.toml:8:70: secret `{variable}` is not set (looked in {})",
+            file.display()
+        )
     );
     assert!(!error.contains("env-value"));
 }
@@ -482,20 +653,49 @@ fn dns_answers_are_synthesised_for_the_query_type() {
     type Answer = (Vec<DnsRecord>, u32);
     let cases: Vec<(&str, &str, Option<Answer>)> = vec![
         ("db.internal", "A", Some((vec![a(7), a(8)], 30))),
-        ("db.internal", "AAAA", Some((vec![DnsRecord::Aaaa("fd00::7".parse::<Ipv6Addr>().unwrap())], 30))),
-        ("db.internal", "TXT", Some((vec![DnsRecord::Txt("v=db".into())], 30))),
+        (
+            "db.internal",
+            "AAAA",
+            Some((
+                vec![DnsRecord::Aaaa("fd00::7".parse::<Ipv6Addr>().unwrap())],
+                30,
+            )),
+        ),
+        (
+            "db.internal",
+            "TXT",
+            Some((vec![DnsRecord::Txt("v=db".into())], 30)),
+        ),
         ("db.internal", "MX", Some((vec![], 30))),
         (
             "db.internal",
             "ANY",
-            Some((vec![a(7), a(8), DnsRecord::Aaaa("fd00::7".parse().unwrap()), DnsRecord::Txt("v=db".into())], 30)),
+            Some((
+                vec![
+                    a(7),
+                    a(8),
+                    DnsRecord::Aaaa("fd00::7".parse().unwrap()),
+                    DnsRecord::Txt("v=db".into()),
+                ],
+                30,
+            )),
         ),
-        ("cache.internal", "A", Some((vec![DnsRecord::A(Ipv4Addr::new(10, 9, 9, 9))], 60))),
-        ("www.internal", "AAAA", Some((vec![DnsRecord::Cname("web.internal".into())], 60))),
+        (
+            "cache.internal",
+            "A",
+            Some((vec![DnsRecord::A(Ipv4Addr::new(10, 9, 9, 9))], 60)),
+        ),
+        (
+            "www.internal",
+            "AAAA",
+            Some((vec![DnsRecord::Cname("web.internal".into())], 60)),
+        ),
         ("blocked.example", "A", None),
     ];
     for (qname, qtype, expected) in cases {
-        let verdict = engine.decide(&event(&format!(r#"{{"event": "dns.request", "qname": "{qname}", "qtype": "{qtype}"}}"#)));
+        let verdict = engine.decide(&event(&format!(
+            r#"{{"event": "dns.request", "qname": "{qname}", "qtype": "{qtype}"}}"#
+        )));
         let answers: Vec<Answer> = verdict
             .actions
             .iter()
@@ -506,7 +706,11 @@ fn dns_answers_are_synthesised_for_the_query_type() {
             .collect();
         match expected {
             Some(expected) => assert_eq!(answers, vec![expected], "{qname} {qtype}"),
-            None => assert_eq!((verdict.decision, answers.len()), (Decision::Block, 0), "{qname} {qtype}"),
+            None => assert_eq!(
+                (verdict.decision, answers.len()),
+                (Decision::Block, 0),
+                "{qname} {qtype}"
+            ),
         }
     }
 }
@@ -514,12 +718,24 @@ fn dns_answers_are_synthesised_for_the_query_type() {
 #[test]
 fn explain_reports_the_decision_and_every_rule() {
     let profile = rule("a_allow", "allow", 10, X)
-        + &rule("b_block", "block", 5, Some(r#"http.request.method == "POST""#))
-        + &rule("c_fails", "allow", 1, Some(r#"http.request.headers["x-missing"] == "1""#))
+        + &rule(
+            "b_block",
+            "block",
+            5,
+            Some(r#"http.request.method == "POST""#),
+        )
+        + &rule(
+            "c_fails",
+            "allow",
+            1,
+            Some(r#"http.request.headers["x-missing"] == "1""#),
+        )
         + &rule("d_rewrite", "rewrite", 50, X)
         + "[security.rules.dns.names]\non = \"dns.request\"\ndecision = \"allow\"\n";
     let engine = engine(&profile);
-    let explanation = engine.explain(&event(r#"{"event": "http.request", "host": "x.com", "method": "POST"}"#));
+    let explanation = engine.explain(&event(
+        r#"{"event": "http.request", "host": "x.com", "method": "POST"}"#,
+    ));
     assert_eq!(explanation.verdict, engine.decide(&explanation.event));
     let text = explanation.to_string();
     for expected in [
@@ -536,15 +752,30 @@ fn explain_reports_the_decision_and_every_rule() {
         assert!(text.contains(expected), "missing {expected:?} in\n{text}");
     }
     let text = engine.explain(&event(GET_X)).to_string();
-    assert!(text.contains("decision: allow by rule http.a_allow"), "{text}");
-    assert!(text.contains("actions:\n  set request header x-d_rewrite: 1"), "{text}");
-    let text = engine.explain(&event(r#"{"event": "http.request", "host": "y.com"}"#)).to_string();
-    assert!(text.contains("decision: block (no rule matched; no match means block)"), "{text}");
+    assert!(
+        text.contains("decision: allow by rule http.a_allow"),
+        "{text}"
+    );
+    assert!(
+        text.contains("actions:\n  set request header x-d_rewrite: 1"),
+        "{text}"
+    );
+    let text = engine
+        .explain(&event(r#"{"event": "http.request", "host": "y.com"}"#))
+        .to_string();
+    assert!(
+        text.contains("decision: block (no rule matched; no match means block)"),
+        "{text}"
+    );
 }
 
 #[test]
 fn explain_agrees_with_decide() {
-    let engines = [engine(REWRITES), engine(DNS_ANSWERS), Engine::builtin("dev").unwrap()];
+    let engines = [
+        engine(REWRITES),
+        engine(DNS_ANSWERS),
+        Engine::builtin("dev").unwrap(),
+    ];
     let events = [
         GET_X,
         r#"{"event": "http.request", "host": "api.example.com", "method": "DELETE"}"#,
@@ -557,7 +788,11 @@ fn explain_agrees_with_decide() {
     for engine in &engines {
         for json in events {
             let event = event(json);
-            assert_eq!(engine.explain(&event).verdict, engine.decide(&event), "{json}");
+            assert_eq!(
+                engine.explain(&event).verdict,
+                engine.decide(&event),
+                "{json}"
+            );
         }
     }
 }
@@ -573,31 +808,93 @@ fn the_dev_profile_allows_registries_and_github_reads_only() {
     };
     for (host, method, path, decision) in [
         ("pypi.org", "GET", "/simple/requests/", Decision::Allow),
-        ("files.pythonhosted.org", "GET", "/packages/x.whl", Decision::Allow),
+        (
+            "files.pythonhosted.org",
+            "GET",
+            "/packages/x.whl",
+            Decision::Allow,
+        ),
         ("pypi.org", "POST", "/legacy/", Decision::Block),
         ("registry.npmjs.org", "GET", "/left-pad", Decision::Allow),
         ("registry.npmjs.org", "PUT", "/left-pad", Decision::Block),
         ("index.crates.io", "GET", "/se/rd/serde", Decision::Allow),
-        ("static.crates.io", "HEAD", "/crates/serde/serde-1.0.0.crate", Decision::Allow),
+        (
+            "static.crates.io",
+            "HEAD",
+            "/crates/serde/serde-1.0.0.crate",
+            Decision::Allow,
+        ),
         ("github.com", "GET", "/rust-lang/rust", Decision::Allow),
-        ("github.com", "GET", "/a/b.git/info/refs?service=git-upload-pack", Decision::Allow),
-        ("github.com", "POST", "/a/b.git/git-upload-pack", Decision::Allow),
-        ("github.com", "GET", "/a/b.git/info/refs?service=git-receive-pack", Decision::Block),
-        ("github.com", "POST", "/a/b.git/git-receive-pack", Decision::Block),
+        (
+            "github.com",
+            "GET",
+            "/a/b.git/info/refs?service=git-upload-pack",
+            Decision::Allow,
+        ),
+        (
+            "github.com",
+            "POST",
+            "/a/b.git/git-upload-pack",
+            Decision::Allow,
+        ),
+        (
+            "github.com",
+            "GET",
+            "/a/b.git/info/refs?service=git-receive-pack",
+            Decision::Block,
+        ),
+        (
+            "github.com",
+            "POST",
+            "/a/b.git/git-receive-pack",
+            Decision::Block,
+        ),
         ("api.github.com", "GET", "/repos/a/b", Decision::Allow),
-        ("api.github.com", "POST", "/repos/a/b/issues", Decision::Block),
-        ("raw.githubusercontent.com", "GET", "/a/b/main/README.md", Decision::Allow),
+        (
+            "api.github.com",
+            "POST",
+            "/repos/a/b/issues",
+            Decision::Block,
+        ),
+        (
+            "raw.githubusercontent.com",
+            "GET",
+            "/a/b/main/README.md",
+            Decision::Allow,
+        ),
         ("evil.example", "GET", "/", Decision::Block),
     ] {
-        assert_eq!(dev.decide(&request(host, method, path)).decision, decision, "{method} {host}{path}");
+        assert_eq!(
+            dev.decide(&request(host, method, path)).decision,
+            decision,
+            "{method} {host}{path}"
+        );
     }
     for (json, decision) in [
-        (r#"{"event": "dns.request", "qname": "pypi.org"}"#, Decision::Allow),
-        (r#"{"event": "dns.request", "qname": "objects.githubusercontent.com", "qtype": "AAAA"}"#, Decision::Allow),
-        (r#"{"event": "dns.request", "qname": "evil.example"}"#, Decision::Block),
-        (r#"{"event": "http.response", "status": 200, "request": {"host": "pypi.org"}}"#, Decision::Allow),
-        (r#"{"event": "http.response", "status": 200, "request": {"host": "evil.example"}}"#, Decision::Block),
-        (r#"{"event": "tcp.connect", "host": "pypi.org", "port": 22}"#, Decision::Block),
+        (
+            r#"{"event": "dns.request", "qname": "pypi.org"}"#,
+            Decision::Allow,
+        ),
+        (
+            r#"{"event": "dns.request", "qname": "objects.githubusercontent.com", "qtype": "AAAA"}"#,
+            Decision::Allow,
+        ),
+        (
+            r#"{"event": "dns.request", "qname": "evil.example"}"#,
+            Decision::Block,
+        ),
+        (
+            r#"{"event": "http.response", "status": 200, "request": {"host": "pypi.org"}}"#,
+            Decision::Allow,
+        ),
+        (
+            r#"{"event": "http.response", "status": 200, "request": {"host": "evil.example"}}"#,
+            Decision::Block,
+        ),
+        (
+            r#"{"event": "tcp.connect", "host": "pypi.org", "port": 22}"#,
+            Decision::Block,
+        ),
     ] {
         assert_eq!(dev.decide(&event(json)).decision, decision, "{json}");
     }
@@ -612,17 +909,38 @@ fn deny_all_blocks_everything_and_built_ins_load_by_name() {
         r#"{"event": "http.response", "status": 200, "request": {"host": "pypi.org"}}"#,
         r#"{"event": "tcp.connect", "host": "x", "port": 443}"#,
     ] {
-        assert_eq!(deny.decide(&event(json)), Verdict { decision: Decision::Block, rule: None, actions: vec![] });
+        assert_eq!(
+            deny.decide(&event(json)),
+            Verdict {
+                decision: Decision::Block,
+                rule: None,
+                actions: vec![]
+            }
+        );
     }
-    assert_eq!(ProfileSource::from_arg("dev"), ProfileSource::Builtin("dev".into()));
-    assert_eq!(ProfileSource::from_arg("./dev"), ProfileSource::File("./dev".into()));
+    assert_eq!(
+        ProfileSource::from_arg("dev"),
+        ProfileSource::Builtin("dev".into())
+    );
+    assert_eq!(
+        ProfileSource::from_arg("./dev"),
+        ProfileSource::File("./dev".into())
+    );
     assert_eq!(
         Engine::builtin("allow-all").unwrap_err().to_string(),
         "unknown built-in profile `allow-all` (built-in profiles: deny-all, dev)"
     );
-    let summary = sandbox_policy::check(&[(Layer::Builtin, ProfileSource::Builtin("dev".into()))]).unwrap().to_string();
-    assert!(summary.starts_with("ok: 7 rules from 1 profiles\nprofile builtin:dev (built-in layer)"), "{summary}");
-    assert!(summary.contains("http.github_no_push [block priority 10] builtin:dev:"), "{summary}");
+    let summary = sandbox_policy::check(&[(Layer::Builtin, ProfileSource::Builtin("dev".into()))])
+        .unwrap()
+        .to_string();
+    assert!(
+        summary.starts_with("ok: 7 rules from 1 profiles\nprofile builtin:dev (built-in layer)"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("http.github_no_push [block priority 10] builtin:dev:"),
+        "{summary}"
+    );
 }
 
 #[test]

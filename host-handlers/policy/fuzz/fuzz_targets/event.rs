@@ -58,7 +58,13 @@ fn engine() -> &'static Engine {
     ENGINE.get_or_init(|| {
         let dev = Engine::builder()
             .profile(Layer::Builtin, ProfileSource::Builtin("dev".into()))
-            .profile(Layer::User, ProfileSource::Text { name: "fuzz.toml".into(), text: RULES.into() })
+            .profile(
+                Layer::User,
+                ProfileSource::Text {
+                    name: "fuzz.toml".into(),
+                    text: RULES.into(),
+                },
+            )
             .secrets(Secrets::none().with_value("TOKEN", "secret"))
             .build();
         dev.unwrap_or_else(|error| panic!("the fuzz engine must load: {error}"))
@@ -66,7 +72,9 @@ fn engine() -> &'static Engine {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(json) = std::str::from_utf8(data) else { return };
+    let Ok(json) = std::str::from_utf8(data) else {
+        return;
+    };
     match Event::from_json(json) {
         Ok(event) => {
             let engine = engine();

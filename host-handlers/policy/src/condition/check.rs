@@ -119,7 +119,10 @@ pub(crate) struct CheckError {
 type Checked = Result<Ty, CheckError>;
 
 fn error(id: u64, message: impl Into<String>) -> CheckError {
-    CheckError { id, message: message.into() }
+    CheckError {
+        id,
+        message: message.into(),
+    }
 }
 
 /// What the checker learnt about a condition, for lowering.
@@ -144,7 +147,12 @@ const NAMESPACES: [&str; 3] = ["dns", "http", "tcp"];
 
 impl Checker {
     pub fn new(event: EventKind) -> Checker {
-        Checker { event, locals: Vec::new(), next_id: u64::MAX / 2, facts: Facts::default() }
+        Checker {
+            event,
+            locals: Vec::new(),
+            next_id: u64::MAX / 2,
+            facts: Facts::default(),
+        }
     }
 
     /// Checks and rewrites `expr`; returns its type.
@@ -155,7 +163,11 @@ impl Checker {
     }
 
     fn local(&self, name: &str) -> Option<&Ty> {
-        self.locals.iter().rev().find(|(local, _)| local == name).map(|(_, ty)| ty)
+        self.locals
+            .iter()
+            .rev()
+            .find(|(local, _)| local == name)
+            .map(|(_, ty)| ty)
     }
 
     /// The segments of `expr` when it names something under an event
@@ -170,7 +182,9 @@ impl Checker {
                     segments.push(select.field.clone());
                     node = &select.operand;
                 }
-                Expr::Ident(root) if NAMESPACES.contains(&root.as_str()) && self.local(root).is_none() => {
+                Expr::Ident(root)
+                    if NAMESPACES.contains(&root.as_str()) && self.local(root).is_none() =>
+                {
                     segments.push(root.clone());
                     segments.reverse();
                     return Some(segments);
@@ -183,14 +197,21 @@ impl Checker {
     fn fields_of(kind: EventKind) -> String {
         Field::ALL
             .into_iter()
-            .filter(|field| field.path().starts_with(kind.name()) && field.path()[kind.name().len()..].starts_with('.'))
+            .filter(|field| {
+                field.path().starts_with(kind.name())
+                    && field.path()[kind.name().len()..].starts_with('.')
+            })
             .map(Field::short_name)
             .collect::<Vec<_>>()
             .join(", ")
     }
 
     fn available(&self) -> String {
-        self.event.fields().map(Field::path).collect::<Vec<_>>().join(", ")
+        self.event
+            .fields()
+            .map(Field::path)
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Resolves a three-segment event path to a field of this rule's event.
@@ -198,12 +219,19 @@ impl Checker {
         let event_name = format!("{}.{}", path[0], path[1]);
         let full = path.join(".");
         let Some(kind) = EventKind::from_name(&event_name) else {
-            return Err(error(id, format!("unknown event `{event_name}` in `{full}`")));
+            return Err(error(
+                id,
+                format!("unknown event `{event_name}` in `{full}`"),
+            ));
         };
         let Some(field) = Field::from_path(&full) else {
             return Err(error(
                 id,
-                format!("unknown field `{}` of `{event_name}` (fields: {})", path[2], Self::fields_of(kind)),
+                format!(
+                    "unknown field `{}` of `{event_name}` (fields: {})",
+                    path[2],
+                    Self::fields_of(kind)
+                ),
             ));
         };
         if !field.events().contains(&self.event) {
@@ -225,12 +253,18 @@ impl Checker {
         match path.len() {
             1 => error(
                 id,
-                format!("`{name}` is not a field; conditions use fields such as {}", self.available()),
+                format!(
+                    "`{name}` is not a field; conditions use fields such as {}",
+                    self.available()
+                ),
             ),
             _ => match EventKind::from_name(&name) {
                 Some(kind) => error(
                     id,
-                    format!("`{name}` is an event, not a field; use one of its fields: {}", Self::fields_of(kind)),
+                    format!(
+                        "`{name}` is an event, not a field; use one of its fields: {}",
+                        Self::fields_of(kind)
+                    ),
                 ),
                 None => error(id, format!("unknown event `{name}`")),
             },
@@ -289,7 +323,10 @@ impl Checker {
                 }
                 Err(error(
                     id,
-                    format!("unknown name `{name}`; conditions use fields such as {}", self.available()),
+                    format!(
+                        "unknown name `{name}`; conditions use fields such as {}",
+                        self.available()
+                    ),
                 ))
             }
             Expr::Select(select) if select.test => {
@@ -315,7 +352,10 @@ impl Checker {
                 match ty {
                     Ty::Map(key, _) if matches!(*key, Ty::String | Ty::Dyn) => Ok(Ty::Bool),
                     Ty::Dyn => Ok(Ty::Bool),
-                    other => Err(error(id, format!("has() needs a map with string keys, found {other}"))),
+                    other => Err(error(
+                        id,
+                        format!("has() needs a map with string keys, found {other}"),
+                    )),
                 }
             }
             Expr::Select(_) => {
@@ -376,11 +416,17 @@ impl Checker {
                     };
                     let key = self.check(&mut entry.key)?;
                     if !matches!(key, Ty::String | Ty::Int | Ty::Uint | Ty::Bool | Ty::Dyn) {
-                        return Err(error(entry.key.id, format!("a map key must be a string, int, uint or bool, found {key}")));
+                        return Err(error(
+                            entry.key.id,
+                            format!("a map key must be a string, int, uint or bool, found {key}"),
+                        ));
                     }
                     let value = self.check(&mut entry.value)?;
-                    key_ty = Some(key_ty.map_or(key.clone(), |k| join(&k, &key).unwrap_or(Ty::Dyn)));
-                    value_ty = Some(value_ty.map_or(value.clone(), |v| join(&v, &value).unwrap_or(Ty::Dyn)));
+                    key_ty =
+                        Some(key_ty.map_or(key.clone(), |k| join(&k, &key).unwrap_or(Ty::Dyn)));
+                    value_ty = Some(
+                        value_ty.map_or(value.clone(), |v| join(&v, &value).unwrap_or(Ty::Dyn)),
+                    );
                 }
                 Ok(Ty::Map(
                     Box::new(key_ty.unwrap_or(Ty::Dyn)),
@@ -389,7 +435,10 @@ impl Checker {
             }
             Expr::Struct(structure) => Err(error(
                 id,
-                format!("message construction (`{}{{...}}`) is not supported", structure.type_name),
+                format!(
+                    "message construction (`{}{{...}}`) is not supported",
+                    structure.type_name
+                ),
             )),
             Expr::Comprehension(comprehension) => {
                 if comprehension.iter_var2.is_some() {
@@ -401,7 +450,10 @@ impl Checker {
                     Ty::Map(key, _) => *key,
                     Ty::Dyn => Ty::Dyn,
                     other => {
-                        return Err(error(comprehension.iter_range.id, format!("cannot iterate over {other}")))
+                        return Err(error(
+                            comprehension.iter_range.id,
+                            format!("cannot iterate over {other}"),
+                        ))
                     }
                 };
                 let accu = self.check(&mut comprehension.accu_init)?;
@@ -414,10 +466,16 @@ impl Checker {
         }
     }
 
-    fn check_comprehension_body(&mut self, comprehension: &mut cel::common::ast::ComprehensionExpr) -> Checked {
+    fn check_comprehension_body(
+        &mut self,
+        comprehension: &mut cel::common::ast::ComprehensionExpr,
+    ) -> Checked {
         let cond = self.check(&mut comprehension.loop_cond)?;
         if !matches!(cond, Ty::Bool | Ty::Dyn) {
-            return Err(error(comprehension.loop_cond.id, format!("expected bool, found {cond}")));
+            return Err(error(
+                comprehension.loop_cond.id,
+                format!("expected bool, found {cond}"),
+            ));
         }
         let step = self.check(&mut comprehension.loop_step)?;
         // `map` and `filter` start from an empty list: the step tells the element type.
@@ -593,7 +651,11 @@ impl Checker {
 }
 
 fn describe_call(name: &str, target: Option<&Ty>, args: &[Ty]) -> String {
-    let args = args.iter().map(Ty::to_string).collect::<Vec<_>>().join(", ");
+    let args = args
+        .iter()
+        .map(Ty::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
     match target {
         Some(target) => format!("{target}.{name}({args})"),
         None => format!("{name}({args})"),
@@ -605,5 +667,8 @@ fn regex_problem(error: &regex::Error) -> String {
     let text = error.to_string();
     text.lines()
         .find_map(|line| line.strip_prefix("error: "))
-        .map_or_else(|| text.lines().last().unwrap_or_default().to_owned(), str::to_owned)
+        .map_or_else(
+            || text.lines().last().unwrap_or_default().to_owned(),
+            str::to_owned,
+        )
 }

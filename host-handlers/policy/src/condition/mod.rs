@@ -65,11 +65,28 @@ pub(crate) enum Cond {
     And(Box<Cond>, Box<Cond>),
     Or(Box<Cond>, Box<Cond>),
     If(Box<Cond>, Box<Cond>, Box<Cond>),
-    Str { op: StrOp, left: StrOperand, right: StrOperand },
-    Matches { subject: StrOperand, regex: Regex },
-    InList { subject: StrOperand, values: Box<[Box<str>]> },
-    HasKey { map: Field, key: StrOperand },
-    Int { op: IntOp, left: IntOperand, right: IntOperand },
+    Str {
+        op: StrOp,
+        left: StrOperand,
+        right: StrOperand,
+    },
+    Matches {
+        subject: StrOperand,
+        regex: Regex,
+    },
+    InList {
+        subject: StrOperand,
+        values: Box<[Box<str>]>,
+    },
+    HasKey {
+        map: Field,
+        key: StrOperand,
+    },
+    Int {
+        op: IntOp,
+        left: IntOperand,
+        right: IntOperand,
+    },
     /// A boolean sub-expression for the `cel` interpreter.
     Cel(IdedExpr),
 }
@@ -112,13 +129,17 @@ pub(crate) enum IntOperand {
 impl Condition {
     /// A condition that always holds (a rule without `if`).
     pub fn always() -> Condition {
-        Condition { cond: Cond::Const(true) }
+        Condition {
+            cond: Cond::Const(true),
+        }
     }
 
     /// Parses, checks and compiles `text` for rules on `event`.
     pub fn compile(text: &str, event: EventKind, env: &Env) -> Result<Condition, CompileError> {
         let (expr, facts) = parse_and_check(text, event, env)?;
-        Ok(Condition { cond: lower::lower(&expr, &facts) })
+        Ok(Condition {
+            cond: lower::lower(&expr, &facts),
+        })
     }
 
     /// Evaluates the condition. An `Err` is a CEL evaluation error (for
@@ -130,9 +151,16 @@ impl Condition {
 
 /// Parses and checks `text` for rules on `event`: the rewritten tree and
 /// what the checker learnt about it.
-fn parse_and_check(text: &str, event: EventKind, env: &Env) -> Result<(IdedExpr, check::Facts), CompileError> {
+fn parse_and_check(
+    text: &str,
+    event: EventKind,
+    env: &Env,
+) -> Result<(IdedExpr, check::Facts), CompileError> {
     if text.trim().is_empty() {
-        return Err(CompileError { offset: 0, message: "the condition is empty".into() });
+        return Err(CompileError {
+            offset: 0,
+            message: "the condition is empty".into(),
+        });
     }
     if text.len() > MAX_CONDITION_LEN {
         return Err(CompileError {
@@ -140,25 +168,34 @@ fn parse_and_check(text: &str, event: EventKind, env: &Env) -> Result<(IdedExpr,
             message: format!("the condition is longer than {MAX_CONDITION_LEN} bytes"),
         });
     }
-    let (mut expr, source_info) = env.parser().parse_with_source_info(text).map_err(|errors| {
-        // Prefer the parser's syntax errors to its follow-up complaints.
-        let first = errors
-            .errors
-            .iter()
-            .find(|e| e.msg.starts_with("Syntax error"))
-            .or(errors.errors.first());
-        match first {
-            Some(e) if e.msg.contains("Recursion limit") => CompileError {
-                offset: 0,
-                message: "the condition nests deeper than the parser allows".into(),
-            },
-            Some(e) => CompileError {
-                offset: offset_of(text, e.pos),
-                message: format!("invalid condition: {}", e.msg.replacen("Syntax error", "syntax error", 1)),
-            },
-            None => CompileError { offset: 0, message: "invalid condition".into() },
-        }
-    })?;
+    let (mut expr, source_info) = env
+        .parser()
+        .parse_with_source_info(text)
+        .map_err(|errors| {
+            // Prefer the parser's syntax errors to its follow-up complaints.
+            let first = errors
+                .errors
+                .iter()
+                .find(|e| e.msg.starts_with("Syntax error"))
+                .or(errors.errors.first());
+            match first {
+                Some(e) if e.msg.contains("Recursion limit") => CompileError {
+                    offset: 0,
+                    message: "the condition nests deeper than the parser allows".into(),
+                },
+                Some(e) => CompileError {
+                    offset: offset_of(text, e.pos),
+                    message: format!(
+                        "invalid condition: {}",
+                        e.msg.replacen("Syntax error", "syntax error", 1)
+                    ),
+                },
+                None => CompileError {
+                    offset: 0,
+                    message: "invalid condition".into(),
+                },
+            }
+        })?;
     let node_offset = |id: u64| {
         source_info
             .offset_for(id)
@@ -202,7 +239,9 @@ fn too_deep(expr: &IdedExpr) -> Option<u64> {
                 pending.extend(call.args.iter().map(|arg| (arg, below)));
             }
             Expr::Select(select) => pending.push((&select.operand, below)),
-            Expr::List(list) => pending.extend(list.elements.iter().map(|element| (element, below))),
+            Expr::List(list) => {
+                pending.extend(list.elements.iter().map(|element| (element, below)))
+            }
             Expr::Map(map) => {
                 for entry in &map.entries {
                     if let EntryExpr::MapEntry(entry) = &entry.expr {
@@ -241,7 +280,11 @@ fn offset_of(text: &str, (line, column): (isize, isize)) -> usize {
     for (index, line_text) in text.split_inclusive('\n').enumerate() {
         if isize::try_from(index + 1).unwrap_or(isize::MAX) == line {
             let column = usize::try_from(column.saturating_sub(1)).unwrap_or(0);
-            return offset + line_text.char_indices().nth(column).map_or(line_text.len(), |(at, _)| at);
+            return offset
+                + line_text
+                    .char_indices()
+                    .nth(column)
+                    .map_or(line_text.len(), |(at, _)| at);
         }
         offset += line_text.len();
     }
@@ -259,10 +302,20 @@ pub(crate) struct EvalCx<'c, 'v, 'e> {
 }
 
 /// Runs `f` with an evaluation context for `event`.
-pub(crate) fn with_event<R>(event: &Event, env: &Arc<Env>, f: impl FnOnce(&EvalCx<'_, '_, '_>) -> R) -> R {
+pub(crate) fn with_event<R>(
+    event: &Event,
+    env: &Arc<Env>,
+    f: impl FnOnce(&EvalCx<'_, '_, '_>) -> R,
+) -> R {
     let vars = OnceCell::new();
     let context = OnceCell::new();
-    let cx = EvalCx { event, env, vars: &vars, context: &context, ip: OnceCell::new() };
+    let cx = EvalCx {
+        event,
+        env,
+        vars: &vars,
+        context: &context,
+        ip: OnceCell::new(),
+    };
     f(&cx)
 }
 
@@ -284,7 +337,11 @@ impl<'c, 'v, 'e: 'v> EvalCx<'c, 'v, 'e> {
     }
 
     /// Runs `f` on the string an operand stands for.
-    fn with_str<R>(&self, operand: &StrOperand, f: impl FnOnce(&str) -> R) -> Result<R, ExecutionError> {
+    fn with_str<R>(
+        &self,
+        operand: &StrOperand,
+        f: impl FnOnce(&str) -> R,
+    ) -> Result<R, ExecutionError> {
         match operand {
             StrOperand::Field(field) => Ok(f(self.str_field(*field))),
             StrOperand::Literal(text) => Ok(f(text)),
@@ -349,12 +406,14 @@ impl Cond {
                 })
             })?,
             Cond::Matches { subject, regex } => cx.with_str(subject, |text| regex.is_match(text)),
-            Cond::InList { subject, values } => {
-                cx.with_str(subject, |text| values.binary_search_by(|v| (**v).cmp(text)).is_ok())
-            }
+            Cond::InList { subject, values } => cx.with_str(subject, |text| {
+                values.binary_search_by(|v| (**v).cmp(text)).is_ok()
+            }),
             Cond::HasKey { map, key } => {
                 let headers = cx.event.headers_field(*map);
-                cx.with_str(key, |key| headers.is_some_and(|headers| headers.contains_key(key)))
+                cx.with_str(key, |key| {
+                    headers.is_some_and(|headers| headers.contains_key(key))
+                })
             }
             Cond::Int { op, left, right } => {
                 let (left, right) = (cx.int(left), cx.int(right));
@@ -397,13 +456,20 @@ impl<'e> EventVars<'e> {
             _ => CelString::from(event.str_field(field).unwrap_or_default()),
         });
         let ints = Field::ALL.map(|field| CelInt::from(event.int_field(field).unwrap_or_default()));
-        EventVars { strings, ints, maps: Default::default(), event }
+        EventVars {
+            strings,
+            ints,
+            maps: Default::default(),
+            event,
+        }
     }
 }
 
 impl<'e> VariableResolver for EventVars<'e> {
     fn resolve<'b>(&'b self, variable: &str) -> Option<CowVal<'b, 'b>> {
-        let index = Field::ALL.iter().position(|field| field.path() == variable)?;
+        let index = Field::ALL
+            .iter()
+            .position(|field| field.path() == variable)?;
         let field = Field::ALL[index];
         let value: &dyn Val = match field.field_type() {
             crate::event::FieldType::String => &self.strings[index],
