@@ -219,11 +219,15 @@ impl Summary {
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = |count: usize, noun: &str| {
+            let plural = if count == 1 { "" } else { "s" };
+            format!("{count} {noun}{plural}")
+        };
         writeln!(
             f,
-            "ok: {} rules from {} profiles",
-            self.rules.len(),
-            self.profiles.len()
+            "ok: {} from {}",
+            count(self.rules.len(), "rule"),
+            count(self.profiles.len(), "profile")
         )?;
         for (name, layer, description) in &self.profiles {
             write!(f, "profile {} ({layer} layer)", name.display())?;

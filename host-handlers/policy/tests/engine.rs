@@ -934,7 +934,7 @@ fn deny_all_blocks_everything_and_built_ins_load_by_name() {
         .unwrap()
         .to_string();
     assert!(
-        summary.starts_with("ok: 7 rules from 1 profiles\nprofile builtin:dev (built-in layer)"),
+        summary.starts_with("ok: 7 rules from 1 profile\nprofile builtin:dev (built-in layer)"),
         "{summary}"
     );
     assert!(

@@ -136,6 +136,11 @@ const CONDITIONS: &[(EventKind, &str, bool)] = &[
     ),
     (
         EventKind::HttpRequest,
+        r#"http.request.host.matches("x\\.c") && !http.request.path.matches("v2")"#,
+        false,
+    ),
+    (
+        EventKind::HttpRequest,
         r#""authorization" in http.request.headers"#,
         false,
     ),
