@@ -120,3 +120,66 @@ async fn accept_loop<H: ConnectionHandler>(
     }
     connections.shutdown().await;
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncReadExt;
+
+    #[derive(Default)]
+    struct Counting {
+        served: AtomicUsize,
+        refused: AtomicUsize,
+        accepting: std::sync::atomic::AtomicBool,
+    }
+
+    impl ConnectionHandler for Counting {
+        async fn serve(self: Arc<Self>, stream: UnixStream) {
+            self.served.fetch_add(1, Ordering::SeqCst);
+            if self.served.load(Ordering::SeqCst) == 1 {
+                panic!("the first connection's task panics");
+            }
+            drop(stream);
+        }
+        fn accepting(&self) -> bool {
+            self.accepting.load(Ordering::SeqCst)
+        }
+        fn refused(&self, _reason: &str) {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    async fn closed(path: &Path) -> bool {
+        let mut stream = UnixStream::connect(path).await.unwrap();
+        let mut buf = [0u8; 1];
+        matches!(tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
+    }
+
+    #[tokio::test]
+    async fn serves_survives_panics_refuses_and_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vsock.sock_5002");
+        // A stale socket file from an earlier run is replaced.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let handler = Arc::new(Counting::default());
+        handler.accepting.store(true, Ordering::SeqCst);
+        let server = Server::bind(&path, 4, handler.clone()).unwrap();
+        assert!(closed(&path).await);
+        assert!(closed(&path).await);
+        assert_eq!(handler.served.load(Ordering::SeqCst), 2, "the panic did not stop the server");
+        // A live socket is not stolen (the probe is one more connection).
+        assert!(matches!(Server::bind(&path, 4, handler.clone()), Err(Error::Listen { .. })));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(handler.served.load(Ordering::SeqCst), 3);
+
+        handler.accepting.store(false, Ordering::SeqCst);
+        assert!(closed(&path).await);
+        assert_eq!(handler.refused.load(Ordering::SeqCst), 1);
+        assert_eq!(handler.served.load(Ordering::SeqCst), 3);
+
+        server.shutdown().await;
+        assert!(!path.exists());
+    }
+}
