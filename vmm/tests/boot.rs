@@ -70,12 +70,17 @@ fn root_image(dir: &Path, init: &str) -> PathBuf {
     image
 }
 
-/// Serial output with the time each line was completed.
+/// A prompt line, the answer to type when it appears, and where to type it.
+type Reply = Option<(&'static str, &'static [u8], std::io::PipeWriter)>;
+
+/// Serial output with the time each line was completed; types `answer` on
+/// the console's input when the guest prints the line `prompt`.
 #[derive(Clone)]
 struct Console {
     start: Instant,
     lines: Arc<Mutex<Vec<(Duration, String)>>>,
     partial: Arc<Mutex<Vec<u8>>>,
+    reply: Arc<Mutex<Reply>>,
 }
 
 impl Console {
@@ -84,7 +89,15 @@ impl Console {
             start: Instant::now(),
             lines: Arc::default(),
             partial: Arc::default(),
+            reply: Arc::default(),
         }
+    }
+
+    /// The console's input, which receives `answer` after the guest prints `prompt`.
+    fn input(&self, prompt: &'static str, answer: &'static [u8]) -> std::os::fd::OwnedFd {
+        let (reader, writer) = std::io::pipe().unwrap();
+        *self.reply.lock().unwrap() = Some((prompt, answer, writer));
+        reader.into()
     }
 
     fn text(&self) -> String {
@@ -113,6 +126,12 @@ impl Write for Console {
                 let line = String::from_utf8_lossy(&partial)
                     .trim_end_matches('\r')
                     .to_string();
+                let mut reply = self.reply.lock().unwrap();
+                if reply.as_ref().is_some_and(|(prompt, _, _)| line == *prompt) {
+                    if let Some((_, answer, mut writer)) = reply.take() {
+                        writer.write_all(answer)?;
+                    }
+                }
                 self.lines
                     .lock()
                     .unwrap()
@@ -161,6 +180,8 @@ echo "cpus: $(/bin/busybox nproc)"
 /bin/busybox cat /hello.txt
 echo "scratch-ok" | /bin/busybox dd of=/dev/vdb conv=fsync 2>/dev/null && echo "scratch written"
 echo "x" | /bin/busybox dd of=/dev/vda 2>/dev/null || echo "root write refused"
+echo "serial: waiting for input"
+read -t 60 line && echo "serial input: $line"
 /bin/busybox reboot -f
 "#;
 
@@ -179,7 +200,9 @@ fn guest_boots_runs_init_and_shuts_down() {
 
     // Guest-initiated shutdown.
     let console = Console::new();
-    let vm = Vm::create(config(&image, Some(scratch.clone()), 2, &console)).unwrap();
+    let mut vm = Vm::create(config(&image, Some(scratch.clone()), 2, &console)).unwrap();
+    vm.set_serial_input(console.input("serial: waiting for input", b"hello guest\n"))
+        .unwrap();
     let started = Instant::now();
     let reason = vm.run();
     let total = started.elapsed();
@@ -199,6 +222,10 @@ fn guest_boots_runs_init_and_shuts_down() {
     assert!(log.contains("read from the root image"));
     assert!(log.contains("scratch written"));
     assert!(log.contains("root write refused"));
+    assert!(
+        log.contains("serial input: hello guest"),
+        "host input reached the guest"
+    );
     let scratch_content = std::fs::read(&scratch).unwrap();
     assert!(
         scratch_content.starts_with(b"scratch-ok\n"),
