@@ -1,11 +1,12 @@
 //! vCPUs: configuration, the KVM_RUN loop on a thread of its own, and stopping.
 //!
-//! Port I/O and MMIO exits go to the buses; the guest halting for good (a
-//! triple fault, a shutdown/reset system event, or a HLT exit, which with the
-//! in-kernel APIC only happens when nothing can wake the CPU) ends the VM as
-//! a guest shutdown; any other exit is a fatal error that carries the
-//! registers and the bytes at RIP. To stop a vCPU the VM sets the exit flag
-//! and sends the thread [`kick_signal`] until it leaves KVM_RUN.
+//! Port I/O and MMIO exits go to the buses. A triple fault, a shutdown or
+//! reset system event, or a HLT exit (which KVM only reports without an
+//! in-kernel APIC) ends the VM as a guest shutdown; any other exit is a fatal
+//! error that carries the registers and the bytes at RIP. A guest that halts
+//! with interrupts off inside the in-kernel APIC causes no exit at all: only
+//! the host can end it, through its stop handle. To stop a vCPU the VM sets
+//! the exit flag and sends the thread [`kick_signal`] until it leaves KVM_RUN.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
