@@ -257,7 +257,9 @@ impl Vm {
     }
 
     /// Runs the VM until the guest shuts down, the host stops it, or a fatal
-    /// error occurs. All threads are joined before this returns.
+    /// error occurs. All threads are joined before this returns. vCPU threads
+    /// are interrupted with `SIGRTMIN`, for which [`Vm::create`] installs an
+    /// empty handler: the embedding process must not use that signal.
     pub fn run(self) -> Result<ExitReason> {
         let Vm {
             vcpus,
