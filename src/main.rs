@@ -120,7 +120,7 @@ enum PolicyCommand {
     Explain {
         #[arg(required = true)]
         profiles: Vec<String>,
-        /// The event as JSON, e.g. '{"http.request": {"host": "pypi.org", "method": "GET"}}'.
+        /// The event as JSON, e.g. '{"event": "http.request", "host": "pypi.org", "method": "GET"}'.
         #[arg(long)]
         event: String,
     },
@@ -166,7 +166,65 @@ fn main() -> ExitCode {
     }
 }
 
+/// Answers `ask` rules on the controlling terminal.
+#[derive(Debug)]
+struct TerminalAsker;
+
+impl TerminalAsker {
+    fn describe(event: &Event) -> String {
+        match event {
+            Event::DnsRequest(q) => format!("DNS {} {}", q.qtype, q.qname),
+            Event::HttpRequest(r) => format!("{} https://{}{}", r.method, r.host, r.path),
+            Event::HttpResponse(r) => format!("response {} from https://{}{}", r.status, r.request.host, r.request.path),
+            Event::TcpConnect(c) => format!("TCP connection to {}:{}", c.host, c.port),
+        }
+    }
+
+    /// Ask on /dev/tty; anything but y/yes is no.
+    fn prompt(question: &str) -> bool {
+        use std::io::{BufRead, Write};
+        let Ok(tty) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/tty") else {
+            return false;
+        };
+        let mut out = &tty;
+        if write!(out, "sandbox: {question}? [y/N] ").and_then(|()| out.flush()).is_err() {
+            return false;
+        }
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(&tty).read_line(&mut line);
+        matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes")
+    }
+}
+
+impl sandbox::policy::Asker for TerminalAsker {
+    fn ask(&self, event: &Event, rule: Option<&str>) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
+        let question = format!("allow {} (rule {})", Self::describe(event), rule.unwrap_or("?"));
+        Box::pin(async move { tokio::task::spawn_blocking(move || Self::prompt(&question)).await.unwrap_or(false) })
+    }
+}
+
+/// The policy for `run`: the profiles in their layers (default `deny-all`),
+/// asking on the terminal when there is one (no answer in time: block).
+fn load_policy(args: &RunArgs) -> Result<sandbox::policy::Policy, sandbox::policy::ProfileError> {
+    let mut layers: Vec<(Layer, ProfileSource)> =
+        args.corporate_profile.iter().map(|f| (Layer::Corporate, ProfileSource::File(f.clone()))).collect();
+    layers.extend(args.profile.iter().map(|p| (Layer::User, ProfileSource::from_arg(p))));
+    let engine = if layers.is_empty() { Engine::builtin("deny-all")? } else { Engine::load_layers(&layers)? };
+    Ok(if std::fs::File::open("/dev/tty").is_ok() {
+        sandbox::policy::Policy::with_asker(engine, std::sync::Arc::new(TerminalAsker), sandbox::policy::DEFAULT_ASK_TIMEOUT)
+    } else {
+        sandbox::policy::Policy::new(engine)
+    })
+}
+
 fn run(args: RunArgs) -> ExitCode {
+    let policy = match load_policy(&args) {
+        Ok(policy) => policy,
+        Err(err) => {
+            eprintln!("sandbox: {err}");
+            return ExitCode::from(EXIT_SANDBOX_ERROR);
+        }
+    };
     let mut net = sandbox::NetConfig {
         dns_servers: args.dns_server,
         extra_root_files: args.upstream_ca,
@@ -179,14 +237,9 @@ fn run(args: RunArgs) -> ExitCode {
         .vcpus(args.cpus)
         .cwd(args.workdir)
         .net_config(net)
+        .policy(policy)
         .stdout(std::io::stdout())
         .stderr(std::io::stderr());
-    for file in &args.corporate_profile {
-        builder = builder.profile_at(Layer::Corporate, ProfileSource::File(file.clone()));
-    }
-    for profile in &args.profile {
-        builder = builder.profile(profile);
-    }
     for (k, v) in args.env {
         builder = builder.env(k, v);
     }

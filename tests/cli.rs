@@ -61,3 +61,22 @@ fn unknown_flags_and_missing_commands_are_usage_errors() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("KEY=VALUE"), "{}", stderr(&o));
 }
+
+#[test]
+fn a_broken_profile_is_refused_with_its_location() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("p.toml");
+    std::fs::write(&profile, "[security.rules.http.x]\non = \"http.request\"\nif = 'http.request.hots == \"a\"'\ndecision = \"allow\"\n").unwrap();
+    let p = profile.to_str().unwrap();
+    let o = sandbox(&["run", "--profile", p, "default", "--", "true"], &[]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("p.toml:3:"), "{}", stderr(&o));
+    let o = sandbox(&["policy", "check", p], &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("unknown field `hots`"), "{}", stderr(&o));
+    std::fs::write(&profile, "[security.rules.http.x]\non = \"http.request\"\nif = 'http.request.host == \"a.test\"'\ndecision = \"allow\"\n").unwrap();
+    let o = sandbox(&["policy", "explain", p, "--event", r#"{"event": "http.request", "host": "a.test", "method": "GET"}"#], &[]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(out.contains("allow") && out.contains("http.x"), "{out}");
+}
