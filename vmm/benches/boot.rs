@@ -2,17 +2,18 @@
 //! machine, same kernel, same root image, same command line, alternating runs.
 //!
 //! Prints, per VMM, the median time from process start to the guest's first
-//! line from /init, to the line /init prints after its command has exited,
-//! and to the VMM process's exit, the ratios (ours / QEMU), and the VMM's own
-//! memory: peak resident set minus the resident part of the guest RAM mapping.
+//! line from /init and to the line /init prints after its command has
+//! exited, the ratios (ours / QEMU), and the VMM's own memory: peak resident
+//! set minus the resident part of the guest RAM mapping. For our VMM it also
+//! prints how long the guest's reboot and the teardown take after that.
 //! `BOOT_BENCH_ROUNDS` sets the number of rounds (default 3).
 //!
 //! CPU time (all threads, until the command has exited) is printed too: it
 //! varies less than wall-clock time when other work shares the machine.
 //!
-//! The process-exit ratio is not a like-for-like comparison: QEMU's microvm
-//! has no i8042, so the guest's `reboot=k` first spins on the missing
-//! controller before falling back to another reset method.
+//! QEMU is killed once the command has exited: its microvm machine has no
+//! i8042, so the guest's `reboot=k` would first spin on the missing
+//! controller for tens of seconds before falling back to another method.
 //!
 //! Our VMM runs in a child process (this binary re-executed with
 //! `VMM_BENCH_CHILD=1`) so that both are measured the same way from outside.
@@ -165,12 +166,16 @@ fn memory_kib(pid: u32) -> Option<(u64, u64)> {
 struct Run {
     ready: Duration,
     done: Duration,
-    exit: Duration,
+    /// When the VMM process exited by itself (`None` if it was killed after the command).
+    exit: Option<Duration>,
     cpu: Duration,
     overhead_kib: u64,
 }
 
-fn measure(mut command: Command) -> Result<Run, String> {
+/// Runs a VMM and times the guest's markers. With `kill_after_done`, the VMM
+/// is killed once the guest's command has exited instead of waiting for its
+/// own exit.
+fn measure(mut command: Command, kill_after_done: bool) -> Result<Run, String> {
     let start = Instant::now();
     let mut child: Child = command
         .stdout(Stdio::piped())
@@ -194,9 +199,16 @@ fn measure(mut command: Command) -> Result<Run, String> {
         log
     });
     let mut overhead_kib = 0;
+    let mut marks: Vec<(&str, Duration, Option<u64>)> = Vec::new();
+    let mut killed = false;
     let status = loop {
-        if let Some((total, guest)) = memory_kib(child.id()) {
+        if let Some((total, guest)) = memory_kib(pid) {
             overhead_kib = overhead_kib.max(total.saturating_sub(guest));
+        }
+        marks.extend(rx.try_iter());
+        if kill_after_done && !killed && marks.iter().any(|(m, _, _)| *m == DONE_LINE) {
+            let _ = child.kill();
+            killed = true;
         }
         match child.try_wait() {
             Ok(Some(status)) => break status,
@@ -209,9 +221,9 @@ fn measure(mut command: Command) -> Result<Run, String> {
             Err(e) => return Err(e.to_string()),
         }
     };
-    let exit = start.elapsed();
+    let exit = (!killed).then(|| start.elapsed());
     let log = reader.join().map_err(|_| "console reader panicked")?;
-    let marks: Vec<(&str, Duration, Option<u64>)> = rx.try_iter().collect();
+    marks.extend(rx.try_iter());
     let ticks = marks
         .iter()
         .find(|(m, _, _)| *m == DONE_LINE)
@@ -292,18 +304,17 @@ fn bench() -> Result<(), String> {
     let mut mine = Vec::new();
     let mut reference = Vec::new();
     for round in 1..=rounds {
-        let a = measure(ours(&kernel, &image)?)?;
-        let b = measure(qemu(&kernel, &image))?;
+        let a = measure(ours(&kernel, &image)?, false)?;
+        let b = measure(qemu(&kernel, &image), true)?;
         println!(
-            "round {round}: vmm ready {:.2} s done {:.2} s exit {:.2} s cpu {:.2} s overhead {} KiB | qemu ready {:.2} s done {:.2} s exit {:.2} s cpu {:.2} s overhead {} KiB",
+            "round {round}: vmm ready {:.2} s done {:.2} s exit {:.2} s cpu {:.2} s overhead {} KiB | qemu ready {:.2} s done {:.2} s cpu {:.2} s overhead {} KiB",
             a.ready.as_secs_f64(),
             a.done.as_secs_f64(),
-            a.exit.as_secs_f64(),
+            a.exit.map_or(f64::NAN, |t| t.as_secs_f64()),
             a.cpu.as_secs_f64(),
             a.overhead_kib,
             b.ready.as_secs_f64(),
             b.done.as_secs_f64(),
-            b.exit.as_secs_f64(),
             b.cpu.as_secs_f64(),
             b.overhead_kib
         );
@@ -313,13 +324,11 @@ fn bench() -> Result<(), String> {
     let med = |runs: &[Run], f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
     let ready = |r: &Run| r.ready.as_secs_f64();
     let done = |r: &Run| r.done.as_secs_f64();
-    let exit = |r: &Run| r.exit.as_secs_f64();
     let overhead = |r: &Run| r.overhead_kib as f64 / 1024.0;
     let cpu = |r: &Run| r.cpu.as_secs_f64();
     for (what, f) in [
         ("first /init line", ready as fn(&Run) -> f64),
         ("command exit", done),
-        ("VMM process exit", exit),
     ] {
         println!(
             "median time to {what}: vmm {:.2} s, qemu {:.2} s, ratio {:.3}",
@@ -328,6 +337,12 @@ fn bench() -> Result<(), String> {
             med(&mine, f) / med(&reference, f)
         );
     }
+    println!(
+        "median time from command exit to VMM exit (guest reboot, VM teardown): vmm {:.2} s",
+        med(&mine, |r| r
+            .exit
+            .map_or(f64::NAN, |t| (t - r.done).as_secs_f64()))
+    );
     println!(
         "median CPU time until command exit (less sensitive to other load): vmm {:.2} s, qemu {:.2} s, ratio {:.3}",
         med(&mine, cpu),
