@@ -3,6 +3,12 @@
 //! but reports only as a capability, with the per-vCPU topology filled in and
 //! the KVM hypervisor leaves present, so the guest finds kvm-clock and the
 //! other paravirtual features.
+//!
+//! The invariant-TSC bit is hidden, as in QEMU's default CPU models. With it,
+//! Linux prefers the TSC to kvm-clock and switches clocksource during boot
+//! (a stop_machine) and then runs the clocksource watchdog; without it the
+//! guest keeps kvm-clock, itself TSC-based. Boots measured about 10% faster
+//! this way where guest kernel code is emulated.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm};
@@ -17,6 +23,8 @@ const LEAF_CACHE: u32 = 0x4;
 const LEAF_TOPOLOGY: u32 = 0xb;
 /// Leaf 0x1f: V2 extended topology.
 const LEAF_TOPOLOGY_V2: u32 = 0x1f;
+/// Leaf 0x8000_0007: advanced power management, including the invariant TSC.
+const LEAF_POWER_MANAGEMENT: u32 = 0x8000_0007;
 /// KVM's signature leaf.
 const LEAF_KVM_SIGNATURE: u32 = 0x4000_0000;
 /// KVM's paravirtual feature leaf.
@@ -24,6 +32,7 @@ const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
 
 const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const ECX_HYPERVISOR: u32 = 1 << 31;
+const EDX_INVARIANT_TSC: u32 = 1 << 8;
 const EDX_HTT: u32 = 1 << 28;
 /// "KVMKVMKVM\0\0\0" as EBX, ECX, EDX.
 const KVM_SIGNATURE: [u32; 3] = [0x4b4d_564b, 0x564b_4d56, 0x0000_004d];
@@ -99,6 +108,7 @@ pub fn adjust_for_vcpu(entries: &mut [kvm_cpuid_entry2], id: u8, count: u8) {
                     }
                 }
             }
+            LEAF_POWER_MANAGEMENT => entry.edx &= !EDX_INVARIANT_TSC,
             LEAF_KVM_SIGNATURE => {
                 entry.eax = entry.eax.max(LEAF_KVM_FEATURES);
                 [entry.ebx, entry.ecx, entry.edx] = KVM_SIGNATURE;
@@ -210,6 +220,17 @@ mod tests {
         adjust_for_vcpu(&mut entries, 0, 2);
         assert_eq!(entries[0].eax, (1 << 5) | 0x1 | (1 << 26));
         assert_eq!(entries[1].eax, (3 << 5) | 0x3 | (1 << 14) | (1 << 26));
+    }
+
+    #[test]
+    fn invariant_tsc_is_hidden() {
+        let mut entries = [kvm_cpuid_entry2 {
+            function: LEAF_POWER_MANAGEMENT,
+            edx: EDX_INVARIANT_TSC | 0x1,
+            ..Default::default()
+        }];
+        adjust_for_vcpu(&mut entries, 0, 1);
+        assert_eq!(entries[0].edx, 0x1);
     }
 
     #[test]
