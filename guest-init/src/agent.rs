@@ -244,7 +244,12 @@ fn exec_command(conn: Box<dyn Connection>, exec: Exec) -> Result<(), FrameError>
         Ok(spawned) => spawned,
         Err(e) => {
             send(&writer, &GuestMessage::Stderr(format!("{}: {e}\n", exec.argv[0]).into_bytes()))?;
-            return send(&writer, &GuestMessage::Exited { status: command::spawn_error_status(&e) });
+            send(&writer, &GuestMessage::Exited { status: command::spawn_error_status(&e) })?;
+            // Let the host close first, once it has read the status: closing
+            // here, over bytes it sent that were never read, resets the
+            // connection, and the reset can overtake the status.
+            while let Ok(Some(_)) = read_frame::<HostMessage>(&mut reader) {}
+            return Ok(());
         }
     };
     drop(cmd); // closes the parent's copies of the pty slave

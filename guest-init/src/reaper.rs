@@ -11,7 +11,7 @@ use std::process::{Child, Command};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Condvar, Mutex, OnceLock};
 
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 
 #[derive(Default)]
 struct Registry {
@@ -63,12 +63,16 @@ fn reap_forever() {
     let r = reaper();
     let mut seen = 0;
     loop {
-        // Blocks while any child lives, registered or an orphan re-parented
-        // to init, and collects each one as it exits.
-        match waitpid(None, Some(WaitPidFlag::__WALL)) {
-            Ok(status) => {
-                let Some((pid, code)) = shell_status(status) else { continue };
-                if let Ok(mut reg) = r.registry.lock() {
+        // Peek at the next exited child without reaping it: std's spawn
+        // reaps a child whose exec failed itself (and panics if it cannot),
+        // so a child is only reaped once no spawn is in flight, under the lock.
+        match waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT | WaitPidFlag::__WALL) {
+            Ok(peeked) => {
+                let Some(pid) = peeked.pid() else { continue };
+                let Ok(mut reg) = r.registry.lock() else { continue };
+                // ECHILD here: std's spawn already reaped its failed child.
+                let Ok(status) = waitpid(pid, Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL)) else { continue };
+                if let Some((pid, code)) = shell_status(status) {
                     if let Some(tx) = reg.waiters.remove(&pid) {
                         let _ = tx.send(code);
                     }
@@ -84,7 +88,7 @@ fn reap_forever() {
                 }
             }
             Err(e) => {
-                crate::log(&format!("reaper: waitpid: {e}"));
+                crate::log(&format!("reaper: waitid: {e}"));
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
         }
