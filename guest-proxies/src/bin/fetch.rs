@@ -173,6 +173,9 @@ fn copy_body(r: &mut impl BufRead, headers: &[(String, String)], out: &mut dyn W
 
 fn fetch(args: &Args) -> Result<u16, Failure> {
     let url = parse_url(&args.url)?;
+    if let Some(h) = args.headers.iter().find(|h| !h.contains(':') || h.contains('\r') || h.contains('\n')) {
+        return Err(fail(2, format!("bad header {h:?}: expected 'Name: value'")));
+    }
     let timeout = Duration::from_secs(args.max_time.max(1));
     let addrs: Vec<_> = (url.host.as_str(), url.port)
         .to_socket_addrs()
@@ -210,9 +213,6 @@ fn fetch(args: &Args) -> Result<u16, Failure> {
     let body = args.data.as_deref().unwrap_or("");
     let mut request = format!("{method} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: fetch\r\nAccept: */*\r\nConnection: close\r\n", url.path, url.host);
     for h in &args.headers {
-        if !h.contains(':') || h.contains('\r') || h.contains('\n') {
-            return Err(fail(2, format!("bad header {h:?}: expected 'Name: value'")));
-        }
         request.push_str(h);
         request.push_str("\r\n");
     }
