@@ -52,7 +52,11 @@ fetch -s --max-time 10 http://10.0.0.2/ >/dev/null 2>&1; check dummy_port80 $?
 fetch -s --max-time 10 https://10.0.0.2:8443/ >/dev/null 2>&1; check literal_ip $?
 echo "links=$(ls /sys/class/net | tr '\n' ' ')"
 ip -4 addr show dummy0 | grep -o 'inet [0-9./]*'
-echo "cert_env=$SSL_CERT_FILE"
+echo "cert_env=$SSL_CERT_FILE $REQUESTS_CA_BUNDLE $CURL_CA_BUNDLE $NODE_EXTRA_CA_CERTS"
+netstat -lnu | grep -q '127.0.0.1:1053 '; check udp1053 $?
+netstat -lnt | grep -q '127.0.0.1:1053 '; check tcp1053 $?
+netstat -lnt | grep -q '127.0.0.1:10443 '; check tcp10443 $?
+nslookup allowed.test 192.0.2.53 >/dev/null 2>&1; check dns_any_address $?
 grep -c 'BEGIN CERTIFICATE' /etc/ssl/certs/ca-certificates.crt
 kill $(pidof net-proxy); sleep 2; pidof net-proxy >/dev/null; check proxy_restarted $?
 fetch -s https://allowed.test/hello >/dev/null; check after_restart $?
@@ -130,7 +134,10 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     }
     expect("links=dummy0 lo ");
     expect("inet 10.0.0.1/24");
-    expect("cert_env=/etc/ssl/certs/ca-certificates.crt");
+    expect("cert_env=/etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt /usr/local/share/ca-certificates/sandbox-ca.crt");
+    for listening in ["udp1053=0", "tcp1053=0", "tcp10443=0", "dns_any_address=0"] {
+        expect(listening);
+    }
     expect("proxy_restarted=0");
     expect("after_restart=0");
 
