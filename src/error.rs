@@ -29,6 +29,10 @@ pub enum Error {
     Net(#[from] sandbox_net::Error),
     #[error(transparent)]
     Profile(#[from] sandbox_policy::ProfileError),
+    #[error("no sandbox {0} (sandbox ps -a lists them)")]
+    NoSuchSandbox(String),
+    #[error("sandbox {0} is not running")]
+    NotRunning(String),
     #[error("the guest stopped without reporting an exit status (kernel panic or init failure); last console lines:\n{0}")]
     NoExitStatus(String),
 }

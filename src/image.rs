@@ -31,6 +31,15 @@ impl RootFs {
     }
 }
 
+impl std::fmt::Display for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Image::Default => f.write_str("default"),
+            Image::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
 impl Image {
     /// `default`, or anything else as a path.
     pub fn parse(name: &str) -> Image {

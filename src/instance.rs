@@ -19,6 +19,7 @@ use sandbox_telemetry::SessionDb;
 
 use crate::agent::{AgentConn, AgentError};
 use crate::console::{ConsoleSink, ConsoleState};
+use crate::registry::{SandboxRef, SandboxState};
 use crate::{paths, Error};
 
 /// The guest's vsock CID (see the module docs for why one value serves all).
@@ -30,6 +31,9 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What an [`Instance`] is built from.
 pub(crate) struct InstanceConfig {
+    /// The image as the user named it, and the command (for `sandbox ps`).
+    pub image_name: String,
+    pub command: Vec<String>,
     pub kernel: PathBuf,
     pub root_disk: PathBuf,
     pub cmdline: String,
@@ -44,6 +48,7 @@ pub(crate) struct InstanceConfig {
 pub struct Instance {
     id: String,
     dir: PathBuf,
+    state: SandboxState,
     started: Instant,
     boot_time: Duration,
     stop: vmm::StopHandle,
@@ -85,6 +90,8 @@ impl Instance {
         let id = new_id()?;
         let dir = paths::sandboxes_dir().join(&id);
         private_dir(&dir)?;
+        let state = SandboxState::new(&id, &config.image_name, &config.command, config.memory_mib, config.vcpus);
+        state.save(&dir)?;
         let session = SessionDb::open(&dir.join("session.db"))?;
 
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -124,6 +131,7 @@ impl Instance {
         let mut instance = Instance {
             id,
             dir,
+            state,
             started,
             boot_time: Duration::ZERO,
             stop,
@@ -166,6 +174,26 @@ impl Instance {
     /// A new connection to the guest agent.
     pub fn agent(&self) -> Result<AgentConn, AgentError> {
         AgentConn::connect(&self.dir.join("vsock.sock"), Duration::from_secs(30))
+    }
+
+    /// This sandbox as other processes see it (see [`crate::registry`]).
+    pub fn sandbox_ref(&self) -> SandboxRef {
+        SandboxRef::new(self.dir.clone(), self.state.clone())
+    }
+
+    /// Is the VM still running? (The guest may power itself off.)
+    pub fn is_running(&self) -> bool {
+        self.vm.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Copy a local file into the guest; see [`SandboxRef::copy_in`].
+    pub fn copy_in(&self, src: &Path, dst: &str) -> Result<u64, Error> {
+        self.sandbox_ref().copy_in(src, dst)
+    }
+
+    /// Copy a guest file out; see [`SandboxRef::copy_out`].
+    pub fn copy_out(&self, src: &str, dst: &Path) -> Result<u64, Error> {
+        self.sandbox_ref().copy_out(src, dst)
     }
 
     /// A handle that stops the VM from any thread.

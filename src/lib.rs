@@ -22,12 +22,15 @@ pub mod paths;
 pub mod agent;
 mod console;
 mod instance;
+pub mod registry;
 mod run;
+pub mod terminal;
 
 pub use error::Error;
 pub use image::{Image, RootFs};
 pub use guest_protocol::agent::{Exec, WinSize};
 pub use instance::Instance;
+pub use registry::{SandboxRef, SandboxState};
 pub use run::{RunOutput, Sandbox, SandboxBuilder, Status};
 pub use sandbox_net::NetConfig;
 pub use sandbox_policy as policy;

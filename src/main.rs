@@ -14,6 +14,11 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sandbox::policy::{Engine, Event, Layer, ProfileSource};
 
+mod cli {
+    pub mod detached;
+    pub mod manage;
+}
+
 /// Status when the command ran past its timeout (as timeout(1) reports it).
 const EXIT_TIMEOUT: u8 = 124;
 /// Status when the sandbox itself failed (as `docker run` reports it).
@@ -28,8 +33,19 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Boot a sandbox, run a command in it, and exit with the command's status.
+    /// Boot a sandbox, run a command in it, and exit with the command's status
+    /// (with -d: leave it running and print its id).
     Run(Box<RunArgs>),
+    /// Run a command in a running sandbox.
+    Exec(cli::manage::ExecArgs),
+    /// Copy a file into or out of a running sandbox: `cp <id>:<path> <local>` or `cp <local> <id>:<path>`.
+    Cp(cli::manage::CpArgs),
+    /// List running sandboxes (-a: all).
+    Ps(cli::manage::PsArgs),
+    /// Stop running sandboxes (the guest powers off).
+    Stop(cli::manage::StopArgs),
+    /// Delete sandboxes and their logs.
+    Rm(cli::manage::RmArgs),
     /// Print what a sandbox's guest tried to reach (its session.db).
     Logs(LogsArgs),
     /// Check profiles, or explain a decision.
@@ -63,6 +79,17 @@ struct RunArgs {
     /// Pass this process's standard input to the command.
     #[arg(short = 'i', long)]
     interactive: bool,
+    /// Run the command on a terminal (with -i: an interactive session, as `docker run -it`).
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Leave the sandbox running in the background and print its id; the
+    /// command, if given, runs with its output in the sandbox's output.log,
+    /// and the sandbox stops when it ends.
+    #[arg(short = 'd', long, conflicts_with_all = ["interactive", "tty"])]
+    detach: bool,
+    /// Marks the background process of `run -d`.
+    #[arg(long = "detached-child", hide = true)]
+    detached_child: bool,
     /// Policy profile: a TOML file or a built-in name (`deny-all`, `dev`); repeatable.
     #[arg(long, value_name = "PROFILE")]
     profile: Vec<String>,
@@ -83,8 +110,8 @@ struct RunArgs {
     console: bool,
     /// `default`, or the path of an erofs or ext4 image file.
     image: String,
-    /// The command and its arguments.
-    #[arg(last = true, required = true, value_name = "CMD")]
+    /// The command and its arguments (optional with -d).
+    #[arg(last = true, required_unless_present = "detach", value_name = "CMD")]
     cmd: Vec<String>,
 }
 
@@ -134,6 +161,11 @@ enum CaCommand {
     Rotate,
 }
 
+/// A guest exit status as this process's (the low 8 bits, as a shell sees them).
+fn exit_status(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(255))
+}
+
 fn parse_env(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
@@ -153,6 +185,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => return run(*args),
+        Command::Exec(args) => return cli::manage::exec(args),
+        Command::Cp(args) => cli::manage::cp(args),
+        Command::Ps(args) => cli::manage::ps(args),
+        Command::Stop(args) => cli::manage::stop(args),
+        Command::Rm(args) => cli::manage::rm(args),
         Command::Logs(args) => logs(args),
         Command::Policy(cmd) => policy(cmd),
         Command::Ca(cmd) => ca(cmd),
@@ -218,6 +255,9 @@ fn load_policy(args: &RunArgs) -> Result<sandbox::policy::Policy, sandbox::polic
 }
 
 fn run(args: RunArgs) -> ExitCode {
+    if args.detach && !args.detached_child {
+        return cli::detached::start();
+    }
     let policy = match load_policy(&args) {
         Ok(policy) => policy,
         Err(err) => {
@@ -235,25 +275,39 @@ fn run(args: RunArgs) -> ExitCode {
     let mut builder = sandbox::Sandbox::builder(sandbox::Image::parse(&args.image))
         .memory_mib(args.memory)
         .vcpus(args.cpus)
-        .cwd(args.workdir)
         .net_config(net)
-        .policy(policy)
-        .stdout(std::io::stdout())
-        .stderr(std::io::stderr());
+        .policy(policy);
+    if args.console {
+        builder = builder.console(std::io::stderr());
+    }
+    let timeout = args.timeout.map(Duration::from_secs);
+    if args.detached_child {
+        let command = (!args.cmd.is_empty()).then(|| sandbox::Exec {
+            argv: args.cmd.clone(),
+            env: args.env.clone(),
+            cwd: args.workdir.clone(),
+            user: args.user.clone(),
+            tty: None,
+        });
+        return cli::detached::serve(builder.command(args.cmd), command, timeout);
+    }
+    builder = builder.cwd(args.workdir).stdout(std::io::stdout()).stderr(std::io::stderr());
     for (k, v) in args.env {
         builder = builder.env(k, v);
     }
     if let Some(user) = args.user {
         builder = builder.user(user);
     }
-    if args.interactive {
+    if args.tty && args.interactive {
+        builder = builder.terminal();
+    } else if args.tty {
+        let size = sandbox::terminal::window_size(std::os::fd::AsFd::as_fd(&std::io::stdout()));
+        builder = builder.tty(size.unwrap_or(sandbox::WinSize { rows: 24, cols: 80 }));
+    } else if args.interactive {
         builder = builder.stdin(std::io::stdin());
     }
-    if let Some(secs) = args.timeout {
-        builder = builder.timeout(Duration::from_secs(secs));
-    }
-    if args.console {
-        builder = builder.console(std::io::stderr());
+    if let Some(timeout) = timeout {
+        builder = builder.timeout(timeout);
     }
     match builder.run(args.cmd) {
         Ok(out) => {
@@ -263,7 +317,7 @@ fn run(args: RunArgs) -> ExitCode {
             }
             remember_last(&out.id);
             match out.status {
-                sandbox::Status::Exited(code) => ExitCode::from(u8::try_from(code).unwrap_or(255)),
+                sandbox::Status::Exited(code) => exit_status(code),
                 sandbox::Status::TimedOut => {
                     eprintln!(
                         "sandbox: the command did not finish within {}s; the sandbox was stopped",

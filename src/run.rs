@@ -65,6 +65,8 @@ impl Sandbox {
             console: None,
             kernel: None,
             profiles: Vec::new(),
+            command: Vec::new(),
+            terminal: false,
             policy: None,
             net: NetConfig::default(),
         }
@@ -87,6 +89,9 @@ pub struct SandboxBuilder {
     console: Option<Box<dyn Write + Send>>,
     kernel: Option<PathBuf>,
     profiles: Vec<(Layer, ProfileSource)>,
+    /// What [`Self::run`] runs (recorded for `sandbox ps`).
+    command: Vec<String>,
+    terminal: bool,
     policy: Option<Policy>,
     net: NetConfig,
 }
@@ -134,6 +139,19 @@ impl SandboxBuilder {
     /// Run the command on a pseudo-terminal of this size.
     pub fn tty(mut self, size: WinSize) -> Self {
         self.tty = Some(size);
+        self
+    }
+    /// The command this sandbox is for, as `sandbox ps` shows it ([`Self::run`] sets it).
+    pub fn command<S: Into<String>>(mut self, argv: impl IntoIterator<Item = S>) -> Self {
+        self.command = argv.into_iter().map(Into::into).collect();
+        self
+    }
+    /// Attach the command to this process's terminal, as `docker run -it`
+    /// does: a guest pseudo-terminal of the same size that follows resizes,
+    /// this terminal in raw mode (Ctrl-C reaches the guest process), and
+    /// standard input and output connected to it. Needs a terminal on stdin.
+    pub fn terminal(mut self) -> Self {
+        self.terminal = true;
         self
     }
     /// Stop the VM if the command has not ended after this long.
@@ -233,6 +251,8 @@ impl SandboxBuilder {
             rootfs.kernel_name()
         );
         Instance::start(InstanceConfig {
+            image_name: self.image.to_string(),
+            command: self.command.clone(),
             kernel,
             root_disk,
             cmdline,
@@ -255,6 +275,7 @@ impl SandboxBuilder {
             return Err(Error::Config("no command given".into()));
         }
         let started = Instant::now();
+        self.command.clone_from(&argv);
         let instance = self.start()?;
         let timed_out = Arc::new(AtomicBool::new(false));
         let (done_tx, done_rx) = mpsc::channel::<()>();
@@ -274,7 +295,11 @@ impl SandboxBuilder {
         let mut stdout: Box<dyn Write + Send> = self.stdout.take().unwrap_or_else(|| Box::new(Collect(Arc::clone(&collected_out))));
         let mut stderr: Box<dyn Write + Send> = self.stderr.take().unwrap_or_else(|| Box::new(Collect(Arc::clone(&collected_err))));
         let exec = Exec { argv, env: self.env.clone(), cwd: self.cwd.clone(), user: self.user.clone(), tty: self.tty };
-        let result = instance.exec(exec, self.stdin.take(), &mut stdout, &mut stderr);
+        let result = if self.terminal {
+            instance.agent().map_err(Error::from).and_then(|conn| crate::terminal::exec_on_terminal(conn, exec))
+        } else {
+            instance.exec(exec, self.stdin.take(), &mut stdout, &mut stderr)
+        };
         drop(done_tx);
         if let Some(w) = watchdog {
             let _ = w.join();

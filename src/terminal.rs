@@ -1,0 +1,82 @@
+//! Interactive sessions: a guest command on a pseudo-terminal, driven from
+//! this process's terminal as `ssh` or `docker run -it` would. The host
+//! terminal goes into raw mode, so every key (Ctrl-C included) reaches the
+//! guest's terminal, whose line discipline turns it into a signal for the
+//! guest's foreground process; window resizes follow the host terminal.
+
+use std::io::{self, IsTerminal, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+
+use guest_protocol::agent::{Exec, WinSize};
+use nix::sys::termios::{self, SetArg, Termios};
+use signal_hook::consts::SIGWINCH;
+use signal_hook::iterator::Signals;
+
+use crate::agent::AgentConn;
+use crate::Error;
+
+/// The size of the terminal on `fd`, if it is one.
+pub fn window_size(fd: BorrowedFd<'_>) -> Option<WinSize> {
+    let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCGWINSZ writes one `winsize` into the struct we pass, which
+    // lives across the call; the fd is borrowed, so it is open.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
+    (rc == 0 && ws.ws_row > 0 && ws.ws_col > 0).then_some(WinSize { rows: ws.ws_row, cols: ws.ws_col })
+}
+
+/// Raw mode on a terminal until dropped.
+struct RawMode {
+    saved: Termios,
+}
+
+impl RawMode {
+    fn enable() -> io::Result<RawMode> {
+        let stdin = io::stdin();
+        let saved = termios::tcgetattr(stdin.as_fd())?;
+        let mut raw = saved.clone();
+        termios::cfmakeraw(&mut raw);
+        termios::tcsetattr(stdin.as_fd(), SetArg::TCSANOW, &raw)?;
+        Ok(RawMode { saved })
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        let _ = termios::tcsetattr(io::stdin().as_fd(), SetArg::TCSANOW, &self.saved);
+    }
+}
+
+/// Run `exec` on a guest pseudo-terminal attached to this process's
+/// terminal (standard input must be one), and return its exit status.
+pub fn exec_on_terminal(conn: AgentConn, mut exec: Exec) -> Result<i32, Error> {
+    let stdin = io::stdin();
+    if !stdin.is_terminal() {
+        return Err(Error::Config("a terminal was asked for (-t) but standard input is not a terminal".into()));
+    }
+    exec.tty = Some(
+        window_size(io::stdout().as_fd())
+            .or_else(|| window_size(stdin.as_fd()))
+            .unwrap_or(WinSize { rows: 24, cols: 80 }),
+    );
+    let mut controller = conn.controller()?;
+    let mut signals = Signals::new([SIGWINCH]).map_err(|e| Error::Io("watch for terminal resizes".into(), e))?;
+    let resizes = signals.handle();
+    let forwarder = std::thread::spawn(move || {
+        for _ in signals.forever() {
+            let size = window_size(io::stdout().as_fd()).or_else(|| window_size(io::stdin().as_fd()));
+            if let Some(size) = size {
+                if controller.resize(size).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let raw = RawMode::enable().map_err(|e| Error::Io("put the terminal in raw mode".into(), e))?;
+    let mut out = io::stdout();
+    let result = conn.exec(exec, Some(Box::new(io::stdin())), &mut out, &mut io::sink());
+    drop(raw);
+    let _ = out.flush();
+    resizes.close();
+    let _ = forwarder.join();
+    Ok(result?)
+}

@@ -1,0 +1,234 @@
+//! End to end: a long-lived sandbox on the real guest kernel, driven through
+//! the CLI (`run -d`, `ps`, `exec`, `exec -it`, `cp`, `stop`, `rm`) and the
+//! library (`SandboxRef`), and its vsock device under load: 100 concurrent
+//! guest-to-host connections checked by digest, and a reset for a port with
+//! no listener. One boot.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sandbox::SandboxRef;
+use sha2::{Digest, Sha256};
+
+fn sandbox(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sandbox")).args(args).stdin(Stdio::null()).output().unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Removes the sandbox even when an assertion fails.
+struct Cleanup(String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = sandbox(&["rm", "--force", &self.0]);
+    }
+}
+
+/// Echo every connection to `listener` back to its sender, each on its own thread.
+fn echo_server(listener: UnixListener) {
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if stream.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let _ = stream.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+}
+
+#[test]
+fn a_detached_sandbox_is_driven_from_other_processes() {
+    let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
+    assert!(kvm.is_ok(), "this test boots a VM and needs read-write access to /dev/kvm: {:?}", kvm.err());
+
+    let t = Instant::now();
+    let started = sandbox(&["run", "-d", "--memory", "256", "default"]);
+    assert!(started.status.success(), "run -d failed: {}", text(&started.stderr));
+    let id = text(&started.stdout).trim().to_string();
+    let _cleanup = Cleanup(id.clone());
+    eprintln!("run -d returned {id} after {:?}", t.elapsed());
+    assert!(sandbox::registry::valid_id(&id), "{id:?}");
+
+    let ps = text(&sandbox(&["ps"]).stdout);
+    let line = ps.lines().find(|l| l.starts_with(&id)).unwrap_or_else(|| panic!("{id} not in ps:\n{ps}"));
+    assert!(line.contains("running") && line.contains("default"), "{line}");
+    let found = SandboxRef::find(&id[..6]).unwrap();
+    assert!(found.is_running());
+    assert_eq!(found.id(), id);
+
+    // 100 concurrent guest-to-host connections, 1 MiB each way, by digest.
+    echo_server(UnixListener::bind(found.dir().join("vsock.sock_6000")).unwrap());
+    let t = Instant::now();
+    let echo = sandbox(&["exec", &id, "--", "vsock-stream", "echo", "6000", "--conns", "100", "--bytes", "1048576"]);
+    eprintln!("100 x 1 MiB echo: {:?}: {}", t.elapsed(), text(&echo.stdout).trim());
+    assert_eq!(echo.status.code(), Some(0), "{}{}", text(&echo.stdout), text(&echo.stderr));
+    assert!(text(&echo.stdout).starts_with("ok 100 connections, 1048576 bytes each, digests match"), "{}", text(&echo.stdout));
+
+    // No listener on the host: the device resets the connection at once,
+    // which the guest sees as ECONNRESET (a timeout would be ETIMEDOUT).
+    let refused = sandbox(&["exec", &id, "--", "vsock-stream", "refused", "6001"]);
+    let said = text(&refused.stdout);
+    eprintln!("no listener: {}", said.trim());
+    assert_eq!(refused.status.code(), Some(0), "{said}{}", text(&refused.stderr));
+    assert!(said.contains("reset by peer"), "{said}");
+
+    // exec with stdin, separated stdout and stderr, and the exit status.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sandbox"))
+        .args(["exec", "-i", "-e", "WHO=guest", "-w", "/tmp", &id, "--", "sh", "-c", "cat; echo \"$WHO in $(pwd)\" >&2; exit 7"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"line one\nline two\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "line one\nline two\n");
+    assert_eq!(text(&out.stderr), "guest in /tmp\n");
+
+    // A 10 MiB file in and out, intact.
+    let work = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..10 << 20).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let digest = hex(&Sha256::digest(&data));
+    let local = work.path().join("big.bin");
+    std::fs::write(&local, &data).unwrap();
+    let t = Instant::now();
+    let cp_in = sandbox(&["cp", local.to_str().unwrap(), &format!("{id}:/tmp/big.bin")]);
+    assert!(cp_in.status.success(), "{}", text(&cp_in.stderr));
+    eprintln!("10 MiB in: {:?}", t.elapsed());
+    let sum = sandbox(&["exec", &id, "--", "sha256sum", "/tmp/big.bin"]);
+    assert!(text(&sum.stdout).starts_with(&digest), "guest digest {} != {digest}", text(&sum.stdout));
+    let t = Instant::now();
+    let cp_out = sandbox(&["cp", &format!("{id}:/tmp/big.bin"), work.path().to_str().unwrap()]);
+    assert!(cp_out.status.success(), "{}", text(&cp_out.stderr));
+    eprintln!("10 MiB out: {:?}", t.elapsed());
+    assert!(std::fs::read(work.path().join("big.bin")).unwrap() == data, "the copy out differs");
+    let missing = sandbox(&["cp", &format!("{id}:/no/such/file"), work.path().join("x").to_str().unwrap()]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(text(&missing.stderr).contains("/no/such/file"), "{}", text(&missing.stderr));
+    assert!(!work.path().join("x").exists(), "a failed copy leaves no file");
+
+    interactive_shell(&id);
+
+    // stop: the guest powers off, the sandbox is listed as exited, rm deletes it.
+    let stop = sandbox(&["stop", &id]);
+    assert!(stop.status.success(), "{}", text(&stop.stderr));
+    assert_eq!(text(&stop.stdout).trim(), id);
+    assert!(!found.is_running());
+    assert!(!text(&sandbox(&["ps"]).stdout).contains(&id));
+    let all = text(&sandbox(&["ps", "-a"]).stdout);
+    assert!(all.lines().any(|l| l.starts_with(&id) && l.contains("exited")), "{all}");
+    let exec_stopped = sandbox(&["exec", &id, "--", "true"]);
+    assert_eq!(exec_stopped.status.code(), Some(125));
+    assert!(text(&exec_stopped.stderr).contains("not running"), "{}", text(&exec_stopped.stderr));
+    let log = std::fs::read_to_string(found.dir().join("sandbox.log")).unwrap_or_default();
+    assert!(log.contains("stopping: signal 15"), "{log}");
+    let rm = sandbox(&["rm", &id]);
+    assert!(rm.status.success(), "{}", text(&rm.stderr));
+    assert!(!found.dir().exists());
+    let gone = sandbox(&["exec", &id, "--", "true"]);
+    assert!(text(&gone.stderr).contains("no sandbox"), "{}", text(&gone.stderr));
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `sandbox exec -it <id> -- sh` on a pseudo-terminal made here: the
+/// guest's terminal has this one's size and follows a resize, Ctrl-C
+/// interrupts the guest's foreground command, and `exit 5` is the status.
+fn interactive_shell(id: &str) {
+    let size = nix::pty::Winsize { ws_row: 24, ws_col: 80, ws_xpixel: 0, ws_ypixel: 0 };
+    let pty = nix::pty::openpty(Some(&size), None).unwrap();
+    let slave: OwnedFd = pty.slave;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sandbox"));
+    cmd.args(["exec", "-it", id, "--", "sh"])
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave.try_clone().unwrap());
+    // SAFETY: setsid and ioctl are async-signal-safe; they make the pseudo-
+    // terminal on stdin the controlling terminal of the child's new session,
+    // so that resizes send it SIGWINCH as a real terminal would.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()?;
+            if libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(slave);
+    let master = std::fs::File::from(pty.master);
+    let screen = Arc::new(Mutex::new(String::new()));
+    {
+        let screen = Arc::clone(&screen);
+        let mut reader = master.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                screen.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+    }
+    let wait_for = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !screen.lock().unwrap().contains(needle) {
+            assert!(Instant::now() < deadline, "no {needle:?} on the terminal:\n{}", screen.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let mut keys = master.try_clone().unwrap();
+    keys.write_all(b"echo SIZE:$(stty size)\r").unwrap();
+    wait_for("SIZE:24 80");
+    let bigger = libc::winsize { ws_row: 40, ws_col: 100, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads one winsize from memory that outlives the call.
+    assert_eq!(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &bigger) }, 0);
+    // The resize travels asynchronously; ask until the guest has it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !screen.lock().unwrap().contains("SIZE:40 100") {
+        assert!(Instant::now() < deadline, "the resize did not reach the guest:\n{}", screen.lock().unwrap());
+        keys.write_all(b"echo SIZE:$(stty size)\r").unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    keys.write_all(b"echo STARTED; sleep 600\r").unwrap();
+    wait_for("\nSTARTED");
+    std::thread::sleep(Duration::from_millis(300));
+    keys.write_all(b"\x03").unwrap();
+    keys.write_all(b"echo RC:$?\r").unwrap();
+    wait_for("RC:130");
+    keys.write_all(b"exit 5\r").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "exec -it did not end after exit:\n{}", screen.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(5), "{}", screen.lock().unwrap());
+}
