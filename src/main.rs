@@ -174,15 +174,17 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The background process of `run -d` writes a log file: say more there.
+    let background = matches!(&cli.command, Command::Run(args) if args.detached_child);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SANDBOX_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if background { "info" } else { "warn" })),
         )
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(std::io::stderr().is_terminal() && !background)
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => return run(*args),
         Command::Exec(args) => return cli::manage::exec(args),

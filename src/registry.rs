@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
 use crate::agent::AgentConn;
 use crate::{paths, Error};
 
+/// The command-line flag that marks the background process of `run -d`.
+pub const BACKGROUND_FLAG: &str = "--detached-child";
+
 /// How long to wait for the agent to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -167,13 +170,23 @@ impl SandboxRef {
         self.dir.join("session.db")
     }
 
-    /// Is the process holding the VM alive, with its socket in place?
+    /// Is the VM running: its holder alive, and its VMM accepting
+    /// connections on `vsock.sock`?
     pub fn is_running(&self) -> bool {
-        self.holder_alive() && self.dir.join("vsock.sock").exists()
+        self.holder_alive() && std::os::unix::net::UnixStream::connect(self.dir.join("vsock.sock")).is_ok()
     }
 
     fn holder_alive(&self) -> bool {
         self.state.pid != 0 && process_start(self.state.pid) == Some(self.state.pid_start)
+    }
+
+    /// Is the holder the background process of `sandbox run -d` (and not,
+    /// say, an application embedding the library, which must not be
+    /// signalled)?
+    fn held_in_background(&self) -> bool {
+        std::fs::read(format!("/proc/{}/cmdline", self.state.pid))
+            .is_ok_and(|c| c.split(|&b| b == 0).any(|arg| arg == BACKGROUND_FLAG.as_bytes()))
+            && self.holder_alive()
     }
 
     fn require_running(&self) -> Result<(), Error> {
@@ -226,24 +239,32 @@ impl SandboxRef {
         Ok(n)
     }
 
-    /// Stop the sandbox: ask the process holding it to power the guest off,
-    /// and wait until it is gone (killing it after `timeout`). Stopping a
-    /// stopped sandbox does nothing.
+    /// Stop the sandbox: ask the guest to power off and wait until the VM
+    /// is gone (with the background process of `run -d`, if that holds it).
+    /// After `timeout`, a background holder is killed; any other holder (an
+    /// application using the library) is left alone and this is an error.
+    /// Stopping a stopped sandbox does nothing.
     pub fn stop(&self, timeout: Duration) -> Result<(), Error> {
-        if !self.holder_alive() {
-            return Ok(());
-        }
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.state.pid).unwrap_or(0));
-        let signal = |sig| match nix::sys::signal::kill(pid, sig) {
-            Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
-            Err(e) => Err(Error::Io(format!("signal process {pid} holding sandbox {}", self.state.id), e.into())),
-        };
-        signal(nix::sys::signal::Signal::SIGTERM)?;
         let deadline = Instant::now() + timeout;
-        while self.holder_alive() {
+        if self.is_running() {
+            if let Err(e) = self.agent().and_then(|agent| Ok(agent.shutdown()?)) {
+                tracing::debug!(id = %self.state.id, "asking the guest to power off: {e}");
+            }
+        }
+        while self.is_running() || self.held_in_background() {
             if Instant::now() >= deadline {
-                tracing::warn!(id = %self.state.id, %pid, "the sandbox did not stop in time; killing its process");
-                signal(nix::sys::signal::Signal::SIGKILL)?;
+                if !self.held_in_background() {
+                    return Err(Error::Config(format!(
+                        "sandbox {} did not power off within {timeout:?}; process {} holds it and must stop it",
+                        self.state.id, self.state.pid
+                    )));
+                }
+                tracing::warn!(id = %self.state.id, pid = self.state.pid, "the sandbox did not stop in time; killing its process");
+                let pid = nix::unistd::Pid::from_raw(i32::try_from(self.state.pid).unwrap_or(0));
+                match nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL) {
+                    Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                    Err(e) => return Err(Error::Io(format!("kill process {pid} holding sandbox {}", self.state.id), e.into())),
+                }
                 while self.holder_alive() {
                     std::thread::sleep(Duration::from_millis(20));
                 }
@@ -257,7 +278,7 @@ impl SandboxRef {
     /// Delete the sandbox's directory (its logs included). A running sandbox
     /// is refused unless `force`, which stops it first.
     pub fn remove(&self, force: bool) -> Result<(), Error> {
-        if self.holder_alive() {
+        if self.is_running() || self.held_in_background() {
             if !force {
                 return Err(Error::Config(format!(
                     "sandbox {} is running; stop it first (sandbox stop {}) or remove it with --force",
@@ -273,6 +294,8 @@ impl SandboxRef {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    use std::os::unix::net::UnixListener;
+
     use super::*;
 
     #[test]
@@ -305,14 +328,17 @@ mod tests {
         let ids: Vec<&str> = all.iter().map(SandboxRef::id).collect();
         assert_eq!(ids, ["aaaa1111", "aaaa2222"]);
 
-        // Running needs the live holder and the socket.
+        // Running needs the live holder and a VMM listening on the socket.
         assert!(!all[0].is_running());
-        std::fs::write(live.join("vsock.sock"), "").unwrap();
+        let vmm = UnixListener::bind(live.join("vsock.sock")).unwrap();
         assert!(all[0].is_running());
         // A recycled pid (other start time) is not the holder.
-        std::fs::write(root.path().join("aaaa2222/vsock.sock"), "").unwrap();
+        let _other = UnixListener::bind(root.path().join("aaaa2222/vsock.sock")).unwrap();
         assert!(!all[1].is_running());
         assert!(matches!(all[1].agent(), Err(Error::NotRunning(_))));
+        // The socket file outlives the VMM: no longer running.
+        drop(vmm);
+        assert!(!all[0].is_running());
 
         assert_eq!(SandboxRef::find_in(root.path(), "aaaa2").unwrap().id(), "aaaa2222");
         let err = SandboxRef::find_in(root.path(), "aaaa").unwrap_err().to_string();
@@ -321,27 +347,46 @@ mod tests {
         assert!(SandboxRef::find_in(root.path(), "../etc").is_err());
     }
 
+    /// A VMM stand-in that takes connections and drops them (so the agent
+    /// cannot be reached and the guest never powers off). It is gone when
+    /// its socket file is removed, as a stopped sandbox's is.
+    fn unresponsive_vmm(path: &Path) {
+        let listener = UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || for _ in listener.incoming() {});
+    }
+
     #[test]
-    fn a_running_sandbox_is_removed_only_when_forced_and_stop_ends_its_holder() {
+    fn a_stuck_sandbox_is_killed_only_when_held_in_the_background() {
         let root = tempfile::tempdir().unwrap();
-        let mut child = std::process::Command::new("sleep").arg("600").spawn().unwrap();
+        // An application's own process (this one) holds the first one.
+        let me = std::process::id();
+        let dir = write_state(root.path(), "app01", me, process_start(me).unwrap(), 1);
+        unresponsive_vmm(&dir.join("vsock.sock"));
+        let held = SandboxRef::find_in(root.path(), "app01").unwrap();
+        let err = held.remove(false).unwrap_err().to_string();
+        assert!(err.contains("is running"), "{err}");
+        let err = held.stop(Duration::from_millis(300)).unwrap_err().to_string();
+        assert!(err.contains("holds it"), "{err}");
+        std::fs::remove_file(dir.join("vsock.sock")).unwrap();
+        held.stop(Duration::from_secs(1)).unwrap();
+        held.remove(false).unwrap();
+        assert!(!dir.exists());
+
+        // A background holder is killed after the timeout.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30", BACKGROUND_FLAG])
+            .spawn()
+            .unwrap();
         let pid = child.id();
         let start = process_start(pid).unwrap();
-        // Reap the child as soon as it dies, so that it stops counting as alive.
         let reaper = std::thread::spawn(move || child.wait().unwrap());
-        let dir = write_state(root.path(), "cafe01", pid, start, 1);
-        std::fs::write(dir.join("vsock.sock"), "").unwrap();
-        let sandbox = SandboxRef::find_in(root.path(), "cafe01").unwrap();
-        assert!(sandbox.is_running());
-        let err = sandbox.remove(false).unwrap_err().to_string();
-        assert!(err.contains("is running"), "{err}");
-        assert!(dir.is_dir());
-
-        sandbox.stop(Duration::from_secs(10)).unwrap();
-        assert!(!reaper.join().unwrap().success(), "sleep ended by SIGTERM");
-        assert!(!sandbox.is_running());
-        sandbox.stop(Duration::from_secs(1)).unwrap();
-        sandbox.remove(false).unwrap();
+        let dir = write_state(root.path(), "bg01", pid, start, 1);
+        unresponsive_vmm(&dir.join("vsock.sock"));
+        let background = SandboxRef::find_in(root.path(), "bg01").unwrap();
+        assert!(background.held_in_background());
+        background.stop(Duration::from_millis(300)).unwrap();
+        assert!(!reaper.join().unwrap().success(), "the holder was killed");
+        background.remove(false).unwrap();
         assert!(!dir.exists());
     }
 

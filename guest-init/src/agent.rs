@@ -11,7 +11,9 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use guest_protocol::agent::{read_frame, write_frame, Exec, FrameError, GuestMessage, HostMessage, WinSize, CHUNK, VERSION};
+use guest_protocol::agent::{
+    read_frame, write_frame, Exec, FrameError, FrameReader, FrameWriter, GuestMessage, HostMessage, WinSize, CHUNK, VERSION,
+};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -91,11 +93,12 @@ pub(crate) fn listen(port: u32, shutdown: Sender<()>) -> io::Result<()> {
 }
 
 /// Shared writer for the frames of one connection.
-type Writer = Arc<Mutex<Box<dyn Connection>>>;
+type Writer = Arc<Mutex<(Box<dyn Connection>, FrameWriter)>>;
 
 fn send(w: &Writer, msg: &GuestMessage) -> Result<(), FrameError> {
     let mut w = w.lock().map_err(|_| FrameError::Io(io::Error::other("writer poisoned")))?;
-    write_frame(&mut *w, msg)
+    let (conn, frames) = &mut *w;
+    frames.write(conn, msg)
 }
 
 /// Serve one connection to its end. `shutdown` is told when the host asks
@@ -161,8 +164,9 @@ fn put_file(conn: &mut Box<dyn Connection>, path: &str, mode: u32) -> Result<(),
         .mode(mode & 0o7777)
         .open(&tmp)
         .map_err(|e| format!("{path}: {e}"))?;
+    let mut frames = FrameReader::default();
     let result = loop {
-        match read_frame::<HostMessage>(conn) {
+        match frames.read::<HostMessage>(conn) {
             Ok(Some(HostMessage::Data(bytes))) => {
                 if let Err(e) = file.write_all(&bytes) {
                     break Err(format!("{path}: {e}"));
@@ -185,14 +189,29 @@ fn put_file(conn: &mut Box<dyn Connection>, path: &str, mode: u32) -> Result<(),
 
 fn get_file(conn: &mut Box<dyn Connection>, path: &str) -> Result<(), String> {
     let mut file = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
+    let mut frames = FrameWriter::default();
     let mut buf = vec![0u8; CHUNK];
     loop {
         let n = file.read(&mut buf).map_err(|e| format!("{path}: {e}"))?;
         if n == 0 {
             return Ok(());
         }
-        write_frame(conn, &GuestMessage::Data(buf[..n].to_vec())).map_err(|e| e.to_string())?;
+        buf.truncate(n);
+        let msg = GuestMessage::Data(buf);
+        frames.write(conn, &msg).map_err(|e| e.to_string())?;
+        buf = reclaim(msg);
     }
+}
+
+/// The byte buffer of a data message, back for the next read (sized
+/// [`CHUNK`] again; its memory is kept: see [`FrameWriter`]).
+fn reclaim(msg: GuestMessage) -> Vec<u8> {
+    let mut buf = match msg {
+        GuestMessage::Data(b) | GuestMessage::Stdout(b) | GuestMessage::Stderr(b) => b,
+        _ => Vec::new(),
+    };
+    buf.resize(CHUNK, 0);
+    buf
 }
 
 /// A command's output stream and the message that carries its bytes.
@@ -206,7 +225,7 @@ struct Running {
 }
 
 fn exec_command(conn: Box<dyn Connection>, exec: Exec) -> Result<(), FrameError> {
-    let writer: Writer = Arc::new(Mutex::new(conn.try_clone_conn()?));
+    let writer: Writer = Arc::new(Mutex::new((conn.try_clone_conn()?, FrameWriter::default())));
     let mut reader = conn;
     let mut env = crate::trust::ca_env();
     env.extend(exec.env.iter().cloned());
@@ -281,7 +300,14 @@ fn exec_command(conn: Box<dyn Connection>, exec: Exec) -> Result<(), FrameError>
                 let mut buf = vec![0u8; CHUNK];
                 // EIO on a pty master means the slave side is gone.
                 while let Ok(n) = src.read(&mut buf) {
-                    if n == 0 || send(&writer, &wrap(buf[..n].to_vec())).is_err() {
+                    if n == 0 {
+                        break;
+                    }
+                    buf.truncate(n);
+                    let msg = wrap(buf);
+                    let sent = send(&writer, &msg);
+                    buf = reclaim(msg);
+                    if sent.is_err() {
                         break;
                     }
                 }
@@ -302,7 +328,7 @@ fn exec_command(conn: Box<dyn Connection>, exec: Exec) -> Result<(), FrameError>
     send(&writer, &GuestMessage::Exited { status: code })?;
     // Wakes the input thread blocked on the connection.
     if let Ok(w) = writer.lock() {
-        w.shutdown_conn();
+        w.0.shutdown_conn();
     }
     let _ = input.join();
     Ok(())
@@ -310,8 +336,9 @@ fn exec_command(conn: Box<dyn Connection>, exec: Exec) -> Result<(), FrameError>
 
 /// Host frames for a running command: stdin, signals, resizes.
 fn handle_input(reader: &mut Box<dyn Connection>, running: &mut Running) {
+    let mut frames = FrameReader::default();
     loop {
-        match read_frame::<HostMessage>(reader) {
+        match frames.read::<HostMessage>(reader) {
             Ok(Some(HostMessage::Stdin(bytes))) => {
                 if let Some(stdin) = running.stdin.as_mut() {
                     if stdin.write_all(&bytes).and_then(|()| stdin.flush()).is_err() {

@@ -7,6 +7,8 @@
 //! relays the id (or the error) and exits. The background process holds the
 //! VM until `sandbox stop` (SIGTERM), the guest powers off, or the command
 //! given to `run -d` ends; that command's output goes to `output.log`.
+//! `sandbox stop` asks the guest to power off through its agent, and kills
+//! this process only if it does not end in time.
 
 use std::io::{BufRead, Read, Write};
 use std::os::fd::AsRawFd;
@@ -20,9 +22,6 @@ use sandbox::{Exec, SandboxBuilder};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use crate::EXIT_SANDBOX_ERROR;
-
-/// The hidden flag that marks the background process.
-pub const CHILD_FLAG: &str = "--detached-child";
 
 /// Start the background process and print the sandbox id it reports.
 pub fn start() -> ExitCode {
@@ -42,7 +41,7 @@ fn spawn_child() -> anyhow::Result<String> {
     let exe = std::env::current_exe().context("find the sandbox executable")?;
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let run_at = args.iter().position(|a| a == "run").context("run -d outside `sandbox run`")?;
-    args.insert(run_at + 1, CHILD_FLAG.into());
+    args.insert(run_at + 1, sandbox::registry::BACKGROUND_FLAG.into());
     let mut command = std::process::Command::new(exe);
     command.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     // SAFETY: setsid is async-signal-safe and touches no memory of the

@@ -1,10 +1,13 @@
 //! `vsock-stream`: moves bytes over vsock between the guest and the host, to
 //! check and measure the vsock device from inside a sandbox.
 //!
-//!   vsock-stream echo <port> [--conns N] [--bytes B]
+//!   vsock-stream digest <port> [--conns N] [--bytes B]
 //!       N concurrent connections to the host's port; each sends B bytes
-//!       (different on every connection), reads back what the host echoes,
-//!       and compares SHA-256 digests. Prints `ok ...` or fails.
+//!       (different on every connection), shuts down its sending side, and
+//!       expects the host to answer with the SHA-256 digest of what it
+//!       received. Prints `ok ...` or fails. (Only a digest comes back:
+//!       every byte through the guest kernel is copied by emulated code on
+//!       our hosts, so echoing the data would double the run time.)
 //!   vsock-stream send <port> --bytes B
 //!       one connection to the host, sending B bytes; prints MB/s.
 //!   vsock-stream serve <port> --bytes B [--count N]
@@ -37,8 +40,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Concurrent connections to a host echo service, checked by digest.
-    Echo {
+    /// Concurrent connections to a host digest service.
+    Digest {
         port: u32,
         #[arg(long, default_value_t = 1)]
         conns: usize,
@@ -75,41 +78,23 @@ fn pattern(seed: u64, offset: usize, buf: &mut [u8]) {
     }
 }
 
-async fn echo_one(port: u32, seed: u64, bytes: usize) -> anyhow::Result<()> {
-    let stream = VsockStream::connect(VsockAddr::new(HOST_CID, port)).await.with_context(|| format!("connection {seed}: connect"))?;
-    let (mut rx, mut tx) = tokio::io::split(stream);
-    let writer = async move {
-        let mut sent = Sha256::new();
-        let mut buf = vec![0u8; CHUNK];
-        let mut offset = 0;
-        while offset < bytes {
-            let n = CHUNK.min(bytes - offset);
-            pattern(seed, offset, &mut buf[..n]);
-            sent.update(&buf[..n]);
-            tx.write_all(&buf[..n]).await?;
-            offset += n;
-        }
-        tx.shutdown().await?;
-        Ok::<_, std::io::Error>(sent.finalize())
-    };
-    let reader = async move {
-        let mut got = Sha256::new();
-        let mut total = 0usize;
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            let n = rx.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            got.update(&buf[..n]);
-            total += n;
-        }
-        Ok::<_, std::io::Error>((got.finalize(), total))
-    };
-    let (sent, got) = tokio::try_join!(writer, reader).with_context(|| format!("connection {seed}"))?;
-    let (got, total) = got;
-    if total != bytes || sent != got {
-        bail!("connection {seed}: sent {bytes} bytes, got {total} back, digests {}", if sent == got { "match" } else { "differ" });
+async fn digest_one(port: u32, seed: u64, bytes: usize) -> anyhow::Result<()> {
+    let mut stream = VsockStream::connect(VsockAddr::new(HOST_CID, port)).await.context("connect")?;
+    let mut sent = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut offset = 0;
+    while offset < bytes {
+        let n = CHUNK.min(bytes - offset);
+        pattern(seed, offset, &mut buf[..n]);
+        sent.update(&buf[..n]);
+        stream.write_all(&buf[..n]).await.context("send")?;
+        offset += n;
+    }
+    stream.shutdown(std::net::Shutdown::Write).context("shut down the sending side")?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.context("read the digest")?;
+    if answer.as_slice() != sent.finalize().as_slice() {
+        bail!("sent {bytes} bytes; the host's digest of them ({} bytes) does not match", answer.len());
     }
     Ok(())
 }
@@ -120,19 +105,19 @@ fn rate(bytes: usize, started: Instant) -> f64 {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Echo { port, conns, bytes } => {
+        Command::Digest { port, conns, bytes } => {
             let started = Instant::now();
-            let tasks: Vec<_> = (0..conns).map(|i| tokio::spawn(echo_one(port, i as u64, bytes))).collect();
+            let tasks: Vec<_> = (0..conns).map(|i| tokio::spawn(digest_one(port, i as u64, bytes))).collect();
             let mut failed = Vec::new();
-            for task in tasks {
+            for (i, task) in tasks.into_iter().enumerate() {
                 if let Err(e) = task.await.context("connection task")? {
-                    failed.push(e.to_string());
+                    failed.push(format!("connection {i}: {e:#}"));
                 }
             }
             if !failed.is_empty() {
                 bail!("{} of {conns} connections failed: {}", failed.len(), failed.join("; "));
             }
-            println!("ok {conns} connections, {bytes} bytes each, digests match, {:.1} MB/s", rate(2 * conns * bytes, started));
+            println!("ok {conns} connections, {bytes} bytes each, digests match, {:.1} MB/s", rate(conns * bytes, started));
         }
         Command::Send { port, bytes } => {
             let mut stream = VsockStream::connect(VsockAddr::new(HOST_CID, port)).await.context("connect")?;

@@ -1,0 +1,154 @@
+//! vsock throughput and exec latency in a real sandbox.
+//!
+//!   cargo bench --bench vsock        (VSOCK_BENCH_MIB=16 by default)
+//!
+//! Guest-to-host: `vsock-stream send` in the guest writes N MiB to a host
+//! Unix socket behind `vsock.sock_6100`; host-to-guest: the host connects
+//! through `vsock.sock` (`CONNECT 6101`) to `vsock-stream serve` and reads
+//! N MiB. Both are timed on the host, from the first byte to the end of the
+//! stream, and printed beside a plain Unix-socket copy of the same bytes in
+//! this process (the ratio is the figure). Then the round-trip latency of
+//! running `true` through the agent.
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+use std::io::{BufRead, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use sandbox::{Exec, Image, Instance, Sandbox};
+
+const CHUNK: usize = 64 * 1024;
+
+/// Read a stream to its end; the time from its first byte, and the count.
+fn drain(stream: &mut impl Read) -> (Duration, usize) {
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0;
+    let mut first = None;
+    loop {
+        let n = stream.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        first.get_or_insert_with(Instant::now);
+        total += n;
+    }
+    (first.map(|f| f.elapsed()).unwrap_or_default(), total)
+}
+
+fn mb_per_s(bytes: usize, took: Duration) -> f64 {
+    bytes as f64 / 1e6 / took.as_secs_f64().max(1e-9)
+}
+
+fn exec(instance: &Instance, argv: &[&str], stdout: &mut dyn Write) -> i32 {
+    let exec = Exec { argv: argv.iter().map(|s| s.to_string()).collect(), env: vec![], cwd: "/".into(), user: None, tty: None };
+    instance.exec(exec, None, stdout, &mut std::io::stderr()).unwrap()
+}
+
+/// A Unix socket pair copying `bytes` from one thread to another.
+fn unix_reference(bytes: usize) -> Duration {
+    let (mut tx, mut rx) = UnixStream::pair().unwrap();
+    let writer = std::thread::spawn(move || {
+        let buf = vec![0x5a_u8; CHUNK];
+        let mut sent = 0;
+        while sent < bytes {
+            let n = CHUNK.min(bytes - sent);
+            tx.write_all(&buf[..n]).unwrap();
+            sent += n;
+        }
+    });
+    let (took, total) = drain(&mut rx);
+    writer.join().unwrap();
+    assert_eq!(total, bytes);
+    took
+}
+
+fn guest_to_host(instance: &Instance, bytes: usize) -> Duration {
+    let listener = UnixListener::bind(instance.dir().join("vsock.sock_6100")).unwrap();
+    let sink = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        drain(&mut stream)
+    });
+    let status = exec(instance, &["vsock-stream", "send", "6100", "--bytes", &bytes.to_string()], &mut std::io::sink());
+    assert_eq!(status, 0);
+    let (took, total) = sink.join().unwrap();
+    assert_eq!(total, bytes);
+    took
+}
+
+/// Sends each line written to it down a channel.
+struct Lines(mpsc::Sender<String>, Vec<u8>);
+
+impl Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.1.extend_from_slice(buf);
+        while let Some(end) = self.1.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.1.drain(..=end).collect();
+            let _ = self.0.send(String::from_utf8_lossy(&line).trim().to_string());
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn host_to_guest(instance: &Instance, bytes: usize) -> Duration {
+    let (tx, rx) = mpsc::channel();
+    let agent = instance.agent().unwrap();
+    let server = std::thread::spawn(move || {
+        let exec = Exec {
+            argv: ["vsock-stream", "serve", "6101", "--bytes", &bytes.to_string()].iter().map(|s| s.to_string()).collect(),
+            env: vec![],
+            cwd: "/".into(),
+            user: None,
+            tty: None,
+        };
+        agent.exec(exec, None, &mut Lines(tx, Vec::new()), &mut std::io::stderr()).unwrap()
+    });
+    assert_eq!(rx.recv_timeout(Duration::from_secs(120)).unwrap(), "listening on 6101");
+    let mut stream = UnixStream::connect(instance.dir().join("vsock.sock")).unwrap();
+    stream.write_all(b"CONNECT 6101\n").unwrap();
+    let mut reader = std::io::BufReader::new(stream);
+    let mut ok = String::new();
+    reader.read_line(&mut ok).unwrap();
+    assert!(ok.starts_with("OK "), "{ok:?}");
+    let (took, total) = drain(&mut reader);
+    assert_eq!(total, bytes);
+    assert_eq!(server.join().unwrap(), 0);
+    took
+}
+
+fn main() {
+    let mib: usize = std::env::var("VSOCK_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(16);
+    let bytes = mib << 20;
+    let instance = Sandbox::builder(Image::Default).memory_mib(256).start().unwrap();
+    println!("sandbox {} booted in {:?}; moving {mib} MiB each way", instance.id(), instance.boot_time());
+
+    let reference = unix_reference(bytes);
+    let g2h = guest_to_host(&instance, bytes);
+    let h2g = host_to_guest(&instance, bytes);
+    let unix = mb_per_s(bytes, reference);
+    println!("{:<32} {:>10} {:>10}", "path", "MB/s", "vs unix");
+    println!("{:<32} {:>10.1} {:>10}", "unix socket pair (host)", unix, "1.00");
+    for (name, took) in [("vsock guest -> host", g2h), ("vsock host -> guest", h2g)] {
+        let rate = mb_per_s(bytes, took);
+        println!("{name:<32} {rate:>10.1} {:>10.3}", rate / unix);
+    }
+
+    let mut times: Vec<Duration> = (0..20)
+        .map(|_| {
+            let t = Instant::now();
+            assert_eq!(exec(&instance, &["true"], &mut std::io::sink()), 0);
+            t.elapsed()
+        })
+        .collect();
+    times.sort();
+    println!(
+        "exec `true` round trip over 20 runs: median {:.1} ms, min {:.1} ms, max {:.1} ms",
+        times[10].as_secs_f64() * 1e3,
+        times[0].as_secs_f64() * 1e3,
+        times[19].as_secs_f64() * 1e3
+    );
+    instance.shutdown().unwrap();
+}
