@@ -7,6 +7,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 log() { printf '[test] %s\n' "$*" >&2; }
 
 ./setup.sh
+# The image tests start a docker-registry on 127.0.0.1 and push to it with skopeo.
+for pkg in docker-registry:/usr/bin/docker-registry skopeo:/usr/bin/skopeo; do
+    [ -e "${pkg#*:}" ] && continue
+    [ "$(id -u)" -eq 0 ] || { log "missing package ${pkg%%:*}; run: sudo apt-get install ${pkg%%:*}"; exit 1; }
+    log "installing ${pkg%%:*}"
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${pkg%%:*}" >/dev/null
+done
 log "clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 log "tests"

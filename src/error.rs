@@ -33,6 +33,8 @@ pub enum Error {
     NoSuchSandbox(String),
     #[error("sandbox {0} is not running")]
     NotRunning(String),
+    #[error(transparent)]
+    Image(#[from] sandbox_rootfs::Error),
     #[error("the guest stopped without reporting an exit status (kernel panic or init failure); last console lines:\n{0}")]
     NoExitStatus(String),
 }

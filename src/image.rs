@@ -1,4 +1,11 @@
-//! Guest root images: `default` or a path to a filesystem image file.
+//! Guest root images: `default`, a path to a filesystem image file, or an
+//! OCI image (a registry reference, `oci:<dir>[:tag]`, `docker-archive:<file>`).
+//!
+//! An OCI image is pulled into the image cache (`$SANDBOX_CACHE/oci`) on
+//! first use and converted to a read-only erofs file. The guest then boots
+//! from the default image (which holds the sandbox's init and proxies) and
+//! overlays the OCI image, attached as a second read-only disk (`/dev/vdb`),
+//! as its root: nothing is added to the cached image.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -12,6 +19,24 @@ pub enum Image {
     Default,
     /// An erofs or ext4 image file.
     File(PathBuf),
+    /// An OCI image reference (`python:3.12-slim`, `oci:<dir>[:tag]`,
+    /// `docker-archive:<file>`), pulled and converted on first use.
+    Oci(String),
+}
+
+/// What a sandbox boots: its root disk and, for OCI images, the image disk
+/// overlaid as the root and the image's run settings.
+#[derive(Debug, Clone)]
+pub(crate) struct BootImage {
+    pub root_disk: PathBuf,
+    pub rootfs: RootFs,
+    pub image_disk: Option<PathBuf>,
+    pub config: Option<sandbox_rootfs::ImageConfig>,
+}
+
+/// The cache of converted OCI images (`$SANDBOX_CACHE/oci`).
+pub fn image_store() -> sandbox_rootfs::Store {
+    sandbox_rootfs::Store::new(paths::cache_dir().join("oci"))
 }
 
 /// Filesystems the guest kernel can mount as its root.
@@ -36,28 +61,57 @@ impl std::fmt::Display for Image {
         match self {
             Image::Default => f.write_str("default"),
             Image::File(p) => write!(f, "{}", p.display()),
+            Image::Oci(name) => f.write_str(name),
         }
     }
 }
 
 impl Image {
-    /// `default`, or anything else as a path.
+    /// `default`; a file path (an existing file, or a name starting with `/`
+    /// or `.`); else an OCI image reference.
     pub fn parse(name: &str) -> Image {
         if name == "default" {
             Image::Default
-        } else {
+        } else if name.starts_with("oci:") || name.starts_with("docker-archive:") {
+            Image::Oci(name.to_string())
+        } else if name.starts_with('/') || name.starts_with('.') || Path::new(name).is_file() {
             Image::File(PathBuf::from(name))
+        } else {
+            Image::Oci(name.to_string())
         }
     }
 
-    /// The image file and its filesystem, checked.
+    /// The image file and its filesystem, checked (an OCI image is pulled
+    /// if it is not cached).
     pub fn resolve(&self) -> Result<(PathBuf, RootFs), Error> {
         let path = match self {
             Image::Default => paths::default_image()?,
             Image::File(p) => p.clone(),
+            Image::Oci(name) => Self::pull(name)?.1,
         };
         let fs = detect(&path)?;
         Ok((path, fs))
+    }
+
+    fn pull(name: &str) -> Result<(sandbox_rootfs::ImageRecord, PathBuf), Error> {
+        let source = sandbox_rootfs::ImageSource::parse(name)?;
+        Ok(image_store().ensure(&source, &sandbox_rootfs::PullOptions::default())?)
+    }
+
+    /// The disks to boot and, for OCI images, the image's run settings.
+    pub(crate) fn boot(&self) -> Result<BootImage, Error> {
+        match self {
+            Image::Oci(name) => {
+                let (record, image) = Self::pull(name)?;
+                let root_disk = paths::default_image()?;
+                let rootfs = detect(&root_disk)?;
+                Ok(BootImage { root_disk, rootfs, image_disk: Some(image), config: Some(record.config) })
+            }
+            _ => {
+                let (root_disk, rootfs) = self.resolve()?;
+                Ok(BootImage { root_disk, rootfs, image_disk: None, config: None })
+            }
+        }
     }
 }
 
@@ -120,5 +174,9 @@ mod tests {
     fn default_is_a_name_and_anything_else_a_path() {
         assert_eq!(Image::parse("default"), Image::Default);
         assert_eq!(Image::parse("./default"), Image::File("./default".into()));
+        assert_eq!(Image::parse("/no/such.erofs"), Image::File("/no/such.erofs".into()));
+        assert_eq!(Image::parse("python:3.12-slim"), Image::Oci("python:3.12-slim".into()));
+        assert_eq!(Image::parse("oci:./layout:v1"), Image::Oci("oci:./layout:v1".into()));
+        assert_eq!(Image::parse("docker-archive:a.tar"), Image::Oci("docker-archive:a.tar".into()));
     }
 }

@@ -36,6 +36,8 @@ pub(crate) struct InstanceConfig {
     pub command: Vec<String>,
     pub kernel: PathBuf,
     pub root_disk: PathBuf,
+    /// Further read-only disks (`/dev/vdb`, ...): an OCI image to overlay.
+    pub extra_disks: Vec<PathBuf>,
     pub cmdline: String,
     pub memory_mib: u32,
     pub vcpus: u8,
@@ -118,7 +120,7 @@ impl Instance {
             memory_mib: config.memory_mib,
             vcpus: config.vcpus,
             root_disk: config.root_disk,
-            scratch_disk: None,
+            extra_disks: config.extra_disks.into_iter().map(vmm::ExtraDisk::read_only).collect(),
             serial: Box::new(sink),
             vsock: Some(vmm::devices::virtio::vsock::VsockConfig { guest_cid: GUEST_CID, uds_path: uds.clone() }),
         })?;

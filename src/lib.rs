@@ -27,7 +27,8 @@ mod run;
 pub mod terminal;
 
 pub use error::Error;
-pub use image::{Image, RootFs};
+pub use image::{image_store, Image, RootFs};
+pub use sandbox_rootfs as rootfs;
 pub use guest_protocol::agent::{Exec, WinSize};
 pub use instance::Instance;
 pub use registry::{SandboxRef, SandboxState};

@@ -4,6 +4,8 @@
 //! ran past `--timeout`; 125 when the sandbox itself failed (no KVM, no
 //! kernel, bad image, bad profile); 2 for a command line clap rejects.
 
+mod images_cli;
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,6 +56,8 @@ enum Command {
     /// Manage the sandbox CA that signs the certificates guests see.
     #[command(subcommand)]
     Ca(CaCommand),
+    #[command(flatten)]
+    Images(images_cli::ImagesCommand),
 }
 
 #[derive(Debug, Args)]
@@ -70,9 +74,9 @@ struct RunArgs {
     /// Set an environment variable in the guest (repeatable).
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
     env: Vec<(String, String)>,
-    /// Working directory of the command in the guest.
-    #[arg(short = 'w', long, value_name = "DIR", default_value = "/")]
-    workdir: String,
+    /// Working directory of the command in the guest (default: the image's, else /).
+    #[arg(short = 'w', long, value_name = "DIR")]
+    workdir: Option<String>,
     /// Run the command as this guest user.
     #[arg(short = 'u', long, value_name = "USER")]
     user: Option<String>,
@@ -108,10 +112,12 @@ struct RunArgs {
     /// Show the guest kernel's console log on stderr.
     #[arg(long)]
     console: bool,
-    /// `default`, or the path of an erofs or ext4 image file.
+    /// `default`, the path of an erofs or ext4 image file, or an OCI image
+    /// (`python:3.12-slim`, `oci:<dir>[:tag]`, `docker-archive:<file>`).
     image: String,
-    /// The command and its arguments (optional with -d).
-    #[arg(last = true, required_unless_present = "detach", value_name = "CMD")]
+    /// The command and its arguments (optional with -d; for an OCI image:
+    /// default its Cmd, after its Entrypoint).
+    #[arg(last = true, value_name = "CMD")]
     cmd: Vec<String>,
 }
 
@@ -195,6 +201,7 @@ fn main() -> ExitCode {
         Command::Logs(args) => logs(args),
         Command::Policy(cmd) => policy(cmd),
         Command::Ca(cmd) => ca(cmd),
+        Command::Images(cmd) => images_cli::main(cmd),
     };
     match result {
         Ok(code) => code,
@@ -274,7 +281,16 @@ fn run(args: RunArgs) -> ExitCode {
         ..sandbox::NetConfig::default()
     };
     net.system_roots = true;
-    let mut builder = sandbox::Sandbox::builder(sandbox::Image::parse(&args.image))
+    let image = sandbox::Image::parse(&args.image);
+    if args.cmd.is_empty() && !args.detach && !matches!(image, sandbox::Image::Oci(_)) {
+        eprintln!("error: this image needs a command: sandbox run [OPTIONS] <IMAGE> -- <CMD>...");
+        return ExitCode::from(2);
+    }
+    if let Err(err) = images_cli::prepare(&image) {
+        eprintln!("sandbox: {err:#}");
+        return ExitCode::from(EXIT_SANDBOX_ERROR);
+    }
+    let mut builder = sandbox::Sandbox::builder(image)
         .memory_mib(args.memory)
         .vcpus(args.cpus)
         .net_config(net)
@@ -283,23 +299,21 @@ fn run(args: RunArgs) -> ExitCode {
         builder = builder.console(std::io::stderr());
     }
     let timeout = args.timeout.map(Duration::from_secs);
-    if args.detached_child {
-        let command = (!args.cmd.is_empty()).then(|| sandbox::Exec {
-            argv: args.cmd.clone(),
-            env: args.env.clone(),
-            cwd: args.workdir.clone(),
-            user: args.user.clone(),
-            tty: None,
-        });
-        return cli::detached::serve(builder.command(args.cmd), command, timeout);
-    }
-    builder = builder.cwd(args.workdir).stdout(std::io::stdout()).stderr(std::io::stderr());
     for (k, v) in args.env {
         builder = builder.env(k, v);
     }
     if let Some(user) = args.user {
         builder = builder.user(user);
     }
+    if let Some(dir) = args.workdir {
+        builder = builder.cwd(dir);
+    }
+    if args.detached_child {
+        // The command as the image's config makes it (none: the sandbox just runs).
+        let command = builder.exec_for_image(args.cmd.clone()).ok();
+        return cli::detached::serve(builder.command(args.cmd), command, timeout);
+    }
+    builder = builder.stdout(std::io::stdout()).stderr(std::io::stderr());
     if args.tty && args.interactive {
         builder = builder.terminal();
     } else if args.tty {

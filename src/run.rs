@@ -55,7 +55,7 @@ impl Sandbox {
             memory_mib: 256,
             vcpus: 1,
             env: Vec::new(),
-            cwd: "/".into(),
+            cwd: None,
             user: None,
             tty: None,
             timeout: None,
@@ -69,6 +69,7 @@ impl Sandbox {
             terminal: false,
             policy: None,
             net: NetConfig::default(),
+            boot: None,
         }
     }
 }
@@ -79,7 +80,7 @@ pub struct SandboxBuilder {
     memory_mib: u32,
     vcpus: u8,
     env: Vec<(String, String)>,
-    cwd: String,
+    cwd: Option<String>,
     user: Option<String>,
     tty: Option<WinSize>,
     timeout: Option<Duration>,
@@ -94,6 +95,7 @@ pub struct SandboxBuilder {
     terminal: bool,
     policy: Option<Policy>,
     net: NetConfig,
+    boot: Option<crate::image::BootImage>,
 }
 
 impl std::fmt::Debug for SandboxBuilder {
@@ -126,9 +128,9 @@ impl SandboxBuilder {
         self.env.push((key.into(), value.into()));
         self
     }
-    /// Working directory of the command (default `/`).
+    /// Working directory of the command (default: the OCI image's, else `/`).
     pub fn cwd(mut self, dir: impl Into<String>) -> Self {
-        self.cwd = dir.into();
+        self.cwd = Some(dir.into());
         self
     }
     /// Run the command as this user (a name in the image's /etc/passwd, or a uid).
@@ -226,8 +228,8 @@ impl SandboxBuilder {
         if self.timeout == Some(Duration::ZERO) {
             return Err(Error::Config("the timeout must be longer than zero".into()));
         }
-        if !self.cwd.starts_with('/') {
-            return Err(Error::Config(format!("the working directory must be absolute, not {:?}", self.cwd)));
+        if let Some(cwd) = self.cwd.as_ref().filter(|c| !c.starts_with('/')) {
+            return Err(Error::Config(format!("the working directory must be absolute, not {cwd:?}")));
         }
         Ok(())
     }
@@ -244,17 +246,25 @@ impl SandboxBuilder {
             Some(k) => k,
             None => paths::kernel()?,
         };
-        let (root_disk, rootfs) = self.image.resolve()?;
-        let cmdline = format!(
+        let boot = match self.boot.take() {
+            Some(b) => b,
+            None => self.image.boot()?,
+        };
+        let mut cmdline = format!(
             "{} root=/dev/vda ro rootfstype={} init=/sbin/sandbox-init",
             vmm::cmdline::base_args(),
-            rootfs.kernel_name()
+            boot.rootfs.kernel_name()
         );
+        if boot.image_disk.is_some() {
+            // guest-init overlays the second disk as the root (see guest-init/src/mounts.rs).
+            cmdline.push_str(" sandbox.image=/dev/vdb");
+        }
         Instance::start(InstanceConfig {
             image_name: self.image.to_string(),
             command: self.command.clone(),
             kernel,
-            root_disk,
+            root_disk: boot.root_disk,
+            extra_disks: boot.image_disk.into_iter().collect(),
             cmdline,
             memory_mib: self.memory_mib,
             vcpus: self.vcpus,
@@ -264,16 +274,52 @@ impl SandboxBuilder {
         })
     }
 
+    /// The command `argv` as it runs in this sandbox, with the environment,
+    /// directory and user set here; with an OCI image, the image's config
+    /// applies as [`Self::run`] says. Resolves (and if needed pulls) the image.
+    pub fn exec_for_image(&mut self, argv: Vec<String>) -> Result<Exec, Error> {
+        self.check()?;
+        let boot = match self.boot.take() {
+            Some(b) => b,
+            None => self.image.boot()?,
+        };
+        let mut argv = argv;
+        let mut env = self.env.clone();
+        let mut cwd = self.cwd.clone();
+        let mut user = self.user.clone();
+        if let Some(config) = &boot.config {
+            argv = config.argv(&argv);
+            let mut merged = config.env_pairs();
+            merged.retain(|(k, _)| !env.iter().any(|(mine, _)| mine == k));
+            merged.append(&mut env);
+            env = merged;
+            if cwd.is_none() && !config.working_dir.is_empty() {
+                cwd = Some(config.working_dir.clone());
+            }
+            if user.is_none() && !config.user.is_empty() {
+                user = Some(config.user.clone());
+            }
+        }
+        self.boot = Some(boot);
+        if argv.first().is_none_or(String::is_empty) {
+            return Err(Error::Config("no command given (and the image has no Cmd or Entrypoint)".into()));
+        }
+        Ok(Exec { argv, env, cwd: cwd.unwrap_or_else(|| "/".into()), user, tty: self.tty })
+    }
+
     /// Boot the sandbox, run `argv` in it, power it off.
+    ///
+    /// With an OCI image, its config applies as `docker run` applies it: the
+    /// entrypoint goes before `argv` (`Cmd` when `argv` is empty), its `Env`
+    /// comes first (variables set here win), and its `WorkingDir` and `User`
+    /// hold unless set here.
     pub fn run<I, S>(mut self, argv: I) -> Result<RunOutput, Error>
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        let argv: Vec<String> = argv.into_iter().map(Into::into).collect();
-        if argv.first().is_none_or(String::is_empty) {
-            return Err(Error::Config("no command given".into()));
-        }
+        let exec = self.exec_for_image(argv.into_iter().map(Into::into).collect())?;
+        let argv = exec.argv.clone();
         let started = Instant::now();
         self.command.clone_from(&argv);
         let instance = self.start()?;
@@ -294,7 +340,6 @@ impl SandboxBuilder {
         let collected_err = Arc::new(Mutex::new(Vec::new()));
         let mut stdout: Box<dyn Write + Send> = self.stdout.take().unwrap_or_else(|| Box::new(Collect(Arc::clone(&collected_out))));
         let mut stderr: Box<dyn Write + Send> = self.stderr.take().unwrap_or_else(|| Box::new(Collect(Arc::clone(&collected_err))));
-        let exec = Exec { argv, env: self.env.clone(), cwd: self.cwd.clone(), user: self.user.clone(), tty: self.tty };
         let result = if self.terminal {
             instance.agent().map_err(Error::from).and_then(|conn| crate::terminal::exec_on_terminal(conn, exec))
         } else {

@@ -56,8 +56,13 @@ pub(crate) fn build(argv: &[String], env: &[(String, String)], cwd: &str, user: 
     Ok(cmd)
 }
 
-/// uid, gid and home of `user`: a name in /etc/passwd, or a numeric uid.
+/// uid, gid and home of `user`: a name in /etc/passwd, or a numeric uid,
+/// optionally `:group` (a name in /etc/group or a gid), as images write it.
 fn lookup_user(user: &str) -> Result<(u32, u32, String), String> {
+    if let Some((user, group)) = user.split_once(':') {
+        let (uid, _, home) = lookup_user(user)?;
+        return Ok((uid, lookup_group(group)?, home));
+    }
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     for line in passwd.lines() {
         let fields: Vec<&str> = line.split(':').collect();
@@ -73,6 +78,18 @@ fn lookup_user(user: &str) -> Result<(u32, u32, String), String> {
         Ok(uid) => Ok((uid, uid, "/".into())),
         Err(_) => Err(format!("unknown user {user:?}")),
     }
+}
+
+fn lookup_group(group: &str) -> Result<u32, String> {
+    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    for line in groups.lines() {
+        if let [name, _, gid, ..] = line.split(':').collect::<Vec<_>>()[..] {
+            if name == group {
+                return gid.parse().map_err(|_| format!("bad gid for {name} in /etc/group"));
+            }
+        }
+    }
+    group.parse().map_err(|_| format!("unknown group {group:?}"))
 }
 
 /// Shell status for a command that could not be started.
@@ -139,5 +156,8 @@ mod tests {
         assert!(build(&[], &[], "/", None).is_err());
         let err = build(&["true".into()], &[], "/", Some("no-such-user")).unwrap_err();
         assert!(err.contains("no-such-user"), "{err}");
+        let err = build(&["true".into()], &[], "/", Some("0:no-such-group")).unwrap_err();
+        assert!(err.contains("no-such-group"), "{err}");
+        assert_eq!(lookup_user("0:7").unwrap().1, 7);
     }
 }

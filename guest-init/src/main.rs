@@ -47,16 +47,19 @@ fn run() -> Result<(), InitError> {
         Err(e) => return Err(InitError::step("read the launch spec", e)),
     };
     let hostname = spec.as_ref().map_or("sandbox", |s| s.hostname.as_str());
+    let image = mounts::image_device(&cmdline).map_err(|e| InitError::step("read the image device", e))?;
 
-    mounts::overlay_root().map_err(|e| InitError::step("set up the writable root", e))?;
+    mounts::overlay_root(image).map_err(|e| InitError::step("set up the writable root", e))?;
     mounts::pseudo_filesystems().map_err(|e| InitError::step("mount /proc, /sys, /dev, /tmp", e))?;
     nix::unistd::sethostname(hostname).map_err(|e| InitError::step("set the hostname", e))?;
-    std::fs::write("/etc/hostname", format!("{hostname}\n")).map_err(|e| InitError::step("write /etc/hostname", e))?;
+    replace_file("/etc/hostname", format!("{hostname}\n").as_bytes()).map_err(|e| InitError::step("write /etc/hostname", e))?;
     command::raw_console_output().map_err(|e| InitError::step("configure the console", e))?;
     network::setup().map_err(|e| InitError::step("build the guest network", e))?;
-    std::fs::write("/etc/resolv.conf", network::resolv_conf()).map_err(|e| InitError::step("write /etc/resolv.conf", e))?;
-    for proxy in supervise::PROXIES {
-        if std::path::Path::new(proxy).exists() {
+    replace_file("/etc/resolv.conf", network::resolv_conf().as_bytes()).map_err(|e| InitError::step("write /etc/resolv.conf", e))?;
+    let programs = if image.is_some() { mounts::OWN_PROGRAMS } else { mounts::BOOT_PROGRAMS };
+    for name in supervise::PROXIES {
+        let proxy = format!("{programs}/{name}");
+        if std::path::Path::new(&proxy).exists() {
             supervise::supervise(proxy).map_err(|e| InitError::step("start the guest proxies", e))?;
         } else {
             log(&format!("{proxy} is not in this image: no network access"));
@@ -86,6 +89,15 @@ fn run() -> Result<(), InitError> {
     let _ = out.write_all(&console::exit_marker(status));
     let _ = out.flush();
     Ok(())
+}
+
+/// Write a file of the writable root, replacing what is there: an image's
+/// symlink (`/etc/resolv.conf -> ../run/...`) is replaced, not followed.
+fn replace_file(path: &str, contents: &[u8]) -> std::io::Result<()> {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| !m.is_dir()) {
+        std::fs::remove_file(path)?;
+    }
+    std::fs::write(path, contents)
 }
 
 /// Stop every process, flush filesystems and reboot (= power off for the VMM).

@@ -8,8 +8,10 @@ use std::time::{Duration, Instant};
 use crate::reaper;
 
 /// The proxies init starts at boot: the DNS proxy (:1053) and the HTTPS
-/// proxy (:10443), both bridging to the host over vsock.
-pub(crate) const PROXIES: &[&str] = &["/usr/libexec/sandbox/dns-proxy", "/usr/libexec/sandbox/net-proxy"];
+/// proxy (:10443), both bridging to the host over vsock. They live in the
+/// boot image's `/usr/libexec/sandbox`, which an OCI image's root shows at
+/// `/.sandbox` (see `mounts`).
+pub(crate) const PROXIES: &[&str] = &["dns-proxy", "net-proxy"];
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -17,12 +19,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const HEALTHY_RUN: Duration = Duration::from_secs(10);
 
 /// Start `program` and keep restarting it, on a thread of its own.
-pub(crate) fn supervise(program: &'static str) -> std::io::Result<()> {
+pub(crate) fn supervise(program: String) -> std::io::Result<()> {
     std::thread::Builder::new().name(format!("supervise {program}")).spawn(move || {
         let mut backoff = FIRST_BACKOFF;
         loop {
             let started = Instant::now();
-            let mut cmd = Command::new(program);
+            let mut cmd = Command::new(&program);
             cmd.stdin(Stdio::null()).env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
             let status = match reaper::spawn(&mut cmd) {
                 Ok((_child, status)) => status.recv().map_or_else(|_| "lost".to_string(), |s| s.to_string()),

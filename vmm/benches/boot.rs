@@ -67,7 +67,7 @@ fn child() -> ExitCode {
         memory_mib: MEMORY_MIB,
         vcpus: 1,
         root_disk: image.into(),
-        scratch_disk: None,
+        extra_disks: Vec::new(),
         vsock: None,
         serial: Box::new(std::io::stdout()),
     };

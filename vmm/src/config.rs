@@ -29,8 +29,9 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Root disk image, attached read-only as the first virtio-blk device (`/dev/vda`).
     pub root_disk: PathBuf,
-    /// Optional scratch disk image, attached writable as the second device (`/dev/vdb`).
-    pub scratch_disk: Option<PathBuf>,
+    /// More disks after the root, in order (`/dev/vdb`, `/dev/vdc`, ...): for
+    /// example a read-only image to overlay, or a writable scratch disk.
+    pub extra_disks: Vec<ExtraDisk>,
     /// Optional virtio-vsock device (the guest's CID and its host Unix socket).
     pub vsock: Option<VsockConfig>,
     /// Where the guest's serial console output goes. Writes should not block
@@ -46,9 +47,29 @@ impl std::fmt::Debug for VmConfig {
             .field("memory_mib", &self.memory_mib)
             .field("vcpus", &self.vcpus)
             .field("root_disk", &self.root_disk)
-            .field("scratch_disk", &self.scratch_disk)
+            .field("extra_disks", &self.extra_disks)
             .field("vsock", &self.vsock)
             .finish_non_exhaustive()
+    }
+}
+
+/// A virtio-blk disk besides the root disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtraDisk {
+    /// The image file.
+    pub path: PathBuf,
+    /// Attach it read-only (the guest's writes fail; the file is opened read-only).
+    pub read_only: bool,
+}
+
+impl ExtraDisk {
+    /// A disk the guest can only read.
+    pub fn read_only(path: impl Into<PathBuf>) -> ExtraDisk {
+        ExtraDisk { path: path.into(), read_only: true }
+    }
+    /// A disk the guest can write (a scratch disk).
+    pub fn writable(path: impl Into<PathBuf>) -> ExtraDisk {
+        ExtraDisk { path: path.into(), read_only: false }
     }
 }
 
@@ -57,7 +78,7 @@ impl std::fmt::Debug for VmConfig {
 pub(crate) struct OpenedFiles {
     pub kernel: File,
     pub root: DiskImage,
-    pub scratch: Option<DiskImage>,
+    pub extra: Vec<DiskImage>,
 }
 
 /// Host physical memory in MiB, if the system reports it.
@@ -143,15 +164,18 @@ impl VmConfig {
     pub(crate) fn open_files(&self) -> Result<OpenedFiles> {
         let kernel = open_regular("kernel", &self.kernel, |p| File::open(p))?;
         let root = open_disk("root disk image", &self.root_disk, true)?;
-        let scratch = self
-            .scratch_disk
-            .as_deref()
-            .map(|path| open_disk("scratch disk image", path, false))
-            .transpose()?;
+        let extra = self
+            .extra_disks
+            .iter()
+            .map(|d| {
+                let what = if d.read_only { "read-only disk image" } else { "scratch disk image" };
+                open_disk(what, &d.path, d.read_only)
+            })
+            .collect::<Result<_>>()?;
         Ok(OpenedFiles {
             kernel,
             root,
-            scratch,
+            extra,
         })
     }
 }
@@ -175,7 +199,7 @@ mod tests {
             memory_mib: 128,
             vcpus: 1,
             root_disk: root,
-            scratch_disk: None,
+            extra_disks: Vec::new(),
             vsock: None,
             serial: Box::new(std::io::sink()),
         }
@@ -224,13 +248,14 @@ mod tests {
         let opened = c.open_files().unwrap();
         assert!(opened.root.read_only());
         assert_eq!(opened.root.sectors(), 8);
-        assert!(opened.scratch.is_none());
+        assert!(opened.extra.is_empty());
 
         let scratch = dir.path().join("scratch.img");
         std::fs::write(&scratch, [0u8; 1024]).unwrap();
-        c.scratch_disk = Some(scratch);
+        c.extra_disks = vec![ExtraDisk::read_only(&c.root_disk), ExtraDisk::writable(scratch)];
         let opened = c.open_files().unwrap();
-        assert!(!opened.scratch.unwrap().read_only());
+        assert!(opened.extra[0].read_only());
+        assert!(!opened.extra[1].read_only());
     }
 
     #[test]
@@ -263,7 +288,7 @@ mod tests {
         ));
 
         let mut c = config(dir.path());
-        c.scratch_disk = Some(dir.path().join("missing-scratch.img"));
+        c.extra_disks = vec![ExtraDisk::writable(dir.path().join("missing-scratch.img"))];
         let text = c.open_files().unwrap_err().to_string();
         assert!(text.starts_with("scratch disk image "), "{text}");
     }

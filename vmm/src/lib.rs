@@ -3,8 +3,8 @@
 //! It boots an uncompressed Linux `vmlinux` through its PVH entry point on
 //! 1..N vCPUs, with exactly these devices: a 16550 serial console routed to a
 //! host sink, the i8042 reset line (the guest's way to power off), and
-//! virtio-mmio block devices for a read-only root image and an optional
-//! writable scratch image, and an optional virtio-vsock device whose host end
+//! virtio-mmio block devices for a read-only root image and optional further
+//! disks (read-only images, writable scratch), and an optional virtio-vsock device whose host end
 //! is Unix sockets. There is no network device.
 //!
 //! ```no_run
@@ -15,7 +15,7 @@
 //!     memory_mib: 128,
 //!     vcpus: 1,
 //!     root_disk: "root.erofs".into(),
-//!     scratch_disk: None,
+//!     extra_disks: Vec::new(),
 //!     vsock: None,
 //!     serial: Box::new(std::io::stdout()),
 //! };
@@ -42,7 +42,7 @@ mod vstate;
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-pub use config::{VmConfig, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};
+pub use config::{ExtraDisk, VmConfig, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};
 pub use devices::virtio::vsock::VsockConfig;
 pub use error::{Error, Result};
 pub use vm::Vm;

@@ -184,8 +184,8 @@ impl Vm {
             cmdline_devices: Vec::new(),
         };
         devices.attach_block(files.root)?;
-        if let Some(scratch) = files.scratch {
-            devices.attach_block(scratch)?;
+        for disk in files.extra {
+            devices.attach_block(disk)?;
         }
         if let Some(vsock) = &config.vsock {
             devices.attach_vsock(vsock)?;

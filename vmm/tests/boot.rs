@@ -159,7 +159,7 @@ fn config(image: &Path, scratch: Option<PathBuf>, vcpus: u8, console: &Console) 
         memory_mib: 128,
         vcpus,
         root_disk: image.to_path_buf(),
-        scratch_disk: scratch,
+        extra_disks: scratch.map(vmm::ExtraDisk::writable).into_iter().collect(),
         vsock: None,
         serial: Box::new(console.clone()),
     }

@@ -115,7 +115,7 @@ fn config(guest: &Guest, vcpus: u8, sink: &Sink) -> VmConfig {
         memory_mib: 32,
         vcpus,
         root_disk: guest.disk.clone(),
-        scratch_disk: None,
+        extra_disks: Vec::new(),
         vsock: None,
         serial: Box::new(sink.clone()),
     }
