@@ -17,6 +17,7 @@ use sandbox::policy::{Engine, Event, Layer, ProfileSource};
 mod cli {
     pub mod detached;
     pub mod manage;
+    pub mod verify;
 }
 
 /// Status when the command ran past its timeout (as timeout(1) reports it).
@@ -54,6 +55,8 @@ enum Command {
     /// Manage the sandbox CA that signs the certificates guests see.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Boot a canary sandbox and prove from outside that nothing gets out of it.
+    VerifyIsolation(cli::verify::VerifyArgs),
 }
 
 #[derive(Debug, Args)]
@@ -193,6 +196,7 @@ fn main() -> ExitCode {
         Command::Logs(args) => logs(args),
         Command::Policy(cmd) => policy(cmd),
         Command::Ca(cmd) => ca(cmd),
+        Command::VerifyIsolation(args) => return cli::verify::verify_isolation(args),
     };
     match result {
         Ok(code) => code,
