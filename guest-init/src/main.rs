@@ -14,6 +14,7 @@ mod agent;
 mod command;
 mod mounts;
 mod network;
+mod nft_watch;
 mod reaper;
 mod supervise;
 mod trust;
@@ -54,6 +55,9 @@ fn run() -> Result<(), InitError> {
     std::fs::write("/etc/hostname", format!("{hostname}\n")).map_err(|e| InitError::step("write /etc/hostname", e))?;
     command::raw_console_output().map_err(|e| InitError::step("configure the console", e))?;
     network::setup().map_err(|e| InitError::step("build the guest network", e))?;
+    if let Err(e) = nft_watch::watch() {
+        log(&format!("cannot watch the nftables rules: {e}"));
+    }
     std::fs::write("/etc/resolv.conf", network::resolv_conf()).map_err(|e| InitError::step("write /etc/resolv.conf", e))?;
     for proxy in supervise::PROXIES {
         if std::path::Path::new(proxy).exists() {
