@@ -178,7 +178,7 @@ fn vsock_connect(target: &str, send: Option<&str>, timeout: Duration) -> Outcome
             .map_err(|e| format!("socket: {e}"))?;
         socket::setsockopt(&fd, socket::sockopt::SendTimeout, &timeval(timeout)).map_err(|e| format!("{e}"))?;
         socket::setsockopt(&fd, socket::sockopt::ReceiveTimeout, &timeval(timeout)).map_err(|e| format!("{e}"))?;
-        socket::connect(fd.as_raw_fd(), &VsockAddr::new(cid, port)).map_err(|e| errno_detail(e))?;
+        socket::connect(fd.as_raw_fd(), &VsockAddr::new(cid, port)).map_err(errno_detail)?;
         let mut stream = std::fs::File::from(fd);
         let Some(text) = send else { return Ok("connected".into()) };
         stream.write_all(text.as_bytes()).map_err(|e| format!("connected; send: {}", io_detail(&e)))?;

@@ -154,7 +154,7 @@ impl RefusalLog {
 
     fn record(&mut self, what: std::fmt::Arguments<'_>) {
         self.count += 1;
-        if self.count <= Self::LOGGED || self.count % Self::EVERY == 0 {
+        if self.count <= Self::LOGGED || self.count.is_multiple_of(Self::EVERY) {
             warn!(refusals = self.count, "vsock: refused: {what}");
         }
     }
