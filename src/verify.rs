@@ -22,7 +22,7 @@
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use guest_protocol::agent::Exec;
@@ -237,7 +237,7 @@ fn attempts(config: &VerifyConfig, host: SocketAddr) -> Vec<Attempt> {
         attempt("host loopback", "https://localhost/ via the MITM", &["tls", "10.0.0.2:443", "--sni", "localhost"]),
         attempt("sandbox sockets", "vsock 2:5000 (agent port, host side)", &["vsock-connect", "2:5000"]),
         attempt("sandbox sockets", "vsock 2:5001", &["vsock-connect", "2:5001"]),
-        attempt("sandbox sockets", "vsock 1:5002 (other CID)", &["vsock-connect", "1:5002"]),
+        attempt("sandbox sockets", "vsock 1:5002 (the guest's local CID)", &["vsock-connect", "1:5002"]),
         attempt("dns", format!("{} A", config.canary_name), &["dns", &config.canary_name]),
     ];
     for target in &config.targets {
@@ -272,23 +272,13 @@ pub fn verify(config: &VerifyConfig) -> Result<Report, Error> {
     for p in &config.profiles {
         canary_builder = canary_builder.profile(p);
     }
-    // Boot both at once: boots are slow where guest kernel code is emulated.
-    let peer_boot = config.peer.then(|| {
-        let mut builder = Sandbox::builder(config.image.clone()).memory_mib(config.memory_mib);
-        std::thread::spawn(move || builder.start())
-    });
-    let canary = canary_builder.start();
-    let peer = match peer_boot.map(|t| t.join()) {
-        None => None,
-        Some(Ok(Ok(peer))) => Some(peer),
-        Some(Ok(Err(e))) => return Err(e),
-        Some(Err(_)) => return Err(Error::Boot("the peer sandbox's boot thread panicked".into())),
-    };
-    let canary = canary?;
+    // One after the other: two guests booting at once on a loaded host can
+    // starve each other past the agent's timeouts where kernel code is emulated.
+    let peer = if config.peer { Some(Sandbox::builder(config.image.clone()).memory_mib(config.memory_mib).start()?) } else { None };
+    let canary = canary_builder.start()?;
 
     // The peer listens until its standard input ends (after the canary's attempts).
     let attempt_secs = config.attempt_timeout.as_secs().max(1);
-    let peer_result: Arc<Mutex<Option<Result<(i32, String, String), Error>>>> = Arc::new(Mutex::new(None));
     let mut peer_writer = None;
     let peer_thread = match peer {
         None => None,
@@ -296,7 +286,6 @@ pub fn verify(config: &VerifyConfig) -> Result<Report, Error> {
             let (reader, writer) =
                 std::io::pipe().map_err(|e| Error::Io("create a pipe for the peer's listener".into(), e))?;
             peer_writer = Some(writer);
-            let result = Arc::clone(&peer_result);
             let argv = vec![
                 PROBE.to_string(),
                 "--timeout".into(),
@@ -309,11 +298,9 @@ pub fn verify(config: &VerifyConfig) -> Result<Report, Error> {
                 "--until-eof".into(),
             ];
             Some(std::thread::spawn(move || {
-                let r = exec(&peer, argv, Some(Box::new(reader)));
-                if let Ok(mut slot) = result.lock() {
-                    *slot = Some(r);
-                }
+                let result = exec(&peer, argv, Some(Box::new(reader)));
                 let _ = peer.shutdown();
+                result
             }))
         }
     };
@@ -332,10 +319,7 @@ pub fn verify(config: &VerifyConfig) -> Result<Report, Error> {
     }
     let canary_run = exec(&canary, vec!["/bin/sh".into(), "-c".into(), script], None);
     drop(peer_writer);
-    let peer_outcome = peer_thread.map(|t| {
-        let _ = t.join();
-        peer_result.lock().ok().and_then(|mut s| s.take())
-    });
+    let peer_outcome = peer_thread.map(|t| t.join().ok());
     let host_addr = host.addr;
     let host_accepted = host.finish();
     let canary_id = canary.id().to_string();
