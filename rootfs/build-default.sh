@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the built-in `default` guest image: a read-only erofs filesystem with
-# Debian's static busybox, the sandbox init, the guest proxies, `fetch` and
-# `vsock-stream`.
+# Debian's static busybox, the sandbox init, the guest proxies, `fetch`,
+# `vsock-stream` and `sandbox-probe`.
 #
 #   rootfs/build-default.sh           build if needed, print the image path
 #
@@ -55,6 +55,8 @@ install -m 0755 "$out_bin/dns-proxy" "$out_bin/net-proxy" "$stage/usr/libexec/sa
 # A small HTTPS client (busybox's wget is not usable in the guest), and a
 # tool that checks and measures vsock from inside.
 install -m 0755 "$out_bin/fetch" "$out_bin/vsock-stream" "$stage/usr/bin/"
+# The isolation probe (`sandbox verify-isolation` runs it in a canary sandbox).
+install -m 0755 "$out_bin/sandbox-probe" "$stage/usr/bin/sandbox-probe"
 # The console must exist before init mounts devtmpfs: the kernel opens it for init.
 mknod -m 0600 "$stage/dev/console" c 5 1
 mknod -m 0666 "$stage/dev/null" c 1 3

@@ -25,6 +25,7 @@ mod instance;
 pub mod registry;
 mod run;
 pub mod terminal;
+pub mod verify;
 
 pub use error::Error;
 pub use image::{image_store, Image, RootFs};

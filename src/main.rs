@@ -19,6 +19,7 @@ use sandbox::policy::{Engine, Event, Layer, ProfileSource};
 mod cli {
     pub mod detached;
     pub mod manage;
+    pub mod verify;
 }
 
 /// Status when the command ran past its timeout (as timeout(1) reports it).
@@ -58,6 +59,8 @@ enum Command {
     Ca(CaCommand),
     #[command(flatten)]
     Images(images_cli::ImagesCommand),
+    /// Boot a canary sandbox and prove from outside that nothing gets out of it.
+    VerifyIsolation(cli::verify::VerifyArgs),
 }
 
 #[derive(Debug, Args)]
@@ -202,6 +205,7 @@ fn main() -> ExitCode {
         Command::Policy(cmd) => policy(cmd),
         Command::Ca(cmd) => ca(cmd),
         Command::Images(cmd) => images_cli::main(cmd),
+        Command::VerifyIsolation(args) => return cli::verify::verify_isolation(args),
     };
     match result {
         Ok(code) => code,

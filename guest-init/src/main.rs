@@ -14,6 +14,7 @@ mod agent;
 mod command;
 mod mounts;
 mod network;
+mod nft_watch;
 mod reaper;
 mod supervise;
 mod trust;
@@ -55,6 +56,9 @@ fn run() -> Result<(), InitError> {
     replace_file("/etc/hostname", format!("{hostname}\n").as_bytes()).map_err(|e| InitError::step("write /etc/hostname", e))?;
     command::raw_console_output().map_err(|e| InitError::step("configure the console", e))?;
     network::setup().map_err(|e| InitError::step("build the guest network", e))?;
+    if let Err(e) = nft_watch::watch() {
+        log(&format!("cannot watch the nftables rules: {e}"));
+    }
     replace_file("/etc/resolv.conf", network::resolv_conf().as_bytes()).map_err(|e| InitError::step("write /etc/resolv.conf", e))?;
     let programs = if image.is_some() { mounts::OWN_PROGRAMS } else { mounts::BOOT_PROGRAMS };
     for name in supervise::PROXIES {

@@ -18,6 +18,7 @@
 //! and readiness through epoll, which tokio already wraps portably and which a
 //! hand-written poll loop would only duplicate.
 
+pub mod cert;
 pub mod dns;
 pub mod net;
 pub mod upstream;

@@ -80,3 +80,28 @@ fn failures_have_curls_exit_codes_and_never_panic() {
     assert_eq!(fetch(&["-H", "no colon", "http://127.0.0.1:1/"]).status.code(), Some(2));
     drop(silent);
 }
+
+#[test]
+fn sha256_resolve_and_show_cert() {
+    use sha2::Digest;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("fetch digest CA").unwrap();
+    let ca_file = ca.write_pem(dir.path(), "ca.pem").unwrap();
+    let upstream = rt.block_on(HttpsUpstream::start(&ca, &["named.test"])).unwrap();
+    let port = upstream.addr().port();
+    let url = format!("https://named.test:{port}/bytes/300000");
+    let resolve = format!("named.test:{port}:127.0.0.1");
+    let out_file = dir.path().join("body");
+    let o = fetch(&["--cacert", ca_file.to_str().unwrap(), "--resolve", &resolve, "--sha256", "--show-cert", "-o", out_file.to_str().unwrap(), &url]);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let body = std::fs::read(&out_file).unwrap();
+    let expected: String = sha2::Sha256::digest(&body).iter().map(|b| format!("{b:02x}")).collect();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(body.len(), 300_000);
+    assert!(stderr.contains(&format!("sha256={expected} bytes=300000 seconds=")), "{stderr}");
+    assert!(stderr.contains("; issuer=CN=fetch digest CA"), "{stderr}");
+    // Without --resolve the test name does not resolve; a bad entry is a usage error.
+    assert_eq!(fetch(&["--cacert", ca_file.to_str().unwrap(), &url]).status.code(), Some(6));
+    assert_eq!(fetch(&["--resolve", "named.test:x:127.0.0.1", &url]).status.code(), Some(2));
+}

@@ -1,6 +1,8 @@
 //! `fetch`: a small HTTPS client for the sandbox guest, in the spirit of
 //! `curl -sS`. The certificate is always verified, against `--cacert`, else
 //! `$SSL_CERT_FILE`, else the system bundle; there is no way to skip that.
+//! `--show-cert` prints who issued the server's certificate, `--sha256` the
+//! digest, size and duration of the body (for checking large downloads).
 //!
 //! Exit status (curl's numbers): 0 success, 22 HTTP status >= 400 (the body
 //! is still written), 6 the host did not resolve, 7 the connection was
@@ -43,6 +45,15 @@ struct Args {
     /// PEM bundle of trusted roots.
     #[arg(long)]
     cacert: Option<std::path::PathBuf>,
+    /// Print the server certificate's subject and issuer on standard error.
+    #[arg(long)]
+    show_cert: bool,
+    /// Print `sha256=<hex> bytes=<n> seconds=<s>` for the body on standard error.
+    #[arg(long)]
+    sha256: bool,
+    /// Connect to ADDR for HOST:PORT instead of resolving HOST (as curl's --resolve).
+    #[arg(long, value_name = "HOST:PORT:ADDR")]
+    resolve: Vec<String>,
     /// Give up after this many seconds.
     #[arg(short = 'm', long = "max-time", default_value_t = 60)]
     max_time: u64,
@@ -177,10 +188,13 @@ fn fetch(args: &Args) -> Result<u16, Failure> {
         return Err(fail(2, format!("bad header {h:?}: expected 'Name: value'")));
     }
     let timeout = Duration::from_secs(args.max_time.max(1));
-    let addrs: Vec<_> = (url.host.as_str(), url.port)
-        .to_socket_addrs()
-        .map_err(|e| fail(6, format!("could not resolve {}: {e}", url.host)))?
-        .collect();
+    let addrs: Vec<_> = match resolved(&args.resolve, &url)? {
+        Some(addr) => vec![addr],
+        None => (url.host.as_str(), url.port)
+            .to_socket_addrs()
+            .map_err(|e| fail(6, format!("could not resolve {}: {e}", url.host)))?
+            .collect(),
+    };
     let mut last = fail(6, format!("could not resolve {}", url.host));
     let mut tcp = None;
     for addr in addrs {
@@ -204,6 +218,12 @@ fn fetch(args: &Args) -> Result<u16, Failure> {
                 io::ErrorKind::InvalidData => fail(35, format!("TLS handshake with {}: {e}", url.host)),
                 _ => io_failure(&e, &format!("TLS handshake with {}", url.host)),
             })?;
+        }
+        if args.show_cert {
+            match tls.conn.peer_certificates().and_then(<[_]>::first) {
+                Some(cert) => eprintln!("{}", guest_proxies::cert::describe(cert)),
+                None => eprintln!("certificate: none"),
+            }
         }
         Box::new(tls)
     } else {
@@ -229,11 +249,59 @@ fn fetch(args: &Args) -> Result<u16, Failure> {
         Some(p) => Box::new(std::fs::File::create(p).map_err(|e| fail(23, format!("{}: {e}", p.display())))?),
         None => Box::new(io::stdout().lock()),
     };
+    let started = std::time::Instant::now();
+    let mut sink = Digest { hash: args.sha256.then(sha2::Sha256::default), bytes: 0, out: &mut out };
     if method != "HEAD" && status != 204 && status != 304 {
-        copy_body(&mut stream, &headers, &mut out)?;
+        copy_body(&mut stream, &headers, &mut sink)?;
+    }
+    if let Some(hash) = sink.hash {
+        use sha2::Digest as _;
+        let seconds = started.elapsed().as_secs_f64();
+        let hex: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        eprintln!("sha256={hex} bytes={} seconds={seconds:.3}", sink.bytes);
     }
     out.flush().map_err(|e| fail(23, e))?;
     Ok(status)
+}
+
+/// `--resolve HOST:PORT:ADDR` entries that name this URL's host and port.
+fn resolved(entries: &[String], url: &Url) -> Result<Option<std::net::SocketAddr>, Failure> {
+    for entry in entries {
+        let mut parts = entry.splitn(3, ':');
+        let (Some(host), Some(port), Some(addr)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(fail(2, format!("bad --resolve {entry:?}: expected HOST:PORT:ADDR")));
+        };
+        let port: u16 = port.parse().map_err(|_| fail(2, format!("bad --resolve {entry:?}: bad port")))?;
+        let ip: std::net::IpAddr = addr
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse()
+            .map_err(|_| fail(2, format!("bad --resolve {entry:?}: bad address")))?;
+        if host.eq_ignore_ascii_case(&url.host) && port == url.port {
+            return Ok(Some((ip, port).into()));
+        }
+    }
+    Ok(None)
+}
+
+/// Counts (and with `--sha256` hashes) what passes through on its way to `out`.
+struct Digest<'a> {
+    hash: Option<sha2::Sha256>,
+    bytes: u64,
+    out: &'a mut Box<dyn Write>,
+}
+
+impl Write for Digest<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.out.write(buf)?;
+        if let Some(hash) = self.hash.as_mut() {
+            sha2::Digest::update(hash, &buf[..n]);
+        }
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
 }
 
 /// What `fetch` reads from and writes to: TCP or TLS over TCP.

@@ -16,6 +16,12 @@
 //! packets for unknown connections are answered with RST (unless they are
 //! RSTs themselves).
 //!
+//! A guest connection to a port without a listener and a packet addressed to
+//! another CID are attempts to get past the handlers: each is logged as a
+//! warning (the first [`RefusalLog::LOGGED`], then every
+//! [`RefusalLog::EVERY`]th with the running count, so a guest cannot flood
+//! the host's log).
+//!
 //! The muxer owns an epoll instance holding the listener, the clients in the
 //! middle of their handshake, the connection streams (only while there is
 //! something to poll for) and a timer for deadlines. Its descriptor
@@ -130,6 +136,28 @@ pub struct Muxer {
     pending_resets: usize,
     next_token: u64,
     next_local_port: u32,
+    refusals: RefusalLog,
+}
+
+/// Counts what the guest tried and was refused, and logs it without letting
+/// a guest flood the log.
+#[derive(Debug, Default)]
+struct RefusalLog {
+    count: u64,
+}
+
+impl RefusalLog {
+    /// Refusals logged one by one.
+    const LOGGED: u64 = 32;
+    /// After that, one line per this many refusals.
+    const EVERY: u64 = 1024;
+
+    fn record(&mut self, what: std::fmt::Arguments<'_>) {
+        self.count += 1;
+        if self.count <= Self::LOGGED || self.count.is_multiple_of(Self::EVERY) {
+            warn!(refusals = self.count, "vsock: refused: {what}");
+        }
+    }
 }
 
 impl AsRawFd for Muxer {
@@ -199,6 +227,7 @@ impl Muxer {
             pending_resets: 0,
             next_token: FIRST_TOKEN,
             next_local_port: FIRST_EPHEMERAL_PORT,
+            refusals: RefusalLog::default(),
         })
     }
 
@@ -333,12 +362,12 @@ impl Muxer {
         None
     }
 
-    fn addressed_guest_to_host(&self, header: &Header) -> bool {
+    fn addressed_guest_to_host(&mut self, header: &Header) -> bool {
         if header.src_cid != self.guest_cid || header.dst_cid != HOST_CID {
-            debug!(
-                "vsock: dropping packet from CID {} to CID {} (guest is {}, host is {HOST_CID})",
-                header.src_cid, header.dst_cid, self.guest_cid
-            );
+            self.refusals.record(format_args!(
+                "guest packet from CID {} port {} to CID {} port {} dropped (guest is {}, only the host, CID {HOST_CID}, is reachable)",
+                header.src_cid, header.src_port, header.dst_cid, header.dst_port, self.guest_cid
+            ));
             return false;
         }
         true
@@ -397,11 +426,11 @@ impl Muxer {
                 self.insert(conn);
             }
             Err(e) => {
-                debug!(
-                    "vsock: guest connection to host port {} refused: {}: {e}",
+                self.refusals.record(format_args!(
+                    "guest connection to host port {} (no handler: {}: {e})",
                     request.dst_port,
                     path.display()
-                );
+                ));
                 self.push_reset_for(request);
             }
         }

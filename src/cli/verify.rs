@@ -1,0 +1,105 @@
+//! `sandbox verify-isolation`: the CLI face of [`sandbox::verify`].
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use sandbox::verify::{self, VerifyConfig};
+
+/// Status when a check did not block (or could not be made).
+const EXIT_NOT_ISOLATED: u8 = 1;
+/// Status when the sandbox itself failed.
+const EXIT_SANDBOX_ERROR: u8 = 125;
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// An outside address the canary tries to reach directly, TCP and UDP (repeatable).
+    #[arg(long, value_name = "ADDR:PORT")]
+    target: Vec<std::net::SocketAddr>,
+    /// Repeat every INTERVAL (`30s`, `5m`, `1h`), logging each round.
+    #[arg(long, value_name = "INTERVAL", value_parser = verify::parse_interval)]
+    every: Option<Duration>,
+    /// With --every: stop after this many rounds (default: run until stopped).
+    #[arg(long, value_name = "N")]
+    rounds: Option<u64>,
+    /// Profile for the canary (repeatable; default deny-all). A profile that allows the
+    /// canary name makes the DNS check fail, as it should.
+    #[arg(long, value_name = "PROFILE")]
+    profile: Vec<String>,
+    /// The DNS name the canary looks up.
+    #[arg(long, value_name = "NAME", default_value = verify::DEFAULT_CANARY_NAME)]
+    canary_name: String,
+    /// Port of the host loopback service the canary tries to reach (default: a free one).
+    #[arg(long, value_name = "PORT", default_value_t = 0)]
+    host_port: u16,
+    /// Upstream DNS server of the canary's handlers (IP:PORT).
+    #[arg(long, value_name = "ADDR")]
+    dns_server: Vec<std::net::SocketAddr>,
+    /// Do not boot the second (peer) sandbox.
+    #[arg(long)]
+    no_peer: bool,
+    /// Image of the canary and the peer: `default` or an image file with /usr/bin/sandbox-probe.
+    #[arg(long, default_value = "default")]
+    image: String,
+}
+
+/// Run the rounds; exit 0 only when every round was isolated.
+pub fn verify_isolation(args: VerifyArgs) -> ExitCode {
+    let config = VerifyConfig {
+        image: sandbox::Image::parse(&args.image),
+        profiles: args.profile,
+        net: sandbox::NetConfig { dns_servers: args.dns_server, ..sandbox::NetConfig::default() },
+        targets: args.target,
+        canary_name: args.canary_name,
+        host_port: args.host_port,
+        peer: !args.no_peer,
+        ..VerifyConfig::default()
+    };
+    let rounds = match (args.every, args.rounds) {
+        (None, _) => 1,
+        (Some(_), n) => n.unwrap_or(u64::MAX),
+    };
+    let mut all_isolated = true;
+    for round in 1..=rounds {
+        let started = std::time::Instant::now();
+        match verify::verify(&config) {
+            Ok(report) => {
+                if args.every.is_some() {
+                    println!("round {round} ({}s since the epoch)", unix_now());
+                }
+                print!("{}", report.table());
+                if report.isolated() {
+                    tracing::info!(round, canary = %report.canary_id, "verify-isolation: isolated");
+                } else {
+                    all_isolated = false;
+                    let failed: Vec<String> = report
+                        .checks
+                        .iter()
+                        .filter(|c| c.verdict != verify::Verdict::Blocked)
+                        .map(|c| format!("{}: {} ({})", c.invariant, c.attempt, c.verdict))
+                        .collect();
+                    tracing::error!(round, canary = %report.canary_id, failed = ?failed, "verify-isolation: NOT isolated");
+                }
+            }
+            Err(err) => {
+                eprintln!("sandbox: verify-isolation round {round}: {err}");
+                if args.every.is_none() {
+                    return ExitCode::from(EXIT_SANDBOX_ERROR);
+                }
+                all_isolated = false;
+            }
+        }
+        if let Some(every) = args.every.filter(|_| round < rounds) {
+            std::thread::sleep(every.saturating_sub(started.elapsed()));
+        }
+    }
+    if all_isolated {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_NOT_ISOLATED)
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
