@@ -182,7 +182,7 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
         .profile(profile.to_str().unwrap())
         .net_config(net)
         .env("MB", mb.to_string())
-        .timeout(Duration::from_secs(900 + 60 * mb))
+        .timeout(Duration::from_secs(3600 + 60 * mb))
         .run(["/bin/sh", "-c", SCRIPT])
         .unwrap();
     let out = String::from_utf8_lossy(&run.stdout);
