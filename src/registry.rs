@@ -374,7 +374,9 @@ mod tests {
 
         // A background holder is killed after the timeout.
         let mut child = std::process::Command::new("sh")
-            .args(["-c", "sleep 30", BACKGROUND_FLAG])
+            // `; :` keeps the shell (with the flag in its argv) from
+            // replacing itself with sleep.
+            .args(["-c", "sleep 30; :", BACKGROUND_FLAG])
             .spawn()
             .unwrap();
         let pid = child.id();
@@ -383,7 +385,12 @@ mod tests {
         let dir = write_state(root.path(), "bg01", pid, start, 1);
         unresponsive_vmm(&dir.join("vsock.sock"));
         let background = SandboxRef::find_in(root.path(), "bg01").unwrap();
-        assert!(background.held_in_background());
+        // Until the child has called exec, its command line is this test's.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !background.held_in_background() {
+            assert!(Instant::now() < deadline, "the shell never showed the flag");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         background.stop(Duration::from_millis(300)).unwrap();
         assert!(!reaper.join().unwrap().success(), "the holder was killed");
         background.remove(false).unwrap();
