@@ -70,9 +70,9 @@ fetch -s --max-time 10 https://10.0.0.2:8443/ >/dev/null 2>&1; check literal_ip 
 echo "links=$(ls /sys/class/net | tr '\n' ' ')"
 ip -4 addr show dummy0 | grep -o 'inet [0-9./]*'
 echo "cert_env=$SSL_CERT_FILE $REQUESTS_CA_BUNDLE $CURL_CA_BUNDLE $NODE_EXTRA_CA_CERTS"
-netstat -lnu | grep -q '127.0.0.1:1053 '; check udp1053 $?
-netstat -lnt | grep -q '127.0.0.1:1053 '; check tcp1053 $?
-netstat -lnt | grep -q '127.0.0.1:10443 '; check tcp10443 $?
+grep -q ' 0100007F:041D 00000000:0000 07 ' /proc/net/udp; check udp1053 $?
+grep -q ' 0100007F:041D 00000000:0000 0A ' /proc/net/tcp; check tcp1053 $?
+grep -q ' 0100007F:28CB 00000000:0000 0A ' /proc/net/tcp; check tcp10443 $?
 sandbox-probe dns allowed.test --server 192.0.2.53:53 >/dev/null; check dns_any_address $?
 grep -c 'BEGIN CERTIFICATE' /etc/ssl/certs/ca-certificates.crt
 fetch -s --sha256 -o /dev/null https://allowed.test/bytes/$((MB * 1048576)) 2>&1 | grep '^sha256='
