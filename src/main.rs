@@ -321,8 +321,7 @@ fn run(args: RunArgs) -> ExitCode {
     if args.tty && args.interactive {
         builder = builder.terminal();
     } else if args.tty {
-        let size = sandbox::terminal::window_size(std::os::fd::AsFd::as_fd(&std::io::stdout()));
-        builder = builder.tty(size.unwrap_or(sandbox::WinSize { rows: 24, cols: 80 }));
+        builder = builder.tty(sandbox::terminal::stdout_size());
     } else if args.interactive {
         builder = builder.stdin(std::io::stdin());
     }

@@ -24,6 +24,19 @@ pub fn window_size(fd: BorrowedFd<'_>) -> Option<WinSize> {
     (rc == 0 && ws.ws_row > 0 && ws.ws_col > 0).then_some(WinSize { rows: ws.ws_row, cols: ws.ws_col })
 }
 
+/// The size a guest terminal gets when there is no terminal here to copy.
+pub const DEFAULT_SIZE: WinSize = WinSize { rows: 24, cols: 80 };
+
+/// The size of the terminal on standard output, or [`DEFAULT_SIZE`].
+pub fn stdout_size() -> WinSize {
+    window_size(io::stdout().as_fd()).unwrap_or(DEFAULT_SIZE)
+}
+
+/// The size of this process's terminal: standard output's, else standard input's.
+fn current_size() -> Option<WinSize> {
+    window_size(io::stdout().as_fd()).or_else(|| window_size(io::stdin().as_fd()))
+}
+
 /// Raw mode on a terminal until dropped.
 struct RawMode {
     saved: Termios,
@@ -53,18 +66,13 @@ pub fn exec_on_terminal(conn: AgentConn, mut exec: Exec) -> Result<i32, Error> {
     if !stdin.is_terminal() {
         return Err(Error::Config("a terminal was asked for (-t) but standard input is not a terminal".into()));
     }
-    exec.tty = Some(
-        window_size(io::stdout().as_fd())
-            .or_else(|| window_size(stdin.as_fd()))
-            .unwrap_or(WinSize { rows: 24, cols: 80 }),
-    );
+    exec.tty = Some(current_size().unwrap_or(DEFAULT_SIZE));
     let mut controller = conn.controller()?;
     let mut signals = Signals::new([SIGWINCH]).map_err(|e| Error::Io("watch for terminal resizes".into(), e))?;
     let resizes = signals.handle();
     let forwarder = std::thread::spawn(move || {
         for _ in signals.forever() {
-            let size = window_size(io::stdout().as_fd()).or_else(|| window_size(io::stdin().as_fd()));
-            if let Some(size) = size {
+            if let Some(size) = current_size() {
                 if controller.resize(size).is_err() {
                     break;
                 }

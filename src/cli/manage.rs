@@ -48,8 +48,7 @@ pub fn exec(args: ExecArgs) -> ExitCode {
             return Ok(sandbox::terminal::exec_on_terminal(sandbox.agent()?, exec)?);
         }
         let exec = if args.tty {
-            let size = sandbox::terminal::window_size(std::os::fd::AsFd::as_fd(&std::io::stdout()));
-            Exec { tty: Some(size.unwrap_or(sandbox::WinSize { rows: 24, cols: 80 })), ..exec }
+            Exec { tty: Some(sandbox::terminal::stdout_size()), ..exec }
         } else {
             exec
         };

@@ -99,6 +99,19 @@ async fn digest_one(port: u32, seed: u64, bytes: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Send `bytes` copies of `byte`, then shut down the sending side; returns the count.
+async fn send_filler(stream: &mut VsockStream, byte: u8, bytes: usize) -> std::io::Result<usize> {
+    let buf = vec![byte; CHUNK];
+    let mut sent = 0;
+    while sent < bytes {
+        let n = CHUNK.min(bytes - sent);
+        stream.write_all(&buf[..n]).await?;
+        sent += n;
+    }
+    VsockStream::shutdown(stream, std::net::Shutdown::Write)?;
+    Ok(sent)
+}
+
 fn rate(bytes: usize, started: Instant) -> f64 {
     bytes as f64 / 1e6 / started.elapsed().as_secs_f64().max(1e-9)
 }
@@ -121,15 +134,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Send { port, bytes } => {
             let mut stream = VsockStream::connect(VsockAddr::new(HOST_CID, port)).await.context("connect")?;
-            let buf = vec![0x5a_u8; CHUNK];
             let started = Instant::now();
-            let mut sent = 0;
-            while sent < bytes {
-                let n = CHUNK.min(bytes - sent);
-                stream.write_all(&buf[..n]).await?;
-                sent += n;
-            }
-            stream.shutdown(std::net::Shutdown::Write)?;
+            let sent = send_filler(&mut stream, 0x5a, bytes).await?;
             // Wait for the host to close: then every byte has arrived.
             let mut rest = [0u8; 64];
             while stream.read(&mut rest).await? > 0 {}
@@ -140,14 +146,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("listening on {port}");
             for _ in 0..count {
                 let (mut stream, _) = listener.accept().await.context("accept")?;
-                let buf = vec![0xa5_u8; CHUNK];
-                let mut sent = 0;
-                while sent < bytes {
-                    let n = CHUNK.min(bytes - sent);
-                    stream.write_all(&buf[..n]).await?;
-                    sent += n;
-                }
-                stream.shutdown(std::net::Shutdown::Write)?;
+                send_filler(&mut stream, 0xa5, bytes).await?;
             }
         }
         Command::Refused { port } => {
