@@ -25,6 +25,13 @@ pub const LISTEN_PORT: u16 = 10443;
 /// The host's MITM handler's vsock port.
 pub const HOST_PORT: u32 = 5002;
 
+/// Relay buffers, per direction. Each read takes what has arrived up to
+/// this size and goes out as one write: where guest kernel code is costly
+/// (emulated), every extra system call, TCP segment and ACK counts, and
+/// responses are the large direction.
+const TO_HOST_BUFFER: usize = 64 * 1024;
+const TO_GUEST_BUFFER: usize = 256 * 1024;
+
 /// Pause after a failed accept (e.g. out of file descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -65,7 +72,9 @@ pub async fn relay(mut client: TcpStream, peer: SocketAddr, upstream: &Upstream)
     host.write_all(proxy_header(peer, destination).as_bytes())
         .await
         .map_err(|source| Error::Io { context: "send the PROXY header", source })?;
-    tokio::io::copy_bidirectional(&mut client, &mut host).await.map_err(|source| Error::Io { context: "relay", source })
+    tokio::io::copy_bidirectional_with_sizes(&mut client, &mut host, TO_HOST_BUFFER, TO_GUEST_BUFFER)
+        .await
+        .map_err(|source| Error::Io { context: "relay", source })
 }
 
 /// The PROXY protocol v1 line for a connection from `source` to `destination`:

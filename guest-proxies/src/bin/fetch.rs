@@ -18,6 +18,8 @@ use std::time::Duration;
 use clap::Parser;
 
 const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// Read buffer on the connection and on the response.
+const SOCKET_BUFFER: usize = 256 * 1024;
 /// Largest response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
 
@@ -212,7 +214,7 @@ fn fetch(args: &Args) -> Result<u16, Failure> {
     let stream: Box<dyn ReadWrite> = if url.tls {
         let name = rustls::pki_types::ServerName::try_from(url.host.clone()).map_err(|e| fail(2, e))?;
         let conn = rustls::ClientConnection::new(tls_config(args.cacert.as_deref())?, name).map_err(|e| fail(35, e))?;
-        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let mut tls = rustls::StreamOwned::new(conn, BufferedTcp(BufReader::with_capacity(SOCKET_BUFFER, tcp)));
         while tls.conn.is_handshaking() {
             tls.conn.complete_io(&mut tls.sock).map_err(|e| match e.kind() {
                 io::ErrorKind::InvalidData => fail(35, format!("TLS handshake with {}: {e}", url.host)),
@@ -241,7 +243,7 @@ fn fetch(args: &Args) -> Result<u16, Failure> {
     }
     request.push_str("\r\n");
     request.push_str(body);
-    let mut stream = BufReader::new(stream);
+    let mut stream = BufReader::with_capacity(SOCKET_BUFFER, stream);
     stream.get_mut().write_all(request.as_bytes()).map_err(|e| io_failure(&e, "sending the request"))?;
     stream.get_mut().flush().map_err(|e| io_failure(&e, "sending the request"))?;
     let (status, headers) = read_head(&mut stream)?;
@@ -301,6 +303,26 @@ impl Write for Digest<'_> {
     }
     fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
+    }
+}
+
+/// A TCP connection read through a large buffer. rustls reads at most 4 KiB
+/// per call; this turns those into few large system calls, which matters
+/// where guest kernel code is emulated.
+struct BufferedTcp(BufReader<TcpStream>);
+
+impl Read for BufferedTcp {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Write for BufferedTcp {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.get_mut().write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.get_mut().flush()
     }
 }
 
