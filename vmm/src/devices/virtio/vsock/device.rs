@@ -35,8 +35,13 @@ use crate::devices::virtio::{
     VIRTIO_RING_F_EVENT_IDX,
 };
 
-/// Size of each queue.
+/// Size of the tx and event queues.
 pub const QUEUE_SIZE: u16 = 256;
+/// Size of the rx queue. The guest keeps every rx descriptor filled with a
+/// receive buffer (32 KiB each with the sandbox kernel's `rx_buf_size`), so
+/// this bounds the guest memory they hold: 4 MiB, far more than the 256 KiB
+/// a connection may have in flight by default.
+pub const RX_QUEUE_SIZE: u16 = 128;
 /// Index of the rx queue (device to driver).
 pub const RX_QUEUE: usize = 0;
 /// Index of the tx queue (driver to device).
@@ -363,7 +368,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE; 3]
+        &[RX_QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE]
     }
 
     fn queue_events(&self) -> &[EventFd] {

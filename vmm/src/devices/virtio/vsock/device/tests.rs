@@ -346,7 +346,7 @@ impl Guest {
 fn device_identity_and_config_space() {
     let g = Guest::new();
     assert_eq!(g.dev.device_type(), 19);
-    assert_eq!(g.dev.queue_max_sizes(), &[QUEUE_SIZE; 3]);
+    assert_eq!(g.dev.queue_max_sizes(), &[RX_QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE]);
     assert_eq!(g.dev.queue_events().len(), 3);
     assert_ne!(g.dev.features() & VIRTIO_F_VERSION_1, 0);
     let mut cid = [0u8; 8];
