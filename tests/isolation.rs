@@ -1,14 +1,17 @@
 //! `sandbox verify-isolation` end to end: a canary and a peer sandbox on the
-//! real kernel, an outside "target" the test starts on 127.0.0.1, and the
+//! real kernel, an outside "target" the test starts in a network namespace
+//! of its own (reachable from this host over a veth pair), and the
 //! command's verdict. The failure path is proven honestly: a profile that
 //! answers the canary's DNS name lets that one check through, and the command
 //! must say so and exit non-zero. Needs /dev/kvm and ./setup.sh's artefacts.
 #![allow(clippy::unwrap_used)]
 
-use std::net::{TcpListener, UdpSocket};
+use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// One verification at a time: each boots real guests, and several at once
 /// on a small, loaded host can miss the runtime's boot timeouts.
@@ -21,11 +24,68 @@ fn sandbox(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sandbox")).args(args).output().unwrap()
 }
 
-/// A TCP and UDP server on 127.0.0.1 counting whoever reaches it.
-fn target() -> (String, Arc<AtomicU32>) {
-    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+/// A network namespace joined to this one by a veth pair: an "outside"
+/// network this host reaches and a guest must not. Deleted on drop.
+struct OutsideNetwork {
+    name: String,
+    /// The namespace's end of the link.
+    address: Ipv4Addr,
+}
+
+impl OutsideNetwork {
+    fn create() -> Self {
+        let pid = std::process::id();
+        let (name, host_link, inner_link) = (format!("sbx-iso-{pid}"), format!("sbxh{pid}"), format!("sbxn{pid}"));
+        let subnet = pid % 250 + 1;
+        let (host_ip, address) = (format!("10.231.{subnet}.1"), Ipv4Addr::new(10, 231, subnet as u8, 2));
+        let net = Self { name: name.clone(), address };
+        for args in [
+            vec!["netns", "add", &name],
+            vec!["link", "add", &host_link, "type", "veth", "peer", "name", &inner_link, "netns", &name],
+            vec!["addr", "add", &format!("{host_ip}/30"), "dev", &host_link],
+            vec!["link", "set", &host_link, "up"],
+            vec!["-n", &name, "addr", "add", &format!("{address}/30"), "dev", &inner_link],
+            vec!["-n", &name, "link", "set", &inner_link, "up"],
+        ] {
+            let o = Command::new("ip").args(&args).output().unwrap();
+            assert!(o.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr));
+        }
+        net
+    }
+
+    /// Run `f` on a thread that has joined the namespace (sockets it opens
+    /// stay in the namespace).
+    fn inside<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let ns = std::fs::File::open(format!("/run/netns/{}", self.name)).unwrap();
+        std::thread::spawn(move || {
+            // SAFETY: `ns` is an open namespace file; setns changes only the
+            // network namespace of this thread, which ends with `f`.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for OutsideNetwork {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its veth end, and so the pair.
+        let _ = Command::new("ip").args(["netns", "delete", &self.name]).status();
+    }
+}
+
+/// A TCP and UDP server on the outside network counting whoever reaches it,
+/// checked from this host first: the address is reachable from here.
+fn target(net: &OutsideNetwork) -> (String, Arc<AtomicU32>) {
+    let address = net.address;
+    let (tcp, udp) = net.inside(move || {
+        let tcp = TcpListener::bind((address, 0)).unwrap();
+        let udp = UdpSocket::bind(tcp.local_addr().unwrap()).unwrap();
+        (tcp, udp)
+    });
     let addr = tcp.local_addr().unwrap();
-    let udp = UdpSocket::bind(addr).unwrap();
     let hits = Arc::new(AtomicU32::new(0));
     let tcp_hits = Arc::clone(&hits);
     std::thread::spawn(move || {
@@ -40,12 +100,20 @@ fn target() -> (String, Arc<AtomicU32>) {
             udp_hits.fetch_add(1, Ordering::SeqCst);
         }
     });
+    drop(TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("the host reaches the outside network"));
+    UdpSocket::bind("0.0.0.0:0").unwrap().send_to(b"control", addr).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while hits.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(hits.swap(0, Ordering::SeqCst), 2, "the host's TCP connection and datagram reach the target");
     (addr.to_string(), hits)
 }
 
 #[test]
 fn a_sound_sandbox_blocks_every_check_and_the_command_says_so() {
-    let (target, hits) = target();
+    let outside = OutsideNetwork::create();
+    let (target, hits) = target(&outside);
     let o = sandbox(&["verify-isolation", "--target", &target]);
     let out = String::from_utf8_lossy(&o.stdout);
     eprintln!("--- stdout ---\n{out}--- stderr ---\n{}", String::from_utf8_lossy(&o.stderr));
