@@ -57,6 +57,21 @@ install -m 0755 "$out_bin/dns-proxy" "$out_bin/net-proxy" "$stage/usr/libexec/sa
 install -m 0755 "$out_bin/fetch" "$out_bin/vsock-stream" "$stage/usr/bin/"
 # The isolation probe (`sandbox verify-isolation` runs it in a canary sandbox).
 install -m 0755 "$out_bin/sandbox-probe" "$stage/usr/bin/sandbox-probe"
+# A second, independent TLS stack for programs and checks that want one:
+# Debian's OpenSSL command line tool with the shared libraries it links
+# (glibc's loader included). Its default trust store, /usr/lib/ssl/cert.pem,
+# is the system bundle that init adds the sandbox CA to.
+copy_with_libs() { # file in the host's root
+    install -D -m 0755 "$1" "$stage$1"
+    ldd "$1" | grep -o '/[^ ]*' | while IFS= read -r lib; do
+        [ -e "$stage$lib" ] || install -D -m 0755 "$(readlink -f "$lib")" "$stage$lib"
+    done
+}
+need_pkg openssl /usr/bin/openssl
+copy_with_libs /usr/bin/openssl
+mkdir -p "$stage/usr/lib/ssl"
+ln -s /etc/ssl/certs/ca-certificates.crt "$stage/usr/lib/ssl/cert.pem"
+ln -s /etc/ssl/certs "$stage/usr/lib/ssl/certs"
 # The console must exist before init mounts devtmpfs: the kernel opens it for init.
 mknod -m 0600 "$stage/dev/console" c 5 1
 mknod -m 0666 "$stage/dev/null" c 1 3

@@ -5,9 +5,9 @@
 //! ./setup.sh's artefacts (the default image, and the same `fetch` binary
 //! built for the host, for the throughput comparison).
 //!
-//! `SANDBOX_E2E_DOWNLOAD_MB` sets the size of the large download (default 8:
-//! where guest kernel code is emulated, the guest receives at tens to hundreds
-//! of KB/s, so 100 MB takes most of an hour there).
+//! `SANDBOX_E2E_DOWNLOAD_MB` sets the size of the large download (default
+//! 100; where guest kernel code is emulated the guest receives it at a few
+//! hundred KB/s, so it takes minutes there).
 #![allow(clippy::unwrap_used)]
 
 use std::io::Write;
@@ -56,6 +56,9 @@ check() { echo "$1=$2"; }
 body=$(fetch -s https://allowed.test/hello); check allowed $?; echo "body=$body"
 fetch -s --show-cert -o /dev/null https://allowed.test/hello 2>&1 | grep '^certificate:'
 sandbox-probe tls 10.0.0.2:443 --sni allowed.test --path /hello --cafile /usr/local/share/ca-certificates/sandbox-ca.crt
+printf 'GET /hello HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n' > /tmp/request
+openssl s_client -quiet -verify_return_error -connect allowed.test:443 -servername allowed.test < /tmp/request > /tmp/openssl.out 2>&1
+check openssl $?; echo "openssl_body=$(tail -n 1 /tmp/openssl.out)"
 fetch -s https://other.test/hello >/dev/null; check other $?
 fetch -s -X POST -d data https://allowed.test/echo >/dev/null; check post $?
 sandbox-probe dns nx.test
@@ -143,7 +146,7 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     let log = LogBuf::default();
     let writer = log.clone();
     let _ = tracing_subscriber::fmt().with_max_level(tracing::Level::WARN).with_writer(move || writer.clone()).try_init();
-    let mb: u64 = std::env::var("SANDBOX_E2E_DOWNLOAD_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
+    let mb: u64 = std::env::var("SANDBOX_E2E_DOWNLOAD_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
     let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
     assert!(kvm.is_ok(), "this test boots a VM and needs /dev/kvm: {:?}", kvm.err());
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -201,7 +204,7 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     expect("allowed=0");
     expect("body=hello allowed.test HTTP/1.1");
     // The guest sees a certificate issued by the sandbox CA, and trusts it
-    // through the system bundle (fetch) and through the CA's own file (probe).
+    // through the system bundle (fetch, OpenSSL) and through the CA's own file (probe).
     let sandbox_ca = sandbox_net::SandboxCa::load_or_create(&NetConfig::default().ca_dir).unwrap();
     let (_, ca_pem) = x509_parser::pem::parse_x509_pem(sandbox_ca.ca_cert_pem().as_bytes()).unwrap();
     let sandbox_ca_subject = ca_pem.parse_x509().unwrap().subject().to_string();
@@ -209,6 +212,9 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     assert!(issuer.ends_with(&format!("; issuer={sandbox_ca_subject}")), "{issuer} is not issued by {sandbox_ca_subject}");
     let second = line_starting("tls 10.0.0.2:443/sni=allowed.test/host=allowed.test ");
     assert!(second.contains(" ok status=200; ") && second.ends_with(&format!("; issuer={sandbox_ca_subject}")), "{second}");
+    // A second TLS stack, OpenSSL's s_client, verifying against its default store.
+    expect("openssl=0");
+    expect("openssl_body=hello allowed.test HTTP/1.1");
     expect("other=22"); // 403 from the MITM: no rule allows other.test
     expect("post=22"); // 403: blocked by the method rule
     expect_prefix("dns nx.test/A fail rcode=Non-Existent Domain");
@@ -281,10 +287,10 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     expect("after_flush=6");
 
     // Outside the guest: at most one upstream connection per allowed request
-    // (5 from the guest, 1 from the host; the MITM may reuse its upstream
+    // (6 from the guest, 1 from the host; the MITM may reuse its upstream
     // connections, so fewer is fine). session.db below is the exact record.
     let reached = upstream_connections.load(Ordering::SeqCst);
-    assert!((2..=6).contains(&reached), "{reached} connections reached the upstream");
+    assert!((2..=7).contains(&reached), "{reached} connections reached the upstream");
 
     // Each attempt is logged: vsock refusals by the VMM, proxy deaths on the console.
     let warnings = String::from_utf8_lossy(&log.0.lock().unwrap()).into_owned();
@@ -326,10 +332,12 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
 }
 
 /// session.db's `dns_events`, grouped: qname qtype rcode decision rule xcount.
-/// musl's resolver (fetch) asks A and AAAA once per lookup; sandbox-probe asks A once.
+/// musl's resolver (fetch) asks A and AAAA once per lookup; sandbox-probe asks A once,
+/// and so does glibc's for openssl (AI_ADDRCONFIG: the guest has no IPv6 address).
 const EXPECTED_DNS: &[&str] = &[
-    // fetch x7 (hello, show-cert, POST, port 80, port 8443, download, after the restart) + probe at 192.0.2.53
-    "allowed.test A NOERROR allowed dns.test_names x8",
+    // fetch x7 (hello, show-cert, POST, port 80, port 8443, download, after the restart),
+    // openssl, probe at 192.0.2.53
+    "allowed.test A NOERROR allowed dns.test_names x9",
     "allowed.test AAAA NOERROR allowed dns.test_names x7",
     "other.test A NOERROR allowed dns.test_names x1",
     "other.test AAAA NOERROR allowed dns.test_names x1",
@@ -343,8 +351,8 @@ const EXPECTED_DNS: &[&str] = &[
 
 /// session.db's `net_events`, grouped: domain method status decision rule xcount.
 const EXPECTED_NET: &[&str] = &[
-    // /hello by fetch, fetch --show-cert, sandbox-probe, after the restart; the download
-    "allowed.test GET 200 allowed http.allowed x5",
+    // /hello by fetch, fetch --show-cert, sandbox-probe, openssl, after the restart; the download
+    "allowed.test GET 200 allowed http.allowed x6",
     "other.test GET 403 denied - x1",
     "allowed.test POST 403 denied http.no_post x1",
     // domain fronting: SNI allowed.test, Host other.test
