@@ -80,6 +80,7 @@ sandbox-probe dns allowed.test --server 192.0.2.53:53 >/dev/null; check dns_any_
 grep -c 'BEGIN CERTIFICATE' /etc/ssl/certs/ca-certificates.crt
 fetch -s --sha256 -o /dev/null https://allowed.test/bytes/$((MB * 1048576)) 2>&1 | grep '^sha256='
 # Guest root tries to get out.
+sandbox-probe tls 127.0.0.1:10443 --sni allowed.test --path /hello
 sandbox-probe tls 10.0.0.2:443 --sni allowed.test --host other.test --path /hello
 sandbox-probe tls 10.0.0.2:443 --sni loop.test --path /hello
 for port in 5000 5001 22 1234; do sandbox-probe vsock-connect 2:$port; done
@@ -154,7 +155,8 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     let ca = TestCa::new("sandbox e2e upstream CA").unwrap();
     let ca_file = ca.write_pem(dir.path(), "upstream-ca.pem").unwrap();
     let upstream_connections = Arc::new(AtomicU64::new(0));
-    let (upstream, dns, _forwarder) = rt.block_on(async {
+    let forged_port_connections = Arc::new(AtomicU64::new(0));
+    let (upstream, dns, _forwarders) = rt.block_on(async {
         let upstream = HttpsUpstream::start(&ca, &["allowed.test", "other.test", "meta.test", "loop.test"]).await.unwrap();
         let dns = TestDns::start(&[
             ("allowed.test", IpAddr::V4(UPSTREAM_IP)),
@@ -165,7 +167,11 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
         .await
         .unwrap();
         let fwd = forward(SocketAddr::from((UPSTREAM_IP, 443)), upstream.addr(), Arc::clone(&upstream_connections)).await;
-        (upstream, dns, fwd)
+        // The same upstream on the port a guest connecting to net-proxy's own
+        // port announces: no rule names it, so nothing may arrive here.
+        let forged =
+            forward(SocketAddr::from((UPSTREAM_IP, 10443)), upstream.addr(), Arc::clone(&forged_port_connections)).await;
+        (upstream, dns, (fwd, forged))
     });
     let profile = dir.path().join("profile.toml");
     std::fs::write(&profile, PROFILE).unwrap();
@@ -264,6 +270,11 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     );
 
     // Guest root's attempts to get out.
+    // Straight to net-proxy's port: the host sees destination port 10443,
+    // which no rule names (the allowed.test rule allows 443 only).
+    let forged_port = line_starting("tls 127.0.0.1:10443/sni=allowed.test/host=allowed.test ");
+    assert!(forged_port.contains(" fail status=403"), "{forged_port}");
+    assert_eq!(forged_port_connections.load(Ordering::SeqCst), 0, "the upstream was reached on port 10443");
     let fronting = line_starting("tls 10.0.0.2:443/sni=allowed.test/host=other.test ");
     assert!(fronting.contains(" fail status=403"), "{fronting}");
     let rebinding = line_starting("tls 10.0.0.2:443/sni=loop.test/host=loop.test ");
@@ -328,6 +339,10 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     };
     assert_eq!(dns_rows, sorted(EXPECTED_DNS));
     assert_eq!(net_rows, sorted(EXPECTED_NET));
+    let forged_rows: i64 = db
+        .query_row("SELECT count(*) FROM net_events WHERE port = 10443 AND decision = 'denied'", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(forged_rows, 1, "the forged-port request is not logged with its port");
     drop((upstream, dns));
 }
 
@@ -355,6 +370,8 @@ const EXPECTED_NET: &[&str] = &[
     "allowed.test GET 200 allowed http.allowed x6",
     "other.test GET 403 denied - x1",
     "allowed.test POST 403 denied http.no_post x1",
+    // straight to net-proxy's port 10443: no rule names that port
+    "allowed.test GET 403 denied - x1",
     // domain fronting: SNI allowed.test, Host other.test
     "allowed.test GET 403 denied builtin.sni_host_mismatch x1",
     // allowed by the profile, but loop.test resolves to 127.0.0.1 on the host

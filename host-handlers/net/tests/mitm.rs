@@ -468,3 +468,43 @@ async fn handler_survives_a_flood_of_hostile_connections() {
     assert_eq!(rows.len(), 101, "one row per connection attempt and request");
     h.shutdown().await;
 }
+
+/// The guest chooses the destination port it announces (root in the guest can
+/// connect to net-proxy's own port, or forge the PROXY line): a rule that names
+/// a host but no port allows that host on 443 only, and the handler never
+/// connects anywhere else for it.
+#[tokio::test]
+async fn forged_port_is_blocked_unless_a_rule_names_it() {
+    let h = Harness::start().await;
+    let before = h.upstream.connections();
+    let mut sender = h.guest.http1("only443.test", h.upstream_addr()).await.unwrap();
+    let (status, body) = text(sender.send_request(get("only443.test", "/hello")).await.unwrap()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("no rule allows this request"), "{body}");
+    assert_eq!(h.upstream.connections(), before, "the upstream was reached on a port no rule names");
+
+    // The same host on 443 is what the rule allows (nothing listens there: 502).
+    let port443 = SocketAddr::new(h.upstream_addr().ip(), 443);
+    let mut sender = h.guest.http1("only443.test", port443).await.unwrap();
+    let (status, body) = text(sender.send_request(get("only443.test", "/hello")).await.unwrap()).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+
+    // A rule naming the upstream's port allows it.
+    let mut sender = h.guest.http1("a.test", h.upstream_addr()).await.unwrap();
+    let (status, body) = text(sender.send_request(get("a.test", "/hello")).await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let rows = h.wait_net_rows(3).await;
+    let summary: Vec<_> =
+        rows.iter().map(|r| (r.domain.as_str(), r.port, r.decision.as_str(), r.matched_rule.as_deref())).collect();
+    let upstream_port = i64::from(h.upstream_addr().port());
+    assert_eq!(
+        summary,
+        [
+            ("only443.test", Some(upstream_port), "denied", None),
+            ("only443.test", Some(443), "error", Some("http.only443")),
+            ("a.test", Some(upstream_port), "allowed", Some("http.test_hosts")),
+        ]
+    );
+    h.shutdown().await;
+}

@@ -244,6 +244,7 @@ fn request(host: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> Ev
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect::<BTreeMap<_, _>>(),
         scheme: "https".into(),
+        port: 443,
     })
 }
 
@@ -320,6 +321,7 @@ fn main() {
                 query: String::new(),
                 headers: BTreeMap::new(),
                 scheme: "https".into(),
+                port: 443,
             },
             status: 200,
             headers: BTreeMap::new(),

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use cel::Env;
 
 use crate::condition::{self, Condition, EvalCx};
-use crate::event::{Event, EventKind, Section};
+use crate::event::{Event, EventKind, Field, Section, HTTPS_PORT};
 use crate::explain::{Explanation, Outcome, RuleInfo, RuleTrace, Summary};
 use crate::location::{Location, SourceText};
 use crate::profile::{self, LockSpec};
@@ -190,11 +190,25 @@ impl Rule {
     /// Whether the rule applies to the event. A condition that fails to
     /// evaluate counts as a match for block rules (fail closed) and as no
     /// match for the others.
-    fn matches(&self, cx: &EvalCx<'_, '_, '_>) -> bool {
+    fn matches(&self, event: &Event, cx: &EvalCx<'_, '_, '_>) -> bool {
+        if self.port_not_named(event) {
+            return false;
+        }
         match self.condition.eval(cx) {
             Ok(matched) => matched,
             Err(_) => self.decision == RuleDecision::Block,
         }
+    }
+
+    /// An HTTP request to a port other than 443 is only allowed (or asked
+    /// about) by a rule whose condition reads `http.request.port`: a rule
+    /// written for a host does not open every port of that host. Block
+    /// rules apply on every port. Responses are not gated again: they only
+    /// exist for requests a rule naming the port allowed.
+    pub(crate) fn port_not_named(&self, event: &Event) -> bool {
+        self.decision != RuleDecision::Block
+            && matches!(event, Event::HttpRequest(request) if request.port != HTTPS_PORT)
+            && !self.condition.reads(Field::HttpPort)
     }
 }
 
@@ -463,7 +477,10 @@ impl Inner {
     }
 
     fn decide(&self, event: &Event, cx: &EvalCx<'_, '_, '_>) -> Verdict {
-        match self.deciding(event.kind()).find(|rule| rule.matches(cx)) {
+        match self
+            .deciding(event.kind())
+            .find(|rule| rule.matches(event, cx))
+        {
             None => Verdict {
                 decision: Decision::Block,
                 rule: None,
@@ -548,6 +565,7 @@ impl Engine {
             let mut rules = Vec::with_capacity(inner.rules.len());
             for rule in inner.deciding(kind).chain(inner.rewriting(kind)) {
                 let outcome = match rule.condition.eval(cx) {
+                    _ if rule.port_not_named(event) => Outcome::PortNotNamed,
                     Ok(true) => Outcome::Matched,
                     Ok(false) => Outcome::NotMatched,
                     Err(error) => Outcome::Failed {

@@ -40,7 +40,14 @@ pub struct HttpRequest {
     pub headers: BTreeMap<String, String>,
     /// "https" for traffic through the MITM.
     pub scheme: String,
+    /// The port the guest connected to (its original destination). Only
+    /// rules whose condition reads `http.request.port` allow a port other
+    /// than [`HTTPS_PORT`].
+    pub port: u16,
 }
+
+/// The port inspected HTTPS traffic goes to unless a rule names another.
+pub const HTTPS_PORT: u16 = 443;
 
 /// An upstream response, with the request it answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,6 +218,8 @@ pub enum Field {
     HttpQuery,
     /// `http.request.scheme`
     HttpScheme,
+    /// `http.request.port`
+    HttpPort,
     /// `http.request.headers`
     HttpRequestHeaders,
     /// `http.response.status`
@@ -232,7 +241,7 @@ const TCP: &[EventKind] = &[EventKind::TcpConnect];
 
 impl Field {
     /// Every field.
-    pub const ALL: [Field; 14] = [
+    pub const ALL: [Field; 15] = [
         Field::DnsQname,
         Field::DnsQtype,
         Field::HttpHost,
@@ -241,6 +250,7 @@ impl Field {
         Field::HttpPath,
         Field::HttpQuery,
         Field::HttpScheme,
+        Field::HttpPort,
         Field::HttpRequestHeaders,
         Field::HttpStatus,
         Field::HttpResponseHeaders,
@@ -260,6 +270,7 @@ impl Field {
             Field::HttpPath => "http.request.path",
             Field::HttpQuery => "http.request.query",
             Field::HttpScheme => "http.request.scheme",
+            Field::HttpPort => "http.request.port",
             Field::HttpRequestHeaders => "http.request.headers",
             Field::HttpStatus => "http.response.status",
             Field::HttpResponseHeaders => "http.response.headers",
@@ -273,7 +284,7 @@ impl Field {
     pub fn field_type(self) -> FieldType {
         match self {
             Field::HttpRequestHeaders | Field::HttpResponseHeaders => FieldType::Headers,
-            Field::HttpStatus | Field::TcpPort => FieldType::Int,
+            Field::HttpStatus | Field::HttpPort | Field::TcpPort => FieldType::Int,
             _ => FieldType::String,
         }
     }
@@ -288,6 +299,7 @@ impl Field {
             | Field::HttpPath
             | Field::HttpQuery
             | Field::HttpScheme
+            | Field::HttpPort
             | Field::HttpRequestHeaders => HTTP,
             Field::HttpStatus | Field::HttpResponseHeaders => RESPONSE,
             Field::TcpHost | Field::TcpIp | Field::TcpPort => TCP,
@@ -318,7 +330,7 @@ impl Event {
     }
 
     /// The HTTP request an `http.request` or `http.response` event is about.
-    fn http_request(&self) -> Option<&HttpRequest> {
+    pub fn http_request(&self) -> Option<&HttpRequest> {
         match self {
             Event::HttpRequest(request) => Some(request),
             Event::HttpResponse(response) => Some(&response.request),
@@ -355,6 +367,7 @@ impl Event {
     pub(crate) fn int_field(&self, field: Field) -> Option<i64> {
         match (field, self) {
             (Field::HttpStatus, Event::HttpResponse(response)) => Some(i64::from(response.status)),
+            (Field::HttpPort, _) => self.http_request().map(|r| i64::from(r.port)),
             (Field::TcpPort, Event::TcpConnect(tcp)) => Some(i64::from(tcp.port)),
             _ => None,
         }
@@ -369,13 +382,17 @@ impl Event {
         }
     }
 
-    /// What a remembered `ask` answer is about: the query name, the host, or
-    /// host and port.
+    /// What a remembered `ask` answer is about: the query name, the host
+    /// (with its port when not 443), or host and port.
     pub(crate) fn target(&self) -> String {
+        let http = |request: &HttpRequest| match request.port {
+            HTTPS_PORT => request.host.clone(),
+            port => format!("{}:{port}", request.host),
+        };
         match self {
             Event::DnsRequest(dns) => dns.qname.clone(),
-            Event::HttpRequest(request) => request.host.clone(),
-            Event::HttpResponse(response) => response.request.host.clone(),
+            Event::HttpRequest(request) => http(request),
+            Event::HttpResponse(response) => http(&response.request),
             Event::TcpConnect(tcp) => format!("{}:{}", tcp.host, tcp.port),
         }
     }
@@ -391,7 +408,7 @@ impl Event {
     /// ```
     ///
     /// Defaults: `qtype` "A"; `method` "GET", `path` "/", `query` "",
-    /// `headers` {}, `sni` the host, `scheme` "https"; `ip` unknown. Names are
+    /// `headers` {}, `sni` the host, `scheme` "https", `port` 443; `ip` unknown. Names are
     /// normalised as the handlers do: host names and query names lower case
     /// without a trailing dot, header names lower case, `qtype` upper case.
     /// Unknown keys are errors.
@@ -474,6 +491,8 @@ struct RawHttpRequest {
     headers: BTreeMap<String, String>,
     #[serde(default = "default_scheme")]
     scheme: String,
+    #[serde(default = "default_port")]
+    port: u16,
 }
 
 fn default_qtype() -> String {
@@ -487,6 +506,9 @@ fn default_path() -> String {
 }
 fn default_scheme() -> String {
     "https".to_owned()
+}
+fn default_port() -> u16 {
+    HTTPS_PORT
 }
 
 impl RawHttpRequest {
@@ -508,6 +530,7 @@ impl RawHttpRequest {
                 .unwrap_or(self.query),
             headers: normalise_headers(self.headers),
             scheme: self.scheme.to_ascii_lowercase(),
+            port: self.port,
         })
     }
 }
@@ -539,11 +562,11 @@ impl RawEvent {
 }
 
 fn write_request(f: &mut fmt::Formatter<'_>, request: &HttpRequest) -> fmt::Result {
-    write!(
-        f,
-        "{} {}://{}{}",
-        request.method, request.scheme, request.host, request.path
-    )?;
+    write!(f, "{} {}://{}", request.method, request.scheme, request.host)?;
+    if request.port != HTTPS_PORT {
+        write!(f, ":{}", request.port)?;
+    }
+    f.write_str(&request.path)?;
     if !request.query.is_empty() {
         write!(f, "?{}", request.query)?;
     }

@@ -27,6 +27,9 @@ pub enum Outcome {
     },
     /// The rule is for another kind of event and was not evaluated.
     OtherEvent(EventKind),
+    /// The request goes to a port other than 443 and the rule's condition
+    /// does not read `http.request.port`, so it cannot allow it.
+    PortNotNamed,
 }
 
 /// A rule, as the engine holds it.
@@ -147,6 +150,9 @@ impl fmt::Display for Explanation {
                     write!(f, "not matched: the condition failed ({error})")?
                 }
                 Outcome::OtherEvent(kind) => write!(f, "not evaluated: it is for {kind} events")?,
+                Outcome::PortNotNamed => f.write_str(
+                    "not matched: the request is not to port 443 and the condition does not name http.request.port",
+                )?,
             }
             if trace.counts() {
                 match (rule.decision, winner_rule.map(|won| &won.rule)) {

@@ -36,6 +36,7 @@ pub use builtin::{builtin_profile, BUILTIN_PROFILES};
 pub use engine::{check, Engine, EngineBuilder, Layer, ProfileSource, RuleDecision};
 pub use event::{
     DnsRequest, Event, EventKind, Field, FieldType, HttpRequest, HttpResponse, Section, TcpConnect,
+    HTTPS_PORT,
 };
 pub use explain::{Explanation, Outcome, RuleInfo, RuleTrace, Summary};
 pub use location::Location;

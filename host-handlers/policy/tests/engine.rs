@@ -443,7 +443,7 @@ fn every_problem_in_every_profile_is_reported() {
     assert_eq!(
         error.to_string(),
         "one.toml:3:13: unknown decision `alow` (decisions: allow, block, ask, rewrite)\n\
-         one.toml:7:19: unknown field `hots` of `http.request` (fields: host, sni, method, path, query, scheme, headers)\n\
+         one.toml:7:19: unknown field `hots` of `http.request` (fields: host, sni, method, path, query, scheme, port, headers)\n\
          two.toml:2:11: unknown section `tpc` in locks (sections: dns, http, tcp)"
     );
     assert_eq!(error.problems().len(), 3);
@@ -963,4 +963,109 @@ fn one_engine_decides_on_many_threads() {
             });
         }
     });
+}
+
+#[test]
+fn only_rules_naming_the_port_allow_http_beyond_443() {
+    let hosts = engine(&format!(
+        "{}{}{}",
+        rule("any_x", "allow", 10, X),
+        rule(
+            "x_8443",
+            "allow",
+            20,
+            Some(r#"http.request.host == "x.com" && http.request.port == 8443"#)
+        ),
+        rule(
+            "block_y_everywhere",
+            "block",
+            30,
+            Some(r#"http.request.host == "y.com""#)
+        ),
+    ));
+    let at = |host: &str, port: u16| {
+        event(&format!(
+            r#"{{"event": "http.request", "host": "{host}", "port": {port}}}"#
+        ))
+    };
+    let decided = |event: &Event| {
+        let verdict = hosts.decide(event);
+        (verdict.decision, verdict.rule)
+    };
+    // A rule for the host alone allows 443 and nothing else.
+    assert_eq!(
+        decided(&at("x.com", 443)),
+        (Decision::Allow, Some("http.any_x".into()))
+    );
+    assert_eq!(decided(&at("x.com", 10443)), (Decision::Block, None));
+    assert_eq!(decided(&at("x.com", 22)), (Decision::Block, None));
+    // A rule that names the port allows exactly that port.
+    assert_eq!(
+        decided(&at("x.com", 8443)),
+        (Decision::Allow, Some("http.x_8443".into()))
+    );
+    // Block rules need not name the port.
+    assert_eq!(
+        decided(&at("y.com", 8080)),
+        (Decision::Block, Some("http.block_y_everywhere".into()))
+    );
+    // Responses are screened by their own rules: the request was already
+    // allowed by a rule naming the port.
+    let response = event(
+        r#"{"event": "http.response", "status": 200, "request": {"host": "x.com", "port": 10443}}"#,
+    );
+    let responses = engine_with_response_rule();
+    assert_eq!(responses.decide(&response).decision, Decision::Allow);
+    // and response rules can read the port too.
+    let on_port = engine(
+        r#"
+[security.rules.http.not_on_10443]
+on = "http.response"
+if = 'http.request.port == 10443'
+decision = "block"
+"#,
+    );
+    assert_eq!(
+        on_port.decide(&response).rule.as_deref(),
+        Some("http.not_on_10443")
+    );
+    // explain says why the host rule did not apply.
+    let explained = hosts.explain(&at("x.com", 10443)).to_string();
+    assert!(
+        explained.contains("does not name http.request.port"),
+        "{explained}"
+    );
+    assert!(explained.contains("x.com:10443"), "{explained}");
+}
+
+fn engine_with_response_rule() -> Engine {
+    engine(
+        r#"
+[security.rules.http.x_responses]
+on = "http.response"
+if = 'http.request.host == "x.com"'
+decision = "allow"
+"#,
+    )
+}
+
+#[test]
+fn port_is_an_int_field_of_http_events() {
+    let error = layered(&[(
+        Layer::User,
+        "p.toml",
+        &rule("bad", "allow", 10, Some(r#"http.request.port == "443""#)),
+    )])
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("p.toml"), "{error}");
+    assert!(error.contains("int"), "{error}");
+    let error = layered(&[(
+        Layer::User,
+        "p.toml",
+        "[security.rules.dns.bad]\non = \"dns.request\"\nif = 'http.request.port == 443'\ndecision = \"allow\"\n",
+    )])
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("not available in `dns.request` rules"), "{error}");
 }

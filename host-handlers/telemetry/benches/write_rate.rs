@@ -33,6 +33,7 @@ fn net(seq: u64, with_model_call: bool) -> NetEvent {
         started: SystemTime::now(),
         finished: SystemTime::now(),
         domain: format!("api{seq}.example.com"),
+        port: Some(443),
         sni: Some("api.example.com".into()),
         method: Some("POST".into()),
         path: Some("/v1/messages".into()),

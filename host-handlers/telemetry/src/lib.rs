@@ -96,6 +96,8 @@ pub struct NetEvent {
     pub started: SystemTime,
     pub finished: SystemTime,
     pub domain: String,
+    /// The destination port the guest connected to, once known.
+    pub port: Option<u16>,
     pub sni: Option<String>,
     pub method: Option<String>,
     pub path: Option<String>,

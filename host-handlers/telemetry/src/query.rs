@@ -93,6 +93,7 @@ pub struct NetRow {
     pub finished_ms: i64,
     pub duration_ms: i64,
     pub domain: String,
+    pub port: Option<i64>,
     pub sni: Option<String>,
     pub method: Option<String>,
     pub path: Option<String>,
@@ -203,12 +204,13 @@ impl LogRow {
             ),
             LogRow::Net(r) => write!(
                 line,
-                "{}  net  {:<7}  {:>3} {:<6} {}{}  sent={} received={} {}ms",
+                "{}  net  {:<7}  {:>3} {:<6} {}{}{}  sent={} received={} {}ms",
                 r.started,
                 r.decision,
                 r.status_code.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
                 r.method.as_deref().map(printable).unwrap_or_else(|| "-".into()),
                 printable(&r.domain),
+                r.port.filter(|&port| port != 443).map(|port| format!(":{port}")).unwrap_or_default(),
                 opt(&r.path),
                 r.bytes_sent,
                 r.bytes_received,
@@ -386,7 +388,7 @@ const NET_SQL: &str = concat!(
     iso_time!("started_ms"),
     ", started_ms, finished_ms, duration_ms, domain, sni, method, path, status_code, decision, \
      matched_rule, bytes_sent, bytes_received, request_headers, request_body_preview, request_body_binary, \
-     response_body_preview, response_body_binary, error FROM net_events WHERE id > ?1 ORDER BY id LIMIT ?2"
+     response_body_preview, response_body_binary, error, port FROM net_events WHERE id > ?1 ORDER BY id LIMIT ?2"
 );
 
 const AI_SQL: &str = concat!(
@@ -458,6 +460,7 @@ fn net_row(row: &Row<'_>) -> rusqlite::Result<LogRow> {
         response_body_preview: preview_column(row.get(17)?),
         response_body_binary: row.get(18)?,
         error: row.get(19)?,
+        port: row.get(20)?,
     }))
 }
 

@@ -84,6 +84,9 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX tool_calls_model_call ON tool_calls (model_call_id);
     "#,
+    // 2: the destination port of each connection (NULL when the connection
+    // failed before the guest said where it was going).
+    "ALTER TABLE net_events ADD COLUMN port INTEGER;",
 ];
 
 /// The schema version this build writes.

@@ -59,6 +59,7 @@ fn net(seq: u64) -> NetEvent {
         started: SystemTime::now(),
         finished: SystemTime::now(),
         domain: format!("{seq}.net.test"),
+        port: Some(443),
         sni: None,
         method: Some("POST".into()),
         path: Some("/v1/messages".into()),

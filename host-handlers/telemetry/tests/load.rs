@@ -54,6 +54,7 @@ fn net(seq: u64) -> NetEvent {
         started: SystemTime::now(),
         finished: SystemTime::now(),
         domain: format!("api{seq}.example.com"),
+        port: Some(443),
         sni: None,
         method: Some("GET".into()),
         path: Some("/v1/items?page=2".into()),

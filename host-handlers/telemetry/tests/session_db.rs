@@ -40,6 +40,7 @@ fn net(domain: &str, ms: u64) -> NetEvent {
         started: at(ms),
         finished: at(ms + 250),
         domain: domain.into(),
+        port: Some(443),
         sni: Some(domain.into()),
         method: Some("POST".into()),
         path: Some("/v1/messages".into()),

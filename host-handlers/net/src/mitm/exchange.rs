@@ -59,6 +59,7 @@ fn blank_event(started: SystemTime, domain: String, sni: Option<String>) -> NetE
         started,
         finished: started,
         domain,
+        port: None,
         sni,
         method: None,
         path: None,

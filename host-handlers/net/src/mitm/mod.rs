@@ -4,8 +4,10 @@
 //! the ClientHello and take its SNI (none: blocked), present a leaf for that name
 //! signed by the sandbox CA, and serve HTTP/1.1 (keep-alive, chunked, upgrades)
 //! and HTTP/2 (many streams) with hyper. Each request is decided by the policy
-//! and, if allowed, forwarded to the host the SNI names (resolved on the host,
-//! port from the header) over verified TLS; see [`request`].
+//! and, if allowed, forwarded to the host the SNI names (resolved on the host)
+//! over verified TLS, on the port from the header, which the policy saw as
+//! `http.request.port` (only rules naming it allow a port other than 443);
+//! see [`request`].
 //!
 //! Connections that fail before their first request (bad header, garbage, no
 //! SNI, failed handshake, timeouts, refusals) get one telemetry row each; the
@@ -81,6 +83,7 @@ impl ResolvesServerCert for LeafCache {
 #[derive(Debug, Default)]
 struct Setup {
     domain: String,
+    port: Option<u16>,
     sni: Option<String>,
 }
 
@@ -151,6 +154,7 @@ impl MitmHandler {
         let mut io = BufReader::with_capacity(2 * MAX_LEN, stream);
         let header = ProxyHeader::read(&mut io).await.map_err(SetupFailure::error)?;
         setup.domain = header.destination.ip().to_string();
+        setup.port = Some(header.destination.port());
         let (hello, start) = read_client_hello(io).await.map_err(SetupFailure::error)?;
         let Some(sni) = hello.sni else {
             return Err(SetupFailure {
@@ -172,6 +176,7 @@ impl MitmHandler {
     fn record_setup(&self, started: SystemTime, setup: Setup, failure: SetupFailure) {
         tracing::debug!(domain = %setup.domain, error = %failure.error, "guest connection ended without a request");
         let mut exchange = Exchange::new(self.recorder.clone(), started, setup.domain, setup.sni);
+        exchange.event.port = setup.port;
         exchange.decide(failure.outcome, failure.rule);
         exchange.event.error = Some(failure.error);
     }
@@ -207,7 +212,7 @@ impl ConnectionHandler for MitmHandler {
         };
         if requests.load(Ordering::Relaxed) == 0 {
             let error = ended.map_or_else(|| "closed without a request".to_owned(), |e| format!("no request: {e}"));
-            let setup = Setup { domain: sni.clone(), sni: Some(sni) };
+            let setup = Setup { domain: sni.clone(), port: Some(header.destination.port()), sni: Some(sni) };
             self.record_setup(started, setup, SetupFailure::error(error));
         }
     }

@@ -2,12 +2,13 @@
 //!
 //! 1. The Host header (and `:authority`) must name the SNI of the connection;
 //!    otherwise 403 by `builtin.sni_host_mismatch` (domain fronting).
-//! 2. The `http.request` event goes to the policy; anything but allow is a 403
-//!    whose text body names the rule.
+//! 2. The `http.request` event goes to the policy, with the port the guest
+//!    connected to (a rule must name `http.request.port` to allow one other
+//!    than 443); anything but allow is a 403 whose text body names the rule.
 //! 3. Rewrite actions change the request headers before forwarding and before
 //!    logging; values from secrets are logged as `REDACTED`, and so are
 //!    credential-like headers (telemetry's [`redact`] rules).
-//! 4. The request goes to `https://<sni>:<original port>` through a pooled
+//! 4. The request goes to `https://<sni>:<the decided port>` through a pooled
 //!    client speaking the guest's protocol when the upstream can (a guest on
 //!    HTTP/2 offers h2 first, one on HTTP/1.1 offers http/1.1 only), or, for an
 //!    HTTP/1.1 upgrade such as WebSocket, over a dedicated HTTP/1.1 connection
@@ -124,6 +125,7 @@ impl Conn {
         self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let recorder = self.handler.recorder.clone();
         let mut exchange = Exchange::new(recorder, SystemTime::now(), self.sni.clone(), Some(self.sni.clone()));
+        exchange.event.port = Some(self.port);
         exchange.event.method = Some(req.method().to_string());
         exchange.event.path = Some(req.uri().path_and_query().map_or("/", |pq| pq.as_str()).to_owned());
         exchange.event.request_headers = logged_headers(req.headers(), &HashSet::new());
@@ -167,6 +169,7 @@ impl Conn {
             query: req.uri().query().unwrap_or_default().to_owned(),
             headers: header_map(req.headers()),
             scheme: "https".into(),
+            port: self.port,
         };
         let verdict = self.handler.policy.decide(&Event::HttpRequest(request_event.clone())).await;
         if verdict.decision != Decision::Allow {

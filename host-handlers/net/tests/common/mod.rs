@@ -14,12 +14,14 @@ use sandbox_telemetry::query::{DnsRow, LogOptions, LogReader, LogRow, NetRow};
 use sandbox_telemetry::{Recorder, SessionDb};
 
 /// Names the upstream certificate covers.
-pub const UPSTREAM_NAMES: &[&str] = &["a.test", "b.test", "blocked.test", "metadata.test", "loop.test", "down.test"];
+pub const UPSTREAM_NAMES: &[&str] =
+    &["a.test", "b.test", "blocked.test", "metadata.test", "loop.test", "down.test", "only443.test"];
 
 /// The secret the rewrite rule puts into `x-api-token`.
 pub const SECRET_TOKEN: &str = "tok-7f3a9c-secret";
 
-/// The profile the tests run under, in the policy's TOML/CEL format.
+/// The profile the tests run under, in the policy's TOML/CEL format, for an
+/// upstream listening on `UPSTREAM_PORT` (rules must name a port other than 443).
 pub const PROFILE: &str = r#"
 [security.rules.dns.test_names]
 on = "dns.request"
@@ -34,7 +36,17 @@ answer = { ttl = 30, a = ["10.9.8.7"] }
 
 [security.rules.http.test_hosts]
 on = "http.request"
-if = 'http.request.host in ["a.test", "b.test", "metadata.test", "loop.test", "down.test", "untrusted.test"]'
+if = 'http.request.host in ["a.test", "b.test", "metadata.test", "loop.test"] && http.request.port == UPSTREAM_PORT'
+decision = "allow"
+
+[security.rules.http.unprivileged_ports]
+on = "http.request"
+if = 'http.request.host in ["down.test", "untrusted.test"] && http.request.port >= 1024'
+decision = "allow"
+
+[security.rules.http.only443]
+on = "http.request"
+if = 'http.request.host == "only443.test"'
 decision = "allow"
 
 [security.rules.http.no_post_b]
@@ -73,6 +85,11 @@ decision = "rewrite"
 set_response_headers = { "x-sandbox" = "seen" }
 "#;
 
+/// [`PROFILE`] for an upstream on `port`.
+pub fn profile(port: u16) -> String {
+    PROFILE.replace("UPSTREAM_PORT", &port.to_string())
+}
+
 pub struct Harness {
     pub dir: tempfile::TempDir,
     pub db: Option<SessionDb>,
@@ -102,6 +119,7 @@ impl Harness {
             ("loop.test", ip("127.0.0.1")),
             ("down.test", ip("127.0.0.1")),
             ("untrusted.test", ip("127.0.0.1")),
+            ("only443.test", ip("127.0.0.1")),
             ("metadata.test", ip("169.254.169.254")),
             ("private.test", ip("10.0.0.5")),
             ("mixed.test", ip("93.184.216.34")),
@@ -127,7 +145,7 @@ impl Harness {
 
         let engine = Engine::builder()
             .secrets(Secrets::none().with_value("NET_TEST_TOKEN", SECRET_TOKEN))
-            .profile(Layer::User, ProfileSource::Text { name: "net-test.toml".into(), text: PROFILE.into() })
+            .profile(Layer::User, ProfileSource::Text { name: "net-test.toml".into(), text: profile(upstream.addr().port()) })
             .build()
             .unwrap();
         let db_path = dir.path().join("session.db");

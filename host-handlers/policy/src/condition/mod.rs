@@ -55,6 +55,8 @@ pub(crate) struct CompileError {
 #[derive(Debug)]
 pub(crate) struct Condition {
     cond: Cond,
+    /// The event fields the condition reads.
+    reads: Box<[Field]>,
 }
 
 /// The evaluable form of a condition.
@@ -131,15 +133,32 @@ impl Condition {
     pub fn always() -> Condition {
         Condition {
             cond: Cond::Const(true),
+            reads: Box::new([]),
         }
     }
 
     /// Parses, checks and compiles `text` for rules on `event`.
     pub fn compile(text: &str, event: EventKind, env: &Env) -> Result<Condition, CompileError> {
         let (expr, facts) = parse_and_check(text, event, env)?;
+        let mut reads: Vec<Field> = nodes(&expr)
+            .into_iter()
+            .filter_map(|(node, _)| match &node.expr {
+                cel::common::ast::Expr::Ident(name) => Field::from_path(name),
+                _ => None,
+            })
+            .collect();
+        reads.sort_unstable_by_key(|field| field.path());
+        reads.dedup();
         Ok(Condition {
             cond: lower::lower(&expr, &facts),
+            reads: reads.into(),
         })
+    }
+
+    /// Whether the condition reads `field` (e.g. whether a rule names the
+    /// port of an HTTP request).
+    pub fn reads(&self, field: Field) -> bool {
+        self.reads.contains(&field)
     }
 
     /// Evaluates the condition. An `Err` is a CEL evaluation error (for
@@ -223,14 +242,26 @@ fn parse_and_check(
     Ok((expr, checker.facts))
 }
 
-/// The first node found deeper than [`MAX_CONDITION_DEPTH`], if any. Walks
-/// without recursing, as the tree may be arbitrarily deep.
+/// The first node found deeper than [`MAX_CONDITION_DEPTH`], if any.
 fn too_deep(expr: &IdedExpr) -> Option<u64> {
+    nodes(expr)
+        .into_iter()
+        .find(|&(_, depth)| depth > MAX_CONDITION_DEPTH)
+        .map(|(node, _)| node.id)
+}
+
+/// Every node of the tree with its depth (the root is at depth 1). Walks
+/// without recursing, as the tree may be arbitrarily deep; below
+/// [`MAX_CONDITION_DEPTH`] + 1 levels it stops descending, which is as far
+/// as [`too_deep`] needs to see.
+fn nodes(expr: &IdedExpr) -> Vec<(&IdedExpr, usize)> {
     use cel::common::ast::{EntryExpr, Expr};
+    let mut found = Vec::new();
     let mut pending = vec![(expr, 1)];
     while let Some((node, depth)) = pending.pop() {
+        found.push((node, depth));
         if depth > MAX_CONDITION_DEPTH {
-            return Some(node.id);
+            continue;
         }
         let below = depth + 1;
         match &node.expr {
@@ -271,7 +302,7 @@ fn too_deep(expr: &IdedExpr) -> Option<u64> {
             Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
         }
     }
-    None
+    found
 }
 
 /// The byte offset of a 1-based (line, column) position of the parser.

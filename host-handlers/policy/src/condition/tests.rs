@@ -29,6 +29,7 @@ fn request(host: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> Ht
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
         scheme: "https".into(),
+        port: 443,
     }
 }
 
@@ -351,6 +352,7 @@ fn native_evaluation_agrees_with_the_interpreter() {
         let (expr, _) = parse_and_check(text, *kind, &env).unwrap();
         let interpreted = Condition {
             cond: Cond::Cel(expr),
+            reads: Box::new([]),
         };
         for event in events(*kind) {
             let (native, reference) =
