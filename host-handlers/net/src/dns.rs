@@ -27,6 +27,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, B
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, Semaphore};
 
+use crate::dns_limits::{DnsLimiter, Limit, DNS_LIMIT_RULE};
 use crate::idle::{Activity, Tracked};
 use crate::server::ConnectionHandler;
 use crate::upstream::Upstream;
@@ -161,11 +162,22 @@ struct Answer {
     outcome: Outcome,
     rule: Option<String>,
     error: Option<String>,
+    /// Refused over this limit, without a token for a row of its own: it is
+    /// counted into the second's summary row instead.
+    summarized: Option<Limit>,
 }
 
 impl Answer {
     fn new(rcode: ResponseCode, outcome: Outcome, rule: Option<String>) -> Self {
-        Self { rcode, answers: Vec::new(), authorities: Vec::new(), outcome, rule, error: None }
+        Self { rcode, answers: Vec::new(), authorities: Vec::new(), outcome, rule, error: None, summarized: None }
+    }
+
+    /// REFUSED over a DNS limit.
+    fn over_limit(limit: Limit, error: Option<String>, summarized: bool) -> Self {
+        let mut answer = Answer::new(ResponseCode::Refused, Outcome::Denied, Some(DNS_LIMIT_RULE.into()));
+        answer.error = error;
+        answer.summarized = summarized.then_some(limit);
+        answer
     }
 }
 
@@ -175,6 +187,7 @@ pub(crate) struct DnsHandler {
     pub(crate) upstream: Arc<Upstream>,
     pub(crate) policy: Policy,
     pub(crate) recorder: Recorder,
+    pub(crate) limiter: Arc<DnsLimiter>,
     pub(crate) idle_timeout: Duration,
 }
 
@@ -185,6 +198,10 @@ impl DnsHandler {
         let query = match parse_query(&frame) {
             Ok(query) => query,
             Err(rejected) => {
+                if !self.limiter.take_blocked() {
+                    self.limiter.refused(Limit::Blocked, &rejected.qname);
+                    return rejected.response;
+                }
                 self.record(DnsEvent {
                     time,
                     qname: rejected.qname,
@@ -200,13 +217,7 @@ impl DnsHandler {
                 return rejected.response;
             }
         };
-        let event = Event::DnsRequest(DnsRequest { qname: query.qname.clone(), qtype: query.qtype.clone() });
-        let verdict = self.policy.decide(&event).await;
-        let answer = match verdict.decision {
-            Decision::Allow => self.resolve(&query, &verdict.actions, verdict.rule).await,
-            Decision::Block | Decision::Ask => Answer::new(ResponseCode::NXDomain, Outcome::Denied, verdict.rule),
-        };
-
+        let answer = self.answer(&query).await;
         let mut message = Message::response(query.metadata.id, OpCode::Query);
         message.metadata = Metadata::response_from_request(&query.metadata);
         message.metadata.recursion_available = true;
@@ -218,6 +229,10 @@ impl DnsHandler {
             let mut edns = Edns::new();
             edns.set_max_payload(EDNS_PAYLOAD);
             message.set_edns(edns);
+        }
+        if let Some(limit) = answer.summarized {
+            self.limiter.refused(limit, &query.qname);
+            return Some(encode(&message));
         }
         self.record(DnsEvent {
             time,
@@ -232,6 +247,22 @@ impl DnsHandler {
             error: answer.error,
         });
         Some(encode(&message))
+    }
+
+    /// The answer to a well-formed query: name caps, the policy, the limits.
+    async fn answer(&self, query: &GuestQuery) -> Answer {
+        if let Some((limit, why)) = self.limiter.check_name(&query.qname) {
+            return Answer::over_limit(limit, Some(why), !self.limiter.take_blocked());
+        }
+        let event = Event::DnsRequest(DnsRequest { qname: query.qname.clone(), qtype: query.qtype.clone() });
+        let verdict = self.policy.decide(&event).await;
+        match verdict.decision {
+            Decision::Allow => self.resolve(query, &verdict.actions, verdict.rule).await,
+            Decision::Block | Decision::Ask if self.limiter.take_blocked() => {
+                Answer::new(ResponseCode::NXDomain, Outcome::Denied, verdict.rule)
+            }
+            Decision::Block | Decision::Ask => Answer::over_limit(Limit::Blocked, None, true),
+        }
     }
 
     async fn resolve(&self, query: &GuestQuery, actions: &[Action], rule: Option<String>) -> Answer {
@@ -250,6 +281,9 @@ impl DnsHandler {
             return answer;
         }
 
+        if !self.limiter.take_query() {
+            return Answer::over_limit(Limit::Queries, None, true);
+        }
         let lookup = self.upstream.resolver().lookup(name.to_lowercase(), rtype).await;
         match lookup {
             Ok(lookup) => {

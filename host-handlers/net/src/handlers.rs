@@ -1,5 +1,5 @@
 //! The public entry point: both handlers of one sandbox, sharing the resolver
-//! cache, the address guard and the CA.
+//! cache, the address guard, the CA and the DNS limits.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,6 +10,7 @@ use sandbox_telemetry::Recorder;
 use crate::ca::SandboxCa;
 use crate::config::NetConfig;
 use crate::dns::DnsHandler;
+use crate::dns_limits::DnsLimiter;
 use crate::error::Result;
 use crate::mitm::MitmHandler;
 use crate::server::Server;
@@ -28,6 +29,7 @@ pub struct Handlers {
     ca: Arc<SandboxCa>,
     policy: Policy,
     recorder: Recorder,
+    dns_limiter: Arc<DnsLimiter>,
 }
 
 impl Handlers {
@@ -36,7 +38,8 @@ impl Handlers {
     pub fn new(config: NetConfig, policy: Policy, recorder: Recorder) -> Result<Handlers> {
         let ca = Arc::new(SandboxCa::load_or_create(&config.ca_dir)?);
         let upstream = Arc::new(Upstream::new(&config)?);
-        Ok(Handlers { config, upstream, ca, policy, recorder })
+        let dns_limiter = Arc::new(DnsLimiter::new(policy.engine().dns_limits(), recorder.clone()));
+        Ok(Handlers { config, upstream, ca, policy, recorder, dns_limiter })
     }
 
     /// The sandbox CA whose certificate the guest must trust.
@@ -51,6 +54,7 @@ impl Handlers {
             upstream: self.upstream.clone(),
             policy: self.policy.clone(),
             recorder: self.recorder.clone(),
+            limiter: self.dns_limiter.clone(),
             idle_timeout: self.config.idle_timeout,
         };
         Server::bind(path, self.config.max_connections, Arc::new(handler))

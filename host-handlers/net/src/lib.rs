@@ -17,6 +17,7 @@ pub mod ca;
 pub mod client_hello;
 pub mod config;
 pub mod dns;
+mod dns_limits;
 mod error;
 pub mod guard;
 mod handlers;
@@ -31,6 +32,7 @@ pub mod fixtures;
 
 pub use ca::SandboxCa;
 pub use config::NetConfig;
+pub use dns_limits::DNS_LIMIT_RULE;
 pub use error::{Error, Result};
 pub use handlers::{Handlers, DNS_PORT, MITM_PORT};
 pub use server::Server;

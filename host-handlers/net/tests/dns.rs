@@ -171,3 +171,117 @@ async fn cache_honours_ttls() {
     assert!(second.answers[0].ttl < first.answers[0].ttl, "TTL counts down in the cache");
     h.shutdown().await;
 }
+
+/// Send `names` as pipelined A queries on one connection and read every
+/// answer: (id, rcode) pairs.
+async fn pipelined(h: &Harness, names: &[String]) -> Vec<(u16, ResponseCode)> {
+    let mut stream = tokio::net::UnixStream::connect(h.dns_socket()).await.unwrap();
+    let (mut reader, mut writer) = stream.split();
+    let send = async {
+        for (id, name) in names.iter().enumerate() {
+            let mut query = Message::new(u16::try_from(id).unwrap(), MessageType::Query, OpCode::Query);
+            query.add_query(Query::query(Name::from_str(name).unwrap(), RecordType::A));
+            let bytes = query.to_vec().unwrap();
+            writer.write_all(&u16::try_from(bytes.len()).unwrap().to_be_bytes()).await.unwrap();
+            writer.write_all(&bytes).await.unwrap();
+        }
+    };
+    let receive = async {
+        let mut answers = Vec::new();
+        for _ in 0..names.len() {
+            let frame = sandbox_net::dns::read_frame(&mut reader).await.unwrap().unwrap();
+            let answer = Message::from_vec(&frame).unwrap();
+            answers.push((answer.metadata.id, answer.metadata.response_code));
+        }
+        answers
+    };
+    let ((), answers) = tokio::join!(send, receive);
+    answers
+}
+
+/// The number of refused queries a summary row counts.
+fn summarized(row: &sandbox_telemetry::query::DnsRow) -> u64 {
+    let error = row.error.as_deref().unwrap_or_default();
+    error.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no count in {error:?}"))
+}
+
+/// A guest flooding random names under a blocked domain: nothing reaches the
+/// upstream, session.db stays bounded (rows for the burst, then one summary
+/// a second), every query is accounted for, and allowed names still resolve.
+#[tokio::test]
+async fn dns_flood_of_blocked_names_is_refused_summarised_and_bounded() {
+    let h = Harness::start().await;
+    let started = std::time::Instant::now();
+    let names: Vec<String> = (0..10_000u32).map(|i| format!("{:08x}.exfil.example.", i.wrapping_mul(2_654_435_761))).collect();
+    let answers = pipelined(&h, &names).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    assert_eq!(answers.len(), 10_000);
+    let refused = answers.iter().filter(|(_, rcode)| *rcode == ResponseCode::Refused).count();
+    let nxdomain = answers.iter().filter(|(_, rcode)| *rcode == ResponseCode::NXDomain).count();
+    assert_eq!(refused + nxdomain, 10_000, "every blocked query is NXDOMAIN or REFUSED");
+    assert_eq!(h.dns_fixture.queries(), 0, "a blocked name reached the upstream");
+
+    // Right after: an allowed name resolves.
+    let answer = dns_query(&h.dns_socket(), "a.test.", RecordType::A).await.unwrap();
+    assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(addresses(&answer), ["127.0.0.1"]);
+
+    // Summaries are written a second after their first refusal.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let rows = h.dns_rows().await;
+    let (summaries, single): (Vec<_>, Vec<_>) = rows.iter().partition(|r| r.qtype == "*");
+    let logged_blocked = single.iter().filter(|r| r.decision == "denied" && r.rcode == "NXDOMAIN").count();
+    assert_eq!(logged_blocked, nxdomain, "each NXDOMAIN answer has its row");
+    let budget = 50.0 + 5.0 * (elapsed + 1.0);
+    assert!((logged_blocked as f64) <= budget, "{logged_blocked} blocked rows in {elapsed:.1} s: over the limit");
+    assert!(summaries.len() as f64 <= elapsed + 3.0, "{} summary rows in {elapsed:.1} s", summaries.len());
+    assert!(summaries.iter().all(|r| r.rcode == "REFUSED" && r.matched_rule.as_deref() == Some("builtin.dns_limit")));
+    let counted: u64 = summaries.iter().map(|r| summarized(r)).sum();
+    assert_eq!(counted, refused as u64, "summary rows count every refused query");
+    assert!(single.iter().any(|r| r.qname == "a.test" && r.rcode == "NOERROR"));
+    eprintln!(
+        "10000 blocked queries in {elapsed:.2} s: {nxdomain} NXDOMAIN with a row each, {refused} REFUSED in {} summary rows",
+        summaries.len()
+    );
+    h.shutdown().await;
+}
+
+/// Allowed names beyond the upstream budget are refused: the upstream sees at
+/// most the burst, and the refusals are summarised.
+#[tokio::test]
+async fn upstream_sees_no_more_than_the_query_budget() {
+    let limits = "[security.limits.dns]\nqueries_per_second = 1\nqueries_burst = 20\n";
+    let h = Harness::start_with_profile(
+        |config| config.allowed_networks = vec!["127.0.0.1/32".parse().unwrap()],
+        limits,
+    )
+    .await;
+    let names: Vec<String> = (0..200).map(|i| format!("n{i}.nosuch.test.")).collect();
+    let answers = pipelined(&h, &names).await;
+    let refused = answers.iter().filter(|(_, rcode)| *rcode == ResponseCode::Refused).count();
+    assert!(h.dns_fixture.queries() <= 22, "the upstream saw {} queries", h.dns_fixture.queries());
+    assert!(refused >= 178, "{refused} refused");
+    let rows = h.dns_rows().await;
+    let logged = rows.iter().filter(|r| r.qtype == "A").count();
+    assert_eq!(logged + refused, 200, "each query has its row or is counted in a summary");
+    h.shutdown().await;
+}
+
+/// Names over the length or label caps are refused without a decision or a lookup.
+#[tokio::test]
+async fn long_names_are_refused_without_a_lookup() {
+    let h = Harness::start().await;
+    let long = format!("{}.abcdefghij.test.", ["abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz0"; 3].join("."));
+    let deep = format!("{}test.", "a.".repeat(20));
+    for name in [long.as_str(), deep.as_str()] {
+        let answer = dns_query(&h.dns_socket(), name, RecordType::A).await.unwrap();
+        assert_eq!(answer.metadata.response_code, ResponseCode::Refused, "{name}");
+    }
+    assert_eq!(h.dns_fixture.queries(), 0);
+    let rows = h.dns_rows().await;
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r.matched_rule.as_deref() == Some("builtin.dns_limit") && r.decision == "denied"));
+    assert!(rows[0].error.as_deref().unwrap_or_default().contains("bytes is over the limit of 200"), "{:?}", rows[0].error);
+    assert!(rows[1].error.as_deref().unwrap_or_default().contains("21 labels is over the limit of 16"), "{:?}", rows[1].error);
+    h.shutdown().await;
+}

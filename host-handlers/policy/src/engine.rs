@@ -23,6 +23,7 @@ use cel::Env;
 use crate::condition::{self, Condition, EvalCx};
 use crate::event::{Event, EventKind, Field, Section, HTTPS_PORT};
 use crate::explain::{Explanation, Outcome, RuleInfo, RuleTrace, Summary};
+use crate::limits::DnsLimits;
 use crate::location::{Location, SourceText};
 use crate::profile::{self, LockSpec};
 use crate::secrets::Secrets;
@@ -191,7 +192,7 @@ impl Rule {
     /// evaluate counts as a match for block rules (fail closed) and as no
     /// match for the others.
     fn matches(&self, event: &Event, cx: &EvalCx<'_, '_, '_>) -> bool {
-        if self.port_not_named(event) {
+        if self.unnamed_gate(event).is_some() {
             return false;
         }
         match self.condition.eval(cx) {
@@ -200,17 +201,34 @@ impl Rule {
         }
     }
 
-    /// An HTTP request to a port other than 443 is only allowed (or asked
-    /// about) by a rule whose condition reads `http.request.port`: a rule
-    /// written for a host does not open every port of that host. Block
-    /// rules apply on every port. Responses are not gated again: they only
-    /// exist for requests a rule naming the port allowed.
-    pub(crate) fn port_not_named(&self, event: &Event) -> bool {
-        self.decision != RuleDecision::Block
-            && matches!(event, Event::HttpRequest(request) if request.port != HTTPS_PORT)
-            && !self.condition.reads(Field::HttpPort)
+    /// The field this rule would have to read to allow (or ask about) the
+    /// event, when it does not: a rule written for a host does not open every
+    /// port of it, nor one for a name every record type.
+    ///
+    /// - an `http.request` to a port other than 443 needs `http.request.port`;
+    /// - a `dns.request` of a type other than A, AAAA, CNAME, HTTPS, MX, SRV
+    ///   and TXT needs `dns.request.qtype`.
+    ///
+    /// Block and rewrite rules apply everywhere (a rewrite only acts on what
+    /// was allowed). Responses are not gated again: they only exist for
+    /// requests a rule naming the port allowed.
+    pub(crate) fn unnamed_gate(&self, event: &Event) -> Option<Field> {
+        if !matches!(self.decision, RuleDecision::Allow | RuleDecision::Ask) {
+            return None;
+        }
+        let gate = match event {
+            Event::HttpRequest(request) if request.port != HTTPS_PORT => Field::HttpPort,
+            Event::DnsRequest(query) if !COMMON_QTYPES.contains(&query.qtype.as_str()) => {
+                Field::DnsQtype
+            }
+            _ => return None,
+        };
+        (!self.condition.reads(gate)).then_some(gate)
     }
 }
+
+/// The DNS record types a rule for a name allows without naming the type.
+pub const COMMON_QTYPES: [&str; 7] = ["A", "AAAA", "CNAME", "HTTPS", "MX", "SRV", "TXT"];
 
 /// A lock, with the profile that declared it.
 #[derive(Debug, Clone)]
@@ -243,6 +261,7 @@ pub(crate) struct Inner {
 #[derive(Debug, Clone)]
 pub struct Engine {
     inner: Arc<Inner>,
+    dns_limits: DnsLimits,
 }
 
 /// The stack of the thread that loads profiles (only the pages used are
@@ -297,6 +316,7 @@ impl EngineBuilder {
         let mut locks: Vec<Lock> = Vec::new();
         let mut loaded = Vec::new();
         let mut names: HashMap<String, Location> = HashMap::new();
+        let mut dns_limits = DnsLimits::default();
         for (order, (layer, source)) in profiles.iter().enumerate() {
             let text = match source.read() {
                 Ok(text) => text,
@@ -312,6 +332,7 @@ impl EngineBuilder {
                     continue;
                 }
             };
+            dns_limits = dns_limits.strictest(profile.dns_limits);
             for spec in profile.rules {
                 if let Some(lock) = locks.iter().find(|lock| lock.section == spec.section) {
                     if spec.decision != RuleDecision::Block {
@@ -368,6 +389,7 @@ impl EngineBuilder {
         }
         Ok(Engine {
             inner: Arc::new(Inner::new(Arc::new(env), rules, locks, loaded)),
+            dns_limits,
         })
     }
 }
@@ -564,11 +586,11 @@ impl Engine {
             let verdict = inner.decide(event, cx);
             let mut rules = Vec::with_capacity(inner.rules.len());
             for rule in inner.deciding(kind).chain(inner.rewriting(kind)) {
-                let outcome = match rule.condition.eval(cx) {
-                    _ if rule.port_not_named(event) => Outcome::PortNotNamed,
-                    Ok(true) => Outcome::Matched,
-                    Ok(false) => Outcome::NotMatched,
-                    Err(error) => Outcome::Failed {
+                let outcome = match (rule.unnamed_gate(event), rule.condition.eval(cx)) {
+                    (Some(gate), _) => Outcome::GateNotNamed(gate),
+                    (None, Ok(true)) => Outcome::Matched,
+                    (None, Ok(false)) => Outcome::NotMatched,
+                    (None, Err(error)) => Outcome::Failed {
                         error: error.to_string(),
                         counts_as_match: rule.decision == RuleDecision::Block,
                     },
@@ -590,6 +612,12 @@ impl Engine {
                 rules,
             }
         })
+    }
+
+    /// The DNS limits: the strictest of every profile's (defaults where no
+    /// profile sets one).
+    pub fn dns_limits(&self) -> DnsLimits {
+        self.dns_limits
     }
 
     /// What the engine holds: profiles, locks and rules.

@@ -6,7 +6,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::engine::{Inner, Layer, Rule, RuleDecision};
-use crate::event::{Event, EventKind};
+use crate::event::{Event, EventKind, Field};
 use crate::location::Location;
 use crate::{Decision, Verdict};
 
@@ -27,9 +27,10 @@ pub enum Outcome {
     },
     /// The rule is for another kind of event and was not evaluated.
     OtherEvent(EventKind),
-    /// The request goes to a port other than 443 and the rule's condition
-    /// does not read `http.request.port`, so it cannot allow it.
-    PortNotNamed,
+    /// The event needs a rule that names this field to be allowed (a port
+    /// other than 443, an uncommon DNS record type), and the rule's
+    /// condition does not read it.
+    GateNotNamed(Field),
 }
 
 /// A rule, as the engine holds it.
@@ -150,8 +151,13 @@ impl fmt::Display for Explanation {
                     write!(f, "not matched: the condition failed ({error})")?
                 }
                 Outcome::OtherEvent(kind) => write!(f, "not evaluated: it is for {kind} events")?,
-                Outcome::PortNotNamed => f.write_str(
+                Outcome::GateNotNamed(Field::HttpPort) => f.write_str(
                     "not matched: the request is not to port 443 and the condition does not name http.request.port",
+                )?,
+                Outcome::GateNotNamed(field) => write!(
+                    f,
+                    "not matched: the event needs a rule whose condition names {}",
+                    field.path()
                 )?,
             }
             if trace.counts() {

@@ -24,6 +24,7 @@ mod condition;
 mod engine;
 mod event;
 mod explain;
+mod limits;
 mod location;
 mod policy;
 mod profile;
@@ -33,7 +34,8 @@ use std::fmt;
 use std::path::PathBuf;
 
 pub use builtin::{builtin_profile, BUILTIN_PROFILES};
-pub use engine::{check, Engine, EngineBuilder, Layer, ProfileSource, RuleDecision};
+pub use engine::{check, Engine, EngineBuilder, Layer, ProfileSource, RuleDecision, COMMON_QTYPES};
+pub use limits::DnsLimits;
 pub use event::{
     DnsRequest, Event, EventKind, Field, FieldType, HttpRequest, HttpResponse, Section, TcpConnect,
     HTTPS_PORT,

@@ -18,6 +18,9 @@
 //! remove_response_headers = ["set-cookie"]                            # http.response
 //! answer = { ttl = 60, a = ["10.0.0.7"], aaaa = ["fd00::7"], txt = ["hi"] }  # dns.request
 //! answer = { cname = "other.example" }                                 # dns.request
+//!
+//! [security.limits.dns]                         # optional, see `limits`
+//! queries_per_second = 50
 //! ```
 //!
 //! Every problem is reported with its place in the file; the checks of one
@@ -34,6 +37,7 @@ use toml::Spanned;
 use crate::condition::Condition;
 use crate::engine::RuleDecision;
 use crate::event::{EventKind, Section};
+use crate::limits::{self, DnsLimits};
 use crate::location::{Location, SourceText};
 use crate::secrets::Secrets;
 use crate::{Action, DnsRecord, ProfileError, SecretValue};
@@ -79,6 +83,7 @@ pub(crate) struct Profile {
     pub description: Option<String>,
     pub rules: Vec<RuleSpec>,
     pub locks: Vec<LockSpec>,
+    pub dns_limits: DnsLimits,
 }
 
 #[derive(Deserialize)]
@@ -97,6 +102,7 @@ struct SecurityToml {
     locks: Vec<Spanned<String>>,
     #[serde(default)]
     rules: Table<Table<RuleToml>>,
+    limits: Option<limits::LimitsToml>,
 }
 
 #[derive(Deserialize)]
@@ -176,6 +182,7 @@ pub(crate) fn parse(
     let mut errors = Vec::new();
     let mut profile = Profile {
         description: security.description,
+        dns_limits: limits::read(source, security.limits, &mut errors),
         ..Profile::default()
     };
     for lock in &security.locks {

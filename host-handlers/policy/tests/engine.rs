@@ -667,19 +667,9 @@ fn dns_answers_are_synthesised_for_the_query_type() {
             Some((vec![DnsRecord::Txt("v=db".into())], 30)),
         ),
         ("db.internal", "MX", Some((vec![], 30))),
-        (
-            "db.internal",
-            "ANY",
-            Some((
-                vec![
-                    a(7),
-                    a(8),
-                    DnsRecord::Aaaa("fd00::7".parse().unwrap()),
-                    DnsRecord::Txt("v=db".into()),
-                ],
-                30,
-            )),
-        ),
+        // ANY is not a common type: only a rule naming dns.request.qtype
+        // allows it (see uncommon_record_types_need_a_rule_naming_the_type).
+        ("db.internal", "ANY", None),
         (
             "cache.internal",
             "A",
@@ -1068,4 +1058,81 @@ fn port_is_an_int_field_of_http_events() {
     .unwrap_err()
     .to_string();
     assert!(error.contains("not available in `dns.request` rules"), "{error}");
+}
+
+#[test]
+fn uncommon_record_types_need_a_rule_naming_the_type() {
+    let dns = engine(
+        r#"
+[security.rules.dns.x]
+on = "dns.request"
+if = 'dns.request.qname.endsWith("x.com")'
+decision = "allow"
+
+[security.rules.dns.x_caa]
+on = "dns.request"
+if = 'dns.request.qname == "ca.x.com" && dns.request.qtype == "CAA"'
+decision = "allow"
+"#,
+    );
+    let query = |qname: &str, qtype: &str| {
+        let verdict = dns.decide(&event(&format!(
+            r#"{{"event": "dns.request", "qname": "{qname}", "qtype": "{qtype}"}}"#
+        )));
+        (verdict.decision, verdict.rule)
+    };
+    for qtype in ["A", "AAAA", "CNAME", "HTTPS", "MX", "SRV", "TXT"] {
+        assert_eq!(
+            query("a.x.com", qtype),
+            (Decision::Allow, Some("dns.x".into())),
+            "{qtype}"
+        );
+    }
+    for qtype in ["NULL", "ANY", "CAA", "TYPE65280", "PTR"] {
+        assert_eq!(query("a.x.com", qtype), (Decision::Block, None), "{qtype}");
+    }
+    assert_eq!(
+        query("ca.x.com", "CAA"),
+        (Decision::Allow, Some("dns.x_caa".into()))
+    );
+}
+
+#[test]
+fn dns_limits_come_from_profiles_and_only_tighten() {
+    use sandbox_policy::DnsLimits;
+    let defaults = DnsLimits::default();
+    assert_eq!(engine("").dns_limits(), defaults);
+    let corporate = "[security.limits.dns]\nqueries_per_second = 20\nmax_labels = 8\n";
+    let user = "[security.limits.dns]\nqueries_per_second = 1000\nblocked_burst = 10\n";
+    let both = layered(&[
+        (Layer::Corporate, "corp.toml", corporate),
+        (Layer::User, "user.toml", user),
+    ])
+    .unwrap();
+    let limits = both.dns_limits();
+    assert_eq!(limits.queries_per_second, 20, "the user cannot loosen it");
+    assert_eq!(limits.max_labels, 8);
+    assert_eq!(limits.blocked_burst, 10, "but can tighten");
+    assert_eq!(limits.queries_burst, defaults.queries_burst);
+
+    for (profile, expected) in [
+        (
+            "[security.limits.dns]\nmax_name_length = 300\n",
+            "p.toml:2:19: `max_name_length` = 300 is out of range (1 to 253)",
+        ),
+        (
+            "[security.limits.dns]\nqueries_per_second = 0\n",
+            "p.toml:2:22: `queries_per_second` = 0 is out of range",
+        ),
+        (
+            "[security.limits.dns]\nqueries_per_minute = 5\n",
+            "unknown field `queries_per_minute`",
+        ),
+        ("[security.limits.tcp]\n", "unknown field `tcp`"),
+    ] {
+        let error = layered(&[(Layer::User, "p.toml", profile)])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(expected), "{profile}: {error}");
+    }
 }

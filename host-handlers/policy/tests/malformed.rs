@@ -32,7 +32,7 @@ decision = "allow"
         r##"[security]
 lock = ["http"]
 "##,
-        "p.toml:2:1: unknown field `lock`, expected one of `description`, `locks`, `rules`",
+        "p.toml:2:1: unknown field `lock`, expected one of `description`, `locks`, `rules`, `limits`",
     ),
     (
         "unknown key in a rule",

@@ -111,6 +111,11 @@ impl Harness {
     }
 
     pub async fn start_with(configure: impl FnOnce(&mut NetConfig)) -> Harness {
+        Self::start_with_profile(configure, "").await
+    }
+
+    /// As [`Harness::start_with`], with `extra` appended to the profile.
+    pub async fn start_with_profile(configure: impl FnOnce(&mut NetConfig), extra: &str) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let dns_fixture = TestDns::start(&[
             ("a.test", ip("127.0.0.1")),
@@ -145,7 +150,7 @@ impl Harness {
 
         let engine = Engine::builder()
             .secrets(Secrets::none().with_value("NET_TEST_TOKEN", SECRET_TOKEN))
-            .profile(Layer::User, ProfileSource::Text { name: "net-test.toml".into(), text: profile(upstream.addr().port()) })
+            .profile(Layer::User, ProfileSource::Text { name: "net-test.toml".into(), text: profile(upstream.addr().port()) + extra })
             .build()
             .unwrap();
         let db_path = dir.path().join("session.db");
