@@ -27,7 +27,7 @@ use crate::limits::DnsLimits;
 use crate::location::{Location, SourceText};
 use crate::profile::{self, LockSpec};
 use crate::secrets::Secrets;
-use crate::{builtin, Action, Decision, DnsRecord, ProfileError, Verdict};
+use crate::{builtin, Action, ConnectMode, Decision, DnsRecord, ProfileError, Verdict};
 
 /// What a rule says, as written in its `decision`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -180,6 +180,8 @@ pub(crate) struct Rule {
     pub condition: Condition,
     pub condition_text: Option<String>,
     pub actions: Vec<Action>,
+    /// For `tcp.connect` allow and ask rules: how an allowed connection is carried.
+    pub mode: Option<ConnectMode>,
     pub description: Option<String>,
     pub location: Location,
     pub layer: Layer,
@@ -207,7 +209,10 @@ impl Rule {
     ///
     /// - an `http.request` to a port other than 443 needs `http.request.port`;
     /// - a `dns.request` of a type other than A, AAAA, CNAME, HTTPS, MX, SRV
-    ///   and TXT needs `dns.request.qtype`.
+    ///   and TXT needs `dns.request.qtype`;
+    /// - a `tcp.connect` to a port other than 443 needs `tcp.connect.port`,
+    ///   and one to an address the sandbox did not get from an allowed DNS
+    ///   answer (empty `tcp.connect.host`) needs `tcp.connect.ip`.
     ///
     /// Block and rewrite rules apply everywhere (a rewrite only acts on what
     /// was allowed). Responses are not gated again: they only exist for
@@ -216,14 +221,23 @@ impl Rule {
         if !matches!(self.decision, RuleDecision::Allow | RuleDecision::Ask) {
             return None;
         }
-        let gate = match event {
-            Event::HttpRequest(request) if request.port != HTTPS_PORT => Field::HttpPort,
+        let gates: &[Field] = match event {
+            Event::HttpRequest(request) if request.port != HTTPS_PORT => &[Field::HttpPort],
             Event::DnsRequest(query) if !COMMON_QTYPES.contains(&query.qtype.as_str()) => {
-                Field::DnsQtype
+                &[Field::DnsQtype]
             }
-            _ => return None,
+            Event::TcpConnect(tcp) => match (tcp.port != HTTPS_PORT, tcp.host.is_empty()) {
+                (true, true) => &[Field::TcpPort, Field::TcpIp],
+                (true, false) => &[Field::TcpPort],
+                (false, true) => &[Field::TcpIp],
+                (false, false) => &[],
+            },
+            _ => &[],
         };
-        (!self.condition.reads(gate)).then_some(gate)
+        gates
+            .iter()
+            .copied()
+            .find(|&gate| !self.condition.reads(gate))
     }
 }
 
@@ -361,6 +375,7 @@ impl EngineBuilder {
                     condition: spec.condition,
                     condition_text: spec.condition_text,
                     actions: spec.actions,
+                    mode: spec.mode,
                     description: spec.description,
                     location: spec.location,
                     layer: *layer,
@@ -507,6 +522,7 @@ impl Inner {
                 decision: Decision::Block,
                 rule: None,
                 actions: Vec::new(),
+                mode: None,
             },
             Some(rule) => {
                 let decision = rule.decision.decision().unwrap_or(Decision::Block);
@@ -515,10 +531,16 @@ impl Inner {
                 } else {
                     Vec::new()
                 };
+                let mode = if decision == Decision::Block {
+                    None
+                } else {
+                    rule.mode
+                };
                 Verdict {
                     decision,
                     rule: Some(rule.name.clone()),
                     actions,
+                    mode,
                 }
             }
         }

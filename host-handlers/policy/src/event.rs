@@ -60,10 +60,12 @@ pub struct HttpResponse {
     pub headers: BTreeMap<String, String>,
 }
 
-/// A non-HTTP connection attempt.
+/// A TCP connection attempt, decided before anything is sent on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TcpConnect {
-    /// Host name the guest asked for (lower case), or the address as text.
+    /// The name (lower case) the sandbox's DNS handler answered with this
+    /// address; empty when the sandbox never got the address from an
+    /// allowed DNS answer (a literal address).
     pub host: String,
     /// Address about to be connected to, when known.
     pub ip: Option<IpAddr>,
@@ -393,6 +395,7 @@ impl Event {
             Event::DnsRequest(dns) => dns.qname.clone(),
             Event::HttpRequest(request) => http(request),
             Event::HttpResponse(response) => http(&response.request),
+            Event::TcpConnect(tcp) if tcp.host.is_empty() => format!("{}:{}", self.ip_text(), tcp.port),
             Event::TcpConnect(tcp) => format!("{}:{}", tcp.host, tcp.port),
         }
     }
@@ -408,7 +411,9 @@ impl Event {
     /// ```
     ///
     /// Defaults: `qtype` "A"; `method` "GET", `path` "/", `query` "",
-    /// `headers` {}, `sni` the host, `scheme` "https", `port` 443; `ip` unknown. Names are
+    /// `headers` {}, `sni` the host, `scheme` "https", `port` 443; `ip`
+    /// unknown; a `tcp.connect` without `host` is to an address no DNS
+    /// answer gave. Names are
     /// normalised as the handlers do: host names and query names lower case
     /// without a trailing dot, header names lower case, `qtype` upper case.
     /// Unknown keys are errors.
@@ -468,6 +473,7 @@ enum RawEvent {
     },
     #[serde(rename = "tcp.connect")]
     Tcp {
+        #[serde(default)]
         host: String,
         #[serde(default)]
         ip: Option<IpAddr>,
@@ -553,7 +559,7 @@ impl RawEvent {
                 headers: normalise_headers(headers),
             }),
             RawEvent::Tcp { host, ip, port } => Event::TcpConnect(TcpConnect {
-                host: required_name(host, "host")?,
+                host: normalise_name(&host),
                 ip,
                 port,
             }),
@@ -587,13 +593,12 @@ impl fmt::Display for Event {
                 write!(f, "{} for ", response.status)?;
                 write_request(f, &response.request)
             }
-            Event::TcpConnect(tcp) => {
-                write!(f, "{}:{}", tcp.host, tcp.port)?;
-                match tcp.ip {
-                    Some(ip) => write!(f, " ({ip})"),
-                    None => Ok(()),
-                }
-            }
+            Event::TcpConnect(tcp) => match (tcp.host.as_str(), tcp.ip) {
+                ("", Some(ip)) => write!(f, "{ip}:{} (no DNS name)", tcp.port),
+                ("", None) => write!(f, "?:{}", tcp.port),
+                (host, Some(ip)) => write!(f, "{host}:{} ({ip})", tcp.port),
+                (host, None) => write!(f, "{host}:{}", tcp.port),
+            },
         }
     }
 }

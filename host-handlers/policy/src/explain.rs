@@ -123,6 +123,9 @@ impl fmt::Display for Explanation {
                     )?;
                 }
                 writeln!(f)?;
+                if let Some(mode) = self.verdict.mode {
+                    writeln!(f, "  mode: {mode}")?;
+                }
                 if self.verdict.decision == Decision::Ask {
                     writeln!(
                         f,

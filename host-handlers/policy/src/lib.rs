@@ -227,6 +227,52 @@ impl fmt::Display for Action {
     }
 }
 
+/// How an allowed `tcp.connect` is carried: the `mode` key of its rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConnectMode {
+    /// TLS terminated by the host with the sandbox CA; each HTTP request and
+    /// response is decided by the `http.*` rules (the default).
+    Inspect,
+    /// TLS spliced through undecrypted; its ClientHello must name the host
+    /// the address was resolved for.
+    Passthrough,
+    /// Bytes spliced through as they are (ssh, databases, ...).
+    Tcp,
+    /// Plain HTTP, each request and response decided by the `http.*` rules.
+    Http,
+}
+
+impl ConnectMode {
+    /// Every mode.
+    pub const ALL: [ConnectMode; 4] = [
+        ConnectMode::Inspect,
+        ConnectMode::Passthrough,
+        ConnectMode::Tcp,
+        ConnectMode::Http,
+    ];
+
+    /// The name written in profiles.
+    pub fn name(self) -> &'static str {
+        match self {
+            ConnectMode::Inspect => "inspect",
+            ConnectMode::Passthrough => "passthrough",
+            ConnectMode::Tcp => "tcp",
+            ConnectMode::Http => "http",
+        }
+    }
+
+    /// Looks a mode up by its name.
+    pub fn from_name(name: &str) -> Option<ConnectMode> {
+        ConnectMode::ALL.into_iter().find(|mode| mode.name() == name)
+    }
+}
+
+impl fmt::Display for ConnectMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// The engine's answer for one event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
@@ -236,6 +282,8 @@ pub struct Verdict {
     pub rule: Option<String>,
     /// Rewrite actions, in priority order; empty unless the decision is Allow.
     pub actions: Vec<Action>,
+    /// For an allowed `tcp.connect`: how the connection is carried.
+    pub mode: Option<ConnectMode>,
 }
 
 /// A profile that could not be loaded (or an event that could not be read).

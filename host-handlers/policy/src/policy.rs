@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use crate::engine::Engine;
 use crate::event::Event;
-use crate::{Decision, Verdict};
+use crate::{ConnectMode, Decision, Verdict};
 
 /// How long a question waits for an answer by default.
 pub const DEFAULT_ASK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -103,11 +103,11 @@ impl Policy {
         let rule = verdict.rule.clone();
         let Some(asking) = &self.asking else {
             tracing::info!(rule = rule.as_deref(), event = %event, "ask without an asker: blocked");
-            return self.resolved(event, rule, false);
+            return self.resolved(event, rule, None);
         };
         let key = (rule.clone().unwrap_or_default(), event.target());
         if let Some(allowed) = self.remembered(asking, &key) {
-            return self.resolved(event, rule, allowed);
+            return self.resolved(event, rule, allowed.then_some(verdict.mode));
         }
         let answer = tokio::time::timeout(asking.timeout, async {
             let _turn = asking.turn.lock().await;
@@ -134,22 +134,30 @@ impl Policy {
                 false
             }
         };
-        self.resolved(event, rule, allowed)
+        self.resolved(event, rule, allowed.then_some(verdict.mode))
     }
 
-    fn resolved(&self, event: &Event, rule: Option<String>, allowed: bool) -> Verdict {
-        if allowed {
-            Verdict {
+    /// The verdict after an `ask`: allowed (with the asking rule's connect
+    /// mode, for `tcp.connect`) or blocked.
+    fn resolved(
+        &self,
+        event: &Event,
+        rule: Option<String>,
+        allowed: Option<Option<ConnectMode>>,
+    ) -> Verdict {
+        match allowed {
+            Some(mode) => Verdict {
                 decision: Decision::Allow,
                 rule,
                 actions: self.engine.actions(event),
-            }
-        } else {
-            Verdict {
+                mode,
+            },
+            None => Verdict {
                 decision: Decision::Block,
                 rule,
                 actions: Vec::new(),
-            }
+                mode: None,
+            },
         }
     }
 

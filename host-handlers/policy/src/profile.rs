@@ -18,6 +18,8 @@
 //! remove_response_headers = ["set-cookie"]                            # http.response
 //! answer = { ttl = 60, a = ["10.0.0.7"], aaaa = ["fd00::7"], txt = ["hi"] }  # dns.request
 //! answer = { cname = "other.example" }                                 # dns.request
+//! # tcp.connect allow and ask rules only:
+//! mode = "tcp"                                  # inspect (default), passthrough, tcp or http
 //!
 //! [security.limits.dns]                         # optional, see `limits`
 //! queries_per_second = 50
@@ -40,7 +42,7 @@ use crate::event::{EventKind, Section};
 use crate::limits::{self, DnsLimits};
 use crate::location::{Location, SourceText};
 use crate::secrets::Secrets;
-use crate::{Action, DnsRecord, ProfileError, SecretValue};
+use crate::{Action, ConnectMode, DnsRecord, ProfileError, SecretValue};
 
 /// The largest profile accepted, in bytes.
 pub(crate) const MAX_PROFILE_LEN: usize = 1 << 20;
@@ -65,6 +67,7 @@ pub(crate) struct RuleSpec {
     pub condition: Condition,
     pub condition_text: Option<String>,
     pub actions: Vec<Action>,
+    pub mode: Option<ConnectMode>,
     pub description: Option<String>,
     /// Where the rule's name is written.
     pub location: Location,
@@ -119,6 +122,7 @@ struct RuleToml {
     set_response_headers: Option<Spanned<Table<Spanned<String>>>>,
     remove_response_headers: Option<Spanned<Vec<Spanned<String>>>>,
     answer: Option<Spanned<AnswerToml>>,
+    mode: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -338,6 +342,8 @@ impl RuleReader<'_> {
             _ => Vec::new(),
         };
 
+        let mode = self.mode(rule.mode.as_ref(), event, decision);
+
         match (event, decision, condition) {
             (Some(event), Some(decision), Some(condition)) if self.errors.is_empty() => {
                 Ok(RuleSpec {
@@ -349,12 +355,48 @@ impl RuleReader<'_> {
                     condition,
                     condition_text: rule.condition.map(Spanned::into_inner),
                     actions,
+                    mode,
                     description: rule.description,
                     location: self.source.location(name.span().start),
                 })
             }
             _ => Err(self.errors),
         }
+    }
+
+    /// The connect mode of a `tcp.connect` allow or ask rule (`inspect` when
+    /// not given); `mode` anywhere else is an error.
+    fn mode(
+        &mut self,
+        given: Option<&Spanned<String>>,
+        event: Option<EventKind>,
+        decision: Option<RuleDecision>,
+    ) -> Option<ConnectMode> {
+        let connecting = event == Some(EventKind::TcpConnect)
+            && matches!(decision, Some(RuleDecision::Allow | RuleDecision::Ask));
+        let Some(given) = given else {
+            return connecting.then_some(ConnectMode::Inspect);
+        };
+        let offset = string_start(given.span());
+        if event.is_some_and(|kind| kind != EventKind::TcpConnect) {
+            self.error(offset, "`mode` applies to `tcp.connect` rules only");
+            return None;
+        }
+        if decision.is_some_and(|d| !matches!(d, RuleDecision::Allow | RuleDecision::Ask)) {
+            self.error(offset, "`mode` needs `decision = \"allow\"` or `\"ask\"`");
+            return None;
+        }
+        let mode = ConnectMode::from_name(given.get_ref());
+        if mode.is_none() {
+            self.error(
+                offset,
+                format!(
+                    "unknown mode `{}` (modes: inspect, passthrough, tcp, http)",
+                    given.get_ref()
+                ),
+            );
+        }
+        mode
     }
 
     /// The rule's actions, checked against its event and decision.

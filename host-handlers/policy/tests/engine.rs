@@ -904,7 +904,8 @@ fn deny_all_blocks_everything_and_built_ins_load_by_name() {
             Verdict {
                 decision: Decision::Block,
                 rule: None,
-                actions: vec![]
+                actions: vec![],
+                mode: None,
             }
         );
     }
@@ -1129,6 +1130,117 @@ fn dns_limits_come_from_profiles_and_only_tighten() {
             "unknown field `queries_per_minute`",
         ),
         ("[security.limits.tcp]\n", "unknown field `tcp`"),
+    ] {
+        let error = layered(&[(Layer::User, "p.toml", profile)])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(expected), "{profile}: {error}");
+    }
+}
+
+#[test]
+fn tcp_connect_rules_carry_a_mode_and_name_ports_and_literal_addresses() {
+    use sandbox_policy::ConnectMode;
+    let tcp = engine(
+        r#"
+[security.rules.tcp.git_ssh]
+on = "tcp.connect"
+if = 'tcp.connect.host == "github.com" && tcp.connect.port == 22'
+decision = "allow"
+mode = "tcp"
+
+[security.rules.tcp.pinned]
+on = "tcp.connect"
+if = 'tcp.connect.host == "pinned.example"'
+decision = "allow"
+mode = "passthrough"
+
+[security.rules.tcp.any_github_port]
+on = "tcp.connect"
+if = 'tcp.connect.host == "api.github.com"'
+decision = "allow"
+
+[security.rules.tcp.lan]
+on = "tcp.connect"
+if = 'tcp.connect.ip.startsWith("10.7.") && tcp.connect.port == 5432'
+decision = "allow"
+mode = "tcp"
+
+[security.rules.tcp.ollama]
+on = "tcp.connect"
+if = 'tcp.connect.host == "models.internal" && tcp.connect.port == 11434'
+decision = "ask"
+mode = "http"
+"#,
+    );
+    let decide = |json: &str| {
+        let verdict = tcp.decide(&event(json));
+        (verdict.decision, verdict.rule, verdict.mode)
+    };
+    let allowed = |rule: &str, mode| (Decision::Allow, Some(rule.to_owned()), Some(mode));
+    assert_eq!(
+        decide(r#"{"event":"tcp.connect","host":"github.com","ip":"140.82.1.1","port":22}"#),
+        allowed("tcp.git_ssh", ConnectMode::Tcp)
+    );
+    assert_eq!(
+        decide(r#"{"event":"tcp.connect","host":"pinned.example","port":443}"#),
+        allowed("tcp.pinned", ConnectMode::Passthrough)
+    );
+    // No mode: inspect. A rule that does not name the port allows 443 only.
+    assert_eq!(
+        decide(r#"{"event":"tcp.connect","host":"api.github.com","port":443}"#),
+        allowed("tcp.any_github_port", ConnectMode::Inspect)
+    );
+    assert_eq!(
+        decide(r#"{"event":"tcp.connect","host":"api.github.com","port":8443}"#),
+        (Decision::Block, None, None)
+    );
+    // A literal address (no host) needs a rule that names tcp.connect.ip.
+    assert_eq!(
+        decide(r#"{"event":"tcp.connect","ip":"10.7.0.5","port":5432}"#),
+        allowed("tcp.lan", ConnectMode::Tcp)
+    );
+    assert_eq!(
+        decide(r#"{"event":"tcp.connect","ip":"140.82.1.1","port":22}"#),
+        (Decision::Block, None, None)
+    );
+    // Ask carries its mode.
+    assert_eq!(
+        decide(r#"{"event":"tcp.connect","host":"models.internal","port":11434}"#),
+        (
+            Decision::Ask,
+            Some("tcp.ollama".into()),
+            Some(ConnectMode::Http)
+        )
+    );
+    let explained = tcp
+        .explain(&event(
+            r#"{"event":"tcp.connect","host":"github.com","ip":"140.82.1.1","port":22}"#,
+        ))
+        .to_string();
+    assert!(explained.contains("mode: tcp"), "{explained}");
+    let explained = tcp
+        .explain(&event(r#"{"event":"tcp.connect","ip":"140.82.1.1","port":22}"#))
+        .to_string();
+    assert!(
+        explained.contains("140.82.1.1:22 (no DNS name)")
+            && explained.contains("names tcp.connect.port"),
+        "{explained}"
+    );
+
+    for (profile, expected) in [
+        (
+            "[security.rules.http.x]\non = \"http.request\"\ndecision = \"allow\"\nmode = \"tcp\"\n",
+            "p.toml:4:9: `mode` applies to `tcp.connect` rules only",
+        ),
+        (
+            "[security.rules.tcp.x]\non = \"tcp.connect\"\ndecision = \"block\"\nmode = \"tcp\"\n",
+            "p.toml:4:9: `mode` needs `decision = \"allow\"` or `\"ask\"`",
+        ),
+        (
+            "[security.rules.tcp.x]\non = \"tcp.connect\"\ndecision = \"allow\"\nmode = \"udp\"\n",
+            "p.toml:4:9: unknown mode `udp` (modes: inspect, passthrough, tcp, http)",
+        ),
     ] {
         let error = layered(&[(Layer::User, "p.toml", profile)])
             .unwrap_err()

@@ -41,7 +41,7 @@ on = "http.request"
 iff = 'http.request.host == "x"'
 decision = "allow"
 "##,
-        "p.toml:3:1: unknown field `iff`, expected one of `on`, `if`, `decision`, `priority`, `description`, `set_request_headers`, `remove_request_headers`, `set_response_headers`, `remove_response_headers`, `answer`",
+        "p.toml:3:1: unknown field `iff`, expected one of `on`, `if`, `decision`, `priority`, `description`, `set_request_headers`, `remove_request_headers`, `set_response_headers`, `remove_response_headers`, `answer`, `mode`",
     ),
     (
         "missing on",
