@@ -7,7 +7,7 @@
 //! connections count as having no SNI.
 
 use rustls::server::Acceptor;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio_rustls::{LazyConfigAcceptor, StartHandshake};
 
 use crate::error::{Error, Result};
@@ -34,6 +34,46 @@ where
         alpn: hello.alpn().map(|protocols| protocols.map(<[u8]>::to_vec).collect()).unwrap_or_default(),
     };
     Ok((info, start))
+}
+
+/// The longest ClientHello read by [`peek_server_name`].
+pub const MAX_HELLO_LEN: usize = 64 * 1024;
+
+/// Read the ClientHello from `io` without taking part in the handshake: the
+/// SNI (as [`read_client_hello`] gives it) and every byte read, which a
+/// connection spliced through undecrypted must pass on first.
+pub async fn peek_server_name<IO>(io: &mut IO) -> Result<(Option<String>, Vec<u8>)>
+where
+    IO: AsyncRead + Unpin,
+{
+    let mut acceptor = Acceptor::default();
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let read = io.read(&mut chunk).await.map_err(Error::ClientHello)?;
+        if read == 0 {
+            return Err(Error::ClientHello(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed inside the ClientHello",
+            )));
+        }
+        raw.extend_from_slice(&chunk[..read]);
+        if raw.len() > MAX_HELLO_LEN {
+            return Err(Error::ClientHello(std::io::Error::other("ClientHello longer than 64 KiB")));
+        }
+        let mut fed = &chunk[..read];
+        while !fed.is_empty() {
+            acceptor.read_tls(&mut fed).map_err(Error::ClientHello)?;
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                let sni = accepted.client_hello().server_name().map(|name| name.to_ascii_lowercase());
+                return Ok((sni, raw));
+            }
+            Ok(None) => {}
+            Err((err, _alert)) => return Err(Error::ClientHello(std::io::Error::other(err))),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -67,6 +107,22 @@ mod tests {
         let info = read(client_hello_bytes("API.Example.com")).await.unwrap();
         assert_eq!(info.sni.as_deref(), Some("api.example.com"));
         assert_eq!(info.alpn, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn peeking_keeps_every_byte() {
+        let bytes = client_hello_bytes("Pinned.Example");
+        let mut reader = std::io::Cursor::new([bytes.clone(), b"after".to_vec()].concat());
+        let (sni, raw) = peek_server_name(&mut reader).await.unwrap();
+        assert_eq!(sni.as_deref(), Some("pinned.example"));
+        assert!(raw.starts_with(&bytes), "the hello bytes are kept in order");
+        let mut rest = Vec::new();
+        reader.read_to_end(&mut rest).await.unwrap();
+        assert_eq!([raw, rest].concat(), [bytes, b"after".to_vec()].concat());
+        let err = peek_server_name(&mut std::io::Cursor::new(b"GET / HTTP/1.1\r\n\r\n".to_vec())).await;
+        assert!(err.is_err());
+        let err = peek_server_name(&mut std::io::Cursor::new(vec![0x16, 3, 1, 0xff, 0xff])).await;
+        assert!(err.is_err(), "a truncated hello is an error, not a hang");
     }
 
     #[tokio::test]

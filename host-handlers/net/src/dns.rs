@@ -9,7 +9,10 @@
 //! that leaves no address the query is answered NXDOMAIN and recorded as denied
 //! by `builtin.address_guard`. Blocked: NXDOMAIN (REFUSED would make glibc retry
 //! other servers). Malformed: FORMERR (NOTIMP for other opcodes and classes).
-//! Every query gets exactly one `dns_events` row.
+//! Every query gets exactly one `dns_events` row (or, beyond the sandbox's
+//! DNS limits, a share of a summary row: see `dns_limits`). The addresses of
+//! allowed answers are bound to the name asked (see [`Bindings`]): that is
+//! the name a TCP connection to them is decided as.
 
 use std::io;
 use std::net::IpAddr;
@@ -27,6 +30,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, B
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, Semaphore};
 
+use crate::bindings::Bindings;
 use crate::dns_limits::{DnsLimiter, Limit, DNS_LIMIT_RULE};
 use crate::idle::{Activity, Tracked};
 use crate::server::ConnectionHandler;
@@ -188,6 +192,7 @@ pub(crate) struct DnsHandler {
     pub(crate) policy: Policy,
     pub(crate) recorder: Recorder,
     pub(crate) limiter: Arc<DnsLimiter>,
+    pub(crate) bindings: Arc<Bindings>,
     pub(crate) idle_timeout: Duration,
 }
 
@@ -233,6 +238,11 @@ impl DnsHandler {
         if let Some(limit) = answer.summarized {
             self.limiter.refused(limit, &query.qname);
             return Some(encode(&message));
+        }
+        if answer.outcome == Outcome::Allowed {
+            let addresses: Vec<IpAddr> = answer.answers.iter().filter_map(record_ip).collect();
+            let ttl = answer.answers.iter().map(|r| r.ttl).min().unwrap_or(0);
+            self.bindings.bind(&query.qname, addresses, Duration::from_secs(u64::from(ttl)));
         }
         self.record(DnsEvent {
             time,

@@ -1,5 +1,6 @@
 //! The public entry point: both handlers of one sandbox, sharing the resolver
-//! cache, the address guard, the CA and the DNS limits.
+//! cache, the address guard, the CA, the DNS limits and the names of the
+//! addresses the DNS handler answered with.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -7,6 +8,7 @@ use std::sync::Arc;
 use sandbox_policy::Policy;
 use sandbox_telemetry::Recorder;
 
+use crate::bindings::Bindings;
 use crate::ca::SandboxCa;
 use crate::config::NetConfig;
 use crate::dns::DnsHandler;
@@ -30,6 +32,7 @@ pub struct Handlers {
     policy: Policy,
     recorder: Recorder,
     dns_limiter: Arc<DnsLimiter>,
+    bindings: Arc<Bindings>,
 }
 
 impl Handlers {
@@ -39,7 +42,8 @@ impl Handlers {
         let ca = Arc::new(SandboxCa::load_or_create(&config.ca_dir)?);
         let upstream = Arc::new(Upstream::new(&config)?);
         let dns_limiter = Arc::new(DnsLimiter::new(policy.engine().dns_limits(), recorder.clone()));
-        Ok(Handlers { config, upstream, ca, policy, recorder, dns_limiter })
+        let bindings = Arc::default();
+        Ok(Handlers { config, upstream, ca, policy, recorder, dns_limiter, bindings })
     }
 
     /// The sandbox CA whose certificate the guest must trust.
@@ -55,6 +59,7 @@ impl Handlers {
             policy: self.policy.clone(),
             recorder: self.recorder.clone(),
             limiter: self.dns_limiter.clone(),
+            bindings: self.bindings.clone(),
             idle_timeout: self.config.idle_timeout,
         };
         Server::bind(path, self.config.max_connections, Arc::new(handler))
@@ -68,6 +73,7 @@ impl Handlers {
             self.ca.clone(),
             self.policy.clone(),
             self.recorder.clone(),
+            self.bindings.clone(),
             &self.config,
         )?;
         Server::bind(path, self.config.max_connections, Arc::new(handler))

@@ -13,6 +13,7 @@
 //! guest connections there) and record every query, request and failed
 //! connection in the sandbox's telemetry.
 
+pub mod bindings;
 pub mod ca;
 pub mod client_hello;
 pub mod config;

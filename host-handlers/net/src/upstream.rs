@@ -94,6 +94,31 @@ impl Upstream {
         Ok(UpstreamStream { inner: stream })
     }
 
+    /// Open a plain TCP connection to `host:port` (resolved on the host, every
+    /// address guarded), for connections spliced without inspection.
+    pub async fn connect_tcp(&self, host: &str, port: u16) -> Result<TcpStream> {
+        let deadline = Instant::now() + self.connect_timeout;
+        timeout_at(deadline, self.dial(host, port))
+            .await
+            .map_err(|_| Error::ConnectTimeout { host: host.to_owned() })?
+    }
+
+    /// Open a plain TCP connection to the address `ip` itself (a rule allowed
+    /// it by address), if the address guard permits it.
+    pub async fn connect_address(&self, ip: IpAddr, port: u16) -> Result<TcpStream> {
+        let host = ip.to_string();
+        if self.guard.check(ip).is_err() {
+            return Err(Error::AddressRefused { host, refused: vec![ip] });
+        }
+        let addr = SocketAddr::new(ip, port);
+        let stream = timeout_at(Instant::now() + self.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| Error::ConnectTimeout { host })?
+            .map_err(|source| Error::Connect { addr, source })?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
     /// Resolve `host` and connect to the first permitted address that answers.
     async fn dial(&self, host: &str, port: u16) -> Result<TcpStream> {
         let resolve_error = |message: String| Error::Resolve { host: host.to_owned(), message };

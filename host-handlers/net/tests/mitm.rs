@@ -483,7 +483,13 @@ async fn forged_port_is_blocked_unless_a_rule_names_it() {
     assert!(body.contains("no rule allows this request"), "{body}");
     assert_eq!(h.upstream.connections(), before, "the upstream was reached on a port no rule names");
 
-    // The same host on 443 is what the rule allows (nothing listens there: 502).
+    // The same host on 443 is what the rule allows (nothing listens there:
+    // 502), once the sandbox resolved the name: the address then has a name
+    // and HTTPS to it is inspected without a tcp.connect rule.
+    let answer = sandbox_net::fixtures::dns_query(&h.dns_socket(), "only443.test.", hickory_proto::rr::RecordType::A)
+        .await
+        .unwrap();
+    assert_eq!(answer.answers.len(), 1);
     let port443 = SocketAddr::new(h.upstream_addr().ip(), 443);
     let mut sender = h.guest.http1("only443.test", port443).await.unwrap();
     let (status, body) = text(sender.send_request(get("only443.test", "/hello")).await.unwrap()).await;

@@ -34,6 +34,8 @@ fn net(seq: u64, with_model_call: bool) -> NetEvent {
         finished: SystemTime::now(),
         domain: format!("api{seq}.example.com"),
         port: Some(443),
+        ip: None,
+        mode: Some("inspect".into()),
         sni: Some("api.example.com".into()),
         method: Some("POST".into()),
         path: Some("/v1/messages".into()),

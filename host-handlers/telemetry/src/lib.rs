@@ -98,6 +98,11 @@ pub struct NetEvent {
     pub domain: String,
     /// The destination port the guest connected to, once known.
     pub port: Option<u16>,
+    /// The destination address the guest connected to, once known.
+    pub ip: Option<String>,
+    /// How the connection was carried (`inspect`, `passthrough`, `tcp`,
+    /// `http`), once decided.
+    pub mode: Option<String>,
     pub sni: Option<String>,
     pub method: Option<String>,
     pub path: Option<String>,

@@ -94,6 +94,8 @@ pub struct NetRow {
     pub duration_ms: i64,
     pub domain: String,
     pub port: Option<i64>,
+    pub ip: Option<String>,
+    pub mode: Option<String>,
     pub sni: Option<String>,
     pub method: Option<String>,
     pub path: Option<String>,
@@ -244,6 +246,9 @@ impl LogRow {
                 extra("error", opt(&r.error));
             }
             LogRow::Net(r) => {
+                extra("mode", r.mode.as_deref().filter(|mode| *mode != "inspect").map(printable).unwrap_or_default());
+                extra("ip", opt(&r.ip));
+                extra("sni", if r.sni.as_deref() == Some(r.domain.as_str()) { String::new() } else { opt(&r.sni) });
                 extra("rule", opt(&r.matched_rule));
                 extra("error", opt(&r.error));
             }
@@ -388,7 +393,7 @@ const NET_SQL: &str = concat!(
     iso_time!("started_ms"),
     ", started_ms, finished_ms, duration_ms, domain, sni, method, path, status_code, decision, \
      matched_rule, bytes_sent, bytes_received, request_headers, request_body_preview, request_body_binary, \
-     response_body_preview, response_body_binary, error, port FROM net_events WHERE id > ?1 ORDER BY id LIMIT ?2"
+     response_body_preview, response_body_binary, error, port, ip, mode FROM net_events WHERE id > ?1 ORDER BY id LIMIT ?2"
 );
 
 const AI_SQL: &str = concat!(
@@ -461,6 +466,8 @@ fn net_row(row: &Row<'_>) -> rusqlite::Result<LogRow> {
         response_body_binary: row.get(18)?,
         error: row.get(19)?,
         port: row.get(20)?,
+        ip: row.get(21)?,
+        mode: row.get(22)?,
     }))
 }
 

@@ -84,9 +84,15 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX tool_calls_model_call ON tool_calls (model_call_id);
     "#,
-    // 2: the destination port of each connection (NULL when the connection
-    // failed before the guest said where it was going).
-    "ALTER TABLE net_events ADD COLUMN port INTEGER;",
+    // 2: where each connection went and how it was carried: the destination
+    // address and port the guest connected to (NULL when the connection
+    // failed before the guest said), and the connect mode (inspect,
+    // passthrough, tcp, http; NULL when no decision was reached).
+    r#"
+    ALTER TABLE net_events ADD COLUMN port INTEGER;
+    ALTER TABLE net_events ADD COLUMN ip TEXT;
+    ALTER TABLE net_events ADD COLUMN mode TEXT;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -230,8 +230,8 @@ fn insert_net(tx: &Transaction<'_>, event: &NetEvent, prices: &PriceTable) -> ru
     tx.prepare_cached(
         "INSERT INTO net_events (started_ms, finished_ms, duration_ms, domain, sni, method, path, \
          status_code, decision, matched_rule, bytes_sent, bytes_received, request_headers, \
-         request_body_preview, request_body_binary, response_body_preview, response_body_binary, error, port) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+         request_body_preview, request_body_binary, response_body_preview, response_body_binary, error, port, ip, mode) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)",
     )?
     .execute(params![
         started,
@@ -253,6 +253,8 @@ fn insert_net(tx: &Transaction<'_>, event: &NetEvent, prices: &PriceTable) -> ru
         response_binary,
         opt_text(event.error.as_ref()),
         event.port,
+        opt_text(event.ip.as_ref()),
+        opt_text(event.mode.as_ref()),
     ])?;
     if let Some(call) = &event.model_call {
         let net_event_id = tx.last_insert_rowid();

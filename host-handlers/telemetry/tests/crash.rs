@@ -60,6 +60,8 @@ fn net(seq: u64) -> NetEvent {
         finished: SystemTime::now(),
         domain: format!("{seq}.net.test"),
         port: Some(443),
+        ip: None,
+        mode: Some("inspect".into()),
         sni: None,
         method: Some("POST".into()),
         path: Some("/v1/messages".into()),

@@ -55,6 +55,8 @@ fn net(seq: u64) -> NetEvent {
         finished: SystemTime::now(),
         domain: format!("api{seq}.example.com"),
         port: Some(443),
+        ip: None,
+        mode: Some("inspect".into()),
         sni: None,
         method: Some("GET".into()),
         path: Some("/v1/items?page=2".into()),

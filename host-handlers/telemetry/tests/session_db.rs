@@ -41,6 +41,8 @@ fn net(domain: &str, ms: u64) -> NetEvent {
         finished: at(ms + 250),
         domain: domain.into(),
         port: Some(443),
+        ip: None,
+        mode: Some("inspect".into()),
         sni: Some(domain.into()),
         method: Some("POST".into()),
         path: Some("/v1/messages".into()),

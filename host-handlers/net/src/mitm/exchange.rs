@@ -39,7 +39,7 @@ impl Capture {
     }
 
     /// Count bytes without keeping them (tunnelled streams).
-    fn count(&self, bytes: usize) {
+    pub(crate) fn count(&self, bytes: usize) {
         self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
@@ -60,6 +60,8 @@ fn blank_event(started: SystemTime, domain: String, sni: Option<String>) -> NetE
         finished: started,
         domain,
         port: None,
+        ip: None,
+        mode: None,
         sni,
         method: None,
         path: None,

@@ -1,7 +1,17 @@
-//! The MITM TLS handler (vsock port 5002).
+//! The connection handler (vsock port 5002): every TCP connection the guest
+//! opens to anything outside it arrives here, and nothing is sent anywhere
+//! before it is decided.
 //!
-//! Per guest connection: read the PROXY v1 header (original destination), read
-//! the ClientHello and take its SNI (none: blocked), present a leaf for that name
+//! Per guest connection: read the PROXY v1 header (original destination) and
+//! raise `tcp.connect` with the name the sandbox's DNS handler answered with
+//! that address (none: empty host, only a rule naming `tcp.connect.ip` can
+//! allow it) and the port. The allowing rule's mode says how the connection
+//! is carried ([`splice`] for `tcp` and `passthrough`); with no `tcp.connect`
+//! rule matching, HTTPS (port 443) to a resolved name is inspected and
+//! anything else is blocked.
+//!
+//! Inspection (the MITM): read the ClientHello and take its SNI (none:
+//! blocked), present a leaf for that name
 //! signed by the sandbox CA, and serve HTTP/1.1 (keep-alive, chunked, upgrades)
 //! and HTTP/2 (many streams) with hyper. Each request is decided by the policy
 //! and, if allowed, forwarded to the host the SNI names (resolved on the host)
@@ -15,7 +25,9 @@
 
 mod exchange;
 mod request;
+mod splice;
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -28,7 +40,7 @@ use hyper_util::server::conn::auto;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
-use sandbox_policy::Policy;
+use sandbox_policy::{ConnectMode, Decision, Event, Policy, TcpConnect, HTTPS_PORT};
 use sandbox_telemetry::{Outcome, Recorder};
 use tokio::io::BufReader;
 use tokio::net::UnixStream;
@@ -40,6 +52,7 @@ use crate::client_hello::read_client_hello;
 use crate::config::NetConfig;
 use crate::error::Result;
 use crate::idle::{Activity, Tracked};
+use crate::bindings::Bindings;
 use crate::proxy_header::{ProxyHeader, MAX_LEN};
 use crate::server::ConnectionHandler;
 use crate::upstream::{Upstream, UpstreamConnector};
@@ -66,6 +79,7 @@ pub(crate) struct MitmHandler {
     http: auto::Builder<TokioExecutor>,
     policy: Policy,
     recorder: Recorder,
+    bindings: Arc<Bindings>,
     handshake_timeout: Duration,
     response_timeout: Duration,
     idle_timeout: Duration,
@@ -80,11 +94,36 @@ impl ResolvesServerCert for LeafCache {
 }
 
 /// What is known about a connection that failed before its first request.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Setup {
     domain: String,
     port: Option<u16>,
+    ip: Option<IpAddr>,
+    mode: Option<ConnectMode>,
     sni: Option<String>,
+}
+
+/// Where a connection goes, as `tcp.connect` decided.
+#[derive(Debug, Clone)]
+pub(crate) struct Destination {
+    /// The name the sandbox resolved the address from; empty if none.
+    pub(crate) host: String,
+    pub(crate) ip: IpAddr,
+    pub(crate) port: u16,
+    pub(crate) mode: ConnectMode,
+    /// The rule that allowed it (`None`: HTTPS inspected by default).
+    pub(crate) rule: Option<String>,
+}
+
+impl Destination {
+    /// The name, or the address when there is none.
+    pub(crate) fn label(&self) -> String {
+        if self.host.is_empty() {
+            self.ip.to_string()
+        } else {
+            self.host.clone()
+        }
+    }
 }
 
 /// Why a connection ended before its first request.
@@ -107,6 +146,7 @@ impl MitmHandler {
         ca: Arc<SandboxCa>,
         policy: Policy,
         recorder: Recorder,
+        bindings: Arc<Bindings>,
         config: &NetConfig,
     ) -> Result<MitmHandler> {
         let leaves = Arc::new(LeafCache::new(ca));
@@ -137,24 +177,47 @@ impl MitmHandler {
             http,
             policy,
             recorder,
+            bindings,
             handshake_timeout: config.handshake_timeout,
             response_timeout: config.response_timeout,
             idle_timeout: config.idle_timeout,
         })
     }
 
-    /// PROXY header, ClientHello, leaf, TLS handshake.
-    async fn accept(
+    /// The `tcp.connect` decision for the destination the guest announced.
+    async fn decide_connection(&self, header: &ProxyHeader) -> std::result::Result<Destination, SetupFailure> {
+        let ip = header.destination.ip().to_canonical();
+        let port = header.destination.port();
+        let host = self.bindings.name_of(ip).unwrap_or_default();
+        let event = Event::TcpConnect(TcpConnect { host: host.clone(), ip: Some(ip), port });
+        let verdict = self.policy.decide(&event).await;
+        let mode = match (verdict.decision, verdict.mode) {
+            (Decision::Allow, mode) => mode.unwrap_or(ConnectMode::Inspect),
+            // No tcp.connect rule: HTTPS to a name the sandbox resolved is
+            // inspected, and each request is decided by the http rules.
+            (_, _) if verdict.rule.is_none() && port == HTTPS_PORT && !host.is_empty() => ConnectMode::Inspect,
+            _ => {
+                let target = if host.is_empty() {
+                    format!("{ip}:{port} (an address the sandbox did not resolve through its DNS)")
+                } else {
+                    format!("{host}:{port} ({ip})")
+                };
+                let error = match &verdict.rule {
+                    Some(rule) => format!("connection to {target} blocked by sandbox policy rule {rule}"),
+                    None => format!("connection to {target} blocked: no tcp.connect rule allows it"),
+                };
+                return Err(SetupFailure { outcome: Outcome::Denied, rule: verdict.rule, error });
+            }
+        };
+        Ok(Destination { host, ip, port, mode, rule: verdict.rule })
+    }
+
+    /// ClientHello, leaf, TLS handshake.
+    async fn accept_tls(
         &self,
         setup: &mut Setup,
-        stream: Tracked<UnixStream>,
-    ) -> std::result::Result<(ProxyHeader, String, GuestStream), SetupFailure> {
-        // The header is read through a small buffer so that little of the
-        // ClientHello behind it is copied twice; the buffer stays in the stream.
-        let mut io = BufReader::with_capacity(2 * MAX_LEN, stream);
-        let header = ProxyHeader::read(&mut io).await.map_err(SetupFailure::error)?;
-        setup.domain = header.destination.ip().to_string();
-        setup.port = Some(header.destination.port());
+        io: BufReader<Tracked<UnixStream>>,
+    ) -> std::result::Result<(String, GuestStream), SetupFailure> {
         let (hello, start) = read_client_hello(io).await.map_err(SetupFailure::error)?;
         let Some(sni) = hello.sni else {
             return Err(SetupFailure {
@@ -170,36 +233,29 @@ impl MitmHandler {
             .into_stream(self.tls.clone())
             .await
             .map_err(|e| SetupFailure::error(format!("TLS handshake with the guest: {e}")))?;
-        Ok((header, sni, tls))
+        Ok((sni, tls))
     }
 
-    fn record_setup(&self, started: SystemTime, setup: Setup, failure: SetupFailure) {
-        tracing::debug!(domain = %setup.domain, error = %failure.error, "guest connection ended without a request");
-        let mut exchange = Exchange::new(self.recorder.clone(), started, setup.domain, setup.sni);
-        exchange.event.port = setup.port;
-        exchange.decide(failure.outcome, failure.rule);
-        exchange.event.error = Some(failure.error);
-    }
-}
-
-impl ConnectionHandler for MitmHandler {
-    async fn serve(self: Arc<Self>, stream: UnixStream) {
-        let started = SystemTime::now();
-        let activity = Activity::new();
-        let mut setup = Setup::default();
-        let deadline = Instant::now() + self.handshake_timeout;
-        let accepted = timeout_at(deadline, self.accept(&mut setup, Tracked::new(stream, activity.clone()))).await;
-        let (header, sni, tls) = match accepted {
+    /// Serve HTTP inside the guest's TLS, deciding each request.
+    async fn inspect(
+        self: Arc<Self>,
+        started: SystemTime,
+        mut setup: Setup,
+        io: BufReader<Tracked<UnixStream>>,
+        deadline: Instant,
+        activity: Arc<Activity>,
+        destination: Destination,
+    ) {
+        let (sni, tls) = match timeout_at(deadline, self.accept_tls(&mut setup, io)).await {
             Ok(Ok(accepted)) => accepted,
             Ok(Err(failure)) => return self.record_setup(started, setup, failure),
             Err(_) => {
-                let error = format!("no PROXY header and TLS handshake within {:?}", self.handshake_timeout);
+                let error = format!("no TLS handshake within {:?}", self.handshake_timeout);
                 return self.record_setup(started, setup, SetupFailure::error(error));
             }
         };
-
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        let conn = Arc::new(Conn::new(self.clone(), sni.clone(), header.destination.port(), h2, activity.clone()));
+        let conn = Arc::new(Conn::new(self.clone(), sni.clone(), destination, h2, activity.clone()));
         let requests = conn.requests.clone();
         let service = service_fn(move |req| {
             let conn = conn.clone();
@@ -212,8 +268,61 @@ impl ConnectionHandler for MitmHandler {
         };
         if requests.load(Ordering::Relaxed) == 0 {
             let error = ended.map_or_else(|| "closed without a request".to_owned(), |e| format!("no request: {e}"));
-            let setup = Setup { domain: sni.clone(), port: Some(header.destination.port()), sni: Some(sni) };
             self.record_setup(started, setup, SetupFailure::error(error));
+        }
+    }
+
+    fn record_setup(&self, started: SystemTime, setup: Setup, failure: SetupFailure) {
+        tracing::debug!(domain = %setup.domain, error = %failure.error, "guest connection ended without a request");
+        let mut exchange = Exchange::new(self.recorder.clone(), started, setup.domain, setup.sni);
+        exchange.event.port = setup.port;
+        exchange.event.ip = setup.ip.map(|ip| ip.to_string());
+        exchange.event.mode = setup.mode.map(|mode| mode.name().to_owned());
+        exchange.decide(failure.outcome, failure.rule);
+        exchange.event.error = Some(failure.error);
+    }
+}
+
+impl ConnectionHandler for MitmHandler {
+    async fn serve(self: Arc<Self>, stream: UnixStream) {
+        let started = SystemTime::now();
+        let activity = Activity::new();
+        let mut setup = Setup::default();
+        let deadline = Instant::now() + self.handshake_timeout;
+        // The header is read through a small buffer so that little of what
+        // follows is copied twice; the buffer stays in the stream.
+        let mut io = BufReader::with_capacity(2 * MAX_LEN, Tracked::new(stream, activity.clone()));
+        let header = match timeout_at(deadline, ProxyHeader::read(&mut io)).await {
+            Ok(Ok(header)) => header,
+            Ok(Err(err)) => return self.record_setup(started, setup, SetupFailure::error(err)),
+            Err(_) => {
+                let error = format!("no PROXY header within {:?}", self.handshake_timeout);
+                return self.record_setup(started, setup, SetupFailure::error(error));
+            }
+        };
+        let ip = header.destination.ip().to_canonical();
+        setup.domain = ip.to_string();
+        setup.ip = Some(ip);
+        setup.port = Some(header.destination.port());
+        let destination = match self.decide_connection(&header).await {
+            Ok(destination) => destination,
+            Err(failure) => {
+                setup.domain = self.bindings.name_of(ip).unwrap_or(setup.domain);
+                return self.record_setup(started, setup, failure);
+            }
+        };
+        setup.domain = destination.label();
+        setup.mode = Some(destination.mode);
+        match destination.mode {
+            ConnectMode::Inspect => self.inspect(started, setup, io, deadline, activity, destination).await,
+            ConnectMode::Tcp => splice::tcp(&self, started, io, activity, destination).await,
+            ConnectMode::Passthrough => {
+                splice::passthrough(&self, started, setup, io, deadline, activity, destination).await
+            }
+            ConnectMode::Http => {
+                let error = "mode \"http\" is not served by this handler".to_owned();
+                self.record_setup(started, setup, SetupFailure::error(error));
+            }
         }
     }
 

@@ -43,7 +43,7 @@ use sandbox_telemetry::ai::StreamParser;
 use sandbox_telemetry::{redact, Outcome};
 
 use super::exchange::{CountedBody, Exchange, ObservedBody};
-use super::{MitmHandler, RequestCount};
+use super::{Destination, MitmHandler, RequestCount};
 use crate::dns::ADDRESS_GUARD_RULE;
 use crate::error::Error;
 use crate::idle::Activity;
@@ -61,6 +61,8 @@ pub(crate) struct Conn {
     handler: Arc<MitmHandler>,
     sni: String,
     port: u16,
+    /// Where the guest connected, as `tcp.connect` decided.
+    destination: Destination,
     /// The guest speaks HTTP/2.
     h2: bool,
     activity: Arc<Activity>,
@@ -117,8 +119,15 @@ async fn tunnel(guest: OnUpgrade, upstream: OnUpgrade, mut exchange: Exchange, a
 }
 
 impl Conn {
-    pub(crate) fn new(handler: Arc<MitmHandler>, sni: String, port: u16, h2: bool, activity: Arc<Activity>) -> Self {
-        Self { handler, sni, port, h2, activity, requests: RequestCount::default() }
+    pub(crate) fn new(
+        handler: Arc<MitmHandler>,
+        sni: String,
+        destination: Destination,
+        h2: bool,
+        activity: Arc<Activity>,
+    ) -> Self {
+        let port = destination.port;
+        Self { handler, sni, port, destination, h2, activity, requests: RequestCount::default() }
     }
 
     pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
@@ -126,6 +135,8 @@ impl Conn {
         let recorder = self.handler.recorder.clone();
         let mut exchange = Exchange::new(recorder, SystemTime::now(), self.sni.clone(), Some(self.sni.clone()));
         exchange.event.port = Some(self.port);
+        exchange.event.ip = Some(self.destination.ip.to_string());
+        exchange.event.mode = Some(self.destination.mode.name().to_owned());
         exchange.event.method = Some(req.method().to_string());
         exchange.event.path = Some(req.uri().path_and_query().map_or("/", |pq| pq.as_str()).to_owned());
         exchange.event.request_headers = logged_headers(req.headers(), &HashSet::new());

@@ -15,7 +15,7 @@ use sandbox_telemetry::{Recorder, SessionDb};
 
 /// Names the upstream certificate covers.
 pub const UPSTREAM_NAMES: &[&str] =
-    &["a.test", "b.test", "blocked.test", "metadata.test", "loop.test", "down.test", "only443.test"];
+    &["a.test", "b.test", "blocked.test", "metadata.test", "loop.test", "down.test", "only443.test", "pinned.test"];
 
 /// The secret the rewrite rule puts into `x-api-token`.
 pub const SECRET_TOKEN: &str = "tok-7f3a9c-secret";
@@ -33,6 +33,13 @@ on = "dns.request"
 if = 'dns.request.qname == "svc.test"'
 decision = "rewrite"
 answer = { ttl = 30, a = ["10.9.8.7"] }
+
+# The guest fixture announces the loopback upstreams' own addresses, which
+# no DNS answer gave: a rule names them.
+[security.rules.tcp.loopback_upstreams]
+on = "tcp.connect"
+if = 'tcp.connect.ip == "127.0.0.1" && tcp.connect.port >= 1024'
+decision = "allow"
 
 [security.rules.http.test_hosts]
 on = "http.request"
@@ -114,7 +121,8 @@ impl Harness {
         Self::start_with_profile(configure, "").await
     }
 
-    /// As [`Harness::start_with`], with `extra` appended to the profile.
+    /// As [`Harness::start_with`], with `extra` appended to the profile
+    /// (`UPSTREAM_PORT` in it is the upstream's port).
     pub async fn start_with_profile(configure: impl FnOnce(&mut NetConfig), extra: &str) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let dns_fixture = TestDns::start(&[
@@ -125,6 +133,9 @@ impl Harness {
             ("down.test", ip("127.0.0.1")),
             ("untrusted.test", ip("127.0.0.1")),
             ("only443.test", ip("127.0.0.1")),
+            ("pinned.test", ip("127.0.0.1")),
+            ("ssh.test", ip("127.0.0.2")),
+            ("sshblocked.test", ip("127.0.0.2")),
             ("metadata.test", ip("169.254.169.254")),
             ("private.test", ip("10.0.0.5")),
             ("mixed.test", ip("93.184.216.34")),
@@ -150,7 +161,7 @@ impl Harness {
 
         let engine = Engine::builder()
             .secrets(Secrets::none().with_value("NET_TEST_TOKEN", SECRET_TOKEN))
-            .profile(Layer::User, ProfileSource::Text { name: "net-test.toml".into(), text: profile(upstream.addr().port()) + extra })
+            .profile(Layer::User, ProfileSource::Text { name: "net-test.toml".into(), text: (PROFILE.to_owned() + extra).replace("UPSTREAM_PORT", &upstream.addr().port().to_string()) })
             .build()
             .unwrap();
         let db_path = dir.path().join("session.db");

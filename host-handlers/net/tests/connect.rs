@@ -1,0 +1,174 @@
+//! Connections decided by `tcp.connect` before anything is sent: addresses
+//! bound to the names the sandbox resolved, and the modes that carry them
+//! (`tcp`, `passthrough`), against local servers on loopback.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::Harness;
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
+use http_body_util::BodyExt;
+use hyper::header::HOST;
+use hyper::{Request, StatusCode};
+use sandbox_net::fixtures::{dns_query, empty_body, Guest};
+use sandbox_telemetry::query::NetRow;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// A TCP echo server on 127.0.0.2 (an ssh or database server stand-in),
+/// counting its connections.
+async fn echo_server() -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(AtomicU64::new(0));
+    let accepted = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            accepted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (mut reader, mut writer) = stream.split();
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+            });
+        }
+    });
+    (addr, count)
+}
+
+/// A harness whose profile lets `ssh.test` and `sshblocked.test` (whose DNS
+/// is blocked) through on the echo port in `tcp` mode, and `pinned.test`
+/// through on the upstream's port in `passthrough` mode.
+async fn harness(echo_port: u16) -> Harness {
+    let extra = format!(
+        r#"
+[security.rules.tcp.ssh]
+on = "tcp.connect"
+if = 'tcp.connect.host in ["ssh.test", "sshblocked.test"] && tcp.connect.port == {echo_port}'
+decision = "allow"
+mode = "tcp"
+priority = 10
+
+[security.rules.tcp.pinned]
+on = "tcp.connect"
+if = 'tcp.connect.host == "pinned.test" && tcp.connect.port == UPSTREAM_PORT'
+decision = "allow"
+mode = "passthrough"
+priority = 10
+
+[security.rules.dns.no_sshblocked]
+on = "dns.request"
+if = 'dns.request.qname == "sshblocked.test"'
+decision = "block"
+priority = 10
+"#
+    );
+    Harness::start_with_profile(
+        |config| config.allowed_networks = vec!["127.0.0.0/24".parse().unwrap()],
+        &extra,
+    )
+    .await
+}
+
+async fn resolve(h: &Harness, name: &str) -> ResponseCode {
+    dns_query(&h.dns_socket(), name, RecordType::A).await.unwrap().metadata.response_code
+}
+
+/// Write `data`, read until the handler or the server closes.
+async fn exchange(stream: &mut tokio::net::UnixStream, data: &[u8]) -> Vec<u8> {
+    stream.write_all(data).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut back)).await;
+    back
+}
+
+fn row<'a>(rows: &'a [NetRow], mode: Option<&str>, decision: &str) -> &'a NetRow {
+    rows.iter()
+        .find(|r| r.mode.as_deref() == mode && r.decision == decision)
+        .unwrap_or_else(|| panic!("no {mode:?} {decision} row in {rows:#?}"))
+}
+
+/// `tcp` mode to a server by name: allowed, spliced, counted. The same
+/// server by its literal address (no DNS answer named it): blocked before
+/// any byte leaves.
+#[tokio::test]
+async fn tcp_mode_by_name_is_spliced_and_by_literal_address_is_blocked() {
+    let (echo, connections) = echo_server().await;
+    let h = harness(echo.port()).await;
+
+    // Literal address first: nothing bound it yet.
+    let mut stream = h.guest.connect(echo).await.unwrap();
+    assert_eq!(exchange(&mut stream, b"SSH-2.0-literal\r\n").await, b"");
+    assert_eq!(connections.load(Ordering::SeqCst), 0, "a literal address reached the server");
+
+    // By name: the DNS answer binds the address to ssh.test.
+    assert_eq!(resolve(&h, "ssh.test.").await, ResponseCode::NoError);
+    let mut stream = h.guest.connect(echo).await.unwrap();
+    let payload = b"SSH-2.0-OpenSSH_9.2\r\nsome binary \x00\x01\x02 bytes";
+    assert_eq!(exchange(&mut stream, payload).await, payload);
+    assert_eq!(connections.load(Ordering::SeqCst), 1);
+
+    let rows = h.wait_net_rows(2).await;
+    let blocked = row(&rows, None, "denied");
+    assert_eq!((blocked.domain.as_str(), blocked.port, blocked.ip.as_deref()), ("127.0.0.2", Some(i64::from(echo.port())), Some("127.0.0.2")));
+    assert!(blocked.error.as_deref().unwrap().contains("did not resolve through its DNS"), "{:?}", blocked.error);
+    let spliced = row(&rows, Some("tcp"), "allowed");
+    assert_eq!((spliced.domain.as_str(), spliced.matched_rule.as_deref()), ("ssh.test", Some("tcp.ssh")));
+    assert_eq!((spliced.bytes_sent, spliced.bytes_received), (payload.len() as i64, payload.len() as i64));
+    h.shutdown().await;
+}
+
+/// An address from a blocked DNS query has no name: a rule for that name
+/// does not let a connection to it through.
+#[tokio::test]
+async fn address_of_a_blocked_query_is_refused() {
+    let (echo, connections) = echo_server().await;
+    let h = harness(echo.port()).await;
+    assert_eq!(resolve(&h, "sshblocked.test.").await, ResponseCode::NXDomain);
+    let mut stream = h.guest.connect(echo).await.unwrap();
+    assert_eq!(exchange(&mut stream, b"SSH-2.0-x\r\n").await, b"");
+    assert_eq!(connections.load(Ordering::SeqCst), 0);
+    let rows = h.wait_net_rows(1).await;
+    assert_eq!((rows[0].decision.as_str(), rows[0].matched_rule.as_deref()), ("denied", None));
+    h.shutdown().await;
+}
+
+/// `passthrough`: a client that trusts only the upstream's own CA (as a
+/// certificate-pinning client does) talks to the upstream end to end; one
+/// whose ClientHello names another host than the address was resolved for is
+/// refused.
+#[tokio::test]
+async fn passthrough_keeps_the_upstream_certificate_and_checks_the_sni() {
+    let (echo, _) = echo_server().await;
+    let h = harness(echo.port()).await;
+    let pinning = Guest::new(&h.mitm_socket(), h.upstream_ca.cert_pem()).unwrap();
+    assert_eq!(resolve(&h, "pinned.test.").await, ResponseCode::NoError);
+
+    let mut sender = pinning.http1("pinned.test", h.upstream_addr()).await.unwrap();
+    let request = Request::get("/hello").header(HOST, "pinned.test").body(empty_body()).unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.starts_with(b"hello pinned.test"), "{body:?}");
+    drop(sender);
+
+    // Inspected, the same client would refuse the sandbox CA's certificate;
+    // passed through, a ClientHello for another name is refused.
+    let err = pinning.http1("a.test", h.upstream_addr()).await;
+    assert!(err.is_err(), "a ClientHello for a.test went through an address resolved for pinned.test");
+
+    let rows = h.wait_net_rows(2).await;
+    let through = row(&rows, Some("passthrough"), "allowed");
+    assert_eq!((through.domain.as_str(), through.sni.as_deref()), ("pinned.test", Some("pinned.test")));
+    assert!(through.bytes_sent > 0 && through.bytes_received > 0, "{through:?}");
+    assert_eq!(through.path, None, "nothing inside passthrough TLS is seen");
+    let mismatch = row(&rows, Some("passthrough"), "denied");
+    assert_eq!(mismatch.matched_rule.as_deref(), Some("builtin.passthrough_sni_mismatch"));
+    assert_eq!(mismatch.sni.as_deref(), Some("a.test"));
+    h.shutdown().await;
+}
