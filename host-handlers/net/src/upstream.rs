@@ -91,7 +91,7 @@ impl Upstream {
             .await
             .map_err(|_| timed_out())?
             .map_err(|source| Error::UpstreamTls { host: host.to_owned(), source })?;
-        Ok(UpstreamStream { inner: stream })
+        Ok(UpstreamStream::Tls(Box::new(stream)))
     }
 
     /// Open a plain TCP connection to `host:port` (resolved on the host, every
@@ -215,44 +215,68 @@ fn build_resolver(config: &NetConfig) -> Result<TokioResolver> {
         .map_err(|e| Error::Resolver(e.to_string()))
 }
 
-/// A verified TLS connection to an upstream.
+/// A connection to an upstream: verified TLS, or plain TCP for `http://`.
 #[derive(Debug)]
-pub struct UpstreamStream {
-    inner: TlsStream<TcpStream>,
+pub enum UpstreamStream {
+    /// `https://`: TLS verified against the configured roots.
+    Tls(Box<TlsStream<TcpStream>>),
+    /// `http://` (a rule's `mode = "http"`).
+    Plain(TcpStream),
 }
 
 impl UpstreamStream {
     /// Whether the upstream chose HTTP/2.
     pub fn is_h2(&self) -> bool {
-        self.inner.get_ref().1.alpn_protocol() == Some(ALPN_H2)
+        match self {
+            UpstreamStream::Tls(tls) => tls.get_ref().1.alpn_protocol() == Some(ALPN_H2),
+            UpstreamStream::Plain(_) => false,
+        }
     }
 }
 
 impl AsyncRead for UpstreamStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        match self.get_mut() {
+            UpstreamStream::Tls(tls) => Pin::new(tls).poll_read(cx, buf),
+            UpstreamStream::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+        }
     }
 }
 
 impl AsyncWrite for UpstreamStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        match self.get_mut() {
+            UpstreamStream::Tls(tls) => Pin::new(tls).poll_write(cx, buf),
+            UpstreamStream::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+        }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        match self.get_mut() {
+            UpstreamStream::Tls(tls) => Pin::new(tls).poll_flush(cx),
+            UpstreamStream::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+        }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        match self.get_mut() {
+            UpstreamStream::Tls(tls) => Pin::new(tls).poll_shutdown(cx),
+            UpstreamStream::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
+        }
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        match self.get_mut() {
+            UpstreamStream::Tls(tls) => Pin::new(tls).poll_write_vectored(cx, bufs),
+            UpstreamStream::Plain(tcp) => Pin::new(tcp).poll_write_vectored(cx, bufs),
+        }
     }
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        match self {
+            UpstreamStream::Tls(tls) => tls.is_write_vectored(),
+            UpstreamStream::Plain(tcp) => tcp.is_write_vectored(),
+        }
     }
 }
 
@@ -267,7 +291,8 @@ impl Connection for UpstreamStream {
 }
 
 /// The connector of a pooled upstream HTTP client: `https://host:port` URIs
-/// become [`Upstream::connect`] calls, offering http/1.1 alone or h2 first.
+/// become [`Upstream::connect`] calls, offering http/1.1 alone or h2 first;
+/// `http://host:port` URIs plain [`Upstream::connect_tcp`] connections.
 #[derive(Debug, Clone)]
 pub struct UpstreamConnector {
     upstream: Arc<Upstream>,
@@ -294,6 +319,10 @@ impl tower_service::Service<Uri> for UpstreamConnector {
         let http1_only = self.http1_only;
         Box::pin(async move {
             let host = uri.host().unwrap_or_default().to_owned();
+            if uri.scheme_str() == Some("http") {
+                let port = uri.port_u16().unwrap_or(80);
+                return upstream.connect_tcp(&host, port).await.map(|tcp| TokioIo::new(UpstreamStream::Plain(tcp)));
+            }
             let port = uri.port_u16().unwrap_or(443);
             upstream.connect(&host, port, http1_only).await.map(TokioIo::new)
         })

@@ -60,6 +60,18 @@ decision = "allow"
 mode = "passthrough"
 priority = 10
 
+[security.rules.tcp.models]
+on = "tcp.connect"
+if = 'tcp.connect.host == "models.test" && tcp.connect.port == {echo_port}'
+decision = "allow"
+mode = "http"
+priority = 10
+
+[security.rules.http.models]
+on = "http.request"
+if = 'http.request.host == "models.test" && http.request.port == {echo_port} && !http.request.path.startsWith("/admin")'
+decision = "allow"
+
 [security.rules.dns.no_sshblocked]
 on = "dns.request"
 if = 'dns.request.qname == "sshblocked.test"'
@@ -170,5 +182,59 @@ async fn passthrough_keeps_the_upstream_certificate_and_checks_the_sni() {
     let mismatch = row(&rows, Some("passthrough"), "denied");
     assert_eq!(mismatch.matched_rule.as_deref(), Some("builtin.passthrough_sni_mismatch"));
     assert_eq!(mismatch.sni.as_deref(), Some("a.test"));
+    h.shutdown().await;
+}
+
+/// A plain HTTP server on 127.0.0.2 (a local model server stand-in) that
+/// answers `<method> <path> <host>`, counting its requests.
+async fn http_server() -> (SocketAddr, Arc<AtomicU64>) {
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    let listener = TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(AtomicU64::new(0));
+    let served = count.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let served = served.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    served.fetch_add(1, Ordering::SeqCst);
+                    let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
+                    let text = format!("{} {} {host}", req.method(), req.uri().path());
+                    async move { Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(text)))) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    });
+    (addr, count)
+}
+
+/// `http` mode: plain HTTP on an opted-in port, each request decided by the
+/// http rules (a blocked path gets 403 without reaching the server).
+#[tokio::test]
+async fn http_mode_inspects_plain_http() {
+    use hyper_util::rt::TokioIo;
+    let (server, requests) = http_server().await;
+    let h = harness(server.port()).await;
+    assert_eq!(resolve(&h, "models.test.").await, ResponseCode::NoError);
+    let stream = h.guest.connect(server).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+    let get = |path: &str| Request::get(path).header(HOST, format!("models.test:{}", server.port())).body(empty_body()).unwrap();
+    let response = sender.send_request(get("/api/generate")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], format!("GET /api/generate models.test:{}", server.port()).as_bytes());
+    let response = sender.send_request(get("/admin/keys")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert_eq!(requests.load(Ordering::SeqCst), 1, "the blocked request reached the server");
+
+    let rows = h.wait_net_rows(2).await;
+    let allowed = row(&rows, Some("http"), "allowed");
+    assert_eq!((allowed.path.as_deref(), allowed.status_code, allowed.sni.as_deref()), (Some("/api/generate"), Some(200), None));
+    let blocked = row(&rows, Some("http"), "denied");
+    assert_eq!((blocked.path.as_deref(), blocked.status_code), (Some("/admin/keys"), Some(403)));
     h.shutdown().await;
 }

@@ -6,7 +6,8 @@
 //! raise `tcp.connect` with the name the sandbox's DNS handler answered with
 //! that address (none: empty host, only a rule naming `tcp.connect.ip` can
 //! allow it) and the port. The allowing rule's mode says how the connection
-//! is carried ([`splice`] for `tcp` and `passthrough`); with no `tcp.connect`
+//! is carried ([`splice`] for `tcp` and `passthrough`; `http` is plain HTTP
+//! with every request decided as inside TLS); with no `tcp.connect`
 //! rule matching, HTTPS (port 443) to a resolved name is inspected and
 //! anything else is blocked.
 //!
@@ -236,6 +237,42 @@ impl MitmHandler {
         Ok((sni, tls))
     }
 
+    /// Serve plain HTTP (`mode = "http"`), deciding each request as inside
+    /// TLS; the Host must be the name the address was resolved for.
+    async fn serve_http(
+        self: Arc<Self>,
+        started: SystemTime,
+        setup: Setup,
+        io: BufReader<Tracked<UnixStream>>,
+        activity: Arc<Activity>,
+        destination: Destination,
+    ) {
+        let conn = Arc::new(Conn::new(self.clone(), destination.label(), destination, false, activity.clone()));
+        self.serve_requests(started, setup, TokioIo::new(io), conn, &activity).await;
+    }
+
+    /// Serve HTTP on `io` until the guest or the idle timeout ends it; a
+    /// connection without a request gets a row of its own.
+    async fn serve_requests<IO>(&self, started: SystemTime, setup: Setup, io: IO, conn: Arc<Conn>, activity: &Activity)
+    where
+        IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let requests = conn.requests.clone();
+        let service = service_fn(move |req| {
+            let conn = conn.clone();
+            async move { Ok::<_, std::convert::Infallible>(conn.handle(req).await) }
+        });
+        let serving = self.http.serve_connection_with_upgrades(io, service);
+        let ended = tokio::select! {
+            served = serving => served.err().map(|e| e.to_string()),
+            _ = activity.expired(self.idle_timeout) => Some(format!("idle for {:?}", self.idle_timeout)),
+        };
+        if requests.load(Ordering::Relaxed) == 0 {
+            let error = ended.map_or_else(|| "closed without a request".to_owned(), |e| format!("no request: {e}"));
+            self.record_setup(started, setup, SetupFailure::error(error));
+        }
+    }
+
     /// Serve HTTP inside the guest's TLS, deciding each request.
     async fn inspect(
         self: Arc<Self>,
@@ -255,21 +292,8 @@ impl MitmHandler {
             }
         };
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        let conn = Arc::new(Conn::new(self.clone(), sni.clone(), destination, h2, activity.clone()));
-        let requests = conn.requests.clone();
-        let service = service_fn(move |req| {
-            let conn = conn.clone();
-            async move { Ok::<_, std::convert::Infallible>(conn.handle(req).await) }
-        });
-        let serving = self.http.serve_connection_with_upgrades(TokioIo::new(tls), service);
-        let ended = tokio::select! {
-            served = serving => served.err().map(|e| e.to_string()),
-            _ = activity.expired(self.idle_timeout) => Some(format!("idle for {:?}", self.idle_timeout)),
-        };
-        if requests.load(Ordering::Relaxed) == 0 {
-            let error = ended.map_or_else(|| "closed without a request".to_owned(), |e| format!("no request: {e}"));
-            self.record_setup(started, setup, SetupFailure::error(error));
-        }
+        let conn = Arc::new(Conn::new(self.clone(), sni, destination, h2, activity.clone()));
+        self.serve_requests(started, setup, TokioIo::new(tls), conn, &activity).await;
     }
 
     fn record_setup(&self, started: SystemTime, setup: Setup, failure: SetupFailure) {
@@ -319,10 +343,7 @@ impl ConnectionHandler for MitmHandler {
             ConnectMode::Passthrough => {
                 splice::passthrough(&self, started, setup, io, deadline, activity, destination).await
             }
-            ConnectMode::Http => {
-                let error = "mode \"http\" is not served by this handler".to_owned();
-                self.record_setup(started, setup, SetupFailure::error(error));
-            }
+            ConnectMode::Http => self.serve_http(started, setup, io, activity, destination).await,
         }
     }
 

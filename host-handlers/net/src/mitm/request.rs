@@ -1,7 +1,8 @@
 //! One HTTP request inside a guest TLS connection.
 //!
-//! 1. The Host header (and `:authority`) must name the SNI of the connection;
-//!    otherwise 403 by `builtin.sni_host_mismatch` (domain fronting).
+//! 1. The Host header (and `:authority`) must name the SNI of the connection
+//!    (for plain HTTP, `mode = "http"`: the name the address was resolved
+//!    for); otherwise 403 by `builtin.sni_host_mismatch` (domain fronting).
 //! 2. The `http.request` event goes to the policy, with the port the guest
 //!    connected to (a rule must name `http.request.port` to allow one other
 //!    than 443); anything but allow is a 403 whose text body names the rule.
@@ -38,7 +39,7 @@ use hyper::http::uri::Authority;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
-use sandbox_policy::{Action, Decision, Event, HttpRequest, HttpResponse};
+use sandbox_policy::{Action, ConnectMode, Decision, Event, HttpRequest, HttpResponse};
 use sandbox_telemetry::ai::StreamParser;
 use sandbox_telemetry::{redact, Outcome};
 
@@ -47,6 +48,7 @@ use super::{Destination, MitmHandler, RequestCount};
 use crate::dns::ADDRESS_GUARD_RULE;
 use crate::error::Error;
 use crate::idle::Activity;
+use crate::upstream::UpstreamStream;
 
 /// Rule recorded when the Host of a request is not the connection's SNI.
 pub const SNI_HOST_MISMATCH_RULE: &str = "builtin.sni_host_mismatch";
@@ -63,6 +65,8 @@ pub(crate) struct Conn {
     port: u16,
     /// Where the guest connected, as `tcp.connect` decided.
     destination: Destination,
+    /// TLS inspected (`https`), or plain HTTP (`mode = "http"`).
+    tls: bool,
     /// The guest speaks HTTP/2.
     h2: bool,
     activity: Arc<Activity>,
@@ -127,13 +131,23 @@ impl Conn {
         activity: Arc<Activity>,
     ) -> Self {
         let port = destination.port;
-        Self { handler, sni, port, destination, h2, activity, requests: RequestCount::default() }
+        let tls = destination.mode != ConnectMode::Http;
+        Self { handler, sni, port, destination, tls, h2, activity, requests: RequestCount::default() }
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
         self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let recorder = self.handler.recorder.clone();
-        let mut exchange = Exchange::new(recorder, SystemTime::now(), self.sni.clone(), Some(self.sni.clone()));
+        let sni = self.tls.then(|| self.sni.clone());
+        let mut exchange = Exchange::new(recorder, SystemTime::now(), self.sni.clone(), sni);
         exchange.event.port = Some(self.port);
         exchange.event.ip = Some(self.destination.ip.to_string());
         exchange.event.mode = Some(self.destination.mode.name().to_owned());
@@ -168,7 +182,11 @@ impl Conn {
     async fn process(&self, mut req: Request<Incoming>, exchange: &mut Exchange) -> Result<Reply, Refusal> {
         let host = request_host(&req).map_err(|why| Refusal::blocked(Some(SNI_HOST_MISMATCH_RULE.into()), why))?;
         if host != self.sni {
-            let why = format!("Host {host} does not match the TLS server name {}", self.sni);
+            let why = if self.tls {
+                format!("Host {host} does not match the TLS server name {}", self.sni)
+            } else {
+                format!("Host {host} does not match the name the address was resolved for, {}", self.sni)
+            };
             return Err(Refusal::blocked(Some(SNI_HOST_MISMATCH_RULE.into()), why));
         }
         exchange.event.domain = host.clone();
@@ -179,7 +197,7 @@ impl Conn {
             path: req.uri().path().to_owned(),
             query: req.uri().query().unwrap_or_default().to_owned(),
             headers: header_map(req.headers()),
-            scheme: "https".into(),
+            scheme: self.scheme().into(),
             port: self.port,
         };
         let verdict = self.handler.policy.decide(&Event::HttpRequest(request_event.clone())).await;
@@ -243,7 +261,12 @@ impl Conn {
             upstream_req.headers_mut().insert(header::UPGRADE, upgrade);
         }
         let exchanged = tokio::time::timeout(handler.response_timeout, async {
-            let stream = handler.upstream.connect(&self.sni, self.port, true).await.map_err(BoxError::from)?;
+            let stream = if self.tls {
+                handler.upstream.connect(&self.sni, self.port, true).await
+            } else {
+                handler.upstream.connect_tcp(&self.sni, self.port).await.map(UpstreamStream::Plain)
+            };
+            let stream = stream.map_err(BoxError::from)?;
             let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
             tokio::spawn(async move {
                 if let Err(err) = connection.with_upgrades().await {
@@ -289,7 +312,7 @@ impl Conn {
 
     fn upstream_uri(&self, uri: &Uri) -> Result<Uri, Refusal> {
         let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
-        format!("https://{}:{}{path}", self.sni, self.port)
+        format!("{}://{}:{}{path}", self.scheme(), self.sni, self.port)
             .parse()
             .map_err(|e| Refusal::failed(StatusCode::BAD_REQUEST, format!("request target {uri}: {e}")))
     }

@@ -135,6 +135,7 @@ impl Harness {
             ("only443.test", ip("127.0.0.1")),
             ("pinned.test", ip("127.0.0.1")),
             ("ssh.test", ip("127.0.0.2")),
+            ("models.test", ip("127.0.0.2")),
             ("sshblocked.test", ip("127.0.0.2")),
             ("metadata.test", ip("169.254.169.254")),
             ("private.test", ip("10.0.0.5")),
