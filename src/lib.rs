@@ -34,7 +34,7 @@ pub use guest_protocol::agent::{Exec, WinSize};
 pub use instance::Instance;
 pub use registry::{SandboxRef, SandboxState};
 pub use run::{RunOutput, Sandbox, SandboxBuilder, Status};
-pub use sandbox_net::NetConfig;
+pub use sandbox_net::{NetConfig, UpstreamProxy};
 pub use sandbox_policy as policy;
 
 /// Guest memory bounds, in MiB (the VMM's).

@@ -112,6 +112,13 @@ struct RunArgs {
     /// Trust this PEM root for upstream TLS, beside the system roots.
     #[arg(long, value_name = "FILE")]
     upstream_ca: Vec<PathBuf>,
+    /// Reach every upstream through this HTTP proxy (`CONNECT`), e.g. http://proxy.corp:3128.
+    #[arg(long, value_name = "URL", value_parser = sandbox::UpstreamProxy::parse)]
+    upstream_proxy: Option<sandbox::UpstreamProxy>,
+    /// Basic credentials for the upstream proxy: the name of a secret (an
+    /// environment variable) whose value is `user:password`.
+    #[arg(long, value_name = "SECRET", requires = "upstream_proxy")]
+    upstream_proxy_secret: Option<String>,
     /// Show the guest kernel's console log on stderr.
     #[arg(long)]
     console: bool,
@@ -278,10 +285,21 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_SANDBOX_ERROR);
         }
     };
+    let mut upstream_proxy = args.upstream_proxy;
+    if let (Some(proxy), Some(secret)) = (&mut upstream_proxy, &args.upstream_proxy_secret) {
+        match std::env::var(secret) {
+            Ok(credentials) if credentials.contains(':') => proxy.credentials = Some(credentials),
+            _ => {
+                eprintln!("sandbox: --upstream-proxy-secret {secret}: set ${secret} to user:password");
+                return ExitCode::from(EXIT_SANDBOX_ERROR);
+            }
+        }
+    }
     let mut net = sandbox::NetConfig {
         dns_servers: args.dns_server,
         extra_root_files: args.upstream_ca,
         allowed_networks: args.allow_net,
+        upstream_proxy,
         ..sandbox::NetConfig::default()
     };
     net.system_roots = true;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use crate::ca::SandboxCa;
+use crate::proxy::UpstreamProxy;
 
 /// How the DNS and MITM handlers of one sandbox reach upstream.
 #[derive(Debug, Clone)]
@@ -35,6 +36,8 @@ pub struct NetConfig {
     pub dns_timeout: Duration,
     /// Most guest connections served at once per handler; more are closed.
     pub max_connections: usize,
+    /// An HTTP proxy every upstream connection goes through (`CONNECT`).
+    pub upstream_proxy: Option<UpstreamProxy>,
 }
 
 impl Default for NetConfig {
@@ -51,6 +54,7 @@ impl Default for NetConfig {
             idle_timeout: Duration::from_secs(300),
             dns_timeout: Duration::from_secs(5),
             max_connections: 1024,
+            upstream_proxy: None,
         }
     }
 }

@@ -43,6 +43,9 @@ pub enum Error {
     /// Every address of the upstream is in a range the guest may not reach.
     #[error("{host} resolves only to refused addresses ({})", format_addrs(refused))]
     AddressRefused { host: String, refused: Vec<IpAddr> },
+    /// The upstream proxy did not open a tunnel.
+    #[error("upstream proxy {proxy}, tunnel to {target}: {message}")]
+    Proxy { proxy: String, target: String, message: String },
     /// TCP connection to the upstream failed.
     #[error("connect to {addr}: {source}")]
     Connect { addr: SocketAddr, source: io::Error },

@@ -24,6 +24,7 @@ pub mod guard;
 mod handlers;
 mod idle;
 pub mod mitm;
+pub mod proxy;
 pub mod proxy_header;
 mod server;
 pub mod upstream;
@@ -33,6 +34,7 @@ pub mod fixtures;
 
 pub use ca::SandboxCa;
 pub use config::NetConfig;
+pub use proxy::UpstreamProxy;
 pub use dns_limits::DNS_LIMIT_RULE;
 pub use error::{Error, Result};
 pub use handlers::{Handlers, DNS_PORT, MITM_PORT};

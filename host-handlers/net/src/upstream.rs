@@ -5,7 +5,9 @@
 //! An upstream connection always starts from a host name (the SNI the guest sent)
 //! and resolves it on the host; the destination address the guest announced is
 //! never dialled. Every resolved address is checked by the [`AddressGuard`], and
-//! the address actually connected to is checked again before TLS starts.
+//! the address actually connected to is checked again before TLS starts. With
+//! an upstream proxy configured, connections go through its `CONNECT` tunnels
+//! (see [`crate::proxy`]) after the same resolution and checks.
 
 use std::future::Future;
 use std::io;
@@ -31,6 +33,7 @@ use tokio_rustls::TlsConnector;
 use crate::config::NetConfig;
 use crate::error::{Error, Result};
 use crate::guard::AddressGuard;
+use crate::proxy::UpstreamProxy;
 
 /// ALPN protocol ids offered to upstreams.
 const ALPN_H2: &[u8] = b"h2";
@@ -46,6 +49,7 @@ pub struct Upstream {
     /// Offers http/1.1 only, for requests that upgrade the connection.
     tls_http1: Arc<ClientConfig>,
     connect_timeout: std::time::Duration,
+    proxy: Option<UpstreamProxy>,
 }
 
 impl Upstream {
@@ -65,6 +69,7 @@ impl Upstream {
             tls_any: Arc::new(tls),
             tls_http1: Arc::new(tls_http1),
             connect_timeout: config.connect_timeout,
+            proxy: config.upstream_proxy.clone(),
         })
     }
 
@@ -111,6 +116,11 @@ impl Upstream {
             return Err(Error::AddressRefused { host, refused: vec![ip] });
         }
         let addr = SocketAddr::new(ip, port);
+        if let Some(proxy) = &self.proxy {
+            return timeout_at(Instant::now() + self.connect_timeout, proxy.connect(&addr.to_string()))
+                .await
+                .map_err(|_| Error::ConnectTimeout { host })?;
+        }
         let stream = timeout_at(Instant::now() + self.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| Error::ConnectTimeout { host })?
@@ -133,6 +143,18 @@ impl Upstream {
             return Err(Error::AddressRefused { host: host.to_owned(), refused });
         }
         let mut last_error = None;
+        if let Some(proxy) = &self.proxy {
+            // The proxy is asked for the checked address, not the name: a
+            // proxy inside a corporate network resolving the name again
+            // could be steered to an internal address nothing checked.
+            for ip in permitted {
+                match proxy.connect(&SocketAddr::new(ip, port).to_string()).await {
+                    Ok(stream) => return Ok(stream),
+                    Err(err) => last_error = Some(err),
+                }
+            }
+            return Err(last_error.unwrap_or_else(|| resolve_error("no addresses".into())));
+        }
         for ip in permitted {
             let addr = SocketAddr::new(ip, port);
             match TcpStream::connect(addr).await {
