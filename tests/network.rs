@@ -45,6 +45,12 @@ priority = 5
 on = "http.response"
 if = 'http.request.host == "allowed.test"'
 decision = "allow"
+
+[security.rules.tcp.pinned]
+on = "tcp.connect"
+if = 'tcp.connect.host == "pinned.test"'
+decision = "allow"
+mode = "passthrough"
 "#;
 
 /// Everything runs in one guest. DNS goes through musl's resolver (fetch) and
@@ -55,7 +61,7 @@ printf 'nameserver 10.0.0.1\noptions attempts:1 timeout:30\n' > /etc/resolv.conf
 check() { echo "$1=$2"; }
 body=$(fetch -s https://allowed.test/hello); check allowed $?; echo "body=$body"
 fetch -s --show-cert -o /dev/null https://allowed.test/hello 2>&1 | grep '^certificate:'
-sandbox-probe tls 10.0.0.2:443 --sni allowed.test --path /hello --cafile /usr/local/share/ca-certificates/sandbox-ca.crt
+sandbox-probe tls 127.83.0.1:443 --sni allowed.test --path /hello --cafile /usr/local/share/ca-certificates/sandbox-ca.crt
 printf 'GET /hello HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n' > /tmp/request
 openssl s_client -quiet -verify_return_error -connect allowed.test:443 -servername allowed.test < /tmp/request > /tmp/openssl.out 2>&1
 check openssl $?; echo "openssl_body=$(tail -n 1 /tmp/openssl.out)"
@@ -81,11 +87,19 @@ grep -c 'BEGIN CERTIFICATE' /etc/ssl/certs/ca-certificates.crt
 fetch -s --sha256 -o /dev/null https://allowed.test/bytes/$((MB * 1048576)) 2>&1 | grep '^sha256='
 # Guest root tries to get out.
 sandbox-probe tls 127.0.0.1:10443 --sni allowed.test --path /hello
-sandbox-probe tls 10.0.0.2:443 --sni allowed.test --host other.test --path /hello
-sandbox-probe tls 10.0.0.2:443 --sni loop.test --path /hello
+sandbox-probe tls 10.0.0.2:443 --sni allowed.test --path /hello
+sandbox-probe tls 127.83.0.1:443 --sni allowed.test --host other.test --path /hello
+sandbox-probe tls 127.83.0.1:443 --sni loop.test --path /hello
 for port in 5000 5001 22 1234; do sandbox-probe vsock-connect 2:$port; done
 sandbox-probe --timeout 3 vsock-connect 4:5002
 sandbox-probe vsock-connect 2:5002 --send 'GARBAGE NOT A PROXY LINE'
+# Passthrough: a client that trusts only the upstream's own CA, once the
+# address is bound to pinned.test; then a DNS flood under a blocked domain.
+printf '%s\n' "$UPSTREAM_CA" > /tmp/upstream-ca.pem
+sandbox-probe dns pinned.test >/dev/null
+sandbox-probe tls 127.83.0.1:443 --sni pinned.test --path /hello --cafile /tmp/upstream-ca.pem
+sandbox-probe dns-flood flood.example --count 300
+sandbox-probe dns allowed.test
 kill $(pidof net-proxy); sleep 2; pidof net-proxy >/dev/null; check proxy_restarted $?
 fetch -s https://allowed.test/hello >/dev/null; check after_restart $?
 kill -9 $(pidof dns-proxy) $(pidof net-proxy)
@@ -157,12 +171,14 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     let upstream_connections = Arc::new(AtomicU64::new(0));
     let forged_port_connections = Arc::new(AtomicU64::new(0));
     let (upstream, dns, _forwarders) = rt.block_on(async {
-        let upstream = HttpsUpstream::start(&ca, &["allowed.test", "other.test", "meta.test", "loop.test"]).await.unwrap();
+        let upstream =
+            HttpsUpstream::start(&ca, &["allowed.test", "other.test", "meta.test", "loop.test", "pinned.test"]).await.unwrap();
         let dns = TestDns::start(&[
             ("allowed.test", IpAddr::V4(UPSTREAM_IP)),
             ("other.test", IpAddr::V4(UPSTREAM_IP)),
             ("meta.test", IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254))),
             ("loop.test", IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            ("pinned.test", IpAddr::V4(UPSTREAM_IP)),
         ])
         .await
         .unwrap();
@@ -191,6 +207,7 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
         .profile(profile.to_str().unwrap())
         .net_config(net)
         .env("MB", mb.to_string())
+        .env("UPSTREAM_CA", ca.cert_pem())
         .timeout(Duration::from_secs(3600 + 60 * mb))
         .run(["/bin/sh", "-c", SCRIPT])
         .unwrap();
@@ -216,7 +233,7 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     let sandbox_ca_subject = ca_pem.parse_x509().unwrap().subject().to_string();
     let issuer = line_starting("certificate:");
     assert!(issuer.ends_with(&format!("; issuer={sandbox_ca_subject}")), "{issuer} is not issued by {sandbox_ca_subject}");
-    let second = line_starting("tls 10.0.0.2:443/sni=allowed.test/host=allowed.test ");
+    let second = line_starting("tls 127.83.0.1:443/sni=allowed.test/host=allowed.test ");
     assert!(second.contains(" ok status=200; ") && second.ends_with(&format!("; issuer={sandbox_ca_subject}")), "{second}");
     // A second TLS stack, OpenSSL's s_client, verifying against its default store.
     expect("openssl=0");
@@ -272,12 +289,16 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     // Guest root's attempts to get out.
     // Straight to net-proxy's port: the host sees destination port 10443,
     // which no rule names (the allowed.test rule allows 443 only).
+    // It is not even an address the sandbox resolved: blocked by tcp.connect.
     let forged_port = line_starting("tls 127.0.0.1:10443/sni=allowed.test/host=allowed.test ");
-    assert!(forged_port.contains(" fail status=403"), "{forged_port}");
+    assert!(forged_port.contains(" fail "), "{forged_port}");
     assert_eq!(forged_port_connections.load(Ordering::SeqCst), 0, "the upstream was reached on port 10443");
-    let fronting = line_starting("tls 10.0.0.2:443/sni=allowed.test/host=other.test ");
+    // A literal address on 443 no DNS answer gave: blocked before TLS.
+    let literal = line_starting("tls 10.0.0.2:443/sni=allowed.test/host=allowed.test ");
+    assert!(literal.contains(" fail ") && !literal.contains("status=200"), "{literal}");
+    let fronting = line_starting("tls 127.83.0.1:443/sni=allowed.test/host=other.test ");
     assert!(fronting.contains(" fail status=403"), "{fronting}");
-    let rebinding = line_starting("tls 10.0.0.2:443/sni=loop.test/host=loop.test ");
+    let rebinding = line_starting("tls 127.83.0.1:443/sni=loop.test/host=loop.test ");
     assert!(rebinding.contains(" fail status=403"), "{rebinding}");
     for port in [5000, 5001, 22, 1234] {
         let line = line_starting(&format!("vsock-connect 2:{port} "));
@@ -287,6 +308,18 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     // The MITM's own port is reachable (that is the way out), but garbage gets nothing.
     let garbage = line_starting("vsock-connect 2:5002 ");
     assert!(garbage.contains("received 0 bytes"), "{garbage}");
+    // Passthrough: the upstream's own certificate reaches the guest.
+    let upstream_ca_subject = {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(ca.cert_pem().as_bytes()).unwrap();
+        pem.parse_x509().unwrap().subject().to_string()
+    };
+    let pinned = line_starting("tls 127.83.0.1:443/sni=pinned.test/host=pinned.test ");
+    assert!(pinned.contains(" ok status=200; ") && pinned.ends_with(&format!("; issuer={upstream_ca_subject}")), "{pinned}");
+    // The DNS flood: every query answered (NXDOMAIN while the blocked budget
+    // lasts, REFUSED beyond it), and an allowed name resolves right after.
+    let flood = line_starting("dns-flood flood.example/x300 ");
+    assert!(flood.contains(" ok ") && flood.contains("Refused="), "{flood}");
+    expect_prefix("dns allowed.test/A ok ");
     expect("proxy_restarted=0");
     expect("after_restart=0");
     expect_prefix("tcp-connect 127.83.0.1:80 fail refused");
@@ -325,8 +358,26 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     };
     let dns_rows = rows(
         "SELECT qname || ' ' || qtype || ' ' || rcode || ' ' || decision || ' ' || coalesce(matched_rule, '-') || ' x' || count(*) \
-         FROM dns_events GROUP BY qname, qtype, rcode, decision, matched_rule",
+         FROM dns_events WHERE qname NOT LIKE '%flood.example' GROUP BY qname, qtype, rcode, decision, matched_rule",
     );
+    // The flood: rows while the blocked budget lasted, then summaries
+    // counting the rest; 300 in all.
+    let flood_rows: i64 = db
+        .query_row("SELECT count(*) FROM dns_events WHERE qname LIKE '%flood.example' AND qtype = 'A' AND rcode = 'NXDOMAIN'", [], |r| r.get(0))
+        .unwrap();
+    let summaries: Vec<String> = {
+        let mut stmt = db.prepare("SELECT error FROM dns_events WHERE qtype = '*' AND matched_rule = 'builtin.dns_limit'").unwrap();
+        stmt.query_map([], |r| r.get::<_, String>(0)).unwrap().map(Result::unwrap).collect()
+    };
+    let summarized: i64 = summaries.iter().map(|e| e.split_whitespace().next().unwrap().parse::<i64>().unwrap()).sum();
+    eprintln!("DNS flood of 300: {flood_rows} rows, {} summary rows counting {summarized}", summaries.len());
+    assert_eq!(flood_rows + summarized, 300, "{summaries:?}");
+    let flood_ms: i64 = db
+        .query_row("SELECT max(time_ms) - min(time_ms) FROM dns_events WHERE qname LIKE '%flood.example'", [], |r| r.get(0))
+        .unwrap();
+    let budget = 50 + 5 * (flood_ms / 1000 + 2);
+    eprintln!("the flood took {flood_ms} ms in the guest: at most {budget} rows (burst 50, 5/s)");
+    assert!(flood_rows <= budget, "{flood_rows} rows for a flood of {flood_ms} ms: over the blocked budget");
     let net_rows = rows(
         "SELECT coalesce(nullif(domain, ''), '-') || ' ' || coalesce(method, '-') || ' ' || coalesce(status_code, '-') || ' ' || decision || ' ' \
          || coalesce(matched_rule, '-') || ' x' || count(*) FROM net_events GROUP BY domain, method, status_code, decision, matched_rule",
@@ -351,8 +402,8 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
 /// and so does glibc's for openssl (AI_ADDRCONFIG: the guest has no IPv6 address).
 const EXPECTED_DNS: &[&str] = &[
     // fetch x7 (hello, show-cert, POST, port 80, port 8443, download, after the restart),
-    // openssl, probe at 192.0.2.53
-    "allowed.test A NOERROR allowed dns.test_names x9",
+    // openssl, probe at 192.0.2.53, probe after the flood
+    "allowed.test A NOERROR allowed dns.test_names x10",
     "allowed.test AAAA NOERROR allowed dns.test_names x7",
     "other.test A NOERROR allowed dns.test_names x1",
     "other.test AAAA NOERROR allowed dns.test_names x1",
@@ -362,6 +413,7 @@ const EXPECTED_DNS: &[&str] = &[
     "meta.test A NXDOMAIN denied builtin.address_guard x2",
     "meta.test AAAA NOERROR allowed dns.test_names x1",
     "loop.test A NXDOMAIN denied builtin.address_guard x1",
+    "pinned.test A NOERROR allowed dns.test_names x1",
 ];
 
 /// session.db's `net_events`, grouped: domain method status decision rule xcount.
@@ -370,8 +422,12 @@ const EXPECTED_NET: &[&str] = &[
     "allowed.test GET 200 allowed http.allowed x6",
     "other.test GET 403 denied - x1",
     "allowed.test POST 403 denied http.no_post x1",
-    // straight to net-proxy's port 10443: no rule names that port
-    "allowed.test GET 403 denied - x1",
+    // straight to net-proxy's port 10443, and a literal address on 443: no
+    // DNS answer gave either address, no tcp.connect rule allows them
+    "127.0.0.1 - - denied - x1",
+    "10.0.0.2 - - denied - x1",
+    // passthrough: nothing inside the TLS is seen
+    "pinned.test - - allowed tcp.pinned x1",
     // domain fronting: SNI allowed.test, Host other.test
     "allowed.test GET 403 denied builtin.sni_host_mismatch x1",
     // allowed by the profile, but loop.test resolves to 127.0.0.1 on the host

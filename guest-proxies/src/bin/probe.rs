@@ -50,6 +50,16 @@ enum Probe {
         #[arg(long, default_value = "10.0.0.1:53")]
         server: SocketAddr,
     },
+    /// Send COUNT queries for `<n>.SUFFIX` (n = 0..COUNT) one after the other
+    /// over one UDP socket, and count the answers by response code.
+    DnsFlood {
+        suffix: String,
+        #[arg(long, default_value_t = 100)]
+        count: u32,
+        /// The server to ask.
+        #[arg(long, default_value = "10.0.0.1:53")]
+        server: SocketAddr,
+    },
     /// Open a vsock stream to CID:PORT, optionally send bytes and read the answer.
     VsockConnect {
         /// `CID:PORT`, e.g. `2:5000` (the host).
@@ -97,6 +107,7 @@ fn main() -> ExitCode {
         Probe::TcpConnect { addr } => ("tcp-connect", tcp_connect(*addr, timeout)),
         Probe::Udp { addr } => ("udp", udp(*addr, timeout)),
         Probe::Dns { name, rtype, server } => ("dns", dns(name, rtype, *server, timeout)),
+        Probe::DnsFlood { suffix, count, server } => ("dns-flood", dns_flood(suffix, *count, *server, timeout)),
         Probe::VsockConnect { target, send } => ("vsock-connect", vsock_connect(target, send.as_deref(), timeout)),
         Probe::NatFlush => ("nat-flush", nat_flush()),
         Probe::Tls { addr, sni, host, path, cafile } => {
@@ -162,6 +173,42 @@ fn dns(name: &str, rtype: &str, server: SocketAddr, timeout: Duration) -> Outcom
             let got = rcode == hickory_proto::op::ResponseCode::NoError && !records.is_empty();
             return Ok((got, format!("rcode={rcode} answers=[{}]", records.join(","))));
         }
+    };
+    match attempt() {
+        Ok((ok, d)) => (target, ok, d),
+        Err(d) => (target, false, d),
+    }
+}
+
+fn dns_flood(suffix: &str, count: u32, server: SocketAddr, timeout: Duration) -> Outcome {
+    let target = format!("{suffix}/x{count}");
+    let attempt = || -> Result<(bool, String), String> {
+        let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| io_detail(&e))?;
+        socket.connect(server).map_err(|e| io_detail(&e))?;
+        socket.set_read_timeout(Some(timeout)).map_err(|e| io_detail(&e))?;
+        let mut rcodes = std::collections::BTreeMap::<String, u32>::new();
+        let mut buf = [0u8; 4096];
+        for n in 0..count {
+            let qname = Name::from_ascii(format!("{n}.{}.", suffix.trim_end_matches('.'))).map_err(|e| format!("bad name: {e}"))?;
+            let id = u16::try_from(n & 0xffff).unwrap_or(0);
+            let mut query = Message::new(id, MessageType::Query, OpCode::Query);
+            query.metadata.recursion_desired = true;
+            query.add_query(Query::query(qname, RecordType::A));
+            socket.send(&query.to_vec().map_err(|e| format!("encode: {e}"))?).map_err(|e| io_detail(&e))?;
+            let rcode = loop {
+                match socket.recv(&mut buf) {
+                    Ok(len) => match Message::from_vec(&buf[..len]) {
+                        Ok(answer) if answer.metadata.id == id => break answer.metadata.response_code.to_string(),
+                        _ => continue,
+                    },
+                    Err(e) => break format!("no answer ({})", io_detail(&e)),
+                }
+            };
+            *rcodes.entry(rcode).or_default() += 1;
+        }
+        let answered = rcodes.iter().filter(|(rcode, _)| !rcode.starts_with("no answer")).map(|(_, n)| n).sum::<u32>();
+        let counts: Vec<String> = rcodes.iter().map(|(rcode, n)| format!("{rcode}={n}")).collect();
+        Ok((answered == count, counts.join(" ")))
     };
     match attempt() {
         Ok((ok, d)) => (target, ok, d),

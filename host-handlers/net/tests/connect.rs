@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::Harness;
+use common::{echo_server, Harness};
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 use http_body_util::BodyExt;
@@ -20,25 +20,6 @@ use sandbox_net::fixtures::{dns_query, empty_body, Guest};
 use sandbox_telemetry::query::NetRow;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-
-/// A TCP echo server on 127.0.0.2 (an ssh or database server stand-in),
-/// counting its connections.
-async fn echo_server() -> (SocketAddr, Arc<AtomicU64>) {
-    let listener = TcpListener::bind("127.0.0.2:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let count = Arc::new(AtomicU64::new(0));
-    let accepted = count.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            accepted.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let (mut reader, mut writer) = stream.split();
-                let _ = tokio::io::copy(&mut reader, &mut writer).await;
-            });
-        }
-    });
-    (addr, count)
-}
 
 /// A harness whose profile lets `ssh.test` and `sshblocked.test` (whose DNS
 /// is blocked) through on the echo port in `tcp` mode, and `pinned.test`

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::Harness;
+use common::{echo_server, Harness};
 use hickory_proto::rr::RecordType;
 use http_body_util::BodyExt;
 use hyper::header::HOST;
@@ -79,16 +79,7 @@ impl Drop for Tinyproxy {
 async fn every_mode_goes_through_the_proxy() {
     let dir = tempfile::tempdir().unwrap();
     let proxy = Tinyproxy::start(dir.path());
-    let echo = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
-    let echo_addr = echo.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = echo.accept().await {
-            tokio::spawn(async move {
-                let (mut reader, mut writer) = stream.split();
-                let _ = tokio::io::copy(&mut reader, &mut writer).await;
-            });
-        }
-    });
+    let (echo_addr, _) = echo_server().await;
     let extra = format!(
         r#"
 [security.rules.tcp.ssh]

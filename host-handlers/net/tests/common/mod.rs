@@ -4,6 +4,8 @@
 #![allow(clippy::unwrap_used, dead_code)]
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -12,6 +14,7 @@ use sandbox_net::{Handlers, NetConfig, Server};
 use sandbox_policy::{Engine, Layer, Policy, ProfileSource, Secrets};
 use sandbox_telemetry::query::{DnsRow, LogOptions, LogReader, LogRow, NetRow};
 use sandbox_telemetry::{Recorder, SessionDb};
+use tokio::net::TcpListener;
 
 /// Names the upstream certificate covers.
 pub const UPSTREAM_NAMES: &[&str] =
@@ -250,4 +253,23 @@ impl Harness {
 
 pub fn ip(text: &str) -> IpAddr {
     text.parse().unwrap()
+}
+
+/// A TCP echo server on 127.0.0.2 (an ssh or database server stand-in),
+/// counting its connections.
+pub async fn echo_server() -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(AtomicU64::new(0));
+    let accepted = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            accepted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (mut reader, mut writer) = stream.split();
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+            });
+        }
+    });
+    (addr, count)
 }
