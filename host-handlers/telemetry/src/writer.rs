@@ -63,7 +63,15 @@ impl Writer {
     pub(crate) fn run(mut self) {
         let mut batch = Vec::with_capacity(self.max_batch);
         let mut closers: Vec<Reply> = Vec::new();
-        while let Some(first) = self.receiver.blocking_recv() {
+        loop {
+            // Once closed, what is queued is written but outstanding slots are
+            // not waited for (a slot filled later is counted as rejected).
+            let first = if closers.is_empty() {
+                self.receiver.blocking_recv()
+            } else {
+                self.receiver.try_recv().ok()
+            };
+            let Some(first) = first else { break };
             batch.push(first);
             while batch.len() < self.max_batch {
                 match self.receiver.try_recv() {
