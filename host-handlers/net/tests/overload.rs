@@ -104,10 +104,6 @@ async fn item1_log_rows_never_dropped_under_dns_flood() {
     eprintln!("DNS: {} answered, {} refused", acted.len(), refused.len());
     assert_eq!(acted.len() + refused.len(), CONNECTIONS * PER_CONNECTION);
     assert!(
-        !refused.is_empty(),
-        "the stalled writer must make the handler refuse queries"
-    );
-    assert!(
         acted.len() > CONNECTIONS,
         "queries are answered again once the writer catches up"
     );
@@ -122,6 +118,10 @@ async fn item1_log_rows_never_dropped_under_dns_flood() {
     assert_eq!(
         logged, acted,
         "one row for every query acted on, none dropped"
+    );
+    assert!(
+        !refused.is_empty(),
+        "the stalled writer must make the handler refuse queries"
     );
 
     let upstream: BTreeSet<String> = h.dns_fixture.names().into_iter().collect();
@@ -199,10 +199,6 @@ async fn item1_log_rows_never_dropped_under_https_flood() {
         forwarded.len(),
         refused.len()
     );
-    assert!(
-        !refused.is_empty(),
-        "the stalled writer must make the handler refuse requests"
-    );
     assert!(forwarded.len() > CONNECTIONS);
 
     let rows = h.wait_net_rows(forwarded.len()).await;
@@ -216,6 +212,10 @@ async fn item1_log_rows_never_dropped_under_https_flood() {
     assert_eq!(
         logged, forwarded,
         "one row for every request forwarded, none dropped"
+    );
+    assert!(
+        !refused.is_empty(),
+        "the stalled writer must make the handler refuse requests"
     );
     let upstream: BTreeSet<String> = h.upstream.requests().into_iter().collect();
     assert_eq!(
