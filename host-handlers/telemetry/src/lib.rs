@@ -53,6 +53,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 
 pub mod ai;
+mod budget;
 pub mod preview;
 pub mod query;
 pub mod redact;
@@ -242,6 +243,10 @@ struct Shared {
     rejected: AtomicU64,
     /// Events refused because no slot could be reserved in time.
     overloaded: AtomicU64,
+    /// Set once the database has reached the part of its budget kept for summaries.
+    over_budget: AtomicBool,
+    /// Events counted in `event_summaries` instead of stored as rows.
+    summarised: AtomicU64,
     on_write_failure: OnWriteFailure,
     slot_wait: Duration,
 }
@@ -270,6 +275,8 @@ impl SessionDb {
             committed: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             overloaded: AtomicU64::new(0),
+            over_budget: AtomicBool::new(false),
+            summarised: AtomicU64::new(0),
             on_write_failure: config.on_write_failure,
             slot_wait: config.slot_wait,
         });
@@ -379,8 +386,8 @@ impl Recorder {
         self.shared.failure.get().map(String::as_str)
     }
 
-    /// Events committed so far (DNS and network rows; model and tool calls
-    /// are part of their network row).
+    /// Events committed so far (DNS and network rows, and events counted in
+    /// summaries; model and tool calls are part of their network row).
     pub fn committed_events(&self) -> u64 {
         self.shared.committed.load(Ordering::Acquire)
     }
@@ -396,6 +403,19 @@ impl Recorder {
         self.shared.overloaded.load(Ordering::Relaxed)
     }
 
+    /// True once `session.db` has reached its size budget
+    /// ([`TelemetryConfig::max_db_bytes`]): events are then counted in
+    /// `event_summaries` instead of stored one row each.
+    pub fn over_budget(&self) -> bool {
+        self.shared.over_budget.load(Ordering::Acquire)
+    }
+
+    /// Events counted in `event_summaries` instead of stored as rows (they
+    /// are part of [`Recorder::committed_events`]).
+    pub fn summarised_events(&self) -> u64 {
+        self.shared.summarised.load(Ordering::Acquire)
+    }
+
     /// The counters of this session, at once.
     pub fn stats(&self) -> RecorderStats {
         RecorderStats {
@@ -403,6 +423,8 @@ impl Recorder {
             committed_events: self.committed_events(),
             rejected_events: self.rejected_events(),
             overload_refusals: self.overload_refusals(),
+            over_budget: self.over_budget(),
+            summarised_events: self.summarised_events(),
         }
     }
 
@@ -484,6 +506,10 @@ pub struct RecorderStats {
     pub rejected_events: u64,
     /// Events (queries, requests) refused because the writer was behind.
     pub overload_refusals: u64,
+    /// See [`Recorder::over_budget`].
+    pub over_budget: bool,
+    /// See [`Recorder::summarised_events`].
+    pub summarised_events: u64,
 }
 
 /// Room for one row, reserved with [`Recorder::reserve`]. Filling it cannot
