@@ -13,6 +13,17 @@
 //! DNS limits, a share of a summary row: see `dns_limits`). The addresses of
 //! allowed answers are bound to the name asked (see [`Bindings`]): that is
 //! the name a TCP connection to them is decided as.
+//!
+//! No query is acted on unless its row is queued: before answering or
+//! forwarding, the handler reserves a telemetry slot (waiting at most the
+//! recorder's `slot_wait`). Without one the query is answered SERVFAIL
+//! (transient: stub resolvers retry later, and nothing was decided) and the
+//! refusal is counted by the recorder and logged best effort.
+//!
+//! Memory: a connection holds at most [`MAX_HELD_BYTES_PER_CONNECTION`] bytes
+//! of guest frames and pending answers, and all DNS connections of a sandbox at
+//! most [`MAX_HELD_BYTES_PER_SANDBOX`]; reading pauses until bytes are released.
+//! A frame is released as soon as it is parsed, an answer once it is written.
 
 use std::io;
 use std::net::IpAddr;
@@ -25,10 +36,10 @@ use hickory_proto::rr::rdata::{A, AAAA, CNAME, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_resolver::net::{DnsError, NetError};
 use sandbox_policy::{Action, Decision, DnsRecord, DnsRequest, Event, Policy};
-use sandbox_telemetry::{DnsEvent, Outcome, Recorder};
+use sandbox_telemetry::{DnsEvent, Outcome, Recorder, Slot, TelemetryError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::bindings::Bindings;
 use crate::dns_limits::{DnsLimiter, Limit, DNS_LIMIT_RULE};
@@ -38,6 +49,12 @@ use crate::upstream::Upstream;
 
 /// Queries of one connection being answered at once; reading pauses beyond this.
 const MAX_IN_FLIGHT: usize = 64;
+/// Bytes of guest frames and unwritten answers one connection may hold (four
+/// frames of the largest size, or 64 in flight of up to 4 KiB each).
+pub const MAX_HELD_BYTES_PER_CONNECTION: usize = 256 * 1024;
+/// Bytes of guest frames and unwritten answers all DNS connections of one
+/// sandbox may hold together.
+pub const MAX_HELD_BYTES_PER_SANDBOX: usize = 4 * 1024 * 1024;
 /// UDP payload size announced in answers to EDNS queries (DNS flag day 2020).
 const EDNS_PAYLOAD: u16 = 1232;
 /// Rule name recorded when the address guard empties an answer.
@@ -104,14 +121,43 @@ pub fn parse_query(frame: &[u8]) -> Result<GuestQuery, Rejected> {
 
 /// Read one length-prefixed message; `None` at a clean end of stream.
 pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> io::Result<Option<Vec<u8>>> {
+    match read_frame_len(reader).await? {
+        Some(len) => read_frame_body(reader, len).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The length prefix of the next message; `None` at a clean end of stream.
+async fn read_frame_len<R: AsyncRead + Unpin>(reader: &mut R) -> io::Result<Option<usize>> {
     let mut len = [0u8; 2];
     if reader.read(&mut len[..1]).await? == 0 {
         return Ok(None);
     }
     reader.read_exact(&mut len[1..]).await?;
-    let mut frame = vec![0; usize::from(u16::from_be_bytes(len))];
+    Ok(Some(usize::from(u16::from_be_bytes(len))))
+}
+
+async fn read_frame_body<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> io::Result<Vec<u8>> {
+    let mut frame = vec![0; len];
     reader.read_exact(&mut frame).await?;
-    Ok(Some(frame))
+    Ok(frame)
+}
+
+/// Bytes counted against a connection's and the sandbox's bounds until dropped.
+#[derive(Debug)]
+struct Held {
+    _connection: OwnedSemaphorePermit,
+    _sandbox: OwnedSemaphorePermit,
+}
+
+impl Held {
+    /// Wait until `bytes` (at most 65,535) fit under both bounds; `None` once closed.
+    async fn acquire(connection: &Arc<Semaphore>, sandbox: &Arc<Semaphore>, bytes: usize) -> Option<Held> {
+        let bytes = u32::try_from(bytes.min(u16::MAX.into())).ok()?;
+        let connection = connection.clone().acquire_many_owned(bytes).await.ok()?;
+        let sandbox = sandbox.clone().acquire_many_owned(bytes).await.ok()?;
+        Some(Held { _connection: connection, _sandbox: sandbox })
+    }
 }
 
 async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, message: &[u8]) -> io::Result<()> {
@@ -194,20 +240,31 @@ pub(crate) struct DnsHandler {
     pub(crate) limiter: Arc<DnsLimiter>,
     pub(crate) bindings: Arc<Bindings>,
     pub(crate) idle_timeout: Duration,
+    /// Bytes all connections may still hold ([`MAX_HELD_BYTES_PER_SANDBOX`]).
+    pub(crate) held: Arc<Semaphore>,
 }
 
 impl DnsHandler {
-    /// Answer one framed message; `None` if it has no ID to answer to.
-    async fn respond(&self, frame: Vec<u8>) -> Option<Vec<u8>> {
+    /// Answer one framed message; `None` if it has no ID to answer to. The
+    /// frame and the bytes it holds are released once it is parsed.
+    async fn respond(&self, frame: Vec<u8>, held: Held) -> Option<Vec<u8>> {
         let time = SystemTime::now();
-        let query = match parse_query(&frame) {
+        let parsed = parse_query(&frame);
+        let id = (frame.len() >= 2).then(|| u16::from_be_bytes([frame[0], frame[1]]));
+        drop(frame);
+        drop(held);
+        let slot = match self.reserve().await {
+            Ok(slot) => slot,
+            Err(err) => return self.refuse(time, id, parsed, &err),
+        };
+        let query = match parsed {
             Ok(query) => query,
             Err(rejected) => {
                 if !self.limiter.take_blocked() {
                     self.limiter.refused(Limit::Blocked, &rejected.qname);
                     return rejected.response;
                 }
-                self.record(DnsEvent {
+                record_in(slot, self, DnsEvent {
                     time,
                     qname: rejected.qname,
                     qtype: rejected.qtype,
@@ -244,7 +301,7 @@ impl DnsHandler {
             let ttl = answer.answers.iter().map(|r| r.ttl).min().unwrap_or(0);
             self.bindings.bind(&query.qname, addresses, Duration::from_secs(u64::from(ttl)));
         }
-        self.record(DnsEvent {
+        record_in(slot, self, DnsEvent {
             time,
             qname: query.qname,
             qtype: query.qtype,
@@ -342,9 +399,46 @@ impl DnsHandler {
         }
     }
 
+    /// Room for the row of a query about to be acted on. `Ok(None)`: the
+    /// writer has failed and the sandbox is configured to keep serving.
+    async fn reserve(&self) -> Result<Option<Slot>, TelemetryError> {
+        match self.recorder.reserve().await {
+            Ok(slot) => Ok(Some(slot)),
+            Err(err @ TelemetryError::Overloaded(_)) => Err(err),
+            Err(_) if self.recorder.accept_new_connections() => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Answer SERVFAIL without acting on the query, and record that best effort.
+    fn refuse(&self, time: SystemTime, id: Option<u16>, parsed: Result<GuestQuery, Rejected>, err: &TelemetryError) -> Option<Vec<u8>> {
+        let (query, qname, qtype) = match parsed {
+            Ok(q) => (Some(q.query), q.qname, q.qtype),
+            Err(rejected) => (None, rejected.qname, rejected.qtype),
+        };
+        tracing::debug!(%err, qname, "DNS query refused: its row cannot be queued");
+        self.record(DnsEvent {
+            time,
+            qname,
+            qtype,
+            rcode: rcode_text(ResponseCode::ServFail),
+            decision: Outcome::Error,
+            matched_rule: None,
+            answers: Vec::new(),
+            process_name: None,
+            trace_id: None,
+            error: Some(format!("refused, not answered: {err}")),
+        });
+        let mut message = Message::error_msg(id?, OpCode::Query, ResponseCode::ServFail);
+        message.metadata.recursion_available = true;
+        message.add_queries(query);
+        Some(encode(&message))
+    }
+
+    /// Record without a slot, best effort (connection-level events and refusals).
     fn record(&self, event: DnsEvent) {
         if let Err(err) = self.recorder.record_dns(event) {
-            tracing::error!(%err, "DNS query not recorded");
+            tracing::error!(%err, "DNS event not recorded");
         }
     }
 
@@ -361,6 +455,14 @@ impl DnsHandler {
             trace_id: None,
             error: Some(error),
         });
+    }
+}
+
+/// Record in a reserved slot, or best effort when serving without one (fail open).
+fn record_in(slot: Option<Slot>, handler: &DnsHandler, event: DnsEvent) {
+    match slot {
+        Some(slot) => slot.record_dns(event),
+        None => handler.record(event),
     }
 }
 
@@ -400,21 +502,30 @@ impl ConnectionHandler for DnsHandler {
         let (read_half, write_half) = stream.into_split();
         let mut reader = BufReader::new(Tracked::new(read_half, activity.clone()));
         let mut writer = BufWriter::new(Tracked::new(write_half, activity.clone()));
-        let (answers, mut to_write) = mpsc::channel::<Vec<u8>>(MAX_IN_FLIGHT);
+        let (answers, mut to_write) = mpsc::channel::<(Vec<u8>, Held)>(MAX_IN_FLIGHT);
         let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let connection_bytes = Arc::new(Semaphore::new(MAX_HELD_BYTES_PER_CONNECTION));
 
         let reading = async {
             loop {
                 let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
-                match read_frame(&mut reader).await {
-                    Ok(Some(frame)) => {
+                let frame = async {
+                    let Some(len) = read_frame_len(&mut reader).await? else { return Ok(None) };
+                    let Some(held) = Held::acquire(&connection_bytes, &self.held, len).await else { return Ok(None) };
+                    Ok::<_, io::Error>(Some((read_frame_body(&mut reader, len).await?, held)))
+                };
+                match frame.await {
+                    Ok(Some((frame, held))) => {
                         // Detached: a query being answered is recorded even if
                         // the connection goes away meanwhile.
                         let handler = self.clone();
                         let answers = answers.clone();
+                        let connection_bytes = connection_bytes.clone();
                         tokio::spawn(async move {
-                            if let Some(response) = handler.respond(frame).await {
-                                let _ = answers.send(response).await;
+                            if let Some(response) = handler.respond(frame, held).await {
+                                if let Some(held) = Held::acquire(&connection_bytes, &handler.held, response.len()).await {
+                                    let _ = answers.send((response, held)).await;
+                                }
                             }
                             drop(permit);
                         });
@@ -431,10 +542,11 @@ impl ConnectionHandler for DnsHandler {
             drop(answers);
         };
         let writing = async {
-            while let Some(response) = to_write.recv().await {
+            while let Some((response, held)) = to_write.recv().await {
                 if write_frame(&mut writer, &response).await.is_err() {
                     break;
                 }
+                drop(held);
                 if to_write.is_empty() && writer.flush().await.is_err() {
                     break;
                 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use sandbox_policy::Policy;
 use sandbox_telemetry::Recorder;
+use tokio::sync::Semaphore;
 
 use crate::bindings::Bindings;
 use crate::ca::SandboxCa;
@@ -33,6 +34,8 @@ pub struct Handlers {
     recorder: Recorder,
     dns_limiter: Arc<DnsLimiter>,
     bindings: Arc<Bindings>,
+    /// Bytes the DNS connections of this sandbox may still hold.
+    dns_bytes: Arc<Semaphore>,
 }
 
 impl Handlers {
@@ -43,7 +46,8 @@ impl Handlers {
         let upstream = Arc::new(Upstream::new(&config)?);
         let dns_limiter = Arc::new(DnsLimiter::new(policy.engine().dns_limits(), recorder.clone()));
         let bindings = Arc::default();
-        Ok(Handlers { config, upstream, ca, policy, recorder, dns_limiter, bindings })
+        let dns_bytes = Arc::new(Semaphore::new(crate::dns::MAX_HELD_BYTES_PER_SANDBOX));
+        Ok(Handlers { config, upstream, ca, policy, recorder, dns_limiter, bindings, dns_bytes })
     }
 
     /// The sandbox CA whose certificate the guest must trust.
@@ -61,6 +65,7 @@ impl Handlers {
             limiter: self.dns_limiter.clone(),
             bindings: self.bindings.clone(),
             idle_timeout: self.config.idle_timeout,
+            held: self.dns_bytes.clone(),
         };
         Server::bind(path, self.config.max_connections, Arc::new(handler))
     }

@@ -4,8 +4,14 @@
 //! names and shapes, extend freely):
 //! - [`SessionDb::open`] starts the single writer; [`SessionDb::recorder`] hands
 //!   out cheap clonable [`Recorder`]s for handlers.
-//! - [`Recorder::record_dns`], [`Recorder::record_net`] enqueue rows; they fail
-//!   (instead of dropping) when the writer cannot keep up or has failed, and
+//! - [`Recorder::reserve`] waits (at most [`TelemetryConfig::slot_wait`]) for
+//!   room for one row and hands out a [`Slot`]; a handler reserves before it
+//!   acts on an event and fills the slot when the row is complete, which cannot
+//!   fail for lack of room. No slot in time: the handler refuses the event
+//!   ([`TelemetryError::Overloaded`], counted in [`RecorderStats`]).
+//! - [`Recorder::record_dns`], [`Recorder::record_net`] enqueue rows without a
+//!   slot (best effort, for rows about events that were refused anyway); they
+//!   fail (instead of dropping) when the writer cannot keep up or has failed, and
 //!   [`Recorder::healthy`] tells handlers whether to accept new connections.
 //! - [`ai::StreamParser`] parses a provider response body as it streams past;
 //!   its result travels inside [`NetEvent::model_call`] so that the writer links
@@ -18,7 +24,8 @@
 //! writing connection (an OS thread rather than a tokio task, because SQLite
 //! calls block); handlers hand it rows through a bounded channel, and the
 //! writer commits whatever has queued up as one transaction, so the commit rate
-//! adapts to the load. Enqueuing never blocks: [`Recorder::record_dns`] and
+//! adapts to the load. Enqueuing into a reserved [`Slot`] never blocks and never
+//! fails for lack of room; [`Recorder::record_dns`] and
 //! [`Recorder::record_net`] are safe to call from async tasks. The async
 //! [`Recorder::record_dns_wait`] / [`Recorder::record_net_wait`] variants wait
 //! for room in the channel instead of failing with [`TelemetryError::Full`].
@@ -46,6 +53,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 
 pub mod ai;
+mod budget;
 pub mod preview;
 pub mod query;
 pub mod redact;
@@ -133,6 +141,8 @@ pub enum TelemetryError {
     WriterFailed(String),
     #[error("session database writer is overloaded")]
     Full,
+    #[error("session database writer is overloaded: no room for a row within {0:?}")]
+    Overloaded(Duration),
     #[error("session database is closed")]
     Closed,
     #[error(
@@ -167,6 +177,11 @@ pub enum OnWriteFailure {
     KeepServing,
 }
 
+/// Default of [`TelemetryConfig::slot_wait`].
+pub const DEFAULT_SLOT_WAIT: Duration = Duration::from_secs(2);
+/// Default of [`TelemetryConfig::max_db_bytes`]: 1 GiB.
+pub const DEFAULT_MAX_DB_BYTES: u64 = 1 << 30;
+
 /// Settings for [`SessionDb::open_with`].
 #[derive(Debug, Clone)]
 pub struct TelemetryConfig {
@@ -182,6 +197,15 @@ pub struct TelemetryConfig {
     pub on_write_failure: OnWriteFailure,
     /// Prices used to fill `estimated_cost_usd` of model calls that have none.
     pub prices: PriceTable,
+    /// Longest [`Recorder::reserve`] waits for room in the channel before the
+    /// event it was for is refused ([`TelemetryError::Overloaded`]).
+    pub slot_wait: Duration,
+    /// Size budget of `session.db` in bytes. Full rows are stored until the
+    /// database reaches 7/8 of it; beyond that events are counted in
+    /// `event_summaries` (per second, kind, decision and host), and once the
+    /// whole budget is used, in one running total per kind and decision.
+    /// [`Recorder::over_budget`] turns true and a warning is logged.
+    pub max_db_bytes: u64,
 }
 
 impl Default for TelemetryConfig {
@@ -192,6 +216,8 @@ impl Default for TelemetryConfig {
             busy_timeout: Duration::from_secs(5),
             on_write_failure: OnWriteFailure::default(),
             prices: PriceTable::builtin(),
+            slot_wait: DEFAULT_SLOT_WAIT,
+            max_db_bytes: DEFAULT_MAX_DB_BYTES,
         }
     }
 }
@@ -215,7 +241,14 @@ struct Shared {
     closed: AtomicBool,
     committed: AtomicU64,
     rejected: AtomicU64,
+    /// Events refused because no slot could be reserved in time.
+    overloaded: AtomicU64,
+    /// Set once the database has reached the part of its budget kept for summaries.
+    over_budget: AtomicBool,
+    /// Events counted in `event_summaries` instead of stored as rows.
+    summarised: AtomicU64,
     on_write_failure: OnWriteFailure,
+    slot_wait: Duration,
 }
 
 /// The session database and its writer.
@@ -241,7 +274,11 @@ impl SessionDb {
             closed: AtomicBool::new(false),
             committed: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            overloaded: AtomicU64::new(0),
+            over_budget: AtomicBool::new(false),
+            summarised: AtomicU64::new(0),
             on_write_failure: config.on_write_failure,
+            slot_wait: config.slot_wait,
         });
         let writer = writer::Writer::new(conn, receiver, Arc::clone(&shared), &config);
         let handle = std::thread::Builder::new()
@@ -297,6 +334,29 @@ impl Recorder {
         self.try_enqueue(Message::Net(Box::new(event)))
     }
 
+    /// Reserve room for one row, waiting at most [`TelemetryConfig::slot_wait`].
+    ///
+    /// Handlers call this before they act on an event (answer or forward a
+    /// query, forward a request) and fill the slot once the row is complete.
+    /// [`TelemetryError::Overloaded`] means the writer is too far behind: the
+    /// caller must refuse the event (it is counted in
+    /// [`RecorderStats::overload_refusals`]).
+    pub async fn reserve(&self) -> Result<Slot, TelemetryError> {
+        self.check_usable()?;
+        let wait = self.shared.slot_wait;
+        match tokio::time::timeout(wait, self.sender.clone().reserve_owned()).await {
+            Ok(Ok(permit)) => Ok(Slot {
+                permit,
+                shared: Arc::clone(&self.shared),
+            }),
+            Ok(Err(_)) => Err(self.stopped_error()),
+            Err(_) => {
+                self.shared.overloaded.fetch_add(1, Ordering::Relaxed);
+                Err(TelemetryError::Overloaded(wait))
+            }
+        }
+    }
+
     /// Queue a `dns_events` row, waiting for room if the writer is behind.
     pub async fn record_dns_wait(&self, event: DnsEvent) -> Result<(), TelemetryError> {
         self.enqueue(Message::Dns(Box::new(event))).await
@@ -326,8 +386,8 @@ impl Recorder {
         self.shared.failure.get().map(String::as_str)
     }
 
-    /// Events committed so far (DNS and network rows; model and tool calls
-    /// are part of their network row).
+    /// Events committed so far (DNS and network rows, and events counted in
+    /// summaries; model and tool calls are part of their network row).
     pub fn committed_events(&self) -> u64 {
         self.shared.committed.load(Ordering::Acquire)
     }
@@ -335,6 +395,37 @@ impl Recorder {
     /// Events refused because the channel was full or the writer had failed.
     pub fn rejected_events(&self) -> u64 {
         self.shared.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Events refused because no slot could be reserved within
+    /// [`TelemetryConfig::slot_wait`] (the writer was behind).
+    pub fn overload_refusals(&self) -> u64 {
+        self.shared.overloaded.load(Ordering::Relaxed)
+    }
+
+    /// True once `session.db` has reached its size budget
+    /// ([`TelemetryConfig::max_db_bytes`]): events are then counted in
+    /// `event_summaries` instead of stored one row each.
+    pub fn over_budget(&self) -> bool {
+        self.shared.over_budget.load(Ordering::Acquire)
+    }
+
+    /// Events counted in `event_summaries` instead of stored as rows (they
+    /// are part of [`Recorder::committed_events`]).
+    pub fn summarised_events(&self) -> u64 {
+        self.shared.summarised.load(Ordering::Acquire)
+    }
+
+    /// The counters of this session, at once.
+    pub fn stats(&self) -> RecorderStats {
+        RecorderStats {
+            healthy: self.healthy(),
+            committed_events: self.committed_events(),
+            rejected_events: self.rejected_events(),
+            overload_refusals: self.overload_refusals(),
+            over_budget: self.over_budget(),
+            summarised_events: self.summarised_events(),
+        }
     }
 
     /// Wait until every row queued before this call is committed.
@@ -401,6 +492,57 @@ impl Recorder {
             None if self.shared.closed.load(Ordering::Acquire) => TelemetryError::Closed,
             None => TelemetryError::WriterFailed("the writer has stopped".into()),
         }
+    }
+}
+
+/// Counters of a session, from [`Recorder::stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecorderStats {
+    /// See [`Recorder::healthy`].
+    pub healthy: bool,
+    /// Rows committed.
+    pub committed_events: u64,
+    /// Rows refused without a slot (channel full, writer failed or closed).
+    pub rejected_events: u64,
+    /// Events (queries, requests) refused because the writer was behind.
+    pub overload_refusals: u64,
+    /// See [`Recorder::over_budget`].
+    pub over_budget: bool,
+    /// See [`Recorder::summarised_events`].
+    pub summarised_events: u64,
+}
+
+/// Room for one row, reserved with [`Recorder::reserve`]. Filling it cannot
+/// fail for lack of room; dropping it unfilled gives the room back.
+#[derive(Debug)]
+pub struct Slot {
+    permit: mpsc::OwnedPermit<Message>,
+    shared: Arc<Shared>,
+}
+
+impl Slot {
+    /// Queue a `dns_events` row in this slot.
+    pub fn record_dns(self, event: DnsEvent) {
+        self.fill(Message::Dns(Box::new(event)));
+    }
+
+    /// Queue a `net_events` row (and its model call) in this slot.
+    pub fn record_net(self, event: NetEvent) {
+        self.fill(Message::Net(Box::new(event)));
+    }
+
+    fn fill(self, message: Message) {
+        if let Some(failure) = self.shared.failure.get() {
+            self.shared.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                failure,
+                "event not recorded: the session database writer has failed"
+            );
+        } else if self.shared.closed.load(Ordering::Acquire) {
+            self.shared.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("event not recorded: the session database was closed before it ended");
+        }
+        self.permit.send(message);
     }
 }
 

@@ -93,6 +93,20 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE net_events ADD COLUMN ip TEXT;
     ALTER TABLE net_events ADD COLUMN mode TEXT;
     "#,
+    // 3: events counted instead of stored once the database is near its size
+    // budget: per second, kind, decision and host; `second_ms` = 0 and host
+    // '*' are the running totals kept once the whole budget is used.
+    r#"
+    CREATE TABLE event_summaries (
+        id          INTEGER PRIMARY KEY,
+        second_ms   INTEGER NOT NULL,
+        kind        TEXT NOT NULL CHECK (kind IN ('dns', 'net')),
+        decision    TEXT NOT NULL CHECK (decision IN ('allowed', 'denied', 'error')),
+        host        TEXT NOT NULL,
+        count       INTEGER NOT NULL,
+        UNIQUE (second_ms, kind, decision, host)
+    );
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -128,6 +142,10 @@ pub(crate) fn open_for_writing(
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(err)?;
     conn.pragma_update(None, "foreign_keys", true)
+        .map_err(err)?;
+    // After a checkpoint the WAL is cut back to this size (it is otherwise
+    // left at its largest), so that it counts little against the budget.
+    conn.pragma_update(None, "journal_size_limit", crate::budget::WAL_SIZE_LIMIT)
         .map_err(err)?;
     migrate(&mut conn, path)?;
     Ok(conn)
@@ -217,7 +235,13 @@ mod tests {
             .pragma_query_value(None, "journal_mode", |r| r.get(0))
             .unwrap();
         assert_eq!(mode, "wal");
-        for table in ["net_events", "dns_events", "model_calls", "tool_calls"] {
+        for table in [
+            "net_events",
+            "dns_events",
+            "model_calls",
+            "tool_calls",
+            "event_summaries",
+        ] {
             let n: i64 = conn
                 .query_row(
                     "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = ?1",

@@ -5,6 +5,10 @@
 //! transaction. Under light load every row is committed at once; under heavy
 //! load transactions grow, which is what keeps SQLite fast.
 //!
+//! Rows are stored in full until `session.db` nears its size budget, then
+//! counted in summaries (see [`crate::budget`]). A blocked request's row keeps
+//! no headers and no body previews.
+//!
 //! On the first failed transaction the writer records the error in
 //! [`Shared::failure`] (making every recorder unhealthy), logs it, stops
 //! accepting messages, counts the rows that were accepted but will not be
@@ -17,9 +21,10 @@ use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::ai::ModelCall;
+use crate::budget::{Budget, Counted, Stage, MAX_TRANSACTION_BYTES};
 use crate::preview::{body_preview, truncate_str, Preview};
 use crate::{
-    redact, unix_ms, DnsEvent, Message, NetEvent, PriceTable, Shared, TelemetryConfig,
+    redact, unix_ms, DnsEvent, Message, NetEvent, Outcome, PriceTable, Shared, TelemetryConfig,
     TelemetryError,
 };
 
@@ -33,6 +38,8 @@ const MAX_HEADERS: usize = 128;
 const MAX_ANSWERS: usize = 64;
 /// Most tool calls stored per model call.
 const MAX_TOOL_CALLS: usize = 1024;
+/// Longest path and error stored for a denied request or query.
+const MAX_DENIED_TEXT: usize = 1024;
 
 type Reply = oneshot::Sender<Result<(), TelemetryError>>;
 
@@ -42,6 +49,7 @@ pub(crate) struct Writer {
     shared: Arc<Shared>,
     max_batch: usize,
     prices: PriceTable,
+    budget: Budget,
 }
 
 impl Writer {
@@ -51,19 +59,35 @@ impl Writer {
         shared: Arc<Shared>,
         config: &TelemetryConfig,
     ) -> Writer {
+        let page_size: i64 = conn
+            .pragma_query_value(None, "page_size", |row| row.get(0))
+            .unwrap_or(4096);
+        let budget = Budget::new(
+            config.max_db_bytes,
+            u64::try_from(page_size).unwrap_or(4096),
+        );
         Writer {
             conn,
             receiver,
             shared,
             max_batch: config.max_batch.max(1),
             prices: config.prices.clone(),
+            budget,
         }
     }
 
     pub(crate) fn run(mut self) {
         let mut batch = Vec::with_capacity(self.max_batch);
         let mut closers: Vec<Reply> = Vec::new();
-        while let Some(first) = self.receiver.blocking_recv() {
+        loop {
+            // Once closed, what is queued is written but outstanding slots are
+            // not waited for (a slot filled later is counted as rejected).
+            let first = if closers.is_empty() {
+                self.receiver.blocking_recv()
+            } else {
+                self.receiver.try_recv().ok()
+            };
+            let Some(first) = first else { break };
             batch.push(first);
             while batch.len() < self.max_batch {
                 match self.receiver.try_recv() {
@@ -115,17 +139,71 @@ impl Writer {
         if events.is_empty() {
             return Ok(());
         }
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let result = self.write(events);
+        if result.is_err() {
+            self.budget.discard_pending();
+        }
+        result
+    }
+
+    /// Store `events` in full or count them, in transactions of at most
+    /// [`MAX_TRANSACTION_BYTES`].
+    fn write(&mut self, events: &[Message]) -> rusqlite::Result<()> {
+        let Writer {
+            conn,
+            budget,
+            prices,
+            shared,
+            ..
+        } = self;
+        let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut start = budget.used(&tx)?;
+        let mut summarised = 0u64;
         for event in events {
+            let (full, entered) = match event {
+                Message::Dns(dns) => budget.admit(&tx, dns_size(dns))?,
+                Message::Net(net) => budget.admit(&tx, net_size(net))?,
+                Message::Flush(_) | Message::Close(_) => continue,
+            };
+            if let Some(stage) = entered {
+                announce(shared, stage);
+            }
             match event {
-                Message::Dns(dns) => insert_dns(&tx, dns)?,
-                Message::Net(net) => insert_net(&tx, net, &self.prices)?,
+                Message::Dns(dns) if full => insert_dns(&tx, dns)?,
+                Message::Net(net) if full => insert_net(&tx, net, prices)?,
+                Message::Dns(dns) => {
+                    summarised += 1;
+                    budget.count(&Counted {
+                        time_ms: unix_ms(dns.time),
+                        kind: "dns",
+                        decision: dns.decision.as_str(),
+                        host: &dns.qname,
+                    });
+                }
+                Message::Net(net) => {
+                    summarised += 1;
+                    budget.count(&Counted {
+                        time_ms: unix_ms(net.started),
+                        kind: "net",
+                        decision: net.decision.as_str(),
+                        host: &net.domain,
+                    });
+                }
                 Message::Flush(_) | Message::Close(_) => {}
             }
+            let used = budget.used(&tx)?;
+            if used.saturating_sub(start) >= MAX_TRANSACTION_BYTES {
+                tx.commit()?;
+                tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                start = used;
+            }
         }
-        tx.commit()
+        if let Some(stage) = budget.write_counts(&tx)? {
+            announce(shared, stage);
+        }
+        tx.commit()?;
+        shared.summarised.fetch_add(summarised, Ordering::AcqRel);
+        Ok(())
     }
 
     /// Make the failure visible and permanent, and account for every row
@@ -154,6 +232,106 @@ impl Writer {
             let _ = reply.send(Err(TelemetryError::WriterFailed(text.clone())));
         }
     }
+}
+
+/// Tell the sandbox that the database has reached a stage of its budget.
+fn announce(shared: &Shared, stage: Stage) {
+    shared.over_budget.store(true, Ordering::Release);
+    match stage {
+        Stage::Full => {}
+        Stage::Summaries => tracing::warn!(
+            path = %shared.path.display(),
+            "session database is near its size budget: events are now counted per second, \
+             kind, decision and host in event_summaries instead of stored one row each"
+        ),
+        Stage::Totals => tracing::warn!(
+            path = %shared.path.display(),
+            "session database has used its size budget: events are now only counted in \
+             running totals per kind and decision"
+        ),
+    }
+}
+
+/// About how many bytes a DNS row takes (an overestimate).
+fn dns_size(event: &DnsEvent) -> u64 {
+    let texts = [
+        Some(&event.qname),
+        Some(&event.qtype),
+        Some(&event.rcode),
+        event.matched_rule.as_ref(),
+        event.process_name.as_ref(),
+        event.trace_id.as_ref(),
+        event.error.as_ref(),
+    ];
+    let answers: usize = event
+        .answers
+        .iter()
+        .take(MAX_ANSWERS)
+        .map(|a| a.len().min(MAX_TEXT) + 4)
+        .sum();
+    // The qname is stored twice: in the row and in its index.
+    let qname = event.qname.len().min(MAX_TEXT);
+    let bytes = 128
+        + qname
+        + answers
+        + texts
+            .iter()
+            .flatten()
+            .map(|t| t.len().min(MAX_TEXT))
+            .sum::<usize>();
+    u64::try_from(bytes).unwrap_or(u64::MAX)
+}
+
+/// About how many bytes a network row and its model call take (an overestimate).
+fn net_size(event: &NetEvent) -> u64 {
+    let texts = [
+        Some(&event.domain),
+        Some(&event.domain),
+        event.sni.as_ref(),
+        event.method.as_ref(),
+        event.path.as_ref(),
+        event.matched_rule.as_ref(),
+        event.error.as_ref(),
+        event.ip.as_ref(),
+        event.mode.as_ref(),
+    ];
+    let mut bytes = 256
+        + texts
+            .iter()
+            .flatten()
+            .map(|t| t.len().min(MAX_TEXT))
+            .sum::<usize>();
+    if event.decision != Outcome::Denied {
+        bytes += event
+            .request_headers
+            .iter()
+            .take(MAX_HEADERS)
+            .map(|(n, v)| n.len().min(MAX_HEADER_VALUE) + v.len().min(MAX_HEADER_VALUE) + 8)
+            .sum::<usize>();
+        bytes += event
+            .request_body_preview
+            .len()
+            .min(crate::preview::PREVIEW_LIMIT)
+            * 2;
+        bytes += event
+            .response_body_preview
+            .len()
+            .min(crate::preview::PREVIEW_LIMIT)
+            * 2;
+    }
+    if let Some(call) = &event.model_call {
+        bytes += 512 + call.problems.iter().map(String::len).sum::<usize>();
+        bytes += call
+            .tool_calls
+            .iter()
+            .take(MAX_TOOL_CALLS)
+            .map(|t| {
+                128 + t.name.len().min(MAX_TEXT)
+                    + t.arguments_preview.len().min(crate::preview::PREVIEW_LIMIT)
+            })
+            .sum::<usize>();
+    }
+    u64::try_from(bytes).unwrap_or(u64::MAX)
 }
 
 fn text(value: &str) -> &str {
@@ -225,8 +403,21 @@ fn insert_net(tx: &Transaction<'_>, event: &NetEvent, prices: &PriceTable) -> ru
     let finished = unix_ms(event.finished);
     let duration = finished.saturating_sub(started).max(0);
     let path = event.path.as_deref().map(redact::path);
-    let (request_preview, request_binary) = preview_value(&event.request_body_preview);
-    let (response_preview, response_binary) = preview_value(&event.response_body_preview);
+    // A blocked request keeps what identifies it, not what it carried: a
+    // guest's refused requests cost little room however many it sends.
+    let denied = event.decision == Outcome::Denied;
+    let limit = if denied { MAX_DENIED_TEXT } else { MAX_TEXT };
+    let (headers, request_body, response_body): (&[(String, String)], &[u8], &[u8]) = if denied {
+        (&[], &[], &[])
+    } else {
+        (
+            &event.request_headers,
+            &event.request_body_preview,
+            &event.response_body_preview,
+        )
+    };
+    let (request_preview, request_binary) = preview_value(request_body);
+    let (response_preview, response_binary) = preview_value(response_body);
     tx.prepare_cached(
         "INSERT INTO net_events (started_ms, finished_ms, duration_ms, domain, sni, method, path, \
          status_code, decision, matched_rule, bytes_sent, bytes_received, request_headers, \
@@ -240,18 +431,18 @@ fn insert_net(tx: &Transaction<'_>, event: &NetEvent, prices: &PriceTable) -> ru
         text(&event.domain),
         opt_text(event.sni.as_ref()),
         opt_text(event.method.as_ref()),
-        path.as_deref().map(text),
+        path.as_deref().map(|p| truncate_str(p, limit)),
         event.status_code,
         event.decision.as_str(),
         opt_text(event.matched_rule.as_ref()),
         sql_int(event.bytes_sent),
         sql_int(event.bytes_received),
-        headers_json(&event.request_headers),
+        headers_json(headers),
         request_preview,
         request_binary,
         response_preview,
         response_binary,
-        opt_text(event.error.as_ref()),
+        event.error.as_deref().map(|e| truncate_str(e, limit)),
         event.port,
         opt_text(event.ip.as_ref()),
         opt_text(event.mode.as_ref()),

@@ -479,6 +479,82 @@ async fn a_full_channel_refuses_rows_instead_of_dropping_them() {
     db.close().await.unwrap();
 }
 
+#[tokio::test]
+async fn item1_reserved_slots_are_never_lost_and_the_overflow_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("session.db");
+    let config = TelemetryConfig {
+        channel_capacity: 4,
+        max_batch: 4,
+        busy_timeout: Duration::from_secs(30),
+        slot_wait: Duration::from_millis(100),
+        ..TelemetryConfig::default()
+    };
+    let db = SessionDb::open_with(&path, config).unwrap();
+    let recorder = db.recorder();
+    // Stall the writer behind a lock, with one row it has taken and is trying to write.
+    let lock = hold_write_lock(&path);
+    recorder
+        .reserve()
+        .await
+        .unwrap()
+        .record_dns(dns("first.example", 0));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut slots = Vec::new();
+    let mut refused = 0;
+    for _ in 0..10 {
+        match recorder.reserve().await {
+            Ok(slot) => slots.push(slot),
+            Err(TelemetryError::Overloaded(wait)) => {
+                assert_eq!(wait, Duration::from_millis(100));
+                refused += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(slots.len(), 4, "the channel's capacity");
+    assert_eq!(refused, 6);
+    assert_eq!(recorder.overload_refusals(), 6);
+    assert_eq!(recorder.stats().overload_refusals, 6);
+    // Filling the slots needs no room: it is already reserved.
+    for (i, slot) in slots.into_iter().enumerate() {
+        slot.record_dns(dns(&format!("slot{i}.example"), 1));
+    }
+    drop(lock);
+    recorder.flush().await.unwrap();
+    assert_eq!(count(&path, "dns_events"), 5);
+    assert_eq!(recorder.rejected_events(), 0);
+    // A slot dropped unfilled gives its room back.
+    for _ in 0..8 {
+        drop(recorder.reserve().await.unwrap());
+    }
+    assert!(recorder.healthy());
+    assert_eq!(db.close().await.unwrap(), 5);
+}
+
+#[tokio::test]
+async fn close_does_not_wait_for_an_unfilled_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("session.db");
+    let db = SessionDb::open(&path).unwrap();
+    let recorder = db.recorder();
+    let late = recorder.reserve().await.unwrap();
+    recorder
+        .reserve()
+        .await
+        .unwrap()
+        .record_dns(dns("kept.example", 0));
+    let closed = tokio::time::timeout(Duration::from_secs(5), db.close()).await;
+    assert_eq!(closed.expect("close returned").unwrap(), 1);
+    late.record_dns(dns("late.example", 1));
+    assert_eq!(
+        recorder.rejected_events(),
+        1,
+        "a row filled after close is counted"
+    );
+    assert_eq!(count(&path, "dns_events"), 1);
+}
+
 #[test]
 fn opening_an_unusable_path_is_an_error() {
     let dir = tempfile::tempdir().unwrap();

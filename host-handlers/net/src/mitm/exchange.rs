@@ -4,6 +4,11 @@
 //! The row is written exactly once, when the [`Exchange`] is dropped: at the end
 //! of the response body, on an error, when the guest goes away mid-body, or
 //! straight away for requests answered by the handler itself (403, 502, 504).
+//!
+//! A request is forwarded only once [`Exchange::reserve`] has a telemetry slot
+//! for its row, so that the row written at the end cannot be lost for lack of
+//! room. Rows of connections that failed before a request (and of refusals)
+//! have no slot and are recorded best effort.
 
 use std::io;
 use std::pin::Pin;
@@ -15,7 +20,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use sandbox_telemetry::ai::StreamParser;
-use sandbox_telemetry::{NetEvent, Outcome, Recorder};
+use sandbox_telemetry::{NetEvent, Outcome, Recorder, Slot, TelemetryError};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Bytes of each body kept in the row.
@@ -82,6 +87,8 @@ fn blank_event(started: SystemTime, domain: String, sni: Option<String>) -> NetE
 #[derive(Debug)]
 pub(crate) struct Exchange {
     recorder: Recorder,
+    /// Room for the row, reserved before the request is forwarded.
+    slot: Option<Slot>,
     /// The row; `bytes_*` and previews are filled in from the captures at the end.
     pub(crate) event: NetEvent,
     pub(crate) sent: Arc<Capture>,
@@ -92,7 +99,23 @@ pub(crate) struct Exchange {
 impl Exchange {
     pub(crate) fn new(recorder: Recorder, started: SystemTime, domain: String, sni: Option<String>) -> Self {
         let event = blank_event(started, domain, sni);
-        Self { recorder, event, sent: Arc::default(), received: Arc::default(), parser: None }
+        Self { recorder, slot: None, event, sent: Arc::default(), received: Arc::default(), parser: None }
+    }
+
+    /// Reserve room for the row before the request is acted on. An error means
+    /// the request must be refused: the writer is behind (`Overloaded`) or has
+    /// failed and the sandbox fails closed.
+    pub(crate) async fn reserve(&mut self) -> Result<(), TelemetryError> {
+        match self.recorder.reserve().await {
+            Ok(slot) => {
+                self.slot = Some(slot);
+                Ok(())
+            }
+            Err(err @ TelemetryError::Overloaded(_)) => Err(err),
+            // Configured to keep serving without a record (fail open).
+            Err(_) if self.recorder.accept_new_connections() => Ok(()),
+            Err(err) => Err(err),
+        }
     }
 
     /// Set how the exchange ended, with the rule that decided it.
@@ -131,6 +154,9 @@ impl Drop for Exchange {
         (event.bytes_sent, event.request_body_preview) = self.sent.take();
         (event.bytes_received, event.response_body_preview) = self.received.take();
         event.model_call = self.parser.take().map(StreamParser::finish);
+        if let Some(slot) = self.slot.take() {
+            return slot.record_net(event);
+        }
         let domain = event.domain.clone();
         if let Err(err) = self.recorder.record_net(event) {
             tracing::error!(%err, domain, "HTTP exchange not recorded");

@@ -25,6 +25,8 @@
 //!
 //! Upstream failures answer 502 (504 for timeouts); an upstream whose addresses
 //! are all refused by the address guard answers 403 by `builtin.address_guard`.
+//! A request whose row cannot be queued in time (telemetry behind) answers 503
+//! without being decided or forwarded.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -154,6 +156,14 @@ impl Conn {
         exchange.event.method = Some(req.method().to_string());
         exchange.event.path = Some(req.uri().path_and_query().map_or("/", |pq| pq.as_str()).to_owned());
         exchange.event.request_headers = logged_headers(req.headers(), &HashSet::new());
+        if let Err(err) = exchange.reserve().await {
+            let message = format!("not forwarded: {err}");
+            exchange.fail(message.clone());
+            exchange.event.status_code = Some(StatusCode::SERVICE_UNAVAILABLE.as_u16());
+            let mut response = text_response(StatusCode::SERVICE_UNAVAILABLE, message);
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return response;
+        }
         match self.process(req, &mut exchange).await {
             Ok(Reply::Stream(response)) => {
                 let (parts, body) = response.into_parts();

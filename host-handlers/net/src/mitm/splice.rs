@@ -39,6 +39,18 @@ fn exchange(handler: &MitmHandler, started: SystemTime, destination: &Destinatio
     exchange
 }
 
+/// Whether the connection's row has a slot; if not, the connection is closed
+/// without connecting upstream (its row is recorded best effort).
+async fn reserved(exchange: &mut Exchange) -> bool {
+    match exchange.reserve().await {
+        Ok(()) => true,
+        Err(err) => {
+            exchange.fail(format!("not connected: {err}"));
+            false
+        }
+    }
+}
+
 /// Connect to the destination from the host's side.
 async fn connect(handler: &MitmHandler, destination: &Destination, exchange: &mut Exchange) -> Option<TcpStream> {
     let connected = if destination.host.is_empty() {
@@ -84,6 +96,9 @@ pub(super) async fn tcp(
     destination: Destination,
 ) {
     let mut exchange = exchange(handler, started, &destination, None);
+    if !reserved(&mut exchange).await {
+        return;
+    }
     if let Some(upstream) = connect(handler, &destination, &mut exchange).await {
         relay(handler, guest, upstream, &mut exchange, &activity).await;
     }
@@ -119,6 +134,9 @@ pub(super) async fn passthrough(
         return handler.record_setup(started, setup, failure);
     }
     let mut exchange = exchange(handler, started, &destination, sni);
+    if !reserved(&mut exchange).await {
+        return;
+    }
     let Some(mut upstream) = connect(handler, &destination, &mut exchange).await else { return };
     if let Err(err) = upstream.write_all(&hello).await {
         exchange.fail(format!("send the ClientHello upstream: {err}"));

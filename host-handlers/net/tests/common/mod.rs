@@ -13,7 +13,7 @@ use sandbox_net::fixtures::{Guest, HttpsUpstream, TestCa, TestDns};
 use sandbox_net::{Handlers, NetConfig, Server};
 use sandbox_policy::{Engine, Layer, Policy, ProfileSource, Secrets};
 use sandbox_telemetry::query::{DnsRow, LogOptions, LogReader, LogRow, NetRow};
-use sandbox_telemetry::{Recorder, SessionDb};
+use sandbox_telemetry::{Recorder, SessionDb, TelemetryConfig};
 use tokio::net::TcpListener;
 
 /// Names the upstream certificate covers.
@@ -127,6 +127,15 @@ impl Harness {
     /// As [`Harness::start_with`], with `extra` appended to the profile
     /// (`UPSTREAM_PORT` in it is the upstream's port).
     pub async fn start_with_profile(configure: impl FnOnce(&mut NetConfig), extra: &str) -> Harness {
+        Self::start_with_telemetry(configure, extra, TelemetryConfig::default()).await
+    }
+
+    /// As [`Harness::start_with_profile`], with telemetry settings.
+    pub async fn start_with_telemetry(
+        configure: impl FnOnce(&mut NetConfig),
+        extra: &str,
+        telemetry: TelemetryConfig,
+    ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let dns_fixture = TestDns::start(&[
             ("a.test", ip("127.0.0.1")),
@@ -169,7 +178,7 @@ impl Harness {
             .build()
             .unwrap();
         let db_path = dir.path().join("session.db");
-        let db = SessionDb::open(&db_path).unwrap();
+        let db = SessionDb::open_with(&db_path, telemetry).unwrap();
         let recorder = db.recorder();
         let handlers = Handlers::new(config, Policy::new(engine), recorder.clone()).unwrap();
         let (dns, mitm) = handlers.serve_vsock_dir(dir.path()).unwrap();
