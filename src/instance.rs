@@ -214,6 +214,13 @@ impl Instance {
         Ok(self.agent()?.exec(exec, stdin, stdout, stderr)?)
     }
 
+    /// What the guest wrote to its serial console after the start marker:
+    /// the last 64 KiB, after a line saying how many earlier bytes were
+    /// dropped (the host keeps no more, however much the guest writes).
+    pub fn console_output(&self) -> Vec<u8> {
+        self.console.lock().map(|s| s.output_tail()).unwrap_or_default()
+    }
+
     fn console_tail(&self) -> String {
         let state = self.console.lock().map(|s| s.console.clone()).unwrap_or_default();
         let log = String::from_utf8_lossy(&state);
