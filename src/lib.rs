@@ -20,6 +20,7 @@ mod error;
 mod image;
 pub mod paths;
 pub mod agent;
+pub mod ask;
 mod console;
 mod instance;
 pub mod registry;
