@@ -282,6 +282,7 @@ fn stop_handlers(
 ) -> Result<(), Error> {
     let runtime = match runtime {
         Some(r) => r,
+        None if servers.is_empty() && session.is_none() => return Ok(()),
         None => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
