@@ -152,18 +152,20 @@ async fn item6_remembered_answers_cover_only_what_was_shown() {
     // The very question that was answered is not asked again.
     assert_eq!(policy.decide(&event(shown)).await.decision, Decision::Allow);
     assert_eq!(asker.calls(), 1);
-    // A yes for GET /a on port 443 says nothing about another method, path,
-    // query or port on the same host: each is asked.
+    // A yes for GET /a on port 443 says nothing about another method, path
+    // or query on the same host: each is asked.
     let others = [
         r#"{"event": "http.request", "host": "a.example", "method": "POST", "path": "/a"}"#,
         r#"{"event": "http.request", "host": "a.example", "method": "GET", "path": "/admin"}"#,
         r#"{"event": "http.request", "host": "a.example", "method": "GET", "path": "/a", "query": "x=1"}"#,
-        r#"{"event": "http.request", "host": "a.example", "method": "GET", "path": "/a", "port": 8443}"#,
     ];
     for (i, other) in others.iter().enumerate() {
         policy.decide(&event(other)).await;
         assert_eq!(asker.calls(), 2 + i, "{other}");
     }
+    // Nor about another port (which this ask rule does not name: blocked).
+    let port = r#"{"event": "http.request", "host": "a.example", "method": "GET", "path": "/a", "port": 8443}"#;
+    assert_eq!(policy.decide(&event(port)).await.decision, Decision::Block);
 }
 
 #[test]
