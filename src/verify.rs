@@ -892,7 +892,7 @@ mod tests {
         let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = tcp.local_addr().unwrap();
         let udp = UdpSocket::bind(addr).unwrap();
-        std::thread::spawn(move || {
+        let echo = std::thread::spawn(move || {
             let mut buf = [0u8; 512];
             if let Ok((n, from)) = udp.recv_from(&mut buf) {
                 let _ = udp.send_to(&buf[..n], from);
@@ -901,6 +901,7 @@ mod tests {
         let c = control(addr, Duration::from_secs(2));
         assert_eq!((c.tcp, c.udp), (Reach::Answered, Reach::Answered));
         // A port nothing listens on refuses both.
+        echo.join().unwrap();
         drop(tcp);
         let c = control(addr, Duration::from_secs(2));
         assert_eq!((c.tcp, c.udp), (Reach::Refused, Reach::Refused));
