@@ -202,8 +202,10 @@ pub enum CheckKind {
     DnsBypass,
     /// HTTPS to the host's loopback through the MITM: judged on the
     /// connections counted at the host-side target on port 443 and on the
-    /// MITM's decision in session.db.
-    MitmLoopback { domain: String },
+    /// MITM's decisions in session.db for port 443 of these names (the SNI,
+    /// and the address the guest connected to, which a connection refused
+    /// before its ClientHello is logged under).
+    MitmLoopback { domains: Vec<String> },
     /// TCP to an outside target, judged against the host's own attempt.
     OutsideTcp { target: SocketAddr, rules_deleted: bool },
     /// UDP to an outside target, judged against the host's own attempt.
@@ -248,6 +250,8 @@ pub struct NetDecision {
     pub decision: String,
     pub matched_rule: Option<String>,
     pub status_code: Option<i64>,
+    /// The destination port, when logged.
+    pub port: Option<i64>,
 }
 
 /// Evidence from outside the guest.
@@ -279,6 +283,7 @@ impl Evidence {
                         decision: r.decision,
                         matched_rule: r.matched_rule,
                         status_code: r.status_code,
+                        port: r.port,
                     }),
                     LogRow::Ai(_) => {}
                 }
@@ -346,8 +351,12 @@ pub fn judge(kind: &CheckKind, line: Option<&ProbeLine>, evidence: &Evidence) ->
             Some(l) => (Verdict::Blocked, l.detail.clone()),
             None => (Verdict::Inconclusive, detail.into()),
         },
-        CheckKind::MitmLoopback { domain } => {
-            let rows: Vec<&NetDecision> = evidence.net.iter().filter(|r| same_name(&r.domain, domain)).collect();
+        CheckKind::MitmLoopback { domains } => {
+            let rows: Vec<&NetDecision> = evidence
+                .net
+                .iter()
+                .filter(|r| domains.iter().any(|d| same_name(&r.domain, d)) && r.port.is_none_or(|p| p == 443))
+                .collect();
             let counted = match evidence.loopback_https_accepted {
                 Some(n) => format!("the host-side target on port 443 accepted {n}"),
                 None => "port 443 of the host's loopback could not be watched".into(),
@@ -528,7 +537,7 @@ fn attempts(config: &VerifyConfig, host: SocketAddr) -> Vec<Attempt> {
         attempt("host loopback", format!("tcp 10.0.0.2:{host_port}"), &["tcp-connect", &format!("10.0.0.2:{host_port}")]),
         attempt("host loopback", format!("vsock 2:{host_port}"), &["vsock-connect", &format!("2:{host_port}")]),
         attempt("host loopback", format!("https://{LOOPBACK_NAME}/ via the MITM"), &["tls", "10.0.0.2:443", "--sni", LOOPBACK_NAME])
-            .judged_by(CheckKind::MitmLoopback { domain: LOOPBACK_NAME.into() }),
+            .judged_by(CheckKind::MitmLoopback { domains: vec![LOOPBACK_NAME.into(), "10.0.0.2".into()] }),
         attempt("sandbox sockets", "vsock 2:5000 (agent port, host side)", &["vsock-connect", "2:5000"]),
         attempt("sandbox sockets", "vsock 2:5001", &["vsock-connect", "2:5001"]),
         attempt("sandbox sockets", "vsock 1:5002 (the guest's local CID)", &["vsock-connect", "1:5002"]),
@@ -799,7 +808,7 @@ mod tests {
 
     #[test]
     fn item4_mitm_loopback_check_counts_at_the_target() {
-        let kind = CheckKind::MitmLoopback { domain: "localhost".into() };
+        let kind = CheckKind::MitmLoopback { domains: vec!["localhost".into(), "10.0.0.2".into()] };
         let bad_gateway = line("tls 10.0.0.2:443/sni=localhost/host=localhost fail status=502; issuer CN=sandbox");
         // The MITM connected to the host's loopback: the target counted it.
         let reached = Evidence { loopback_https_accepted: Some(1), ..Evidence::default() };
@@ -808,17 +817,36 @@ mod tests {
         assert!(detail.contains("accepted 1"), "{detail}");
         // Nothing listened where it dialled, but policy and guard let it try.
         let dialled = Evidence {
-            net: vec![NetDecision { domain: "localhost".into(), decision: "error".into(), matched_rule: Some("allow_all".into()), status_code: Some(502) }],
+            net: vec![NetDecision { domain: "localhost".into(), decision: "error".into(), matched_rule: Some("allow_all".into()), status_code: Some(502), port: Some(443) }],
             ..Evidence::default()
         };
         assert_eq!(judge(&kind, Some(&bad_gateway), &dialled).0, Verdict::Escaped);
         // Sound: the target saw nothing, and the MITM's refusal is on record.
         let denied = Evidence {
-            net: vec![NetDecision { domain: "localhost".into(), decision: "denied".into(), matched_rule: Some("address-guard".into()), status_code: Some(403) }],
+            net: vec![NetDecision { domain: "localhost".into(), decision: "denied".into(), matched_rule: Some("address-guard".into()), status_code: Some(403), port: Some(443) }],
             loopback_https_accepted: Some(0),
             ..Evidence::default()
         };
         assert_eq!(judge(&kind, Some(&bad_gateway), &denied).0, Verdict::Blocked);
+        // A connection refused before its ClientHello is logged under the address.
+        let refused_early = Evidence {
+            net: vec![NetDecision { domain: "10.0.0.2".into(), decision: "denied".into(), matched_rule: None, status_code: None, port: Some(443) }],
+            ..Evidence::default()
+        };
+        assert_eq!(judge(&kind, Some(&bad_gateway), &refused_early).0, Verdict::Blocked);
+        // A connection-level allow of that address lets the MITM go on.
+        let allowed_early = Evidence {
+            net: vec![NetDecision { domain: "10.0.0.2".into(), decision: "allowed".into(), matched_rule: Some("tcp.any".into()), status_code: None, port: Some(443) }],
+            ..Evidence::default()
+        };
+        assert_eq!(judge(&kind, Some(&bad_gateway), &allowed_early).0, Verdict::Escaped);
+        // Rows for other ports of that address belong to other checks.
+        let other_port = Evidence {
+            net: vec![NetDecision { domain: "10.0.0.2".into(), decision: "allowed".into(), matched_rule: None, status_code: None, port: Some(2222) }],
+            loopback_https_accepted: Some(0),
+            ..Evidence::default()
+        };
+        assert_eq!(judge(&kind, Some(&bad_gateway), &other_port).0, Verdict::Blocked);
         // Neither a count nor a decision: unproven.
         assert_eq!(judge(&kind, Some(&bad_gateway), &Evidence::default()).0, Verdict::Inconclusive);
     }
@@ -879,7 +907,7 @@ mod tests {
         let list = attempts(&config, "127.0.0.1:2222".parse().unwrap());
         let kind_of = |label: &str| list.iter().find(|a| a.label == label).map(|a| a.kind.clone()).unwrap();
         assert_eq!(kind_of(&format!("{DEFAULT_CANARY_NAME} A")), CheckKind::Dns { qname: DEFAULT_CANARY_NAME.into() });
-        assert_eq!(kind_of("https://localhost/ via the MITM"), CheckKind::MitmLoopback { domain: "localhost".into() });
+        assert_eq!(kind_of("https://localhost/ via the MITM"), CheckKind::MitmLoopback { domains: vec!["localhost".into(), "10.0.0.2".into()] });
         assert!(matches!(kind_of("udp 192.0.2.7:22"), CheckKind::OutsideUdp { rules_deleted: false, .. }));
         assert!(matches!(kind_of("udp 192.0.2.7:22 (rules deleted)"), CheckKind::OutsideUdp { rules_deleted: true, .. }));
         assert!(matches!(kind_of("tcp 192.0.2.7:22 (rules deleted)"), CheckKind::OutsideTcp { rules_deleted: true, .. }));
