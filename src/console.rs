@@ -9,14 +9,47 @@ use guest_protocol::console::{Demux, Piece};
 
 /// How much console log a sandbox keeps.
 const CONSOLE_KEEP: usize = 64 * 1024;
+/// How much command output (after the start marker) a sandbox keeps when
+/// nothing streams it: the last 64 KiB; older bytes are dropped and counted.
+pub(crate) const OUTPUT_KEEP: usize = 64 * 1024;
 
 /// What the console said so far.
 #[derive(Debug, Default)]
 pub(crate) struct ConsoleState {
+    /// The last [`OUTPUT_KEEP`] bytes of command output (when not streamed).
     pub output: Vec<u8>,
+    /// Output bytes dropped from the front of `output` to stay in bound.
+    pub output_dropped: u64,
     pub console: Vec<u8>,
     pub status: Option<i32>,
     pub boot_time: Option<Duration>,
+}
+
+impl ConsoleState {
+    /// Append command output, keeping only the last [`OUTPUT_KEEP`] bytes.
+    fn keep_output(&mut self, bytes: &[u8]) {
+        // A single piece larger than the bound only contributes its tail.
+        let skip = bytes.len().saturating_sub(OUTPUT_KEEP);
+        self.output.extend_from_slice(&bytes[skip..]);
+        let excess = self.output.len().saturating_sub(OUTPUT_KEEP);
+        self.output.drain(..excess);
+        self.output_dropped = self.output_dropped.saturating_add((skip + excess) as u64);
+    }
+
+    /// The kept output, after a line saying how much was dropped (if any).
+    pub fn output_tail(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.output.len() + 96);
+        if self.output_dropped > 0 {
+            let note = format!(
+                "[sandbox: {} earlier bytes of console output dropped; the last {} KiB follow]\n",
+                self.output_dropped,
+                OUTPUT_KEEP / 1024
+            );
+            out.extend_from_slice(note.as_bytes());
+        }
+        out.extend_from_slice(&self.output);
+        out
+    }
 }
 
 /// The VM's serial port sink: splits the stream into log, output and status.
@@ -58,7 +91,7 @@ impl ConsoleSink {
                         out.write_all(&bytes)?;
                         out.flush()?;
                     }
-                    None => state.output.extend_from_slice(&bytes),
+                    None => state.keep_output(&bytes),
                 },
                 Piece::Started => state.boot_time = Some(self.started.elapsed()),
                 Piece::Exited(code) => state.status = Some(code),
@@ -84,5 +117,36 @@ impl Drop for ConsoleSink {
     fn drop(&mut self) {
         let pieces = self.demux.finish();
         let _ = self.handle(pieces);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn item2a_console_buffer_is_bounded() {
+        let state = Arc::new(Mutex::new(ConsoleState::default()));
+        let mut sink = ConsoleSink::new(Instant::now(), Arc::clone(&state), None, None);
+        sink.write_all(b"kernel says hi\n").unwrap();
+        sink.write_all(guest_protocol::console::START).unwrap();
+        // A detached guest writing to /dev/ttyS0 without end: 4 MiB in 4 KiB
+        // writes, then one piece larger than the bound.
+        let chunk = vec![b'x'; 4096];
+        for _ in 0..1024 {
+            sink.write_all(&chunk).unwrap();
+        }
+        let mut big = vec![b'y'; OUTPUT_KEEP * 2];
+        big.extend_from_slice(b"the end");
+        sink.write_all(&big).unwrap();
+        let state = state.lock().unwrap();
+        assert_eq!(state.output.len(), OUTPUT_KEEP);
+        assert!(state.output.ends_with(b"the end"));
+        assert_eq!(state.output_dropped, (4096 * 1024 + big.len() - OUTPUT_KEEP) as u64);
+        let tail = state.output_tail();
+        assert!(tail.starts_with(b"[sandbox: "), "{:?}", String::from_utf8_lossy(&tail[..80]));
+        assert!(tail.ends_with(b"the end"));
+        assert!(state.console.len() <= CONSOLE_KEEP);
     }
 }

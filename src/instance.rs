@@ -214,6 +214,13 @@ impl Instance {
         Ok(self.agent()?.exec(exec, stdin, stdout, stderr)?)
     }
 
+    /// What the guest wrote to its serial console after the start marker:
+    /// the last 64 KiB, after a line saying how many earlier bytes were
+    /// dropped (the host keeps no more, however much the guest writes).
+    pub fn console_output(&self) -> Vec<u8> {
+        self.console.lock().map(|s| s.output_tail()).unwrap_or_default()
+    }
+
     fn console_tail(&self) -> String {
         let state = self.console.lock().map(|s| s.console.clone()).unwrap_or_default();
         let log = String::from_utf8_lossy(&state);
@@ -247,16 +254,13 @@ impl Instance {
                 Err(_) => Err(Error::Boot("the VM thread panicked".into())),
             };
         }
-        if let Some(runtime) = self.runtime.take() {
-            let servers = std::mem::take(&mut self.servers);
-            runtime.block_on(async {
-                for s in servers {
-                    s.shutdown().await;
-                }
-            });
-            runtime.shutdown_timeout(Duration::from_secs(5));
+        let servers = std::mem::take(&mut self.servers);
+        if let Err(e) = stop_handlers(self.runtime.take(), servers, self.session.take()) {
+            tracing::error!(id = %self.id, error = %e, "the session database was not closed cleanly");
+            if result.is_ok() {
+                result = Err(e);
+            }
         }
-        drop(self.session.take());
         for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             if entry.file_name().to_string_lossy().starts_with("vsock.sock") {
                 let _ = std::fs::remove_file(entry.path());
@@ -267,11 +271,82 @@ impl Instance {
     }
 }
 
+/// Stop the handlers, then commit every row they queued and close the
+/// session database, waiting for its writer (dropping it would leave the
+/// writer to finish on its own, and rows queued last could be lost when the
+/// process exits), then stop the runtime.
+fn stop_handlers(
+    runtime: Option<tokio::runtime::Runtime>,
+    servers: Vec<Server>,
+    session: Option<SessionDb>,
+) -> Result<(), Error> {
+    let runtime = match runtime {
+        Some(r) => r,
+        None if servers.is_empty() && session.is_none() => return Ok(()),
+        None => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Io("start a runtime to close the session database".into(), e))?,
+    };
+    let closed = runtime.block_on(async {
+        for s in servers {
+            s.shutdown().await;
+        }
+        match session {
+            Some(session) => session.close().await.map(|committed| {
+                tracing::debug!(committed, "session database closed");
+            }),
+            None => Ok(()),
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    Ok(closed?)
+}
+
 impl Drop for Instance {
     fn drop(&mut self) {
         if self.vm.is_some() {
             self.stop.stop();
             let _ = self.finish();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn item7_session_db_rows_recorded_at_shutdown_are_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("session.db");
+        let session = SessionDb::open(&path).unwrap();
+        let recorder = session.recorder();
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        // Rows the handlers queue just before the sandbox stops.
+        const ROWS: usize = 10_000;
+        for i in 0..ROWS {
+            let event = sandbox_telemetry::DnsEvent {
+                time: std::time::SystemTime::now(),
+                qname: format!("q{i}.example"),
+                qtype: "A".into(),
+                rcode: "NXDOMAIN".into(),
+                decision: sandbox_telemetry::Outcome::Denied,
+                matched_rule: None,
+                answers: Vec::new(),
+                process_name: None,
+                trace_id: None,
+                error: None,
+            };
+            recorder.record_dns(event).unwrap();
+        }
+        // A handler still holding its recorder does not keep the close waiting.
+        stop_handlers(Some(runtime), Vec::new(), Some(session)).unwrap();
+        // Read at once, as the next process would after this one exited.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let n: i64 = conn.query_row("SELECT count(*) FROM dns_events", [], |r| r.get(0)).unwrap();
+        assert_eq!(n as usize, ROWS);
+        drop(recorder);
     }
 }

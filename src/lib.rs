@@ -20,6 +20,7 @@ mod error;
 mod image;
 pub mod paths;
 pub mod agent;
+pub mod ask;
 mod console;
 mod instance;
 pub mod registry;
@@ -33,7 +34,7 @@ pub use sandbox_rootfs as rootfs;
 pub use guest_protocol::agent::{Exec, WinSize};
 pub use instance::Instance;
 pub use registry::{SandboxRef, SandboxState};
-pub use run::{RunOutput, Sandbox, SandboxBuilder, Status};
+pub use run::{RunOutput, Sandbox, SandboxBuilder, Status, DEFAULT_OUTPUT_LIMIT};
 pub use sandbox_net::{NetConfig, UpstreamProxy};
 pub use sandbox_policy as policy;
 

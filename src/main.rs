@@ -223,43 +223,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Answers `ask` rules on the controlling terminal.
-#[derive(Debug)]
-struct TerminalAsker;
-
-impl TerminalAsker {
-    fn describe(event: &Event) -> String {
-        match event {
-            Event::DnsRequest(q) => format!("DNS {} {}", q.qtype, q.qname),
-            Event::HttpRequest(r) => format!("{} https://{}{}", r.method, r.host, r.path),
-            Event::HttpResponse(r) => format!("response {} from https://{}{}", r.status, r.request.host, r.request.path),
-            Event::TcpConnect(c) => format!("TCP connection to {}:{}", c.host, c.port),
-        }
-    }
-
-    /// Ask on /dev/tty; anything but y/yes is no.
-    fn prompt(question: &str) -> bool {
-        use std::io::{BufRead, Write};
-        let Ok(tty) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/tty") else {
-            return false;
-        };
-        let mut out = &tty;
-        if write!(out, "sandbox: {question}? [y/N] ").and_then(|()| out.flush()).is_err() {
-            return false;
-        }
-        let mut line = String::new();
-        let _ = std::io::BufReader::new(&tty).read_line(&mut line);
-        matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes")
-    }
-}
-
-impl sandbox::policy::Asker for TerminalAsker {
-    fn ask(&self, event: &Event, rule: Option<&str>) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
-        let question = format!("allow {} (rule {})", Self::describe(event), rule.unwrap_or("?"));
-        Box::pin(async move { tokio::task::spawn_blocking(move || Self::prompt(&question)).await.unwrap_or(false) })
-    }
-}
-
 /// The policy for `run`: the profiles in their layers (default `deny-all`),
 /// asking on the terminal when there is one (no answer in time: block).
 fn load_policy(args: &RunArgs) -> Result<sandbox::policy::Policy, sandbox::policy::ProfileError> {
@@ -268,7 +231,8 @@ fn load_policy(args: &RunArgs) -> Result<sandbox::policy::Policy, sandbox::polic
     layers.extend(args.profile.iter().map(|p| (Layer::User, ProfileSource::from_arg(p))));
     let engine = if layers.is_empty() { Engine::builtin("deny-all")? } else { Engine::load_layers(&layers)? };
     Ok(if std::fs::File::open("/dev/tty").is_ok() {
-        sandbox::policy::Policy::with_asker(engine, std::sync::Arc::new(TerminalAsker), sandbox::policy::DEFAULT_ASK_TIMEOUT)
+        let asker = sandbox::ask::TerminalAsker::tty();
+        sandbox::policy::Policy::with_asker(engine, std::sync::Arc::new(asker), sandbox::policy::DEFAULT_ASK_TIMEOUT)
     } else {
         sandbox::policy::Policy::new(engine)
     })
@@ -318,7 +282,8 @@ fn run(args: RunArgs) -> ExitCode {
         .net_config(net)
         .policy(policy);
     if args.console {
-        builder = builder.console(std::io::stderr());
+        // The console is guest output too: it waits while a question is asked.
+        builder = builder.console(sandbox::ask::GatedWriter::new(std::io::stderr(), sandbox::ask::OutputGate::terminal()));
     }
     let timeout = args.timeout.map(Duration::from_secs);
     for (k, v) in args.env {
@@ -335,7 +300,11 @@ fn run(args: RunArgs) -> ExitCode {
         let command = builder.exec_for_image(args.cmd.clone()).ok();
         return cli::detached::serve(builder.command(args.cmd), command, timeout);
     }
-    builder = builder.stdout(std::io::stdout()).stderr(std::io::stderr());
+    // Guest output waits while an `ask` question is on the terminal.
+    let gate = sandbox::ask::OutputGate::terminal();
+    builder = builder
+        .stdout(sandbox::ask::GatedWriter::new(std::io::stdout(), std::sync::Arc::clone(&gate)))
+        .stderr(sandbox::ask::GatedWriter::new(std::io::stderr(), gate));
     if args.tty && args.interactive {
         builder = builder.terminal();
     } else if args.tty {

@@ -23,14 +23,26 @@ pub enum Status {
     TimedOut,
 }
 
+/// How many bytes of each of standard output and standard error
+/// [`SandboxBuilder::run`] collects by default (16 MiB); see
+/// [`SandboxBuilder::output_limit`].
+pub const DEFAULT_OUTPUT_LIMIT: usize = 16 * 1024 * 1024;
+
 /// What a finished sandbox run produced.
 #[derive(Debug, Clone)]
 pub struct RunOutput {
     pub status: Status,
-    /// The command's standard output, unless streamed with [`SandboxBuilder::stdout`].
+    /// The command's standard output, unless streamed with [`SandboxBuilder::stdout`]:
+    /// its first [`SandboxBuilder::output_limit`] bytes.
     pub stdout: Vec<u8>,
-    /// The command's standard error, unless streamed with [`SandboxBuilder::stderr`].
+    /// The command's standard error, unless streamed with [`SandboxBuilder::stderr`]:
+    /// its first [`SandboxBuilder::output_limit`] bytes.
     pub stderr: Vec<u8>,
+    /// The command wrote more to standard output than the limit; the rest was
+    /// read from the guest and discarded (the command was not stopped).
+    pub stdout_truncated: bool,
+    /// The same for standard error.
+    pub stderr_truncated: bool,
     /// The guest kernel's and init's console log (the last 64 KiB).
     pub console: Vec<u8>,
     /// The sandbox's id (its directory and `session.db` are kept under it).
@@ -62,6 +74,7 @@ impl Sandbox {
             stdin: None,
             stdout: None,
             stderr: None,
+            output_limit: DEFAULT_OUTPUT_LIMIT,
             console: None,
             kernel: None,
             profiles: Vec::new(),
@@ -87,6 +100,7 @@ pub struct SandboxBuilder {
     stdin: Option<Box<dyn Read + Send>>,
     stdout: Option<Box<dyn Write + Send>>,
     stderr: Option<Box<dyn Write + Send>>,
+    output_limit: usize,
     console: Option<Box<dyn Write + Send>>,
     kernel: Option<PathBuf>,
     profiles: Vec<(Layer, ProfileSource)>,
@@ -174,6 +188,15 @@ impl SandboxBuilder {
     /// Stream the command's standard error here instead of collecting it.
     pub fn stderr(mut self, sink: impl Write + Send + 'static) -> Self {
         self.stderr = Some(Box::new(sink));
+        self
+    }
+    /// Collect at most this many bytes of each of standard output and
+    /// standard error (default [`DEFAULT_OUTPUT_LIMIT`], 16 MiB). Beyond it
+    /// the command runs on, its further output is discarded and
+    /// [`RunOutput::stdout_truncated`] / [`RunOutput::stderr_truncated`] say so.
+    /// Streams given to [`Self::stdout`] / [`Self::stderr`] get everything.
+    pub fn output_limit(mut self, bytes: usize) -> Self {
+        self.output_limit = bytes;
         self
     }
     /// Stream the guest console log (kernel messages) here as it arrives.
@@ -336,8 +359,8 @@ impl SandboxBuilder {
             })
         });
 
-        let collected_out = Arc::new(Mutex::new(Vec::new()));
-        let collected_err = Arc::new(Mutex::new(Vec::new()));
+        let collected_out = Arc::new(Mutex::new(Collected::new(self.output_limit)));
+        let collected_err = Arc::new(Mutex::new(Collected::new(self.output_limit)));
         let mut stdout: Box<dyn Write + Send> = self.stdout.take().unwrap_or_else(|| Box::new(Collect(Arc::clone(&collected_out))));
         let mut stderr: Box<dyn Write + Send> = self.stderr.take().unwrap_or_else(|| Box::new(Collect(Arc::clone(&collected_err))));
         let result = if self.terminal {
@@ -361,11 +384,14 @@ impl SandboxBuilder {
             }
         };
         let console = instance.shutdown()?;
-        let take = |v: &Arc<Mutex<Vec<u8>>>| v.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default();
+        let take = |v: &Arc<Mutex<Collected>>| v.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default();
+        let (out, err) = (take(&collected_out), take(&collected_err));
         Ok(RunOutput {
             status,
-            stdout: take(&collected_out),
-            stderr: take(&collected_err),
+            stdout: out.bytes,
+            stderr: err.bytes,
+            stdout_truncated: out.truncated,
+            stderr_truncated: err.truncated,
             console,
             id,
             session_db,
@@ -375,15 +401,78 @@ impl SandboxBuilder {
     }
 }
 
-/// Collects a stream into shared memory.
-struct Collect(Arc<Mutex<Vec<u8>>>);
+/// The first `limit` bytes of a stream, and whether there were more.
+#[derive(Debug, Default)]
+struct Collected {
+    bytes: Vec<u8>,
+    limit: usize,
+    truncated: bool,
+}
+
+impl Collected {
+    fn new(limit: usize) -> Self {
+        Self { bytes: Vec::new(), limit, truncated: false }
+    }
+
+    fn push(&mut self, buf: &[u8]) {
+        let room = self.limit.saturating_sub(self.bytes.len());
+        let take = buf.len().min(room);
+        self.bytes.extend_from_slice(&buf[..take]);
+        if take < buf.len() {
+            if !self.truncated {
+                tracing::warn!(limit = self.limit, "command output exceeds the collection limit; the rest is discarded");
+            }
+            self.truncated = true;
+        }
+    }
+}
+
+/// Collects a stream into shared memory, up to its limit.
+struct Collect(Arc<Mutex<Collected>>);
 
 impl Write for Collect {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.extend_from_slice(buf);
+        // Bytes past the limit are accepted and discarded, so the guest's
+        // stream keeps flowing and the command is not blocked or failed.
+        self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.push(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn item2b_collected_output_is_bounded() {
+        // The builder's default is stated and applies to what `run` collects.
+        let builder = Sandbox::builder(Image::Default);
+        assert_eq!(builder.output_limit, DEFAULT_OUTPUT_LIMIT);
+        let shared = Arc::new(Mutex::new(Collected::new(builder.output_limit)));
+        let mut sink: Box<dyn Write + Send> = Box::new(Collect(Arc::clone(&shared)));
+        // A guest printing 64 MiB (4 x the limit), in the agent's chunk size.
+        let chunk = vec![b'z'; guest_protocol::agent::CHUNK];
+        let mut written = 0usize;
+        while written < 4 * DEFAULT_OUTPUT_LIMIT {
+            sink.write_all(&chunk).unwrap();
+            written += chunk.len();
+        }
+        let got = std::mem::take(&mut *shared.lock().unwrap());
+        assert_eq!(got.bytes.len(), DEFAULT_OUTPUT_LIMIT);
+        assert!(got.truncated);
+
+        // A configured limit, and output that fits it, are kept whole.
+        let builder = Sandbox::builder(Image::Default).output_limit(10);
+        let shared = Arc::new(Mutex::new(Collected::new(builder.output_limit)));
+        let mut sink = Collect(Arc::clone(&shared));
+        sink.write_all(b"0123456789").unwrap();
+        assert!(!shared.lock().unwrap().truncated);
+        sink.write_all(b"abc").unwrap();
+        let got = shared.lock().unwrap();
+        assert_eq!((got.bytes.as_slice(), got.truncated), (&b"0123456789"[..], true));
     }
 }

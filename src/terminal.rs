@@ -80,7 +80,8 @@ pub fn exec_on_terminal(conn: AgentConn, mut exec: Exec) -> Result<i32, Error> {
         }
     });
     let raw = RawMode::enable().map_err(|e| Error::Io("put the terminal in raw mode".into(), e))?;
-    let mut out = io::stdout();
+    // Guest output waits while an `ask` question is on this terminal.
+    let mut out = crate::ask::GatedWriter::new(io::stdout(), crate::ask::OutputGate::terminal());
     let result = conn.exec(exec, Some(Box::new(io::stdin())), &mut out, &mut io::sink());
     drop(raw);
     let _ = out.flush();

@@ -170,6 +170,9 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     let ca_file = ca.write_pem(dir.path(), "upstream-ca.pem").unwrap();
     let upstream_connections = Arc::new(AtomicU64::new(0));
     let forged_port_connections = Arc::new(AtomicU64::new(0));
+    // The upstream's port 80, which the guest tries directly once its proxies
+    // are dead: only a connection counted here would prove that it got out.
+    let direct_connections = Arc::new(AtomicU64::new(0));
     let (upstream, dns, _forwarders) = rt.block_on(async {
         let upstream =
             HttpsUpstream::start(&ca, &["allowed.test", "other.test", "meta.test", "loop.test", "pinned.test"]).await.unwrap();
@@ -187,7 +190,8 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
         // port announces: no rule names it, so nothing may arrive here.
         let forged =
             forward(SocketAddr::from((UPSTREAM_IP, 10443)), upstream.addr(), Arc::clone(&forged_port_connections)).await;
-        (upstream, dns, (fwd, forged))
+        let direct = forward(SocketAddr::from((UPSTREAM_IP, 80)), upstream.addr(), Arc::clone(&direct_connections)).await;
+        (upstream, dns, (fwd, forged, direct))
     });
     let profile = dir.path().join("profile.toml");
     std::fs::write(&profile, PROFILE).unwrap();
@@ -322,7 +326,12 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     expect_prefix("dns allowed.test/A ok ");
     expect("proxy_restarted=0");
     expect("after_restart=0");
-    expect_prefix("tcp-connect 127.83.0.1:80 fail refused");
+    // 127.83.0.1 is what DNS gave the guest for allowed.test, but inside the
+    // guest it is the guest's own loopback: the refusal there says nothing
+    // about the host. The host's listener on that address and port is the
+    // target; it must have seen no connection.
+    expect_prefix("tcp-connect 127.83.0.1:80 fail ");
+    assert_eq!(direct_connections.load(Ordering::SeqCst), 0, "the guest reached the upstream's port 80 directly");
     expect("nat-flush nftables ok every table deleted");
     // Without the redirects, what leaves the guest's loopback falls into dummy0.
     expect_prefix("tcp-connect 10.0.0.2:443 fail timeout");

@@ -26,6 +26,13 @@ pub struct VerifyArgs {
     /// canary name makes the DNS check fail, as it should.
     #[arg(long, value_name = "PROFILE")]
     profile: Vec<String>,
+    /// A corporate profile for the canary (its locks bind every --profile), as `sandbox run` takes it.
+    #[arg(long, value_name = "FILE")]
+    corporate_profile: Vec<std::path::PathBuf>,
+    /// Let the canary's handlers reach this internal network (CIDR), as `sandbox run --allow-net`
+    /// does: verify the configuration production runs with.
+    #[arg(long, value_name = "CIDR")]
+    allow_net: Vec<ipnet::IpNet>,
     /// The DNS name the canary looks up.
     #[arg(long, value_name = "NAME", default_value = verify::DEFAULT_CANARY_NAME)]
     canary_name: String,
@@ -43,18 +50,28 @@ pub struct VerifyArgs {
     image: String,
 }
 
-/// Run the rounds; exit 0 only when every round was isolated.
-pub fn verify_isolation(args: VerifyArgs) -> ExitCode {
-    let config = VerifyConfig {
+/// The verification `args` ask for.
+fn config(args: &VerifyArgs) -> VerifyConfig {
+    VerifyConfig {
         image: sandbox::Image::parse(&args.image),
-        profiles: args.profile,
-        net: sandbox::NetConfig { dns_servers: args.dns_server, ..sandbox::NetConfig::default() },
-        targets: args.target,
-        canary_name: args.canary_name,
+        profiles: args.profile.clone(),
+        corporate_profiles: args.corporate_profile.clone(),
+        net: sandbox::NetConfig {
+            dns_servers: args.dns_server.clone(),
+            allowed_networks: args.allow_net.clone(),
+            ..sandbox::NetConfig::default()
+        },
+        targets: args.target.clone(),
+        canary_name: args.canary_name.clone(),
         host_port: args.host_port,
         peer: !args.no_peer,
         ..VerifyConfig::default()
-    };
+    }
+}
+
+/// Run the rounds; exit 0 only when every round was isolated.
+pub fn verify_isolation(args: VerifyArgs) -> ExitCode {
+    let config = config(&args);
     let rounds = match (args.every, args.rounds) {
         (None, _) => 1,
         (Some(_), n) => n.unwrap_or(u64::MAX),
@@ -102,4 +119,36 @@ pub fn verify_isolation(args: VerifyArgs) -> ExitCode {
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: VerifyArgs,
+    }
+
+    #[test]
+    fn item4_verify_isolation_takes_the_production_network_and_corporate_profile() {
+        let cli = Cli::try_parse_from([
+            "verify-isolation",
+            "--allow-net",
+            "10.20.0.0/16",
+            "--corporate-profile",
+            "/etc/sandbox/corp.toml",
+            "--profile",
+            "dev",
+        ])
+        .unwrap();
+        let config = config(&cli.args);
+        assert_eq!(config.net.allowed_networks, vec!["10.20.0.0/16".parse::<ipnet::IpNet>().unwrap()]);
+        assert_eq!(config.corporate_profiles, vec![std::path::PathBuf::from("/etc/sandbox/corp.toml")]);
+        assert_eq!(config.profiles, vec!["dev".to_string()]);
+    }
 }

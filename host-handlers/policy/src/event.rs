@@ -384,20 +384,37 @@ impl Event {
         }
     }
 
-    /// What a remembered `ask` answer is about: the query name, the host
-    /// (with its port when not 443), or host and port.
-    pub(crate) fn target(&self) -> String {
-        let http = |request: &HttpRequest| match request.port {
-            HTTPS_PORT => request.host.clone(),
-            port => format!("{}:{port}", request.host),
+    /// The event in one line, as an `ask` question shows it: the record type
+    /// and name of a query; the method, scheme, host, port, path and query of
+    /// a request (and the status of a response to it); host and port of a
+    /// connection. Guest-chosen text is escaped (control, non-ASCII and
+    /// bidirectional characters as `\u{..}`), so it cannot move the cursor or
+    /// reorder what a terminal shows. A remembered answer is keyed by this
+    /// text: it applies to exactly what was shown.
+    pub fn describe(&self) -> String {
+        let request = |r: &HttpRequest| {
+            let query = if r.query.is_empty() {
+                String::new()
+            } else {
+                format!("?{}", r.query)
+            };
+            format!(
+                "{} {}://{}:{}{}{}",
+                r.method, r.scheme, r.host, r.port, r.path, query
+            )
         };
-        match self {
-            Event::DnsRequest(dns) => dns.qname.clone(),
-            Event::HttpRequest(request) => http(request),
-            Event::HttpResponse(response) => http(&response.request),
-            Event::TcpConnect(tcp) if tcp.host.is_empty() => format!("{}:{}", self.ip_text(), tcp.port),
-            Event::TcpConnect(tcp) => format!("{}:{}", tcp.host, tcp.port),
-        }
+        let text = match self {
+            Event::DnsRequest(q) => format!("DNS {} query for {}", q.qtype, q.qname),
+            Event::HttpRequest(r) => request(r),
+            Event::HttpResponse(r) => {
+                format!("response {} to {}", r.status, request(&r.request))
+            }
+            Event::TcpConnect(c) if c.host.is_empty() => {
+                format!("TCP connection to {}:{}", self.ip_text(), c.port)
+            }
+            Event::TcpConnect(c) => format!("TCP connection to {}:{}", c.host, c.port),
+        };
+        printable(&text)
     }
 
     /// Parses an event from JSON, as `sandbox policy explain --event` takes it.
@@ -515,6 +532,19 @@ fn default_scheme() -> String {
 }
 fn default_port() -> u16 {
     HTTPS_PORT
+}
+
+/// `text` with every character outside printable ASCII escaped.
+fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c == ' ' || c.is_ascii_graphic() {
+            out.push(c);
+        } else {
+            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+        }
+    }
+    out
 }
 
 impl RawHttpRequest {

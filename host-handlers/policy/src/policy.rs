@@ -5,9 +5,11 @@
 //! the terminal; platforms pass their own). Yes allows the event, with the
 //! rewrite actions that apply to it; no blocks it; no asker, or no answer
 //! before the timeout, blocks it. Answers are remembered for the policy's
-//! lifetime (one policy per sandbox), keyed by the asking rule and what the
-//! event is about (the query name, the host, or host and port), so the
-//! same question is not asked twice; timeouts are not remembered. Questions
+//! lifetime (one policy per sandbox), keyed by the asking rule and the
+//! event as the question shows it ([`Event::describe`]: method, host, port,
+//! path and query of a request; type and name of a query), so the same
+//! question is not asked twice and a yes never covers anything that was not
+//! shown; timeouts are not remembered. Questions
 //! are asked one at a time, and the timeout covers waiting for the previous
 //! question too.
 
@@ -34,7 +36,7 @@ pub trait Asker: Send + Sync + std::fmt::Debug {
     ) -> Pin<Box<dyn Future<Output = bool> + Send + '_>>;
 }
 
-/// What an answer is remembered by: the asking rule and the event's target.
+/// What an answer is remembered by: the asking rule and the event as shown.
 type AnswerKey = (String, String);
 
 #[derive(Debug)]
@@ -105,7 +107,7 @@ impl Policy {
             tracing::info!(rule = rule.as_deref(), event = %event, "ask without an asker: blocked");
             return self.resolved(event, rule, None);
         };
-        let key = (rule.clone().unwrap_or_default(), event.target());
+        let key = (rule.clone().unwrap_or_default(), event.describe());
         if let Some(allowed) = self.remembered(asking, &key) {
             return self.resolved(event, rule, allowed.then_some(verdict.mode));
         }

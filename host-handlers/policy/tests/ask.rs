@@ -140,3 +140,53 @@ async fn futures_join(policy: &Policy, event: &Event, count: usize) -> Vec<Decis
     }
     decisions
 }
+
+#[tokio::test(start_paused = true)]
+async fn item6_remembered_answers_cover_only_what_was_shown() {
+    let asker = Scripted::new(Some(true), Duration::from_millis(10));
+    let policy = Policy::with_asker(engine(), asker.clone(), TIMEOUT);
+    let event = |json: &str| Event::from_json(json).unwrap();
+    let shown = r#"{"event": "http.request", "host": "a.example", "method": "GET", "path": "/a"}"#;
+    assert_eq!(policy.decide(&event(shown)).await.decision, Decision::Allow);
+    assert_eq!(asker.calls(), 1);
+    // The very question that was answered is not asked again.
+    assert_eq!(policy.decide(&event(shown)).await.decision, Decision::Allow);
+    assert_eq!(asker.calls(), 1);
+    // A yes for GET /a on port 443 says nothing about another method, path
+    // or query on the same host: each is asked.
+    let others = [
+        r#"{"event": "http.request", "host": "a.example", "method": "POST", "path": "/a"}"#,
+        r#"{"event": "http.request", "host": "a.example", "method": "GET", "path": "/admin"}"#,
+        r#"{"event": "http.request", "host": "a.example", "method": "GET", "path": "/a", "query": "x=1"}"#,
+    ];
+    for (i, other) in others.iter().enumerate() {
+        policy.decide(&event(other)).await;
+        assert_eq!(asker.calls(), 2 + i, "{other}");
+    }
+    // Nor about another port (which this ask rule does not name: blocked).
+    let port = r#"{"event": "http.request", "host": "a.example", "method": "GET", "path": "/a", "port": 8443}"#;
+    assert_eq!(policy.decide(&event(port)).await.decision, Decision::Block);
+}
+
+#[test]
+fn item6_questions_state_method_host_port_and_path_and_escape_guest_text() {
+    let request = Event::from_json(
+        r#"{"event": "http.request", "host": "a.example", "method": "PUT", "path": "/up", "query": "k=v", "port": 8443}"#,
+    )
+    .unwrap();
+    assert_eq!(request.describe(), "PUT https://a.example:8443/up?k=v");
+    let dns = Event::from_json(r#"{"event": "dns.request", "qname": "x.example", "qtype": "TXT"}"#)
+        .unwrap();
+    assert_eq!(dns.describe(), "DNS TXT query for x.example");
+    // A path carrying terminal escapes or a bidi override cannot redraw the prompt.
+    let hostile = Event::from_json(
+        "{\"event\": \"http.request\", \"host\": \"a.example\", \"path\": \"/\\u001b[2K\\r\\u202eok\"}",
+    )
+    .unwrap();
+    let text = hostile.describe();
+    assert!(
+        text.chars().all(|c| c == ' ' || c.is_ascii_graphic()),
+        "{text:?}"
+    );
+    assert!(text.contains("\\u{1b}[2K\\u{d}\\u{202e}ok"), "{text}");
+}

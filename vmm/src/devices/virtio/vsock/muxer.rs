@@ -66,6 +66,11 @@ pub struct Limits {
     /// Open connections, in either direction. A guest REQUEST beyond it is
     /// reset; a host client beyond it is disconnected.
     pub max_connections: usize,
+    /// Of `max_connections`, how many only host-initiated connections may
+    /// use: the guest can open at most `max_connections -
+    /// reserved_host_connections`, so a guest holding all it can still
+    /// leaves room for the host's `CONNECT 5000` (agent, exec, shutdown).
+    pub reserved_host_connections: usize,
     /// Host clients connected to `vsock.sock` that have not finished their
     /// `CONNECT` line.
     pub max_handshakes: usize,
@@ -80,11 +85,13 @@ pub struct Limits {
 
 impl Default for Limits {
     /// With 256 KiB of buffered guest bytes at most per connection, 256
-    /// connections bound that memory to 64 MiB. The timeouts are generous
-    /// because a guest kernel can be slow to schedule its vsock worker.
+    /// connections bound that memory to 64 MiB; 16 of them are kept for
+    /// host-initiated connections. The timeouts are generous because a guest
+    /// kernel can be slow to schedule its vsock worker.
     fn default() -> Self {
         Self {
             max_connections: 256,
+            reserved_host_connections: 16,
             max_handshakes: 32,
             max_pending_resets: 64,
             connect_timeout: Duration::from_secs(5),
@@ -109,6 +116,8 @@ struct Entry {
     /// What the stream is registered for; empty means not registered.
     registered: EventSet,
     in_rxq: bool,
+    /// The guest opened it (counts against the guest's share of the limit).
+    guest_initiated: bool,
 }
 
 #[derive(Debug)]
@@ -409,12 +418,24 @@ impl Muxer {
         PathBuf::from(path)
     }
 
+    /// Connections the guest opened.
+    fn guest_connection_count(&self) -> usize {
+        self.conns.values().filter(|e| e.guest_initiated).count()
+    }
+
     fn guest_connect(&mut self, request: &Header) {
-        if self.conns.len() >= self.limits.max_connections {
+        let guest_limit = self
+            .limits
+            .max_connections
+            .saturating_sub(self.limits.reserved_host_connections);
+        let guest_conns = self.guest_connection_count();
+        if self.conns.len() >= self.limits.max_connections || guest_conns >= guest_limit {
             debug!(
-                "vsock: refusing guest connection to port {}: {} connections open",
+                "vsock: refusing guest connection to port {}: {} connections open, {} of the guest's {}",
                 request.dst_port,
-                self.conns.len()
+                self.conns.len(),
+                guest_conns,
+                guest_limit
             );
             self.push_reset_for(request);
             return;
@@ -423,7 +444,7 @@ impl Muxer {
         match connect_nonblocking(&path) {
             Ok(stream) => {
                 let conn = Connection::peer_init(stream, self.guest_cid, request);
-                self.insert(conn);
+                self.insert(conn, true);
             }
             Err(e) => {
                 self.refusals.record(format_args!(
@@ -442,7 +463,7 @@ impl Muxer {
         token
     }
 
-    fn insert(&mut self, conn: Connection) {
+    fn insert(&mut self, conn: Connection, guest_initiated: bool) {
         let key = conn.key();
         let token = self.alloc_token();
         self.conn_tokens.insert(token, key);
@@ -453,6 +474,7 @@ impl Muxer {
                 token,
                 registered: EventSet::empty(),
                 in_rxq: false,
+                guest_initiated,
             },
         );
         self.refresh(key);
@@ -619,12 +641,10 @@ impl Muxer {
             peer_port: port,
         };
         let deadline = Instant::now() + self.limits.connect_timeout;
-        self.insert(Connection::local_init(
-            stream,
-            self.guest_cid,
-            key,
-            deadline,
-        ));
+        self.insert(
+            Connection::local_init(stream, self.guest_cid, key, deadline),
+            false,
+        );
     }
 
     /// An ephemeral host port not used towards `peer_port`.
@@ -873,6 +893,7 @@ mod tests {
             dir.path(),
             Limits {
                 max_connections: 2,
+                reserved_host_connections: 0,
                 ..limits()
             },
         );
@@ -888,6 +909,48 @@ mod tests {
         m.send_pkt(&guest(op::REQUEST, 1, 5002), &[]);
         assert_eq!(ops(&drain(&mut m)), [op::RST]);
         assert_eq!(m.connection_count(), 1);
+    }
+
+    #[test]
+    fn item7_host_connections_have_reserved_slots() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, path) = setup(
+            dir.path(),
+            Limits {
+                max_connections: 4,
+                reserved_host_connections: 1,
+                ..Limits::default()
+            },
+        );
+        let listener = UnixListener::bind(format!("{}_5002", path.display())).unwrap();
+        // The guest takes every connection it can get, and then some.
+        for port in 1..=5 {
+            m.send_pkt(&guest(op::REQUEST, port, 5002), &[]);
+        }
+        let out = drain(&mut m);
+        assert_eq!(
+            ops(&out),
+            [op::RESPONSE, op::RESPONSE, op::RESPONSE, op::RST, op::RST]
+        );
+        let _held: Vec<UnixStream> = (0..3).map(|_| listener.accept().unwrap().0).collect();
+        assert_eq!(m.connection_count(), 3);
+        // The host's CONNECT 5000 still gets through to the guest.
+        let mut client = UnixStream::connect(&path).unwrap();
+        client.write_all(b"CONNECT 5000\n").unwrap();
+        let mut request = Vec::new();
+        while request.is_empty() {
+            pump(&mut m);
+            request = drain(&mut m);
+        }
+        assert_eq!(ops(&request), [op::REQUEST]);
+        assert_eq!(request[0].0.dst_port, 5000);
+        assert_eq!(m.connection_count(), 4);
+        // The guest's share frees up as its connections close.
+        let mut close = guest(op::RST, 1, 5002);
+        close.flags = 0;
+        m.send_pkt(&close, &[]);
+        m.send_pkt(&guest(op::REQUEST, 6, 5002), &[]);
+        assert_eq!(ops(&drain(&mut m)), [op::RESPONSE]);
     }
 
     #[test]

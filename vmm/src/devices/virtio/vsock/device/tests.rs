@@ -42,11 +42,17 @@ struct Ring {
 impl Ring {
     fn new(mem: &GuestMemoryMmap, start: u64) -> (Ring, Queue) {
         let mock = MockSplitQueue::create(mem, GuestAddress(start), QUEUE_SIZE);
-        let queue = mock.create_queue().unwrap();
+        let mut queue: Queue = mock.create_queue().unwrap();
+        // The mock puts the used ring `QUEUE_SIZE` bytes after the avail
+        // ring, over its second half: put it after the whole avail ring
+        // (4 + 2 * 256 + 2 bytes), so more than 128 chains can be in use.
+        let used = start + 0x2000;
+        assert!(used > mock.avail_addr().0 + 4 + 2 * u64::from(QUEUE_SIZE) + 2);
+        queue.try_set_used_ring_address(GuestAddress(used)).unwrap();
         let ring = Ring {
             desc: mock.desc_table_addr().0,
             avail: mock.avail_addr().0,
-            used: mock.used_addr().0,
+            used,
             next_desc: 0,
             avail_idx: 0,
             used_seen: 0,
@@ -799,4 +805,46 @@ fn a_broken_avail_index_stops_the_device_until_reset() {
     g.kick_tx();
     g.dev.reset();
     assert!(matches!(g.dev.state, State::Inactive));
+}
+
+#[test]
+fn item7_a_guest_holding_every_connection_does_not_lock_out_connect_5000() {
+    let mut g = Guest::new();
+    let listener = UnixListener::bind(g.port_path(5002)).unwrap();
+    let limits = Limits::default();
+    let guest_share = limits.max_connections - limits.reserved_host_connections;
+    // The guest opens as many connections as the device has room for.
+    let mut held = Vec::new();
+    for i in 0..limits.max_connections {
+        g.send(packet(op::REQUEST, 40000 + i as u32, 5002), &[]);
+        g.post_rx(1, 4096);
+        let out = g.recv();
+        if i < guest_share {
+            assert_eq!(ops(&out), [op::RESPONSE], "guest connection {i}");
+            held.push(listener.accept().unwrap().0);
+        } else {
+            assert_eq!(ops(&out), [op::RST], "guest connection {i}");
+        }
+    }
+    assert_eq!(g.dev.muxer.connection_count(), guest_share);
+    // The host's agent connection still reaches the guest and is answered.
+    g.post_rx(4, 4096);
+    let mut client = UnixStream::connect(&g.uds).unwrap();
+    client.write_all(b"CONNECT 5000\n").unwrap();
+    let mut out = Vec::new();
+    for _ in 0..10 {
+        g.wait_backend();
+        out = g.recv();
+        if !out.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(ops(&out), [op::REQUEST]);
+    let request = out[0].0;
+    assert_eq!((request.dst_cid, request.dst_port), (GUEST_CID, 5000));
+    g.send(packet(op::RESPONSE, 5000, request.src_port), &[]);
+    let expected = format!("OK {}\n", request.src_port);
+    let mut line = vec![0u8; expected.len()];
+    client.read_exact(&mut line).unwrap();
+    assert_eq!(line, expected.as_bytes());
 }
