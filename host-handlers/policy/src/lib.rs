@@ -35,7 +35,8 @@ use std::path::PathBuf;
 pub use builtin::{builtin_profile, BUILTIN_PROFILES};
 pub use engine::{check, Engine, EngineBuilder, Layer, ProfileSource, RuleDecision};
 pub use event::{
-    DnsRequest, Event, EventKind, Field, FieldType, HttpRequest, HttpResponse, Section, TcpConnect,
+    normalise_path, DnsRequest, Event, EventKind, Field, FieldType, HttpRequest, HttpResponse,
+    Section, TcpConnect,
 };
 pub use explain::{Explanation, Outcome, RuleInfo, RuleTrace, Summary};
 pub use location::Location;
