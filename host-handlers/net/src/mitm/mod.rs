@@ -12,6 +12,7 @@
 //! others get one row per request.
 
 mod exchange;
+mod redact;
 mod request;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +43,7 @@ use crate::proxy_header::{ProxyHeader, MAX_LEN};
 use crate::server::ConnectionHandler;
 use crate::upstream::{Upstream, UpstreamConnector};
 use exchange::{CountedBody, Exchange};
+use redact::SecretRedactor;
 use request::Conn;
 
 /// Rule recorded for a ClientHello without a usable server name.
@@ -63,6 +65,8 @@ pub(crate) struct MitmHandler {
     tls: Arc<ServerConfig>,
     http: auto::Builder<TokioExecutor>,
     policy: Policy,
+    /// The values of the secrets the policy injects.
+    secrets: Arc<SecretRedactor>,
     recorder: Recorder,
     handshake_timeout: Duration,
     response_timeout: Duration,
@@ -132,6 +136,7 @@ impl MitmHandler {
             leaves,
             tls: Arc::new(tls),
             http,
+            secrets: Arc::new(SecretRedactor::new(policy.engine().secret_values())),
             policy,
             recorder,
             handshake_timeout: config.handshake_timeout,
