@@ -35,6 +35,12 @@ pub struct NetConfig {
     pub dns_timeout: Duration,
     /// Most guest connections served at once per handler; more are closed.
     pub max_connections: usize,
+    /// Most upstream (TLS over TCP) connections the sandbox's MITM handler
+    /// keeps open at once, idle pooled ones included.
+    pub max_upstream_connections: usize,
+    /// How long a request that needs a new upstream connection waits for one
+    /// to close when [`NetConfig::max_upstream_connections`] are open (then 503).
+    pub upstream_connection_wait: Duration,
 }
 
 impl Default for NetConfig {
@@ -51,6 +57,8 @@ impl Default for NetConfig {
             idle_timeout: Duration::from_secs(300),
             dns_timeout: Duration::from_secs(5),
             max_connections: 1024,
+            max_upstream_connections: 256,
+            upstream_connection_wait: Duration::from_secs(10),
         }
     }
 }

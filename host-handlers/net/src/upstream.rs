@@ -24,6 +24,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout_at, Instant};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -46,6 +47,10 @@ pub struct Upstream {
     /// Offers http/1.1 only, for requests that upgrade the connection.
     tls_http1: Arc<ClientConfig>,
     connect_timeout: std::time::Duration,
+    /// One permit per open upstream connection.
+    slots: Arc<Semaphore>,
+    max_connections: usize,
+    slot_wait: std::time::Duration,
 }
 
 impl Upstream {
@@ -65,6 +70,9 @@ impl Upstream {
             tls_any: Arc::new(tls),
             tls_http1: Arc::new(tls_http1),
             connect_timeout: config.connect_timeout,
+            slots: Arc::new(Semaphore::new(config.max_upstream_connections.max(1))),
+            max_connections: config.max_upstream_connections.max(1),
+            slot_wait: config.upstream_connection_wait,
         })
     }
 
@@ -80,7 +88,21 @@ impl Upstream {
 
     /// Open a verified TLS connection to `host:port`. With `http1_only` the
     /// ALPN offer is http/1.1 alone (needed for protocol upgrades).
+    /// The connection counts against the sandbox's upstream connection limit
+    /// until it is dropped; at the limit this waits for one to close, at most
+    /// the configured wait.
     pub async fn connect(&self, host: &str, port: u16, http1_only: bool) -> Result<UpstreamStream> {
+        let slot = match tokio::time::timeout(self.slot_wait, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(slot)) => slot,
+            _ => {
+                tracing::warn!(host, limit = self.max_connections, "upstream connection limit reached");
+                return Err(Error::UpstreamConnectionLimit {
+                    host: host.to_owned(),
+                    limit: self.max_connections,
+                    waited: self.slot_wait,
+                });
+            }
+        };
         let deadline = Instant::now() + self.connect_timeout;
         let timed_out = || Error::ConnectTimeout { host: host.to_owned() };
         let tcp = timeout_at(deadline, self.dial(host, port)).await.map_err(|_| timed_out())??;
@@ -91,7 +113,12 @@ impl Upstream {
             .await
             .map_err(|_| timed_out())?
             .map_err(|source| Error::UpstreamTls { host: host.to_owned(), source })?;
-        Ok(UpstreamStream { inner: stream })
+        Ok(UpstreamStream { inner: stream, _slot: slot })
+    }
+
+    /// Upstream connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.max_connections - self.slots.available_permits()
     }
 
     /// Resolve `host` and connect to the first permitted address that answers.
@@ -194,6 +221,8 @@ fn build_resolver(config: &NetConfig) -> Result<TokioResolver> {
 #[derive(Debug)]
 pub struct UpstreamStream {
     inner: TlsStream<TcpStream>,
+    /// Its place under the sandbox's upstream connection limit.
+    _slot: OwnedSemaphorePermit,
 }
 
 impl UpstreamStream {

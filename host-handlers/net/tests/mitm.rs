@@ -447,6 +447,51 @@ async fn item3_secret_reflected_by_upstream_is_redacted() {
     h.shutdown().await;
 }
 
+/// `count` HTTP/1.1 guest connections each sending one request at once.
+async fn concurrent_gets(h: &Harness, path: &str, count: usize) -> Vec<StatusCode> {
+    let requests = (0..count).map(|_| async {
+        let mut sender = h.guest.http1("a.test", h.upstream_addr()).await.unwrap();
+        text(sender.send_request(get("a.test", path)).await.unwrap()).await.0
+    });
+    futures_util::future::join_all(requests).await
+}
+
+#[tokio::test]
+async fn item2e_upstream_connections_are_capped_per_sandbox() {
+    let h = Harness::start_with(|config| {
+        config.allowed_networks = vec!["127.0.0.1/32".parse().unwrap()];
+        config.max_upstream_connections = 4;
+        config.upstream_connection_wait = Duration::from_secs(3);
+    })
+    .await;
+    // Within the wait: everyone gets through, never more than 4 connections upstream.
+    let statuses = concurrent_gets(&h, "/delay/300", 10).await;
+    assert!(statuses.iter().all(|s| *s == StatusCode::OK), "{statuses:?}");
+    assert!(h.upstream.most_connections_open() <= 4, "{} connections", h.upstream.most_connections_open());
+    h.shutdown().await;
+
+    let h = Harness::start_with(|config| {
+        config.allowed_networks = vec!["127.0.0.1/32".parse().unwrap()];
+        config.max_upstream_connections = 4;
+        config.upstream_connection_wait = Duration::from_millis(300);
+    })
+    .await;
+    // Beyond the wait: 503, recorded.
+    let statuses = concurrent_gets(&h, "/delay/1500", 10).await;
+    let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    let unavailable = statuses.iter().filter(|s| **s == StatusCode::SERVICE_UNAVAILABLE).count();
+    assert_eq!((ok, unavailable), (4, 6), "{statuses:?}");
+    assert!(h.upstream.most_connections_open() <= 4, "{} connections", h.upstream.most_connections_open());
+    let rows = h.wait_net_rows(10).await;
+    let refused: Vec<_> = rows.iter().filter(|r| r.status_code == Some(503)).collect();
+    assert_eq!(refused.len(), 6, "{rows:?}");
+    assert!(refused.iter().all(|r| r.decision == "error"
+        && r.error.as_deref().unwrap_or_default().contains("4 upstream connections")));
+    // Once they close, requests get through again.
+    assert_still_serving(&h).await;
+    h.shutdown().await;
+}
+
 #[tokio::test]
 async fn item7_connection_header_cannot_remove_rule_headers() {
     let h = Harness::start().await;

@@ -121,7 +121,10 @@ impl MitmHandler {
             Client::builder(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(Duration::from_secs(90))
+                // Idle pooled connections count against the sandbox's
+                // upstream connection limit: keep few, not for long.
+                .pool_idle_timeout(Duration::from_secs(30))
+                .pool_max_idle_per_host(16)
                 .build(UpstreamConnector::new(upstream.clone(), http1_only))
         };
 

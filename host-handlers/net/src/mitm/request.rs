@@ -23,8 +23,10 @@
 //! 6. The response body streams to the guest through [`ObservedBody`], which
 //!    counts it, keeps a preview, feeds the AI stream parser and writes the row.
 //!
-//! Upstream failures answer 502 (504 for timeouts); an upstream whose addresses
-//! are all refused by the address guard answers 403 by `builtin.address_guard`.
+//! Upstream failures answer 502 (504 for timeouts, 503 when the sandbox's
+//! upstream connections stay at their limit for the configured wait); an
+//! upstream whose addresses are all refused by the address guard answers 403
+//! by `builtin.address_guard`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -378,6 +380,7 @@ fn upstream_refusal(host: &str, err: &(dyn std::error::Error + 'static)) -> Refu
             Refusal::blocked(Some(ADDRESS_GUARD_RULE.into()), format!("upstream address refused: {detail}"))
         }
         Some(Error::ConnectTimeout { .. }) => Refusal::failed(StatusCode::GATEWAY_TIMEOUT, detail),
+        Some(Error::UpstreamConnectionLimit { .. }) => Refusal::failed(StatusCode::SERVICE_UNAVAILABLE, detail),
         _ => Refusal::failed(StatusCode::BAD_GATEWAY, format!("upstream {host} failed: {detail}")),
     }
 }
