@@ -672,6 +672,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn paths_normalise_to_one_spelling() {
+        let cases = [
+            ("", "/"),
+            ("*", "*"),
+            ("/", "/"),
+            ("/a/b/", "/a/b/"),
+            ("/a/.", "/a/"),
+            ("/a/..", "/"),
+            ("/..", "/"),
+            ("/../../x", "/x"),
+            ("a/b", "/a/b"),
+            ("/%7euser/%41", "/~user/A"),
+            ("/a%2fb%2F", "/a%2Fb%2F"),
+            ("/%zz/%4", "/%zz/%4"),
+            ("/%C3%A9/é", "/%C3%A9/é"),
+            ("/.%2e/%2E./x", "/x"),
+            ("/a//b///c", "/a/b/c"),
+            ("/a/.../b", "/a/.../b"),
+        ];
+        for (raw, normalised) in cases {
+            assert_eq!(normalise_path(raw), normalised, "{raw:?}");
+        }
+    }
+
+    #[test]
     fn json_events_get_defaults_and_normalised_names() {
         let event = Event::from_json(
             r#"{"event":"http.request","host":"GitHub.com.","headers":{"User-Agent":"x"}}"#,
