@@ -92,17 +92,7 @@ impl Upstream {
     /// until it is dropped; at the limit this waits for one to close, at most
     /// the configured wait.
     pub async fn connect(&self, host: &str, port: u16, http1_only: bool) -> Result<UpstreamStream> {
-        let slot = match tokio::time::timeout(self.slot_wait, self.slots.clone().acquire_owned()).await {
-            Ok(Ok(slot)) => slot,
-            _ => {
-                tracing::warn!(host, limit = self.max_connections, "upstream connection limit reached");
-                return Err(Error::UpstreamConnectionLimit {
-                    host: host.to_owned(),
-                    limit: self.max_connections,
-                    waited: self.slot_wait,
-                });
-            }
-        };
+        let slot = self.slot(host).await?;
         let deadline = Instant::now() + self.connect_timeout;
         let timed_out = || Error::ConnectTimeout { host: host.to_owned() };
         let tcp = timeout_at(deadline, self.dial(host, port)).await.map_err(|_| timed_out())??;
@@ -114,6 +104,24 @@ impl Upstream {
             .map_err(|_| timed_out())?
             .map_err(|source| Error::UpstreamTls { host: host.to_owned(), source })?;
         Ok(UpstreamStream { inner: stream, _slot: slot })
+    }
+
+    /// A place under the sandbox's upstream connection limit, for one
+    /// connection to `host`, held until dropped: every connection made on the
+    /// guest's behalf takes one. At the limit, waits for one to be released,
+    /// at most the configured wait.
+    pub async fn slot(&self, host: &str) -> Result<OwnedSemaphorePermit> {
+        match tokio::time::timeout(self.slot_wait, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(slot)) => Ok(slot),
+            _ => {
+                tracing::warn!(host, limit = self.max_connections, "upstream connection limit reached");
+                Err(Error::UpstreamConnectionLimit {
+                    host: host.to_owned(),
+                    limit: self.max_connections,
+                    waited: self.slot_wait,
+                })
+            }
+        }
     }
 
     /// Upstream connections open now.
