@@ -38,6 +38,12 @@ pub struct NetConfig {
     pub max_connections: usize,
     /// An HTTP proxy every upstream connection goes through (`CONNECT`).
     pub upstream_proxy: Option<UpstreamProxy>,
+    /// Most upstream (TLS over TCP) connections the sandbox's MITM handler
+    /// keeps open at once, idle pooled ones included.
+    pub max_upstream_connections: usize,
+    /// How long a request that needs a new upstream connection waits for one
+    /// to close when [`NetConfig::max_upstream_connections`] are open (then 503).
+    pub upstream_connection_wait: Duration,
 }
 
 impl Default for NetConfig {
@@ -55,6 +61,8 @@ impl Default for NetConfig {
             dns_timeout: Duration::from_secs(5),
             max_connections: 1024,
             upstream_proxy: None,
+            max_upstream_connections: 256,
+            upstream_connection_wait: Duration::from_secs(10),
         }
     }
 }

@@ -55,6 +55,10 @@ pub enum Error {
     /// The TLS handshake with the upstream failed (includes untrusted certificates).
     #[error("TLS with {host}: {source}")]
     UpstreamTls { host: String, source: io::Error },
+    /// The sandbox already has its most upstream connections open, and none
+    /// closed while the request waited.
+    #[error("no upstream connection for {host}: the sandbox's {limit} upstream connections stayed in use for {waited:?}")]
+    UpstreamConnectionLimit { host: String, limit: usize, waited: std::time::Duration },
 }
 
 fn format_addrs(addrs: &[IpAddr]) -> String {

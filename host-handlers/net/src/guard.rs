@@ -6,7 +6,10 @@
 //! (rebinding defence) and is applied again to the address actually dialled.
 //!
 //! IPv6 forms that embed an IPv4 address (mapped, NAT64, 6to4) are judged by the
-//! embedded address, so `::ffff:127.0.0.1` is loopback.
+//! embedded address, so `::ffff:127.0.0.1` is loopback. The local-use NAT64
+//! prefix `64:ff9b:1::/48` (RFC 8215) is refused whatever it embeds: its
+//! translators lead into the site's own networks. Documentation ranges
+//! (TEST-NET-1/2/3, `2001:db8::/32`) are refused as reserved.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Mutex;
@@ -125,8 +128,8 @@ fn classify_v4(ip: Ipv4Addr) -> Option<Refusal> {
         Some(Refusal::Private)
     } else if ip.is_multicast() {
         Some(Refusal::Multicast)
-    } else if a >= 240 || (a == 198 && (b == 18 || b == 19)) {
-        // 240/4 reserved and broadcast, 198.18/15 benchmarking.
+    } else if a >= 240 || (a == 198 && (b == 18 || b == 19)) || is_documentation_v4(ip) {
+        // 240/4 reserved and broadcast, 198.18/15 benchmarking, RFC 5737 TEST-NETs.
         Some(Refusal::Reserved)
     } else {
         None
@@ -139,6 +142,10 @@ fn classify_v6(ip: Ipv6Addr) -> Option<Refusal> {
         Some(Refusal::Unspecified)
     } else if ip.is_loopback() {
         Some(Refusal::Loopback)
+    } else if seg[..3] == [0x64, 0xff9b, 1] {
+        // RFC 8215 local-use NAT64: translated by the site's own translators,
+        // to whatever IPv4 network they serve.
+        Some(Refusal::Private)
     } else if let Some(v4) = embedded_v4(ip) {
         classify_v4(v4)
     } else if seg[0] & 0xffc0 == 0xfe80 {
@@ -154,6 +161,11 @@ fn classify_v6(ip: Ipv6Addr) -> Option<Refusal> {
     } else {
         None
     }
+}
+
+/// RFC 5737 documentation ranges: TEST-NET-1, -2 and -3.
+fn is_documentation_v4(ip: Ipv4Addr) -> bool {
+    matches!(ip.octets(), [192, 0, 2, _] | [198, 51, 100, _] | [203, 0, 113, _])
 }
 
 /// The IPv4 address carried by IPv4-compatible, NAT64 (64:ff9b::/96) and
@@ -212,6 +224,28 @@ mod tests {
         ];
         for (ip, refusal) in cases {
             assert_eq!(check(&guard, ip), Err(refusal), "{ip}");
+        }
+    }
+
+    #[test]
+    fn item7_nat64_local_use_and_test_nets_are_refused() {
+        let guard = AddressGuard::new(Vec::new());
+        let cases = [
+            ("64:ff9b:1::8.8.8.8", Refusal::Private),
+            ("64:ff9b:1:ffff::1", Refusal::Private),
+            ("192.0.2.10", Refusal::Reserved),
+            ("198.51.100.7", Refusal::Reserved),
+            ("203.0.113.200", Refusal::Reserved),
+            ("::ffff:203.0.113.1", Refusal::Reserved),
+            ("64:ff9b::192.0.2.1", Refusal::Reserved),
+            ("2001:db8:ffff::1", Refusal::Reserved),
+        ];
+        for (ip, refusal) in cases {
+            assert_eq!(check(&guard, ip), Err(refusal), "{ip}");
+        }
+        // The neighbours of those ranges stay public.
+        for ip in ["192.0.3.1", "198.51.101.1", "203.0.114.1", "64:ff9b:2::1", "2001:db9::1"] {
+            assert_eq!(check(&guard, ip), Ok(()), "{ip}");
         }
     }
 

@@ -26,6 +26,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout_at, Instant};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -50,6 +51,10 @@ pub struct Upstream {
     tls_http1: Arc<ClientConfig>,
     connect_timeout: std::time::Duration,
     proxy: Option<UpstreamProxy>,
+    /// One permit per open upstream connection.
+    slots: Arc<Semaphore>,
+    max_connections: usize,
+    slot_wait: std::time::Duration,
 }
 
 impl Upstream {
@@ -70,6 +75,9 @@ impl Upstream {
             tls_http1: Arc::new(tls_http1),
             connect_timeout: config.connect_timeout,
             proxy: config.upstream_proxy.clone(),
+            slots: Arc::new(Semaphore::new(config.max_upstream_connections.max(1))),
+            max_connections: config.max_upstream_connections.max(1),
+            slot_wait: config.upstream_connection_wait,
         })
     }
 
@@ -85,7 +93,11 @@ impl Upstream {
 
     /// Open a verified TLS connection to `host:port`. With `http1_only` the
     /// ALPN offer is http/1.1 alone (needed for protocol upgrades).
+    /// The connection counts against the sandbox's upstream connection limit
+    /// until it is dropped; at the limit this waits for one to close, at most
+    /// the configured wait.
     pub async fn connect(&self, host: &str, port: u16, http1_only: bool) -> Result<UpstreamStream> {
+        let slot = self.slot(host).await?;
         let deadline = Instant::now() + self.connect_timeout;
         let timed_out = || Error::ConnectTimeout { host: host.to_owned() };
         let tcp = timeout_at(deadline, self.dial(host, port)).await.map_err(|_| timed_out())??;
@@ -96,37 +108,69 @@ impl Upstream {
             .await
             .map_err(|_| timed_out())?
             .map_err(|source| Error::UpstreamTls { host: host.to_owned(), source })?;
-        Ok(UpstreamStream::Tls(Box::new(stream)))
+        Ok(UpstreamStream { io: UpstreamIo::Tls(Box::new(stream)), _slot: slot })
     }
 
     /// Open a plain TCP connection to `host:port` (resolved on the host, every
-    /// address guarded), for connections spliced without inspection.
-    pub async fn connect_tcp(&self, host: &str, port: u16) -> Result<TcpStream> {
+    /// address guarded), for connections spliced without inspection and for
+    /// plain HTTP. It counts against the upstream connection limit as
+    /// [`Upstream::connect`] does.
+    pub async fn connect_tcp(&self, host: &str, port: u16) -> Result<UpstreamStream> {
+        let slot = self.slot(host).await?;
         let deadline = Instant::now() + self.connect_timeout;
-        timeout_at(deadline, self.dial(host, port))
+        let tcp = timeout_at(deadline, self.dial(host, port))
             .await
-            .map_err(|_| Error::ConnectTimeout { host: host.to_owned() })?
+            .map_err(|_| Error::ConnectTimeout { host: host.to_owned() })??;
+        Ok(UpstreamStream { io: UpstreamIo::Plain(tcp), _slot: slot })
     }
 
     /// Open a plain TCP connection to the address `ip` itself (a rule allowed
     /// it by address), if the address guard permits it.
-    pub async fn connect_address(&self, ip: IpAddr, port: u16) -> Result<TcpStream> {
+    pub async fn connect_address(&self, ip: IpAddr, port: u16) -> Result<UpstreamStream> {
         let host = ip.to_string();
         if self.guard.check(ip).is_err() {
             return Err(Error::AddressRefused { host, refused: vec![ip] });
         }
+        let slot = self.slot(&host).await?;
         let addr = SocketAddr::new(ip, port);
-        if let Some(proxy) = &self.proxy {
-            return timeout_at(Instant::now() + self.connect_timeout, proxy.connect(&addr.to_string()))
-                .await
-                .map_err(|_| Error::ConnectTimeout { host })?;
+        let deadline = Instant::now() + self.connect_timeout;
+        let tcp = match &self.proxy {
+            Some(proxy) => {
+                timeout_at(deadline, proxy.connect(&addr.to_string())).await.map_err(|_| Error::ConnectTimeout { host })??
+            }
+            None => {
+                let tcp = timeout_at(deadline, TcpStream::connect(addr))
+                    .await
+                    .map_err(|_| Error::ConnectTimeout { host })?
+                    .map_err(|source| Error::Connect { addr, source })?;
+                let _ = tcp.set_nodelay(true);
+                tcp
+            }
+        };
+        Ok(UpstreamStream { io: UpstreamIo::Plain(tcp), _slot: slot })
+    }
+
+    /// A place under the sandbox's upstream connection limit, for one
+    /// connection to `host`, held until dropped: every connection made on the
+    /// guest's behalf takes one. At the limit, waits for one to be released,
+    /// at most the configured wait.
+    pub async fn slot(&self, host: &str) -> Result<OwnedSemaphorePermit> {
+        match tokio::time::timeout(self.slot_wait, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(slot)) => Ok(slot),
+            _ => {
+                tracing::warn!(host, limit = self.max_connections, "upstream connection limit reached");
+                Err(Error::UpstreamConnectionLimit {
+                    host: host.to_owned(),
+                    limit: self.max_connections,
+                    waited: self.slot_wait,
+                })
+            }
         }
-        let stream = timeout_at(Instant::now() + self.connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| Error::ConnectTimeout { host })?
-            .map_err(|source| Error::Connect { addr, source })?;
-        let _ = stream.set_nodelay(true);
-        Ok(stream)
+    }
+
+    /// Upstream connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.max_connections - self.slots.available_permits()
     }
 
     /// Resolve `host` and connect to the first permitted address that answers.
@@ -239,49 +283,57 @@ fn build_resolver(config: &NetConfig) -> Result<TokioResolver> {
 
 /// A connection to an upstream: verified TLS, or plain TCP for `http://`.
 #[derive(Debug)]
-pub enum UpstreamStream {
+pub struct UpstreamStream {
+    io: UpstreamIo,
+    /// Its place under the sandbox's upstream connection limit.
+    _slot: OwnedSemaphorePermit,
+}
+
+/// What an [`UpstreamStream`] carries.
+#[derive(Debug)]
+enum UpstreamIo {
     /// `https://`: TLS verified against the configured roots.
     Tls(Box<TlsStream<TcpStream>>),
-    /// `http://` (a rule's `mode = "http"`).
+    /// `http://` (a rule's `mode = "http"`), and spliced connections.
     Plain(TcpStream),
 }
 
 impl UpstreamStream {
     /// Whether the upstream chose HTTP/2.
     pub fn is_h2(&self) -> bool {
-        match self {
-            UpstreamStream::Tls(tls) => tls.get_ref().1.alpn_protocol() == Some(ALPN_H2),
-            UpstreamStream::Plain(_) => false,
+        match &self.io {
+            UpstreamIo::Tls(tls) => tls.get_ref().1.alpn_protocol() == Some(ALPN_H2),
+            UpstreamIo::Plain(_) => false,
         }
     }
 }
 
 impl AsyncRead for UpstreamStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Tls(tls) => Pin::new(tls).poll_read(cx, buf),
-            UpstreamStream::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+        match &mut self.get_mut().io {
+            UpstreamIo::Tls(tls) => Pin::new(tls).poll_read(cx, buf),
+            UpstreamIo::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
         }
     }
 }
 
 impl AsyncWrite for UpstreamStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamStream::Tls(tls) => Pin::new(tls).poll_write(cx, buf),
-            UpstreamStream::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+        match &mut self.get_mut().io {
+            UpstreamIo::Tls(tls) => Pin::new(tls).poll_write(cx, buf),
+            UpstreamIo::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Tls(tls) => Pin::new(tls).poll_flush(cx),
-            UpstreamStream::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+        match &mut self.get_mut().io {
+            UpstreamIo::Tls(tls) => Pin::new(tls).poll_flush(cx),
+            UpstreamIo::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Tls(tls) => Pin::new(tls).poll_shutdown(cx),
-            UpstreamStream::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
+        match &mut self.get_mut().io {
+            UpstreamIo::Tls(tls) => Pin::new(tls).poll_shutdown(cx),
+            UpstreamIo::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
         }
     }
     fn poll_write_vectored(
@@ -289,15 +341,15 @@ impl AsyncWrite for UpstreamStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamStream::Tls(tls) => Pin::new(tls).poll_write_vectored(cx, bufs),
-            UpstreamStream::Plain(tcp) => Pin::new(tcp).poll_write_vectored(cx, bufs),
+        match &mut self.get_mut().io {
+            UpstreamIo::Tls(tls) => Pin::new(tls).poll_write_vectored(cx, bufs),
+            UpstreamIo::Plain(tcp) => Pin::new(tcp).poll_write_vectored(cx, bufs),
         }
     }
     fn is_write_vectored(&self) -> bool {
-        match self {
-            UpstreamStream::Tls(tls) => tls.is_write_vectored(),
-            UpstreamStream::Plain(tcp) => tcp.is_write_vectored(),
+        match &self.io {
+            UpstreamIo::Tls(tls) => tls.is_write_vectored(),
+            UpstreamIo::Plain(tcp) => tcp.is_write_vectored(),
         }
     }
 }
@@ -343,7 +395,7 @@ impl tower_service::Service<Uri> for UpstreamConnector {
             let host = uri.host().unwrap_or_default().to_owned();
             if uri.scheme_str() == Some("http") {
                 let port = uri.port_u16().unwrap_or(80);
-                return upstream.connect_tcp(&host, port).await.map(|tcp| TokioIo::new(UpstreamStream::Plain(tcp)));
+                return upstream.connect_tcp(&host, port).await.map(TokioIo::new);
             }
             let port = uri.port_u16().unwrap_or(443);
             upstream.connect(&host, port, http1_only).await.map(TokioIo::new)

@@ -375,22 +375,156 @@ async fn rewrites_apply_before_forwarding_and_secrets_are_never_logged() {
         .unwrap();
     let (status, seen) = text(sender.send_request(request).await.unwrap()).await;
     assert_eq!(status, StatusCode::OK);
-    assert!(seen.contains(&format!("x-api-token: {SECRET_TOKEN}")), "{seen}");
+    // The upstream got the token (it reflects the header) and the guest does not.
+    assert!(seen.contains("x-api-token: [REDACTED]"), "{seen}");
+    assert!(!seen.contains(SECRET_TOKEN), "{seen}");
     assert!(!seen.contains("x-remove-me"), "{seen}");
 
     let rows = h.wait_net_rows(1).await;
     let headers = &rows[0].request_headers;
     assert!(headers.contains(&("x-api-token".into(), "REDACTED".into())), "{headers:?}");
     assert!(!headers.iter().any(|(k, _)| k == "x-remove-me"));
-    let db = h.db_path.clone();
+    // Read while the harness still holds its directory.
+    assert!(!h.db_files_contain(SECRET_TOKEN).await, "secret in session.db");
+    assert!(!h.db_files_contain("guest-credential").await, "credential in session.db");
+    assert!(h.db_files_contain("x-remove-me").await || h.db_files_contain("a.test").await);
     h.shutdown().await;
-    for file in [db.clone(), db.with_extension("db-wal")] {
-        if let Ok(bytes) = std::fs::read(&file) {
-            let text = String::from_utf8_lossy(&bytes);
-            assert!(!text.contains(SECRET_TOKEN), "secret in {}", file.display());
-            assert!(!text.contains("guest-credential"), "credential in {}", file.display());
-        }
+}
+
+#[tokio::test]
+async fn item3_secret_reflected_by_upstream_is_redacted() {
+    let h = Harness::start().await;
+    // Buffered body, over HTTP/1.1.
+    let mut sender = h.guest.http1("a.test", h.upstream_addr()).await.unwrap();
+    let (status, seen) = text(sender.send_request(get("a.test", "/headers")).await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(seen.contains("x-api-token: [REDACTED]") && !seen.contains(SECRET_TOKEN), "{seen}");
+
+    // Streamed 5 bytes at a time (the value split across chunks), and
+    // reflected in response headers, over HTTP/1.1 and HTTP/2.
+    let mut h1 = h.guest.http1("a.test", h.upstream_addr()).await.unwrap();
+    let mut h2 = h.guest.http2("a.test", h.upstream_addr()).await.unwrap();
+    for http2 in [false, true] {
+        let response = if http2 {
+            h2.send_request(Request::get("https://a.test/reflect").body(empty_body()).unwrap()).await.unwrap()
+        } else {
+            h1.send_request(get("a.test", "/reflect")).await.unwrap()
+        };
+        assert_eq!(response.headers()["x-echo-x-api-token"], "[REDACTED]");
+        assert_eq!(response.headers()["x-echo-x-added"], "by-rule");
+        let all_headers = format!("{:?}", response.headers());
+        assert!(!all_headers.contains(SECRET_TOKEN), "{all_headers}");
+        let (status, seen) = text(response).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(seen.contains("x-api-token: [REDACTED]"), "h2 {http2}: {seen}");
+        assert!(seen.contains("x-added: by-rule"), "h2 {http2}: {seen}");
+        assert!(!seen.contains(SECRET_TOKEN), "h2 {http2}: {seen}");
     }
+
+    // TRACE with an injected secret is refused before it leaves.
+    let trace = Request::builder().method("TRACE").uri("/headers").header(HOST, "a.test").body(empty_body()).unwrap();
+    let (status, body) = text(sender.send_request(trace).await.unwrap()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("builtin.trace_with_secret"), "{body}");
+    // TRACE without one goes through.
+    let trace = Request::builder().method("TRACE").uri("/hello").header(HOST, "a.test").body(empty_body()).unwrap();
+    let (status, _) = text(sender.send_request(trace).await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let rows = h.wait_net_rows(5).await;
+    assert_eq!(rows.len(), 5, "{rows:?}");
+    let traced = rows.iter().find(|r| r.method.as_deref() == Some("TRACE") && r.status_code == Some(403)).unwrap();
+    assert_eq!(
+        (traced.decision.as_str(), traced.matched_rule.as_deref()),
+        ("denied", Some("builtin.trace_with_secret"))
+    );
+    for row in rows.iter().filter(|r| r.path.as_deref() != Some("/hello") && r.method.as_deref() == Some("GET")) {
+        let preview = row.response_body_preview.as_deref().unwrap_or_default();
+        assert!(preview.contains("x-api-token: [REDACTED]"), "{preview}");
+        assert!(row.decision == "allowed" && row.error.is_none(), "{row:?}");
+    }
+    assert!(!h.db_files_contain(SECRET_TOKEN).await, "secret in session.db");
+    h.shutdown().await;
+}
+
+/// `count` HTTP/1.1 guest connections each sending one request at once.
+async fn concurrent_gets(h: &Harness, path: &str, count: usize) -> Vec<StatusCode> {
+    let requests = (0..count).map(|_| async {
+        let mut sender = h.guest.http1("a.test", h.upstream_addr()).await.unwrap();
+        text(sender.send_request(get("a.test", path)).await.unwrap()).await.0
+    });
+    futures_util::future::join_all(requests).await
+}
+
+#[tokio::test]
+async fn item2e_upstream_connections_are_capped_per_sandbox() {
+    let h = Harness::start_with(|config| {
+        config.allowed_networks = vec!["127.0.0.1/32".parse().unwrap()];
+        config.max_upstream_connections = 4;
+        config.upstream_connection_wait = Duration::from_secs(3);
+    })
+    .await;
+    // Within the wait: everyone gets through, never more than 4 connections upstream.
+    let statuses = concurrent_gets(&h, "/delay/300", 10).await;
+    assert!(statuses.iter().all(|s| *s == StatusCode::OK), "{statuses:?}");
+    assert!(h.upstream.most_connections_open() <= 4, "{} connections", h.upstream.most_connections_open());
+    h.shutdown().await;
+
+    let h = Harness::start_with(|config| {
+        config.allowed_networks = vec!["127.0.0.1/32".parse().unwrap()];
+        config.max_upstream_connections = 4;
+        config.upstream_connection_wait = Duration::from_millis(300);
+    })
+    .await;
+    // Beyond the wait: 503, recorded.
+    let statuses = concurrent_gets(&h, "/delay/1500", 10).await;
+    let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    let unavailable = statuses.iter().filter(|s| **s == StatusCode::SERVICE_UNAVAILABLE).count();
+    assert_eq!((ok, unavailable), (4, 6), "{statuses:?}");
+    assert!(h.upstream.most_connections_open() <= 4, "{} connections", h.upstream.most_connections_open());
+    let rows = h.wait_net_rows(10).await;
+    let refused: Vec<_> = rows.iter().filter(|r| r.status_code == Some(503)).collect();
+    assert_eq!(refused.len(), 6, "{rows:?}");
+    assert!(refused.iter().all(|r| r.decision == "error"
+        && r.error.as_deref().unwrap_or_default().contains("4 upstream connections")));
+    // Once they close, requests get through again.
+    assert_still_serving(&h).await;
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn item7_connection_header_cannot_remove_rule_headers() {
+    let h = Harness::start().await;
+    let mut sender = h.guest.http1("a.test", h.upstream_addr()).await.unwrap();
+    let request = Request::get("/headers")
+        .header(HOST, "a.test")
+        .header("connection", "x-added, x-api-token, x-guest")
+        .header("x-guest", "hop")
+        .body(empty_body())
+        .unwrap();
+    let (status, seen) = text(sender.send_request(request).await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(seen.contains("x-added: by-rule"), "{seen}");
+    assert!(seen.contains("x-api-token: [REDACTED]"), "{seen}");
+    assert!(!seen.contains("x-guest"), "the guest's own hop-by-hop header still goes: {seen}");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn item7_encoded_path_cannot_bypass_prefix_rule() {
+    let h = Harness::start().await;
+    let mut sender = h.guest.http1("a.test", h.upstream_addr()).await.unwrap();
+    let paths = ["/admin", "/%61dmin", "//admin", "/x/../admin/users", "/%2e/admin"];
+    for path in paths {
+        let (status, body) = text(sender.send_request(get("a.test", path)).await.unwrap()).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {body}");
+        assert!(body.contains("http.no_admin_a"), "{path}: {body}");
+    }
+    let rows = h.wait_net_rows(paths.len()).await;
+    assert!(rows.iter().all(|r| r.matched_rule.as_deref() == Some("http.no_admin_a")), "{rows:?}");
+    // The row keeps the path as sent.
+    assert!(rows.iter().any(|r| r.path.as_deref() == Some("/%61dmin")), "{rows:?}");
+    h.shutdown().await;
 }
 
 #[tokio::test]
@@ -476,12 +610,12 @@ async fn handler_survives_a_flood_of_hostile_connections() {
 #[tokio::test]
 async fn forged_port_is_blocked_unless_a_rule_names_it() {
     let h = Harness::start().await;
-    let before = h.upstream.connections();
+    let before = h.upstream.connections_accepted();
     let mut sender = h.guest.http1("only443.test", h.upstream_addr()).await.unwrap();
     let (status, body) = text(sender.send_request(get("only443.test", "/hello")).await.unwrap()).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert!(body.contains("no rule allows this request"), "{body}");
-    assert_eq!(h.upstream.connections(), before, "the upstream was reached on a port no rule names");
+    assert_eq!(h.upstream.connections_accepted(), before, "the upstream was reached on a port no rule names");
 
     // The same host on 443 is what the rule allows (nothing listens there:
     // 502), once the sandbox resolved the name: the address then has a name

@@ -238,6 +238,7 @@ fn request(host: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> Ev
         sni: host.into(),
         method: method.into(),
         path: path.into(),
+        raw_path: path.into(),
         query: String::new(),
         headers: headers
             .iter()
@@ -318,6 +319,7 @@ fn main() {
                 sni: "pkg3.example.com".into(),
                 method: "GET".into(),
                 path: "/".into(),
+                raw_path: "/".into(),
                 query: String::new(),
                 headers: BTreeMap::new(),
                 scheme: "https".into(),

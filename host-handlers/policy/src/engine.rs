@@ -269,6 +269,8 @@ pub(crate) struct Inner {
     rewriting: [Vec<usize>; 4],
     pub locks: Vec<Lock>,
     pub profiles: Vec<LoadedProfile>,
+    /// The values of every secret the rules use, longest first.
+    secret_values: Vec<String>,
 }
 
 /// Compiled profiles. Cheap to share across threads (`Arc` inside).
@@ -331,6 +333,7 @@ impl EngineBuilder {
         let mut loaded = Vec::new();
         let mut names: HashMap<String, Location> = HashMap::new();
         let mut dns_limits = DnsLimits::default();
+        let mut secret_values: Vec<String> = Vec::new();
         for (order, (layer, source)) in profiles.iter().enumerate() {
             let text = match source.read() {
                 Ok(text) => text,
@@ -366,6 +369,7 @@ impl EngineBuilder {
                     continue;
                 }
                 names.insert(spec.name.clone(), spec.location.clone());
+                secret_values.extend(spec.secret_values);
                 rules.push(Rule {
                     name: spec.name,
                     section: spec.section,
@@ -402,8 +406,13 @@ impl EngineBuilder {
         if !errors.is_empty() {
             return Err(ProfileError::from_list(errors));
         }
+        let mut inner = Inner::new(Arc::new(env), rules, locks, loaded);
+        secret_values.retain(|value| !value.is_empty());
+        secret_values.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        secret_values.dedup();
+        inner.secret_values = secret_values;
         Ok(Engine {
-            inner: Arc::new(Inner::new(Arc::new(env), rules, locks, loaded)),
+            inner: Arc::new(inner),
             dns_limits,
         })
     }
@@ -460,6 +469,7 @@ impl Inner {
             rewriting,
             locks,
             profiles,
+            secret_values: Vec::new(),
         }
     }
 
@@ -553,6 +563,13 @@ fn answers(record: &DnsRecord, qtype: &str) -> bool {
 }
 
 impl Engine {
+    /// The values of the secrets (`${secret:NAME}`) that the loaded rules put
+    /// into headers, longest first: what handlers must never log, and must
+    /// keep from coming back to the guest. Never log these.
+    pub fn secret_values(&self) -> &[String] {
+        &self.inner.secret_values
+    }
+
     /// Starts loading profiles into layers.
     pub fn builder() -> EngineBuilder {
         EngineBuilder::default()

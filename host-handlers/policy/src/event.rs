@@ -32,8 +32,11 @@ pub struct HttpRequest {
     pub sni: String,
     /// Request method as sent, e.g. "GET".
     pub method: String,
-    /// Request path, without the query string.
+    /// Request path, without the query string, normalised by [`normalise_path`]
+    /// (what rules should match on).
     pub path: String,
+    /// The path as the guest sent it, without the query string.
+    pub raw_path: String,
     /// Query string without the leading '?', empty if none.
     pub query: String,
     /// Header names lower case; repeated headers joined with ", ".
@@ -216,6 +219,8 @@ pub enum Field {
     HttpMethod,
     /// `http.request.path`
     HttpPath,
+    /// `http.request.raw_path`
+    HttpRawPath,
     /// `http.request.query`
     HttpQuery,
     /// `http.request.scheme`
@@ -243,13 +248,14 @@ const TCP: &[EventKind] = &[EventKind::TcpConnect];
 
 impl Field {
     /// Every field.
-    pub const ALL: [Field; 15] = [
+    pub const ALL: [Field; 16] = [
         Field::DnsQname,
         Field::DnsQtype,
         Field::HttpHost,
         Field::HttpSni,
         Field::HttpMethod,
         Field::HttpPath,
+        Field::HttpRawPath,
         Field::HttpQuery,
         Field::HttpScheme,
         Field::HttpPort,
@@ -270,6 +276,7 @@ impl Field {
             Field::HttpSni => "http.request.sni",
             Field::HttpMethod => "http.request.method",
             Field::HttpPath => "http.request.path",
+            Field::HttpRawPath => "http.request.raw_path",
             Field::HttpQuery => "http.request.query",
             Field::HttpScheme => "http.request.scheme",
             Field::HttpPort => "http.request.port",
@@ -299,6 +306,7 @@ impl Field {
             | Field::HttpSni
             | Field::HttpMethod
             | Field::HttpPath
+            | Field::HttpRawPath
             | Field::HttpQuery
             | Field::HttpScheme
             | Field::HttpPort
@@ -351,6 +359,7 @@ impl Event {
             (Field::HttpSni, _) => self.http_request().map(|r| r.sni.as_str()),
             (Field::HttpMethod, _) => self.http_request().map(|r| r.method.as_str()),
             (Field::HttpPath, _) => self.http_request().map(|r| r.path.as_str()),
+            (Field::HttpRawPath, _) => self.http_request().map(|r| r.raw_path.as_str()),
             (Field::HttpQuery, _) => self.http_request().map(|r| r.query.as_str()),
             (Field::HttpScheme, _) => self.http_request().map(|r| r.scheme.as_str()),
             _ => None,
@@ -427,6 +436,9 @@ impl Event {
     /// {"event": "tcp.connect", "host": "db.internal", "ip": "10.0.0.5", "port": 5432}
     /// ```
     ///
+    /// `path` is the path as a guest sends it: the event's `raw_path`, and,
+    /// normalised by [`normalise_path`], its `path`.
+    ///
     /// Defaults: `qtype` "A"; `method` "GET", `path` "/", `query` "",
     /// `headers` {}, `sni` the host, `scheme` "https", `port` 443; `ip`
     /// unknown; a `tcp.connect` without `host` is to an address no DNS
@@ -440,6 +452,84 @@ impl Event {
         })?;
         raw.into_event()
     }
+}
+
+/// The path rules match on (`http.request.path`), from the path as sent
+/// (`http.request.raw_path`, without the query): percent-encoded unreserved
+/// characters (letters, digits, `-._~`) decoded and other escapes written
+/// with upper-case hex, runs of `/` collapsed to one, and `.` and `..`
+/// segments removed (RFC 3986 sections 6.2.2 and 5.2.4). So `/%61dmin`,
+/// `//admin` and `/static/../admin` are all `/admin`. Escapes of reserved
+/// characters (`%2F`) stay escaped; `*` (as in `OPTIONS *`) stays `*`; an
+/// empty path is `/`.
+pub fn normalise_path(raw: &str) -> String {
+    if raw == "*" {
+        return raw.to_owned();
+    }
+    let bytes = raw.as_bytes();
+    let mut decoded = String::with_capacity(raw.len() + 1);
+    if !raw.starts_with('/') {
+        decoded.push('/');
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        let byte = bytes[i];
+        let escape = match (byte, bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&hi), Some(&lo)) => hex(hi).zip(hex(lo)).map(|(hi, lo)| hi << 4 | lo),
+            _ => None,
+        };
+        match escape {
+            Some(value) if value.is_ascii_alphanumeric() || b"-._~".contains(&value) => {
+                decoded.push(char::from(value));
+                i += 3;
+            }
+            Some(value) => {
+                decoded.push_str(&format!("%{value:02X}"));
+                i += 3;
+            }
+            None => {
+                // Not an escape: copy the character (a whole UTF-8 sequence).
+                let len = raw[i..].chars().next().map_or(1, char::len_utf8);
+                if !(byte == b'/' && decoded.ends_with('/')) {
+                    decoded.push_str(&raw[i..i + len]);
+                }
+                i += len;
+            }
+        }
+    }
+    remove_dot_segments(&decoded)
+}
+
+fn hex(digit: u8) -> Option<u8> {
+    char::from(digit)
+        .to_digit(16)
+        .and_then(|d| u8::try_from(d).ok())
+}
+
+/// RFC 3986 section 5.2.4 on a path that starts with `/` and has no empty
+/// segments but a trailing one.
+fn remove_dot_segments(path: &str) -> String {
+    let mut kept: Vec<&str> = Vec::new();
+    let mut trailing_slash = false;
+    for segment in path.split('/').skip(1) {
+        trailing_slash = matches!(segment, "" | "." | "..");
+        match segment {
+            "" | "." => {}
+            ".." => {
+                kept.pop();
+            }
+            _ => kept.push(segment),
+        }
+    }
+    let mut out = String::with_capacity(path.len());
+    for segment in &kept {
+        out.push('/');
+        out.push_str(segment);
+    }
+    if trailing_slash || kept.is_empty() {
+        out.push('/');
+    }
+    out
 }
 
 fn normalise_name(name: &str) -> String {
@@ -558,7 +648,8 @@ impl RawHttpRequest {
             host,
             sni,
             method: self.method,
-            path: self.path,
+            path: normalise_path(&self.path),
+            raw_path: self.path,
             query: self
                 .query
                 .strip_prefix('?')
@@ -637,6 +728,31 @@ impl fmt::Display for Event {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn paths_normalise_to_one_spelling() {
+        let cases = [
+            ("", "/"),
+            ("*", "*"),
+            ("/", "/"),
+            ("/a/b/", "/a/b/"),
+            ("/a/.", "/a/"),
+            ("/a/..", "/"),
+            ("/..", "/"),
+            ("/../../x", "/x"),
+            ("a/b", "/a/b"),
+            ("/%7euser/%41", "/~user/A"),
+            ("/a%2fb%2F", "/a%2Fb%2F"),
+            ("/%zz/%4", "/%zz/%4"),
+            ("/%C3%A9/é", "/%C3%A9/é"),
+            ("/.%2e/%2E./x", "/x"),
+            ("/a//b///c", "/a/b/c"),
+            ("/a/.../b", "/a/.../b"),
+        ];
+        for (raw, normalised) in cases {
+            assert_eq!(normalise_path(raw), normalised, "{raw:?}");
+        }
+    }
 
     #[test]
     fn json_events_get_defaults_and_normalised_names() {

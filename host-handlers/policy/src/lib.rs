@@ -37,8 +37,8 @@ pub use builtin::{builtin_profile, BUILTIN_PROFILES};
 pub use engine::{check, Engine, EngineBuilder, Layer, ProfileSource, RuleDecision, COMMON_QTYPES};
 pub use limits::DnsLimits;
 pub use event::{
-    DnsRequest, Event, EventKind, Field, FieldType, HttpRequest, HttpResponse, Section, TcpConnect,
-    HTTPS_PORT,
+    normalise_path, DnsRequest, Event, EventKind, Field, FieldType, HttpRequest, HttpResponse,
+    Section, TcpConnect, HTTPS_PORT,
 };
 pub use explain::{Explanation, Outcome, RuleInfo, RuleTrace, Summary};
 pub use location::Location;

@@ -71,6 +71,8 @@ pub(crate) struct RuleSpec {
     pub description: Option<String>,
     /// Where the rule's name is written.
     pub location: Location,
+    /// The values of the secrets its header values use.
+    pub secret_values: Vec<String>,
 }
 
 /// A section lock declared by a profile.
@@ -222,6 +224,7 @@ pub(crate) fn parse(
                 secrets,
                 section,
                 errors: Vec::new(),
+                secret_values: Vec::new(),
             };
             match reader.read(&name, rule) {
                 Ok(spec) => profile.rules.push(spec),
@@ -247,6 +250,8 @@ struct RuleReader<'a> {
     secrets: &'a Secrets,
     section: Section,
     errors: Vec<ProfileError>,
+    /// Values of the secrets filled in so far.
+    secret_values: Vec<String>,
 }
 
 impl RuleReader<'_> {
@@ -358,6 +363,7 @@ impl RuleReader<'_> {
                     mode,
                     description: rule.description,
                     location: self.source.location(name.span().start),
+                    secret_values: self.secret_values,
                 })
             }
             _ => Err(self.errors),
@@ -607,6 +613,7 @@ impl RuleReader<'_> {
                 return None;
             }
             filled.push_str(&secret_value);
+            self.secret_values.push(secret_value);
             secret = true;
             consumed += start + end + 1;
             rest = &rest[start + end + 1..];

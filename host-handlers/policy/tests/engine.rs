@@ -443,7 +443,7 @@ fn every_problem_in_every_profile_is_reported() {
     assert_eq!(
         error.to_string(),
         "one.toml:3:13: unknown decision `alow` (decisions: allow, block, ask, rewrite)\n\
-         one.toml:7:19: unknown field `hots` of `http.request` (fields: host, sni, method, path, query, scheme, port, headers)\n\
+         one.toml:7:19: unknown field `hots` of `http.request` (fields: host, sni, method, path, raw_path, query, scheme, port, headers)\n\
          two.toml:2:11: unknown section `tpc` in locks (sections: dns, http, tcp)"
     );
     assert_eq!(error.problems().len(), 3);
@@ -523,6 +523,92 @@ fn rewrites_apply_to_allowed_traffic_lowest_number_first_per_header() {
             Action::SetResponseHeader("x-sandbox".into(), sandbox_policy::SecretValue::plain("1")),
         ]
     );
+}
+
+#[test]
+fn item7_encoded_path_cannot_bypass_prefix_rule() {
+    let engine = engine(
+        r#"
+[security.rules.http.no_admin]
+on = "http.request"
+if = 'http.request.path.startsWith("/admin")'
+decision = "block"
+priority = 1
+
+[security.rules.http.encoded_raw]
+on = "http.request"
+if = 'http.request.raw_path.contains("%")'
+decision = "ask"
+priority = 2
+
+[security.rules.http.public]
+on = "http.request"
+if = 'http.request.path.startsWith("/public/")'
+decision = "allow"
+priority = 5
+"#,
+    );
+    let decide = |path: &str| {
+        let json = format!(r#"{{"event": "http.request", "host": "x.com", "path": "{path}"}}"#);
+        let verdict = engine.decide(&event(&json));
+        (verdict.decision, verdict.rule)
+    };
+    let blocked = (Decision::Block, Some("http.no_admin".to_owned()));
+    for path in [
+        "/admin",
+        "/%61dmin",
+        "/%61%64%6D%69%6e/users",
+        "//admin",
+        "///admin//x",
+        "/./admin",
+        "/public/../admin",
+        "/public/%2e%2e/admin",
+        "/public/%2E%2E//%2e/admin",
+        "/x/y/../../admin",
+        "/../admin",
+    ] {
+        assert_eq!(decide(path), blocked, "{path}");
+    }
+    // The raw path stays available to conditions as sent.
+    assert_eq!(
+        decide("/public/%7Euser"),
+        (Decision::Ask, Some("http.encoded_raw".to_owned()))
+    );
+    assert_eq!(
+        decide("/public/a/./b"),
+        (Decision::Allow, Some("http.public".to_owned()))
+    );
+    // An allow on a prefix cannot be climbed out of.
+    assert_eq!(decide("/public/../private").0, Decision::Block);
+    match event(r#"{"event": "http.request", "host": "x.com", "path": "//a/%62/../%2f"}"#) {
+        Event::HttpRequest(request) => {
+            assert_eq!(request.path, "/a/%2F");
+            assert_eq!(request.raw_path, "//a/%62/../%2f");
+        }
+        other => panic!("{other:?}"),
+    }
+    // raw_path is checked at load like every field: a string of http events.
+    for (event_kind, condition) in [
+        ("http.request", "http.request.raw_path == 1"),
+        ("dns.request", r#"http.request.raw_path == "/""#),
+    ] {
+        let profile = format!(
+            "[security.rules.{}.a]\non = \"{event_kind}\"\nif = '{condition}'\ndecision = \"allow\"\n",
+            &event_kind[..event_kind.find('.').unwrap_or(0)]
+        );
+        let error = layered(&[(Layer::User, "p.toml", &profile)])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("p.toml:3:"), "{error}");
+    }
+}
+
+#[test]
+fn secret_values_are_listed_for_redaction_longest_first() {
+    assert_eq!(engine(REWRITES).secret_values(), ["t0k3n-value", "alice"]);
+    assert!(engine(&rule("a", "allow", 1, None))
+        .secret_values()
+        .is_empty());
 }
 
 #[test]

@@ -213,7 +213,7 @@ on = "http.request"
 if = 'http.request.hots == "pypi.org"'
 decision = "allow"
 "##,
-        "p.toml:3:19: unknown field `hots` of `http.request` (fields: host, sni, method, path, query, scheme, port, headers)",
+        "p.toml:3:19: unknown field `hots` of `http.request` (fields: host, sni, method, path, raw_path, query, scheme, port, headers)",
     ),
     (
         "unknown field after escapes in a basic string",
@@ -222,7 +222,7 @@ on = "http.request"
 if = "http.request.host == \"pypi.org\" || http.request.pth == \"/\""
 decision = "allow"
 "##,
-        "p.toml:3:56: unknown field `pth` of `http.request` (fields: host, sni, method, path, query, scheme, port, headers)",
+        "p.toml:3:56: unknown field `pth` of `http.request` (fields: host, sni, method, path, raw_path, query, scheme, port, headers)",
     ),
     (
         "field of another event",
@@ -231,7 +231,7 @@ on = "http.request"
 if = 'dns.request.qname == "x"'
 decision = "allow"
 "##,
-        "p.toml:3:18: `dns.request.qname` is not available in `http.request` rules (available: http.request.host, http.request.sni, http.request.method, http.request.path, http.request.query, http.request.scheme, http.request.port, http.request.headers)",
+        "p.toml:3:18: `dns.request.qname` is not available in `http.request` rules (available: http.request.host, http.request.sni, http.request.method, http.request.path, http.request.raw_path, http.request.query, http.request.scheme, http.request.port, http.request.headers)",
     ),
     (
         "response field in a request rule",
@@ -240,7 +240,7 @@ on = "http.request"
 if = 'http.response.status == 200'
 decision = "allow"
 "##,
-        "p.toml:3:20: `http.response.status` is not available in `http.request` rules (available: http.request.host, http.request.sni, http.request.method, http.request.path, http.request.query, http.request.scheme, http.request.port, http.request.headers)",
+        "p.toml:3:20: `http.response.status` is not available in `http.request` rules (available: http.request.host, http.request.sni, http.request.method, http.request.path, http.request.raw_path, http.request.query, http.request.scheme, http.request.port, http.request.headers)",
     ),
     (
         "unknown event in a condition",
@@ -258,7 +258,7 @@ on = "http.request"
 if = 'http.request == "x"'
 decision = "allow"
 "##,
-        "p.toml:3:11: `http.request` is an event, not a field; use one of its fields: host, sni, method, path, query, scheme, port, headers",
+        "p.toml:3:11: `http.request` is an event, not a field; use one of its fields: host, sni, method, path, raw_path, query, scheme, port, headers",
     ),
     (
         "a namespace used as a value",
@@ -267,7 +267,7 @@ on = "http.request"
 if = 'http'
 decision = "allow"
 "##,
-        "p.toml:3:7: `http` is not a field; conditions use fields such as http.request.host, http.request.sni, http.request.method, http.request.path, http.request.query, http.request.scheme, http.request.port, http.request.headers",
+        "p.toml:3:7: `http` is not a field; conditions use fields such as http.request.host, http.request.sni, http.request.method, http.request.path, http.request.raw_path, http.request.query, http.request.scheme, http.request.port, http.request.headers",
     ),
     (
         "unknown name",
@@ -276,7 +276,7 @@ on = "http.request"
 if = 'host == "x"'
 decision = "allow"
 "##,
-        "p.toml:3:7: unknown name `host`; conditions use fields such as http.request.host, http.request.sni, http.request.method, http.request.path, http.request.query, http.request.scheme, http.request.port, http.request.headers",
+        "p.toml:3:7: unknown name `host`; conditions use fields such as http.request.host, http.request.sni, http.request.method, http.request.path, http.request.raw_path, http.request.query, http.request.scheme, http.request.port, http.request.headers",
     ),
     (
         "type error: string compared with int",

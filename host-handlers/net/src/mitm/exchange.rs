@@ -21,6 +21,8 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use sandbox_telemetry::ai::StreamParser;
 use sandbox_telemetry::{NetEvent, Outcome, Recorder, Slot, TelemetryError};
+
+use super::redact::SecretRedactor;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Bytes of each body kept in the row.
@@ -94,12 +96,14 @@ pub(crate) struct Exchange {
     pub(crate) sent: Arc<Capture>,
     received: Arc<Capture>,
     parser: Option<StreamParser>,
+    /// Secret values kept out of the row.
+    secrets: Option<Arc<SecretRedactor>>,
 }
 
 impl Exchange {
     pub(crate) fn new(recorder: Recorder, started: SystemTime, domain: String, sni: Option<String>) -> Self {
         let event = blank_event(started, domain, sni);
-        Self { recorder, slot: None, event, sent: Arc::default(), received: Arc::default(), parser: None }
+        Self { recorder, slot: None, event, sent: Arc::default(), received: Arc::default(), parser: None, secrets: None }
     }
 
     /// Reserve room for the row before the request is acted on. An error means
@@ -133,6 +137,11 @@ impl Exchange {
         self.parser = parser;
     }
 
+    /// Replace these secret values in the row's previews, headers and error.
+    pub(crate) fn set_redactor(&mut self, secrets: Arc<SecretRedactor>) {
+        self.secrets = Some(secrets);
+    }
+
     /// Wrap the guest's side of a tunnel so that its traffic is counted:
     /// reads are bytes sent upstream, writes bytes received from it.
     pub(crate) fn count_tunnel<T>(&self, guest: T) -> CountedIo<T> {
@@ -154,6 +163,14 @@ impl Drop for Exchange {
         (event.bytes_sent, event.request_body_preview) = self.sent.take();
         (event.bytes_received, event.response_body_preview) = self.received.take();
         event.model_call = self.parser.take().map(StreamParser::finish);
+        if let Some(secrets) = self.secrets.as_ref().filter(|s| !s.is_empty()) {
+            event.request_body_preview = secrets.redact_preview(std::mem::take(&mut event.request_body_preview));
+            event.response_body_preview = secrets.redact_preview(std::mem::take(&mut event.response_body_preview));
+            for (_, value) in &mut event.request_headers {
+                *value = secrets.redact_str(value).into_owned();
+            }
+            event.error = event.error.map(|error| secrets.redact_str(&error).into_owned());
+        }
         if let Some(slot) = self.slot.take() {
             return slot.record_net(event);
         }

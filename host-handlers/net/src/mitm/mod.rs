@@ -25,6 +25,7 @@
 //! others get one row per request.
 
 mod exchange;
+mod redact;
 mod request;
 mod splice;
 
@@ -58,7 +59,29 @@ use crate::proxy_header::{ProxyHeader, MAX_LEN};
 use crate::server::ConnectionHandler;
 use crate::upstream::{Upstream, UpstreamConnector};
 use exchange::{CountedBody, Exchange};
+use redact::SecretRedactor;
 use request::Conn;
+
+/// What the handler holds for a guest that stops reading (or for an upstream
+/// that does), per connection:
+///
+/// - guest HTTP/2: at most [`H2_MAX_STREAMS`] streams, each holding at most
+///   its send buffer ([`H2_SEND_BUFFER`]) plus two body chunks from upstream
+///   (the one that went over the buffer, and the next, held until there is
+///   room; a chunk is at most [`HTTP1_BUFFER`] from an HTTP/1.1 upstream, one
+///   16 KiB frame from an HTTP/2 one): 100 × 192 KiB = 18.75 MiB; and at most
+///   [`H2_CONNECTION_WINDOW`] of request bodies the upstream has not taken.
+/// - guest HTTP/1.1: one [`HTTP1_BUFFER`] each way plus one chunk.
+/// - upstream HTTP/2: at most [`H2_CONNECTION_WINDOW`] received and not yet
+///   passed on ([`H2_STREAM_WINDOW`] per stream); upstream HTTP/1.1: one
+///   [`HTTP1_BUFFER`]. Upstream connections are capped per sandbox.
+const H2_MAX_STREAMS: u32 = 100;
+const H2_SEND_BUFFER: usize = 64 * 1024;
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// Read and write buffers of HTTP/1.1 connections, both legs (also the
+/// largest response head an upstream may send).
+const HTTP1_BUFFER: usize = 64 * 1024;
 
 /// Rule recorded for a ClientHello without a usable server name.
 pub const NO_SNI_RULE: &str = "builtin.no_sni";
@@ -79,6 +102,8 @@ pub(crate) struct MitmHandler {
     tls: Arc<ServerConfig>,
     http: auto::Builder<TokioExecutor>,
     policy: Policy,
+    /// The values of the secrets the policy injects.
+    secrets: Arc<SecretRedactor>,
     recorder: Recorder,
     bindings: Arc<Bindings>,
     handshake_timeout: Duration,
@@ -161,13 +186,25 @@ impl MitmHandler {
             Client::builder(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(Duration::from_secs(90))
+                // Idle pooled connections count against the sandbox's
+                // upstream connection limit: keep few, not for long.
+                .pool_idle_timeout(Duration::from_secs(30))
+                .pool_max_idle_per_host(16)
+                .http1_max_buf_size(HTTP1_BUFFER)
+                .http2_initial_stream_window_size(H2_STREAM_WINDOW)
+                .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
+                .http2_max_send_buf_size(H2_SEND_BUFFER)
                 .build(UpstreamConnector::new(upstream.clone(), http1_only))
         };
 
         let mut http = auto::Builder::new(TokioExecutor::new());
-        http.http1().timer(TokioTimer::new()).keep_alive(true).half_close(true);
-        http.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
+        http.http1().timer(TokioTimer::new()).keep_alive(true).half_close(true).max_buf_size(HTTP1_BUFFER);
+        http.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(H2_MAX_STREAMS)
+            .max_send_buf_size(H2_SEND_BUFFER)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW);
 
         Ok(MitmHandler {
             client_http1: client(true),
@@ -176,6 +213,7 @@ impl MitmHandler {
             leaves,
             tls: Arc::new(tls),
             http,
+            secrets: Arc::new(SecretRedactor::new(policy.engine().secret_values())),
             policy,
             recorder,
             bindings,

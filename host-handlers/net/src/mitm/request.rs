@@ -5,8 +5,10 @@
 //!    for); otherwise 403 by `builtin.sni_host_mismatch` (domain fronting).
 //! 2. The `http.request` event goes to the policy, with the port the guest
 //!    connected to (a rule must name `http.request.port` to allow one other
-//!    than 443); anything but allow is a 403 whose text body names the rule.
-//! 3. Rewrite actions change the request headers before forwarding and before
+//!    than 443), its `path` normalised and the path as sent in `raw_path`;
+//!    anything but allow is a 403 whose text body names the rule.
+//! 3. Connection-specific (hop-by-hop) headers are removed, then rewrite
+//!    actions change the request headers before forwarding and before
 //!    logging; values from secrets are logged as `REDACTED`, and so are
 //!    credential-like headers (telemetry's [`redact`] rules).
 //! 4. The request goes to `https://<sni>:<the decided port>` through a pooled
@@ -23,10 +25,11 @@
 //! 6. The response body streams to the guest through [`ObservedBody`], which
 //!    counts it, keeps a preview, feeds the AI stream parser and writes the row.
 //!
-//! Upstream failures answer 502 (504 for timeouts); an upstream whose addresses
-//! are all refused by the address guard answers 403 by `builtin.address_guard`.
-//! A request whose row cannot be queued in time (telemetry behind) answers 503
-//! without being decided or forwarded.
+//! Upstream failures answer 502 (504 for timeouts, 503 when the sandbox's
+//! upstream connections stay at their limit for the configured wait); an
+//! upstream whose addresses are all refused by the address guard answers 403
+//! by `builtin.address_guard`. A request whose row cannot be queued in time
+//! (telemetry behind) answers 503 without being decided or forwarded.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -34,26 +37,30 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Either, Empty, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::uri::Authority;
 use hyper::upgrade::OnUpgrade;
-use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
-use sandbox_policy::{Action, ConnectMode, Decision, Event, HttpRequest, HttpResponse};
+use sandbox_policy::{normalise_path, Action, ConnectMode, Decision, Event, HttpRequest, HttpResponse};
 use sandbox_telemetry::ai::StreamParser;
 use sandbox_telemetry::{redact, Outcome};
 
 use super::exchange::{CountedBody, Exchange, ObservedBody};
+use super::redact::{RedactingBody, SecretRedactor};
 use super::{Destination, MitmHandler, RequestCount};
 use crate::dns::ADDRESS_GUARD_RULE;
 use crate::error::Error;
 use crate::idle::Activity;
-use crate::upstream::UpstreamStream;
 
 /// Rule recorded when the Host of a request is not the connection's SNI.
 pub const SNI_HOST_MISMATCH_RULE: &str = "builtin.sni_host_mismatch";
+
+/// Rule recorded when a TRACE request would carry a secret a rule injected
+/// (the upstream would send it back to the guest).
+pub const SECRET_TRACE_RULE: &str = "builtin.trace_with_secret";
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body of every response sent to the guest.
@@ -94,8 +101,9 @@ impl Refusal {
 
 /// What an allowed request turned into.
 enum Reply {
-    /// A response whose body streams to the guest.
-    Stream(Response<Incoming>),
+    /// A response whose body streams to the guest; with `redact`, secret
+    /// values in it are replaced (a rule injected a secret into the request).
+    Stream { response: Response<Incoming>, redact: bool },
     /// A `101` after which the guest and upstream connections are joined.
     Tunnel { response: Response<Incoming>, guest: OnUpgrade },
 }
@@ -156,6 +164,7 @@ impl Conn {
         exchange.event.method = Some(req.method().to_string());
         exchange.event.path = Some(req.uri().path_and_query().map_or("/", |pq| pq.as_str()).to_owned());
         exchange.event.request_headers = logged_headers(req.headers(), &HashSet::new());
+        exchange.set_redactor(row_redactor(&self.handler.secrets, req.headers()));
         if let Err(err) = exchange.reserve().await {
             let message = format!("not forwarded: {err}");
             exchange.fail(message.clone());
@@ -165,8 +174,13 @@ impl Conn {
             return response;
         }
         match self.process(req, &mut exchange).await {
-            Ok(Reply::Stream(response)) => {
+            Ok(Reply::Stream { response, redact }) => {
                 let (parts, body) = response.into_parts();
+                let body = if redact {
+                    Either::Left(RedactingBody::new(body, self.handler.secrets.clone()))
+                } else {
+                    Either::Right(body)
+                };
                 let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
                 let path = req_path(exchange.event.path.as_deref());
                 exchange.set_parser(StreamParser::for_request(&exchange.event.domain, path, content_type));
@@ -204,7 +218,8 @@ impl Conn {
             host,
             sni: self.sni.clone(),
             method: req.method().to_string(),
-            path: req.uri().path().to_owned(),
+            path: normalise_path(req.uri().path()),
+            raw_path: req.uri().path().to_owned(),
             query: req.uri().query().unwrap_or_default().to_owned(),
             headers: header_map(req.headers()),
             scheme: self.scheme().into(),
@@ -219,21 +234,40 @@ impl Conn {
             return Err(Refusal::blocked(verdict.rule, message));
         }
         exchange.decide(Outcome::Allowed, verdict.rule.clone());
+        // Connection-specific headers go before the rewrites, so that a guest's
+        // `Connection: <name>` cannot remove a header a rule sets.
+        let upgrade = req.headers().get(header::UPGRADE).cloned().filter(|_| req.version() == Version::HTTP_11);
+        strip_hop_by_hop(req.headers_mut());
         let secret_headers = rewrite_headers(req.headers_mut(), &verdict.actions, Target::Request);
-        if StreamParser::for_request(&request_event.host, &request_event.path, None).is_some() {
+        let injected = !secret_headers.is_empty();
+        if injected && req.method() == Method::TRACE {
+            let why = format!(
+                "blocked by {SECRET_TRACE_RULE}: TRACE would send the secret a rule adds to this request back to the guest"
+            );
+            return Err(Refusal::blocked(Some(SECRET_TRACE_RULE.into()), why));
+        }
+        // Reflected secrets are looked for in the bytes as sent: no compression.
+        if injected || StreamParser::for_request(&request_event.host, &request_event.path, None).is_some() {
             req.headers_mut().insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
         }
+        let head = req.method() == Method::HEAD;
         exchange.event.request_headers = logged_headers(req.headers(), &secret_headers);
 
-        if req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE) {
+        if let Some(upgrade) = upgrade {
             let guest = hyper::upgrade::on(&mut req);
-            let response = self.send_upgrade(req, exchange).await?;
+            let response = self.send_upgrade(req, upgrade, exchange).await?;
             let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-            let response = self.screen_response(response, exchange, request_event).await?;
-            return Ok(if switching { Reply::Tunnel { response, guest } } else { Reply::Stream(response) });
+            let mut response = self.screen_response(response, exchange, request_event).await?;
+            if switching {
+                return Ok(Reply::Tunnel { response, guest });
+            }
+            let redact = injected && redacted_body(&mut response, head);
+            return Ok(Reply::Stream { response, redact });
         }
         let response = self.send(req, exchange).await?;
-        Ok(Reply::Stream(self.screen_response(response, exchange, request_event).await?))
+        let mut response = self.screen_response(response, exchange, request_event).await?;
+        let redact = injected && redacted_body(&mut response, head);
+        Ok(Reply::Stream { response, redact })
     }
 
     /// Forward through the pooled client.
@@ -243,7 +277,6 @@ impl Conn {
         *upstream_req.method_mut() = parts.method;
         *upstream_req.uri_mut() = self.upstream_uri(&parts.uri)?;
         *upstream_req.headers_mut() = parts.headers;
-        strip_hop_by_hop(upstream_req.headers_mut());
         let client = if self.h2 { &self.handler.client_h2 } else { &self.handler.client_http1 };
         let sent = tokio::time::timeout(self.handler.response_timeout, client.request(upstream_req)).await;
         match sent {
@@ -255,26 +288,27 @@ impl Conn {
 
     /// Forward an upgrade request over its own HTTP/1.1 connection (the pooled
     /// client may speak HTTP/2 upstream, which has no such upgrades).
-    async fn send_upgrade(&self, req: Request<Incoming>, exchange: &Exchange) -> Result<Response<Incoming>, Refusal> {
+    async fn send_upgrade(
+        &self,
+        req: Request<Incoming>,
+        upgrade: HeaderValue,
+        exchange: &Exchange,
+    ) -> Result<Response<Incoming>, Refusal> {
         let handler = &self.handler;
         let (parts, body) = req.into_parts();
-        let upgrade = parts.headers.get(header::UPGRADE).cloned();
         let mut upstream_req = Request::new(CountedBody::new(body, exchange.sent.clone()));
         *upstream_req.method_mut() = parts.method;
         let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         *upstream_req.uri_mut() = Uri::try_from(target)
             .map_err(|e| Refusal::failed(StatusCode::BAD_REQUEST, format!("request target {target}: {e}")))?;
         *upstream_req.headers_mut() = parts.headers;
-        strip_hop_by_hop(upstream_req.headers_mut());
-        if let Some(upgrade) = upgrade {
-            upstream_req.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            upstream_req.headers_mut().insert(header::UPGRADE, upgrade);
-        }
+        upstream_req.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        upstream_req.headers_mut().insert(header::UPGRADE, upgrade);
         let exchanged = tokio::time::timeout(handler.response_timeout, async {
             let stream = if self.tls {
                 handler.upstream.connect(&self.sni, self.port, true).await
             } else {
-                handler.upstream.connect_tcp(&self.sni, self.port).await.map(UpstreamStream::Plain)
+                handler.upstream.connect_tcp(&self.sni, self.port).await
             };
             let stream = stream.map_err(BoxError::from)?;
             let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
@@ -317,6 +351,9 @@ impl Conn {
         }
         parts.version = Version::HTTP_11;
         rewrite_headers(&mut parts.headers, &verdict.actions, Target::Response);
+        if self.handler.secrets.redact_headers(&mut parts.headers) {
+            tracing::warn!(host = %self.sni, "upstream response headers carried a secret value: redacted");
+        }
         Ok(Response::from_parts(parts, body))
     }
 
@@ -331,6 +368,42 @@ impl Conn {
         let message = format!("upstream {} did not respond within {:?}", self.sni, self.handler.response_timeout);
         Refusal::failed(StatusCode::GATEWAY_TIMEOUT, message)
     }
+}
+
+/// What to keep out of a request's row: the policy's secret values and the
+/// guest's credentials (the whole value of a credential-like header, and the
+/// part after an authorization scheme), which an upstream may echo.
+fn row_redactor(secrets: &Arc<SecretRedactor>, headers: &HeaderMap) -> Arc<SecretRedactor> {
+    let mut credentials = Vec::new();
+    for (name, value) in headers {
+        let Ok(value) = value.to_str() else { continue };
+        if !redact::is_secret_name(name.as_str()) || value.len() < 4 {
+            continue;
+        }
+        if let Some((scheme, rest)) = value.split_once(' ') {
+            if scheme.bytes().all(|b| b.is_ascii_alphabetic()) && rest.len() >= 4 {
+                credentials.push(rest.trim().to_owned());
+            }
+        }
+        credentials.push(value.to_owned());
+    }
+    if credentials.is_empty() {
+        secrets.clone()
+    } else {
+        Arc::new(secrets.with_values(credentials))
+    }
+}
+
+/// Prepare a response whose body will have secret values replaced: the
+/// replacement changes its length, so the announced length goes (hyper then
+/// frames the body itself). False if the response has no body to redact.
+fn redacted_body<B>(response: &mut Response<B>, head: bool) -> bool {
+    let bodyless = head || matches!(response.status(), StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
+    if bodyless {
+        return false;
+    }
+    response.headers_mut().remove(header::CONTENT_LENGTH);
+    true
 }
 
 /// Map an upstream failure to what the guest sees.
@@ -352,6 +425,7 @@ fn upstream_refusal(host: &str, err: &(dyn std::error::Error + 'static)) -> Refu
             Refusal::blocked(Some(ADDRESS_GUARD_RULE.into()), format!("upstream address refused: {detail}"))
         }
         Some(Error::ConnectTimeout { .. }) => Refusal::failed(StatusCode::GATEWAY_TIMEOUT, detail),
+        Some(Error::UpstreamConnectionLimit { .. }) => Refusal::failed(StatusCode::SERVICE_UNAVAILABLE, detail),
         _ => Refusal::failed(StatusCode::BAD_GATEWAY, format!("upstream {host} failed: {detail}")),
     }
 }

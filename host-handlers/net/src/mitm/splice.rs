@@ -13,7 +13,7 @@ use std::time::SystemTime;
 
 use sandbox_telemetry::Outcome;
 use tokio::io::{AsyncWriteExt, BufReader};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::UnixStream;
 use tokio::time::{timeout_at, Instant};
 
 use super::exchange::Exchange;
@@ -22,6 +22,7 @@ use crate::client_hello::peek_server_name;
 use crate::dns::ADDRESS_GUARD_RULE;
 use crate::error::Error;
 use crate::idle::{Activity, Tracked};
+use crate::upstream::UpstreamStream;
 
 /// Rule recorded when a passthrough ClientHello names another host than the
 /// one the address was resolved for.
@@ -52,7 +53,7 @@ async fn reserved(exchange: &mut Exchange) -> bool {
 }
 
 /// Connect to the destination from the host's side.
-async fn connect(handler: &MitmHandler, destination: &Destination, exchange: &mut Exchange) -> Option<TcpStream> {
+async fn connect(handler: &MitmHandler, destination: &Destination, exchange: &mut Exchange) -> Option<UpstreamStream> {
     let connected = if destination.host.is_empty() {
         handler.upstream.connect_address(destination.ip, destination.port).await
     } else {
@@ -73,7 +74,7 @@ async fn connect(handler: &MitmHandler, destination: &Destination, exchange: &mu
 }
 
 /// Copy both ways until both sides are done or nothing moves for the idle timeout.
-async fn relay(handler: &MitmHandler, guest: GuestIo, mut upstream: TcpStream, exchange: &mut Exchange, activity: &Activity) {
+async fn relay(handler: &MitmHandler, guest: GuestIo, mut upstream: UpstreamStream, exchange: &mut Exchange, activity: &Activity) {
     let mut guest = exchange.count_tunnel(guest);
     tokio::select! {
         copied = tokio::io::copy_bidirectional(&mut guest, &mut upstream) => {

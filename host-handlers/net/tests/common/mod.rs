@@ -71,11 +71,17 @@ if = 'http.request.host == "b.test" && "upgrade" in http.request.headers'
 decision = "block"
 priority = 10
 
+[security.rules.http.no_admin_a]
+on = "http.request"
+if = 'http.request.host == "a.test" && http.request.path.startsWith("/admin")'
+decision = "block"
+priority = 10
+
 [security.rules.http.token]
 on = "http.request"
-if = 'http.request.host == "a.test" && http.request.path == "/headers"'
+if = 'http.request.host == "a.test" && http.request.path in ["/headers", "/reflect"]'
 decision = "rewrite"
-set_request_headers = { "x-api-token" = "${secret:NET_TEST_TOKEN}" }
+set_request_headers = { "x-api-token" = "${secret:NET_TEST_TOKEN}", "x-added" = "by-rule" }
 remove_request_headers = ["x-remove-me"]
 
 [security.rules.http.responses]
@@ -245,6 +251,22 @@ impl Harness {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.net_rows().await
+    }
+
+    /// Whether `text` occurs in session.db or its WAL (read while the
+    /// handlers still run, after the queued rows are written).
+    pub async fn db_files_contain(&self, text: &str) -> bool {
+        self.recorder.flush().await.unwrap();
+        let mut read = 0;
+        let mut found = false;
+        for file in [self.db_path.clone(), self.db_path.with_extension("db-wal")] {
+            if let Ok(bytes) = std::fs::read(&file) {
+                read += 1;
+                found |= bytes.windows(text.len()).any(|w| w == text.as_bytes());
+            }
+        }
+        assert!(read > 0, "no database file at {}", self.db_path.display());
+        found
     }
 
     pub async fn shutdown(mut self) {

@@ -19,6 +19,7 @@ fn request(host: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> Ht
         },
         method: method.into(),
         path: path.into(),
+        raw_path: path.into(),
         query: if path == "/q" {
             "a=1&b=2".into()
         } else {
