@@ -49,8 +49,16 @@ const TOKEN_LEN: usize = 6;
 /// Pauses guest output while a question is on screen.
 #[derive(Debug, Default)]
 pub struct OutputGate {
-    asking: Mutex<bool>,
+    state: Mutex<GateState>,
     changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    /// A question is on screen.
+    asking: bool,
+    /// Guest writes in progress: a question waits for them to finish.
+    writing: usize,
 }
 
 /// Guest output is paused until this is dropped.
@@ -66,29 +74,40 @@ impl OutputGate {
         Arc::clone(GATE.get_or_init(|| Arc::new(OutputGate::default())))
     }
 
-    /// Pause guest output (waiting for a question already on screen).
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Pause guest output: wait for a question already on screen and for
+    /// guest writes in progress, so that nothing lands after the question.
     pub fn pause(&self) -> Paused<'_> {
-        let mut asking = self.asking.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        while *asking {
-            asking = self.changed.wait(asking).unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self.lock();
+        while state.asking || state.writing > 0 {
+            state = self.changed.wait(state).unwrap_or_else(std::sync::PoisonError::into_inner);
         }
-        *asking = true;
+        state.asking = true;
         Paused { gate: self }
     }
 
-    /// Wait while a question is on screen.
-    fn wait_open(&self) {
-        let mut asking = self.asking.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        while *asking {
-            asking = self.changed.wait(asking).unwrap_or_else(std::sync::PoisonError::into_inner);
+    /// Wait while a question is on screen, then count a write in progress.
+    fn begin_write(&self) {
+        let mut state = self.lock();
+        while state.asking {
+            state = self.changed.wait(state).unwrap_or_else(std::sync::PoisonError::into_inner);
         }
+        state.writing += 1;
+    }
+
+    fn end_write(&self) {
+        let mut state = self.lock();
+        state.writing = state.writing.saturating_sub(1);
+        self.changed.notify_all();
     }
 }
 
 impl Drop for Paused<'_> {
     fn drop(&mut self) {
-        let mut asking = self.gate.asking.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        *asking = false;
+        self.gate.lock().asking = false;
         self.gate.changed.notify_all();
     }
 }
@@ -108,8 +127,10 @@ impl<W: Write> GatedWriter<W> {
 
 impl<W: Write> Write for GatedWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.gate.wait_open();
-        self.inner.write(buf)
+        self.gate.begin_write();
+        let written = self.inner.write(buf);
+        self.gate.end_write();
+        written
     }
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
@@ -379,6 +400,32 @@ decision = "ask"
         assert_ne!(token, "aaaaaa");
         keyboard.write_all(format!("{token}\n").as_bytes()).unwrap();
         assert_eq!(runtime.block_on(decision).unwrap(), Decision::Allow);
+    }
+
+    /// A guest write already under way when a question comes is finished
+    /// before the question is drawn, never after it.
+    #[test]
+    fn a_write_in_progress_finishes_before_the_question() {
+        struct Slow(Screen);
+        impl Write for Slow {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                std::thread::sleep(Duration::from_millis(300));
+                self.0.write(buf)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let screen = Screen::default();
+        let gate = Arc::new(OutputGate::default());
+        let mut guest = GatedWriter::new(Slow(screen.clone()), gate.clone());
+        let writer = std::thread::spawn(move || guest.write_all(b"guest output"));
+        std::thread::sleep(Duration::from_millis(50));
+        let paused = gate.pause();
+        screen.clone().write_all(b"|question|").unwrap();
+        drop(paused);
+        writer.join().unwrap().unwrap();
+        assert_eq!(String::from_utf8_lossy(&screen.0.lock().unwrap()), "guest output|question|");
     }
 
     #[test]

@@ -58,13 +58,9 @@ impl Bindings {
     }
 
     /// How many addresses are bound (expired ones included until evicted).
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.table.lock().unwrap_or_else(PoisonError::into_inner).len()
-    }
-
-    /// Whether no address is bound.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

@@ -563,6 +563,10 @@ impl ConnectionHandler for DnsHandler {
         self.recorder.accept_new_connections()
     }
 
+    fn stopped(&self) {
+        self.limiter.write_summary();
+    }
+
     fn refused(&self, reason: &str) {
         tracing::warn!(reason, "DNS connection refused");
         self.record_connection_error(format!("connection refused: {reason}"));

@@ -23,6 +23,8 @@ pub(crate) trait ConnectionHandler: Send + Sync + 'static {
     fn accepting(&self) -> bool;
     /// Record a connection that was closed without being served.
     fn refused(&self, reason: &str);
+    /// The server stopped and its connections ended: record what is pending.
+    fn stopped(&self) {}
 }
 
 /// A running handler. Dropping it also stops it (without waiting or removing
@@ -119,6 +121,7 @@ async fn accept_loop<H: ConnectionHandler>(
         });
     }
     connections.shutdown().await;
+    handler.stopped();
 }
 
 #[cfg(test)]

@@ -132,21 +132,9 @@ impl Upstream {
             return Err(Error::AddressRefused { host, refused: vec![ip] });
         }
         let slot = self.slot(&host).await?;
-        let addr = SocketAddr::new(ip, port);
-        let deadline = Instant::now() + self.connect_timeout;
-        let tcp = match &self.proxy {
-            Some(proxy) => {
-                timeout_at(deadline, proxy.connect(&addr.to_string())).await.map_err(|_| Error::ConnectTimeout { host })??
-            }
-            None => {
-                let tcp = timeout_at(deadline, TcpStream::connect(addr))
-                    .await
-                    .map_err(|_| Error::ConnectTimeout { host })?
-                    .map_err(|source| Error::Connect { addr, source })?;
-                let _ = tcp.set_nodelay(true);
-                tcp
-            }
-        };
+        let tcp = timeout_at(Instant::now() + self.connect_timeout, self.dial_address(&host, SocketAddr::new(ip, port)))
+            .await
+            .map_err(|_| Error::ConnectTimeout { host: host.clone() })??;
         Ok(UpstreamStream { io: UpstreamIo::Plain(tcp), _slot: slot })
     }
 
@@ -168,10 +156,6 @@ impl Upstream {
         }
     }
 
-    /// Upstream connections open now.
-    pub fn open_connections(&self) -> usize {
-        self.max_connections - self.slots.available_permits()
-    }
 
     /// Resolve `host` and connect to the first permitted address that answers.
     async fn dial(&self, host: &str, port: u16) -> Result<TcpStream> {
@@ -187,33 +171,31 @@ impl Upstream {
             return Err(Error::AddressRefused { host: host.to_owned(), refused });
         }
         let mut last_error = None;
-        if let Some(proxy) = &self.proxy {
-            // The proxy is asked for the checked address, not the name: a
-            // proxy inside a corporate network resolving the name again
-            // could be steered to an internal address nothing checked.
-            for ip in permitted {
-                match proxy.connect(&SocketAddr::new(ip, port).to_string()).await {
-                    Ok(stream) => return Ok(stream),
-                    Err(err) => last_error = Some(err),
-                }
-            }
-            return Err(last_error.unwrap_or_else(|| resolve_error("no addresses".into())));
-        }
         for ip in permitted {
-            let addr = SocketAddr::new(ip, port);
-            match TcpStream::connect(addr).await {
-                Ok(stream) => {
-                    let peer = stream.peer_addr().map_err(|source| Error::Connect { addr, source })?;
-                    if self.guard.check(peer.ip()).is_err() {
-                        return Err(Error::AddressRefused { host: host.to_owned(), refused: vec![peer.ip()] });
-                    }
-                    let _ = stream.set_nodelay(true);
-                    return Ok(stream);
-                }
-                Err(source) => last_error = Some(Error::Connect { addr, source }),
+            match self.dial_address(host, SocketAddr::new(ip, port)).await {
+                Ok(stream) => return Ok(stream),
+                Err(err @ Error::AddressRefused { .. }) => return Err(err),
+                Err(err) => last_error = Some(err),
             }
         }
         Err(last_error.unwrap_or_else(|| resolve_error("no addresses".into())))
+    }
+
+    /// Connect to a checked address of `host`: directly, or through the
+    /// upstream proxy. The proxy is asked for the address, not the name: a
+    /// proxy inside a corporate network resolving the name again could be
+    /// steered to an internal address nothing checked.
+    async fn dial_address(&self, host: &str, addr: SocketAddr) -> Result<TcpStream> {
+        if let Some(proxy) = &self.proxy {
+            return proxy.connect(&addr.to_string()).await;
+        }
+        let stream = TcpStream::connect(addr).await.map_err(|source| Error::Connect { addr, source })?;
+        let peer = stream.peer_addr().map_err(|source| Error::Connect { addr, source })?;
+        if self.guard.check(peer.ip()).is_err() {
+            return Err(Error::AddressRefused { host: host.to_owned(), refused: vec![peer.ip()] });
+        }
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
     }
 }
 

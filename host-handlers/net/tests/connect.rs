@@ -219,3 +219,20 @@ async fn http_mode_inspects_plain_http() {
     assert_eq!((blocked.path.as_deref(), blocked.status_code), (Some("/admin/keys"), Some(403)));
     h.shutdown().await;
 }
+
+/// An inspected connection goes where its SNI says: a `tcp.connect` block
+/// rule for that name applies even when the guest connects to an address
+/// it resolved for another, allowed, name.
+#[tokio::test]
+async fn tcp_connect_rules_apply_to_the_sni_of_inspected_connections() {
+    let extra = "[security.rules.tcp.no_b]\non = \"tcp.connect\"\nif = 'tcp.connect.host == \"b.test\"'\ndecision = \"block\"\npriority = 1\n";
+    let h = Harness::start_with_profile(|config| config.allowed_networks = vec!["127.0.0.1/32".parse().unwrap()], extra).await;
+    assert_eq!(resolve(&h, "a.test.").await, ResponseCode::NoError);
+    let before = h.upstream.connections_accepted();
+    let refused = h.guest.http1("b.test", h.upstream_addr()).await;
+    assert!(refused.is_err(), "a TLS session for b.test was set up through an address resolved for a.test");
+    assert_eq!(h.upstream.connections_accepted(), before);
+    let rows = h.wait_net_rows(1).await;
+    assert_eq!((rows[0].domain.as_str(), rows[0].decision.as_str(), rows[0].matched_rule.as_deref()), ("b.test", "denied", Some("tcp.no_b")));
+    h.shutdown().await;
+}

@@ -23,7 +23,7 @@ use cel::Env;
 use crate::condition::{self, Condition, EvalCx};
 use crate::event::{Event, EventKind, Field, Section, HTTPS_PORT};
 use crate::explain::{Explanation, Outcome, RuleInfo, RuleTrace, Summary};
-use crate::limits::DnsLimits;
+use crate::limits::{DnsLimits, GivenDnsLimits};
 use crate::location::{Location, SourceText};
 use crate::profile::{self, LockSpec};
 use crate::secrets::Secrets;
@@ -332,7 +332,7 @@ impl EngineBuilder {
         let mut locks: Vec<Lock> = Vec::new();
         let mut loaded = Vec::new();
         let mut names: HashMap<String, Location> = HashMap::new();
-        let mut dns_limits = DnsLimits::default();
+        let mut dns_limits = GivenDnsLimits::default();
         let mut secret_values: Vec<String> = Vec::new();
         for (order, (layer, source)) in profiles.iter().enumerate() {
             let text = match source.read() {
@@ -349,7 +349,7 @@ impl EngineBuilder {
                     continue;
                 }
             };
-            dns_limits = dns_limits.strictest(profile.dns_limits);
+            dns_limits = dns_limits.merge(profile.dns_limits);
             for spec in profile.rules {
                 if let Some(lock) = locks.iter().find(|lock| lock.section == spec.section) {
                     if spec.decision != RuleDecision::Block {
@@ -413,7 +413,7 @@ impl EngineBuilder {
         inner.secret_values = secret_values;
         Ok(Engine {
             inner: Arc::new(inner),
-            dns_limits,
+            dns_limits: dns_limits.resolve(),
         })
     }
 }
@@ -653,8 +653,8 @@ impl Engine {
         })
     }
 
-    /// The DNS limits: the strictest of every profile's (defaults where no
-    /// profile sets one).
+    /// The DNS limits: for each key the strictest value any profile gives,
+    /// the default where none does.
     pub fn dns_limits(&self) -> DnsLimits {
         self.dns_limits
     }

@@ -11,8 +11,9 @@
 //! max_labels = 16            # most labels in a query name
 //! ```
 //!
-//! Every key is optional. Across profiles the strictest value wins, so a
-//! user profile can tighten a corporate profile's limits but never loosen them.
+//! Every key is optional. Across profiles the strictest value given for a key
+//! wins (a user profile can tighten a corporate profile's limits but never
+//! loosen them); a key no profile gives has its default.
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -53,16 +54,44 @@ impl Default for DnsLimits {
     }
 }
 
-impl DnsLimits {
-    /// The stricter of two sets of limits, key by key.
-    pub fn strictest(self, other: DnsLimits) -> DnsLimits {
+/// The limits one profile (or several, merged) gives; `None`: not given.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct GivenDnsLimits {
+    queries_per_second: Option<u32>,
+    queries_burst: Option<u32>,
+    blocked_per_second: Option<u32>,
+    blocked_burst: Option<u32>,
+    max_name_length: Option<u32>,
+    max_labels: Option<u32>,
+}
+
+impl GivenDnsLimits {
+    /// Both profiles' limits: the stricter value of each key either gives.
+    pub(crate) fn merge(self, other: GivenDnsLimits) -> GivenDnsLimits {
+        let strictest = |a: Option<u32>, b: Option<u32>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        GivenDnsLimits {
+            queries_per_second: strictest(self.queries_per_second, other.queries_per_second),
+            queries_burst: strictest(self.queries_burst, other.queries_burst),
+            blocked_per_second: strictest(self.blocked_per_second, other.blocked_per_second),
+            blocked_burst: strictest(self.blocked_burst, other.blocked_burst),
+            max_name_length: strictest(self.max_name_length, other.max_name_length),
+            max_labels: strictest(self.max_labels, other.max_labels),
+        }
+    }
+
+    /// The limits in force: the defaults where no profile gave a key.
+    pub(crate) fn resolve(self) -> DnsLimits {
+        let defaults = DnsLimits::default();
         DnsLimits {
-            queries_per_second: self.queries_per_second.min(other.queries_per_second),
-            queries_burst: self.queries_burst.min(other.queries_burst),
-            blocked_per_second: self.blocked_per_second.min(other.blocked_per_second),
-            blocked_burst: self.blocked_burst.min(other.blocked_burst),
-            max_name_length: self.max_name_length.min(other.max_name_length),
-            max_labels: self.max_labels.min(other.max_labels),
+            queries_per_second: self.queries_per_second.unwrap_or(defaults.queries_per_second),
+            queries_burst: self.queries_burst.unwrap_or(defaults.queries_burst),
+            blocked_per_second: self.blocked_per_second.unwrap_or(defaults.blocked_per_second),
+            blocked_burst: self.blocked_burst.unwrap_or(defaults.blocked_burst),
+            max_name_length: self.max_name_length.unwrap_or(defaults.max_name_length),
+            max_labels: self.max_labels.unwrap_or(defaults.max_labels),
         }
     }
 }
@@ -85,62 +114,34 @@ struct DnsLimitsToml {
     max_labels: Option<Spanned<i64>>,
 }
 
-/// The limits a profile sets: the defaults, tightened by each key it gives.
+/// The limits a profile gives, checked.
 pub(crate) fn read(
     source: &SourceText,
     limits: Option<LimitsToml>,
     errors: &mut Vec<ProfileError>,
-) -> DnsLimits {
-    let defaults = DnsLimits::default();
+) -> GivenDnsLimits {
     let Some(dns) = limits.and_then(|limits| limits.dns) else {
-        return defaults;
+        return GivenDnsLimits::default();
     };
-    let mut value = |key: &str, given: Option<Spanned<i64>>, max: i64, default: u32| {
-        let Some(given) = given else {
-            return default;
-        };
+    let mut value = |key: &str, given: Option<Spanned<i64>>, max: i64| {
+        let given = given?;
         let number = *given.get_ref();
         if !(1..=max).contains(&number) {
             errors.push(source.error(
                 given.span().start,
                 format!("`{key}` = {number} is out of range (1 to {max})"),
             ));
-            return default;
+            return None;
         }
-        u32::try_from(number).unwrap_or(default)
+        u32::try_from(number).ok()
     };
     let rate_max = i64::from(u32::MAX);
-    DnsLimits {
-        queries_per_second: value(
-            "queries_per_second",
-            dns.queries_per_second,
-            rate_max,
-            defaults.queries_per_second,
-        ),
-        queries_burst: value(
-            "queries_burst",
-            dns.queries_burst,
-            rate_max,
-            defaults.queries_burst,
-        ),
-        blocked_per_second: value(
-            "blocked_per_second",
-            dns.blocked_per_second,
-            rate_max,
-            defaults.blocked_per_second,
-        ),
-        blocked_burst: value(
-            "blocked_burst",
-            dns.blocked_burst,
-            rate_max,
-            defaults.blocked_burst,
-        ),
-        max_name_length: value(
-            "max_name_length",
-            dns.max_name_length,
-            253,
-            defaults.max_name_length,
-        ),
-        max_labels: value("max_labels", dns.max_labels, 127, defaults.max_labels),
+    GivenDnsLimits {
+        queries_per_second: value("queries_per_second", dns.queries_per_second, rate_max),
+        queries_burst: value("queries_burst", dns.queries_burst, rate_max),
+        blocked_per_second: value("blocked_per_second", dns.blocked_per_second, rate_max),
+        blocked_burst: value("blocked_burst", dns.blocked_burst, rate_max),
+        max_name_length: value("max_name_length", dns.max_name_length, 253),
+        max_labels: value("max_labels", dns.max_labels, 127),
     }
 }

@@ -39,7 +39,7 @@ use toml::Spanned;
 use crate::condition::Condition;
 use crate::engine::RuleDecision;
 use crate::event::{EventKind, Section};
-use crate::limits::{self, DnsLimits};
+use crate::limits::{self, GivenDnsLimits};
 use crate::location::{Location, SourceText};
 use crate::secrets::Secrets;
 use crate::{Action, ConnectMode, DnsRecord, ProfileError, SecretValue};
@@ -88,7 +88,7 @@ pub(crate) struct Profile {
     pub description: Option<String>,
     pub rules: Vec<RuleSpec>,
     pub locks: Vec<LockSpec>,
-    pub dns_limits: DnsLimits,
+    pub dns_limits: GivenDnsLimits,
 }
 
 #[derive(Deserialize)]

@@ -1201,6 +1201,9 @@ fn dns_limits_come_from_profiles_and_only_tighten() {
     assert_eq!(limits.max_labels, 8);
     assert_eq!(limits.blocked_burst, 10, "but can tighten");
     assert_eq!(limits.queries_burst, defaults.queries_burst);
+    // A key only one profile gives is that profile's, above the default too.
+    let generous = layered(&[(Layer::Corporate, "corp.toml", "[security.limits.dns]\nqueries_per_second = 500\n")]).unwrap();
+    assert_eq!(generous.dns_limits().queries_per_second, 500);
 
     for (profile, expected) in [
         (

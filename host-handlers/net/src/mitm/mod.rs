@@ -223,17 +223,16 @@ impl MitmHandler {
         })
     }
 
-    /// The `tcp.connect` decision for the destination the guest announced.
-    async fn decide_connection(&self, header: &ProxyHeader) -> std::result::Result<Destination, SetupFailure> {
-        let ip = header.destination.ip().to_canonical();
-        let port = header.destination.port();
-        let host = self.bindings.name_of(ip).unwrap_or_default();
+    /// The `tcp.connect` decision for a connection to `ip:port`, named `host`
+    /// (the name the sandbox resolved the address from, or the SNI of an
+    /// inspected connection; empty: none).
+    async fn decide_connection(&self, host: String, ip: IpAddr, port: u16) -> std::result::Result<Destination, SetupFailure> {
         let event = Event::TcpConnect(TcpConnect { host: host.clone(), ip: Some(ip), port });
         let verdict = self.policy.decide(&event).await;
         let mode = match (verdict.decision, verdict.mode) {
             (Decision::Allow, mode) => mode.unwrap_or(ConnectMode::Inspect),
-            // No tcp.connect rule: HTTPS to a name the sandbox resolved is
-            // inspected, and each request is decided by the http rules.
+            // No tcp.connect rule: HTTPS to a name is inspected, and each
+            // request is decided by the http rules.
             (_, _) if verdict.rule.is_none() && port == HTTPS_PORT && !host.is_empty() => ConnectMode::Inspect,
             _ => {
                 let target = if host.is_empty() {
@@ -251,11 +250,15 @@ impl MitmHandler {
         Ok(Destination { host, ip, port, mode, rule: verdict.rule })
     }
 
-    /// ClientHello, leaf, TLS handshake.
+    /// ClientHello, leaf, TLS handshake. The upstream of an inspected
+    /// connection is the name its SNI gives: when that is not the name the
+    /// address was resolved for, `tcp.connect` decides again for the SNI,
+    /// which must be inspected too.
     async fn accept_tls(
         &self,
         setup: &mut Setup,
         io: BufReader<Tracked<UnixStream>>,
+        destination: &Destination,
     ) -> std::result::Result<(String, GuestStream), SetupFailure> {
         let (hello, start) = read_client_hello(io).await.map_err(SetupFailure::error)?;
         let Some(sni) = hello.sni else {
@@ -267,6 +270,16 @@ impl MitmHandler {
         };
         setup.domain = sni.clone();
         setup.sni = Some(sni.clone());
+        if sni != destination.host {
+            let named = self.decide_connection(sni.clone(), destination.ip, destination.port).await?;
+            if named.mode != ConnectMode::Inspect {
+                return Err(SetupFailure {
+                    outcome: Outcome::Denied,
+                    rule: named.rule,
+                    error: format!("{sni} is allowed in {} mode only, and this connection is inspected", named.mode),
+                });
+            }
+        }
         self.leaves.get(&sni).map_err(SetupFailure::error)?;
         let tls = start
             .into_stream(self.tls.clone())
@@ -321,7 +334,7 @@ impl MitmHandler {
         activity: Arc<Activity>,
         destination: Destination,
     ) {
-        let (sni, tls) = match timeout_at(deadline, self.accept_tls(&mut setup, io)).await {
+        let (sni, tls) = match timeout_at(deadline, self.accept_tls(&mut setup, io, &destination)).await {
             Ok(Ok(accepted)) => accepted,
             Ok(Err(failure)) => return self.record_setup(started, setup, failure),
             Err(_) => {
@@ -366,13 +379,16 @@ impl ConnectionHandler for MitmHandler {
         setup.domain = ip.to_string();
         setup.ip = Some(ip);
         setup.port = Some(header.destination.port());
-        let destination = match self.decide_connection(&header).await {
+        let host = self.bindings.name_of(ip).unwrap_or_default();
+        let destination = match self.decide_connection(host, ip, header.destination.port()).await {
             Ok(destination) => destination,
             Err(failure) => {
                 setup.domain = self.bindings.name_of(ip).unwrap_or(setup.domain);
                 return self.record_setup(started, setup, failure);
             }
         };
+        // The handshake's own time starts after the decision (an ask may wait).
+        let deadline = Instant::now() + self.handshake_timeout;
         setup.domain = destination.label();
         setup.mode = Some(destination.mode);
         match destination.mode {

@@ -71,7 +71,6 @@ pub(crate) type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
 pub(crate) struct Conn {
     handler: Arc<MitmHandler>,
     sni: String,
-    port: u16,
     /// Where the guest connected, as `tcp.connect` decided.
     destination: Destination,
     /// TLS inspected (`https`), or plain HTTP (`mode = "http"`).
@@ -140,9 +139,8 @@ impl Conn {
         h2: bool,
         activity: Arc<Activity>,
     ) -> Self {
-        let port = destination.port;
         let tls = destination.mode != ConnectMode::Http;
-        Self { handler, sni, port, destination, tls, h2, activity, requests: RequestCount::default() }
+        Self { handler, sni, destination, tls, h2, activity, requests: RequestCount::default() }
     }
 
     fn scheme(&self) -> &'static str {
@@ -158,7 +156,7 @@ impl Conn {
         let recorder = self.handler.recorder.clone();
         let sni = self.tls.then(|| self.sni.clone());
         let mut exchange = Exchange::new(recorder, SystemTime::now(), self.sni.clone(), sni);
-        exchange.event.port = Some(self.port);
+        exchange.event.port = Some(self.destination.port);
         exchange.event.ip = Some(self.destination.ip.to_string());
         exchange.event.mode = Some(self.destination.mode.name().to_owned());
         exchange.event.method = Some(req.method().to_string());
@@ -223,7 +221,7 @@ impl Conn {
             query: req.uri().query().unwrap_or_default().to_owned(),
             headers: header_map(req.headers()),
             scheme: self.scheme().into(),
-            port: self.port,
+            port: self.destination.port,
         };
         let verdict = self.handler.policy.decide(&Event::HttpRequest(request_event.clone())).await;
         if verdict.decision != Decision::Allow {
@@ -306,9 +304,9 @@ impl Conn {
         upstream_req.headers_mut().insert(header::UPGRADE, upgrade);
         let exchanged = tokio::time::timeout(handler.response_timeout, async {
             let stream = if self.tls {
-                handler.upstream.connect(&self.sni, self.port, true).await
+                handler.upstream.connect(&self.sni, self.destination.port, true).await
             } else {
-                handler.upstream.connect_tcp(&self.sni, self.port).await
+                handler.upstream.connect_tcp(&self.sni, self.destination.port).await
             };
             let stream = stream.map_err(BoxError::from)?;
             let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
@@ -359,7 +357,7 @@ impl Conn {
 
     fn upstream_uri(&self, uri: &Uri) -> Result<Uri, Refusal> {
         let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
-        format!("{}://{}:{}{path}", self.scheme(), self.sni, self.port)
+        format!("{}://{}:{}{path}", self.scheme(), self.sni, self.destination.port)
             .parse()
             .map_err(|e| Refusal::failed(StatusCode::BAD_REQUEST, format!("request target {uri}: {e}")))
     }
