@@ -206,7 +206,13 @@ pub enum CheckKind {
     /// and the address the guest connected to, which a connection refused
     /// before its ClientHello is logged under).
     MitmLoopback { domains: Vec<String> },
-    /// TCP to an outside target, judged against the host's own attempt.
+    /// TCP leaving through dummy0 with the redirect rules in place: the
+    /// guest's connect completes against net-proxy whatever the host then
+    /// decides, so it is judged on the host's `tcp.connect` decision for that
+    /// address and port in session.db.
+    Redirected { target: SocketAddr },
+    /// TCP to an outside target with the redirect rules deleted, judged
+    /// against the host's own attempt.
     OutsideTcp { target: SocketAddr, rules_deleted: bool },
     /// UDP to an outside target, judged against the host's own attempt.
     OutsideUdp { target: SocketAddr, rules_deleted: bool },
@@ -252,6 +258,8 @@ pub struct NetDecision {
     pub status_code: Option<i64>,
     /// The destination port, when logged.
     pub port: Option<i64>,
+    /// The destination address the guest connected to, when logged.
+    pub ip: Option<String>,
 }
 
 /// Evidence from outside the guest.
@@ -284,6 +292,7 @@ impl Evidence {
                         matched_rule: r.matched_rule,
                         status_code: r.status_code,
                         port: r.port,
+                        ip: r.ip,
                     }),
                     LogRow::Ai(_) => {}
                 }
@@ -380,6 +389,32 @@ pub fn judge(kind: &CheckKind, line: Option<&ProbeLine>, evidence: &Evidence) ->
             match evidence.loopback_https_accepted {
                 Some(_) => (Verdict::Blocked, format!("{detail}; {counted}")),
                 None => (Verdict::Inconclusive, format!("{detail}; no decision in session.db and {counted}")),
+            }
+        }
+        CheckKind::Redirected { target } => {
+            let rows: Vec<&NetDecision> = evidence
+                .net
+                .iter()
+                .filter(|r| r.ip.as_deref() == Some(target.ip().to_string().as_str()) && r.port == Some(i64::from(target.port())))
+                .collect();
+            if !ok {
+                return match line {
+                    Some(l) => (Verdict::Blocked, format!("{} (not even net-proxy accepted it)", l.detail)),
+                    None => (Verdict::Inconclusive, detail.into()),
+                };
+            }
+            if let Some(r) = rows.iter().find(|r| r.decision != "denied") {
+                return (
+                    Verdict::Escaped,
+                    format!("{detail}; the host let the connection out ({}, {})", r.decision, rule_text(r.matched_rule.as_ref())),
+                );
+            }
+            match rows.first() {
+                Some(r) => (
+                    Verdict::Blocked,
+                    format!("{detail} to the guest's net-proxy; the host refused it ({})", rule_text(r.matched_rule.as_ref())),
+                ),
+                None => (Verdict::Inconclusive, format!("{detail}; session.db has no decision for {target}")),
             }
         }
         CheckKind::OutsideTcp { target, rules_deleted } => {
@@ -521,6 +556,10 @@ impl Attempt {
     }
 }
 
+/// An address on the guest's side of dummy0 that is not the guest's own:
+/// TCP to it leaves through dummy0.
+const GUEST_PEER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+
 /// Where the MITM check sends the canary: the MITM would connect to port 443 of it.
 const LOOPBACK_NAME: &str = "localhost";
 
@@ -529,12 +568,14 @@ fn attempts(config: &VerifyConfig, host: SocketAddr) -> Vec<Attempt> {
     let host_port = host.port().to_string();
     let peer_port = PEER_PORT.to_string();
     let mut list = vec![
-        attempt("peer sandbox", format!("tcp 10.0.0.2:{PEER_PORT}"), &["tcp-connect", &format!("10.0.0.2:{PEER_PORT}")]),
+        attempt("peer sandbox", format!("tcp 10.0.0.2:{PEER_PORT}"), &["tcp-connect", &format!("10.0.0.2:{PEER_PORT}")])
+            .judged_by(CheckKind::Redirected { target: SocketAddr::from((GUEST_PEER, PEER_PORT)) }),
         attempt("peer sandbox", format!("vsock 3:{PEER_PORT} (every guest's CID)"), &["vsock-connect", &format!("3:{peer_port}")]),
         attempt("peer sandbox", format!("vsock 4:{PEER_PORT}"), &["vsock-connect", &format!("4:{peer_port}")]),
         attempt("peer sandbox", format!("vsock 2:{PEER_PORT} (host)"), &["vsock-connect", &format!("2:{peer_port}")]),
         attempt("host loopback", format!("tcp 127.0.0.1:{host_port}"), &["tcp-connect", &format!("127.0.0.1:{host_port}")]),
-        attempt("host loopback", format!("tcp 10.0.0.2:{host_port}"), &["tcp-connect", &format!("10.0.0.2:{host_port}")]),
+        attempt("host loopback", format!("tcp 10.0.0.2:{host_port}"), &["tcp-connect", &format!("10.0.0.2:{host_port}")])
+            .judged_by(CheckKind::Redirected { target: SocketAddr::from((GUEST_PEER, host.port())) }),
         attempt("host loopback", format!("vsock 2:{host_port}"), &["vsock-connect", &format!("2:{host_port}")]),
         attempt("host loopback", format!("https://{LOOPBACK_NAME}/ via the MITM"), &["tls", "10.0.0.2:443", "--sni", LOOPBACK_NAME])
             .judged_by(CheckKind::MitmLoopback { domains: vec![LOOPBACK_NAME.into(), "10.0.0.2".into()] }),
@@ -547,7 +588,7 @@ fn attempts(config: &VerifyConfig, host: SocketAddr) -> Vec<Attempt> {
     for target in &config.targets {
         list.push(
             attempt("outside address", format!("tcp {target}"), &["tcp-connect", &target.to_string()])
-                .judged_by(CheckKind::OutsideTcp { target: *target, rules_deleted: false }),
+                .judged_by(CheckKind::Redirected { target: *target }),
         );
         list.push(
             attempt("outside address", format!("udp {target}"), &["udp", &target.to_string()])
@@ -817,32 +858,32 @@ mod tests {
         assert!(detail.contains("accepted 1"), "{detail}");
         // Nothing listened where it dialled, but policy and guard let it try.
         let dialled = Evidence {
-            net: vec![NetDecision { domain: "localhost".into(), decision: "error".into(), matched_rule: Some("allow_all".into()), status_code: Some(502), port: Some(443) }],
+            net: vec![NetDecision { domain: "localhost".into(), decision: "error".into(), matched_rule: Some("allow_all".into()), status_code: Some(502), port: Some(443), ip: None }],
             ..Evidence::default()
         };
         assert_eq!(judge(&kind, Some(&bad_gateway), &dialled).0, Verdict::Escaped);
         // Sound: the target saw nothing, and the MITM's refusal is on record.
         let denied = Evidence {
-            net: vec![NetDecision { domain: "localhost".into(), decision: "denied".into(), matched_rule: Some("address-guard".into()), status_code: Some(403), port: Some(443) }],
+            net: vec![NetDecision { domain: "localhost".into(), decision: "denied".into(), matched_rule: Some("address-guard".into()), status_code: Some(403), port: Some(443), ip: None }],
             loopback_https_accepted: Some(0),
             ..Evidence::default()
         };
         assert_eq!(judge(&kind, Some(&bad_gateway), &denied).0, Verdict::Blocked);
         // A connection refused before its ClientHello is logged under the address.
         let refused_early = Evidence {
-            net: vec![NetDecision { domain: "10.0.0.2".into(), decision: "denied".into(), matched_rule: None, status_code: None, port: Some(443) }],
+            net: vec![NetDecision { domain: "10.0.0.2".into(), decision: "denied".into(), matched_rule: None, status_code: None, port: Some(443), ip: Some("10.0.0.2".into()) }],
             ..Evidence::default()
         };
         assert_eq!(judge(&kind, Some(&bad_gateway), &refused_early).0, Verdict::Blocked);
         // A connection-level allow of that address lets the MITM go on.
         let allowed_early = Evidence {
-            net: vec![NetDecision { domain: "10.0.0.2".into(), decision: "allowed".into(), matched_rule: Some("tcp.any".into()), status_code: None, port: Some(443) }],
+            net: vec![NetDecision { domain: "10.0.0.2".into(), decision: "allowed".into(), matched_rule: Some("tcp.any".into()), status_code: None, port: Some(443), ip: Some("10.0.0.2".into()) }],
             ..Evidence::default()
         };
         assert_eq!(judge(&kind, Some(&bad_gateway), &allowed_early).0, Verdict::Escaped);
         // Rows for other ports of that address belong to other checks.
         let other_port = Evidence {
-            net: vec![NetDecision { domain: "10.0.0.2".into(), decision: "allowed".into(), matched_rule: None, status_code: None, port: Some(2222) }],
+            net: vec![NetDecision { domain: "10.0.0.2".into(), decision: "allowed".into(), matched_rule: None, status_code: None, port: Some(2222), ip: Some("10.0.0.2".into()) }],
             loopback_https_accepted: Some(0),
             ..Evidence::default()
         };
@@ -888,17 +929,40 @@ mod tests {
         }
         let to_host = CheckKind::Connect { refusal_is_remote: true };
         assert_eq!(judge(&to_host, Some(&refused), &Evidence::default()).0, Verdict::Escaped);
-        // With the redirects in place the sandbox refuses by itself: a target
-        // that refuses too cannot tell the two apart; one that accepts can.
-        let redirected = CheckKind::OutsideTcp { target, rules_deleted: false };
-        assert_eq!(judge(&redirected, Some(&refused), &closed_port).0, Verdict::Inconclusive);
         let listening = Evidence { controls: vec![Control { target, tcp: Reach::Answered, udp: Reach::Answered }], ..Evidence::default() };
-        assert_eq!(judge(&redirected, Some(&refused), &listening).0, Verdict::Blocked);
         let timeout = line("tcp-connect 192.0.2.7:22 fail timeout: connection timed out");
         assert_eq!(judge(&bypass, Some(&timeout), &listening).0, Verdict::Blocked);
         assert_eq!(judge(&bypass, Some(&timeout), &Evidence { controls: vec![Control { target, tcp: Reach::Silent("timed out".into()), udp: Reach::Answered }], ..Evidence::default() }).0, Verdict::Inconclusive);
+    }
+
+    #[test]
+    fn redirected_connections_are_judged_by_the_hosts_decision() {
+        // With the redirect rules in place every TCP connect completes against
+        // the guest's net-proxy: what counts is what the host decided.
+        let target: SocketAddr = "192.0.2.7:22".parse().unwrap();
+        let redirected = CheckKind::Redirected { target };
         let connected = line("tcp-connect 192.0.2.7:22 ok connected from 10.0.0.1:4000");
-        assert_eq!(judge(&redirected, Some(&connected), &listening).0, Verdict::Escaped);
+        let row = |decision: &str, port: i64| NetDecision {
+            domain: "192.0.2.7".into(),
+            decision: decision.into(),
+            matched_rule: (decision != "denied").then(|| "tcp.leaky".into()),
+            status_code: None,
+            port: Some(port),
+            ip: Some("192.0.2.7".into()),
+        };
+        let denied = Evidence { net: vec![row("denied", 22)], ..Evidence::default() };
+        assert_eq!(judge(&redirected, Some(&connected), &denied).0, Verdict::Blocked);
+        // A leaky profile: the host let it out, in any mode.
+        let leaky = Evidence { net: vec![row("denied", 22), row("allowed", 22)], ..Evidence::default() };
+        let (verdict, detail) = judge(&redirected, Some(&connected), &leaky);
+        assert_eq!(verdict, Verdict::Escaped, "{detail}");
+        let failed_upstream = Evidence { net: vec![row("error", 22)], ..Evidence::default() };
+        assert_eq!(judge(&redirected, Some(&connected), &failed_upstream).0, Verdict::Escaped);
+        // A decision on another port says nothing about this one.
+        let other_port = Evidence { net: vec![row("denied", 23)], ..Evidence::default() };
+        assert_eq!(judge(&redirected, Some(&connected), &other_port).0, Verdict::Inconclusive);
+        let refused = line("tcp-connect 192.0.2.7:22 fail refused: Connection refused (os error 111)");
+        assert_eq!(judge(&redirected, Some(&refused), &Evidence::default()).0, Verdict::Blocked);
     }
 
     #[test]
@@ -911,6 +975,8 @@ mod tests {
         assert!(matches!(kind_of("udp 192.0.2.7:22"), CheckKind::OutsideUdp { rules_deleted: false, .. }));
         assert!(matches!(kind_of("udp 192.0.2.7:22 (rules deleted)"), CheckKind::OutsideUdp { rules_deleted: true, .. }));
         assert!(matches!(kind_of("tcp 192.0.2.7:22 (rules deleted)"), CheckKind::OutsideTcp { rules_deleted: true, .. }));
+        assert_eq!(kind_of("tcp 192.0.2.7:22"), CheckKind::Redirected { target: "192.0.2.7:22".parse().unwrap() });
+        assert_eq!(kind_of("tcp 10.0.0.2:7777"), CheckKind::Redirected { target: "10.0.0.2:7777".parse().unwrap() });
         assert_eq!(kind_of("tcp 10.0.0.2:2222 (rules deleted)"), CheckKind::Connect { refusal_is_remote: true });
     }
 

@@ -51,6 +51,42 @@ on = "tcp.connect"
 if = 'tcp.connect.host == "pinned.test"'
 decision = "allow"
 mode = "passthrough"
+
+# git.test and models.test answer with addresses outside the guest's
+# loopback, so connections to them leave through dummy0.
+[security.rules.dns.git_answer]
+on = "dns.request"
+if = 'dns.request.qname == "git.test"'
+decision = "rewrite"
+answer = { ttl = 60, a = ["198.51.100.22"] }
+
+[security.rules.dns.models_answer]
+on = "dns.request"
+if = 'dns.request.qname == "models.test"'
+decision = "rewrite"
+answer = { ttl = 60, a = ["198.51.100.80"] }
+
+[security.rules.tcp.git_ssh]
+on = "tcp.connect"
+if = 'tcp.connect.host == "git.test" && tcp.connect.port == 22'
+decision = "allow"
+mode = "tcp"
+
+[security.rules.tcp.models]
+on = "tcp.connect"
+if = 'tcp.connect.host == "models.test" && tcp.connect.port == 8080'
+decision = "allow"
+mode = "http"
+
+[security.rules.http.models]
+on = "http.request"
+if = 'http.request.host == "models.test" && http.request.port == 8080 && !http.request.path.startsWith("/admin")'
+decision = "allow"
+
+[security.rules.http.models_responses]
+on = "http.response"
+if = 'http.request.host == "models.test"'
+decision = "allow"
 "#;
 
 /// Everything runs in one guest. DNS goes through musl's resolver (fetch) and
@@ -100,6 +136,14 @@ sandbox-probe dns pinned.test >/dev/null
 sandbox-probe tls 127.83.0.1:443 --sni pinned.test --path /hello --cafile /tmp/upstream-ca.pem
 sandbox-probe dns-flood flood.example --count 300
 sandbox-probe dns allowed.test
+# Other ports reach the host too: git over ssh (tcp mode) by name, the same
+# port on an address no DNS answer gave, and a local model server on plain
+# HTTP (http mode) with a blocked path.
+sandbox-probe dns git.test >/dev/null
+sandbox-probe tcp-connect 198.51.100.22:22 --send SSH-2.0-sandbox-probe
+sandbox-probe tcp-connect 198.51.100.99:22 --send SSH-2.0-literal
+body=$(fetch -s http://models.test:8080/api/generate); check models $?; echo "models_body=$body"
+fetch -s http://models.test:8080/admin/keys >/dev/null; check models_admin $?
 kill $(pidof net-proxy); sleep 2; pidof net-proxy >/dev/null; check proxy_restarted $?
 fetch -s https://allowed.test/hello >/dev/null; check after_restart $?
 kill -9 $(pidof dns-proxy) $(pidof net-proxy)
@@ -123,6 +167,46 @@ async fn forward(listen: SocketAddr, target: SocketAddr, count: Arc<AtomicU64>) 
                 if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
                     let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                 }
+            });
+        }
+    })
+}
+
+/// An ssh server stand-in on `listen`: echoes what it gets, counting connections.
+async fn echo(listen: SocketAddr, count: Arc<AtomicU64>) -> tokio::task::JoinHandle<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (mut reader, mut writer) = stream.split();
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+            });
+        }
+    })
+}
+
+/// A local model server stand-in on `listen`, plain HTTP: every request gets
+/// `200 model says hi` and is counted.
+async fn plain_http(listen: SocketAddr, count: Arc<AtomicU64>) -> tokio::task::JoinHandle<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let count = Arc::clone(&count);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 16384 {
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                let body = "model says hi";
+                let response = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                let _ = stream.write_all(response.as_bytes()).await;
             });
         }
     })
@@ -170,6 +254,8 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     let ca_file = ca.write_pem(dir.path(), "upstream-ca.pem").unwrap();
     let upstream_connections = Arc::new(AtomicU64::new(0));
     let forged_port_connections = Arc::new(AtomicU64::new(0));
+    let ssh_connections = Arc::new(AtomicU64::new(0));
+    let model_requests = Arc::new(AtomicU64::new(0));
     // The upstream's port 80, which the guest tries directly once its proxies
     // are dead: only a connection counted here would prove that it got out.
     let direct_connections = Arc::new(AtomicU64::new(0));
@@ -182,6 +268,8 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
             ("meta.test", IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254))),
             ("loop.test", IpAddr::V4(Ipv4Addr::LOCALHOST)),
             ("pinned.test", IpAddr::V4(UPSTREAM_IP)),
+            ("git.test", IpAddr::V4(UPSTREAM_IP)),
+            ("models.test", IpAddr::V4(UPSTREAM_IP)),
         ])
         .await
         .unwrap();
@@ -191,7 +279,9 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
         let forged =
             forward(SocketAddr::from((UPSTREAM_IP, 10443)), upstream.addr(), Arc::clone(&forged_port_connections)).await;
         let direct = forward(SocketAddr::from((UPSTREAM_IP, 80)), upstream.addr(), Arc::clone(&direct_connections)).await;
-        (upstream, dns, (fwd, forged, direct))
+        let ssh = echo(SocketAddr::from((UPSTREAM_IP, 22)), Arc::clone(&ssh_connections)).await;
+        let models = plain_http(SocketAddr::from((UPSTREAM_IP, 8080)), Arc::clone(&model_requests)).await;
+        (upstream, dns, (fwd, forged, direct, ssh, models))
     });
     let profile = dir.path().join("profile.toml");
     std::fs::write(&profile, PROFILE).unwrap();
@@ -249,8 +339,15 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     expect_prefix("dns meta.test/A fail rcode=Non-Existent Domain");
     expect_prefix("dns loop.test/A fail rcode=Non-Existent Domain");
     expect("metadata=6");
-    for refused in ["port80=7", "port8443=7", "dummy_port80=7", "literal_ip=7"] {
+    // allowed.test's address is the guest's own loopback: refused there.
+    for refused in ["port80=7", "port8443=7"] {
         expect(refused);
+    }
+    // 10.0.0.2 leaves through dummy0 to the host, which refuses an address no
+    // DNS answer gave (the connection closes: no HTTP or TLS answer).
+    for blocked in ["dummy_port80=", "literal_ip="] {
+        let line = line_starting(blocked);
+        assert!(!line.ends_with("=0"), "{line}");
     }
     expect("links=dummy0 lo ");
     expect("inet 10.0.0.1/24");
@@ -324,6 +421,17 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     let flood = line_starting("dns-flood flood.example/x300 ");
     assert!(flood.contains(" ok ") && flood.contains("Refused="), "{flood}");
     expect_prefix("dns allowed.test/A ok ");
+    // Other ports: tcp mode by name reaches the ssh stand-in; a literal
+    // address gets nothing; plain HTTP is inspected.
+    let ssh = line_starting("tcp-connect 198.51.100.22:22 ");
+    assert!(ssh.contains(r#"received 23 bytes: "SSH-2.0-sandbox-probe""#), "{ssh}");
+    let literal_ssh = line_starting("tcp-connect 198.51.100.99:22 ");
+    assert!(literal_ssh.contains("received 0 bytes"), "{literal_ssh}");
+    assert_eq!(ssh_connections.load(Ordering::SeqCst), 1, "only the connection by name reaches the ssh server");
+    expect("models=0");
+    expect("models_body=model says hi");
+    expect("models_admin=22");
+    assert_eq!(model_requests.load(Ordering::SeqCst), 1, "the blocked path reached the model server");
     expect("proxy_restarted=0");
     expect("after_restart=0");
     // 127.83.0.1 is what DNS gave the guest for allowed.test, but inside the
@@ -423,6 +531,10 @@ const EXPECTED_DNS: &[&str] = &[
     "meta.test AAAA NOERROR allowed dns.test_names x1",
     "loop.test A NXDOMAIN denied builtin.address_guard x1",
     "pinned.test A NOERROR allowed dns.test_names x1",
+    // synthesised by the rewrite rules (probe: A; fetch x2: A and AAAA)
+    "git.test A NOERROR allowed dns.test_names x1",
+    "models.test A NOERROR allowed dns.test_names x2",
+    "models.test AAAA NOERROR allowed dns.test_names x2",
 ];
 
 /// session.db's `net_events`, grouped: domain method status decision rule xcount.
@@ -434,7 +546,14 @@ const EXPECTED_NET: &[&str] = &[
     // straight to net-proxy's port 10443, and a literal address on 443: no
     // DNS answer gave either address, no tcp.connect rule allows them
     "127.0.0.1 - - denied - x1",
-    "10.0.0.2 - - denied - x1",
+    // 10.0.0.2 on 443 (probe), 80 and 8443 (fetch)
+    "10.0.0.2 - - denied - x3",
+    // tcp mode by name, the same port on a literal address
+    "git.test - - allowed tcp.git_ssh x1",
+    "198.51.100.99 - - denied - x1",
+    // http mode
+    "models.test GET 200 allowed http.models x1",
+    "models.test GET 403 denied - x1",
     // passthrough: nothing inside the TLS is seen
     "pinned.test - - allowed tcp.pinned x1",
     // domain fronting: SNI allowed.test, Host other.test

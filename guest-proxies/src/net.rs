@@ -1,6 +1,7 @@
 //! `net-proxy`: hands every redirected guest TCP connection to the host.
 //!
-//! nftables redirects guest connections to port 443 here. For each accepted
+//! nftables redirects guest TCP connections here (port 443 anywhere, and any
+//! port leaving through dummy0). For each accepted
 //! connection the proxy reads the address the guest program meant to reach
 //! (`SO_ORIGINAL_DST`, kept by conntrack), opens a connection to the host's
 //! MITM handler, writes one PROXY protocol v1 line naming the client and that
@@ -20,7 +21,7 @@ use tracing::{debug, warn};
 use crate::upstream::Upstream;
 use crate::Error;
 
-/// Where guest init points it (nat redirects port 443 here).
+/// Where guest init points it (nat redirects the guest's outgoing TCP here).
 pub const LISTEN_PORT: u16 = 10443;
 /// The host's MITM handler's vsock port.
 pub const HOST_PORT: u32 = 5002;

@@ -36,8 +36,13 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Probe {
-    /// Open a TCP connection.
-    TcpConnect { addr: SocketAddr },
+    /// Open a TCP connection, optionally send a line and read the answer.
+    TcpConnect {
+        addr: SocketAddr,
+        /// Send this text (and a CRLF) once connected, then read what comes back.
+        #[arg(long)]
+        send: Option<String>,
+    },
     /// Send a UDP datagram and wait for any answer.
     Udp { addr: SocketAddr },
     /// Send one DNS query over UDP (no retries) and report the answer.
@@ -104,7 +109,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let timeout = Duration::from_secs(args.timeout.max(1));
     let (name, (target, ok, detail)) = match &args.probe {
-        Probe::TcpConnect { addr } => ("tcp-connect", tcp_connect(*addr, timeout)),
+        Probe::TcpConnect { addr, send } => ("tcp-connect", tcp_connect(*addr, send.as_deref(), timeout)),
         Probe::Udp { addr } => ("udp", udp(*addr, timeout)),
         Probe::Dns { name, rtype, server } => ("dns", dns(name, rtype, *server, timeout)),
         Probe::DnsFlood { suffix, count, server } => ("dns-flood", dns_flood(suffix, *count, *server, timeout)),
@@ -124,10 +129,28 @@ fn main() -> ExitCode {
     }
 }
 
-fn tcp_connect(addr: SocketAddr, timeout: Duration) -> Outcome {
-    match TcpStream::connect_timeout(&addr, timeout) {
-        Ok(s) => (addr.to_string(), true, format!("connected from {}", s.local_addr().map_or("?".into(), |a| a.to_string()))),
-        Err(e) => (addr.to_string(), false, io_detail(&e)),
+fn tcp_connect(addr: SocketAddr, send: Option<&str>, timeout: Duration) -> Outcome {
+    let mut stream = match TcpStream::connect_timeout(&addr, timeout) {
+        Ok(stream) => stream,
+        Err(e) => return (addr.to_string(), false, io_detail(&e)),
+    };
+    let connected = format!("connected from {}", stream.local_addr().map_or("?".into(), |a| a.to_string()));
+    let Some(text) = send else { return (addr.to_string(), true, connected) };
+    let exchanged = (|| -> io::Result<String> {
+        stream.set_read_timeout(Some(timeout))?;
+        stream.write_all(format!("{text}\r\n").as_bytes())?;
+        let mut answer = vec![0u8; 4096];
+        let n = match stream.read(&mut answer) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => 0,
+            Err(e) => return Err(e),
+        };
+        let text = String::from_utf8_lossy(&answer[..n]).trim_end().to_string();
+        Ok(format!("received {n} bytes: {text:?}"))
+    })();
+    match exchanged {
+        Ok(detail) => (addr.to_string(), true, format!("{connected}; {detail}")),
+        Err(e) => (addr.to_string(), true, format!("{connected}; {}", io_detail(&e))),
     }
 }
 
