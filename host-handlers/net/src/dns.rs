@@ -253,7 +253,7 @@ impl DnsHandler {
         let id = (frame.len() >= 2).then(|| u16::from_be_bytes([frame[0], frame[1]]));
         drop(frame);
         drop(held);
-        let slot = match self.reserve().await {
+        let slot = match self.recorder.reserve_to_act().await {
             Ok(slot) => slot,
             Err(err) => return self.refuse(time, id, parsed, &err),
         };
@@ -396,17 +396,6 @@ impl DnsHandler {
                 answer.error = Some(format!("upstream: {err}"));
                 answer
             }
-        }
-    }
-
-    /// Room for the row of a query about to be acted on. `Ok(None)`: the
-    /// writer has failed and the sandbox is configured to keep serving.
-    async fn reserve(&self) -> Result<Option<Slot>, TelemetryError> {
-        match self.recorder.reserve().await {
-            Ok(slot) => Ok(Some(slot)),
-            Err(err @ TelemetryError::Overloaded(_)) => Err(err),
-            Err(_) if self.recorder.accept_new_connections() => Ok(None),
-            Err(err) => Err(err),
         }
     }
 

@@ -375,6 +375,20 @@ impl Recorder {
             && !self.sender.is_closed()
     }
 
+    /// Room for the row of an event the caller is about to act on, as
+    /// [`Recorder::reserve`] gives it; `Ok(None)` when the writer has failed
+    /// but the sandbox is configured to keep serving without a record (fail
+    /// open). An error means: refuse to act (the writer is behind, or has
+    /// failed and the sandbox fails closed).
+    pub async fn reserve_to_act(&self) -> Result<Option<Slot>, TelemetryError> {
+        match self.reserve().await {
+            Ok(slot) => Ok(Some(slot)),
+            Err(err @ TelemetryError::Overloaded(_)) => Err(err),
+            Err(_) if self.accept_new_connections() => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
     /// Whether a handler should accept a new connection or query: true while
     /// the writer is healthy, and always under [`OnWriteFailure::KeepServing`].
     pub fn accept_new_connections(&self) -> bool {

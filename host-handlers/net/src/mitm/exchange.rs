@@ -110,16 +110,8 @@ impl Exchange {
     /// the request must be refused: the writer is behind (`Overloaded`) or has
     /// failed and the sandbox fails closed.
     pub(crate) async fn reserve(&mut self) -> Result<(), TelemetryError> {
-        match self.recorder.reserve().await {
-            Ok(slot) => {
-                self.slot = Some(slot);
-                Ok(())
-            }
-            Err(err @ TelemetryError::Overloaded(_)) => Err(err),
-            // Configured to keep serving without a record (fail open).
-            Err(_) if self.recorder.accept_new_connections() => Ok(()),
-            Err(err) => Err(err),
-        }
+        self.slot = self.recorder.reserve_to_act().await?;
+        Ok(())
     }
 
     /// Set how the exchange ended, with the rule that decided it.
