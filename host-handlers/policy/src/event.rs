@@ -340,7 +340,7 @@ impl Event {
     }
 
     /// The HTTP request an `http.request` or `http.response` event is about.
-    pub fn http_request(&self) -> Option<&HttpRequest> {
+    fn http_request(&self) -> Option<&HttpRequest> {
         match self {
             Event::HttpRequest(request) => Some(request),
             Event::HttpResponse(response) => Some(&response.request),

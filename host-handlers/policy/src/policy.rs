@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use crate::engine::Engine;
 use crate::event::Event;
-use crate::{ConnectMode, Decision, Verdict};
+use crate::{Decision, Verdict};
 
 /// How long a question waits for an answer by default.
 pub const DEFAULT_ASK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -105,11 +105,11 @@ impl Policy {
         let rule = verdict.rule.clone();
         let Some(asking) = &self.asking else {
             tracing::info!(rule = rule.as_deref(), event = %event, "ask without an asker: blocked");
-            return self.resolved(event, rule, None);
+            return self.resolved(event, verdict, false);
         };
         let key = (rule.clone().unwrap_or_default(), event.describe());
         if let Some(allowed) = self.remembered(asking, &key) {
-            return self.resolved(event, rule, allowed.then_some(verdict.mode));
+            return self.resolved(event, verdict, allowed);
         }
         let answer = tokio::time::timeout(asking.timeout, async {
             let _turn = asking.turn.lock().await;
@@ -136,30 +136,26 @@ impl Policy {
                 false
             }
         };
-        self.resolved(event, rule, allowed.then_some(verdict.mode))
+        self.resolved(event, verdict, allowed)
     }
 
     /// The verdict after an `ask`: allowed (with the asking rule's connect
     /// mode, for `tcp.connect`) or blocked.
-    fn resolved(
-        &self,
-        event: &Event,
-        rule: Option<String>,
-        allowed: Option<Option<ConnectMode>>,
-    ) -> Verdict {
-        match allowed {
-            Some(mode) => Verdict {
+    fn resolved(&self, event: &Event, asked: Verdict, allowed: bool) -> Verdict {
+        if allowed {
+            Verdict {
                 decision: Decision::Allow,
-                rule,
+                rule: asked.rule,
                 actions: self.engine.actions(event),
-                mode,
-            },
-            None => Verdict {
+                mode: asked.mode,
+            }
+        } else {
+            Verdict {
                 decision: Decision::Block,
-                rule,
+                rule: asked.rule,
                 actions: Vec::new(),
                 mode: None,
-            },
+            }
         }
     }
 

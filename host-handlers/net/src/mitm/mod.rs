@@ -43,7 +43,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use sandbox_policy::{ConnectMode, Decision, Event, Policy, TcpConnect, HTTPS_PORT};
-use sandbox_telemetry::{Outcome, Recorder};
+use sandbox_telemetry::{NetEvent, Outcome, Recorder};
 use tokio::io::BufReader;
 use tokio::net::UnixStream;
 use tokio::time::{timeout_at, Instant};
@@ -120,7 +120,7 @@ impl ResolvesServerCert for LeafCache {
 }
 
 /// What is known about a connection that failed before its first request.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 struct Setup {
     domain: String,
     port: Option<u16>,
@@ -149,6 +149,13 @@ impl Destination {
         } else {
             self.host.clone()
         }
+    }
+
+    /// Put where the connection went, and how, into a row.
+    pub(crate) fn describe(&self, event: &mut NetEvent) {
+        event.port = Some(self.port);
+        event.ip = Some(self.ip.to_string());
+        event.mode = Some(self.mode.name().to_owned());
     }
 }
 
@@ -376,20 +383,16 @@ impl ConnectionHandler for MitmHandler {
             }
         };
         let ip = header.destination.ip().to_canonical();
-        setup.domain = ip.to_string();
+        let host = self.bindings.name_of(ip).unwrap_or_default();
+        setup.domain = if host.is_empty() { ip.to_string() } else { host.clone() };
         setup.ip = Some(ip);
         setup.port = Some(header.destination.port());
-        let host = self.bindings.name_of(ip).unwrap_or_default();
         let destination = match self.decide_connection(host, ip, header.destination.port()).await {
             Ok(destination) => destination,
-            Err(failure) => {
-                setup.domain = self.bindings.name_of(ip).unwrap_or(setup.domain);
-                return self.record_setup(started, setup, failure);
-            }
+            Err(failure) => return self.record_setup(started, setup, failure),
         };
         // The handshake's own time starts after the decision (an ask may wait).
         let deadline = Instant::now() + self.handshake_timeout;
-        setup.domain = destination.label();
         setup.mode = Some(destination.mode);
         match destination.mode {
             ConnectMode::Inspect => self.inspect(started, setup, io, deadline, activity, destination).await,

@@ -73,8 +73,6 @@ pub(crate) struct Conn {
     sni: String,
     /// Where the guest connected, as `tcp.connect` decided.
     destination: Destination,
-    /// TLS inspected (`https`), or plain HTTP (`mode = "http"`).
-    tls: bool,
     /// The guest speaks HTTP/2.
     h2: bool,
     activity: Arc<Activity>,
@@ -139,12 +137,16 @@ impl Conn {
         h2: bool,
         activity: Arc<Activity>,
     ) -> Self {
-        let tls = destination.mode != ConnectMode::Http;
-        Self { handler, sni, destination, tls, h2, activity, requests: RequestCount::default() }
+        Self { handler, sni, destination, h2, activity, requests: RequestCount::default() }
+    }
+
+    /// TLS inspected (`https`), or plain HTTP (`mode = "http"`).
+    fn tls(&self) -> bool {
+        self.destination.mode != ConnectMode::Http
     }
 
     fn scheme(&self) -> &'static str {
-        if self.tls {
+        if self.tls() {
             "https"
         } else {
             "http"
@@ -154,11 +156,9 @@ impl Conn {
     pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
         self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let recorder = self.handler.recorder.clone();
-        let sni = self.tls.then(|| self.sni.clone());
+        let sni = self.tls().then(|| self.sni.clone());
         let mut exchange = Exchange::new(recorder, SystemTime::now(), self.sni.clone(), sni);
-        exchange.event.port = Some(self.destination.port);
-        exchange.event.ip = Some(self.destination.ip.to_string());
-        exchange.event.mode = Some(self.destination.mode.name().to_owned());
+        self.destination.describe(&mut exchange.event);
         exchange.event.method = Some(req.method().to_string());
         exchange.event.path = Some(req.uri().path_and_query().map_or("/", |pq| pq.as_str()).to_owned());
         exchange.event.request_headers = logged_headers(req.headers(), &HashSet::new());
@@ -204,7 +204,7 @@ impl Conn {
     async fn process(&self, mut req: Request<Incoming>, exchange: &mut Exchange) -> Result<Reply, Refusal> {
         let host = request_host(&req).map_err(|why| Refusal::blocked(Some(SNI_HOST_MISMATCH_RULE.into()), why))?;
         if host != self.sni {
-            let why = if self.tls {
+            let why = if self.tls() {
                 format!("Host {host} does not match the TLS server name {}", self.sni)
             } else {
                 format!("Host {host} does not match the name the address was resolved for, {}", self.sni)
@@ -303,7 +303,7 @@ impl Conn {
         upstream_req.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         upstream_req.headers_mut().insert(header::UPGRADE, upgrade);
         let exchanged = tokio::time::timeout(handler.response_timeout, async {
-            let stream = if self.tls {
+            let stream = if self.tls() {
                 handler.upstream.connect(&self.sni, self.destination.port, true).await
             } else {
                 handler.upstream.connect_tcp(&self.sni, self.destination.port).await

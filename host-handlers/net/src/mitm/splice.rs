@@ -33,9 +33,7 @@ type GuestIo = BufReader<Tracked<UnixStream>>;
 /// The row of a spliced connection, before it has an outcome.
 fn exchange(handler: &MitmHandler, started: SystemTime, destination: &Destination, sni: Option<String>) -> Exchange {
     let mut exchange = Exchange::new(handler.recorder.clone(), started, destination.label(), sni);
-    exchange.event.port = Some(destination.port);
-    exchange.event.ip = Some(destination.ip.to_string());
-    exchange.event.mode = Some(destination.mode.name().to_owned());
+    destination.describe(&mut exchange.event);
     exchange.decide(Outcome::Allowed, destination.rule.clone());
     exchange
 }
