@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{echo_server, Harness};
+use common::{echo_server, modes_profile, Harness};
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 use http_body_util::BodyExt;
@@ -21,48 +21,11 @@ use sandbox_telemetry::query::NetRow;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-/// A harness whose profile lets `ssh.test` and `sshblocked.test` (whose DNS
-/// is blocked) through on the echo port in `tcp` mode, and `pinned.test`
-/// through on the upstream's port in `passthrough` mode.
+/// A harness with [`modes_profile`] added.
 async fn harness(echo_port: u16) -> Harness {
-    let extra = format!(
-        r#"
-[security.rules.tcp.ssh]
-on = "tcp.connect"
-if = 'tcp.connect.host in ["ssh.test", "sshblocked.test"] && tcp.connect.port == {echo_port}'
-decision = "allow"
-mode = "tcp"
-priority = 10
-
-[security.rules.tcp.pinned]
-on = "tcp.connect"
-if = 'tcp.connect.host == "pinned.test" && tcp.connect.port == UPSTREAM_PORT'
-decision = "allow"
-mode = "passthrough"
-priority = 10
-
-[security.rules.tcp.models]
-on = "tcp.connect"
-if = 'tcp.connect.host == "models.test" && tcp.connect.port == {echo_port}'
-decision = "allow"
-mode = "http"
-priority = 10
-
-[security.rules.http.models]
-on = "http.request"
-if = 'http.request.host == "models.test" && http.request.port == {echo_port} && !http.request.path.startsWith("/admin")'
-decision = "allow"
-
-[security.rules.dns.no_sshblocked]
-on = "dns.request"
-if = 'dns.request.qname == "sshblocked.test"'
-decision = "block"
-priority = 10
-"#
-    );
     Harness::start_with_profile(
         |config| config.allowed_networks = vec!["127.0.0.0/24".parse().unwrap()],
-        &extra,
+        &modes_profile(echo_port),
     )
     .await
 }

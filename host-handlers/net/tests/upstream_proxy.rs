@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{echo_server, Harness};
+use common::{echo_server, modes_profile, Harness};
 use hickory_proto::rr::RecordType;
 use http_body_util::BodyExt;
 use hyper::header::HOST;
@@ -80,31 +80,13 @@ async fn every_mode_goes_through_the_proxy() {
     let dir = tempfile::tempdir().unwrap();
     let proxy = Tinyproxy::start(dir.path());
     let (echo_addr, _) = echo_server().await;
-    let extra = format!(
-        r#"
-[security.rules.tcp.ssh]
-on = "tcp.connect"
-if = 'tcp.connect.host == "ssh.test" && tcp.connect.port == {}'
-decision = "allow"
-mode = "tcp"
-priority = 10
-
-[security.rules.tcp.pinned]
-on = "tcp.connect"
-if = 'tcp.connect.host == "pinned.test" && tcp.connect.port == UPSTREAM_PORT'
-decision = "allow"
-mode = "passthrough"
-priority = 10
-"#,
-        echo_addr.port()
-    );
     let proxy_addr = proxy.addr.to_string();
     let h = Harness::start_with_profile(
         |config| {
             config.allowed_networks = vec!["127.0.0.0/24".parse().unwrap()];
             config.upstream_proxy = Some(UpstreamProxy { address: proxy_addr, credentials: None });
         },
-        &extra,
+        &modes_profile(echo_addr.port()),
     )
     .await;
     let upstream = h.upstream_addr();

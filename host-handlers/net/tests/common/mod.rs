@@ -304,3 +304,45 @@ pub async fn echo_server() -> (SocketAddr, Arc<AtomicU64>) {
     });
     (addr, count)
 }
+
+/// Rules added to [`PROFILE`] for the connection modes: `ssh.test` and
+/// `sshblocked.test` (whose DNS is blocked) in `tcp` mode on `port`,
+/// `pinned.test` in `passthrough` mode on the upstream's port, `models.test`
+/// in `http` mode on `port` (paths under `/admin` blocked).
+pub fn modes_profile(port: u16) -> String {
+    format!(
+        r#"
+[security.rules.tcp.ssh]
+on = "tcp.connect"
+if = 'tcp.connect.host in ["ssh.test", "sshblocked.test"] && tcp.connect.port == {port}'
+decision = "allow"
+mode = "tcp"
+priority = 10
+
+[security.rules.tcp.pinned]
+on = "tcp.connect"
+if = 'tcp.connect.host == "pinned.test" && tcp.connect.port == UPSTREAM_PORT'
+decision = "allow"
+mode = "passthrough"
+priority = 10
+
+[security.rules.tcp.models]
+on = "tcp.connect"
+if = 'tcp.connect.host == "models.test" && tcp.connect.port == {port}'
+decision = "allow"
+mode = "http"
+priority = 10
+
+[security.rules.http.models]
+on = "http.request"
+if = 'http.request.host == "models.test" && http.request.port == {port} && !http.request.path.startsWith("/admin")'
+decision = "allow"
+
+[security.rules.dns.no_sshblocked]
+on = "dns.request"
+if = 'dns.request.qname == "sshblocked.test"'
+decision = "block"
+priority = 10
+"#
+    )
+}
