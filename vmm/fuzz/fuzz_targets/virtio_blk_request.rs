@@ -10,7 +10,7 @@ use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::devices::virtio::block::disk::DiskImage;
-use vmm::devices::virtio::block::request::process_queue;
+use vmm::devices::virtio::queue::drain_queue;
 
 const MEM_SIZE: usize = 0x1_0000;
 const QUEUE_SIZE: u16 = 16;
@@ -53,7 +53,7 @@ fuzz_target!(|data: &[u8]| {
 
     // Serve until the device has nothing left or gives up on the queue.
     for _ in 0..4 {
-        match process_queue(&mut queue, &mem, &mut disk) {
+        match drain_queue(&mut queue, &mem, &mut disk) {
             Ok(outcome) if outcome.more => continue,
             _ => break,
         }

@@ -7,10 +7,14 @@
 //! backend has). The transport ([`mmio::MmioTransport`]) owns the register
 //! state, negotiates features with the driver, and hands the device its
 //! queues when the driver sets DRIVER_OK. Each device lives in its own
-//! directory (`block/`, and next to it other device types).
+//! directory (`block/`, `vsock/`), embeds a [`common::VirtioCommon`] for
+//! the state and life cycle all devices share, and serves its queues with
+//! the budgeted loop in [`queue`].
 
 pub mod block;
+pub mod common;
 pub mod mmio;
+pub mod queue;
 pub mod vsock;
 
 use std::io;

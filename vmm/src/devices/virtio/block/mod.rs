@@ -13,18 +13,15 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use tracing::{debug, warn};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use self::disk::DiskImage;
-use self::request::process_queue;
+use super::common::VirtioCommon;
+use super::queue::drain_queue;
 use super::{
-    read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
-use std::sync::Arc;
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -32,31 +29,17 @@ pub const QUEUE_SIZE: u16 = 256;
 /// the header and the status byte).
 pub const SEG_MAX: u32 = 128;
 
-enum State {
-    Inactive,
-    Active {
-        mem: GuestMemoryMmap,
-        queue: Box<Queue>,
-        interrupt: Arc<Interrupt>,
-    },
-    /// The driver broke the queue; requests are ignored until it resets the device.
-    Broken,
-}
-
 /// A virtio block device.
 pub struct Block {
     disk: DiskImage,
-    features: u64,
-    config: [u8; 16],
-    queue_events: [EventFd; 1],
-    state: State,
+    common: VirtioCommon,
 }
 
 impl std::fmt::Debug for Block {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Block")
             .field("disk", &self.disk)
-            .field("features", &self.features)
+            .field("features", &self.common.features())
             .finish_non_exhaustive()
     }
 }
@@ -72,116 +55,67 @@ impl Block {
             1 << VIRTIO_BLK_F_FLUSH
         };
         // struct virtio_blk_config: capacity (le64), size_max (le32), seg_max (le32).
-        let mut config = [0u8; 16];
+        let mut config = vec![0u8; 16];
         config[..8].copy_from_slice(&disk.sectors().to_le_bytes());
         config[12..].copy_from_slice(&SEG_MAX.to_le_bytes());
-        Ok(Self {
-            disk,
-            features,
-            config,
-            queue_events: [EventFd::new(EFD_NONBLOCK)?],
-            state: State::Inactive,
-        })
+        let common = VirtioCommon::new("virtio-blk", VIRTIO_ID_BLOCK, features, &[QUEUE_SIZE], config)?;
+        Ok(Self { disk, common })
     }
 
     fn process(&mut self) {
-        let State::Active {
-            mem,
-            queue,
-            interrupt,
-        } = &mut self.state
-        else {
+        let Some(active) = self.common.active_mut() else {
             debug!("virtio-blk: queue notified while the device is not active");
             return;
         };
-        match process_queue(queue, mem, &mut self.disk) {
-            Ok(outcome) => {
-                if outcome.notify {
-                    if let Err(e) = interrupt.signal_used_queue() {
-                        warn!("virtio-blk: cannot interrupt the guest: {e}");
-                    }
-                }
-                if outcome.more {
-                    if let Err(e) = self.queue_events[0].write(1) {
-                        warn!("virtio-blk: cannot reschedule the queue: {e}");
-                    }
-                }
-            }
-            Err(e) => {
-                warn!("virtio-blk: queue is broken, ignoring it until the driver resets the device: {e}");
-                self.state = State::Broken;
-            }
-        }
+        let result = drain_queue(&mut active.queues[0], &active.mem, &mut self.disk);
+        self.common.conclude(result.map(|outcome| [(0, outcome)]));
     }
 }
 
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
-        VIRTIO_ID_BLOCK
+        self.common.device_type()
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
+        self.common.queue_max_sizes()
     }
 
     fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
+        self.common.queue_events()
     }
 
     fn features(&self) -> u64 {
-        self.features
+        self.common.features()
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
+        self.common.read_config(offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        debug!(
-            "virtio-blk: ignoring {}-byte config write at {offset:#x}",
-            data.len()
-        );
+        self.common.write_config(offset, data);
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        if !matches!(self.state, State::Inactive) {
-            return Err(ActivateError::AlreadyActive);
-        }
-        let Activation {
-            mem,
-            queues,
-            interrupt,
-            ..
-        } = activation;
-        let got = queues.len();
-        let Ok([queue]) = <[Queue; 1]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        self.state = State::Active {
-            mem,
-            queue: Box::new(queue),
-            interrupt,
-        };
-        // Serve whatever the driver queued before DRIVER_OK.
-        self.queue_events[0].write(1)?;
-        Ok(())
+        self.common.activate(activation, 0)
     }
 
     fn reset(&mut self) {
-        self.state = State::Inactive;
+        self.common.reset();
     }
 }
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.queue_events[0], EventSet::IN)) {
+        if let Err(e) = ops.add(Events::new(&self.common.queue_events()[0], EventSet::IN)) {
             warn!("virtio-blk: cannot poll the queue event: {e}");
         }
     }
 
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         // The only event is the queue notification.
-        let _ = self.queue_events[0].read();
+        let _ = self.common.queue_events()[0].read();
         Block::process(self);
     }
 }
@@ -190,8 +124,13 @@ impl MutEventSubscriber for Block {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::devices::virtio::common::DeviceState;
+    use crate::devices::virtio::Interrupt;
     use std::io::Write;
-    use virtio_queue::QueueT;
+    use std::sync::Arc;
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::GuestMemoryMmap;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
     use vm_memory::{Bytes, GuestAddress};
 
     fn disk(read_only: bool, sectors: u64) -> DiskImage {
@@ -250,7 +189,7 @@ mod tests {
         ));
         dev.activate(activation(vec![Queue::new(QUEUE_SIZE).unwrap()]))
             .unwrap();
-        assert_eq!(dev.queue_events[0].read().unwrap(), 1);
+        assert_eq!(dev.queue_events()[0].read().unwrap(), 1);
         assert!(matches!(
             dev.activate(activation(vec![Queue::new(QUEUE_SIZE).unwrap()])),
             Err(ActivateError::AlreadyActive)
@@ -280,8 +219,8 @@ mod tests {
         })
         .unwrap();
         Block::process(&mut dev);
-        assert!(matches!(dev.state, State::Broken));
+        assert!(matches!(dev.common.state(), DeviceState::Broken));
         dev.reset();
-        assert!(matches!(dev.state, State::Inactive));
+        assert!(matches!(dev.common.state(), DeviceState::Inactive));
     }
 }

@@ -20,10 +20,11 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_OUT,
 };
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::disk::{DiskImage, SECTOR_SIZE};
+use crate::devices::virtio::queue::{Chain, ChainHandler};
 
 /// Size of `struct virtio_blk_outhdr`.
 pub const HEADER_SIZE: u32 = 16;
@@ -339,70 +340,12 @@ where
     }
 }
 
-/// Why a queue could not be processed.
-#[derive(Debug, thiserror::Error)]
-pub enum QueueError {
-    /// The queue's rings could not be accessed.
-    #[error("{0}")]
-    Queue(#[from] virtio_queue::Error),
-    /// The available index promises requests that cannot be fetched.
-    #[error("the available ring index is invalid")]
-    InvalidAvailIndex,
-}
-
-/// Result of one [`process_queue`] call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct QueueOutcome {
-    /// The driver must be interrupted.
-    pub notify: bool,
-    /// Requests are left because this call used up its budget; call again.
-    pub more: bool,
-}
-
-/// Serves the available requests of `queue`, at most one queue's worth per
-/// call so that one busy device cannot monopolize the event loop.
-pub fn process_queue(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    disk: &mut DiskImage,
-) -> Result<QueueOutcome, QueueError> {
-    let budget = queue.size();
-    let mut served: u16 = 0;
-    loop {
-        queue.disable_notification(mem)?;
-        let before = served;
-        while served < budget {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
-            };
-            served += 1;
-            let head = chain.head_index();
-            let used = serve(chain, mem, disk);
-            match queue.add_used(mem, head, used) {
-                Ok(()) => {}
-                Err(virtio_queue::Error::InvalidDescriptorIndex) => {
-                    debug!("virtio-blk: chain head {head} is not a descriptor of this queue");
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        if served == budget {
-            let notify = queue.needs_notification(mem)?;
-            return Ok(QueueOutcome { notify, more: true });
-        }
-        if !queue.enable_notification(mem)? {
-            break;
-        }
-        if served == before {
-            // More is announced but nothing could be popped.
-            return Err(QueueError::InvalidAvailIndex);
-        }
+/// Requests are served by the shared queue loop
+/// ([`drain_queue`](crate::devices::virtio::queue::drain_queue)).
+impl ChainHandler for DiskImage {
+    fn serve(&mut self, mem: &GuestMemoryMmap, chain: Chain<'_>) -> Option<u32> {
+        Some(serve(chain, mem, self))
     }
-    let notify = served > 0 && queue.needs_notification(mem)?;
-    Ok(QueueOutcome {
-        notify,
-        more: false,
-    })
 }
 
 #[cfg(test)]

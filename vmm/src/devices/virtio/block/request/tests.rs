@@ -4,6 +4,8 @@
 use std::io::{Read, Seek, SeekFrom, Write};
 
 use super::*;
+use crate::devices::virtio::queue::{drain_queue, QueueError, QueueOutcome};
+use virtio_queue::{Queue, QueueT};
 
 const QUEUE_SIZE: u16 = 16;
 const DESC_TABLE: u64 = 0x1000;
@@ -422,7 +424,7 @@ fn accesses_past_the_end_of_the_disk_give_ioerr() {
 }
 
 #[test]
-fn process_queue_serves_everything_and_fills_the_used_ring() {
+fn drain_queue_serves_everything_and_fills_the_used_ring() {
     let mut h = Harness::new(false);
     h.mem.write_slice(&[0x55; 512], GuestAddress(DATA)).unwrap();
     let hd = h.hdr(VIRTIO_BLK_T_OUT, 3);
@@ -431,12 +433,12 @@ fn process_queue_serves_everything_and_fills_the_used_ring() {
     let b = h.push(&[hd, (DATA + 0x1000, 512, true), status_buf()]);
     let hd = h.hdr(0xdead, 0);
     let c = h.push(&[hd, status_buf()]);
-    let outcome = process_queue(&mut h.queue, &h.mem, &mut h.disk).unwrap();
+    let outcome = drain_queue(&mut h.queue, &h.mem, &mut h.disk).unwrap();
     assert_eq!(
         outcome,
         QueueOutcome {
             notify: true,
-            more: false
+            ..QueueOutcome::default()
         }
     );
     assert_eq!(h.used_idx(), 3);
@@ -449,18 +451,15 @@ fn process_queue_serves_everything_and_fills_the_used_ring() {
         .unwrap();
     assert_eq!(back, [0x55; 512]);
 
-    let outcome = process_queue(&mut h.queue, &h.mem, &mut h.disk).unwrap();
+    let outcome = drain_queue(&mut h.queue, &h.mem, &mut h.disk).unwrap();
     assert_eq!(
         outcome,
-        QueueOutcome {
-            notify: false,
-            more: false
-        }
+        QueueOutcome::default()
     );
 }
 
 #[test]
-fn process_queue_returns_malformed_chains_and_continues() {
+fn drain_queue_returns_malformed_chains_and_continues() {
     let mut h = Harness::new(true);
     h.publish(QUEUE_SIZE + 1); // head index that is not a descriptor
     h.write_desc(0, HEADER, 16, F_NEXT, 0); // self loop
@@ -468,7 +467,7 @@ fn process_queue_returns_malformed_chains_and_continues() {
     h.next_desc = 1;
     let hd = h.hdr(VIRTIO_BLK_T_IN, 0);
     let good = h.push(&[hd, (DATA, 512, true), status_buf()]);
-    let outcome = process_queue(&mut h.queue, &h.mem, &mut h.disk).unwrap();
+    let outcome = drain_queue(&mut h.queue, &h.mem, &mut h.disk).unwrap();
     assert!(outcome.notify);
     assert_eq!(h.used_idx(), 2, "the bogus head cannot be returned");
     assert_eq!(h.used(0), (0, 0));
@@ -483,7 +482,7 @@ fn an_avail_index_running_ahead_is_an_error_not_a_hang() {
         .write_obj(QUEUE_SIZE + 5, GuestAddress(AVAIL_RING + 2))
         .unwrap();
     assert!(matches!(
-        process_queue(&mut h.queue, &h.mem, &mut h.disk),
+        drain_queue(&mut h.queue, &h.mem, &mut h.disk),
         Err(QueueError::InvalidAvailIndex)
     ));
 }
@@ -495,15 +494,12 @@ fn a_full_queue_is_served_in_budgeted_rounds() {
         h.write_desc(0, STATUS, 1, F_WRITE, 0);
         h.publish(0);
     }
-    let outcome = process_queue(&mut h.queue, &h.mem, &mut h.disk).unwrap();
+    let outcome = drain_queue(&mut h.queue, &h.mem, &mut h.disk).unwrap();
     assert!(outcome.more);
     assert_eq!(h.used_idx(), QUEUE_SIZE);
-    let outcome = process_queue(&mut h.queue, &h.mem, &mut h.disk).unwrap();
+    let outcome = drain_queue(&mut h.queue, &h.mem, &mut h.disk).unwrap();
     assert_eq!(
         outcome,
-        QueueOutcome {
-            notify: false,
-            more: false
-        }
+        QueueOutcome::default()
     );
 }
