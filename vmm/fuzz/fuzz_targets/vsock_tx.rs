@@ -13,7 +13,7 @@ use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::devices::virtio::vsock::packet::MAX_PAYLOAD;
-use vmm::devices::virtio::vsock::{process_rx, process_tx, Muxer};
+use vmm::devices::virtio::vsock::{process_rx, process_tx, Muxer, VsockBackend};
 
 const MEM_SIZE: usize = 0x1_0000;
 const QUEUE_SIZE: u16 = 16;

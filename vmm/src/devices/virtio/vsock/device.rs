@@ -1,38 +1,41 @@
 //! The virtio-vsock device: three queues (rx, tx, event) between the guest
-//! driver and the [`Muxer`].
+//! driver and a [`VsockBackend`] (the Unix-socket [`Muxer`] in production).
 //!
 //! Work happens on the event loop thread, driven by four descriptors: the
 //! ioeventfds of the rx and tx queues (the driver added buffers or packets),
 //! the event queue's (ignored: the device never sends transport events), and
-//! the muxer's epoll descriptor (a host socket is ready). A tx notification
-//! moves guest packets into the muxer; anything the muxer has for the guest
-//! is then written into rx buffers, and the guest is interrupted through the
-//! irqfd when a used ring changed. Each call serves at most one queue's worth
-//! of chains and reschedules itself, so one busy guest cannot starve the
-//! other devices on the loop.
+//! the backend's descriptor (for the muxer: a host socket is ready). A tx
+//! notification moves guest packets into the backend; anything the backend
+//! has for the guest is then written into rx buffers, and the guest is
+//! interrupted through the irqfd when a used ring changed. Each call serves
+//! at most one queue's worth of chains and reschedules itself, so one busy
+//! guest cannot starve the other devices on the loop.
 //!
-//! When the muxer has too many RSTs waiting (the guest sends packets for
-//! unknown connections faster than it reads replies), tx processing pauses
-//! until the guest gives rx buffers back; a guest cannot make the host queue
-//! replies without bound.
+//! When the backend has too many replies waiting (the muxer: RSTs, when the
+//! guest sends packets for unknown connections faster than it reads
+//! replies), tx processing pauses until the guest gives rx buffers back; a
+//! guest cannot make the host queue replies without bound.
 
 use std::io;
-use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use tracing::{debug, warn};
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
+use super::backend::VsockBackend;
 use super::muxer::Muxer;
 use super::packet::{read_tx, RxBuffer, MAX_PAYLOAD};
 use super::VsockConfig;
+use crate::devices::virtio::common::VirtioCommon;
+use crate::devices::virtio::queue::{
+    drain_queue, Chain, ChainHandler, QueueError, QueueOutcome,
+};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// Size of the tx and event queues.
@@ -48,189 +51,95 @@ pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
 /// Index of the event queue.
 pub const EVENT_QUEUE: usize = 2;
-/// Event-loop data of the muxer's descriptor (queue events use their index).
+/// Event-loop data of the backend's descriptor (queue events use their index).
 const BACKEND_EVENT: u32 = 3;
 
-/// Why a queue could not be processed.
-#[derive(Debug, thiserror::Error)]
-pub enum QueueError {
-    /// The queue's rings could not be accessed.
-    #[error("{0}")]
-    Queue(#[from] virtio_queue::Error),
-    /// The available index promises chains that cannot be fetched.
-    #[error("the available ring index is invalid")]
-    InvalidAvailIndex,
+/// Takes tx chains: guest packets into the backend.
+struct TxHandler<'a, B> {
+    backend: &'a mut B,
+    buf: &'a mut Vec<u8>,
 }
 
-/// Result of one pass over a queue.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct QueueOutcome {
-    /// The driver must be interrupted.
-    pub notify: bool,
-    /// The pass used up its budget; call again.
-    pub more: bool,
-    /// tx only: the pass stopped because the muxer's replies are backlogged.
-    pub stalled: bool,
-}
+impl<B: VsockBackend> ChainHandler for TxHandler<'_, B> {
+    fn ready(&self) -> bool {
+        !self.backend.rx_backlogged()
+    }
 
-fn add_used(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    head: u16,
-    len: u32,
-) -> Result<(), QueueError> {
-    match queue.add_used(mem, head, len) {
-        Ok(()) => Ok(()),
-        Err(virtio_queue::Error::InvalidDescriptorIndex) => {
-            debug!("vsock: chain head {head} is not a descriptor of this queue");
-            Ok(())
+    fn serve(&mut self, mem: &GuestMemoryMmap, chain: Chain<'_>) -> Option<u32> {
+        match read_tx(mem, chain, self.buf) {
+            Ok(header) => self.backend.send_pkt(&header, self.buf),
+            Err(e) => {
+                debug!("vsock: tx packet refused: {e}");
+                if let Some(header) = e.header() {
+                    self.backend.reject_pkt(header);
+                }
+            }
         }
-        Err(e) => Err(e.into()),
+        Some(0)
     }
 }
 
-/// Moves the guest's tx packets into `muxer`. `buf` is scratch space for
-/// payloads.
-pub fn process_tx(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    muxer: &mut Muxer,
-    buf: &mut Vec<u8>,
-) -> Result<QueueOutcome, QueueError> {
-    let budget = queue.size();
-    let mut served: u16 = 0;
-    loop {
-        queue.disable_notification(mem)?;
-        let before = served;
-        while served < budget {
-            if muxer.rx_backlogged() {
-                // Notifications stay off: the device resumes by itself once
-                // the guest has taken the replies.
-                let notify = served > 0 && queue.needs_notification(mem)?;
-                return Ok(QueueOutcome {
-                    notify,
-                    more: false,
-                    stalled: true,
-                });
-            }
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
-            };
-            served += 1;
-            let head = chain.head_index();
-            match read_tx(mem, chain, buf) {
-                Ok(header) => muxer.send_pkt(&header, buf),
-                Err(e) => {
-                    debug!("vsock: tx packet refused: {e}");
-                    if let Some(header) = e.header() {
-                        muxer.reject_pkt(header);
-                    }
-                }
-            }
-            add_used(queue, mem, head, 0)?;
-        }
-        if served == budget {
-            let notify = queue.needs_notification(mem)?;
-            return Ok(QueueOutcome {
-                notify,
-                more: true,
-                stalled: false,
-            });
-        }
-        if !queue.enable_notification(mem)? {
-            break;
-        }
-        if served == before {
-            // More is announced but nothing could be popped.
-            return Err(QueueError::InvalidAvailIndex);
-        }
-    }
-    let notify = served > 0 && queue.needs_notification(mem)?;
-    Ok(QueueOutcome {
-        notify,
-        ..QueueOutcome::default()
-    })
+/// Fills rx chains with the backend's packets for the guest.
+struct RxHandler<'a, B> {
+    backend: &'a mut B,
+    buf: &'a mut [u8],
 }
 
-/// Writes what `muxer` has for the guest into rx buffers. `buf` is scratch
-/// space for payloads, at least [`MAX_PAYLOAD`] bytes.
-pub fn process_rx(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    muxer: &mut Muxer,
-    buf: &mut [u8],
-) -> Result<QueueOutcome, QueueError> {
-    let budget = queue.size();
-    let mut served: u16 = 0;
-    let mut more = false;
-    while muxer.has_pending_rx() {
-        if served == budget {
-            more = true;
-            break;
-        }
-        let chain = match queue.pop_descriptor_chain(mem) {
-            Some(chain) => chain,
-            None => {
-                // Out of buffers: ask to be told when the driver adds some,
-                // and look again in case it just did.
-                if !queue.enable_notification(mem)? {
-                    break;
-                }
-                queue
-                    .pop_descriptor_chain(mem)
-                    .ok_or(QueueError::InvalidAvailIndex)?
-            }
-        };
-        let head = chain.head_index();
-        let used = match RxBuffer::new(mem, chain) {
-            Ok(rx) => {
-                let room = rx.payload_capacity().min(buf.len());
-                let Some((header, len)) = muxer.recv_pkt(&mut buf[..room]) else {
-                    // Nothing after all: the buffer stays with the device.
-                    queue.go_to_previous_position();
-                    break;
-                };
-                match rx.write(mem, &header, &buf[..len]) {
-                    Ok(used) => used,
-                    Err(e) => {
-                        warn!("vsock: packet for the guest lost: {e}");
-                        0
-                    }
-                }
-            }
+impl<B: VsockBackend> ChainHandler for RxHandler<'_, B> {
+    fn ready(&self) -> bool {
+        self.backend.has_pending_rx()
+    }
+
+    fn serve(&mut self, mem: &GuestMemoryMmap, chain: Chain<'_>) -> Option<u32> {
+        let rx = match RxBuffer::new(mem, chain) {
+            Ok(rx) => rx,
             Err(e) => {
                 debug!("vsock: rx buffer refused: {e}");
-                0
+                return Some(0);
             }
         };
-        served += 1;
-        add_used(queue, mem, head, used)?;
+        let room = rx.payload_capacity().min(self.buf.len());
+        // Nothing after all: the buffer stays with the device.
+        let (header, len) = self.backend.recv_pkt(&mut self.buf[..room])?;
+        Some(
+            rx.write(mem, &header, &self.buf[..len])
+                .unwrap_or_else(|e| {
+                    warn!("vsock: packet for the guest lost: {e}");
+                    0
+                }),
+        )
     }
-    let notify = served > 0 && queue.needs_notification(mem)?;
-    Ok(QueueOutcome {
-        notify,
-        more,
-        stalled: false,
-    })
 }
 
-enum State {
-    Inactive,
-    Active {
-        mem: GuestMemoryMmap,
-        queues: Box<[Queue; 3]>,
-        interrupt: Arc<Interrupt>,
-    },
-    /// The driver broke a queue; the device is idle until it resets.
-    Broken,
+/// Moves the guest's tx packets into `backend`. `buf` is scratch space for
+/// payloads. The pass stalls while the backend's replies are backlogged.
+pub fn process_tx<B: VsockBackend>(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    backend: &mut B,
+    buf: &mut Vec<u8>,
+) -> Result<QueueOutcome, QueueError> {
+    drain_queue(queue, mem, &mut TxHandler { backend, buf })
 }
 
-/// A virtio-vsock device with its Unix-socket backend.
-pub struct Vsock {
+/// Writes what `backend` has for the guest into rx buffers. `buf` is scratch
+/// space for payloads, at least [`MAX_PAYLOAD`] bytes. The pass ends
+/// (stalled) when the backend has nothing more.
+pub fn process_rx<B: VsockBackend>(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    backend: &mut B,
+    buf: &mut [u8],
+) -> Result<QueueOutcome, QueueError> {
+    drain_queue(queue, mem, &mut RxHandler { backend, buf })
+}
+
+/// A virtio-vsock device with its host side, by default the Unix-socket
+/// [`Muxer`].
+pub struct Vsock<B = Muxer> {
+    common: VirtioCommon,
     guest_cid: u64,
-    muxer: Muxer,
-    queue_events: [EventFd; 3],
-    state: State,
+    backend: B,
     /// Payload of the tx packet being handled.
     tx_buf: Vec<u8>,
     /// Payload of the rx packet being written ([`MAX_PAYLOAD`] bytes).
@@ -239,11 +148,11 @@ pub struct Vsock {
     tx_stalled: bool,
 }
 
-impl std::fmt::Debug for Vsock {
+impl<B: std::fmt::Debug> std::fmt::Debug for Vsock<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vsock")
             .field("guest_cid", &self.guest_cid)
-            .field("muxer", &self.muxer)
+            .field("backend", &self.backend)
             .finish_non_exhaustive()
     }
 }
@@ -263,15 +172,25 @@ impl Vsock {
             ));
         }
         let guest_cid = u64::from(config.guest_cid);
+        Self::with_backend(guest_cid, Muxer::new(guest_cid, &config.uds_path)?)
+    }
+}
+
+impl<B: VsockBackend> Vsock<B> {
+    /// A device for the guest `guest_cid` whose host side is `backend`.
+    pub fn with_backend(guest_cid: u64, backend: B) -> io::Result<Self> {
+        // struct virtio_vsock_config: guest_cid (le64).
+        let common = VirtioCommon::new(
+            "vsock",
+            VIRTIO_ID_VSOCK,
+            VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX,
+            &[RX_QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE],
+            guest_cid.to_le_bytes().to_vec(),
+        )?;
         Ok(Self {
+            common,
             guest_cid,
-            muxer: Muxer::new(guest_cid, &config.uds_path)?,
-            queue_events: [
-                EventFd::new(EFD_NONBLOCK)?,
-                EventFd::new(EFD_NONBLOCK)?,
-                EventFd::new(EFD_NONBLOCK)?,
-            ],
-            state: State::Inactive,
+            backend,
             tx_buf: Vec::with_capacity(MAX_PAYLOAD as usize),
             rx_buf: vec![0; MAX_PAYLOAD as usize],
             tx_stalled: false,
@@ -281,60 +200,31 @@ impl Vsock {
     /// Runs both directions: tx first (it may queue replies), then rx, then
     /// tx again if it was waiting for rx to drain.
     fn run_queues(&mut self, tx: bool) {
-        let State::Active {
-            mem,
-            queues,
-            interrupt,
-        } = &mut self.state
-        else {
+        let Some(active) = self.common.active_mut() else {
             return;
         };
-        let [rx_queue, tx_queue, _] = &mut **queues;
-        let result = (|| -> Result<(bool, bool, bool), QueueError> {
-            let mut notify = false;
-            let (mut more_rx, mut more_tx) = (false, false);
-            if tx || self.tx_stalled {
-                let out = process_tx(tx_queue, mem, &mut self.muxer, &mut self.tx_buf)?;
-                self.tx_stalled = out.stalled;
-                notify |= out.notify;
-                more_tx |= out.more;
+        let [rx_queue, tx_queue, _] = active.queues.as_mut_slice() else {
+            return;
+        };
+        let mem = &active.mem;
+        let (backend, tx_buf, rx_buf) = (&mut self.backend, &mut self.tx_buf, &mut self.rx_buf);
+        let tx_stalled = &mut self.tx_stalled;
+        let result = (|| -> Result<_, QueueError> {
+            let (mut rx_out, mut tx_out) = (QueueOutcome::default(), QueueOutcome::default());
+            if tx || *tx_stalled {
+                tx_out |= process_tx(tx_queue, mem, backend, tx_buf)?;
+                *tx_stalled = tx_out.stalled;
             }
-            let out = process_rx(rx_queue, mem, &mut self.muxer, &mut self.rx_buf)?;
-            notify |= out.notify;
-            more_rx |= out.more;
-            if self.tx_stalled && !self.muxer.rx_backlogged() {
-                let out = process_tx(tx_queue, mem, &mut self.muxer, &mut self.tx_buf)?;
-                self.tx_stalled = out.stalled;
-                notify |= out.notify;
-                more_tx |= out.more;
-                let out = process_rx(rx_queue, mem, &mut self.muxer, &mut self.rx_buf)?;
-                notify |= out.notify;
-                more_rx |= out.more;
+            rx_out |= process_rx(rx_queue, mem, backend, rx_buf)?;
+            if *tx_stalled && !backend.rx_backlogged() {
+                tx_out |= process_tx(tx_queue, mem, backend, tx_buf)?;
+                *tx_stalled = tx_out.stalled;
+                rx_out |= process_rx(rx_queue, mem, backend, rx_buf)?;
             }
-            Ok((notify, more_rx, more_tx))
+            Ok([(RX_QUEUE, rx_out), (TX_QUEUE, tx_out)])
         })();
-        match result {
-            Ok((notify, more_rx, more_tx)) => {
-                if notify {
-                    if let Err(e) = interrupt.signal_used_queue() {
-                        warn!("vsock: cannot interrupt the guest: {e}");
-                    }
-                }
-                for (more, index) in [(more_rx, RX_QUEUE), (more_tx, TX_QUEUE)] {
-                    if more {
-                        if let Err(e) = self.queue_events[index].write(1) {
-                            warn!("vsock: cannot reschedule queue {index}: {e}");
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                warn!(
-                    "vsock: queue is broken, ignoring the device until the driver resets it: {e}"
-                );
-                self.state = State::Broken;
-                self.muxer.reset();
-            }
+        if !self.common.conclude(result) {
+            self.backend.reset();
         }
     }
 
@@ -342,11 +232,11 @@ impl Vsock {
     fn handle(&mut self, source: u32) {
         match source {
             BACKEND_EVENT => {
-                self.muxer.process_events();
+                self.backend.process_events();
                 self.run_queues(false);
             }
             index => {
-                if let Some(event) = self.queue_events.get(index as usize) {
+                if let Some(event) = self.common.queue_events().get(index as usize) {
                     // Draining an eventfd that was not signalled is harmless.
                     let _ = event.read();
                 }
@@ -362,75 +252,53 @@ impl Vsock {
     }
 }
 
-impl VirtioDevice for Vsock {
+impl<B: VsockBackend> VirtioDevice for Vsock<B> {
     fn device_type(&self) -> u32 {
-        VIRTIO_ID_VSOCK
+        self.common.device_type()
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[RX_QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE]
+        self.common.queue_max_sizes()
     }
 
     fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
+        self.common.queue_events()
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
+        self.common.features()
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // struct virtio_vsock_config: guest_cid (le64).
-        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
+        self.common.read_config(offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        debug!(
-            "vsock: ignoring {}-byte config write at {offset:#x}",
-            data.len()
-        );
+        self.common.write_config(offset, data);
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        if !matches!(self.state, State::Inactive) {
-            return Err(ActivateError::AlreadyActive);
-        }
-        let Activation {
-            mem,
-            queues,
-            interrupt,
-            ..
-        } = activation;
-        let got = queues.len();
-        let queues = <[Queue; 3]>::try_from(queues)
-            .map_err(|_| ActivateError::QueueCount { expected: 3, got })?;
-        self.state = State::Active {
-            mem,
-            queues: Box::new(queues),
-            interrupt,
-        };
         // Serve what the driver queued before DRIVER_OK, and what host
         // clients asked for while the driver was not ready.
-        self.queue_events[TX_QUEUE].write(1)?;
-        Ok(())
+        self.common.activate(activation, TX_QUEUE)
     }
 
     fn reset(&mut self) {
-        self.state = State::Inactive;
+        self.common.reset();
         self.tx_stalled = false;
-        self.muxer.reset();
+        self.backend.reset();
     }
 }
 
-impl MutEventSubscriber for Vsock {
+impl<B: VsockBackend> MutEventSubscriber for Vsock<B> {
     fn init(&mut self, ops: &mut EventOps) {
-        for (index, event) in self.queue_events.iter().enumerate() {
+        for (index, event) in self.common.queue_events().iter().enumerate() {
             if let Err(e) = ops.add(Events::with_data(event, index as u32, EventSet::IN)) {
                 warn!("vsock: cannot poll queue {index}: {e}");
             }
         }
-        if let Err(e) = ops.add(Events::with_data(&self.muxer, BACKEND_EVENT, EventSet::IN)) {
-            warn!("vsock: cannot poll the host sockets: {e}");
+        if let Err(e) = ops.add(Events::with_data(&self.backend, BACKEND_EVENT, EventSet::IN)) {
+            warn!("vsock: cannot poll the backend: {e}");
         }
     }
 

@@ -11,6 +11,8 @@
 //!   Firecracker's `vsock.sock` / `vsock.sock_<port>` convention, and an
 //!   epoll descriptor for the event loop.
 //! - [`unix`]: non-blocking Unix connects and the `CONNECT <port>` handshake.
+//! - [`VsockBackend`]: what the device needs from its host side (the muxer,
+//!   or a fake in tests).
 //! - [`Vsock`]: the virtio device (type 19; rx, tx and event queues; config
 //!   space holds the guest CID).
 //!
@@ -18,6 +20,7 @@
 //! packets with a wrong source or destination CID are dropped, packets for
 //! unknown connections are reset, and every buffer and table is bounded.
 
+pub mod backend;
 pub mod connection;
 mod device;
 pub mod muxer;
@@ -26,10 +29,8 @@ pub mod unix;
 
 use std::path::PathBuf;
 
-pub use device::{
-    process_rx, process_tx, QueueError, QueueOutcome, Vsock, EVENT_QUEUE, QUEUE_SIZE, RX_QUEUE,
-    TX_QUEUE,
-};
+pub use backend::VsockBackend;
+pub use device::{process_rx, process_tx, Vsock, EVENT_QUEUE, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 pub use muxer::{Limits, Muxer};
 
 /// A VM's vsock device.

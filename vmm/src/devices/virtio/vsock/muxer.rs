@@ -46,6 +46,7 @@ use tracing::{debug, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
+use super::backend::VsockBackend;
 use super::connection::{ConnKey, Connection, RxStep, Verdict};
 use super::packet::{op, Header, HOST_CID, TYPE_STREAM};
 use super::unix::{connect_nonblocking, ConnectLine};
@@ -245,19 +246,22 @@ impl Muxer {
         self.conns.len()
     }
 
+}
+
+impl VsockBackend for Muxer {
     /// Whether a packet is waiting for an rx buffer.
-    pub fn has_pending_rx(&self) -> bool {
+    fn has_pending_rx(&self) -> bool {
         !self.rxq.is_empty()
     }
 
     /// Whether the device should stop taking tx packets until rx drains.
-    pub fn rx_backlogged(&self) -> bool {
+    fn rx_backlogged(&self) -> bool {
         self.pending_resets >= self.limits.max_pending_resets
     }
 
     /// Forgets every connection (the driver reset the device); host streams
     /// are closed. Host clients in their handshake are kept.
-    pub fn reset(&mut self) {
+    fn reset(&mut self) {
         let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
         for key in keys {
             self.remove_conn(key);
@@ -268,7 +272,7 @@ impl Muxer {
 
     /// Handles the ready host descriptors (a batch; the epoll descriptor
     /// stays readable if more are ready).
-    pub fn process_events(&mut self) {
+    fn process_events(&mut self) {
         let mut events = [EpollEvent::default(); EVENT_BATCH];
         let n = match self.epoll.wait(0, &mut events) {
             Ok(n) => n,
@@ -295,7 +299,7 @@ impl Muxer {
     }
 
     /// Handles a packet from the guest.
-    pub fn send_pkt(&mut self, header: &Header, payload: &[u8]) {
+    fn send_pkt(&mut self, header: &Header, payload: &[u8]) {
         if !self.addressed_guest_to_host(header) {
             return;
         }
@@ -326,7 +330,7 @@ impl Muxer {
     /// Handles a packet from the guest whose header was readable but whose
     /// payload was not (too long, or cut short): the stream it belongs to
     /// cannot continue, so it is reset.
-    pub fn reject_pkt(&mut self, header: &Header) {
+    fn reject_pkt(&mut self, header: &Header) {
         if !self.addressed_guest_to_host(header) || header.op == op::RST {
             return;
         }
@@ -342,7 +346,7 @@ impl Muxer {
 
     /// The next packet for the guest, its payload (at most `buf.len()`
     /// bytes) in `buf`; `None` if nothing is waiting.
-    pub fn recv_pkt(&mut self, buf: &mut [u8]) -> Option<(Header, usize)> {
+    fn recv_pkt(&mut self, buf: &mut [u8]) -> Option<(Header, usize)> {
         while let Some(item) = self.rxq.pop_front() {
             match item {
                 RxItem::Reset { key, type_ } => {
@@ -370,7 +374,9 @@ impl Muxer {
         }
         None
     }
+}
 
+impl Muxer {
     fn addressed_guest_to_host(&mut self, header: &Header) -> bool {
         if header.src_cid != self.guest_cid || header.dst_cid != HOST_CID {
             self.refusals.record(format_args!(

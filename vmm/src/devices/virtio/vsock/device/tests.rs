@@ -13,6 +13,10 @@ use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent};
 
 use super::*;
+use crate::devices::virtio::common::DeviceState;
+use crate::devices::virtio::Interrupt;
+use std::sync::Arc;
+use vmm_sys_util::eventfd::EFD_NONBLOCK;
 use crate::devices::virtio::vsock::connection::TX_BUF_SIZE;
 use crate::devices::virtio::vsock::packet::{
     op, shutdown, Header, HEADER_SIZE, HOST_CID, TYPE_STREAM,
@@ -200,7 +204,7 @@ impl Guest {
         })
         .unwrap();
         // Activation schedules a tx pass.
-        assert_eq!(dev.queue_events[TX_QUEUE].read().unwrap(), 1);
+        assert_eq!(dev.queue_events()[TX_QUEUE].read().unwrap(), 1);
         Self {
             mem,
             rx,
@@ -262,12 +266,12 @@ impl Guest {
     }
 
     fn kick_tx(&mut self) {
-        self.dev.queue_events[TX_QUEUE].write(1).unwrap();
+        self.dev.queue_events()[TX_QUEUE].write(1).unwrap();
         self.dev.handle(TX_QUEUE as u32);
     }
 
     fn kick_rx(&mut self) {
-        self.dev.queue_events[RX_QUEUE].write(1).unwrap();
+        self.dev.queue_events()[RX_QUEUE].write(1).unwrap();
         self.dev.handle(RX_QUEUE as u32);
     }
 
@@ -321,7 +325,7 @@ impl Guest {
         epoll
             .ctl(
                 ControlOperation::Add,
-                self.dev.muxer.as_raw_fd(),
+                self.dev.backend.as_raw_fd(),
                 EpollEvent::new(EventSet::IN, 0),
             )
             .unwrap();
@@ -394,7 +398,7 @@ fn activation_needs_three_queues_and_reset_deactivates() {
         Err(ActivateError::AlreadyActive)
     ));
     g.dev.reset();
-    assert!(matches!(g.dev.state, State::Inactive));
+    assert!(matches!(g.dev.common.state(), DeviceState::Inactive));
     assert!(matches!(
         g.dev.activate(activation(1)),
         Err(ActivateError::QueueCount {
@@ -403,7 +407,7 @@ fn activation_needs_three_queues_and_reset_deactivates() {
         })
     ));
     g.dev.activate(activation(3)).unwrap();
-    assert!(matches!(g.dev.state, State::Active { .. }));
+    assert!(matches!(g.dev.common.state(), DeviceState::Active(_)));
 }
 
 #[test]
@@ -547,7 +551,7 @@ fn malformed_tx_chains_are_consumed_and_the_device_carries_on() {
     assert!(used.iter().all(|&(_, len)| len == 0));
     // None of it touched the connection.
     assert!(g.recv().is_empty());
-    assert_eq!(g.dev.muxer.connection_count(), 1);
+    assert_eq!(g.dev.backend.connection_count(), 1);
 
     // An oversized packet breaks the stream it belongs to: it is reset.
     let mut big = packet(op::RW, 7, 5002);
@@ -559,7 +563,7 @@ fn malformed_tx_chains_are_consumed_and_the_device_carries_on() {
     let out = g.recv();
     assert_eq!(ops(&out), [op::RST]);
     assert_eq!(out[0].0.dst_port, 7);
-    assert_eq!(g.dev.muxer.connection_count(), 0);
+    assert_eq!(g.dev.backend.connection_count(), 0);
     let mut rest = Vec::new();
     handler.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty());
@@ -686,7 +690,7 @@ fn megabyte_guest_to_host_honours_credit_and_gets_updates() {
     assert_eq!(got.len(), data.len());
     assert!(got == data, "bytes differ");
     assert!(updates > 0);
-    assert_eq!(g.dev.muxer.connection_count(), 1);
+    assert_eq!(g.dev.backend.connection_count(), 1);
 }
 
 #[test]
@@ -801,10 +805,10 @@ fn a_broken_avail_index_stops_the_device_until_reset() {
         .write_obj(1000u16, GuestAddress(g.tx.avail + 2))
         .unwrap();
     g.kick_tx();
-    assert!(matches!(g.dev.state, State::Broken));
+    assert!(matches!(g.dev.common.state(), DeviceState::Broken));
     g.kick_tx();
     g.dev.reset();
-    assert!(matches!(g.dev.state, State::Inactive));
+    assert!(matches!(g.dev.common.state(), DeviceState::Inactive));
 }
 
 #[test]
@@ -826,7 +830,7 @@ fn item7_a_guest_holding_every_connection_does_not_lock_out_connect_5000() {
             assert_eq!(ops(&out), [op::RST], "guest connection {i}");
         }
     }
-    assert_eq!(g.dev.muxer.connection_count(), guest_share);
+    assert_eq!(g.dev.backend.connection_count(), guest_share);
     // The host's agent connection still reaches the guest and is answered.
     g.post_rx(4, 4096);
     let mut client = UnixStream::connect(&g.uds).unwrap();
