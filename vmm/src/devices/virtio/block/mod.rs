@@ -19,9 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use self::disk::DiskImage;
 use super::common::VirtioCommon;
 use super::queue::drain_queue;
-use super::{
-    ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-};
+use super::{ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -58,7 +56,13 @@ impl Block {
         let mut config = vec![0u8; 16];
         config[..8].copy_from_slice(&disk.sectors().to_le_bytes());
         config[12..].copy_from_slice(&SEG_MAX.to_le_bytes());
-        let common = VirtioCommon::new("virtio-blk", VIRTIO_ID_BLOCK, features, &[QUEUE_SIZE], config)?;
+        let common = VirtioCommon::new(
+            "virtio-blk",
+            VIRTIO_ID_BLOCK,
+            features,
+            &[QUEUE_SIZE],
+            config,
+        )?;
         Ok(Self { disk, common })
     }
 
@@ -130,8 +134,8 @@ mod tests {
     use std::sync::Arc;
     use virtio_queue::{Queue, QueueT};
     use vm_memory::GuestMemoryMmap;
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
     use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     fn disk(read_only: bool, sectors: u64) -> DiskImage {
         let mut file = tempfile::tempfile().unwrap();

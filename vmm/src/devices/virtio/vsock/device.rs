@@ -31,9 +31,7 @@ use super::muxer::Muxer;
 use super::packet::{read_tx, RxBuffer, MAX_PAYLOAD};
 use super::VsockConfig;
 use crate::devices::virtio::common::VirtioCommon;
-use crate::devices::virtio::queue::{
-    drain_queue, Chain, ChainHandler, QueueError, QueueOutcome,
-};
+use crate::devices::virtio::queue::{drain_queue, Chain, ChainHandler, QueueError, QueueOutcome};
 use crate::devices::virtio::{
     ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
@@ -297,7 +295,11 @@ impl<B: VsockBackend> MutEventSubscriber for Vsock<B> {
                 warn!("vsock: cannot poll queue {index}: {e}");
             }
         }
-        if let Err(e) = ops.add(Events::with_data(&self.backend, BACKEND_EVENT, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.backend,
+            BACKEND_EVENT,
+            EventSet::IN,
+        )) {
             warn!("vsock: cannot poll the backend: {e}");
         }
     }

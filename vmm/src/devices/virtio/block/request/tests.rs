@@ -452,10 +452,7 @@ fn drain_queue_serves_everything_and_fills_the_used_ring() {
     assert_eq!(back, [0x55; 512]);
 
     let outcome = drain_queue(&mut h.queue, &h.mem, &mut h.disk).unwrap();
-    assert_eq!(
-        outcome,
-        QueueOutcome::default()
-    );
+    assert_eq!(outcome, QueueOutcome::default());
 }
 
 #[test]
@@ -498,8 +495,5 @@ fn a_full_queue_is_served_in_budgeted_rounds() {
     assert!(outcome.more);
     assert_eq!(h.used_idx(), QUEUE_SIZE);
     let outcome = drain_queue(&mut h.queue, &h.mem, &mut h.disk).unwrap();
-    assert_eq!(
-        outcome,
-        QueueOutcome::default()
-    );
+    assert_eq!(outcome, QueueOutcome::default());
 }
