@@ -374,6 +374,7 @@ impl BusDevice for MmioTransport {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::devices::virtio::common::VirtioCommon;
     use crate::devices::virtio::{read_config_bytes, ActivateError, INTERRUPT_VRING};
     use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -381,7 +382,7 @@ mod tests {
     const FEATURE_X: u64 = 1 << 5;
 
     struct Dummy {
-        queue_events: Vec<EventFd>,
+        common: VirtioCommon,
         config: [u8; 8],
         activated: Option<Activation>,
         resets: u32,
@@ -390,10 +391,14 @@ mod tests {
     impl Dummy {
         fn new() -> Self {
             Self {
-                queue_events: vec![
-                    EventFd::new(EFD_NONBLOCK).unwrap(),
-                    EventFd::new(EFD_NONBLOCK).unwrap(),
-                ],
+                common: VirtioCommon::new(
+                    "dummy",
+                    42,
+                    VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | FEATURE_X,
+                    &[16, 8],
+                    Vec::new(),
+                )
+                .unwrap(),
                 config: [1, 2, 3, 4, 5, 6, 7, 8],
                 activated: None,
                 resets: 0,
@@ -402,17 +407,8 @@ mod tests {
     }
 
     impl VirtioDevice for Dummy {
-        fn device_type(&self) -> u32 {
-            42
-        }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &[16, 8]
-        }
-        fn queue_events(&self) -> &[EventFd] {
-            &self.queue_events
-        }
-        fn features(&self) -> u64 {
-            VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | FEATURE_X
+        fn common(&self) -> &VirtioCommon {
+            &self.common
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             read_config_bytes(&self.config, offset, data);
@@ -671,8 +667,8 @@ mod tests {
         write(&mut f.transport, reg::QUEUE_NOTIFY, 1);
         write(&mut f.transport, reg::QUEUE_NOTIFY, 7);
         let device = lock(&f.device);
-        assert_eq!(device.queue_events[1].read().unwrap(), 1);
-        assert!(device.queue_events[0].read().is_err());
+        assert_eq!(device.queue_events()[1].read().unwrap(), 1);
+        assert!(device.queue_events()[0].read().is_err());
     }
 
     #[test]

@@ -27,6 +27,8 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use self::common::VirtioCommon;
+
 /// VIRTIO_F_VERSION_1: the device speaks virtio 1.x (no legacy interface).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << VERSION_1_BIT;
 /// VIRTIO_RING_F_EVENT_IDX: used/avail event indices suppress notifications.
@@ -116,21 +118,36 @@ pub enum ActivateError {
     Io(#[from] io::Error),
 }
 
-/// The transport's view of a virtio device.
+/// The transport's view of a virtio device. The generic parts come from
+/// the [`VirtioCommon`] the device embeds.
 pub trait VirtioDevice: Send {
+    /// The state shared by all devices.
+    fn common(&self) -> &VirtioCommon;
     /// The virtio device ID (2 = block, 19 = vsock, ...).
-    fn device_type(&self) -> u32;
+    fn device_type(&self) -> u32 {
+        self.common().device_type()
+    }
     /// Maximum size of each queue; the length is the number of queues.
-    fn queue_max_sizes(&self) -> &[u16];
+    fn queue_max_sizes(&self) -> &[u16] {
+        self.common().queue_max_sizes()
+    }
     /// One eventfd per queue, signalled when the driver notifies that queue.
     /// The transport registers them with KVM as ioeventfds.
-    fn queue_events(&self) -> &[EventFd];
+    fn queue_events(&self) -> &[EventFd] {
+        self.common().queue_events()
+    }
     /// The features the device offers.
-    fn features(&self) -> u64;
+    fn features(&self) -> u64 {
+        self.common().features()
+    }
     /// Reads the device-specific configuration space; bytes past its end read as 0.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Writes the device-specific configuration space.
-    fn write_config(&mut self, offset: u64, data: &[u8]);
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        self.common().read_config(offset, data);
+    }
+    /// Writes the device-specific configuration space (read-only by default).
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        self.common().write_config(offset, data);
+    }
     /// Starts the device with its queues.
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// Returns the device to its pre-activation state.

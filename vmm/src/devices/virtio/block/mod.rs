@@ -14,7 +14,6 @@ use tracing::{debug, warn};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
 use self::disk::DiskImage;
 use super::common::VirtioCommon;
@@ -77,28 +76,8 @@ impl Block {
 }
 
 impl VirtioDevice for Block {
-    fn device_type(&self) -> u32 {
-        self.common.device_type()
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        self.common.queue_max_sizes()
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        self.common.queue_events()
-    }
-
-    fn features(&self) -> u64 {
-        self.common.features()
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        self.common.read_config(offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        self.common.write_config(offset, data);
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
@@ -135,7 +114,7 @@ mod tests {
     use virtio_queue::{Queue, QueueT};
     use vm_memory::GuestMemoryMmap;
     use vm_memory::{Bytes, GuestAddress};
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     fn disk(read_only: bool, sectors: u64) -> DiskImage {
         let mut file = tempfile::tempfile().unwrap();

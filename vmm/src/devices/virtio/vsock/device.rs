@@ -24,7 +24,6 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::VsockBackend;
 use super::muxer::Muxer;
@@ -251,28 +250,8 @@ impl<B: VsockBackend> Vsock<B> {
 }
 
 impl<B: VsockBackend> VirtioDevice for Vsock<B> {
-    fn device_type(&self) -> u32 {
-        self.common.device_type()
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        self.common.queue_max_sizes()
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        self.common.queue_events()
-    }
-
-    fn features(&self) -> u64 {
-        self.common.features()
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        self.common.read_config(offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        self.common.write_config(offset, data);
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {

@@ -245,7 +245,6 @@ impl Muxer {
     pub fn connection_count(&self) -> usize {
         self.conns.len()
     }
-
 }
 
 impl VsockBackend for Muxer {

@@ -21,7 +21,7 @@ use crate::devices::virtio::vsock::packet::{
 use crate::devices::virtio::vsock::Limits;
 use crate::devices::virtio::Interrupt;
 use std::sync::Arc;
-use vmm_sys_util::eventfd::EFD_NONBLOCK;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const GUEST_CID: u64 = 3;
 const MEM_SIZE: usize = 0x300_0000;
