@@ -27,18 +27,10 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const SEG_MAX: u32 = 128;
 
 /// A virtio block device.
+#[derive(Debug)]
 pub struct Block {
     disk: DiskImage,
     common: VirtioCommon,
-}
-
-impl std::fmt::Debug for Block {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Block")
-            .field("disk", &self.disk)
-            .field("features", &self.common.features())
-            .finish_non_exhaustive()
-    }
 }
 
 impl Block {
