@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use guest_protocol::agent::{read_frame, write_frame, Exec, FrameError, GuestMessage, HostMessage, WinSize, AGENT_PORT, CHUNK, VERSION};
+use guest_protocol::agent::{read_frame, write_frame, FrameError, GuestMessage, HostMessage, AGENT_PORT, CHUNK, VERSION};
 
 /// What went wrong talking to the guest agent.
 #[derive(Debug, thiserror::Error)]
@@ -65,61 +65,9 @@ impl AgentConn {
         Ok(Self { stream })
     }
 
-    /// Run a command; feed it `stdin` (when given), stream its output to
-    /// `stdout` / `stderr`, return its status.
-    pub fn exec(
-        mut self,
-        exec: Exec,
-        stdin: Option<Box<dyn Read + Send>>,
-        stdout: &mut dyn Write,
-        stderr: &mut dyn Write,
-    ) -> Result<i32, AgentError> {
-        write_frame(&mut self.stream, &HostMessage::Exec(exec))?;
-        let mut input = self.stream.try_clone()?;
-        let feeder = stdin.map(|mut src| {
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; CHUNK];
-                loop {
-                    match src.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if write_frame(&mut input, &HostMessage::Stdin(buf[..n].to_vec())).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-                let _ = write_frame(&mut input, &HostMessage::StdinEof);
-            })
-        });
-        if feeder.is_none() {
-            write_frame(&mut self.stream, &HostMessage::StdinEof)?;
-        }
-        let status = loop {
-            match read_frame::<GuestMessage>(&mut self.stream)? {
-                Some(GuestMessage::Started { .. }) => {}
-                Some(GuestMessage::Stdout(b)) => {
-                    stdout.write_all(&b)?;
-                    stdout.flush()?;
-                }
-                Some(GuestMessage::Stderr(b)) => {
-                    stderr.write_all(&b)?;
-                    stderr.flush()?;
-                }
-                Some(GuestMessage::Exited { status }) => break status,
-                Some(GuestMessage::Error(e)) => return Err(AgentError::Remote(e)),
-                Some(other) => return Err(AgentError::Unexpected(format!("{other:?}"))),
-                None => return Err(AgentError::Io(io::ErrorKind::UnexpectedEof.into())),
-            }
-        };
-        // The feeder may be blocked reading a terminal; it ends with the process.
-        drop(feeder);
-        Ok(status)
-    }
-
-    /// A handle to send signals and resizes to the running command.
-    pub fn controller(&self) -> Result<Controller, AgentError> {
-        Ok(Controller { stream: self.stream.try_clone()? })
+    /// The connection, for a request that drives it directly ([`crate::Process`]).
+    pub(crate) fn into_stream(self) -> UnixStream {
+        self.stream
     }
 
     /// Copy `src` to `path` in the guest with `mode`.
@@ -181,21 +129,6 @@ impl AgentConn {
     }
 }
 
-/// Sends signals and terminal resizes to a running exec.
-#[derive(Debug)]
-pub struct Controller {
-    stream: UnixStream,
-}
-
-impl Controller {
-    pub fn signal(&mut self, sig: i32) -> Result<(), AgentError> {
-        Ok(write_frame(&mut self.stream, &HostMessage::Signal(sig))?)
-    }
-    pub fn resize(&mut self, size: WinSize) -> Result<(), AgentError> {
-        Ok(write_frame(&mut self.stream, &HostMessage::Resize(size))?)
-    }
-}
-
 /// Wait until the agent answers through `uds`, or `timeout` passes.
 pub fn wait_ready(uds: &Path, timeout: Duration, mut alive: impl FnMut() -> bool) -> Result<(), AgentError> {
     let deadline = std::time::Instant::now() + timeout;
@@ -218,14 +151,13 @@ fn read_connect(stream: &mut UnixStream) -> io::Result<String> {
 }
 
 #[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
+pub(crate) mod tests {
     use std::os::unix::net::UnixListener;
 
     use super::*;
 
     /// A VMM-and-agent stand-in that answers one connection with `script`.
-    fn fake(script: impl FnOnce(UnixStream) + Send + 'static) -> (tempfile::TempDir, std::path::PathBuf) {
+    pub(crate) fn fake(script: impl FnOnce(UnixStream) + Send + 'static) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vsock.sock");
         let listener = UnixListener::bind(&path).unwrap();
@@ -238,30 +170,6 @@ mod tests {
             script(s);
         });
         (dir, path)
-    }
-
-    #[test]
-    fn exec_sends_stdin_and_collects_separated_output_and_status() {
-        let (_dir, path) = fake(|mut s| {
-            assert!(matches!(read_frame::<HostMessage>(&mut s).unwrap(), Some(HostMessage::Exec(e)) if e.argv == ["cat"]));
-            let mut input = Vec::new();
-            loop {
-                match read_frame::<HostMessage>(&mut s).unwrap().unwrap() {
-                    HostMessage::Stdin(b) => input.extend(b),
-                    HostMessage::StdinEof => break,
-                    other => panic!("{other:?}"),
-                }
-            }
-            write_frame(&mut s, &GuestMessage::Started { pid: 9 }).unwrap();
-            write_frame(&mut s, &GuestMessage::Stdout(input)).unwrap();
-            write_frame(&mut s, &GuestMessage::Stderr(b"err".to_vec())).unwrap();
-            write_frame(&mut s, &GuestMessage::Exited { status: 4 }).unwrap();
-        });
-        let conn = AgentConn::connect(&path, Duration::from_secs(5)).unwrap();
-        let exec = Exec { argv: vec!["cat".into()], env: vec![], cwd: "/".into(), user: None, tty: None };
-        let (mut out, mut err) = (Vec::new(), Vec::new());
-        let status = conn.exec(exec, Some(Box::new(&b"input bytes"[..])), &mut out, &mut err).unwrap();
-        assert_eq!((status, out.as_slice(), err.as_slice()), (4, &b"input bytes"[..], &b"err"[..]));
     }
 
     #[test]

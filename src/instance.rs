@@ -13,13 +13,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use guest_protocol::agent::Exec;
-use sandbox_net::{Handlers, NetConfig, Server};
+use sandbox_net::{Handlers, NetConfig};
 use sandbox_telemetry::SessionDb;
 
-use crate::agent::{AgentConn, AgentError};
 use crate::console::{ConsoleSink, ConsoleState};
-use crate::registry::{SandboxRef, SandboxState};
+use crate::sandbox::{Sandbox, SandboxState};
 use crate::{paths, Error};
 
 /// The guest's vsock CID (see the module docs for why one value serves all).
@@ -33,7 +31,10 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) struct InstanceConfig {
     /// The image as the user named it, and the command (for `sandbox ps`).
     pub image_name: String,
-    pub command: Vec<String>,
+    pub label: Vec<String>,
+    pub image_config: Option<sandbox_rootfs::ImageConfig>,
+    pub detached: bool,
+    pub data_dir: PathBuf,
     pub kernel: PathBuf,
     pub root_disk: PathBuf,
     /// Further read-only disks (`/dev/vdb`, ...): an OCI image to overlay.
@@ -46,24 +47,34 @@ pub(crate) struct InstanceConfig {
     pub console: Option<Box<dyn Write + Send>>,
 }
 
-/// A booted sandbox.
+/// A sandbox this process holds: its VM runs on a thread of this process,
+/// its host handlers on a runtime of their own. It derefs to [`Sandbox`]
+/// for running commands, copying files and reading events. Dropping it
+/// stops the VM; [`Instance::shutdown`] lets the guest power off first.
+///
+/// Nothing here blocks on an async runtime, so an `Instance` can be
+/// started, used and dropped from inside one (blocking calls belong in
+/// `spawn_blocking` there, as for any blocking I/O).
 pub struct Instance {
-    id: String,
-    dir: PathBuf,
-    state: SandboxState,
+    sandbox: Sandbox,
     started: Instant,
     boot_time: Duration,
     stop: vmm::StopHandle,
     vm: Option<JoinHandle<Result<vmm::ExitReason, vmm::Error>>>,
-    runtime: Option<tokio::runtime::Runtime>,
-    servers: Vec<Server>,
-    session: Option<SessionDb>,
+    handlers: Option<HandlerHost>,
     console: Arc<Mutex<ConsoleState>>,
 }
 
 impl std::fmt::Debug for Instance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Instance").field("id", &self.id).field("dir", &self.dir).finish_non_exhaustive()
+        f.debug_struct("Instance").field("id", &self.id()).field("dir", &self.dir()).finish_non_exhaustive()
+    }
+}
+
+impl std::ops::Deref for Instance {
+    type Target = Sandbox;
+    fn deref(&self) -> &Sandbox {
+        &self.sandbox
     }
 }
 
@@ -90,25 +101,16 @@ impl Instance {
     /// Boot a sandbox and wait until its agent answers.
     pub(crate) fn start(config: InstanceConfig) -> Result<Instance, Error> {
         let id = new_id()?;
-        let dir = paths::sandboxes_dir().join(&id);
+        let dir = paths::sandboxes_in(&config.data_dir).join(&id);
         private_dir(&dir)?;
-        let state = SandboxState::new(&id, &config.image_name, &config.command, config.memory_mib, config.vcpus);
+        let mut state = SandboxState::new(&id, &config.image_name, &config.label, config.memory_mib, config.vcpus);
+        state.detached = config.detached;
+        state.image_config = config.image_config;
         state.save(&dir)?;
         let session = SessionDb::open(&dir.join("session.db"))?;
-
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("sandbox-net")
-            .enable_all()
-            .build()
-            .map_err(|e| Error::Io("start the handler runtime".into(), e))?;
         let handlers = Handlers::new(config.net, config.policy, session.recorder())?;
         let ca_pem = handlers.ca().ca_cert_pem().to_string();
-        let servers = {
-            let _enter = runtime.enter();
-            let (dns, mitm) = handlers.serve_vsock_dir(&dir)?;
-            vec![dns, mitm]
-        };
+        let handlers = HandlerHost::start(&id, &dir, handlers, session)?;
 
         let console = Arc::new(Mutex::new(ConsoleState::default()));
         let started = Instant::now();
@@ -123,7 +125,14 @@ impl Instance {
             extra_disks: config.extra_disks.into_iter().map(vmm::ExtraDisk::read_only).collect(),
             serial: Box::new(sink),
             vsock: Some(vmm::devices::virtio::vsock::VsockConfig { guest_cid: GUEST_CID, uds_path: uds.clone() }),
-        })?;
+        });
+        let vm = match vm {
+            Ok(vm) => vm,
+            Err(e) => {
+                let _ = handlers.stop();
+                return Err(e.into());
+            }
+        };
         let stop = vm.stop_handle();
         let vm = std::thread::Builder::new()
             .name(format!("vm-{id}"))
@@ -131,16 +140,12 @@ impl Instance {
             .map_err(|e| Error::Io("start the VM thread".into(), e))?;
 
         let mut instance = Instance {
-            id,
-            dir,
-            state,
+            sandbox: Sandbox::new(dir, state),
             started,
             boot_time: Duration::ZERO,
             stop,
             vm: Some(vm),
-            runtime: Some(runtime),
-            servers,
-            session: Some(session),
+            handlers: Some(handlers),
             console,
         };
         let ready = {
@@ -154,18 +159,13 @@ impl Instance {
         }
         instance.boot_time = instance.started.elapsed();
         instance.agent()?.trust_ca(&ca_pem)?;
-        tracing::debug!(id = %instance.id, boot = ?instance.boot_time, "sandbox ready");
+        tracing::debug!(id = %instance.id(), boot = ?instance.boot_time, "sandbox ready");
         Ok(instance)
     }
 
-    /// The sandbox id.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
-    /// The sandbox's private directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// The sandbox, as a handle other code can keep (and clone).
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.sandbox
     }
 
     /// From power-on until the agent answered.
@@ -173,45 +173,14 @@ impl Instance {
         self.boot_time
     }
 
-    /// A new connection to the guest agent.
-    pub fn agent(&self) -> Result<AgentConn, AgentError> {
-        AgentConn::connect(&self.dir.join("vsock.sock"), Duration::from_secs(30))
+    /// When the VM was powered on.
+    pub(crate) fn started_at(&self) -> Instant {
+        self.started
     }
 
-    /// This sandbox as other processes see it (see [`crate::registry`]).
-    pub fn sandbox_ref(&self) -> SandboxRef {
-        SandboxRef::new(self.dir.clone(), self.state.clone())
-    }
-
-    /// Is the VM still running? (The guest may power itself off.)
-    pub fn is_running(&self) -> bool {
-        self.vm.as_ref().is_some_and(|t| !t.is_finished())
-    }
-
-    /// Copy a local file into the guest; see [`SandboxRef::copy_in`].
-    pub fn copy_in(&self, src: &Path, dst: &str) -> Result<u64, Error> {
-        self.sandbox_ref().copy_in(src, dst)
-    }
-
-    /// Copy a guest file out; see [`SandboxRef::copy_out`].
-    pub fn copy_out(&self, src: &str, dst: &Path) -> Result<u64, Error> {
-        self.sandbox_ref().copy_out(src, dst)
-    }
-
-    /// A handle that stops the VM from any thread.
+    /// A handle that stops the VM from any thread (the guest is not asked).
     pub fn stop_handle(&self) -> vmm::StopHandle {
         self.stop.clone()
-    }
-
-    /// Run a command; see [`AgentConn::exec`].
-    pub fn exec(
-        &self,
-        exec: Exec,
-        stdin: Option<Box<dyn Read + Send>>,
-        stdout: &mut dyn Write,
-        stderr: &mut dyn Write,
-    ) -> Result<i32, Error> {
-        Ok(self.agent()?.exec(exec, stdin, stdout, stderr)?)
     }
 
     /// What the guest wrote to its serial console after the start marker:
@@ -229,7 +198,8 @@ impl Instance {
     }
 
     /// Ask the guest to power off, wait for it (stopping it if it does not),
-    /// stop the handlers and flush the session database. Returns the console log.
+    /// stop the handlers and commit every row to the session database.
+    /// Returns the console log.
     pub fn shutdown(mut self) -> Result<Vec<u8>, Error> {
         if let Ok(agent) = self.agent() {
             let _ = agent.shutdown();
@@ -245,7 +215,7 @@ impl Instance {
                 std::thread::sleep(Duration::from_millis(20));
             }
             if !vm.is_finished() {
-                tracing::warn!(id = %self.id, "guest did not power off in time; stopping it");
+                tracing::warn!(id = %self.id(), "guest did not power off in time; stopping it");
                 self.stop.stop();
             }
             result = match vm.join() {
@@ -254,14 +224,15 @@ impl Instance {
                 Err(_) => Err(Error::Boot("the VM thread panicked".into())),
             };
         }
-        let servers = std::mem::take(&mut self.servers);
-        if let Err(e) = stop_handlers(self.runtime.take(), servers, self.session.take()) {
-            tracing::error!(id = %self.id, error = %e, "the session database was not closed cleanly");
-            if result.is_ok() {
-                result = Err(e);
+        if let Some(handlers) = self.handlers.take() {
+            if let Err(e) = handlers.stop() {
+                tracing::error!(id = %self.id(), error = %e, "the session database was not closed cleanly");
+                if result.is_ok() {
+                    result = Err(e);
+                }
             }
         }
-        for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir(self.dir()).into_iter().flatten().flatten() {
             if entry.file_name().to_string_lossy().starts_with("vsock.sock") {
                 let _ = std::fs::remove_file(entry.path());
             }
@@ -271,41 +242,75 @@ impl Instance {
     }
 }
 
-/// Stop the handlers, then commit every row they queued and close the
-/// session database, waiting for its writer (dropping it would leave the
-/// writer to finish on its own, and rows queued last could be lost when the
-/// process exits), then stop the runtime.
-fn stop_handlers(
-    runtime: Option<tokio::runtime::Runtime>,
-    servers: Vec<Server>,
-    session: Option<SessionDb>,
-) -> Result<(), Error> {
-    let runtime = match runtime {
-        Some(r) => r,
-        None if servers.is_empty() && session.is_none() => return Ok(()),
-        None => tokio::runtime::Builder::new_current_thread()
+/// The host handlers of one sandbox on a thread of their own, which owns
+/// their tokio runtime. Stopping them never needs the caller's runtime (so
+/// it works from inside one): the thread stops the servers, commits every
+/// queued row and closes the session database (dropping it would leave the
+/// writer to finish on its own, and rows queued last could be lost when
+/// the process exits), then ends.
+struct HandlerHost {
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: JoinHandle<Result<(), Error>>,
+}
+
+impl HandlerHost {
+    /// Serve `handlers` on the vsock sockets of `dir`, recording into `session`.
+    fn start(id: &str, dir: &Path, handlers: Handlers, session: SessionDb) -> Result<HandlerHost, Error> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("sandbox-net")
             .enable_all()
             .build()
-            .map_err(|e| Error::Io("start a runtime to close the session database".into(), e))?,
-    };
-    let closed = runtime.block_on(async {
-        for s in servers {
-            s.shutdown().await;
+            .map_err(|e| Error::Io("start the handler runtime".into(), e))?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let dir = dir.to_path_buf();
+        let thread = std::thread::Builder::new()
+            .name(format!("handlers-{id}"))
+            .spawn(move || {
+                let result = runtime.block_on(async move {
+                    let servers = match handlers.serve_vsock_dir(&dir) {
+                        Ok((dns, mitm)) => vec![dns, mitm],
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return session.close().await.map(drop).map_err(Error::from);
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    // A dropped sender (the instance is gone) stops them too.
+                    let _ = stopped.await;
+                    for s in servers {
+                        s.shutdown().await;
+                    }
+                    let committed = session.close().await?;
+                    tracing::debug!(committed, "session database closed");
+                    Ok(())
+                });
+                runtime.shutdown_timeout(Duration::from_secs(5));
+                result
+            })
+            .map_err(|e| Error::Io("start the handler thread".into(), e))?;
+        let host = HandlerHost { stop, thread };
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(host),
+            Ok(Err(e)) => {
+                let _ = host.stop();
+                Err(e.into())
+            }
+            Err(_) => Err(host.stop().err().unwrap_or_else(|| Error::Boot("the handler thread ended".into()))),
         }
-        match session {
-            Some(session) => session.close().await.map(|committed| {
-                tracing::debug!(committed, "session database closed");
-            }),
-            None => Ok(()),
-        }
-    });
-    runtime.shutdown_timeout(Duration::from_secs(5));
-    Ok(closed?)
+    }
+
+    /// Stop the handlers and close the session database; wait for both.
+    fn stop(self) -> Result<(), Error> {
+        let _ = self.stop.send(());
+        self.thread.join().map_err(|_| Error::Boot("the handler thread panicked".into()))?
+    }
 }
 
 impl Drop for Instance {
     fn drop(&mut self) {
-        if self.vm.is_some() {
+        if self.vm.is_some() || self.handlers.is_some() {
             self.stop.stop();
             let _ = self.finish();
         }
@@ -314,17 +319,23 @@ impl Drop for Instance {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
-    #[test]
-    fn item7_session_db_rows_recorded_at_shutdown_are_in_the_file() {
+    /// Rows the handlers queue just before the sandbox stops are all in the
+    /// file when stopping returns, and stopping works from inside an async
+    /// runtime (where an embedding application lives).
+    #[tokio::test]
+    async fn rows_recorded_at_shutdown_are_in_the_file_when_stopped_from_async_code() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("session.db");
         let session = SessionDb::open(&path).unwrap();
         let recorder = session.recorder();
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        // Rows the handlers queue just before the sandbox stops.
+        let mut net = NetConfig::default();
+        net.ca_dir = dir.path().join("ca");
+        let policy = sandbox_policy::Policy::new(sandbox_policy::Engine::builtin("deny-all").unwrap());
+        let handlers = Handlers::new(net, policy, session.recorder()).unwrap();
+        let host = HandlerHost::start("test", dir.path(), handlers, session).unwrap();
+        assert!(dir.path().join("vsock.sock_5002").exists());
         const ROWS: usize = 10_000;
         for i in 0..ROWS {
             let event = sandbox_telemetry::DnsEvent {
@@ -342,7 +353,7 @@ mod tests {
             recorder.record_dns(event).unwrap();
         }
         // A handler still holding its recorder does not keep the close waiting.
-        stop_handlers(Some(runtime), Vec::new(), Some(session)).unwrap();
+        host.stop().unwrap();
         // Read at once, as the next process would after this one exited.
         let conn = rusqlite::Connection::open(&path).unwrap();
         let n: i64 = conn.query_row("SELECT count(*) FROM dns_events", [], |r| r.get(0)).unwrap();

@@ -1,42 +1,63 @@
-//! The sandbox runtime: run a command in a KVM microVM whose only way out is
+//! The sandbox runtime: run commands in a KVM microVM whose only way out is
 //! what the host allows.
 //!
-//! ```no_run
-//! use std::time::Duration;
-//! use sandbox::{Image, Sandbox};
+//! [`SandboxBuilder`] configures the VM (image, resources, policy, network,
+//! data directory); [`SandboxBuilder::start`] boots it and returns an
+//! [`Instance`], which derefs to the [`Sandbox`] handle. A [`Command`] says
+//! what to run; [`Sandbox::spawn`] starts it as a [`Process`] (wait,
+//! signal, resize, stream its input and output) and [`Sandbox::output`]
+//! runs it to its end. [`Sandbox::events`] follows what the guest tried to
+//! reach. [`Sandbox::find`] gives the same handle for a sandbox another
+//! process holds.
 //!
-//! let run = Sandbox::builder(Image::Default)
-//!     .memory_mib(256)
-//!     .vcpus(1)
-//!     .env("GREETING", "hello")
-//!     .timeout(Duration::from_secs(60))
-//!     .run(["/bin/sh", "-c", "echo $GREETING; uname -a"])?;
-//! print!("{}", String::from_utf8_lossy(&run.stdout));
-//! assert_eq!(run.status, sandbox::Status::Exited(0));
-//! # Ok::<(), sandbox::Error>(())
+//! ```no_run
+//! use std::io::Read;
+//! use sandbox::{Command, Image, Sandbox};
+//!
+//! let instance = Sandbox::builder(Image::Default).memory_mib(256).profile("dev").start()?;
+//! let out = instance.output(Command::new("uname").arg("-a"))?;
+//! print!("{}", String::from_utf8_lossy(&out.stdout));
+//!
+//! let mut tail = instance.spawn(Command::new("sh").args(["-c", "echo started; sleep 600"]))?;
+//! let mut line = [0u8; 8];
+//! tail.take_stdout().expect("piped").read_exact(&mut line)?;
+//! tail.signal(libc::SIGTERM)?;
+//! assert_eq!(tail.wait()?, 128 + libc::SIGTERM);
+//! for event in instance.events()?.take(1) {
+//!     println!("{}", event?.to_text());
+//! }
+//! instance.shutdown()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-mod error;
-mod image;
-pub mod paths;
-pub mod agent;
-pub mod ask;
+mod agent;
+mod builder;
+mod command;
 mod console;
+mod error;
+mod events;
+mod image;
 mod instance;
-pub mod registry;
-mod run;
+pub mod paths;
+mod process;
+mod sandbox;
 pub mod terminal;
 pub mod verify;
 
+pub use agent::AgentError;
+pub use builder::{RunOutput, SandboxBuilder};
+pub use command::{Command, Output, Status, DEFAULT_OUTPUT_LIMIT};
 pub use error::Error;
+pub use events::Events;
+pub use guest_protocol::agent::WinSize;
 pub use image::{image_store, Image, RootFs};
-pub use sandbox_rootfs as rootfs;
-pub use guest_protocol::agent::{Exec, WinSize};
 pub use instance::Instance;
-pub use registry::{SandboxRef, SandboxState};
-pub use run::{RunOutput, Sandbox, SandboxBuilder, Status, DEFAULT_OUTPUT_LIMIT};
+pub use process::{Process, ProcessControl, ProcessOutput, ProcessStdin};
+pub use sandbox::{valid_id, Sandbox, SandboxState};
 pub use sandbox_net::{NetConfig, UpstreamProxy};
 pub use sandbox_policy as policy;
+pub use sandbox_rootfs as rootfs;
+pub use sandbox_telemetry::query::LogRow;
 
 /// Guest memory bounds, in MiB (the VMM's).
 pub const MEMORY_MIB_RANGE: std::ops::RangeInclusive<u32> = vmm::MIN_MEMORY_MIB..=vmm::MAX_MEMORY_MIB;

@@ -58,5 +58,10 @@ pub fn data_dir() -> PathBuf {
 
 /// Where each sandbox keeps its sockets and `session.db`.
 pub fn sandboxes_dir() -> PathBuf {
-    data_dir().join("sandboxes")
+    sandboxes_in(&data_dir())
+}
+
+/// The sandboxes directory of the data directory `data_dir`.
+pub fn sandboxes_in(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("sandboxes")
 }

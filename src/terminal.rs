@@ -7,12 +7,12 @@
 use std::io::{self, IsTerminal, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
-use guest_protocol::agent::{Exec, WinSize};
+use guest_protocol::agent::WinSize;
 use nix::sys::termios::{self, SetArg, Termios};
 use signal_hook::consts::SIGWINCH;
 use signal_hook::iterator::Signals;
 
-use crate::agent::AgentConn;
+use crate::process::ProcessControl;
 use crate::Error;
 
 /// The size of the terminal on `fd`, if it is one.
@@ -59,33 +59,54 @@ impl Drop for RawMode {
     }
 }
 
-/// Run `exec` on a guest pseudo-terminal attached to this process's
-/// terminal (standard input must be one), and return its exit status.
-pub fn exec_on_terminal(conn: AgentConn, mut exec: Exec) -> Result<i32, Error> {
-    let stdin = io::stdin();
-    if !stdin.is_terminal() {
+/// What [`crate::Command::attach_terminal`] holds while the command runs:
+/// this terminal in raw mode, and a thread forwarding its resizes. Dropping
+/// it restores the terminal.
+pub(crate) struct Attached {
+    raw: Option<RawMode>,
+    resizes: signal_hook::iterator::Handle,
+    forwarder: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Attached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attached").finish_non_exhaustive()
+    }
+}
+
+/// The guest terminal size for a command attached to this terminal, or an
+/// error when standard input is not a terminal.
+pub(crate) fn attach_size() -> Result<WinSize, Error> {
+    if !io::stdin().is_terminal() {
         return Err(Error::Config("a terminal was asked for (-t) but standard input is not a terminal".into()));
     }
-    exec.tty = Some(current_size().unwrap_or(DEFAULT_SIZE));
-    let mut controller = conn.controller()?;
+    Ok(current_size().unwrap_or(DEFAULT_SIZE))
+}
+
+/// Put this terminal in raw mode and forward its resizes to `control`.
+pub(crate) fn attach(control: ProcessControl) -> Result<Attached, Error> {
     let mut signals = Signals::new([SIGWINCH]).map_err(|e| Error::Io("watch for terminal resizes".into(), e))?;
     let resizes = signals.handle();
     let forwarder = std::thread::spawn(move || {
         for _ in signals.forever() {
             if let Some(size) = current_size() {
-                if controller.resize(size).is_err() {
+                if control.resize(size).is_err() {
                     break;
                 }
             }
         }
     });
     let raw = RawMode::enable().map_err(|e| Error::Io("put the terminal in raw mode".into(), e))?;
-    // Guest output waits while an `ask` question is on this terminal.
-    let mut out = crate::ask::GatedWriter::new(io::stdout(), crate::ask::OutputGate::terminal());
-    let result = conn.exec(exec, Some(Box::new(io::stdin())), &mut out, &mut io::sink());
-    drop(raw);
-    let _ = out.flush();
-    resizes.close();
-    let _ = forwarder.join();
-    Ok(result?)
+    Ok(Attached { raw: Some(raw), resizes, forwarder: Some(forwarder) })
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        drop(self.raw.take());
+        let _ = io::stdout().flush();
+        self.resizes.close();
+        if let Some(f) = self.forwarder.take() {
+            let _ = f.join();
+        }
+    }
 }

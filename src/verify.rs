@@ -36,12 +36,11 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use guest_protocol::agent::Exec;
 
 use sandbox_policy::{Layer, ProfileSource};
 use sandbox_telemetry::query::{LogOptions, LogReader, LogRow};
 
-use crate::{Error, Image, Instance, NetConfig, Sandbox};
+use crate::{Command, Error, Image, Instance, NetConfig, Sandbox, Status};
 
 /// Where the probe lives in the default image.
 pub const PROBE: &str = "/usr/bin/sandbox-probe";
@@ -618,11 +617,17 @@ fn attempts(config: &VerifyConfig, host: SocketAddr) -> Vec<Attempt> {
 }
 
 /// Run `argv` in `instance`, collecting stdout.
-fn exec(instance: &Instance, argv: Vec<String>, stdin: Option<Box<dyn std::io::Read + Send>>) -> Result<(i32, String, String), Error> {
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let exec = Exec { argv, env: Vec::new(), cwd: "/".into(), user: None, tty: None };
-    let status = instance.exec(exec, stdin, &mut out, &mut err)?;
-    Ok((status, String::from_utf8_lossy(&out).into_owned(), String::from_utf8_lossy(&err).into_owned()))
+fn exec(instance: &Instance, argv: Vec<String>, stdin: Option<std::io::PipeReader>) -> Result<(i32, String, String), Error> {
+    let mut command = Command::from_argv(argv);
+    if let Some(stdin) = stdin {
+        command = command.stdin_from(stdin);
+    }
+    let out = instance.output(command)?;
+    let status = match out.status {
+        Status::Exited(code) => code,
+        Status::TimedOut => -1,
+    };
+    Ok((status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned()))
 }
 
 /// Boot the sandboxes, make every attempt, and report.
@@ -673,7 +678,7 @@ pub fn verify(config: &VerifyConfig) -> Result<Report, Error> {
                 "--until-eof".into(),
             ];
             Some(std::thread::spawn(move || {
-                let result = exec(&peer, argv, Some(Box::new(reader)));
+                let result = exec(&peer, argv, Some(reader));
                 let _ = peer.shutdown();
                 result
             }))

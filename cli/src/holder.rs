@@ -1,7 +1,8 @@
 //! `sandbox run -d`: a sandbox that outlives the command that started it.
 //!
 //! `run -d` starts this same program again as a background process in its
-//! own session (`run --detached-child ...`), which boots the sandbox, prints
+//! own session (`run --holder ...`), which boots the sandbox (its state file
+//! records that this process exists only to hold it), prints
 //! its id on standard output once the guest agent answers, and from then on
 //! writes its own log to `<sandbox dir>/sandbox.log`. The first process
 //! relays the id (or the error) and exits. The background process holds the
@@ -18,30 +19,23 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use sandbox::{Exec, SandboxBuilder};
+use sandbox::{Command, SandboxBuilder};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
-use crate::EXIT_SANDBOX_ERROR;
+use crate::exit::{Failure, Outcome, SandboxFailure};
 
 /// Start the background process and print the sandbox id it reports.
-pub fn start() -> ExitCode {
-    match spawn_child() {
-        Ok(id) => {
-            println!("{id}");
-            ExitCode::SUCCESS
-        }
-        Err(err) => {
-            eprintln!("sandbox: {err:#}");
-            ExitCode::from(EXIT_SANDBOX_ERROR)
-        }
-    }
+pub fn start() -> Outcome {
+    let id = spawn_child().or_sandbox_failure()?;
+    println!("{id}");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn spawn_child() -> anyhow::Result<String> {
     let exe = std::env::current_exe().context("find the sandbox executable")?;
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let run_at = args.iter().position(|a| a == "run").context("run -d outside `sandbox run`")?;
-    args.insert(run_at + 1, sandbox::registry::BACKGROUND_FLAG.into());
+    args.insert(run_at + 1, "--holder".into());
     let mut command = std::process::Command::new(exe);
     command.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     // SAFETY: setsid is async-signal-safe and touches no memory of the
@@ -62,7 +56,7 @@ fn spawn_child() -> anyhow::Result<String> {
         std::io::BufReader::new(stdout).read_line(&mut line).context("read the sandbox id")?;
     }
     let id = line.trim().to_string();
-    if sandbox::registry::valid_id(&id) {
+    if sandbox::valid_id(&id) {
         // The child keeps running; its pipes are closed once it has moved
         // its output to its log.
         return Ok(id);
@@ -79,25 +73,15 @@ enum Stop {
 }
 
 /// The background process: boot, report the id, hold the VM.
-pub fn serve(mut builder: SandboxBuilder, command: Option<Exec>, timeout: Option<Duration>) -> ExitCode {
-    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("sandbox: cannot handle signals: {e}");
-            return ExitCode::from(EXIT_SANDBOX_ERROR);
-        }
-    };
-    let instance = match builder.start() {
-        Ok(instance) => instance,
-        Err(e) => {
-            eprintln!("sandbox: {e}");
-            return ExitCode::from(EXIT_SANDBOX_ERROR);
-        }
-    };
+pub fn serve(builder: SandboxBuilder, command: Command, timeout: Option<Duration>) -> Outcome {
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .context("cannot handle signals")
+        .or_sandbox_failure()?;
+    let instance = builder.start().or_sandbox_failure()?;
     let dir = instance.dir().to_path_buf();
     println!("{}", instance.id());
     let _ = std::io::stdout().flush();
-    crate::remember_last(instance.id());
+    crate::commands::remember_last(instance.id());
     if let Err(e) = redirect_output(&dir.join("sandbox.log")) {
         tracing::warn!("cannot write {}: {e}", dir.join("sandbox.log").display());
     }
@@ -111,17 +95,26 @@ pub fn serve(mut builder: SandboxBuilder, command: Option<Exec>, timeout: Option
             let _ = on_signal.send(Stop::Signal(sig));
         }
     });
-    if let Some(exec) = command {
-        let agent = instance.agent();
+    // The command, as the image's config makes it (none: the sandbox just runs).
+    let has_command = !command.argv().is_empty()
+        || instance.state().image_config.as_ref().is_some_and(|c| !c.argv(&[]).is_empty());
+    if has_command {
         let log = dir.join("output.log");
-        std::thread::spawn(move || {
-            let result = (|| {
-                let mut out = std::fs::File::create(&log).map_err(|e| sandbox::Error::Io(format!("create {}", log.display()), e))?;
-                let mut err = out.try_clone().map_err(|e| sandbox::Error::Io("duplicate the output log".into(), e))?;
-                Ok(agent?.exec(exec, None, &mut out, &mut err)?)
-            })();
-            let _ = tx.send(Stop::CommandEnded(result));
-        });
+        let started = (|| {
+            let out = std::fs::File::create(&log).map_err(|e| sandbox::Error::Io(format!("create {}", log.display()), e))?;
+            let err = out.try_clone().map_err(|e| sandbox::Error::Io("duplicate the output log".into(), e))?;
+            instance.spawn(command.stdout_to(out).stderr_to(err))
+        })();
+        match started {
+            Ok(mut process) => {
+                std::thread::spawn(move || {
+                    let _ = tx.send(Stop::CommandEnded(process.wait()));
+                });
+            }
+            Err(e) => {
+                let _ = tx.send(Stop::CommandEnded(Err(e)));
+            }
+        }
     }
     let started = Instant::now();
     let reason = loop {
@@ -142,13 +135,11 @@ pub fn serve(mut builder: SandboxBuilder, command: Option<Exec>, timeout: Option
     };
     handle.close();
     tracing::info!(id = %instance.id(), "stopping: {reason}");
-    match instance.shutdown() {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("shutdown: {e}");
-            ExitCode::from(EXIT_SANDBOX_ERROR)
-        }
-    }
+    instance.shutdown().map_err(|e| {
+        tracing::error!("shutdown: {e}");
+        Failure::Sandbox(e.into())
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Point standard output and error at `log` (closing the pipes to the

@@ -6,10 +6,10 @@ use std::time::Duration;
 use clap::Args;
 use sandbox::verify::{self, VerifyConfig};
 
+use crate::exit::Outcome;
+
 /// Status when a check did not block (or could not be made).
 const EXIT_NOT_ISOLATED: u8 = 1;
-/// Status when the sandbox itself failed.
-const EXIT_SANDBOX_ERROR: u8 = 125;
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
@@ -52,25 +52,21 @@ pub struct VerifyArgs {
 
 /// The verification `args` ask for.
 fn config(args: &VerifyArgs) -> VerifyConfig {
-    VerifyConfig {
-        image: sandbox::Image::parse(&args.image),
-        profiles: args.profile.clone(),
-        corporate_profiles: args.corporate_profile.clone(),
-        net: sandbox::NetConfig {
-            dns_servers: args.dns_server.clone(),
-            allowed_networks: args.allow_net.clone(),
-            ..sandbox::NetConfig::default()
-        },
-        targets: args.target.clone(),
-        canary_name: args.canary_name.clone(),
-        host_port: args.host_port,
-        peer: !args.no_peer,
-        ..VerifyConfig::default()
-    }
+    let mut config = VerifyConfig::default();
+    config.image = sandbox::Image::parse(&args.image);
+    config.profiles.clone_from(&args.profile);
+    config.corporate_profiles.clone_from(&args.corporate_profile);
+    config.net.dns_servers.clone_from(&args.dns_server);
+    config.net.allowed_networks.clone_from(&args.allow_net);
+    config.targets.clone_from(&args.target);
+    config.canary_name.clone_from(&args.canary_name);
+    config.host_port = args.host_port;
+    config.peer = !args.no_peer;
+    config
 }
 
 /// Run the rounds; exit 0 only when every round was isolated.
-pub fn verify_isolation(args: VerifyArgs) -> ExitCode {
+pub fn verify_isolation(args: VerifyArgs) -> Outcome {
     let config = config(&args);
     let rounds = match (args.every, args.rounds) {
         (None, _) => 1,
@@ -101,7 +97,7 @@ pub fn verify_isolation(args: VerifyArgs) -> ExitCode {
             Err(err) => {
                 eprintln!("sandbox: verify-isolation round {round}: {err}");
                 if args.every.is_none() {
-                    return ExitCode::from(EXIT_SANDBOX_ERROR);
+                    return Ok(ExitCode::from(crate::exit::SANDBOX_ERROR));
                 }
                 all_isolated = false;
             }
@@ -110,11 +106,7 @@ pub fn verify_isolation(args: VerifyArgs) -> ExitCode {
             std::thread::sleep(every.saturating_sub(started.elapsed()));
         }
     }
-    if all_isolated {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(EXIT_NOT_ISOLATED)
-    }
+    Ok(if all_isolated { ExitCode::SUCCESS } else { ExitCode::from(EXIT_NOT_ISOLATED) })
 }
 
 fn unix_now() -> u64 {

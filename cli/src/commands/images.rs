@@ -1,6 +1,8 @@
 //! `sandbox pull | images | rmi | prune`: the OCI image cache from the command line.
 
 use std::process::ExitCode;
+
+use crate::exit::Outcome;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -52,7 +54,7 @@ fn pull_options(progress: bool) -> anyhow::Result<PullOptions> {
     Ok(PullOptions { progress, max_cache_bytes: Some(cache_max()?), ..PullOptions::default() })
 }
 
-pub(crate) fn main(cmd: ImagesCommand) -> anyhow::Result<ExitCode> {
+pub(crate) fn images(cmd: ImagesCommand) -> Outcome {
     let store = sandbox::image_store();
     match cmd {
         ImagesCommand::Pull(args) => {

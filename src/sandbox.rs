@@ -1,4 +1,6 @@
-//! The sandboxes on this machine, running or not.
+//! A sandbox on this machine, running or not: [`Sandbox`], the one handle
+//! for driving it, whether this process holds its VM ([`crate::Instance`]
+//! derefs to it) or another one does.
 //!
 //! Every sandbox's private directory (`<data dir>/sandboxes/<id>/`) holds a
 //! `state.json` written when it boots: what it runs, and which host process
@@ -7,24 +9,25 @@
 //! `vsock.sock` exists. Any process can then drive it through that socket:
 //! run commands, copy files, stop it.
 
-use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use guest_protocol::agent::Exec;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::AgentConn;
-use crate::{paths, Error};
 
-/// The command-line flag that marks the background process of `run -d`.
-pub const BACKGROUND_FLAG: &str = "--detached-child";
+use crate::events::Events;
+use crate::process::{Collect, Collected, Process};
+use crate::command::{Command, Output, OutputSink};
+use crate::{paths, Error, Image, SandboxBuilder, Status};
 
 /// How long to wait for the agent to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What `state.json` records.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct SandboxState {
     pub id: String,
     /// The image as it was named.
@@ -39,6 +42,15 @@ pub struct SandboxState {
     /// since boot (field 22 of `/proc/<pid>/stat`).
     pub pid: u32,
     pub pid_start: u64,
+    /// The holder is a process that exists only to hold this sandbox (the
+    /// background process of `sandbox run -d`): [`Sandbox::stop`] may kill
+    /// it. An application embedding the library is never signalled.
+    #[serde(default)]
+    pub detached: bool,
+    /// The OCI image's run settings (environment, directory, user), which
+    /// every command gets unless it sets its own.
+    #[serde(default)]
+    pub image_config: Option<sandbox_rootfs::ImageConfig>,
 }
 
 impl SandboxState {
@@ -53,6 +65,8 @@ impl SandboxState {
             vcpus,
             pid,
             pid_start: process_start(pid).unwrap_or(0),
+            detached: false,
+            image_config: None,
         }
     }
 
@@ -80,28 +94,28 @@ pub fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric())
 }
 
-/// A sandbox on this machine, found by its id.
+/// A sandbox: run commands in it, copy files, follow its events, stop it.
+///
+/// Get one from [`crate::Instance`] (which derefs to it) after
+/// [`SandboxBuilder::start`], or find one that another process holds with
+/// [`Sandbox::find`] / [`Sandbox::list`]. Every method works the same way
+/// on both, through the sandbox's vsock socket.
 #[derive(Debug, Clone)]
-pub struct SandboxRef {
+pub struct Sandbox {
     dir: PathBuf,
     state: SandboxState,
 }
 
-/// Every sandbox with a `state.json`, newest first.
-pub fn list() -> Result<Vec<SandboxRef>, Error> {
-    list_in(&paths::sandboxes_dir())
-}
-
-fn list_in(root: &Path) -> Result<Vec<SandboxRef>, Error> {
+fn list_in(root: &Path) -> Result<Vec<Sandbox>, Error> {
     let entries = match std::fs::read_dir(root) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(Error::Io(format!("read {}", root.display()), e)),
     };
-    let mut found: Vec<SandboxRef> = entries
+    let mut found: Vec<Sandbox> = entries
         .flatten()
         .filter_map(|e| e.file_name().to_str().filter(|n| valid_id(n)).map(str::to_string))
-        .filter_map(|id| match SandboxRef::find_in(root, &id) {
+        .filter_map(|id| match find_in(root, &id) {
             Ok(s) => Some(s),
             Err(e) => {
                 tracing::debug!(%id, error = %e, "skipping a sandbox directory");
@@ -113,17 +127,8 @@ fn list_in(root: &Path) -> Result<Vec<SandboxRef>, Error> {
     Ok(found)
 }
 
-impl SandboxRef {
-    pub(crate) fn new(dir: PathBuf, state: SandboxState) -> Self {
-        SandboxRef { dir, state }
-    }
-
-    /// The sandbox `id`, or a unique prefix of one (as `docker` allows).
-    pub fn find(id: &str) -> Result<SandboxRef, Error> {
-        Self::find_in(&paths::sandboxes_dir(), id)
-    }
-
-    fn find_in(root: &Path, id: &str) -> Result<SandboxRef, Error> {
+/// The sandbox `id` (or a unique prefix of one) under `root`.
+fn find_in(root: &Path, id: &str) -> Result<Sandbox, Error> {
         if !valid_id(id) {
             return Err(Error::Config(format!("not a sandbox id: {id:?}")));
         }
@@ -149,7 +154,40 @@ impl SandboxRef {
         let bytes = std::fs::read(&path).map_err(|e| Error::Io(format!("read {}", path.display()), e))?;
         let state: SandboxState = serde_json::from_slice(&bytes)
             .map_err(|e| Error::Io(format!("parse {}", path.display()), std::io::Error::other(e)))?;
-        Ok(SandboxRef { dir, state })
+        Ok(Sandbox { dir, state })
+}
+
+impl Sandbox {
+    /// A sandbox booting `image`, with default resources and the `deny-all`
+    /// profile: configure it, then [`SandboxBuilder::start`] or
+    /// [`SandboxBuilder::run`].
+    pub fn builder(image: Image) -> SandboxBuilder {
+        SandboxBuilder::new(image)
+    }
+
+    pub(crate) fn new(dir: PathBuf, state: SandboxState) -> Self {
+        Sandbox { dir, state }
+    }
+
+    /// The sandbox `id`, or a unique prefix of one (as `docker` allows), in
+    /// the default data directory ([`paths::data_dir`]).
+    pub fn find(id: &str) -> Result<Sandbox, Error> {
+        Self::find_in(&paths::data_dir(), id)
+    }
+
+    /// [`Self::find`] in the data directory `data_dir`.
+    pub fn find_in(data_dir: &Path, id: &str) -> Result<Sandbox, Error> {
+        find_in(&paths::sandboxes_in(data_dir), id)
+    }
+
+    /// Every sandbox in the default data directory, newest first.
+    pub fn list() -> Result<Vec<Sandbox>, Error> {
+        Self::list_in(&paths::data_dir())
+    }
+
+    /// [`Self::list`] in the data directory `data_dir`.
+    pub fn list_in(data_dir: &Path) -> Result<Vec<Sandbox>, Error> {
+        list_in(&paths::sandboxes_in(data_dir))
     }
 
     pub fn id(&self) -> &str {
@@ -180,13 +218,11 @@ impl SandboxRef {
         self.state.pid != 0 && process_start(self.state.pid) == Some(self.state.pid_start)
     }
 
-    /// Is the holder the background process of `sandbox run -d` (and not,
-    /// say, an application embedding the library, which must not be
+    /// Is the holder a process that exists only to hold this sandbox (and
+    /// not, say, an application embedding the library, which must not be
     /// signalled)?
     fn held_in_background(&self) -> bool {
-        std::fs::read(format!("/proc/{}/cmdline", self.state.pid))
-            .is_ok_and(|c| c.split(|&b| b == 0).any(|arg| arg == BACKGROUND_FLAG.as_bytes()))
-            && self.holder_alive()
+        self.state.detached && self.holder_alive()
     }
 
     fn require_running(&self) -> Result<(), Error> {
@@ -198,20 +234,79 @@ impl SandboxRef {
     }
 
     /// A new connection to the guest agent.
-    pub fn agent(&self) -> Result<AgentConn, Error> {
+    pub(crate) fn agent(&self) -> Result<AgentConn, Error> {
         self.require_running()?;
         Ok(AgentConn::connect(&self.dir.join("vsock.sock"), CONNECT_TIMEOUT)?)
     }
 
-    /// Run a command; see [`AgentConn::exec`].
-    pub fn exec(
+    /// Start `command` and return it running. With an OCI image, the
+    /// image's environment, directory and user apply (see [`Command`]).
+    pub fn spawn(&self, command: Command) -> Result<Process, Error> {
+        let mut exec = command.to_exec(self.state.image_config.as_ref())?;
+        if command.terminal {
+            exec.tty = Some(crate::terminal::attach_size()?);
+        }
+        let Command { stdin, stdout, stderr, terminal, .. } = command;
+        let process = Process::start(self.agent()?, exec, stdin, stdout, stderr)?;
+        if terminal {
+            let attached = crate::terminal::attach(process.control())?;
+            return Ok(process.with_terminal(attached));
+        }
+        Ok(process)
+    }
+
+    /// Run `command` to its end and collect its output (up to its
+    /// [`Command::output_limit`]; streams given to `stdout_to`/`stderr_to`
+    /// get everything instead). Past its [`Command::timeout`] the command
+    /// is killed and the status is [`Status::TimedOut`].
+    pub fn output(&self, command: Command) -> Result<Output, Error> {
+        self.collect(command, |process| process.kill())
+    }
+
+    /// [`Self::output`], doing `on_timeout` when the command's timeout passes.
+    pub(crate) fn collect(
         &self,
-        exec: Exec,
-        stdin: Option<Box<dyn Read + Send>>,
-        stdout: &mut dyn Write,
-        stderr: &mut dyn Write,
-    ) -> Result<i32, Error> {
-        Ok(self.agent()?.exec(exec, stdin, stdout, stderr)?)
+        mut command: Command,
+        on_timeout: impl FnOnce(&Process) -> Result<(), Error>,
+    ) -> Result<Output, Error> {
+        let out = Arc::new(Mutex::new(Collected::new(command.output_limit)));
+        let err = Arc::new(Mutex::new(Collected::new(command.output_limit)));
+        let timeout = command.timeout;
+        if matches!(command.stdout, OutputSink::Piped) {
+            command = command.stdout_to(Collect(Arc::clone(&out)));
+        }
+        if matches!(command.stderr, OutputSink::Piped) {
+            command = command.stderr_to(Collect(Arc::clone(&err)));
+        }
+        let mut process = self.spawn(command)?;
+        let status = match timeout {
+            None => Status::Exited(process.wait()?),
+            Some(t) => match process.wait_timeout(t)? {
+                Some(code) => Status::Exited(code),
+                None => {
+                    on_timeout(&process)?;
+                    // Ends with the status, or with an error if the VM was stopped.
+                    let _ = process.wait();
+                    Status::TimedOut
+                }
+            },
+        };
+        let take = |c: &Arc<Mutex<Collected>>| c.lock().map(|mut c| std::mem::take(&mut *c)).unwrap_or_default();
+        let (out, err) = (take(&out), take(&err));
+        Ok(Output {
+            status,
+            stdout: out.bytes,
+            stderr: err.bytes,
+            stdout_truncated: out.truncated,
+            stderr_truncated: err.truncated,
+        })
+    }
+
+    /// The sandbox's events as they are recorded in its `session.db`: every
+    /// DNS query, connection and model call, oldest first, then new ones as
+    /// they come, until the sandbox has stopped.
+    pub fn events(&self) -> Result<Events, Error> {
+        Events::open(self.clone())
     }
 
     /// Copy the local file `src` to `dst` in the guest, keeping its mode.
@@ -293,7 +388,6 @@ impl SandboxRef {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use std::os::unix::net::UnixListener;
 
     use super::*;
@@ -325,7 +419,7 @@ mod tests {
         std::fs::create_dir(root.path().join("bbbb")).unwrap();
         std::fs::write(root.path().join("last"), "aaaa1111").unwrap();
         let all = list_in(root.path()).unwrap();
-        let ids: Vec<&str> = all.iter().map(SandboxRef::id).collect();
+        let ids: Vec<&str> = all.iter().map(Sandbox::id).collect();
         assert_eq!(ids, ["aaaa1111", "aaaa2222"]);
 
         // Running needs the live holder and a VMM listening on the socket.
@@ -340,11 +434,11 @@ mod tests {
         drop(vmm);
         assert!(!all[0].is_running());
 
-        assert_eq!(SandboxRef::find_in(root.path(), "aaaa2").unwrap().id(), "aaaa2222");
-        let err = SandboxRef::find_in(root.path(), "aaaa").unwrap_err().to_string();
+        assert_eq!(find_in(root.path(), "aaaa2").unwrap().id(), "aaaa2222");
+        let err = find_in(root.path(), "aaaa").unwrap_err().to_string();
         assert!(err.contains("more than one"), "{err}");
-        assert!(matches!(SandboxRef::find_in(root.path(), "cccc"), Err(Error::NoSuchSandbox(_))));
-        assert!(SandboxRef::find_in(root.path(), "../etc").is_err());
+        assert!(matches!(find_in(root.path(), "cccc"), Err(Error::NoSuchSandbox(_))));
+        assert!(find_in(root.path(), "../etc").is_err());
     }
 
     /// A VMM stand-in that takes connections and drops them (so the agent
@@ -362,7 +456,7 @@ mod tests {
         let me = std::process::id();
         let dir = write_state(root.path(), "app01", me, process_start(me).unwrap(), 1);
         unresponsive_vmm(&dir.join("vsock.sock"));
-        let held = SandboxRef::find_in(root.path(), "app01").unwrap();
+        let held = find_in(root.path(), "app01").unwrap();
         let err = held.remove(false).unwrap_err().to_string();
         assert!(err.contains("is running"), "{err}");
         let err = held.stop(Duration::from_millis(300)).unwrap_err().to_string();
@@ -372,25 +466,18 @@ mod tests {
         held.remove(false).unwrap();
         assert!(!dir.exists());
 
-        // A background holder is killed after the timeout.
-        let mut child = std::process::Command::new("sh")
-            // `; :` keeps the shell (with the flag in its argv) from
-            // replacing itself with sleep.
-            .args(["-c", "sleep 30; :", BACKGROUND_FLAG])
-            .spawn()
-            .unwrap();
+        // A background holder (its state file says so) is killed after the timeout.
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
         let pid = child.id();
         let start = process_start(pid).unwrap();
         let reaper = std::thread::spawn(move || child.wait().unwrap());
         let dir = write_state(root.path(), "bg01", pid, start, 1);
+        let mut state = find_in(root.path(), "bg01").unwrap().state;
+        state.detached = true;
+        state.save(&dir).unwrap();
         unresponsive_vmm(&dir.join("vsock.sock"));
-        let background = SandboxRef::find_in(root.path(), "bg01").unwrap();
-        // Until the child has called exec, its command line is this test's.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !background.held_in_background() {
-            assert!(Instant::now() < deadline, "the shell never showed the flag");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let background = find_in(root.path(), "bg01").unwrap();
+        assert!(background.held_in_background());
         background.stop(Duration::from_millis(300)).unwrap();
         assert!(!reaper.join().unwrap().success(), "the holder was killed");
         background.remove(false).unwrap();

@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
-use sandbox_policy::{Asker, Event};
+use sandbox::policy::{Asker, Event};
 
 /// How often a waiting question checks whether it was cancelled.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -290,7 +290,7 @@ mod tests {
     use std::os::unix::net::UnixStream;
     use std::time::Instant;
 
-    use sandbox_policy::{Decision, Engine, Layer, Policy, ProfileSource};
+    use sandbox::policy::{Decision, Engine, Layer, Policy, ProfileSource};
 
     use super::*;
 

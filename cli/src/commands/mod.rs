@@ -1,0 +1,80 @@
+//! One module per command.
+
+use clap::Subcommand;
+
+use crate::exit::Outcome;
+
+mod ca;
+mod cp;
+mod exec;
+mod images;
+mod logs;
+mod policy;
+mod ps;
+mod rm;
+pub mod run;
+mod stop;
+mod verify_isolation;
+
+pub use logs::remember_last;
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a sandbox, run a command in it, and exit with the command's status
+    /// (with -d: leave it running and print its id).
+    Run(Box<run::RunArgs>),
+    /// Run a command in a running sandbox.
+    Exec(exec::ExecArgs),
+    /// Copy a file into or out of a running sandbox: `cp <id>:<path> <local>` or `cp <local> <id>:<path>`.
+    Cp(cp::CpArgs),
+    /// List running sandboxes (-a: all).
+    Ps(ps::PsArgs),
+    /// Stop running sandboxes (the guest powers off).
+    Stop(stop::StopArgs),
+    /// Delete sandboxes and their logs.
+    Rm(rm::RmArgs),
+    /// Print what a sandbox's guest tried to reach (its session.db).
+    Logs(logs::LogsArgs),
+    /// Check profiles, or explain a decision.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
+    /// Manage the sandbox CA that signs the certificates guests see.
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
+    #[command(flatten)]
+    Images(images::ImagesCommand),
+    /// Boot a canary sandbox and prove from outside that nothing gets out of it.
+    VerifyIsolation(verify_isolation::VerifyArgs),
+}
+
+impl Command {
+    /// Is this the process that holds a `run -d` sandbox?
+    pub fn is_holder(&self) -> bool {
+        matches!(self, Command::Run(args) if args.holder)
+    }
+}
+
+/// Run `command`.
+pub fn run(command: Command) -> Outcome {
+    match command {
+        Command::Run(args) => run::run(*args),
+        Command::Exec(args) => exec::exec(args),
+        Command::Cp(args) => cp::cp(args),
+        Command::Ps(args) => ps::ps(args),
+        Command::Stop(args) => stop::stop(args),
+        Command::Rm(args) => rm::rm(args),
+        Command::Logs(args) => logs::logs(args),
+        Command::Policy(cmd) => policy::policy(cmd),
+        Command::Ca(cmd) => ca::ca(cmd),
+        Command::Images(cmd) => images::images(cmd),
+        Command::VerifyIsolation(args) => verify_isolation::verify_isolation(args),
+    }
+}
+
+/// `KEY=VALUE`, for `-e`.
+pub fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}

@@ -1,0 +1,182 @@
+//! `sandbox run`: boot a sandbox, run a command in it, exit with its status
+//! (with `-d`, see [`crate::holder`]).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use sandbox::policy::{Engine, Layer, Policy, ProfileSource};
+use sandbox::{Command, Image, NetConfig, Sandbox, SandboxBuilder, Status};
+
+use crate::ask::{GatedWriter, OutputGate, TerminalAsker};
+use crate::exit::{guest_status, Failure, Outcome, SandboxFailure, TIMEOUT};
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Guest RAM in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    memory: u32,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u8,
+    /// Stop the sandbox after this many seconds (exit status 124).
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+    /// Set an environment variable in the guest (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE", value_parser = super::parse_env)]
+    env: Vec<(String, String)>,
+    /// Working directory of the command in the guest (default: the image's, else /).
+    #[arg(short = 'w', long, value_name = "DIR")]
+    workdir: Option<String>,
+    /// Run the command as this guest user.
+    #[arg(short = 'u', long, value_name = "USER")]
+    user: Option<String>,
+    /// Pass this process's standard input to the command.
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Run the command on a terminal (with -i: an interactive session, as `docker run -it`).
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Leave the sandbox running in the background and print its id; the
+    /// command, if given, runs with its output in the sandbox's output.log,
+    /// and the sandbox stops when it ends.
+    #[arg(short = 'd', long, conflicts_with_all = ["interactive", "tty"])]
+    detach: bool,
+    /// Marks the process that holds a `run -d` sandbox (started by `run -d` itself).
+    #[arg(long = "holder", hide = true)]
+    pub holder: bool,
+    /// Policy profile: a TOML file or a built-in name (`deny-all`, `dev`); repeatable.
+    #[arg(long, value_name = "PROFILE")]
+    profile: Vec<String>,
+    /// A corporate profile (its locks bind every --profile).
+    #[arg(long, value_name = "FILE")]
+    corporate_profile: Vec<PathBuf>,
+    /// Let guests reach this internal network (CIDR), e.g. 127.0.0.1/32 for a local upstream.
+    #[arg(long, value_name = "CIDR")]
+    allow_net: Vec<ipnet::IpNet>,
+    /// Upstream DNS server (IP:PORT); default: the host's resolv.conf.
+    #[arg(long, value_name = "ADDR")]
+    dns_server: Vec<std::net::SocketAddr>,
+    /// Trust this PEM root for upstream TLS, beside the system roots.
+    #[arg(long, value_name = "FILE")]
+    upstream_ca: Vec<PathBuf>,
+    /// Reach every upstream through this HTTP proxy (`CONNECT`), e.g. http://proxy.corp:3128.
+    #[arg(long, value_name = "URL", value_parser = sandbox::UpstreamProxy::parse)]
+    upstream_proxy: Option<sandbox::UpstreamProxy>,
+    /// Basic credentials for the upstream proxy: the name of a secret (an
+    /// environment variable) whose value is `user:password`.
+    #[arg(long, value_name = "SECRET", requires = "upstream_proxy")]
+    upstream_proxy_secret: Option<String>,
+    /// Show the guest kernel's console log on stderr.
+    #[arg(long)]
+    console: bool,
+    /// `default`, the path of an erofs or ext4 image file, or an OCI image
+    /// (`python:3.12-slim`, `oci:<dir>[:tag]`, `docker-archive:<file>`).
+    image: String,
+    /// The command and its arguments (optional with -d; for an OCI image:
+    /// default its Cmd, after its Entrypoint).
+    #[arg(last = true, value_name = "CMD")]
+    cmd: Vec<String>,
+}
+
+/// The policy for `run`: the profiles in their layers (default `deny-all`),
+/// asking on the terminal when there is one (no answer in time: block).
+fn load_policy(args: &RunArgs) -> Result<Policy, sandbox::policy::ProfileError> {
+    let mut layers: Vec<(Layer, ProfileSource)> =
+        args.corporate_profile.iter().map(|f| (Layer::Corporate, ProfileSource::File(f.clone()))).collect();
+    layers.extend(args.profile.iter().map(|p| (Layer::User, ProfileSource::from_arg(p))));
+    let engine = if layers.is_empty() { Engine::builtin("deny-all")? } else { Engine::load_layers(&layers)? };
+    Ok(if std::fs::File::open("/dev/tty").is_ok() {
+        Policy::with_asker(engine, Arc::new(TerminalAsker::tty()), sandbox::policy::DEFAULT_ASK_TIMEOUT)
+    } else {
+        Policy::new(engine)
+    })
+}
+
+/// The network handlers' settings from the command line.
+fn net_config(args: &RunArgs) -> Result<NetConfig, Failure> {
+    let mut upstream_proxy = args.upstream_proxy.clone();
+    if let (Some(proxy), Some(secret)) = (&mut upstream_proxy, &args.upstream_proxy_secret) {
+        match std::env::var(secret) {
+            Ok(credentials) if credentials.contains(':') => proxy.credentials = Some(credentials),
+            _ => return Err(Failure::Sandbox(anyhow::anyhow!("--upstream-proxy-secret {secret}: set ${secret} to user:password"))),
+        }
+    }
+    let mut net = NetConfig::default();
+    net.dns_servers.clone_from(&args.dns_server);
+    net.extra_root_files.clone_from(&args.upstream_ca);
+    net.allowed_networks.clone_from(&args.allow_net);
+    net.upstream_proxy = upstream_proxy;
+    net.system_roots = true;
+    Ok(net)
+}
+
+/// The sandbox and the command `args` describe.
+fn prepare(args: &RunArgs) -> Result<(SandboxBuilder, Command), Failure> {
+    let policy = load_policy(args).or_sandbox_failure()?;
+    let net = net_config(args)?;
+    let image = Image::parse(&args.image);
+    if args.cmd.is_empty() && !args.detach && !matches!(image, Image::Oci(_)) {
+        return Err(Failure::Usage("this image needs a command: sandbox run [OPTIONS] <IMAGE> -- <CMD>...".into()));
+    }
+    super::images::prepare(&image).or_sandbox_failure()?;
+    let mut builder = Sandbox::builder(image).memory_mib(args.memory).vcpus(args.cpus).net_config(net).policy(policy);
+    if args.console {
+        // The console is guest output too: it waits while a question is asked.
+        builder = builder.console(GatedWriter::new(std::io::stderr(), OutputGate::terminal()));
+    }
+    let mut command = Command::from_argv(args.cmd.clone()).image_entrypoint();
+    for (k, v) in &args.env {
+        command = command.env(k, v);
+    }
+    if let Some(user) = &args.user {
+        command = command.user(user);
+    }
+    if let Some(dir) = &args.workdir {
+        command = command.cwd(dir);
+    }
+    Ok((builder, command))
+}
+
+pub fn run(args: RunArgs) -> Outcome {
+    if args.detach && !args.holder {
+        return crate::holder::start();
+    }
+    let (builder, mut command) = prepare(&args)?;
+    let timeout = args.timeout.map(Duration::from_secs);
+    if args.holder {
+        return crate::holder::serve(builder.detached(true).label(args.cmd.clone()), command, timeout);
+    }
+    // Guest output waits while an `ask` question is on the terminal.
+    let gate = OutputGate::terminal();
+    let stdout = GatedWriter::new(std::io::stdout(), Arc::clone(&gate));
+    command = if args.tty && args.interactive {
+        command.attach_terminal().stdout_to(stdout)
+    } else {
+        if args.tty {
+            command = command.tty(sandbox::terminal::stdout_size());
+        } else if args.interactive {
+            command = command.stdin_from(std::io::stdin());
+        }
+        command.stdout_to(stdout).stderr_to(GatedWriter::new(std::io::stderr(), gate))
+    };
+    if let Some(timeout) = timeout {
+        command = command.timeout(timeout);
+    }
+    let out = builder.run(command).or_sandbox_failure()?;
+    tracing::info!(id = %out.id, session_db = %out.session_db.display(), boot = ?out.boot_time, "sandbox finished");
+    if std::io::stderr().is_terminal() {
+        tracing::debug!("logs: sandbox logs {}", out.id);
+    }
+    super::remember_last(&out.id);
+    match out.status {
+        Status::Exited(code) => Ok(guest_status(code)),
+        Status::TimedOut => {
+            eprintln!("sandbox: the command did not finish within {}s; the sandbox was stopped", args.timeout.unwrap_or(0));
+            Ok(ExitCode::from(TIMEOUT))
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! `sandbox`: the command-line interface. Each command is a module of
+//! `commands`; exit statuses are decided in `exit`.
+
+mod ask;
+mod commands;
+mod exit;
+mod holder;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(name = "sandbox", version, about = "Run untrusted code in a KVM microVM whose network egress is decided by policy")]
+struct Cli {
+    #[command(subcommand)]
+    command: commands::Command,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The process holding a `run -d` sandbox writes a log file: say more there.
+    let holder = cli.command.is_holder();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SANDBOX_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if holder { "info" } else { "warn" })),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal() && !holder)
+        .init();
+    exit::report(commands::run(cli.command))
+}
