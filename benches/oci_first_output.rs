@@ -14,7 +14,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sandbox::{Image, Sandbox, Status};
+use sandbox::{Command, Image, Sandbox, Status};
 use sandbox_rootfs::fixtures::{ImageBuilder, LayerBuilder};
 
 /// Records when the first byte arrives.
@@ -39,9 +39,7 @@ fn time_to_first_output(image: Image) -> (Duration, Duration) {
     let start = Instant::now();
     let run = Sandbox::builder(image)
         .memory_mib(128)
-        .timeout(Duration::from_secs(600))
-        .stdout(first.clone())
-        .run(["sh", "-c", "echo first"])
+        .run(Command::from_argv(["sh", "-c", "echo first"]).timeout(Duration::from_secs(600)).stdout_to(first.clone()))
         .unwrap();
     assert_eq!(run.status, Status::Exited(0), "{}", String::from_utf8_lossy(&run.console));
     let at = first.0.lock().unwrap().unwrap();

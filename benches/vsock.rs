@@ -15,10 +15,9 @@
 
 use std::io::{BufRead, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use sandbox::{Exec, Image, Instance, Sandbox};
+use sandbox::{Command, Image, Instance, Sandbox};
 
 const CHUNK: usize = 64 * 1024;
 
@@ -42,9 +41,9 @@ fn mb_per_s(bytes: usize, took: Duration) -> f64 {
     bytes as f64 / 1e6 / took.as_secs_f64().max(1e-9)
 }
 
-fn exec(instance: &Instance, argv: &[&str], stdout: &mut dyn Write) -> i32 {
-    let exec = Exec { argv: argv.iter().map(|s| s.to_string()).collect(), env: vec![], cwd: "/".into(), user: None, tty: None };
-    instance.exec(exec, None, stdout, &mut std::io::stderr()).unwrap()
+fn exec(instance: &Instance, argv: &[&str], stdout: impl Write + Send + 'static) -> i32 {
+    let command = Command::from_argv(argv.iter().copied()).stdout_to(stdout).stderr_to(std::io::stderr());
+    instance.spawn(command).unwrap().wait().unwrap()
 }
 
 /// A Unix socket pair copying `bytes` from one thread to another.
@@ -71,44 +70,20 @@ fn guest_to_host(instance: &Instance, bytes: usize) -> Duration {
         let (mut stream, _) = listener.accept().unwrap();
         drain(&mut stream)
     });
-    let status = exec(instance, &["vsock-stream", "send", "6100", "--bytes", &bytes.to_string()], &mut std::io::sink());
+    let status = exec(instance, &["vsock-stream", "send", "6100", "--bytes", &bytes.to_string()], std::io::sink());
     assert_eq!(status, 0);
     let (took, total) = sink.join().unwrap();
     assert_eq!(total, bytes);
     took
 }
 
-/// Sends each line written to it down a channel.
-struct Lines(mpsc::Sender<String>, Vec<u8>);
-
-impl Write for Lines {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.1.extend_from_slice(buf);
-        while let Some(end) = self.1.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.1.drain(..=end).collect();
-            let _ = self.0.send(String::from_utf8_lossy(&line).trim().to_string());
-        }
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn host_to_guest(instance: &Instance, bytes: usize) -> Duration {
-    let (tx, rx) = mpsc::channel();
-    let agent = instance.agent().unwrap();
-    let server = std::thread::spawn(move || {
-        let exec = Exec {
-            argv: ["vsock-stream", "serve", "6101", "--bytes", &bytes.to_string()].iter().map(|s| s.to_string()).collect(),
-            env: vec![],
-            cwd: "/".into(),
-            user: None,
-            tty: None,
-        };
-        agent.exec(exec, None, &mut Lines(tx, Vec::new()), &mut std::io::stderr()).unwrap()
-    });
-    assert_eq!(rx.recv_timeout(Duration::from_secs(120)).unwrap(), "listening on 6101");
+    let mut server = instance
+        .spawn(Command::new("vsock-stream").args(["serve", "6101", "--bytes", &bytes.to_string()]).stderr_to(std::io::stderr()))
+        .unwrap();
+    let mut announced = String::new();
+    std::io::BufReader::new(server.take_stdout().unwrap()).read_line(&mut announced).unwrap();
+    assert_eq!(announced.trim(), "listening on 6101");
     let mut stream = UnixStream::connect(instance.dir().join("vsock.sock")).unwrap();
     stream.write_all(b"CONNECT 6101\n").unwrap();
     let mut reader = std::io::BufReader::new(stream);
@@ -117,7 +92,7 @@ fn host_to_guest(instance: &Instance, bytes: usize) -> Duration {
     assert!(ok.starts_with("OK "), "{ok:?}");
     let (took, total) = drain(&mut reader);
     assert_eq!(total, bytes);
-    assert_eq!(server.join().unwrap(), 0);
+    assert_eq!(server.wait().unwrap(), 0);
     took
 }
 
@@ -141,14 +116,14 @@ fn main() {
     // What the guest kernel copies per second with no device involved: every
     // vsock byte is copied at least once by guest kernel code.
     let t = Instant::now();
-    let status = exec(&instance, &["dd", "if=/dev/zero", "of=/dev/null", "bs=65536", &format!("count={}", bytes / 65536)], &mut std::io::sink());
+    let status = exec(&instance, &["dd", "if=/dev/zero", "of=/dev/null", "bs=65536", &format!("count={}", bytes / 65536)], std::io::sink());
     assert_eq!(status, 0);
     println!("{:<32} {:>10.2}", "guest kernel copy (dd, no I/O)", mb_per_s(bytes, t.elapsed()));
 
     let mut times: Vec<Duration> = (0..20)
         .map(|_| {
             let t = Instant::now();
-            assert_eq!(exec(&instance, &["true"], &mut std::io::sink()), 0);
+            assert_eq!(exec(&instance, &["true"], std::io::sink()), 0);
             t.elapsed()
         })
         .collect();

@@ -51,6 +51,7 @@ pub const DEFAULT_CANARY_NAME: &str = "canary.verify-isolation.invalid";
 
 /// What to verify, and with which sandbox settings.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct VerifyConfig {
     /// The canary's (and peer's) image.
     pub image: Image,

@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sandbox::{Image, Sandbox, Status};
+use sandbox::{Command as SandboxCommand, Image, Sandbox, Status};
 
 fn require_kvm() {
     let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
@@ -28,10 +28,12 @@ fn a_command_runs_with_its_arguments_environment_and_status() {
     let t = Instant::now();
     let run = Sandbox::builder(Image::Default)
         .memory_mib(128)
-        .env("GREETING", "hello world")
-        .cwd("/tmp")
-        .timeout(Duration::from_secs(300))
-        .run(["/bin/sh", "-c", script, "sh", "a b", "c"])
+        .run(
+            SandboxCommand::from_argv(["/bin/sh", "-c", script, "sh", "a b", "c"])
+                .env("GREETING", "hello world")
+                .cwd("/tmp")
+                .timeout(Duration::from_secs(300)),
+        )
         .unwrap();
     let out = String::from_utf8_lossy(&run.stdout);
     eprintln!(
@@ -53,8 +55,7 @@ fn a_missing_command_is_127_and_a_timeout_stops_the_vm() {
     require_kvm();
     let run = Sandbox::builder(Image::Default)
         .memory_mib(128)
-        .timeout(Duration::from_secs(300))
-        .run(["no-such-command"])
+        .run(SandboxCommand::new("no-such-command").timeout(Duration::from_secs(300)))
         .unwrap();
     assert_eq!(run.status, Status::Exited(127));
 

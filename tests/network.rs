@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sandbox::{Image, NetConfig, Sandbox, Status};
+use sandbox::{Command, Image, NetConfig, Sandbox, Status};
 use sandbox_net::fixtures::{HttpsUpstream, TestCa, TestDns};
 
 /// The "internet" address of the test names: a loopback address of its own,
@@ -286,24 +286,25 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     let profile = dir.path().join("profile.toml");
     std::fs::write(&profile, PROFILE).unwrap();
 
-    let net = NetConfig {
-        dns_servers: vec![dns.addr()],
-        extra_root_files: vec![ca_file.clone()],
-        allowed_networks: vec![format!("{UPSTREAM_IP}/32").parse().unwrap()],
-        system_roots: false,
-        // Where guest kernel code is emulated, a loaded machine can take longer
-        // than the default 10 s between a guest's connect and its ClientHello.
-        handshake_timeout: Duration::from_secs(120),
-        ..NetConfig::default()
-    };
+    let mut net = NetConfig::default();
+    net.dns_servers = vec![dns.addr()];
+    net.extra_root_files = vec![ca_file.clone()];
+    net.allowed_networks = vec![format!("{UPSTREAM_IP}/32").parse().unwrap()];
+    net.system_roots = false;
+    // Where guest kernel code is emulated, a loaded machine can take longer
+    // than the default 10 s between a guest's connect and its ClientHello.
+    net.handshake_timeout = Duration::from_secs(120);
     let run = Sandbox::builder(Image::Default)
         .memory_mib(256)
         .profile(profile.to_str().unwrap())
         .net_config(net)
-        .env("MB", mb.to_string())
-        .env("UPSTREAM_CA", ca.cert_pem())
-        .timeout(Duration::from_secs(3600 + 60 * mb))
-        .run(["/bin/sh", "-c", SCRIPT])
+        .run(
+            Command::new("/bin/sh")
+                .args(["-c", SCRIPT])
+                .env("MB", mb.to_string())
+                .env("UPSTREAM_CA", ca.cert_pem())
+                .timeout(Duration::from_secs(3600 + 60 * mb)),
+        )
         .unwrap();
     let out = String::from_utf8_lossy(&run.stdout);
     eprintln!(

@@ -61,9 +61,7 @@ fn a_pulled_image_runs_with_its_own_env_workdir_and_user() {
     "#;
     let run = Sandbox::builder(Image::parse(&reference))
         .memory_mib(128)
-        .env("OVERRIDDEN", "flag")
-        .timeout(Duration::from_secs(300))
-        .run(["sh", "-c", script])
+        .run(SandboxCommand::from_argv(["sh", "-c", script]).env("OVERRIDDEN", "flag").timeout(Duration::from_secs(300)))
         .unwrap();
     let out = String::from_utf8_lossy(&run.stdout);
     eprintln!("boot to agent: {:?}, whole run: {:?}\n--- output ---\n{out}", run.boot_time, run.total_time);

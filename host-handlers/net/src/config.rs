@@ -9,8 +9,10 @@ use ipnet::IpNet;
 use crate::ca::SandboxCa;
 use crate::proxy::UpstreamProxy;
 
-/// How the DNS and MITM handlers of one sandbox reach upstream.
+/// How the DNS and MITM handlers of one sandbox reach upstream. Start from
+/// `NetConfig::default()` and set the fields you need (more may come).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct NetConfig {
     /// Upstream DNS servers (UDP with TCP fallback). Empty: the host's `/etc/resolv.conf`.
     pub dns_servers: Vec<SocketAddr>,

@@ -66,13 +66,11 @@ async fn item2c_dns_bytes_held_per_connection_and_sandbox_are_bounded() {
     // The upstream resolver is never asked (every query waits on its ask);
     // it is a local socket nonetheless.
     let silent_upstream = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let config = NetConfig {
-        dns_servers: vec![silent_upstream.local_addr().unwrap()],
-        system_roots: false,
-        extra_root_files: vec![TestCa::new("unused upstream CA").unwrap().write_pem(dir.path(), "roots.pem").unwrap()],
-        ca_dir: dir.path().join("ca"),
-        ..NetConfig::default()
-    };
+    let mut config = NetConfig::default();
+    config.dns_servers = vec![silent_upstream.local_addr().unwrap()];
+    config.system_roots = false;
+    config.extra_root_files = vec![TestCa::new("unused upstream CA").unwrap().write_pem(dir.path(), "roots.pem").unwrap()];
+    config.ca_dir = dir.path().join("ca");
     let profile = "[security.rules.dns.ask_everything]\non = \"dns.request\"\ndecision = \"ask\"\n";
     let engine = Engine::builder()
         .profile(Layer::User, ProfileSource::Text { name: "ask.toml".into(), text: profile.into() })

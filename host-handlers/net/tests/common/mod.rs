@@ -165,17 +165,15 @@ impl Harness {
         let upstream_ca = TestCa::new("upstream test CA").unwrap();
         let upstream = HttpsUpstream::start(&upstream_ca, UPSTREAM_NAMES).await.unwrap();
 
-        let mut config = NetConfig {
-            dns_servers: vec![dns_fixture.addr()],
-            system_roots: false,
-            extra_root_files: vec![upstream_ca.write_pem(dir.path(), "upstream-ca.pem").unwrap()],
-            ca_dir: dir.path().join("ca"),
-            handshake_timeout: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(3),
-            response_timeout: Duration::from_secs(5),
-            dns_timeout: Duration::from_secs(2),
-            ..NetConfig::default()
-        };
+        let mut config = NetConfig::default();
+        config.dns_servers = vec![dns_fixture.addr()];
+        config.system_roots = false;
+        config.extra_root_files = vec![upstream_ca.write_pem(dir.path(), "upstream-ca.pem").unwrap()];
+        config.ca_dir = dir.path().join("ca");
+        config.handshake_timeout = Duration::from_secs(5);
+        config.connect_timeout = Duration::from_secs(3);
+        config.response_timeout = Duration::from_secs(5);
+        config.dns_timeout = Duration::from_secs(2);
         configure(&mut config);
 
         let engine = Engine::builder()
