@@ -32,3 +32,20 @@ fn main() -> ExitCode {
         .init();
     exit::report(commands::run(cli.command))
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+        let detached = Cli::try_parse_from(["sandbox", "run", "-d", "default"]).unwrap();
+        assert!(!detached.command.is_holder());
+        let holder = Cli::try_parse_from(["sandbox", "run", "--holder", "-d", "default"]).unwrap();
+        assert!(holder.command.is_holder());
+        assert!(Cli::try_parse_from(["sandbox", "run", "-d", "-t", "default"]).is_err());
+    }
+}

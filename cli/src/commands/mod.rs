@@ -1,6 +1,9 @@
 //! One module per command.
 
-use clap::Subcommand;
+use std::io::Write;
+
+use clap::{Args, Subcommand};
+use sandbox::Command as GuestCommand;
 
 use crate::exit::Outcome;
 
@@ -68,6 +71,63 @@ pub fn run(command: Command) -> Outcome {
         Command::Ca(cmd) => ca::ca(cmd),
         Command::Images(cmd) => images::images(cmd),
         Command::VerifyIsolation(args) => verify_isolation::verify_isolation(args),
+    }
+}
+
+/// How a command runs in the guest: what `run` and `exec` share.
+#[derive(Debug, Args)]
+pub struct ProcessArgs {
+    /// Set an environment variable in the guest (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Working directory of the command in the guest (default: the image's, else /).
+    #[arg(short = 'w', long, value_name = "DIR")]
+    workdir: Option<String>,
+    /// Run the command as this guest user.
+    #[arg(short = 'u', long, value_name = "USER")]
+    user: Option<String>,
+    /// Pass this process's standard input to the command.
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Run the command on a terminal (with -i: an interactive session, as `docker run -it`).
+    #[arg(short = 't', long)]
+    tty: bool,
+}
+
+impl ProcessArgs {
+    /// `command` with the environment, directory and user given here.
+    pub fn settings(&self, mut command: GuestCommand) -> GuestCommand {
+        for (k, v) in &self.env {
+            command = command.env(k, v);
+        }
+        if let Some(dir) = &self.workdir {
+            command = command.cwd(dir);
+        }
+        if let Some(user) = &self.user {
+            command = command.user(user);
+        }
+        command
+    }
+
+    /// `command` attached to this process as -i and -t say, its output
+    /// written to `stdout` and `stderr`.
+    pub fn streams(
+        &self,
+        command: GuestCommand,
+        stdout: impl Write + Send + 'static,
+        stderr: impl Write + Send + 'static,
+    ) -> GuestCommand {
+        if self.tty && self.interactive {
+            return command.attach_terminal().stdout_to(stdout);
+        }
+        let mut command = command.stdout_to(stdout).stderr_to(stderr);
+        if self.tty {
+            command = command.tty(sandbox::terminal::stdout_size());
+        }
+        if self.interactive {
+            command = command.stdin_from(std::io::stdin());
+        }
+        command
     }
 }
 

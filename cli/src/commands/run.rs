@@ -25,21 +25,8 @@ pub struct RunArgs {
     /// Stop the sandbox after this many seconds (exit status 124).
     #[arg(long, value_name = "SECS")]
     timeout: Option<u64>,
-    /// Set an environment variable in the guest (repeatable).
-    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE", value_parser = super::parse_env)]
-    env: Vec<(String, String)>,
-    /// Working directory of the command in the guest (default: the image's, else /).
-    #[arg(short = 'w', long, value_name = "DIR")]
-    workdir: Option<String>,
-    /// Run the command as this guest user.
-    #[arg(short = 'u', long, value_name = "USER")]
-    user: Option<String>,
-    /// Pass this process's standard input to the command.
-    #[arg(short = 'i', long)]
-    interactive: bool,
-    /// Run the command on a terminal (with -i: an interactive session, as `docker run -it`).
-    #[arg(short = 't', long)]
-    tty: bool,
+    #[command(flatten)]
+    process: super::ProcessArgs,
     /// Leave the sandbox running in the background and print its id; the
     /// command, if given, runs with its output in the sandbox's output.log,
     /// and the sandbox stops when it ends.
@@ -128,17 +115,7 @@ fn prepare(args: &RunArgs) -> Result<(SandboxBuilder, Command), Failure> {
         // The console is guest output too: it waits while a question is asked.
         builder = builder.console(GatedWriter::new(std::io::stderr(), OutputGate::terminal()));
     }
-    let mut command = Command::from_argv(args.cmd.clone()).image_entrypoint();
-    for (k, v) in &args.env {
-        command = command.env(k, v);
-    }
-    if let Some(user) = &args.user {
-        command = command.user(user);
-    }
-    if let Some(dir) = &args.workdir {
-        command = command.cwd(dir);
-    }
-    Ok((builder, command))
+    Ok((builder, args.process.settings(Command::from_argv(args.cmd.clone()).image_entrypoint())))
 }
 
 pub fn run(args: RunArgs) -> Outcome {
@@ -152,17 +129,11 @@ pub fn run(args: RunArgs) -> Outcome {
     }
     // Guest output waits while an `ask` question is on the terminal.
     let gate = OutputGate::terminal();
-    let stdout = GatedWriter::new(std::io::stdout(), Arc::clone(&gate));
-    command = if args.tty && args.interactive {
-        command.attach_terminal().stdout_to(stdout)
-    } else {
-        if args.tty {
-            command = command.tty(sandbox::terminal::stdout_size());
-        } else if args.interactive {
-            command = command.stdin_from(std::io::stdin());
-        }
-        command.stdout_to(stdout).stderr_to(GatedWriter::new(std::io::stderr(), gate))
-    };
+    command = args.process.streams(
+        command,
+        GatedWriter::new(std::io::stdout(), Arc::clone(&gate)),
+        GatedWriter::new(std::io::stderr(), gate),
+    );
     if let Some(timeout) = timeout {
         command = command.timeout(timeout);
     }
