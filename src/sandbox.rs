@@ -106,7 +106,8 @@ pub struct Sandbox {
     state: SandboxState,
 }
 
-fn list_in(root: &Path) -> Result<Vec<Sandbox>, Error> {
+/// Every sandbox under `root` (a sandboxes directory), newest first.
+fn list_under(root: &Path) -> Result<Vec<Sandbox>, Error> {
     let entries = match std::fs::read_dir(root) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -115,7 +116,7 @@ fn list_in(root: &Path) -> Result<Vec<Sandbox>, Error> {
     let mut found: Vec<Sandbox> = entries
         .flatten()
         .filter_map(|e| e.file_name().to_str().filter(|n| valid_id(n)).map(str::to_string))
-        .filter_map(|id| match find_in(root, &id) {
+        .filter_map(|id| match find_under(root, &id) {
             Ok(s) => Some(s),
             Err(e) => {
                 tracing::debug!(%id, error = %e, "skipping a sandbox directory");
@@ -128,7 +129,7 @@ fn list_in(root: &Path) -> Result<Vec<Sandbox>, Error> {
 }
 
 /// The sandbox `id` (or a unique prefix of one) under `root`.
-fn find_in(root: &Path, id: &str) -> Result<Sandbox, Error> {
+fn find_under(root: &Path, id: &str) -> Result<Sandbox, Error> {
         if !valid_id(id) {
             return Err(Error::Config(format!("not a sandbox id: {id:?}")));
         }
@@ -177,7 +178,7 @@ impl Sandbox {
 
     /// [`Self::find`] in the data directory `data_dir`.
     pub fn find_in(data_dir: &Path, id: &str) -> Result<Sandbox, Error> {
-        find_in(&paths::sandboxes_in(data_dir), id)
+        find_under(&paths::sandboxes_in(data_dir), id)
     }
 
     /// Every sandbox in the default data directory, newest first.
@@ -187,7 +188,7 @@ impl Sandbox {
 
     /// [`Self::list`] in the data directory `data_dir`.
     pub fn list_in(data_dir: &Path) -> Result<Vec<Sandbox>, Error> {
-        list_in(&paths::sandboxes_in(data_dir))
+        list_under(&paths::sandboxes_in(data_dir))
     }
 
     pub fn id(&self) -> &str {
@@ -418,7 +419,7 @@ mod tests {
         write_state(root.path(), "aaaa2222", me, 1, 10);
         std::fs::create_dir(root.path().join("bbbb")).unwrap();
         std::fs::write(root.path().join("last"), "aaaa1111").unwrap();
-        let all = list_in(root.path()).unwrap();
+        let all = list_under(root.path()).unwrap();
         let ids: Vec<&str> = all.iter().map(Sandbox::id).collect();
         assert_eq!(ids, ["aaaa1111", "aaaa2222"]);
 
@@ -434,11 +435,11 @@ mod tests {
         drop(vmm);
         assert!(!all[0].is_running());
 
-        assert_eq!(find_in(root.path(), "aaaa2").unwrap().id(), "aaaa2222");
-        let err = find_in(root.path(), "aaaa").unwrap_err().to_string();
+        assert_eq!(find_under(root.path(), "aaaa2").unwrap().id(), "aaaa2222");
+        let err = find_under(root.path(), "aaaa").unwrap_err().to_string();
         assert!(err.contains("more than one"), "{err}");
-        assert!(matches!(find_in(root.path(), "cccc"), Err(Error::NoSuchSandbox(_))));
-        assert!(find_in(root.path(), "../etc").is_err());
+        assert!(matches!(find_under(root.path(), "cccc"), Err(Error::NoSuchSandbox(_))));
+        assert!(find_under(root.path(), "../etc").is_err());
     }
 
     /// A VMM stand-in that takes connections and drops them (so the agent
@@ -456,7 +457,7 @@ mod tests {
         let me = std::process::id();
         let dir = write_state(root.path(), "app01", me, process_start(me).unwrap(), 1);
         unresponsive_vmm(&dir.join("vsock.sock"));
-        let held = find_in(root.path(), "app01").unwrap();
+        let held = find_under(root.path(), "app01").unwrap();
         let err = held.remove(false).unwrap_err().to_string();
         assert!(err.contains("is running"), "{err}");
         let err = held.stop(Duration::from_millis(300)).unwrap_err().to_string();
@@ -472,11 +473,11 @@ mod tests {
         let start = process_start(pid).unwrap();
         let reaper = std::thread::spawn(move || child.wait().unwrap());
         let dir = write_state(root.path(), "bg01", pid, start, 1);
-        let mut state = find_in(root.path(), "bg01").unwrap().state;
+        let mut state = find_under(root.path(), "bg01").unwrap().state;
         state.detached = true;
         state.save(&dir).unwrap();
         unresponsive_vmm(&dir.join("vsock.sock"));
-        let background = find_in(root.path(), "bg01").unwrap();
+        let background = find_under(root.path(), "bg01").unwrap();
         assert!(background.held_in_background());
         background.stop(Duration::from_millis(300)).unwrap();
         assert!(!reaper.join().unwrap().success(), "the holder was killed");
