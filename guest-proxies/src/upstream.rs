@@ -12,9 +12,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::Error;
 
-/// The host's CID, as every guest sees it.
-pub const HOST_CID: u32 = tokio_vsock::VMADDR_CID_HOST;
-
 /// How long a connection to the host may take before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
