@@ -23,7 +23,7 @@ use crate::registry::{SandboxRef, SandboxState};
 use crate::{paths, Error};
 
 /// The guest's vsock CID (see the module docs for why one value serves all).
-pub const GUEST_CID: u32 = 3;
+pub use guest_protocol::ports::GUEST_CID;
 /// How long a guest may take from power-on until its agent answers.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a guest may take to power off when asked.
@@ -94,7 +94,7 @@ impl Instance {
         private_dir(&dir)?;
         let state = SandboxState::new(&id, &config.image_name, &config.command, config.memory_mib, config.vcpus);
         state.save(&dir)?;
-        let session = SessionDb::open(&dir.join("session.db"))?;
+        let session = SessionDb::open(&dir.join(guest_protocol::sandbox_dir::SESSION_DB))?;
 
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -113,7 +113,7 @@ impl Instance {
         let console = Arc::new(Mutex::new(ConsoleState::default()));
         let started = Instant::now();
         let sink = ConsoleSink::new(started, Arc::clone(&console), None, config.console);
-        let uds = dir.join("vsock.sock");
+        let uds = dir.join(guest_protocol::sandbox_dir::VSOCK_SOCKET);
         let vm = vmm::Vm::create(vmm::VmConfig {
             kernel: config.kernel,
             cmdline: config.cmdline,
@@ -175,7 +175,7 @@ impl Instance {
 
     /// A new connection to the guest agent.
     pub fn agent(&self) -> Result<AgentConn, AgentError> {
-        AgentConn::connect(&self.dir.join("vsock.sock"), Duration::from_secs(30))
+        AgentConn::connect(&self.dir.join(guest_protocol::sandbox_dir::VSOCK_SOCKET), Duration::from_secs(30))
     }
 
     /// This sandbox as other processes see it (see [`crate::registry`]).
@@ -262,7 +262,7 @@ impl Instance {
             }
         }
         for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
-            if entry.file_name().to_string_lossy().starts_with("vsock.sock") {
+            if guest_protocol::sandbox_dir::is_vsock_socket_name(&entry.file_name()) {
                 let _ = std::fs::remove_file(entry.path());
             }
         }

@@ -353,7 +353,7 @@ fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
         args.id
     };
     anyhow::ensure!(id.chars().all(|c| c.is_ascii_alphanumeric()), "not a sandbox id: {id:?}");
-    let db = dir.join(&id).join("session.db");
+    let db = dir.join(&id).join(guest_protocol::sandbox_dir::SESSION_DB);
     anyhow::ensure!(db.is_file(), "no session database for sandbox {id} ({} does not exist)", db.display());
     let options = sandbox_telemetry::query::LogOptions {
         dns: args.dns,

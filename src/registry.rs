@@ -58,8 +58,8 @@ impl SandboxState {
 
     /// Write `state.json` into `dir` (atomically: a reader sees the old or the new file).
     pub(crate) fn save(&self, dir: &Path) -> Result<(), Error> {
-        let path = dir.join("state.json");
-        let tmp = dir.join("state.json.tmp");
+        let path = dir.join(guest_protocol::sandbox_dir::STATE_FILE);
+        let tmp = dir.join(guest_protocol::sandbox_dir::STATE_TMP_FILE);
         let json = serde_json::to_vec_pretty(self).map_err(|e| Error::Io("encode state.json".into(), e.into()))?;
         std::fs::write(&tmp, json)
             .and_then(|()| std::fs::rename(&tmp, &path))
@@ -128,7 +128,7 @@ impl SandboxRef {
             return Err(Error::Config(format!("not a sandbox id: {id:?}")));
         }
         let dir = root.join(id);
-        let dir = if dir.join("state.json").is_file() {
+        let dir = if dir.join(guest_protocol::sandbox_dir::STATE_FILE).is_file() {
             dir
         } else {
             let matches: Vec<PathBuf> = std::fs::read_dir(root)
@@ -137,7 +137,7 @@ impl SandboxRef {
                 .flatten()
                 .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(id)))
                 .map(|e| e.path())
-                .filter(|p| p.join("state.json").is_file())
+                .filter(|p| p.join(guest_protocol::sandbox_dir::STATE_FILE).is_file())
                 .collect();
             match matches.as_slice() {
                 [one] => one.clone(),
@@ -145,7 +145,7 @@ impl SandboxRef {
                 _ => return Err(Error::Config(format!("{id:?} is the start of more than one sandbox id; give more of it"))),
             }
         };
-        let path = dir.join("state.json");
+        let path = dir.join(guest_protocol::sandbox_dir::STATE_FILE);
         let bytes = std::fs::read(&path).map_err(|e| Error::Io(format!("read {}", path.display()), e))?;
         let state: SandboxState = serde_json::from_slice(&bytes)
             .map_err(|e| Error::Io(format!("parse {}", path.display()), std::io::Error::other(e)))?;
@@ -167,13 +167,13 @@ impl SandboxRef {
 
     /// Its `session.db`.
     pub fn session_db(&self) -> PathBuf {
-        self.dir.join("session.db")
+        self.dir.join(guest_protocol::sandbox_dir::SESSION_DB)
     }
 
     /// Is the VM running: its holder alive, and its VMM accepting
     /// connections on `vsock.sock`?
     pub fn is_running(&self) -> bool {
-        self.holder_alive() && std::os::unix::net::UnixStream::connect(self.dir.join("vsock.sock")).is_ok()
+        self.holder_alive() && std::os::unix::net::UnixStream::connect(self.dir.join(guest_protocol::sandbox_dir::VSOCK_SOCKET)).is_ok()
     }
 
     fn holder_alive(&self) -> bool {
@@ -200,7 +200,7 @@ impl SandboxRef {
     /// A new connection to the guest agent.
     pub fn agent(&self) -> Result<AgentConn, Error> {
         self.require_running()?;
-        Ok(AgentConn::connect(&self.dir.join("vsock.sock"), CONNECT_TIMEOUT)?)
+        Ok(AgentConn::connect(&self.dir.join(guest_protocol::sandbox_dir::VSOCK_SOCKET), CONNECT_TIMEOUT)?)
     }
 
     /// Run a command; see [`AgentConn::exec`].

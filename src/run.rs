@@ -373,7 +373,7 @@ impl SandboxBuilder {
             let _ = w.join();
         }
         let id = instance.id().to_string();
-        let session_db = instance.dir().join("session.db");
+        let session_db = instance.dir().join(guest_protocol::sandbox_dir::SESSION_DB);
         let boot_time = instance.boot_time();
         let status = match result {
             _ if timed_out.load(Ordering::SeqCst) => Status::TimedOut,

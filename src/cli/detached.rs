@@ -98,8 +98,8 @@ pub fn serve(mut builder: SandboxBuilder, command: Option<Exec>, timeout: Option
     println!("{}", instance.id());
     let _ = std::io::stdout().flush();
     crate::remember_last(instance.id());
-    if let Err(e) = redirect_output(&dir.join("sandbox.log")) {
-        tracing::warn!("cannot write {}: {e}", dir.join("sandbox.log").display());
+    if let Err(e) = redirect_output(&dir.join(guest_protocol::sandbox_dir::SANDBOX_LOG)) {
+        tracing::warn!("cannot write {}: {e}", dir.join(guest_protocol::sandbox_dir::SANDBOX_LOG).display());
     }
     tracing::info!(id = %instance.id(), "sandbox running in the background");
 
@@ -113,7 +113,7 @@ pub fn serve(mut builder: SandboxBuilder, command: Option<Exec>, timeout: Option
     });
     if let Some(exec) = command {
         let agent = instance.agent();
-        let log = dir.join("output.log");
+        let log = dir.join(guest_protocol::sandbox_dir::OUTPUT_LOG);
         std::thread::spawn(move || {
             let result = (|| {
                 let mut out = std::fs::File::create(&log).map_err(|e| sandbox::Error::Io(format!("create {}", log.display()), e))?;
