@@ -1,6 +1,8 @@
 //! The host end of a proxy: an AF_VSOCK address in the guest, a Unix socket in
 //! host-side tests (the VMM delivers guest connections to host port P on the
-//! Unix socket `<dir>/vsock.sock_P`, so a test can listen there directly).
+//! Unix socket `<dir>/vsock.sock_P`, see
+//! [`guest_protocol::sandbox_dir::SandboxDir::vsock_port_socket`], so a test
+//! can listen there directly).
 
 use std::fmt;
 use std::io;
