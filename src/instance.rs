@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use guest_protocol::ports::GUEST_CID;
+use guest_protocol::sandbox_dir::{is_vsock_socket_name, SandboxDir};
 use sandbox_net::{Handlers, NetConfig};
 use sandbox_telemetry::SessionDb;
 
@@ -20,8 +22,6 @@ use crate::console::{ConsoleSink, ConsoleState};
 use crate::sandbox::{Sandbox, SandboxState};
 use crate::{paths, Error};
 
-/// The guest's vsock CID (see the module docs for why one value serves all).
-pub const GUEST_CID: u32 = 3;
 /// How long a guest may take from power-on until its agent answers.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a guest may take to power off when asked.
@@ -101,21 +101,21 @@ impl Instance {
     /// Boot a sandbox and wait until its agent answers.
     pub(crate) fn start(config: InstanceConfig) -> Result<Instance, Error> {
         let id = new_id()?;
-        let dir = paths::sandboxes_in(&config.data_dir).join(&id);
-        private_dir(&dir)?;
+        let dir = SandboxDir::new(paths::sandboxes_in(&config.data_dir).join(&id));
+        private_dir(dir.path())?;
         let mut state = SandboxState::new(&id, &config.image_name, &config.label, config.memory_mib, config.vcpus);
         state.detached = config.detached;
         state.image_config = config.image_config;
         state.save(&dir)?;
-        let session = SessionDb::open(&dir.join("session.db"))?;
+        let session = SessionDb::open(&dir.session_db())?;
         let handlers = Handlers::new(config.net, config.policy, session.recorder())?;
         let ca_pem = handlers.ca().ca_cert_pem().to_string();
-        let handlers = HandlerHost::start(&id, &dir, handlers, session)?;
+        let handlers = HandlerHost::start(&id, dir.path(), handlers, session)?;
 
         let console = Arc::new(Mutex::new(ConsoleState::default()));
         let started = Instant::now();
         let sink = ConsoleSink::new(started, Arc::clone(&console), None, config.console);
-        let uds = dir.join("vsock.sock");
+        let uds = dir.vsock_socket();
         let vm = vmm::Vm::create(vmm::VmConfig {
             kernel: config.kernel,
             cmdline: config.cmdline,
@@ -233,7 +233,7 @@ impl Instance {
             }
         }
         for entry in std::fs::read_dir(self.dir()).into_iter().flatten().flatten() {
-            if entry.file_name().to_string_lossy().starts_with("vsock.sock") {
+            if is_vsock_socket_name(&entry.file_name()) {
                 let _ = std::fs::remove_file(entry.path());
             }
         }

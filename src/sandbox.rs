@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use guest_protocol::sandbox_dir::SandboxDir;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::AgentConn;
@@ -71,9 +72,9 @@ impl SandboxState {
     }
 
     /// Write `state.json` into `dir` (atomically: a reader sees the old or the new file).
-    pub(crate) fn save(&self, dir: &Path) -> Result<(), Error> {
-        let path = dir.join("state.json");
-        let tmp = dir.join("state.json.tmp");
+    pub(crate) fn save(&self, dir: &SandboxDir) -> Result<(), Error> {
+        let path = dir.state_file();
+        let tmp = dir.state_tmp_file();
         let json = serde_json::to_vec_pretty(self).map_err(|e| Error::Io("encode state.json".into(), e.into()))?;
         std::fs::write(&tmp, json)
             .and_then(|()| std::fs::rename(&tmp, &path))
@@ -102,7 +103,7 @@ pub fn valid_id(id: &str) -> bool {
 /// on both, through the sandbox's vsock socket.
 #[derive(Debug, Clone)]
 pub struct Sandbox {
-    dir: PathBuf,
+    dir: SandboxDir,
     state: SandboxState,
 }
 
@@ -133,17 +134,18 @@ fn find_under(root: &Path, id: &str) -> Result<Sandbox, Error> {
         if !valid_id(id) {
             return Err(Error::Config(format!("not a sandbox id: {id:?}")));
         }
-        let dir = root.join(id);
-        let dir = if dir.join("state.json").is_file() {
+        let dir = SandboxDir::new(root.join(id));
+        let dir = if dir.state_file().is_file() {
             dir
         } else {
-            let matches: Vec<PathBuf> = std::fs::read_dir(root)
+            let matches: Vec<SandboxDir> = std::fs::read_dir(root)
                 .into_iter()
                 .flatten()
                 .flatten()
                 .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(id)))
                 .map(|e| e.path())
-                .filter(|p| p.join("state.json").is_file())
+                .map(SandboxDir::new)
+                .filter(|d| d.state_file().is_file())
                 .collect();
             match matches.as_slice() {
                 [one] => one.clone(),
@@ -151,7 +153,7 @@ fn find_under(root: &Path, id: &str) -> Result<Sandbox, Error> {
                 _ => return Err(Error::Config(format!("{id:?} is the start of more than one sandbox id; give more of it"))),
             }
         };
-        let path = dir.join("state.json");
+        let path = dir.state_file();
         let bytes = std::fs::read(&path).map_err(|e| Error::Io(format!("read {}", path.display()), e))?;
         let state: SandboxState = serde_json::from_slice(&bytes)
             .map_err(|e| Error::Io(format!("parse {}", path.display()), std::io::Error::other(e)))?;
@@ -166,7 +168,7 @@ impl Sandbox {
         SandboxBuilder::new(image)
     }
 
-    pub(crate) fn new(dir: PathBuf, state: SandboxState) -> Self {
+    pub(crate) fn new(dir: SandboxDir, state: SandboxState) -> Self {
         Sandbox { dir, state }
     }
 
@@ -201,18 +203,18 @@ impl Sandbox {
 
     /// The sandbox's private directory.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.dir.path()
     }
 
     /// Its `session.db`.
     pub fn session_db(&self) -> PathBuf {
-        self.dir.join("session.db")
+        self.dir.session_db()
     }
 
     /// Is the VM running: its holder alive, and its VMM accepting
     /// connections on `vsock.sock`?
     pub fn is_running(&self) -> bool {
-        self.holder_alive() && std::os::unix::net::UnixStream::connect(self.dir.join("vsock.sock")).is_ok()
+        self.holder_alive() && std::os::unix::net::UnixStream::connect(self.dir.vsock_socket()).is_ok()
     }
 
     fn holder_alive(&self) -> bool {
@@ -237,7 +239,7 @@ impl Sandbox {
     /// A new connection to the guest agent.
     pub(crate) fn agent(&self) -> Result<AgentConn, Error> {
         self.require_running()?;
-        Ok(AgentConn::connect(&self.dir.join("vsock.sock"), CONNECT_TIMEOUT)?)
+        Ok(AgentConn::connect(&self.dir.vsock_socket(), CONNECT_TIMEOUT)?)
     }
 
     /// Start `command` and return it running. With an OCI image, the
@@ -383,7 +385,8 @@ impl Sandbox {
             }
             self.stop(Duration::from_secs(40))?;
         }
-        std::fs::remove_dir_all(&self.dir).map_err(|e| Error::Io(format!("remove {}", self.dir.display()), e))
+        let dir = self.dir.path();
+        std::fs::remove_dir_all(dir).map_err(|e| Error::Io(format!("remove {}", dir.display()), e))
     }
 }
 
@@ -407,7 +410,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let mut state = SandboxState::new(id, "default", &["true".to_string()], 256, 1);
         (state.pid, state.pid_start, state.created) = (pid, pid_start, created);
-        state.save(&dir).unwrap();
+        state.save(&SandboxDir::new(&dir)).unwrap();
         dir
     }
 
@@ -475,7 +478,7 @@ mod tests {
         let dir = write_state(root.path(), "bg01", pid, start, 1);
         let mut state = find_under(root.path(), "bg01").unwrap().state;
         state.detached = true;
-        state.save(&dir).unwrap();
+        state.save(&SandboxDir::new(&dir)).unwrap();
         unresponsive_vmm(&dir.join("vsock.sock"));
         let background = find_under(root.path(), "bg01").unwrap();
         assert!(background.held_in_background());

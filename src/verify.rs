@@ -36,6 +36,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use guest_protocol::ports::{AGENT_PORT, GUEST_CID, HOST_CID, MITM_PORT};
+pub use guest_protocol::probe::ProbeLine;
+use guest_protocol::sandbox_dir::SandboxDir;
 
 use sandbox_policy::{Layer, ProfileSource};
 use sandbox_telemetry::query::{LogOptions, LogReader, LogRow};
@@ -157,31 +160,6 @@ impl Report {
             format!("NOT ISOLATED: {escaped} of {} checks did not block (canary {})\n", self.checks.len(), self.canary_id)
         });
         out
-    }
-}
-
-/// One line of `sandbox-probe` output: `<probe> <target> ok|fail <detail>`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProbeLine {
-    pub probe: String,
-    pub target: String,
-    pub ok: bool,
-    pub detail: String,
-}
-
-impl ProbeLine {
-    /// Parse one output line; `None` for anything else.
-    pub fn parse(line: &str) -> Option<ProbeLine> {
-        let mut parts = line.splitn(4, ' ');
-        let probe = parts.next()?.to_string();
-        let target = parts.next()?.to_string();
-        let ok = match parts.next()? {
-            "ok" => true,
-            "fail" => false,
-            _ => return None,
-        };
-        let detail = parts.next().unwrap_or("").to_string();
-        Some(ProbeLine { probe, target, ok, detail })
     }
 }
 
@@ -570,18 +548,18 @@ fn attempts(config: &VerifyConfig, host: SocketAddr) -> Vec<Attempt> {
     let mut list = vec![
         attempt("peer sandbox", format!("tcp 10.0.0.2:{PEER_PORT}"), &["tcp-connect", &format!("10.0.0.2:{PEER_PORT}")])
             .judged_by(CheckKind::Redirected { target: SocketAddr::from((GUEST_PEER, PEER_PORT)) }),
-        attempt("peer sandbox", format!("vsock 3:{PEER_PORT} (every guest's CID)"), &["vsock-connect", &format!("3:{peer_port}")]),
+        attempt("peer sandbox", format!("vsock {GUEST_CID}:{PEER_PORT} (every guest's CID)"), &["vsock-connect", &format!("{GUEST_CID}:{peer_port}")]),
         attempt("peer sandbox", format!("vsock 4:{PEER_PORT}"), &["vsock-connect", &format!("4:{peer_port}")]),
-        attempt("peer sandbox", format!("vsock 2:{PEER_PORT} (host)"), &["vsock-connect", &format!("2:{peer_port}")]),
+        attempt("peer sandbox", format!("vsock {HOST_CID}:{PEER_PORT} (host)"), &["vsock-connect", &format!("{HOST_CID}:{peer_port}")]),
         attempt("host loopback", format!("tcp 127.0.0.1:{host_port}"), &["tcp-connect", &format!("127.0.0.1:{host_port}")]),
         attempt("host loopback", format!("tcp 10.0.0.2:{host_port}"), &["tcp-connect", &format!("10.0.0.2:{host_port}")])
             .judged_by(CheckKind::Redirected { target: SocketAddr::from((GUEST_PEER, host.port())) }),
-        attempt("host loopback", format!("vsock 2:{host_port}"), &["vsock-connect", &format!("2:{host_port}")]),
+        attempt("host loopback", format!("vsock {HOST_CID}:{host_port}"), &["vsock-connect", &format!("{HOST_CID}:{host_port}")]),
         attempt("host loopback", format!("https://{LOOPBACK_NAME}/ via the MITM"), &["tls", "10.0.0.2:443", "--sni", LOOPBACK_NAME])
             .judged_by(CheckKind::MitmLoopback { domains: vec![LOOPBACK_NAME.into(), "10.0.0.2".into()] }),
-        attempt("sandbox sockets", "vsock 2:5000 (agent port, host side)", &["vsock-connect", "2:5000"]),
-        attempt("sandbox sockets", "vsock 2:5001", &["vsock-connect", "2:5001"]),
-        attempt("sandbox sockets", "vsock 1:5002 (the guest's local CID)", &["vsock-connect", "1:5002"]),
+        attempt("sandbox sockets", format!("vsock {HOST_CID}:{AGENT_PORT} (agent port, host side)"), &["vsock-connect", &format!("{HOST_CID}:{AGENT_PORT}")]),
+        attempt("sandbox sockets", format!("vsock {HOST_CID}:5001"), &["vsock-connect", &format!("{HOST_CID}:5001")]),
+        attempt("sandbox sockets", format!("vsock 1:{MITM_PORT} (the guest's local CID)"), &["vsock-connect", &format!("1:{MITM_PORT}")]),
         attempt("dns", format!("{} A", config.canary_name), &["dns", &config.canary_name])
             .judged_by(CheckKind::Dns { qname: config.canary_name.clone() }),
     ];
@@ -705,7 +683,7 @@ pub fn verify(config: &VerifyConfig) -> Result<Report, Error> {
     let host_accepted = host.finish();
     let https_accepted = https_target.map(|t| t.finish() + https_target_v6.map_or(0, LoopbackService::finish));
     let canary_id = canary.id().to_string();
-    let canary_session_db = canary.dir().join("session.db");
+    let canary_session_db = SandboxDir::new(canary.dir()).session_db();
     // Shutting down commits every row of the canary's session.
     let _ = canary.shutdown();
     let (_, stdout, stderr) = canary_run?;
@@ -783,18 +761,6 @@ pub fn parse_interval(text: &str) -> Result<Duration, String> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    #[test]
-    fn probe_lines_parse_and_anything_else_is_ignored() {
-        let line = ProbeLine::parse("tcp-connect 10.0.0.2:22 fail refused: Connection refused (os error 111)").unwrap();
-        assert_eq!((line.probe.as_str(), line.target.as_str(), line.ok), ("tcp-connect", "10.0.0.2:22", false));
-        assert_eq!(line.detail, "refused: Connection refused (os error 111)");
-        assert!(ProbeLine::parse("dns a.test/A ok rcode=No Error answers=[1.2.3.4]").unwrap().ok);
-        assert_eq!(ProbeLine::parse("nat-flush nftables ok").unwrap().detail, "");
-        for junk in ["", "hello", "a b maybe c", "sandbox-init: net-proxy exited"] {
-            assert_eq!(ProbeLine::parse(junk), None, "{junk:?}");
-        }
-    }
 
     #[test]
     fn intervals() {

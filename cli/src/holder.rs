@@ -19,6 +19,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use guest_protocol::sandbox_dir::SandboxDir;
 use sandbox::{Command, SandboxBuilder};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
@@ -78,12 +79,12 @@ pub fn serve(builder: SandboxBuilder, command: Command, timeout: Option<Duration
         .context("cannot handle signals")
         .or_sandbox_failure()?;
     let instance = builder.start().or_sandbox_failure()?;
-    let dir = instance.dir().to_path_buf();
+    let dir = SandboxDir::new(instance.dir());
     println!("{}", instance.id());
     let _ = std::io::stdout().flush();
     crate::commands::remember_last(instance.id());
-    if let Err(e) = redirect_output(&dir.join("sandbox.log")) {
-        tracing::warn!("cannot write {}: {e}", dir.join("sandbox.log").display());
+    if let Err(e) = redirect_output(&dir.sandbox_log()) {
+        tracing::warn!("cannot write {}: {e}", dir.sandbox_log().display());
     }
     tracing::info!(id = %instance.id(), "sandbox running in the background");
 
@@ -99,7 +100,7 @@ pub fn serve(builder: SandboxBuilder, command: Command, timeout: Option<Duration
     let has_command = !command.argv().is_empty()
         || instance.state().image_config.as_ref().is_some_and(|c| !c.argv(&[]).is_empty());
     if has_command {
-        let log = dir.join("output.log");
+        let log = dir.output_log();
         let started = (|| {
             let out = std::fs::File::create(&log).map_err(|e| sandbox::Error::Io(format!("create {}", log.display()), e))?;
             let err = out.try_clone().map_err(|e| sandbox::Error::Io("duplicate the output log".into(), e))?;

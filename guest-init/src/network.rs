@@ -9,9 +9,9 @@
 //!   connect() to any address finds a route (without one it fails before
 //!   netfilter ever sees the packet);
 //! - an nftables `ip sandbox` table with a nat OUTPUT chain:
-//!   udp and tcp port 53 are redirected to 127.0.0.1:1053 (dns-proxy); tcp
-//!   port 443, and any other TCP leaving through dummy0, to 127.0.0.1:10443
-//!   (net-proxy), which hands each connection to the host with its original
+//!   udp and tcp port 53 are redirected to 127.0.0.1:[`DNS_PROXY_PORT`]
+//!   (dns-proxy); tcp port 443, and any other TCP leaving through dummy0, to
+//!   127.0.0.1:[`NET_PROXY_PORT`] (net-proxy), which hands each connection to the host with its original
 //!   destination for a `tcp.connect` decision; any other UDP leaving through
 //!   dummy0 is redirected to port 0 of 127.0.0.1, where nothing can listen,
 //!   so it is refused at once (ICMP port unreachable) instead of vanishing
@@ -35,6 +35,7 @@ use std::ffi::CString;
 use std::fmt::Display;
 use std::net::{IpAddr, Ipv4Addr};
 
+use guest_protocol::ports::{DNS_PROXY_PORT, NET_PROXY_PORT};
 use netlink_packet_netfilter::none::ControlMessage;
 use netlink_packet_netfilter::nftables::{
     ChainAttribute, ChainMessage, Cmp, DataAttribute, ExpressionAttribute, Expressions, Hook, HookNumber,
@@ -58,10 +59,6 @@ pub const UPLINK: &str = "dummy0";
 pub const GUEST_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 /// Prefix length of [`GUEST_ADDRESS`].
 pub const GUEST_PREFIX_LEN: u8 = 24;
-/// Where DNS (udp and tcp port 53) is redirected: dns-proxy.
-pub const DNS_PROXY_PORT: u16 = 1053;
-/// Where TCP is redirected (port 443 anywhere, any port leaving through the uplink): net-proxy.
-pub const NET_PROXY_PORT: u16 = 10443;
 
 /// The nft table init creates (family ip: the guest kernel has no IPv6).
 const TABLE: &str = "sandbox";
@@ -346,6 +343,8 @@ mod tests {
     use std::net::SocketAddr as IpSocketAddr;
     use std::time::Duration;
 
+    use guest_protocol::ports::{DNS_PORT, MITM_PORT};
+    use guest_protocol::sandbox_dir::SandboxDir;
     use guest_proxies::upstream::Upstream;
     use guest_proxies::{dns, net};
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -406,8 +405,8 @@ mod tests {
 
     async fn check_data_path() {
         let dir = tempfile::tempdir().unwrap();
-        let dns_host = dir.path().join("vsock.sock_5007");
-        let mitm_host = dir.path().join("vsock.sock_5002");
+        let host = SandboxDir::new(dir.path());
+        let (dns_host, mitm_host) = (host.vsock_port_socket(DNS_PORT), host.vsock_port_socket(MITM_PORT));
         tokio::spawn(echo_dns_host(UnixListener::bind(&dns_host).unwrap()));
         tokio::spawn(header_echo_host(UnixListener::bind(&mitm_host).unwrap()));
         let dns_addr = IpSocketAddr::from((Ipv4Addr::LOCALHOST, DNS_PROXY_PORT));

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use crate::reaper;
 
-/// The proxies init starts at boot: the DNS proxy (:1053) and the HTTPS
-/// proxy (:10443), both bridging to the host over vsock. They live in the
+/// The proxies init starts at boot: the DNS proxy (on
+/// [`DNS_PROXY_PORT`](guest_protocol::ports::DNS_PROXY_PORT)) and the HTTPS
+/// proxy (on [`NET_PROXY_PORT`](guest_protocol::ports::NET_PROXY_PORT)), both bridging to the host over vsock. They live in the
 /// boot image's `/usr/libexec/sandbox`, which an OCI image's root shows at
 /// `/.sandbox` (see `mounts`).
 pub(crate) const PROXIES: &[&str] = &["dns-proxy", "net-proxy"];

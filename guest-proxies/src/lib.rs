@@ -5,9 +5,11 @@
 //! receive to the host over vsock, where the DNS and MITM handlers decide:
 //!
 //! - [`dns`]: UDP and TCP DNS on a local port, each query sent to the host as
-//!   RFC 1035 TCP framing over one multiplexed connection (vsock port 5007).
+//!   RFC 1035 TCP framing ([`guest_protocol::dns_framing`]) over one
+//!   multiplexed connection (vsock port [`guest_protocol::ports::DNS_PORT`]).
 //! - [`net`]: TCP on a local port; each connection becomes one host connection
-//!   (vsock port 5002) that starts with a PROXY protocol v1 line naming the
+//!   (vsock port [`guest_protocol::ports::MITM_PORT`]) that starts with a PROXY
+//!   protocol v1 line ([`guest_protocol::proxy_header`]) naming the
 //!   original destination, then carries the raw bytes both ways.
 //! - [`upstream`]: where the host is: `vsock:CID:PORT` in the guest,
 //!   `unix:PATH` when tests stand in for the host with a Unix socket.

@@ -1,7 +1,8 @@
 //! `net-proxy`: hands every redirected guest TCP connection to the host.
 //!
-//! nftables redirects guest TCP connections here (port 443 anywhere, and any
-//! port leaving through dummy0). For each accepted
+//! nftables redirects guest TCP connections here
+//! ([`NET_PROXY_PORT`](guest_protocol::ports::NET_PROXY_PORT): port 443
+//! anywhere, and any port leaving through dummy0). For each accepted
 //! connection the proxy reads the address the guest program meant to reach
 //! (`SO_ORIGINAL_DST`, kept by conntrack), opens a connection to the host's
 //! MITM handler, writes one PROXY protocol v1 line naming the client and that
@@ -14,17 +15,13 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
+use guest_protocol::proxy_header::ProxyHeader;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use crate::upstream::Upstream;
 use crate::Error;
-
-/// Where guest init points it (nat redirects the guest's outgoing TCP here).
-pub const LISTEN_PORT: u16 = 10443;
-/// The host's MITM handler's vsock port.
-pub const HOST_PORT: u32 = 5002;
 
 /// Relay buffers, per direction. Each read takes what has arrived up to
 /// this size and goes out as one write: where guest kernel code is costly
@@ -70,30 +67,12 @@ pub async fn relay(mut client: TcpStream, peer: SocketAddr, upstream: &Upstream)
         }
     };
     let mut host = upstream.connect().await?;
-    host.write_all(proxy_header(peer, destination).as_bytes())
+    host.write_all(ProxyHeader::new(peer, destination).to_string().as_bytes())
         .await
         .map_err(|source| Error::Io { context: "send the PROXY header", source })?;
     tokio::io::copy_bidirectional_with_sizes(&mut client, &mut host, TO_HOST_BUFFER, TO_GUEST_BUFFER)
         .await
         .map_err(|source| Error::Io { context: "relay", source })
-}
-
-/// The PROXY protocol v1 line for a connection from `source` to `destination`:
-/// `PROXY TCP4 <src ip> <dst ip> <src port> <dst port>\r\n` (TCP6, with IPv4
-/// addresses mapped, if either address is IPv6).
-pub fn proxy_header(source: SocketAddr, destination: SocketAddr) -> String {
-    let (source_ip, destination_ip) = (source.ip().to_canonical(), destination.ip().to_canonical());
-    let (sport, dport) = (source.port(), destination.port());
-    match (source_ip, destination_ip) {
-        (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => format!("PROXY TCP4 {s} {d} {sport} {dport}\r\n"),
-        (s, d) => {
-            let v6 = |ip: std::net::IpAddr| match ip {
-                std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-                std::net::IpAddr::V6(v6) => v6,
-            };
-            format!("PROXY TCP6 {} {} {sport} {dport}\r\n", v6(s), v6(d))
-        }
-    }
 }
 
 /// The destination of a redirected connection before nat rewrote it.
@@ -120,35 +99,4 @@ pub fn original_destination(stream: &TcpStream) -> std::io::Result<SocketAddr> {
     }
     let ip = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
     Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(addr.sin_port))))
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use super::*;
-
-    #[test]
-    fn header_for_ipv4() {
-        let h = proxy_header("10.0.0.1:40000".parse().unwrap(), "93.184.216.34:443".parse().unwrap());
-        assert_eq!(h, "PROXY TCP4 10.0.0.1 93.184.216.34 40000 443\r\n");
-    }
-
-    #[test]
-    fn header_for_mapped_and_ipv6_addresses() {
-        let mapped = proxy_header("[::ffff:10.0.0.1]:1".parse().unwrap(), "[::ffff:1.2.3.4]:443".parse().unwrap());
-        assert_eq!(mapped, "PROXY TCP4 10.0.0.1 1.2.3.4 1 443\r\n");
-        let v6 = proxy_header("[fd00::1]:65535".parse().unwrap(), "1.2.3.4:443".parse().unwrap());
-        assert_eq!(v6, "PROXY TCP6 fd00::1 ::ffff:1.2.3.4 65535 443\r\n");
-    }
-
-    #[test]
-    fn longest_header_fits_the_spec_limit() {
-        let v4 = proxy_header("255.255.255.255:65535".parse().unwrap(), "255.255.255.255:65535".parse().unwrap());
-        let v6 = proxy_header(
-            "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".parse().unwrap(),
-            "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".parse().unwrap(),
-        );
-        assert!(v4.len() <= 107 && v6.len() <= 107, "{} {}", v4.len(), v6.len());
-    }
 }

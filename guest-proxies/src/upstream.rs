@@ -1,6 +1,8 @@
 //! The host end of a proxy: an AF_VSOCK address in the guest, a Unix socket in
 //! host-side tests (the VMM delivers guest connections to host port P on the
-//! Unix socket `<dir>/vsock.sock_P`, so a test can listen there directly).
+//! Unix socket `<dir>/vsock.sock_P`, see
+//! [`guest_protocol::sandbox_dir::SandboxDir::vsock_port_socket`], so a test
+//! can listen there directly).
 
 use std::fmt;
 use std::io;
@@ -11,9 +13,6 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::Error;
-
-/// The host's CID, as every guest sees it.
-pub const HOST_CID: u32 = tokio_vsock::VMADDR_CID_HOST;
 
 /// How long a connection to the host may take before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

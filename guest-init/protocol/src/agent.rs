@@ -1,4 +1,4 @@
-//! The agent protocol: what the host and the guest agent (vsock port 5000)
+//! The agent protocol: what the host and the guest agent (vsock port [`AGENT_PORT`])
 //! say to each other.
 //!
 //! Each message is a frame: a 4-byte big-endian payload length, then the
@@ -18,8 +18,8 @@ pub const VERSION: u32 = 1;
 pub const MAX_FRAME: usize = 1 << 20;
 /// Largest data chunk a sender puts in one frame.
 pub const CHUNK: usize = 64 * 1024;
-/// Guest vsock port of the agent.
-pub const AGENT_PORT: u32 = 5000;
+/// Guest vsock port of the agent (defined with the other ports).
+pub use crate::ports::AGENT_PORT;
 
 /// Terminal size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,4 +1,16 @@
-//! What the host and the guest's init tell each other.
+//! Every contract between the host and the guest, defined once for both.
+//!
+//! - [`ports`]: the vsock context ids and ports, and the guest-local proxy ports;
+//! - [`agent`]: the agent protocol on vsock port 5000;
+//! - [`proxy_header`]: the PROXY line in front of each connection the guest's
+//!   net-proxy hands to the host;
+//! - [`dns_framing`]: the length-prefixed DNS messages between the guest's
+//!   dns-proxy and the host's DNS handler;
+//! - [`probe`]: the result line of `sandbox-probe`, read by the host's
+//!   isolation check;
+//! - [`console`] and [`LaunchSpec`]: the launch spec and the console markers;
+//! - [`sandbox_dir`]: the host-side names of the vsock sockets (and the other
+//!   files of a sandbox's directory on the host).
 //!
 //! The host hands init a [`LaunchSpec`] on the kernel command line
 //! (`sandbox.launch=<base64 JSON>`); init reports back on the serial console,
@@ -11,6 +23,11 @@ use serde::{Deserialize, Serialize};
 
 pub mod agent;
 pub mod console;
+pub mod dns_framing;
+pub mod ports;
+pub mod probe;
+pub mod proxy_header;
+pub mod sandbox_dir;
 
 /// Kernel command-line key carrying the launch spec.
 pub const LAUNCH_KEY: &str = "sandbox.launch";
@@ -32,7 +49,7 @@ pub struct LaunchSpec {
     pub hostname: String,
 }
 
-/// A spec that could not be encoded or decoded.
+/// A spec that could not be encoded or decoded, or a PROXY line that could not be parsed.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
     #[error("the command line has no {LAUNCH_KEY}= argument")]
@@ -45,6 +62,9 @@ pub enum ProtocolError {
     TooLong(usize),
     #[error("invalid launch spec: {0}")]
     Invalid(&'static str),
+    /// A [`proxy_header`] line that is not one.
+    #[error("bad PROXY header: {0}")]
+    ProxyHeader(&'static str),
 }
 
 impl LaunchSpec {

@@ -5,14 +5,15 @@
 
 #![no_main]
 
-use guest_proxies::dns::wire::{take_frame, Query};
+use guest_protocol::dns_framing::{take_frame, PREFIX_LEN};
+use guest_proxies::dns::wire::Query;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let mut frames = data.to_vec();
     let mut framed = 0;
     while let Some(frame) = take_frame(&mut frames) {
-        framed += 2 + frame.len();
+        framed += PREFIX_LEN + frame.len();
     }
     assert_eq!(framed + frames.len(), data.len());
 

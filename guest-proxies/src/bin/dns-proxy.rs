@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use guest_proxies::upstream::{Upstream, HOST_CID};
+use guest_protocol::ports::{DNS_PORT, DNS_PROXY_PORT, HOST_CID};
+use guest_proxies::upstream::Upstream;
 use guest_proxies::{dns, Error};
 use tokio::net::{TcpListener, UdpSocket};
 
@@ -15,10 +16,10 @@ use tokio::net::{TcpListener, UdpSocket};
 #[command(version)]
 struct Args {
     /// Address of the UDP and TCP listeners.
-    #[arg(long, default_value_t = SocketAddr::from((Ipv4Addr::LOCALHOST, dns::LISTEN_PORT)))]
+    #[arg(long, default_value_t = SocketAddr::from((Ipv4Addr::LOCALHOST, DNS_PROXY_PORT)))]
     listen: SocketAddr,
     /// The host's DNS handler: vsock:CID:PORT or unix:PATH.
-    #[arg(long, default_value_t = Upstream::Vsock { cid: HOST_CID, port: dns::HOST_PORT })]
+    #[arg(long, default_value_t = Upstream::Vsock { cid: HOST_CID, port: DNS_PORT })]
     upstream: Upstream,
     /// Milliseconds to wait for the host's answer before answering SERVFAIL.
     #[arg(long, default_value_t = dns::DEFAULT_TIMEOUT.as_millis() as u64)]

@@ -5,7 +5,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use anyhow::Context;
 use clap::Parser;
-use guest_proxies::upstream::{Upstream, HOST_CID};
+use guest_protocol::ports::{MITM_PORT, NET_PROXY_PORT, HOST_CID};
+use guest_proxies::upstream::Upstream;
 use guest_proxies::{net, Error};
 use tokio::net::TcpListener;
 
@@ -14,10 +15,10 @@ use tokio::net::TcpListener;
 #[command(version)]
 struct Args {
     /// Address of the TCP listener.
-    #[arg(long, default_value_t = SocketAddr::from((Ipv4Addr::LOCALHOST, net::LISTEN_PORT)))]
+    #[arg(long, default_value_t = SocketAddr::from((Ipv4Addr::LOCALHOST, NET_PROXY_PORT)))]
     listen: SocketAddr,
     /// The host's MITM handler: vsock:CID:PORT or unix:PATH.
-    #[arg(long, default_value_t = Upstream::Vsock { cid: HOST_CID, port: net::HOST_PORT })]
+    #[arg(long, default_value_t = Upstream::Vsock { cid: HOST_CID, port: MITM_PORT })]
     upstream: Upstream,
     /// Least severe log level shown (error, warn, info, debug, trace).
     #[arg(long, default_value_t = tracing::Level::INFO)]

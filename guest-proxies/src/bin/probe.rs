@@ -2,15 +2,9 @@
 //!
 //! Isolation checks run it inside a sandbox (`sandbox verify-isolation`, the
 //! end-to-end suites). Every subcommand prints exactly one line on standard
-//! output,
-//!
-//! ```text
-//! <probe> <target> ok|fail <detail>
-//! ```
-//!
-//! where `ok` means the attempt got through (a connection was made, a name
-//! resolved, the kernel accepted the netlink request) and `fail` that it did
-//! not; the exit status is 0 for `ok`, 1 for `fail`, 2 for a bad command line.
+//! output, a [`ProbeLine`] (`<probe> <target> ok|fail <detail>`, see
+//! [`guest_protocol::probe`]); the exit status is 0 for `ok`, 1 for `fail`,
+//! 2 for a bad command line.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -20,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use guest_protocol::probe::ProbeLine;
 use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};
 use nix::sys::socket::{self, AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, VsockAddr};
@@ -120,8 +115,7 @@ fn main() -> ExitCode {
         }
         Probe::Listen { tcp, vsock, until_eof } => ("listen", listen(*tcp, *vsock, *until_eof, timeout)),
     };
-    let detail = detail.replace(['\n', '\r'], " ");
-    println!("{name} {target} {} {detail}", if ok { "ok" } else { "fail" });
+    println!("{}", ProbeLine { probe: name.into(), target, ok, detail });
     if ok {
         ExitCode::SUCCESS
     } else {

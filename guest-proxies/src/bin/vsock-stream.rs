@@ -23,12 +23,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use guest_protocol::ports::HOST_CID;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY};
 
-/// The host's CID.
-const HOST_CID: u32 = 2;
 const CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, Parser)]

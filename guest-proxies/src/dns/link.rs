@@ -1,6 +1,7 @@
 //! One connection to the host's DNS handler, shared by every client.
 //!
-//! Queries are pipelined on it (RFC 7766): each is framed (2-byte length),
+//! Queries are pipelined on it (RFC 7766): each is framed (2-byte length, see
+//! [`guest_protocol::dns_framing`]),
 //! written as soon as it arrives, and answered whenever the host is ready, in
 //! any order. Two guest clients may well pick the same message ID, so each
 //! query gets an ID of the link's own on the way out, and the client's ID is
@@ -16,7 +17,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
-use super::wire::{message_id, push_frame, set_message_id, take_frame};
+use guest_protocol::dns_framing::{push_frame, take_frame};
+
+use super::wire::{message_id, set_message_id};
 use crate::upstream::{Stream, Upstream};
 
 /// Queries waiting for the link task; more wait in their clients' tasks.

@@ -1,7 +1,7 @@
 //! `dns-proxy`: the guest's DNS server, which only forwards to the host.
 //!
 //! Guest programs send DNS to port 53 anywhere; nftables redirects it to this
-//! proxy. Each query, UDP or TCP, is checked ([`wire::Query::parse`]) and sent
+//! proxy ([`DNS_PROXY_PORT`](guest_protocol::ports::DNS_PROXY_PORT)). Each query, UDP or TCP, is checked ([`wire::Query::parse`]) and sent
 //! to the host's DNS handler over the shared [`link::HostLink`]. Every query
 //! that can be answered is answered: with the host's answer (truncated with TC
 //! for UDP clients when it does not fit), SERVFAIL when the host does not
@@ -20,19 +20,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use guest_protocol::dns_framing::{self, push_frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use self::link::HostLink;
-use self::wire::{push_frame, Query, Rejected};
+use self::wire::{Query, Rejected};
 use crate::upstream::Upstream;
 
-/// Where guest init points it (nat redirects port 53 here).
-pub const LISTEN_PORT: u16 = 1053;
-/// The host's DNS handler's vsock port.
-pub const HOST_PORT: u32 = 5007;
 /// How long the host has to answer before the client gets SERVFAIL.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -130,12 +127,13 @@ async fn serve_tcp_client(stream: TcpStream, peer: SocketAddr, link: HostLink, t
 
 /// One framed message, or None at a clean EOF before its length.
 async fn read_frame(reader: &mut (impl AsyncReadExt + Unpin)) -> std::io::Result<Option<Vec<u8>>> {
-    let len = match reader.read_u16().await {
-        Ok(len) => len,
+    let mut prefix = [0; dns_framing::PREFIX_LEN];
+    match reader.read_exact(&mut prefix).await {
+        Ok(_) => {}
         Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(err) => return Err(err),
-    };
-    let mut message = vec![0; usize::from(len)];
+    }
+    let mut message = vec![0; dns_framing::message_len(prefix)];
     reader.read_exact(&mut message).await?;
     Ok(Some(message))
 }
@@ -167,7 +165,7 @@ async fn respond(
     };
     let limit = match transport {
         Transport::Udp => query.udp_limit(),
-        Transport::Tcp => usize::from(u16::MAX),
+        Transport::Tcp => dns_framing::MAX_MESSAGE_LEN,
     };
     let answer = match link.exchange(packet, timeout).await {
         Ok(answer) => query.answer(&answer, limit).map_err(|err| err.to_string()),

@@ -163,23 +163,6 @@ pub fn set_message_id(message: &mut [u8], id: u16) {
     }
 }
 
-/// Append `message` to `out` with RFC 1035 TCP framing (2-byte big-endian
-/// length). Returns false, appending nothing, if it is longer than 65535 bytes.
-pub fn push_frame(out: &mut Vec<u8>, message: &[u8]) -> bool {
-    let Ok(len) = u16::try_from(message.len()) else { return false };
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(message);
-    true
-}
-
-/// Remove the first complete frame from the front of `buf`, if there is one.
-pub fn take_frame(buf: &mut Vec<u8>) -> Option<Vec<u8>> {
-    let len = usize::from(be_u16(buf)?);
-    let frame = buf.get(2..2 + len)?.to_vec();
-    buf.drain(..2 + len);
-    Some(frame)
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -286,19 +269,6 @@ mod tests {
         assert!(matches!(Query::parse(b"short"), Err(Rejected::Drop(_))));
         let response = answer(&query(6, None), 1);
         assert!(matches!(Query::parse(&response), Err(Rejected::Drop(_))));
-    }
-
-    #[test]
-    fn frames_round_trip_and_wait_for_complete_input() {
-        let mut buf = Vec::new();
-        assert!(push_frame(&mut buf, b"first"));
-        assert!(push_frame(&mut buf, b""));
-        assert!(!push_frame(&mut buf, &vec![0; 70_000]));
-        buf.extend_from_slice(&[0, 9, b'p']);
-        assert_eq!(take_frame(&mut buf).unwrap(), b"first");
-        assert_eq!(take_frame(&mut buf).unwrap(), b"");
-        assert_eq!(take_frame(&mut buf), None);
-        assert_eq!(buf, [0, 9, b'p']);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The DNS handler (vsock port 5007): RFC 1035 TCP framing, RFC 7766 pipelining
+//! The DNS handler (vsock port [`DNS_PORT`](guest_protocol::ports::DNS_PORT)):
+//! RFC 1035 TCP framing ([`dns_framing`]), RFC 7766 pipelining
 //! (answers are written as soon as each is ready, possibly out of order; the
 //! guest matches them by message ID).
 //!
@@ -31,6 +32,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use guest_protocol::dns_framing;
 use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
@@ -119,7 +121,7 @@ pub fn parse_query(frame: &[u8]) -> Result<GuestQuery, Rejected> {
     })
 }
 
-/// Read one length-prefixed message; `None` at a clean end of stream.
+/// Read one message in [`dns_framing`]; `None` at a clean end of stream.
 pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> io::Result<Option<Vec<u8>>> {
     match read_frame_len(reader).await? {
         Some(len) => read_frame_body(reader, len).await.map(Some),
@@ -129,12 +131,12 @@ pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> io::Result<Opti
 
 /// The length prefix of the next message; `None` at a clean end of stream.
 async fn read_frame_len<R: AsyncRead + Unpin>(reader: &mut R) -> io::Result<Option<usize>> {
-    let mut len = [0u8; 2];
-    if reader.read(&mut len[..1]).await? == 0 {
+    let mut prefix = [0u8; dns_framing::PREFIX_LEN];
+    if reader.read(&mut prefix[..1]).await? == 0 {
         return Ok(None);
     }
-    reader.read_exact(&mut len[1..]).await?;
-    Ok(Some(usize::from(u16::from_be_bytes(len))))
+    reader.read_exact(&mut prefix[1..]).await?;
+    Ok(Some(dns_framing::message_len(prefix)))
 }
 
 async fn read_frame_body<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> io::Result<Vec<u8>> {
@@ -161,8 +163,8 @@ impl Held {
 }
 
 async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, message: &[u8]) -> io::Result<()> {
-    let len = u16::try_from(message.len()).map_err(|_| io::Error::other("DNS message over 65535 bytes"))?;
-    writer.write_all(&len.to_be_bytes()).await?;
+    let prefix = dns_framing::length_prefix(message.len()).ok_or_else(|| io::Error::other("DNS message over 65535 bytes"))?;
+    writer.write_all(&prefix).await?;
     writer.write_all(message).await
 }
 
@@ -170,7 +172,7 @@ async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, message: &[u8]) -> i
 /// header-only SERVFAIL if it cannot be encoded at all.
 fn encode(message: &Message) -> Vec<u8> {
     match message.to_vec() {
-        Ok(bytes) if bytes.len() <= usize::from(u16::MAX) => bytes,
+        Ok(bytes) if bytes.len() <= dns_framing::MAX_MESSAGE_LEN => bytes,
         Ok(_) => message.truncate().to_vec().unwrap_or_default(),
         Err(err) => {
             tracing::warn!(%err, "cannot encode DNS answer");

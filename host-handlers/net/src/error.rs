@@ -29,8 +29,8 @@ pub enum Error {
     #[error("cannot listen on {path}: {source}")]
     Listen { path: PathBuf, source: io::Error },
     /// The PROXY protocol v1 line in front of a guest connection.
-    #[error("bad PROXY header: {0}")]
-    ProxyHeader(&'static str),
+    #[error(transparent)]
+    ProxyHeader(#[from] guest_protocol::ProtocolError),
     /// The guest did not start with a usable TLS ClientHello.
     #[error("no TLS ClientHello: {0}")]
     ClientHello(io::Error),

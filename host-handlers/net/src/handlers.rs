@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use guest_protocol::sandbox_dir::SandboxDir;
 use sandbox_policy::Policy;
 use sandbox_telemetry::Recorder;
 use tokio::sync::Semaphore;
@@ -19,10 +20,7 @@ use crate::mitm::MitmHandler;
 use crate::server::Server;
 use crate::upstream::Upstream;
 
-/// Vsock port of the MITM handler.
-pub const MITM_PORT: u32 = 5002;
-/// Vsock port of the DNS handler.
-pub const DNS_PORT: u32 = 5007;
+pub use guest_protocol::ports::{DNS_PORT, MITM_PORT};
 
 /// The DNS and MITM handlers of one sandbox.
 #[derive(Debug)]
@@ -55,7 +53,7 @@ impl Handlers {
         &self.ca
     }
 
-    /// Serve DNS on the Unix socket `path` (the host side of vsock port 5007).
+    /// Serve DNS on the Unix socket `path` (the host side of vsock port [`DNS_PORT`]).
     /// Must be called inside a tokio runtime.
     pub fn serve_dns(&self, path: &Path) -> Result<Server> {
         let handler = DnsHandler {
@@ -71,7 +69,7 @@ impl Handlers {
     }
 
     /// Serve the MITM handler on the Unix socket `path` (the host side of vsock
-    /// port 5002). Must be called inside a tokio runtime.
+    /// port [`MITM_PORT`]). Must be called inside a tokio runtime.
     pub fn serve_mitm(&self, path: &Path) -> Result<Server> {
         let handler = MitmHandler::new(
             self.upstream.clone(),
@@ -84,11 +82,13 @@ impl Handlers {
         Server::bind(path, self.config.max_connections, Arc::new(handler))
     }
 
-    /// Serve both handlers in a VMM's vsock directory, on `vsock.sock_5007`
-    /// and `vsock.sock_5002`. Returns (DNS, MITM).
+    /// Serve both handlers in a sandbox's directory, on the sockets the VMM
+    /// hands guest connections to their ports to (`vsock.sock_<port>`, see
+    /// [`SandboxDir::vsock_port_socket`]). Returns (DNS, MITM).
     pub fn serve_vsock_dir(&self, dir: &Path) -> Result<(Server, Server)> {
-        let dns = self.serve_dns(&dir.join(format!("vsock.sock_{DNS_PORT}")))?;
-        let mitm = self.serve_mitm(&dir.join(format!("vsock.sock_{MITM_PORT}")))?;
+        let dir = SandboxDir::new(dir);
+        let dns = self.serve_dns(&dir.vsock_port_socket(DNS_PORT))?;
+        let mitm = self.serve_mitm(&dir.vsock_port_socket(MITM_PORT))?;
         Ok((dns, mitm))
     }
 }

@@ -1,15 +1,16 @@
 //! Host handlers on the vsock ports: the only way a guest byte reaches a network.
 //!
-//! - The DNS handler ([`Handlers::serve_dns`], vsock port 5007) answers the guest's
+//! - The DNS handler ([`Handlers::serve_dns`], vsock port [`DNS_PORT`]) answers the guest's
 //!   queries under policy: allowed names are resolved upstream (cached, with
 //!   answers pointing into internal ranges dropped), blocked ones get NXDOMAIN,
 //!   rewrites are answered from the policy without asking upstream.
-//! - The MITM handler ([`Handlers::serve_mitm`], vsock port 5002) terminates the
+//! - The MITM handler ([`Handlers::serve_mitm`], vsock port [`MITM_PORT`]) terminates the
 //!   guest's TLS with a leaf minted by the [`SandboxCa`] for the SNI, decides on
 //!   every HTTP request and response, and forwards allowed requests over a
 //!   verified TLS connection to the upstream the SNI names.
 //!
-//! Both are Unix-socket servers on `<dir>/vsock.sock_<port>` (the VMM delivers
+//! Both are Unix-socket servers on `<dir>/vsock.sock_<port>`
+//! ([`guest_protocol::sandbox_dir::SandboxDir::vsock_port_socket`]; the VMM delivers
 //! guest connections there) and record every query, request and failed
 //! connection in the sandbox's telemetry.
 

@@ -163,7 +163,7 @@ mod tests {
     #[tokio::test]
     async fn serves_survives_panics_refuses_and_cleans_up() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("vsock.sock_5002");
+        let path = guest_protocol::sandbox_dir::SandboxDir::new(dir.path()).vsock_port_socket(crate::MITM_PORT);
         // A stale socket file from an earlier run is replaced.
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
         let handler = Arc::new(Counting::default());

@@ -1,8 +1,8 @@
 //! The PROXY v1 header parser and reader on arbitrary guest bytes.
 #![no_main]
 
+use guest_protocol::proxy_header::{ProxyHeader, MAX_LEN};
 use libfuzzer_sys::fuzz_target;
-use sandbox_net::proxy_header::{ProxyHeader, MAX_LEN};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(header) = ProxyHeader::parse(data) {
@@ -13,6 +13,6 @@ fuzz_target!(|data: &[u8]| {
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread().build() else { return };
     runtime.block_on(async {
         let mut reader = tokio::io::BufReader::new(data);
-        let _ = ProxyHeader::read(&mut reader).await;
+        let _ = sandbox_net::proxy_header::read(&mut reader).await;
     });
 });

@@ -1,4 +1,4 @@
-//! The connection handler (vsock port 5002): every TCP connection the guest
+//! The connection handler (vsock port [`MITM_PORT`](guest_protocol::ports::MITM_PORT)): every TCP connection the guest
 //! opens to anything outside it arrives here, and nothing is sent anywhere
 //! before it is decided.
 //!
@@ -55,7 +55,7 @@ use crate::config::NetConfig;
 use crate::error::Result;
 use crate::idle::{Activity, Tracked};
 use crate::bindings::Bindings;
-use crate::proxy_header::{ProxyHeader, MAX_LEN};
+use crate::proxy_header::{self, MAX_LEN};
 use crate::server::ConnectionHandler;
 use crate::upstream::{Upstream, UpstreamConnector};
 use exchange::{CountedBody, Exchange};
@@ -374,7 +374,7 @@ impl ConnectionHandler for MitmHandler {
         // The header is read through a small buffer so that little of what
         // follows is copied twice; the buffer stays in the stream.
         let mut io = BufReader::with_capacity(2 * MAX_LEN, Tracked::new(stream, activity.clone()));
-        let header = match timeout_at(deadline, ProxyHeader::read(&mut io)).await {
+        let header = match timeout_at(deadline, proxy_header::read(&mut io)).await {
             Ok(Ok(header)) => header,
             Ok(Err(err)) => return self.record_setup(started, setup, SetupFailure::error(err)),
             Err(_) => {

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use guest_protocol::sandbox_dir::SandboxDir;
 use sandbox_net::fixtures::{Guest, HttpsUpstream, TestCa, TestDns};
-use sandbox_net::{Handlers, NetConfig, Server};
+use sandbox_net::{Handlers, NetConfig, Server, DNS_PORT, MITM_PORT};
 use sandbox_policy::{Engine, Layer, Policy, ProfileSource, Secrets};
 use sandbox_telemetry::query::{DnsRow, LogOptions, LogReader, LogRow, NetRow};
 use sandbox_telemetry::{Recorder, SessionDb, TelemetryConfig};
@@ -181,7 +182,7 @@ impl Harness {
             .profile(Layer::User, ProfileSource::Text { name: "net-test.toml".into(), text: (PROFILE.to_owned() + extra).replace("UPSTREAM_PORT", &upstream.addr().port().to_string()) })
             .build()
             .unwrap();
-        let db_path = dir.path().join("session.db");
+        let db_path = SandboxDir::new(dir.path()).session_db();
         let db = SessionDb::open_with(&db_path, telemetry).unwrap();
         let recorder = db.recorder();
         let handlers = Handlers::new(config, Policy::new(engine), recorder.clone()).unwrap();
@@ -203,11 +204,11 @@ impl Harness {
     }
 
     pub fn dns_socket(&self) -> PathBuf {
-        self.dir.path().join("vsock.sock_5007")
+        SandboxDir::new(self.dir.path()).vsock_port_socket(DNS_PORT)
     }
 
     pub fn mitm_socket(&self) -> PathBuf {
-        self.dir.path().join("vsock.sock_5002")
+        SandboxDir::new(self.dir.path()).vsock_port_socket(MITM_PORT)
     }
 
     /// The original destination the guest would announce for the upstream.
