@@ -219,7 +219,6 @@ fn read_connect(stream: &mut UnixStream) -> io::Result<String> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use std::os::unix::net::UnixListener;
 
     use super::*;

@@ -314,7 +314,6 @@ impl Drop for Instance {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

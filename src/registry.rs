@@ -293,7 +293,6 @@ impl SandboxRef {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use std::os::unix::net::UnixListener;
 
     use super::*;

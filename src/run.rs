@@ -444,7 +444,6 @@ impl Write for Collect {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

@@ -124,8 +124,6 @@ pub fn original_destination(stream: &TcpStream) -> std::io::Result<SocketAddr> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use super::*;
 
     #[test]

@@ -82,8 +82,6 @@ impl fmt::Display for Upstream {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use super::*;
 
     #[test]

@@ -182,8 +182,6 @@ pub fn take_frame(buf: &mut Vec<u8>) -> Option<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use hickory_proto::op::{Message, MessageType, OpCode, Query as Question};
     use hickory_proto::rr::rdata::TXT;
     use hickory_proto::rr::{Name, RData, Record, RecordType};

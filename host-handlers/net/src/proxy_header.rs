@@ -114,7 +114,6 @@ fn parse_port(text: &str) -> Result<u16> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

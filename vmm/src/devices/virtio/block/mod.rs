@@ -188,7 +188,6 @@ impl MutEventSubscriber for Block {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
     use std::io::Write;
     use virtio_queue::QueueT;
