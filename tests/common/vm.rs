@@ -6,6 +6,7 @@
 //! Plain std, so that the VMM's own suites share it:
 //! `#[path = "../../tests/common/vm.rs"] mod vm;`.
 
+use std::io::Write;
 use std::path::Path;
 
 /// The environment variable that turns a skip into a failure.
@@ -36,6 +37,8 @@ pub fn vm_available(missing: impl IntoIterator<Item = String>) -> bool {
     }
     let current = std::thread::current();
     let test = current.name().unwrap_or("a VM test");
-    eprintln!("skipped: {test}: {why} (set {REQUIRE_VM}=1 to make this a failure)");
+    // Straight to stderr, past the test harness's capture of eprintln!: a
+    // skip is said also when the test "passes".
+    let _ = writeln!(std::io::stderr(), "skipped: {test}: {why} (set {REQUIRE_VM}=1 to make this a failure)");
     false
 }
