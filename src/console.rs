@@ -122,7 +122,6 @@ impl Drop for ConsoleSink {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

@@ -137,7 +137,6 @@ fn detect(path: &Path) -> Result<RootFs, Error> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn image_with(bytes_at_1024: &[u8], offset: usize) -> tempfile::NamedTempFile {

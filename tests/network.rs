@@ -8,12 +8,17 @@
 //! `SANDBOX_E2E_DOWNLOAD_MB` sets the size of the large download (default
 //! 100; where guest kernel code is emulated the guest receives it at a few
 //! hundred KB/s, so it takes minutes there).
+//!
+//! Without /dev/kvm or ./setup.sh's artefacts it skips, or fails with
+//! `SANDBOX_REQUIRE_VM=1` (./test.sh).
+// Its helper functions (outside #[test] fns) unwrap too.
 #![allow(clippy::unwrap_used)]
 
-use std::io::Write;
+mod common;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sandbox::{Command, Image, NetConfig, Sandbox, Status};
@@ -212,20 +217,6 @@ async fn plain_http(listen: SocketAddr, count: Arc<AtomicU64>) -> tokio::task::J
     })
 }
 
-/// The runtime's warnings (the VMM's refusals among them), collected.
-#[derive(Clone, Default)]
-struct LogBuf(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogBuf {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// The SHA-256 of the fixture's `/bytes/<n>` body, and `fetch` run on the host.
 fn host_fetch(args: &[&str]) -> std::process::Output {
     let fetch = concat!(env!("CARGO_MANIFEST_DIR"), "/target/x86_64-unknown-linux-musl/guest/fetch");
@@ -242,12 +233,12 @@ fn digest_line(text: &str) -> (String, u64, f64) {
 
 #[test]
 fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
-    let log = LogBuf::default();
+    common::require_vm!();
+    // The runtime's warnings (the VMM's refusals among them), collected.
+    let log = common::SharedBuf::default();
     let writer = log.clone();
     let _ = tracing_subscriber::fmt().with_max_level(tracing::Level::WARN).with_writer(move || writer.clone()).try_init();
     let mb: u64 = std::env::var("SANDBOX_E2E_DOWNLOAD_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
-    let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
-    assert!(kvm.is_ok(), "this test boots a VM and needs /dev/kvm: {:?}", kvm.err());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("sandbox e2e upstream CA").unwrap();
@@ -455,7 +446,7 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     assert!((2..=7).contains(&reached), "{reached} connections reached the upstream");
 
     // Each attempt is logged: vsock refusals by the VMM, proxy deaths on the console.
-    let warnings = String::from_utf8_lossy(&log.0.lock().unwrap()).into_owned();
+    let warnings = log.text();
     for port in [5000, 5001, 22, 1234] {
         assert!(warnings.contains(&format!("guest connection to host port {port} (no handler")), "port {port} not logged:\n{warnings}");
     }

@@ -286,7 +286,6 @@ impl Asker for TerminalAsker {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use std::os::unix::net::UnixStream;
     use std::time::Instant;
 

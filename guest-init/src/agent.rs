@@ -410,7 +410,6 @@ fn set_window_size(master: &OwnedFd, size: WinSize) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use std::os::unix::net::UnixStream;
 
     use super::*;

@@ -131,7 +131,6 @@ pub(crate) fn kill_all() {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

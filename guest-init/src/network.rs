@@ -338,8 +338,6 @@ fn append_message(batch: &mut Vec<u8>, message: NetfilterMessage, flags: u16, se
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use std::net::SocketAddr as IpSocketAddr;
     use std::time::Duration;
 

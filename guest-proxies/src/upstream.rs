@@ -81,8 +81,6 @@ impl fmt::Display for Upstream {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use super::*;
 
     #[test]

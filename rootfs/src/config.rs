@@ -117,7 +117,6 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<ParsedConfig, Error> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

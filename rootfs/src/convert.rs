@@ -562,7 +562,6 @@ fn read_error(lerr: &dyn Fn(String) -> Error, e: &io::Error, limit: u64) -> Erro
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

@@ -251,7 +251,6 @@ fn credentials(registry: &str, docker_config: Option<&Path>) -> RegistryAuth {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

@@ -93,7 +93,6 @@ pub(crate) fn is_loopback_registry(registry: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

@@ -1,7 +1,6 @@
 //! Images from local disk: OCI layouts and `docker save` archives, and the
 //! cache's bookkeeping (prune).
 
-#![allow(clippy::unwrap_used)]
 
 mod common;
 

@@ -76,7 +76,6 @@ pub fn compose(user: &str, devices: &[MmioDeviceArgs]) -> Result<Cmdline> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn text(cmdline: &Cmdline) -> String {

@@ -182,7 +182,6 @@ impl VmConfig {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn config(dir: &Path) -> VmConfig {

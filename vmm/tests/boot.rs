@@ -2,12 +2,18 @@
 //! busybox and a shell-script init) and checks what the guest does.
 //!
 //! Needs /dev/kvm, the kernel built by `kernel-config/build.sh` (or the path
-//! in SANDBOX_KERNEL), Debian's busybox-static and erofs-utils. A missing
-//! prerequisite fails the test with the command that provides it.
+//! in SANDBOX_KERNEL), Debian's busybox-static and erofs-utils. Without KVM
+//! or the kernel the test skips (with `SANDBOX_REQUIRE_VM=1`, as ./test.sh
+//! sets, it fails); another missing prerequisite fails the test with the
+//! command that provides it.
 //!
 //! Everything runs in one test function, one VM after the other, so that the
 //! process's thread and file descriptor counts can be compared before and after.
 #![allow(clippy::unwrap_used)]
+
+#[allow(dead_code)]
+#[path = "../../tests/common/vm.rs"]
+mod vm;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -18,26 +24,21 @@ use std::time::{Duration, Instant};
 use vmm::{ExitReason, Vm, VmConfig};
 
 fn kernel() -> PathBuf {
-    let path = std::env::var_os("SANDBOX_KERNEL").map_or_else(
+    std::env::var_os("SANDBOX_KERNEL").map_or_else(
         || {
             let home = std::env::var_os("HOME").expect("HOME is not set");
             Path::new(&home).join(".cache/sandbox/kernel/vmlinux")
         },
         PathBuf::from,
-    );
-    assert!(
-        path.exists(),
-        "guest kernel {} not found: build it with kernel-config/build.sh (or set SANDBOX_KERNEL)",
-        path.display()
-    );
-    path
+    )
 }
 
-fn require_kvm() {
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "/dev/kvm does not exist: this test boots a real VM and needs KVM"
-    );
+/// Whether this test can boot the guest kernel here (see `vm::vm_available`).
+fn vm_available() -> bool {
+    vm::vm_available(vm::missing_file(
+        &kernel(),
+        "build the guest kernel with kernel-config/build.sh (or set SANDBOX_KERNEL)",
+    ))
 }
 
 /// An erofs image holding busybox and `init` (a busybox shell script).
@@ -189,7 +190,9 @@ read -t 60 line && echo "serial input: $line"
 /// guest's reboot; then boots again and stops the guest from the host.
 #[test]
 fn guest_boots_runs_init_and_shuts_down() {
-    require_kvm();
+    if !vm_available() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let image = root_image(dir.path(), INIT);
     let scratch = dir.path().join("scratch.img");

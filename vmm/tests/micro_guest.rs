@@ -1,10 +1,15 @@
 //! Runs tiny hand-assembled guests (a few bytes of 32-bit code in a minimal
 //! ELF with a PVH note) on KVM: each takes milliseconds, and each drives one
-//! way a VM can end. Needs /dev/kvm; fails with a clear message without it.
+//! way a VM can end. Needs /dev/kvm; skips without it, or fails with
+//! `SANDBOX_REQUIRE_VM=1` (./test.sh).
 #![allow(clippy::unwrap_used)]
 
+#[allow(dead_code)]
+#[path = "../../tests/common/vm.rs"]
+mod vm;
+
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -92,10 +97,6 @@ struct Guest {
 }
 
 fn guest(elf_bytes: &[u8]) -> Guest {
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "/dev/kvm does not exist: these tests run guests on KVM"
-    );
     let dir = tempfile::tempdir().unwrap();
     let kernel = dir.path().join("kernel.elf");
     std::fs::write(&kernel, elf_bytes).unwrap();
@@ -123,6 +124,9 @@ fn config(guest: &Guest, vcpus: u8, sink: &Sink) -> VmConfig {
 
 #[test]
 fn serial_output_reaches_the_sink_and_an_i8042_reset_ends_the_vm() {
+    if !vm::vm_available([]) {
+        return;
+    }
     let g = guest(&elf(HELLO_AND_RESET, true));
     let sink = Sink::default();
     let reason = Vm::create(config(&g, 1, &sink)).unwrap().run().unwrap();
@@ -132,6 +136,9 @@ fn serial_output_reaches_the_sink_and_an_i8042_reset_ends_the_vm() {
 
 #[test]
 fn a_guest_with_memory_above_the_mmio_gap_runs() {
+    if !vm::vm_available([]) {
+        return;
+    }
     let g = guest(&elf(HELLO_AND_RESET, true));
     let sink = Sink::default();
     let mut config = config(&g, 1, &sink);
@@ -143,6 +150,9 @@ fn a_guest_with_memory_above_the_mmio_gap_runs() {
 
 #[test]
 fn a_triple_fault_ends_the_vm_as_a_guest_shutdown() {
+    if !vm::vm_available([]) {
+        return;
+    }
     let g = guest(&elf(TRIPLE_FAULT, true));
     let reason = Vm::create(config(&g, 2, &Sink::default()))
         .unwrap()
@@ -153,6 +163,9 @@ fn a_triple_fault_ends_the_vm_as_a_guest_shutdown() {
 
 #[test]
 fn the_host_stops_a_halted_guest() {
+    if !vm::vm_available([]) {
+        return;
+    }
     let g = guest(&elf(HALT_FOREVER, true));
     let vm = Vm::create(config(&g, 2, &Sink::default())).unwrap();
     let stop = vm.stop_handle();
@@ -166,6 +179,9 @@ fn the_host_stops_a_halted_guest() {
 
 #[test]
 fn a_stop_requested_before_run_ends_it_at_once() {
+    if !vm::vm_available([]) {
+        return;
+    }
     let g = guest(&elf(HALT_FOREVER, true));
     let vm = Vm::create(config(&g, 1, &Sink::default())).unwrap();
     vm.stop_handle().stop();
@@ -174,6 +190,9 @@ fn a_stop_requested_before_run_ends_it_at_once() {
 
 #[test]
 fn executing_from_unbacked_memory_is_a_fatal_error_with_registers() {
+    if !vm::vm_available([]) {
+        return;
+    }
     let g = guest(&elf(JUMP_TO_NOWHERE, true));
     let err = Vm::create(config(&g, 1, &Sink::default()))
         .unwrap()
@@ -190,6 +209,9 @@ fn executing_from_unbacked_memory_is_a_fatal_error_with_registers() {
 
 #[test]
 fn kernels_that_are_not_pvh_elfs_are_rejected() {
+    if !vm::vm_available([]) {
+        return;
+    }
     let g = guest(b"this is not an ELF file");
     let err = Vm::create(config(&g, 1, &Sink::default())).unwrap_err();
     assert!(matches!(err, Error::KernelLoad { .. }), "{err}");

@@ -115,7 +115,6 @@ fn unix_now() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use clap::Parser;
 
     use super::*;

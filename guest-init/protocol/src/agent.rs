@@ -178,7 +178,6 @@ pub fn decode_all<T: DeserializeOwned>(mut bytes: &[u8]) -> Vec<Result<T, String
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

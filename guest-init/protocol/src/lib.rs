@@ -116,7 +116,6 @@ impl LaunchSpec {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn spec() -> LaunchSpec {

@@ -172,8 +172,6 @@ impl InFlight {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use super::*;
 
     fn request(query: &[u8]) -> (Request, oneshot::Receiver<Vec<u8>>) {

@@ -165,8 +165,6 @@ pub fn set_message_id(message: &mut [u8], id: u16) {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use hickory_proto::op::{Message, MessageType, OpCode, Query as Question};
     use hickory_proto::rr::rdata::TXT;
     use hickory_proto::rr::{Name, RData, Record, RecordType};

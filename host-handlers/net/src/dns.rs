@@ -566,7 +566,6 @@ impl ConnectionHandler for DnsHandler {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn query_bytes(id: u16, name: &str, rtype: RecordType) -> Vec<u8> {

@@ -184,7 +184,6 @@ fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn check(guard: &AddressGuard, ip: &str) -> Result<(), Refusal> {

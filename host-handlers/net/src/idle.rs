@@ -101,7 +101,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -25,7 +25,6 @@ pub async fn read<R: AsyncBufRead + Unpin>(reader: &mut R) -> Result<ProxyHeader
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[tokio::test]

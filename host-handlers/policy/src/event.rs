@@ -726,7 +726,6 @@ impl fmt::Display for Event {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used)]
 //! Table-driven tests of decisions: precedence, ties, no match, layers and
 //! locks, rewrite actions, secrets, DNS synthesis, explanations and the
 //! built-in profiles.

@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used)]
 //! Hostile profiles: conditions as deep or as long as their size allows are
 //! rejected at load, never crash the loader; what is accepted can be
 //! evaluated on a small (2 MiB) stack, as on a tokio worker thread.

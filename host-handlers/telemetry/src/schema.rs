@@ -218,7 +218,6 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), TelemetryError> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

@@ -2,7 +2,6 @@
 //! database through the non-blocking `record_*` calls, with nothing refused
 //! and nothing dropped (every row counted afterwards). The rate achieved is
 //! printed, not asserted; counts are asserted.
-#![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant, SystemTime};
 

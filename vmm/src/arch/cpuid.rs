@@ -133,7 +133,6 @@ pub fn has_kvm_leaves(cpuid: &CpuId) -> bool {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {

@@ -138,7 +138,6 @@ pub fn write(mem: &GuestMemoryMmap, vcpus: u8) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     /// Expected size of the floating pointer plus table for `vcpus` processors.

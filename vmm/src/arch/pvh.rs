@@ -59,7 +59,6 @@ pub fn write(mem: &GuestMemoryMmap, ram: &[(GuestAddress, u64)]) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::layout::{ram_regions, MEMMAP_MAX_ENTRIES, MMIO_GAP_END, MMIO_GAP_START};
     use vm_memory::Bytes;

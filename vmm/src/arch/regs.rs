@@ -173,7 +173,6 @@ pub fn setup(vcpu: &VcpuFd, entry: Option<GuestAddress>) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

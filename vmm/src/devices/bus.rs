@@ -106,7 +106,6 @@ impl Bus {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     /// Remembers the last write and answers reads with its offset.

@@ -81,7 +81,6 @@ pub fn create_vm(kvm_fd: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

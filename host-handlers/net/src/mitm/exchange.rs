@@ -312,7 +312,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountedIo<T> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

@@ -248,7 +248,6 @@ where
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
     use http_body_util::{BodyExt, StreamBody};
     use std::sync::Arc;

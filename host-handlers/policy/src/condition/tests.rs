@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used)]
 //! The native evaluation of lowered conditions against the `cel`
 //! interpreter, on the same checked trees and the same events.
 

@@ -121,7 +121,6 @@ impl JsonSplitter {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn split(input: &[u8], piece: usize, max: usize) -> (Vec<JsonItem>, JsonSplitter) {

@@ -130,7 +130,6 @@ impl PriceTable {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn call(model: &str, input: u64, output: u64) -> ModelCall {

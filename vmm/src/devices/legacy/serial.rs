@@ -235,7 +235,6 @@ impl MutEventSubscriber for SerialInput {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 

@@ -372,7 +372,6 @@ impl BusDevice for MmioTransport {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::devices::virtio::common::VirtioCommon;
     use crate::devices::virtio::{read_config_bytes, ActivateError, INTERRUPT_VRING};

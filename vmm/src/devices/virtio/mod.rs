@@ -168,7 +168,6 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 

@@ -97,7 +97,6 @@ impl MutEventSubscriber for Block {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::devices::virtio::common::DeviceState;
     use crate::devices::virtio::Interrupt;

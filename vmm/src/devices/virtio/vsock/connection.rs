@@ -534,7 +534,6 @@ fn write_nonblocking(stream: &mut UnixStream, data: &[u8]) -> io::Result<usize> 
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     const GUEST_CID: u64 = 3;

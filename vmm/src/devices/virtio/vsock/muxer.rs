@@ -728,7 +728,6 @@ impl Muxer {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
     use std::io::{Read, Write};
     use std::path::Path;

@@ -127,7 +127,6 @@ impl ConnectLine {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
     use std::io::Write;
     use std::os::unix::net::UnixListener;

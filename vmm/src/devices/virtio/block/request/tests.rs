@@ -1,5 +1,4 @@
 //! Request parsing and serving against real guest memory and a real image file.
-#![allow(clippy::unwrap_used)]
 
 use std::io::{Read, Seek, SeekFrom, Write};
 

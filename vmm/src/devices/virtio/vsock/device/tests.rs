@@ -1,6 +1,5 @@
 //! The device driven through real split queues in guest memory, as the
 //! guest driver would, against real Unix sockets on the host side.
-#![allow(clippy::unwrap_used)]
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};

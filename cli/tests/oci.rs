@@ -2,13 +2,15 @@
 //! WorkingDir and User), pushed to a docker-registry on 127.0.0.1, pulled by
 //! reference, booted, and a command run in it. Needs /dev/kvm, the artefacts
 //! of ./setup.sh, docker-registry and skopeo (test.sh installs them), and root.
-#![allow(clippy::unwrap_used)]
+//! Without /dev/kvm or ./setup.sh's artefacts it skips, or fails with
+//! `SANDBOX_REQUIRE_VM=1` (./test.sh).
 
-use std::process::Command;
+mod common;
+
 use std::time::Duration;
 
 use sandbox_rootfs::fixtures::{ImageBuilder, LayerBuilder, Registry};
-use sandbox::{Image, Sandbox, Status};
+use sandbox::{Command as SandboxCommand, Image, Sandbox, Status};
 
 fn busybox_image() -> ImageBuilder {
     let busybox = std::fs::read("/bin/busybox").expect("Debian's busybox-static (/bin/busybox)");
@@ -42,8 +44,7 @@ fn busybox_image() -> ImageBuilder {
 
 #[test]
 fn a_pulled_image_runs_with_its_own_env_workdir_and_user() {
-    let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
-    assert!(kvm.is_ok(), "this test boots a VM and needs read-write access to /dev/kvm: {:?}", kvm.err());
+    common::require_vm!();
     let registry = Registry::start().unwrap();
     let layout = tempfile::tempdir().unwrap();
     busybox_image().write_oci_layout(layout.path(), "e2e").unwrap();
@@ -78,9 +79,8 @@ fn a_pulled_image_runs_with_its_own_env_workdir_and_user() {
     assert!(out.contains("nameserver 10.0.0.1"), "{out}");
 
     // The CLI lists it; rmi removes it again.
-    let sandbox = env!("CARGO_BIN_EXE_sandbox");
-    let images = Command::new(sandbox).arg("images").output().unwrap();
-    assert!(String::from_utf8_lossy(&images.stdout).contains(&reference), "{}", String::from_utf8_lossy(&images.stdout));
-    let rmi = Command::new(sandbox).args(["rmi", &reference]).output().unwrap();
-    assert!(rmi.status.success(), "{}", String::from_utf8_lossy(&rmi.stderr));
+    let images = common::sandbox(&["images"]);
+    assert!(common::text(&images.stdout).contains(&reference), "{}", common::text(&images.stdout));
+    let rmi = common::sandbox(&["rmi", &reference]);
+    assert!(rmi.status.success(), "{}", common::text(&rmi.stderr));
 }

@@ -1,20 +1,14 @@
 //! The CLI's answers to bad input: a clear message and a non-zero status,
 //! before any VM is started.
-#![allow(clippy::unwrap_used)]
 
-use std::process::{Command, Output};
+mod common;
 
-fn sandbox(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sandbox"));
-    cmd.args(args);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().unwrap()
-}
+use std::process::Output;
+
+use common::sandbox_with_env as sandbox;
 
 fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    common::text(&o.stderr)
 }
 
 #[test]

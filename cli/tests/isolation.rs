@@ -3,8 +3,12 @@
 //! of its own (reachable from this host over a veth pair), and the
 //! command's verdict. The failure path is proven honestly: a profile that
 //! answers the canary's DNS name lets that one check through, and the command
-//! must say so and exit non-zero. Needs /dev/kvm and ./setup.sh's artefacts.
+//! must say so and exit non-zero. Needs /dev/kvm and ./setup.sh's artefacts;
+//! skips without them, or fails with `SANDBOX_REQUIRE_VM=1` (./test.sh).
+// Its helper functions (outside #[test] fns) unwrap too.
 #![allow(clippy::unwrap_used)]
+
+mod common;
 
 use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -19,9 +23,7 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn sandbox(args: &[&str]) -> Output {
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
-    assert!(kvm.is_ok(), "this test boots VMs and needs /dev/kvm: {:?}", kvm.err());
-    Command::new(env!("CARGO_BIN_EXE_sandbox")).args(args).output().unwrap()
+    common::sandbox(args)
 }
 
 /// A network namespace joined to this one by a veth pair: an "outside"
@@ -115,6 +117,7 @@ fn target(net: &OutsideNetwork) -> (String, Arc<AtomicU32>) {
 
 #[test]
 fn a_sound_sandbox_blocks_every_check_and_the_command_says_so() {
+    common::require_vm!();
     let outside = OutsideNetwork::create();
     let (target, hits) = target(&outside);
     let o = sandbox(&["verify-isolation", "--target", &target]);
@@ -145,6 +148,7 @@ fn a_sound_sandbox_blocks_every_check_and_the_command_says_so() {
 
 #[test]
 fn a_profile_that_lets_the_canary_name_resolve_fails_the_check_every_round() {
+    common::require_vm!();
     let dir = tempfile::tempdir().unwrap();
     let profile = dir.path().join("leaky.toml");
     std::fs::write(

@@ -1,37 +1,25 @@
 //! End to end: a long-lived sandbox on the real guest kernel, driven through
 //! the CLI (`run -d`, `ps`, `exec`, `exec -it`, `cp`, `stop`, `rm`) and the
-//! library (`SandboxRef`), and its vsock device under load: 100 concurrent
+//! library (`Sandbox::find`), and its vsock device under load: 100 concurrent
 //! guest-to-host connections of 1 MiB checked by digest, and a reset for a port with
-//! no listener. One boot.
+//! no listener. One boot. Needs /dev/kvm and ./setup.sh's artefacts; skips
+//! without them, or fails with `SANDBOX_REQUIRE_VM=1` (./test.sh).
+// Its helper functions (outside #[test] fns) unwrap too.
 #![allow(clippy::unwrap_used)]
+
+mod common;
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sandbox::SandboxRef;
+use common::{sandbox, text, RemoveOnDrop, SharedBuf};
+use sandbox::Sandbox;
 use sha2::{Digest, Sha256};
-
-fn sandbox(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sandbox")).args(args).stdin(Stdio::null()).output().unwrap()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Removes the sandbox even when an assertion fails.
-struct Cleanup(String);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = sandbox(&["rm", "--force", &self.0]);
-    }
-}
 
 /// Answer every connection to `listener` with the SHA-256 of what it sent,
 /// each on its own thread; count the connections.
@@ -63,21 +51,20 @@ fn digest_server(listener: UnixListener) -> Arc<Mutex<usize>> {
 
 #[test]
 fn a_detached_sandbox_is_driven_from_other_processes() {
-    let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
-    assert!(kvm.is_ok(), "this test boots a VM and needs read-write access to /dev/kvm: {:?}", kvm.err());
+    common::require_vm!();
 
     let t = Instant::now();
     let started = sandbox(&["run", "-d", "--memory", "256", "default"]);
     assert!(started.status.success(), "run -d failed: {}", text(&started.stderr));
     let id = text(&started.stdout).trim().to_string();
-    let _cleanup = Cleanup(id.clone());
+    let _cleanup = RemoveOnDrop(id.clone());
     eprintln!("run -d returned {id} after {:?}", t.elapsed());
-    assert!(sandbox::registry::valid_id(&id), "{id:?}");
+    assert!(sandbox::valid_id(&id), "{id:?}");
 
     let ps = text(&sandbox(&["ps"]).stdout);
     let line = ps.lines().find(|l| l.starts_with(&id)).unwrap_or_else(|| panic!("{id} not in ps:\n{ps}"));
     assert!(line.contains("running") && line.contains("default"), "{line}");
-    let found = SandboxRef::find(&id[..6]).unwrap();
+    let found = Sandbox::find(&id[..6]).unwrap();
     assert!(found.is_running());
     assert_eq!(found.id(), id);
 
@@ -102,8 +89,7 @@ fn a_detached_sandbox_is_driven_from_other_processes() {
     assert!(said.contains("reset by peer"), "{said}");
 
     // exec with stdin, separated stdout and stderr, and the exit status.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sandbox"))
-        .args(["exec", "-i", "-e", "WHO=guest", "-w", "/tmp", &id, "--", "sh", "-c", "cat; echo \"$WHO in $(pwd)\" >&2; exit 7"])
+    let mut child = common::sandbox_command(&["exec", "-i", "-e", "WHO=guest", "-w", "/tmp", &id, "--", "sh", "-c", "cat; echo \"$WHO in $(pwd)\" >&2; exit 7"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -168,9 +154,8 @@ fn interactive_shell(id: &str) {
     let size = nix::pty::Winsize { ws_row: 24, ws_col: 80, ws_xpixel: 0, ws_ypixel: 0 };
     let pty = nix::pty::openpty(Some(&size), None).unwrap();
     let slave: OwnedFd = pty.slave;
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sandbox"));
-    cmd.args(["exec", "-it", id, "--", "sh"])
-        .stdin(slave.try_clone().unwrap())
+    let mut cmd = common::sandbox_command(&["exec", "-it", id, "--", "sh"]);
+    cmd.stdin(slave.try_clone().unwrap())
         .stdout(slave.try_clone().unwrap())
         .stderr(slave.try_clone().unwrap());
     // SAFETY: setsid and ioctl are async-signal-safe; they make the pseudo-
@@ -188,9 +173,9 @@ fn interactive_shell(id: &str) {
     let mut child = cmd.spawn().unwrap();
     drop(slave);
     let master = std::fs::File::from(pty.master);
-    let screen = Arc::new(Mutex::new(String::new()));
+    let screen = SharedBuf::default();
     {
-        let screen = Arc::clone(&screen);
+        let mut screen = screen.clone();
         let mut reader = master.try_clone().unwrap();
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
@@ -198,14 +183,14 @@ fn interactive_shell(id: &str) {
                 if n == 0 {
                     break;
                 }
-                screen.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                screen.write_all(&buf[..n]).unwrap();
             }
         });
     }
     let wait_for = |needle: &str| {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let seen = screen.lock().unwrap().clone();
+            let seen = screen.text();
             if seen.contains(needle) {
                 break;
             }
@@ -224,10 +209,10 @@ fn interactive_shell(id: &str) {
     for probe in 0.. {
         keys.write_all(format!("echo SIZE{probe}:$(stty size)\r").as_bytes()).unwrap();
         wait_for(&format!("\nSIZE{probe}:"));
-        if screen.lock().unwrap().contains(&format!("\nSIZE{probe}:40 100")) {
+        if screen.text().contains(&format!("\nSIZE{probe}:40 100")) {
             break;
         }
-        assert!(probe < 20, "the resize did not reach the guest:\n{}", screen.lock().unwrap());
+        assert!(probe < 20, "the resize did not reach the guest:\n{}", screen.text());
         std::thread::sleep(Duration::from_millis(500));
     }
     // The trap is in place before READY is printed, so the Ctrl-C that
@@ -244,8 +229,8 @@ fn interactive_shell(id: &str) {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        assert!(Instant::now() < deadline, "exec -it did not end after exit:\n{}", screen.lock().unwrap());
+        assert!(Instant::now() < deadline, "exec -it did not end after exit:\n{}", screen.text());
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert_eq!(status.code(), Some(5), "{}", screen.lock().unwrap());
+    assert_eq!(status.code(), Some(5), "{}", screen.text());
 }
