@@ -50,19 +50,35 @@ fn main() {
     let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (busybox-static)");
     let layout = tempfile::tempdir().unwrap();
     ImageBuilder::new()
-        .layer(LayerBuilder::new().dir("bin", 0o755, 0, 0).file("bin/busybox", &busybox, 0o755, 0, 0).symlink("bin/sh", "busybox").finish())
+        .layer(
+            LayerBuilder::new()
+                .dir("bin", 0o755, 0, 0)
+                .file("bin/busybox", &busybox, 0o755, 0, 0)
+                .symlink("bin/sh", "busybox")
+                .finish(),
+        )
         .env("PATH=/bin")
         .write_oci_layout(layout.path(), "bench")
         .unwrap();
     let name = format!("oci:{}:bench", layout.path().display());
     let t = Instant::now();
-    let (rec, _) = sandbox::image_store().ensure(&sandbox_rootfs::ImageSource::parse(&name).unwrap(), &Default::default()).unwrap();
+    let (rec, _) = sandbox::image_store()
+        .ensure(&sandbox_rootfs::ImageSource::parse(&name).unwrap(), &Default::default())
+        .unwrap();
     println!("first pull and conversion: {:.2} s", t.elapsed().as_secs_f64());
 
     let (default_first, default_total) = time_to_first_output(Image::Default);
     let (oci_first, oci_total) = time_to_first_output(Image::parse(&name));
-    println!("default image: first output after {:.2} s (whole run {:.2} s)", default_first.as_secs_f64(), default_total.as_secs_f64());
-    println!("cached OCI image: first output after {:.2} s (whole run {:.2} s)", oci_first.as_secs_f64(), oci_total.as_secs_f64());
+    println!(
+        "default image: first output after {:.2} s (whole run {:.2} s)",
+        default_first.as_secs_f64(),
+        default_total.as_secs_f64()
+    );
+    println!(
+        "cached OCI image: first output after {:.2} s (whole run {:.2} s)",
+        oci_first.as_secs_f64(),
+        oci_total.as_secs_f64()
+    );
     println!("ratio OCI / default: {:.2}", oci_first.as_secs_f64() / default_first.as_secs_f64());
     let _ = sandbox::image_store().remove(&rec.digest);
 }

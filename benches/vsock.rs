@@ -79,7 +79,11 @@ fn guest_to_host(instance: &Instance, bytes: usize) -> Duration {
 
 fn host_to_guest(instance: &Instance, bytes: usize) -> Duration {
     let mut server = instance
-        .spawn(Command::new("vsock-stream").args(["serve", "6101", "--bytes", &bytes.to_string()]).stderr_to(std::io::stderr()))
+        .spawn(
+            Command::new("vsock-stream")
+                .args(["serve", "6101", "--bytes", &bytes.to_string()])
+                .stderr_to(std::io::stderr()),
+        )
         .unwrap();
     let mut announced = String::new();
     std::io::BufReader::new(server.take_stdout().unwrap()).read_line(&mut announced).unwrap();
@@ -116,7 +120,11 @@ fn main() {
     // What the guest kernel copies per second with no device involved: every
     // vsock byte is copied at least once by guest kernel code.
     let t = Instant::now();
-    let status = exec(&instance, &["dd", "if=/dev/zero", "of=/dev/null", "bs=65536", &format!("count={}", bytes / 65536)], std::io::sink());
+    let status = exec(
+        &instance,
+        &["dd", "if=/dev/zero", "of=/dev/null", "bs=65536", &format!("count={}", bytes / 65536)],
+        std::io::sink(),
+    );
     assert_eq!(status, 0);
     println!("{:<32} {:>10.2}", "guest kernel copy (dd, no I/O)", mb_per_s(bytes, t.elapsed()));
 

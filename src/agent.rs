@@ -7,7 +7,9 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use guest_protocol::agent::{read_frame, write_frame, FrameError, GuestMessage, HostMessage, AGENT_PORT, CHUNK, VERSION};
+use guest_protocol::agent::{
+    read_frame, write_frame, FrameError, GuestMessage, HostMessage, AGENT_PORT, CHUNK, VERSION,
+};
 
 /// What went wrong talking to the guest agent.
 #[derive(Debug, thiserror::Error)]

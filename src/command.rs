@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use guest_protocol::agent::{Exec, WinSize};
 
-use sandbox_rootfs::ImageConfig;
 use crate::Error;
+use sandbox_rootfs::ImageConfig;
 
 /// How many bytes of each of standard output and standard error
 /// [`crate::Sandbox::output`] collects by default (16 MiB); see
@@ -264,7 +264,10 @@ mod tests {
         let cmd = Command::new("sh").args(["-c", "true"]).env("A", "1").cwd("/tmp").user("nobody");
         let exec = cmd.to_exec(None).unwrap();
         assert_eq!(exec.argv, ["sh", "-c", "true"]);
-        assert_eq!((exec.env, exec.cwd.as_str(), exec.user.as_deref()), (vec![("A".into(), "1".into())], "/tmp", Some("nobody")));
+        assert_eq!(
+            (exec.env, exec.cwd.as_str(), exec.user.as_deref()),
+            (vec![("A".into(), "1".into())], "/tmp", Some("nobody"))
+        );
         assert!(Command::from_argv(Vec::<String>::new()).to_exec(None).is_err());
         assert!(Command::new("x").cwd("relative").to_exec(None).is_err());
         assert!(Command::new("x").timeout(Duration::ZERO).to_exec(None).is_err());

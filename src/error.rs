@@ -7,7 +7,9 @@ use std::path::PathBuf;
 pub enum Error {
     #[error("the guest kernel is not built ({0} does not exist); build it with ./setup.sh (or kernel-config/build.sh), or set SANDBOX_KERNEL")]
     KernelMissing(PathBuf),
-    #[error("the default image is not built ({0} does not exist); build it with ./setup.sh (or rootfs/build-default.sh)")]
+    #[error(
+        "the default image is not built ({0} does not exist); build it with ./setup.sh (or rootfs/build-default.sh)"
+    )]
     DefaultImageMissing(PathBuf),
     #[error("cannot use {path} as a guest image: {reason}")]
     BadImage { path: PathBuf, reason: String },
@@ -35,6 +37,8 @@ pub enum Error {
     NotRunning(String),
     #[error(transparent)]
     Image(#[from] sandbox_rootfs::Error),
-    #[error("the guest stopped without reporting an exit status (kernel panic or init failure); last console lines:\n{0}")]
+    #[error(
+        "the guest stopped without reporting an exit status (kernel panic or init failure); last console lines:\n{0}"
+    )]
     NoExitStatus(String),
 }

@@ -22,9 +22,8 @@ pub fn cache_dir() -> PathBuf {
 
 /// The guest kernel (`vmlinux`), or an error saying how to build it.
 pub fn kernel() -> Result<PathBuf, Error> {
-    let path = std::env::var_os("SANDBOX_KERNEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cache_dir().join("kernel/vmlinux"));
+    let path =
+        std::env::var_os("SANDBOX_KERNEL").map(PathBuf::from).unwrap_or_else(|| cache_dir().join("kernel/vmlinux"));
     if path.is_file() {
         Ok(path)
     } else {

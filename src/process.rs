@@ -36,7 +36,10 @@ struct Sender {
 
 impl Sender {
     fn send(&self, msg: &HostMessage) -> Result<(), Error> {
-        let mut guard = self.frames.lock().map_err(|_| Error::Io("send to the guest agent".into(), io::Error::other("a sender panicked")))?;
+        let mut guard = self
+            .frames
+            .lock()
+            .map_err(|_| Error::Io("send to the guest agent".into(), io::Error::other("a sender panicked")))?;
         let (stream, writer) = &mut *guard;
         writer.write(stream, msg).map_err(|e| Error::Agent(AgentError::Frame(e)))
     }
@@ -348,7 +351,10 @@ impl Collected {
         self.bytes.extend_from_slice(&buf[..buf.len().min(room)]);
         if buf.len() > room {
             if !self.truncated {
-                tracing::warn!(limit = self.limit, "command output exceeds the collection limit; the rest is discarded");
+                tracing::warn!(
+                    limit = self.limit,
+                    "command output exceeds the collection limit; the rest is discarded"
+                );
             }
             self.truncated = true;
         }
@@ -386,14 +392,19 @@ mod tests {
     #[test]
     fn a_process_streams_stdin_and_output_and_takes_signals_while_it_runs() {
         let (_dir, path) = fake(|mut s| {
-            assert!(matches!(read_frame::<HostMessage>(&mut s).unwrap(), Some(HostMessage::Exec(e)) if e.argv == ["cat"]));
+            assert!(
+                matches!(read_frame::<HostMessage>(&mut s).unwrap(), Some(HostMessage::Exec(e)) if e.argv == ["cat"])
+            );
             write_frame(&mut s, &GuestMessage::Started { pid: 9 }).unwrap();
             // Echo standard input as it comes, before it ends.
             match read_frame::<HostMessage>(&mut s).unwrap().unwrap() {
                 HostMessage::Stdin(b) => write_frame(&mut s, &GuestMessage::Stdout(b)).unwrap(),
                 other => panic!("{other:?}"),
             }
-            assert_eq!(read_frame::<HostMessage>(&mut s).unwrap(), Some(HostMessage::Resize(WinSize { rows: 5, cols: 6 })));
+            assert_eq!(
+                read_frame::<HostMessage>(&mut s).unwrap(),
+                Some(HostMessage::Resize(WinSize { rows: 5, cols: 6 }))
+            );
             assert_eq!(read_frame::<HostMessage>(&mut s).unwrap(), Some(HostMessage::Signal(libc::SIGTERM)));
             write_frame(&mut s, &GuestMessage::Stderr(b"terminated".to_vec())).unwrap();
             assert_eq!(read_frame::<HostMessage>(&mut s).unwrap(), Some(HostMessage::StdinEof));

@@ -9,8 +9,8 @@
 //! `vsock.sock` exists. Any process can then drive it through that socket:
 //! run commands, copy files, stop it.
 
-use std::sync::{Arc, Mutex};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use guest_protocol::sandbox_dir::SandboxDir;
@@ -18,9 +18,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::agent::AgentConn;
 
+use crate::command::{Command, Output, OutputSink};
 use crate::events::Events;
 use crate::process::{Collect, Collected, Process};
-use crate::command::{Command, Output, OutputSink};
 use crate::{paths, Error, Image, SandboxBuilder, Status};
 
 /// How long to wait for the agent to accept a connection.
@@ -131,33 +131,35 @@ fn list_under(root: &Path) -> Result<Vec<Sandbox>, Error> {
 
 /// The sandbox `id` (or a unique prefix of one) under `root`.
 fn find_under(root: &Path, id: &str) -> Result<Sandbox, Error> {
-        if !valid_id(id) {
-            return Err(Error::Config(format!("not a sandbox id: {id:?}")));
-        }
-        let dir = SandboxDir::new(root.join(id));
-        let dir = if dir.state_file().is_file() {
-            dir
-        } else {
-            let matches: Vec<SandboxDir> = std::fs::read_dir(root)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(id)))
-                .map(|e| e.path())
-                .map(SandboxDir::new)
-                .filter(|d| d.state_file().is_file())
-                .collect();
-            match matches.as_slice() {
-                [one] => one.clone(),
-                [] => return Err(Error::NoSuchSandbox(id.to_string())),
-                _ => return Err(Error::Config(format!("{id:?} is the start of more than one sandbox id; give more of it"))),
+    if !valid_id(id) {
+        return Err(Error::Config(format!("not a sandbox id: {id:?}")));
+    }
+    let dir = SandboxDir::new(root.join(id));
+    let dir = if dir.state_file().is_file() {
+        dir
+    } else {
+        let matches: Vec<SandboxDir> = std::fs::read_dir(root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(id)))
+            .map(|e| e.path())
+            .map(SandboxDir::new)
+            .filter(|d| d.state_file().is_file())
+            .collect();
+        match matches.as_slice() {
+            [one] => one.clone(),
+            [] => return Err(Error::NoSuchSandbox(id.to_string())),
+            _ => {
+                return Err(Error::Config(format!("{id:?} is the start of more than one sandbox id; give more of it")))
             }
-        };
-        let path = dir.state_file();
-        let bytes = std::fs::read(&path).map_err(|e| Error::Io(format!("read {}", path.display()), e))?;
-        let state: SandboxState = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::Io(format!("parse {}", path.display()), std::io::Error::other(e)))?;
-        Ok(Sandbox { dir, state })
+        }
+    };
+    let path = dir.state_file();
+    let bytes = std::fs::read(&path).map_err(|e| Error::Io(format!("read {}", path.display()), e))?;
+    let state: SandboxState = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Io(format!("parse {}", path.display()), std::io::Error::other(e)))?;
+    Ok(Sandbox { dir, state })
 }
 
 impl Sandbox {
@@ -361,7 +363,12 @@ impl Sandbox {
                 let pid = nix::unistd::Pid::from_raw(i32::try_from(self.state.pid).unwrap_or(0));
                 match nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL) {
                     Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-                    Err(e) => return Err(Error::Io(format!("kill process {pid} holding sandbox {}", self.state.id), e.into())),
+                    Err(e) => {
+                        return Err(Error::Io(
+                            format!("kill process {pid} holding sandbox {}", self.state.id),
+                            e.into(),
+                        ))
+                    }
                 }
                 while self.holder_alive() {
                     std::thread::sleep(Duration::from_millis(20));

@@ -151,13 +151,23 @@ impl Report {
         let w1 = self.checks.iter().map(|c| c.attempt.len()).chain([header.1.len()]).max().unwrap_or(0);
         let mut out = format!("{:w0$}  {:w1$}  {:12}  {}\n", header.0, header.1, header.2, header.3);
         for c in &self.checks {
-            out.push_str(&format!("{:w0$}  {:w1$}  {:12}  {}\n", c.invariant, c.attempt, c.verdict.to_string(), c.detail));
+            out.push_str(&format!(
+                "{:w0$}  {:w1$}  {:12}  {}\n",
+                c.invariant,
+                c.attempt,
+                c.verdict.to_string(),
+                c.detail
+            ));
         }
         let escaped = self.checks.iter().filter(|c| c.verdict != Verdict::Blocked).count();
         out.push_str(&if escaped == 0 {
             format!("isolated: all {} checks blocked (canary {})\n", self.checks.len(), self.canary_id)
         } else {
-            format!("NOT ISOLATED: {escaped} of {} checks did not block (canary {})\n", self.checks.len(), self.canary_id)
+            format!(
+                "NOT ISOLATED: {escaped} of {} checks did not block (canary {})\n",
+                self.checks.len(),
+                self.canary_id
+            )
         });
         out
     }
@@ -261,9 +271,11 @@ impl Evidence {
             let (rows, more) = reader.read_new()?;
             for row in rows {
                 match row {
-                    LogRow::Dns(r) => {
-                        self.dns.push(DnsDecision { qname: r.qname, decision: r.decision, matched_rule: r.matched_rule })
-                    }
+                    LogRow::Dns(r) => self.dns.push(DnsDecision {
+                        qname: r.qname,
+                        decision: r.decision,
+                        matched_rule: r.matched_rule,
+                    }),
                     LogRow::Net(r) => self.net.push(NetDecision {
                         domain: r.domain,
                         decision: r.decision,
@@ -301,7 +313,9 @@ pub fn judge(kind: &CheckKind, line: Option<&ProbeLine>, evidence: &Evidence) ->
     let ok = line.is_some_and(|l| l.ok);
     match kind {
         CheckKind::NatFlush => match line {
-            Some(l) if l.ok => (Verdict::Blocked, format!("{} (done; the checks below run without the redirects)", l.detail)),
+            Some(l) if l.ok => {
+                (Verdict::Blocked, format!("{} (done; the checks below run without the redirects)", l.detail))
+            }
             Some(l) => (Verdict::Inconclusive, format!("{} (could not delete them)", l.detail)),
             None => (Verdict::Inconclusive, detail.into()),
         },
@@ -309,7 +323,10 @@ pub fn judge(kind: &CheckKind, line: Option<&ProbeLine>, evidence: &Evidence) ->
             Some(l) if l.ok => (Verdict::Escaped, l.detail.clone()),
             Some(l) if *refusal_is_remote && refusal(&l.detail) => (
                 Verdict::Escaped,
-                format!("{} (with the redirect rules deleted, a refusal comes from a host the packet reached)", l.detail),
+                format!(
+                    "{} (with the redirect rules deleted, a refusal comes from a host the packet reached)",
+                    l.detail
+                ),
             ),
             Some(l) => (Verdict::Blocked, l.detail.clone()),
             None => (Verdict::Inconclusive, detail.into()),
@@ -322,11 +339,18 @@ pub fn judge(kind: &CheckKind, line: Option<&ProbeLine>, evidence: &Evidence) ->
             if let Some(r) = rows.iter().find(|r| r.decision != "denied") {
                 return (
                     Verdict::Escaped,
-                    format!("{detail}; the DNS handler let the query out ({}, {})", r.decision, rule_text(r.matched_rule.as_ref())),
+                    format!(
+                        "{detail}; the DNS handler let the query out ({}, {})",
+                        r.decision,
+                        rule_text(r.matched_rule.as_ref())
+                    ),
                 );
             }
             match rows.first() {
-                Some(r) => (Verdict::Blocked, format!("{detail}; denied by the DNS handler ({})", rule_text(r.matched_rule.as_ref()))),
+                Some(r) => (
+                    Verdict::Blocked,
+                    format!("{detail}; denied by the DNS handler ({})", rule_text(r.matched_rule.as_ref())),
+                ),
                 None => (Verdict::Inconclusive, format!("{detail}; session.db has no decision for {qname}")),
             }
         }
@@ -358,11 +382,18 @@ pub fn judge(kind: &CheckKind, line: Option<&ProbeLine>, evidence: &Evidence) ->
                 // Allowed by policy and past the address guard: the MITM dialled the host.
                 return (
                     Verdict::Escaped,
-                    format!("{detail}; the MITM let the request through to the host ({}, {}); {counted}", r.decision, rule_text(r.matched_rule.as_ref())),
+                    format!(
+                        "{detail}; the MITM let the request through to the host ({}, {}); {counted}",
+                        r.decision,
+                        rule_text(r.matched_rule.as_ref())
+                    ),
                 );
             }
             if let Some(r) = rows.first() {
-                return (Verdict::Blocked, format!("{detail}; denied by the MITM ({}); {counted}", rule_text(r.matched_rule.as_ref())));
+                return (
+                    Verdict::Blocked,
+                    format!("{detail}; denied by the MITM ({}); {counted}", rule_text(r.matched_rule.as_ref())),
+                );
             }
             match evidence.loopback_https_accepted {
                 Some(_) => (Verdict::Blocked, format!("{detail}; {counted}")),
@@ -373,7 +404,10 @@ pub fn judge(kind: &CheckKind, line: Option<&ProbeLine>, evidence: &Evidence) ->
             let rows: Vec<&NetDecision> = evidence
                 .net
                 .iter()
-                .filter(|r| r.ip.as_deref() == Some(target.ip().to_string().as_str()) && r.port == Some(i64::from(target.port())))
+                .filter(|r| {
+                    r.ip.as_deref() == Some(target.ip().to_string().as_str())
+                        && r.port == Some(i64::from(target.port()))
+                })
                 .collect();
             if !ok {
                 return match line {
@@ -384,13 +418,20 @@ pub fn judge(kind: &CheckKind, line: Option<&ProbeLine>, evidence: &Evidence) ->
             if let Some(r) = rows.iter().find(|r| r.decision != "denied") {
                 return (
                     Verdict::Escaped,
-                    format!("{detail}; the host let the connection out ({}, {})", r.decision, rule_text(r.matched_rule.as_ref())),
+                    format!(
+                        "{detail}; the host let the connection out ({}, {})",
+                        r.decision,
+                        rule_text(r.matched_rule.as_ref())
+                    ),
                 );
             }
             match rows.first() {
                 Some(r) => (
                     Verdict::Blocked,
-                    format!("{detail} to the guest's net-proxy; the host refused it ({})", rule_text(r.matched_rule.as_ref())),
+                    format!(
+                        "{detail} to the guest's net-proxy; the host refused it ({})",
+                        rule_text(r.matched_rule.as_ref())
+                    ),
                 ),
                 None => (Verdict::Inconclusive, format!("{detail}; session.db has no decision for {target}")),
             }
@@ -407,7 +448,14 @@ pub fn judge(kind: &CheckKind, line: Option<&ProbeLine>, evidence: &Evidence) ->
 }
 
 /// An attempt at an outside target, against the host's own attempt at it.
-fn judge_outside(ok: bool, detail: &str, got_line: bool, control: Option<&Reach>, rules_deleted: bool, proto: &str) -> (Verdict, String) {
+fn judge_outside(
+    ok: bool,
+    detail: &str,
+    got_line: bool,
+    control: Option<&Reach>,
+    rules_deleted: bool,
+    proto: &str,
+) -> (Verdict, String) {
     if ok {
         return (Verdict::Escaped, detail.into());
     }
@@ -443,11 +491,14 @@ fn judge_outside(ok: bool, detail: &str, got_line: bool, control: Option<&Reach>
 fn control(target: SocketAddr, timeout: Duration) -> Control {
     let tcp = match TcpStream::connect_timeout(&target, timeout) {
         Ok(_) => Reach::Answered,
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset) => Reach::Refused,
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset) => {
+            Reach::Refused
+        }
         Err(e) => Reach::Silent(e.to_string()),
     };
     let udp = (|| -> std::io::Result<()> {
-        let any: SocketAddr = if target.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
+        let any: SocketAddr =
+            if target.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
         let socket = UdpSocket::bind(any)?;
         socket.connect(target)?;
         socket.set_read_timeout(Some(timeout))?;
@@ -546,20 +597,56 @@ fn attempts(config: &VerifyConfig, host: SocketAddr) -> Vec<Attempt> {
     let host_port = host.port().to_string();
     let peer_port = PEER_PORT.to_string();
     let mut list = vec![
-        attempt("peer sandbox", format!("tcp 10.0.0.2:{PEER_PORT}"), &["tcp-connect", &format!("10.0.0.2:{PEER_PORT}")])
-            .judged_by(CheckKind::Redirected { target: SocketAddr::from((GUEST_PEER, PEER_PORT)) }),
-        attempt("peer sandbox", format!("vsock {GUEST_CID}:{PEER_PORT} (every guest's CID)"), &["vsock-connect", &format!("{GUEST_CID}:{peer_port}")]),
+        attempt(
+            "peer sandbox",
+            format!("tcp 10.0.0.2:{PEER_PORT}"),
+            &["tcp-connect", &format!("10.0.0.2:{PEER_PORT}")],
+        )
+        .judged_by(CheckKind::Redirected { target: SocketAddr::from((GUEST_PEER, PEER_PORT)) }),
+        attempt(
+            "peer sandbox",
+            format!("vsock {GUEST_CID}:{PEER_PORT} (every guest's CID)"),
+            &["vsock-connect", &format!("{GUEST_CID}:{peer_port}")],
+        ),
         attempt("peer sandbox", format!("vsock 4:{PEER_PORT}"), &["vsock-connect", &format!("4:{peer_port}")]),
-        attempt("peer sandbox", format!("vsock {HOST_CID}:{PEER_PORT} (host)"), &["vsock-connect", &format!("{HOST_CID}:{peer_port}")]),
-        attempt("host loopback", format!("tcp 127.0.0.1:{host_port}"), &["tcp-connect", &format!("127.0.0.1:{host_port}")]),
-        attempt("host loopback", format!("tcp 10.0.0.2:{host_port}"), &["tcp-connect", &format!("10.0.0.2:{host_port}")])
-            .judged_by(CheckKind::Redirected { target: SocketAddr::from((GUEST_PEER, host.port())) }),
-        attempt("host loopback", format!("vsock {HOST_CID}:{host_port}"), &["vsock-connect", &format!("{HOST_CID}:{host_port}")]),
-        attempt("host loopback", format!("https://{LOOPBACK_NAME}/ via the MITM"), &["tls", "10.0.0.2:443", "--sni", LOOPBACK_NAME])
-            .judged_by(CheckKind::MitmLoopback { domains: vec![LOOPBACK_NAME.into(), "10.0.0.2".into()] }),
-        attempt("sandbox sockets", format!("vsock {HOST_CID}:{AGENT_PORT} (agent port, host side)"), &["vsock-connect", &format!("{HOST_CID}:{AGENT_PORT}")]),
+        attempt(
+            "peer sandbox",
+            format!("vsock {HOST_CID}:{PEER_PORT} (host)"),
+            &["vsock-connect", &format!("{HOST_CID}:{peer_port}")],
+        ),
+        attempt(
+            "host loopback",
+            format!("tcp 127.0.0.1:{host_port}"),
+            &["tcp-connect", &format!("127.0.0.1:{host_port}")],
+        ),
+        attempt(
+            "host loopback",
+            format!("tcp 10.0.0.2:{host_port}"),
+            &["tcp-connect", &format!("10.0.0.2:{host_port}")],
+        )
+        .judged_by(CheckKind::Redirected { target: SocketAddr::from((GUEST_PEER, host.port())) }),
+        attempt(
+            "host loopback",
+            format!("vsock {HOST_CID}:{host_port}"),
+            &["vsock-connect", &format!("{HOST_CID}:{host_port}")],
+        ),
+        attempt(
+            "host loopback",
+            format!("https://{LOOPBACK_NAME}/ via the MITM"),
+            &["tls", "10.0.0.2:443", "--sni", LOOPBACK_NAME],
+        )
+        .judged_by(CheckKind::MitmLoopback { domains: vec![LOOPBACK_NAME.into(), "10.0.0.2".into()] }),
+        attempt(
+            "sandbox sockets",
+            format!("vsock {HOST_CID}:{AGENT_PORT} (agent port, host side)"),
+            &["vsock-connect", &format!("{HOST_CID}:{AGENT_PORT}")],
+        ),
         attempt("sandbox sockets", format!("vsock {HOST_CID}:5001"), &["vsock-connect", &format!("{HOST_CID}:5001")]),
-        attempt("sandbox sockets", format!("vsock 1:{MITM_PORT} (the guest's local CID)"), &["vsock-connect", &format!("1:{MITM_PORT}")]),
+        attempt(
+            "sandbox sockets",
+            format!("vsock 1:{MITM_PORT} (the guest's local CID)"),
+            &["vsock-connect", &format!("1:{MITM_PORT}")],
+        ),
         attempt("dns", format!("{} A", config.canary_name), &["dns", &config.canary_name])
             .judged_by(CheckKind::Dns { qname: config.canary_name.clone() }),
     ];
@@ -576,10 +663,18 @@ fn attempts(config: &VerifyConfig, host: SocketAddr) -> Vec<Attempt> {
     // Guest root removes the redirects: nothing may change.
     list.push(attempt("guest network", "delete every nftables rule (guest root)", &["nat-flush"]));
     let mut bypass = vec![
-        attempt("host loopback", format!("tcp 10.0.0.2:{host_port} (rules deleted)"), &["tcp-connect", &format!("10.0.0.2:{host_port}")])
-            .judged_by(CheckKind::Connect { refusal_is_remote: true }),
-        attempt("dns", format!("{} A via 10.0.0.2:53 (rules deleted)", config.canary_name), &["dns", &config.canary_name, "--server", "10.0.0.2:53"])
-            .judged_by(CheckKind::DnsBypass),
+        attempt(
+            "host loopback",
+            format!("tcp 10.0.0.2:{host_port} (rules deleted)"),
+            &["tcp-connect", &format!("10.0.0.2:{host_port}")],
+        )
+        .judged_by(CheckKind::Connect { refusal_is_remote: true }),
+        attempt(
+            "dns",
+            format!("{} A via 10.0.0.2:53 (rules deleted)", config.canary_name),
+            &["dns", &config.canary_name, "--server", "10.0.0.2:53"],
+        )
+        .judged_by(CheckKind::DnsBypass),
     ];
     for target in &config.targets {
         bypass.push(
@@ -596,7 +691,11 @@ fn attempts(config: &VerifyConfig, host: SocketAddr) -> Vec<Attempt> {
 }
 
 /// Run `argv` in `instance`, collecting stdout.
-fn exec(instance: &Instance, argv: Vec<String>, stdin: Option<std::io::PipeReader>) -> Result<(i32, String, String), Error> {
+fn exec(
+    instance: &Instance,
+    argv: Vec<String>,
+    stdin: Option<std::io::PipeReader>,
+) -> Result<(i32, String, String), Error> {
     let mut command = Command::from_argv(argv);
     if let Some(stdin) = stdin {
         command = command.stdin_from(stdin);
@@ -620,11 +719,14 @@ pub fn verify(config: &VerifyConfig) -> Result<Report, Error> {
             None
         }
     };
-    let https_target_v6 = https_target.as_ref().and_then(|_| LoopbackService::start_at(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 443)).ok());
+    let https_target_v6 = https_target
+        .as_ref()
+        .and_then(|_| LoopbackService::start_at(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 443)).ok());
     // The host reaches each outside target itself first: the guest's failure
     // counts only against a target that answers.
     let controls: Vec<Control> = config.targets.iter().map(|t| control(*t, config.attempt_timeout)).collect();
-    let mut canary_builder = Sandbox::builder(config.image.clone()).memory_mib(config.memory_mib).net_config(config.net.clone());
+    let mut canary_builder =
+        Sandbox::builder(config.image.clone()).memory_mib(config.memory_mib).net_config(config.net.clone());
     for f in &config.corporate_profiles {
         canary_builder = canary_builder.profile_at(Layer::Corporate, ProfileSource::File(f.clone()));
     }
@@ -633,7 +735,11 @@ pub fn verify(config: &VerifyConfig) -> Result<Report, Error> {
     }
     // One after the other: two guests booting at once on a loaded host can
     // starve each other past the agent's timeouts where kernel code is emulated.
-    let peer = if config.peer { Some(Sandbox::builder(config.image.clone()).memory_mib(config.memory_mib).start()?) } else { None };
+    let peer = if config.peer {
+        Some(Sandbox::builder(config.image.clone()).memory_mib(config.memory_mib).start()?)
+    } else {
+        None
+    };
     let canary = canary_builder.start()?;
 
     // The peer listens until its standard input ends (after the canary's attempts).
@@ -775,7 +881,8 @@ mod tests {
     #[test]
     fn a_report_is_isolated_only_when_every_check_blocked() {
         let check = |verdict| Check { invariant: "dns".into(), attempt: "x A".into(), verdict, detail: "d".into() };
-        let mut report = Report { canary_id: "abc".into(), canary_session_db: "/x".into(), checks: vec![check(Verdict::Blocked)] };
+        let mut report =
+            Report { canary_id: "abc".into(), canary_session_db: "/x".into(), checks: vec![check(Verdict::Blocked)] };
         assert!(report.isolated());
         assert!(report.table().contains("isolated: all 1 checks blocked"));
         report.checks.push(check(Verdict::Inconclusive));
@@ -799,7 +906,8 @@ mod tests {
         let nxdomain = line("dns canary.verify-isolation.invalid/A fail rcode=Non-Existent Domain answers=[]");
         // An allow-all profile: the handler forwarded the query and the
         // upstream answered NXDOMAIN for the .invalid name.
-        let leaky = Evidence { dns: vec![dns_row("Canary.Verify-Isolation.invalid.", "allowed")], ..Evidence::default() };
+        let leaky =
+            Evidence { dns: vec![dns_row("Canary.Verify-Isolation.invalid.", "allowed")], ..Evidence::default() };
         let (verdict, detail) = judge(&kind, Some(&nxdomain), &leaky);
         assert_eq!(verdict, Verdict::Escaped, "{detail}");
         assert!(detail.contains("let the query out"), "{detail}");
@@ -829,32 +937,67 @@ mod tests {
         assert!(detail.contains("accepted 1"), "{detail}");
         // Nothing listened where it dialled, but policy and guard let it try.
         let dialled = Evidence {
-            net: vec![NetDecision { domain: "localhost".into(), decision: "error".into(), matched_rule: Some("allow_all".into()), status_code: Some(502), port: Some(443), ip: None }],
+            net: vec![NetDecision {
+                domain: "localhost".into(),
+                decision: "error".into(),
+                matched_rule: Some("allow_all".into()),
+                status_code: Some(502),
+                port: Some(443),
+                ip: None,
+            }],
             ..Evidence::default()
         };
         assert_eq!(judge(&kind, Some(&bad_gateway), &dialled).0, Verdict::Escaped);
         // Sound: the target saw nothing, and the MITM's refusal is on record.
         let denied = Evidence {
-            net: vec![NetDecision { domain: "localhost".into(), decision: "denied".into(), matched_rule: Some("address-guard".into()), status_code: Some(403), port: Some(443), ip: None }],
+            net: vec![NetDecision {
+                domain: "localhost".into(),
+                decision: "denied".into(),
+                matched_rule: Some("address-guard".into()),
+                status_code: Some(403),
+                port: Some(443),
+                ip: None,
+            }],
             loopback_https_accepted: Some(0),
             ..Evidence::default()
         };
         assert_eq!(judge(&kind, Some(&bad_gateway), &denied).0, Verdict::Blocked);
         // A connection refused before its ClientHello is logged under the address.
         let refused_early = Evidence {
-            net: vec![NetDecision { domain: "10.0.0.2".into(), decision: "denied".into(), matched_rule: None, status_code: None, port: Some(443), ip: Some("10.0.0.2".into()) }],
+            net: vec![NetDecision {
+                domain: "10.0.0.2".into(),
+                decision: "denied".into(),
+                matched_rule: None,
+                status_code: None,
+                port: Some(443),
+                ip: Some("10.0.0.2".into()),
+            }],
             ..Evidence::default()
         };
         assert_eq!(judge(&kind, Some(&bad_gateway), &refused_early).0, Verdict::Blocked);
         // A connection-level allow of that address lets the MITM go on.
         let allowed_early = Evidence {
-            net: vec![NetDecision { domain: "10.0.0.2".into(), decision: "allowed".into(), matched_rule: Some("tcp.any".into()), status_code: None, port: Some(443), ip: Some("10.0.0.2".into()) }],
+            net: vec![NetDecision {
+                domain: "10.0.0.2".into(),
+                decision: "allowed".into(),
+                matched_rule: Some("tcp.any".into()),
+                status_code: None,
+                port: Some(443),
+                ip: Some("10.0.0.2".into()),
+            }],
             ..Evidence::default()
         };
         assert_eq!(judge(&kind, Some(&bad_gateway), &allowed_early).0, Verdict::Escaped);
         // Rows for other ports of that address belong to other checks.
         let other_port = Evidence {
-            net: vec![NetDecision { domain: "10.0.0.2".into(), decision: "allowed".into(), matched_rule: None, status_code: None, port: Some(2222), ip: Some("10.0.0.2".into()) }],
+            net: vec![NetDecision {
+                domain: "10.0.0.2".into(),
+                decision: "allowed".into(),
+                matched_rule: None,
+                status_code: None,
+                port: Some(2222),
+                ip: Some("10.0.0.2".into()),
+            }],
             loopback_https_accepted: Some(0),
             ..Evidence::default()
         };
@@ -867,7 +1010,10 @@ mod tests {
     fn item4_silent_udp_target_is_not_read_as_blocked() {
         let target: SocketAddr = "192.0.2.7:9999".parse().unwrap();
         let no_answer = line("udp 192.0.2.7:9999 fail timeout: Resource temporarily unavailable (os error 11)");
-        let with = |udp: Reach| Evidence { controls: vec![Control { target, tcp: Reach::Answered, udp }], ..Evidence::default() };
+        let with = |udp: Reach| Evidence {
+            controls: vec![Control { target, tcp: Reach::Answered, udp }],
+            ..Evidence::default()
+        };
         for rules_deleted in [false, true] {
             let kind = CheckKind::OutsideUdp { target, rules_deleted };
             // A target that answers nobody: the guest's silence proves nothing.
@@ -891,7 +1037,10 @@ mod tests {
         let target: SocketAddr = "192.0.2.7:22".parse().unwrap();
         let reset = line("tcp-connect 192.0.2.7:22 fail reset: Connection reset by peer (os error 104)");
         let refused = line("tcp-connect 192.0.2.7:22 fail refused: Connection refused (os error 111)");
-        let closed_port = Evidence { controls: vec![Control { target, tcp: Reach::Refused, udp: Reach::Refused }], ..Evidence::default() };
+        let closed_port = Evidence {
+            controls: vec![Control { target, tcp: Reach::Refused, udp: Reach::Refused }],
+            ..Evidence::default()
+        };
         // With the redirects deleted nothing in the guest refuses: the RST came from the target.
         let bypass = CheckKind::OutsideTcp { target, rules_deleted: true };
         for l in [&reset, &refused] {
@@ -900,10 +1049,24 @@ mod tests {
         }
         let to_host = CheckKind::Connect { refusal_is_remote: true };
         assert_eq!(judge(&to_host, Some(&refused), &Evidence::default()).0, Verdict::Escaped);
-        let listening = Evidence { controls: vec![Control { target, tcp: Reach::Answered, udp: Reach::Answered }], ..Evidence::default() };
+        let listening = Evidence {
+            controls: vec![Control { target, tcp: Reach::Answered, udp: Reach::Answered }],
+            ..Evidence::default()
+        };
         let timeout = line("tcp-connect 192.0.2.7:22 fail timeout: connection timed out");
         assert_eq!(judge(&bypass, Some(&timeout), &listening).0, Verdict::Blocked);
-        assert_eq!(judge(&bypass, Some(&timeout), &Evidence { controls: vec![Control { target, tcp: Reach::Silent("timed out".into()), udp: Reach::Answered }], ..Evidence::default() }).0, Verdict::Inconclusive);
+        assert_eq!(
+            judge(
+                &bypass,
+                Some(&timeout),
+                &Evidence {
+                    controls: vec![Control { target, tcp: Reach::Silent("timed out".into()), udp: Reach::Answered }],
+                    ..Evidence::default()
+                }
+            )
+            .0,
+            Verdict::Inconclusive
+        );
     }
 
     #[test]
@@ -942,10 +1105,19 @@ mod tests {
         let list = attempts(&config, "127.0.0.1:2222".parse().unwrap());
         let kind_of = |label: &str| list.iter().find(|a| a.label == label).map(|a| a.kind.clone()).unwrap();
         assert_eq!(kind_of(&format!("{DEFAULT_CANARY_NAME} A")), CheckKind::Dns { qname: DEFAULT_CANARY_NAME.into() });
-        assert_eq!(kind_of("https://localhost/ via the MITM"), CheckKind::MitmLoopback { domains: vec!["localhost".into(), "10.0.0.2".into()] });
+        assert_eq!(
+            kind_of("https://localhost/ via the MITM"),
+            CheckKind::MitmLoopback { domains: vec!["localhost".into(), "10.0.0.2".into()] }
+        );
         assert!(matches!(kind_of("udp 192.0.2.7:22"), CheckKind::OutsideUdp { rules_deleted: false, .. }));
-        assert!(matches!(kind_of("udp 192.0.2.7:22 (rules deleted)"), CheckKind::OutsideUdp { rules_deleted: true, .. }));
-        assert!(matches!(kind_of("tcp 192.0.2.7:22 (rules deleted)"), CheckKind::OutsideTcp { rules_deleted: true, .. }));
+        assert!(matches!(
+            kind_of("udp 192.0.2.7:22 (rules deleted)"),
+            CheckKind::OutsideUdp { rules_deleted: true, .. }
+        ));
+        assert!(matches!(
+            kind_of("tcp 192.0.2.7:22 (rules deleted)"),
+            CheckKind::OutsideTcp { rules_deleted: true, .. }
+        ));
         assert_eq!(kind_of("tcp 192.0.2.7:22"), CheckKind::Redirected { target: "192.0.2.7:22".parse().unwrap() });
         assert_eq!(kind_of("tcp 10.0.0.2:7777"), CheckKind::Redirected { target: "10.0.0.2:7777".parse().unwrap() });
         assert_eq!(kind_of("tcp 10.0.0.2:2222 (rules deleted)"), CheckKind::Connect { refusal_is_remote: true });
@@ -994,7 +1166,14 @@ mod tests {
         runtime.block_on(session.close()).unwrap();
         let mut evidence = Evidence::default();
         evidence.read_session_db(&path).unwrap();
-        assert_eq!(evidence.dns, vec![DnsDecision { qname: DEFAULT_CANARY_NAME.into(), decision: "allowed".into(), matched_rule: Some("allow_all".into()) }]);
+        assert_eq!(
+            evidence.dns,
+            vec![DnsDecision {
+                qname: DEFAULT_CANARY_NAME.into(),
+                decision: "allowed".into(),
+                matched_rule: Some("allow_all".into())
+            }]
+        );
     }
 
     #[test]

@@ -54,7 +54,9 @@ fn a_missing_command_is_127_and_a_timeout_kills_the_command() {
     assert_eq!(missing.status, Status::Exited(127));
     let t = Instant::now();
     let slow = instance
-        .output(SandboxCommand::new("/bin/sh").args(["-c", "echo started; sleep 1000"]).timeout(Duration::from_secs(10)))
+        .output(
+            SandboxCommand::new("/bin/sh").args(["-c", "echo started; sleep 1000"]).timeout(Duration::from_secs(10)),
+        )
         .unwrap();
     assert_eq!(slow.status, Status::TimedOut);
     assert_eq!(String::from_utf8_lossy(&slow.stdout), "started\n");

@@ -84,7 +84,10 @@ async fn the_library_runs_concurrent_processes_and_streams_events_from_async_cod
     assert!(!handle.is_running());
     // Every row is in the file once shutdown returned; the stream then ends.
     let rest: Vec<LogRow> = handle.events().unwrap().map(|r| r.unwrap()).collect();
-    assert!(rest.iter().any(|r| matches!(r, LogRow::Dns(d) if d.qname.starts_with("blocked.library.test"))), "{rest:?}");
+    assert!(
+        rest.iter().any(|r| matches!(r, LogRow::Dns(d) if d.qname.starts_with("blocked.library.test"))),
+        "{rest:?}"
+    );
 }
 
 /// Dropping a running instance inside a runtime stops it without a panic.

@@ -210,7 +210,8 @@ async fn plain_http(listen: SocketAddr, count: Arc<AtomicU64>) -> tokio::task::J
                 }
                 count.fetch_add(1, Ordering::SeqCst);
                 let body = "model says hi";
-                let response = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                let response =
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
                 let _ = stream.write_all(response.as_bytes()).await;
             });
         }
@@ -220,7 +221,10 @@ async fn plain_http(listen: SocketAddr, count: Arc<AtomicU64>) -> tokio::task::J
 /// The SHA-256 of the fixture's `/bytes/<n>` body, and `fetch` run on the host.
 fn host_fetch(args: &[&str]) -> std::process::Output {
     let fetch = concat!(env!("CARGO_MANIFEST_DIR"), "/target/x86_64-unknown-linux-musl/guest/fetch");
-    assert!(std::path::Path::new(fetch).is_file(), "{fetch} is missing: run ./setup.sh (rootfs/build-default.sh builds it)");
+    assert!(
+        std::path::Path::new(fetch).is_file(),
+        "{fetch} is missing: run ./setup.sh (rootfs/build-default.sh builds it)"
+    );
     std::process::Command::new(fetch).args(args).output().unwrap()
 }
 
@@ -237,7 +241,8 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     // The runtime's warnings (the VMM's refusals among them), collected.
     let log = common::SharedBuf::default();
     let writer = log.clone();
-    let _ = tracing_subscriber::fmt().with_max_level(tracing::Level::WARN).with_writer(move || writer.clone()).try_init();
+    let _ =
+        tracing_subscriber::fmt().with_max_level(tracing::Level::WARN).with_writer(move || writer.clone()).try_init();
     let mb: u64 = std::env::var("SANDBOX_E2E_DOWNLOAD_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -252,7 +257,9 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     let direct_connections = Arc::new(AtomicU64::new(0));
     let (upstream, dns, _forwarders) = rt.block_on(async {
         let upstream =
-            HttpsUpstream::start(&ca, &["allowed.test", "other.test", "meta.test", "loop.test", "pinned.test"]).await.unwrap();
+            HttpsUpstream::start(&ca, &["allowed.test", "other.test", "meta.test", "loop.test", "pinned.test"])
+                .await
+                .unwrap();
         let dns = TestDns::start(&[
             ("allowed.test", IpAddr::V4(UPSTREAM_IP)),
             ("other.test", IpAddr::V4(UPSTREAM_IP)),
@@ -264,12 +271,15 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
         ])
         .await
         .unwrap();
-        let fwd = forward(SocketAddr::from((UPSTREAM_IP, 443)), upstream.addr(), Arc::clone(&upstream_connections)).await;
+        let fwd =
+            forward(SocketAddr::from((UPSTREAM_IP, 443)), upstream.addr(), Arc::clone(&upstream_connections)).await;
         // The same upstream on the port a guest connecting to net-proxy's own
         // port announces: no rule names it, so nothing may arrive here.
         let forged =
-            forward(SocketAddr::from((UPSTREAM_IP, 10443)), upstream.addr(), Arc::clone(&forged_port_connections)).await;
-        let direct = forward(SocketAddr::from((UPSTREAM_IP, 80)), upstream.addr(), Arc::clone(&direct_connections)).await;
+            forward(SocketAddr::from((UPSTREAM_IP, 10443)), upstream.addr(), Arc::clone(&forged_port_connections))
+                .await;
+        let direct =
+            forward(SocketAddr::from((UPSTREAM_IP, 80)), upstream.addr(), Arc::clone(&direct_connections)).await;
         let ssh = echo(SocketAddr::from((UPSTREAM_IP, 22)), Arc::clone(&ssh_connections)).await;
         let models = plain_http(SocketAddr::from((UPSTREAM_IP, 8080)), Arc::clone(&model_requests)).await;
         (upstream, dns, (fwd, forged, direct, ssh, models))
@@ -306,9 +316,13 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     );
     assert_eq!(run.status, Status::Exited(0));
     let expect = |line: &str| assert!(out.lines().any(|l| l == line), "missing {line:?} in:\n{out}");
-    let expect_prefix = |prefix: &str| assert!(out.lines().any(|l| l.starts_with(prefix)), "no line starting {prefix:?} in:\n{out}");
+    let expect_prefix =
+        |prefix: &str| assert!(out.lines().any(|l| l.starts_with(prefix)), "no line starting {prefix:?} in:\n{out}");
     let line_starting = |prefix: &str| -> String {
-        out.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no line starting {prefix:?} in:\n{out}")).to_string()
+        out.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line starting {prefix:?} in:\n{out}"))
+            .to_string()
     };
     expect("allowed=0");
     expect("body=hello allowed.test HTTP/1.1");
@@ -318,9 +332,15 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     let (_, ca_pem) = x509_parser::pem::parse_x509_pem(sandbox_ca.ca_cert_pem().as_bytes()).unwrap();
     let sandbox_ca_subject = ca_pem.parse_x509().unwrap().subject().to_string();
     let issuer = line_starting("certificate:");
-    assert!(issuer.ends_with(&format!("; issuer={sandbox_ca_subject}")), "{issuer} is not issued by {sandbox_ca_subject}");
+    assert!(
+        issuer.ends_with(&format!("; issuer={sandbox_ca_subject}")),
+        "{issuer} is not issued by {sandbox_ca_subject}"
+    );
     let second = line_starting("tls 127.83.0.1:443/sni=allowed.test/host=allowed.test ");
-    assert!(second.contains(" ok status=200; ") && second.ends_with(&format!("; issuer={sandbox_ca_subject}")), "{second}");
+    assert!(
+        second.contains(" ok status=200; ") && second.ends_with(&format!("; issuer={sandbox_ca_subject}")),
+        "{second}"
+    );
     // A second TLS stack, OpenSSL's s_client, verifying against its default store.
     expect("openssl=0");
     expect("openssl_body=hello allowed.test HTTP/1.1");
@@ -407,7 +427,10 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
         pem.parse_x509().unwrap().subject().to_string()
     };
     let pinned = line_starting("tls 127.83.0.1:443/sni=pinned.test/host=pinned.test ");
-    assert!(pinned.contains(" ok status=200; ") && pinned.ends_with(&format!("; issuer={upstream_ca_subject}")), "{pinned}");
+    assert!(
+        pinned.contains(" ok status=200; ") && pinned.ends_with(&format!("; issuer={upstream_ca_subject}")),
+        "{pinned}"
+    );
     // The DNS flood: every query answered (NXDOMAIN while the blocked budget
     // lasts, REFUSED beyond it), and an allowed name resolves right after.
     let flood = line_starting("dns-flood flood.example/x300 ");
@@ -448,20 +471,27 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     // Each attempt is logged: vsock refusals by the VMM, proxy deaths on the console.
     let warnings = log.text();
     for port in [5000, 5001, 22, 1234] {
-        assert!(warnings.contains(&format!("guest connection to host port {port} (no handler")), "port {port} not logged:\n{warnings}");
+        assert!(
+            warnings.contains(&format!("guest connection to host port {port} (no handler")),
+            "port {port} not logged:\n{warnings}"
+        );
     }
     assert!(warnings.contains("to CID 4 port 5002 dropped"), "{warnings}");
     let console = String::from_utf8_lossy(&run.console);
     assert!(console.contains("nftables changed after boot: table deleted"), "the flush is not logged:\n{console}");
     for proxy in ["net-proxy", "dns-proxy"] {
-        assert!(console.contains(&format!("/usr/libexec/sandbox/{proxy} exited (status 137)")), "{proxy} not logged:\n{console}");
+        assert!(
+            console.contains(&format!("/usr/libexec/sandbox/{proxy} exited (status 137)")),
+            "{proxy} not logged:\n{console}"
+        );
     }
 
     // Every query and request is in session.db with its decision and rule, exactly.
     let db = rusqlite::Connection::open(&run.session_db).unwrap();
     let rows = |sql: &str| -> Vec<String> {
         let mut stmt = db.prepare(sql).unwrap();
-        let mut rows: Vec<String> = stmt.query_map([], |r| r.get::<_, String>(0)).unwrap().map(Result::unwrap).collect();
+        let mut rows: Vec<String> =
+            stmt.query_map([], |r| r.get::<_, String>(0)).unwrap().map(Result::unwrap).collect();
         rows.sort();
         rows
     };
@@ -472,17 +502,25 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     // The flood: rows while the blocked budget lasted, then summaries
     // counting the rest; 300 in all.
     let flood_rows: i64 = db
-        .query_row("SELECT count(*) FROM dns_events WHERE qname LIKE '%flood.example' AND qtype = 'A' AND rcode = 'NXDOMAIN'", [], |r| r.get(0))
+        .query_row(
+            "SELECT count(*) FROM dns_events WHERE qname LIKE '%flood.example' AND qtype = 'A' AND rcode = 'NXDOMAIN'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     let summaries: Vec<String> = {
-        let mut stmt = db.prepare("SELECT error FROM dns_events WHERE qtype = '*' AND matched_rule = 'builtin.dns_limit'").unwrap();
+        let mut stmt = db
+            .prepare("SELECT error FROM dns_events WHERE qtype = '*' AND matched_rule = 'builtin.dns_limit'")
+            .unwrap();
         stmt.query_map([], |r| r.get::<_, String>(0)).unwrap().map(Result::unwrap).collect()
     };
     let summarized: i64 = summaries.iter().map(|e| e.split_whitespace().next().unwrap().parse::<i64>().unwrap()).sum();
     eprintln!("DNS flood of 300: {flood_rows} rows, {} summary rows counting {summarized}", summaries.len());
     assert_eq!(flood_rows + summarized, 300, "{summaries:?}");
     let flood_ms: i64 = db
-        .query_row("SELECT max(time_ms) - min(time_ms) FROM dns_events WHERE qname LIKE '%flood.example'", [], |r| r.get(0))
+        .query_row("SELECT max(time_ms) - min(time_ms) FROM dns_events WHERE qname LIKE '%flood.example'", [], |r| {
+            r.get(0)
+        })
         .unwrap();
     let budget = 50 + 5 * (flood_ms / 1000 + 2);
     eprintln!("the flood took {flood_ms} ms in the guest: at most {budget} rows (burst 50, 5/s)");

@@ -339,8 +339,10 @@ decision = "ask"
     }
 
     fn request(path: &str) -> Event {
-        Event::from_json(&format!(r#"{{"event": "http.request", "host": "evil.example", "method": "POST", "path": "{path}"}}"#))
-            .unwrap()
+        Event::from_json(&format!(
+            r#"{{"event": "http.request", "host": "evil.example", "method": "POST", "path": "{path}"}}"#
+        ))
+        .unwrap()
     }
 
     /// An asker on one end of a socket pair (the user types into the other)
@@ -349,7 +351,10 @@ decision = "ask"
         let (input, keyboard) = UnixStream::pair().unwrap();
         let screen = screen.clone();
         let open: Box<OpenTerminal> = Box::new(move || {
-            Ok((Box::new(input.try_clone()?) as Box<dyn AnswerInput>, Box::new(screen.clone()) as Box<dyn Write + Send>))
+            Ok((
+                Box::new(input.try_clone()?) as Box<dyn AnswerInput>,
+                Box::new(screen.clone()) as Box<dyn Write + Send>,
+            ))
         });
         (TerminalAsker::new(open, Arc::clone(gate)), keyboard)
     }

@@ -97,12 +97,13 @@ pub fn serve(builder: SandboxBuilder, command: Command, timeout: Option<Duration
         }
     });
     // The command, as the image's config makes it (none: the sandbox just runs).
-    let has_command = !command.argv().is_empty()
-        || instance.state().image_config.as_ref().is_some_and(|c| !c.argv(&[]).is_empty());
+    let has_command =
+        !command.argv().is_empty() || instance.state().image_config.as_ref().is_some_and(|c| !c.argv(&[]).is_empty());
     if has_command {
         let log = dir.output_log();
         let started = (|| {
-            let out = std::fs::File::create(&log).map_err(|e| sandbox::Error::Io(format!("create {}", log.display()), e))?;
+            let out =
+                std::fs::File::create(&log).map_err(|e| sandbox::Error::Io(format!("create {}", log.display()), e))?;
             let err = out.try_clone().map_err(|e| sandbox::Error::Io("duplicate the output log".into(), e))?;
             instance.spawn(command.stdout_to(out).stderr_to(err))
         })();

@@ -12,7 +12,11 @@ use std::process::ExitCode;
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(name = "sandbox", version, about = "Run untrusted code in a KVM microVM whose network egress is decided by policy")]
+#[command(
+    name = "sandbox",
+    version,
+    about = "Run untrusted code in a KVM microVM whose network egress is decided by policy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: commands::Command,

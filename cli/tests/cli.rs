@@ -14,7 +14,10 @@ fn stderr(o: &Output) -> String {
 #[test]
 fn a_missing_kernel_names_the_command_that_builds_it() {
     let dir = tempfile::tempdir().unwrap();
-    let o = sandbox(&["run", "default", "--", "true"], &[("SANDBOX_CACHE", dir.path().to_str().unwrap()), ("SANDBOX_KERNEL", "")]);
+    let o = sandbox(
+        &["run", "default", "--", "true"],
+        &[("SANDBOX_CACHE", dir.path().to_str().unwrap()), ("SANDBOX_KERNEL", "")],
+    );
     assert_eq!(o.status.code(), Some(125));
     assert!(stderr(&o).contains("./setup.sh"), "{}", stderr(&o));
 }
@@ -37,7 +40,11 @@ fn an_image_that_is_not_an_image_is_refused() {
 
 #[test]
 fn memory_and_cpus_out_of_range_are_refused() {
-    for (flag, value, msg) in [("--memory", "16", "memory must be between"), ("--memory", "999999", "memory must be between"), ("--cpus", "0", "vCPUs must be between")] {
+    for (flag, value, msg) in [
+        ("--memory", "16", "memory must be between"),
+        ("--memory", "999999", "memory must be between"),
+        ("--cpus", "0", "vCPUs must be between"),
+    ] {
         let o = sandbox(&["run", flag, value, "default", "--", "true"], &[]);
         assert_eq!(o.status.code(), Some(125), "{flag} {value}");
         assert!(stderr(&o).contains(msg), "{flag} {value}: {}", stderr(&o));
@@ -60,7 +67,11 @@ fn unknown_flags_and_missing_commands_are_usage_errors() {
 fn a_broken_profile_is_refused_with_its_location() {
     let dir = tempfile::tempdir().unwrap();
     let profile = dir.path().join("p.toml");
-    std::fs::write(&profile, "[security.rules.http.x]\non = \"http.request\"\nif = 'http.request.hots == \"a\"'\ndecision = \"allow\"\n").unwrap();
+    std::fs::write(
+        &profile,
+        "[security.rules.http.x]\non = \"http.request\"\nif = 'http.request.hots == \"a\"'\ndecision = \"allow\"\n",
+    )
+    .unwrap();
     let p = profile.to_str().unwrap();
     let o = sandbox(&["run", "--profile", p, "default", "--", "true"], &[]);
     assert_eq!(o.status.code(), Some(125));
@@ -69,7 +80,10 @@ fn a_broken_profile_is_refused_with_its_location() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("unknown field `hots`"), "{}", stderr(&o));
     std::fs::write(&profile, "[security.rules.http.x]\non = \"http.request\"\nif = 'http.request.host == \"a.test\"'\ndecision = \"allow\"\n").unwrap();
-    let o = sandbox(&["policy", "explain", p, "--event", r#"{"event": "http.request", "host": "a.test", "method": "GET"}"#], &[]);
+    let o = sandbox(
+        &["policy", "explain", p, "--event", r#"{"event": "http.request", "host": "a.test", "method": "GET"}"#],
+        &[],
+    );
     let out = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(out.contains("allow") && out.contains("http.x"), "{out}");

@@ -186,7 +186,10 @@ answer = { a = ["192.0.2.80"] }
     assert!(out.contains("round 1 (") && out.contains("round 2 ("), "{out}");
     let escaped: Vec<&str> = out.lines().filter(|l| l.contains(" ESCAPED ")).collect();
     assert_eq!(escaped.len(), 2, "one escape per round:\n{out}");
-    assert!(escaped.iter().all(|l| l.starts_with("dns ") && l.contains("canary.test A") && l.contains("192.0.2.80")), "{escaped:?}");
+    assert!(
+        escaped.iter().all(|l| l.starts_with("dns ") && l.contains("canary.test A") && l.contains("192.0.2.80")),
+        "{escaped:?}"
+    );
     assert_eq!(out.lines().filter(|l| l.starts_with("NOT ISOLATED: 1 of ")).count(), 2, "{out}");
     assert!(!out.contains("connections seen by the peer"), "--no-peer boots no peer:\n{out}");
     assert_eq!(err.matches("verify-isolation: NOT isolated").count(), 2, "each round is logged:\n{err}");

@@ -9,8 +9,8 @@ mod common;
 
 use std::time::Duration;
 
-use sandbox_rootfs::fixtures::{ImageBuilder, LayerBuilder, Registry};
 use sandbox::{Command as SandboxCommand, Image, Sandbox, Status};
+use sandbox_rootfs::fixtures::{ImageBuilder, LayerBuilder, Registry};
 
 fn busybox_image() -> ImageBuilder {
     let busybox = std::fs::read("/bin/busybox").expect("Debian's busybox-static (/bin/busybox)");
@@ -62,7 +62,9 @@ fn a_pulled_image_runs_with_its_own_env_workdir_and_user() {
     "#;
     let run = Sandbox::builder(Image::parse(&reference))
         .memory_mib(128)
-        .run(SandboxCommand::from_argv(["sh", "-c", script]).env("OVERRIDDEN", "flag").timeout(Duration::from_secs(300)))
+        .run(
+            SandboxCommand::from_argv(["sh", "-c", script]).env("OVERRIDDEN", "flag").timeout(Duration::from_secs(300)),
+        )
         .unwrap();
     let out = String::from_utf8_lossy(&run.stdout);
     eprintln!("boot to agent: {:?}, whole run: {:?}\n--- output ---\n{out}", run.boot_time, run.total_time);

@@ -10,7 +10,18 @@ fn a_command_that_outlives_its_timeout_stops_the_sandbox_with_status_124() {
     common::require_vm!();
     // The CLI: a guest that outlives --timeout is killed, status 124.
     let t = Instant::now();
-    let out = common::sandbox(&["run", "--memory", "128", "--timeout", "40", "default", "--", "/bin/sh", "-c", "echo started; sleep 1000"]);
+    let out = common::sandbox(&[
+        "run",
+        "--memory",
+        "128",
+        "--timeout",
+        "40",
+        "default",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo started; sleep 1000",
+    ]);
     let elapsed = t.elapsed();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -74,10 +74,15 @@ fn a_detached_sandbox_is_driven_from_other_processes() {
     // with the digest of what arrived.
     let served = digest_server(UnixListener::bind(found.dir().join("vsock.sock_6000")).unwrap());
     let t = Instant::now();
-    let digests = sandbox(&["exec", &id, "--", "vsock-stream", "digest", "6000", "--conns", "100", "--bytes", "1048576"]);
+    let digests =
+        sandbox(&["exec", &id, "--", "vsock-stream", "digest", "6000", "--conns", "100", "--bytes", "1048576"]);
     eprintln!("100 x 1 MiB: {:?}: {}", t.elapsed(), text(&digests.stdout).trim());
     assert_eq!(digests.status.code(), Some(0), "{}{}", text(&digests.stdout), text(&digests.stderr));
-    assert!(text(&digests.stdout).starts_with("ok 100 connections, 1048576 bytes each, digests match"), "{}", text(&digests.stdout));
+    assert!(
+        text(&digests.stdout).starts_with("ok 100 connections, 1048576 bytes each, digests match"),
+        "{}",
+        text(&digests.stdout)
+    );
     assert_eq!(*served.lock().unwrap(), 100);
 
     // No listener on the host: the device resets the connection at once,
@@ -89,12 +94,24 @@ fn a_detached_sandbox_is_driven_from_other_processes() {
     assert!(said.contains("reset by peer"), "{said}");
 
     // exec with stdin, separated stdout and stderr, and the exit status.
-    let mut child = common::sandbox_command(&["exec", "-i", "-e", "WHO=guest", "-w", "/tmp", &id, "--", "sh", "-c", "cat; echo \"$WHO in $(pwd)\" >&2; exit 7"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::sandbox_command(&[
+        "exec",
+        "-i",
+        "-e",
+        "WHO=guest",
+        "-w",
+        "/tmp",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "cat; echo \"$WHO in $(pwd)\" >&2; exit 7",
+    ])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     child.stdin.take().unwrap().write_all(b"line one\nline two\n").unwrap();
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
@@ -155,9 +172,7 @@ fn interactive_shell(id: &str) {
     let pty = nix::pty::openpty(Some(&size), None).unwrap();
     let slave: OwnedFd = pty.slave;
     let mut cmd = common::sandbox_command(&["exec", "-it", id, "--", "sh"]);
-    cmd.stdin(slave.try_clone().unwrap())
-        .stdout(slave.try_clone().unwrap())
-        .stderr(slave.try_clone().unwrap());
+    cmd.stdin(slave.try_clone().unwrap()).stdout(slave.try_clone().unwrap()).stderr(slave.try_clone().unwrap());
     // SAFETY: setsid and ioctl are async-signal-safe; they make the pseudo-
     // terminal on stdin the controlling terminal of the child's new session,
     // so that resizes send it SIGWINCH as a real terminal would.

@@ -58,13 +58,7 @@ fn engine() -> &'static Engine {
     ENGINE.get_or_init(|| {
         let dev = Engine::builder()
             .profile(Layer::Builtin, ProfileSource::Builtin("dev".into()))
-            .profile(
-                Layer::User,
-                ProfileSource::Text {
-                    name: "fuzz.toml".into(),
-                    text: RULES.into(),
-                },
-            )
+            .profile(Layer::User, ProfileSource::Text { name: "fuzz.toml".into(), text: RULES.into() })
             .secrets(Secrets::none().with_value("TOKEN", "secret"))
             .build();
         dev.unwrap_or_else(|error| panic!("the fuzz engine must load: {error}"))

@@ -16,13 +16,7 @@ const EVENTS: [&str; 4] = [
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data).into_owned();
     let loaded = Engine::builder()
-        .profile(
-            Layer::User,
-            ProfileSource::Text {
-                name: "fuzz.toml".into(),
-                text,
-            },
-        )
+        .profile(Layer::User, ProfileSource::Text { name: "fuzz.toml".into(), text })
         .secrets(Secrets::none().with_value("TOKEN", "secret"))
         .build();
     match loaded {

@@ -49,10 +49,7 @@ fuzz_target!(|data: &[u8]| {
     if mem.write_slice(&contents[..len], GuestAddress(0)).is_err() {
         return;
     }
-    let (Some(mut tx), Some(mut rx)) = (
-        queue(TX_RINGS, flags & 1 != 0),
-        queue(RX_RINGS, flags & 1 != 0),
-    ) else {
+    let (Some(mut tx), Some(mut rx)) = (queue(TX_RINGS, flags & 1 != 0), queue(RX_RINGS, flags & 1 != 0)) else {
         return;
     };
 

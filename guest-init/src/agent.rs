@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use guest_protocol::agent::{
-    read_frame, write_frame, Exec, FrameError, FrameReader, FrameWriter, GuestMessage, HostMessage, WinSize, CHUNK, VERSION,
+    read_frame, write_frame, Exec, FrameError, FrameReader, FrameWriter, GuestMessage, HostMessage, WinSize, CHUNK,
+    VERSION,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -65,7 +66,9 @@ impl Connection for VsockConn {
 
 /// Listen on vsock `port` and serve every connection on its own thread.
 pub(crate) fn listen(port: u32, shutdown: Sender<()>) -> io::Result<()> {
-    use nix::sys::socket::{accept, bind, listen as sock_listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr};
+    use nix::sys::socket::{
+        accept, bind, listen as sock_listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
+    };
     let fd = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
     bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port))?;
     sock_listen(&fd, Backlog::new(64).map_err(io::Error::from)?)?;
@@ -146,7 +149,11 @@ fn serve_request(mut conn: Box<dyn Connection>, shutdown: &Sender<()>) -> Result
     }
 }
 
-fn reply_result(conn: &mut Box<dyn Connection>, result: Result<(), String>, ok: GuestMessage) -> Result<(), FrameError> {
+fn reply_result(
+    conn: &mut Box<dyn Connection>,
+    result: Result<(), String>,
+    ok: GuestMessage,
+) -> Result<(), FrameError> {
     match result {
         Ok(()) => write_frame(conn, &ok),
         Err(e) => write_frame(conn, &GuestMessage::Error(e)),
@@ -449,7 +456,8 @@ mod tests {
     fn exec_streams_stdin_and_separates_stdout_stderr_and_status() {
         let (mut host, _) = agent();
         hello(&mut host);
-        write_frame(&mut host, &HostMessage::Exec(exec(&["/bin/sh", "-c", "tr a-z A-Z; echo oops >&2; exit 7"], None))).unwrap();
+        write_frame(&mut host, &HostMessage::Exec(exec(&["/bin/sh", "-c", "tr a-z A-Z; echo oops >&2; exit 7"], None)))
+            .unwrap();
         write_frame(&mut host, &HostMessage::Stdin(b"hello ".to_vec())).unwrap();
         write_frame(&mut host, &HostMessage::Stdin(b"world\n".to_vec())).unwrap();
         write_frame(&mut host, &HostMessage::StdinEof).unwrap();
@@ -481,7 +489,11 @@ mod tests {
         let (mut host, _) = agent();
         hello(&mut host);
         let size = WinSize { rows: 33, cols: 101 };
-        write_frame(&mut host, &HostMessage::Exec(exec(&["/bin/sh", "-c", "stty size; test -t 0 && echo tty"], Some(size)))).unwrap();
+        write_frame(
+            &mut host,
+            &HostMessage::Exec(exec(&["/bin/sh", "-c", "stty size; test -t 0 && echo tty"], Some(size))),
+        )
+        .unwrap();
         let (out, _, status) = collect(&mut host);
         let out = String::from_utf8_lossy(&out);
         assert_eq!(status, 0, "{out}");
@@ -521,7 +533,9 @@ mod tests {
         let (mut host, _) = agent();
         hello(&mut host);
         write_frame(&mut host, &HostMessage::GetFile { path: "/no/such/file".into() }).unwrap();
-        assert!(matches!(read_frame::<GuestMessage>(&mut host).unwrap(), Some(GuestMessage::Error(e)) if e.contains("/no/such/file")));
+        assert!(
+            matches!(read_frame::<GuestMessage>(&mut host).unwrap(), Some(GuestMessage::Error(e)) if e.contains("/no/such/file"))
+        );
     }
 
     #[test]
@@ -536,7 +550,9 @@ mod tests {
 
         let (mut host, _) = agent();
         write_frame(&mut host, &HostMessage::Hello { version: VERSION + 1 }).unwrap();
-        assert!(matches!(read_frame::<GuestMessage>(&mut host).unwrap(), Some(GuestMessage::Error(e)) if e.contains("not supported")));
+        assert!(
+            matches!(read_frame::<GuestMessage>(&mut host).unwrap(), Some(GuestMessage::Error(e)) if e.contains("not supported"))
+        );
 
         let (mut host, shutdown) = agent();
         hello(&mut host);

@@ -36,7 +36,12 @@ pub(crate) fn raw_console_output() -> nix::Result<()> {
 
 /// A command with init's default environment, the given variables, the
 /// working directory and, if named, the user (from /etc/passwd, or a number).
-pub(crate) fn build(argv: &[String], env: &[(String, String)], cwd: &str, user: Option<&str>) -> Result<Command, String> {
+pub(crate) fn build(
+    argv: &[String],
+    env: &[(String, String)],
+    cwd: &str,
+    user: Option<&str>,
+) -> Result<Command, String> {
     let Some((program, args)) = argv.split_first() else {
         return Err("no command given".into());
     };

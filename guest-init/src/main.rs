@@ -53,13 +53,15 @@ fn run() -> Result<(), InitError> {
     mounts::overlay_root(image).map_err(|e| InitError::step("set up the writable root", e))?;
     mounts::pseudo_filesystems().map_err(|e| InitError::step("mount /proc, /sys, /dev, /tmp", e))?;
     nix::unistd::sethostname(hostname).map_err(|e| InitError::step("set the hostname", e))?;
-    replace_file("/etc/hostname", format!("{hostname}\n").as_bytes()).map_err(|e| InitError::step("write /etc/hostname", e))?;
+    replace_file("/etc/hostname", format!("{hostname}\n").as_bytes())
+        .map_err(|e| InitError::step("write /etc/hostname", e))?;
     command::raw_console_output().map_err(|e| InitError::step("configure the console", e))?;
     network::setup().map_err(|e| InitError::step("build the guest network", e))?;
     if let Err(e) = nft_watch::watch() {
         log(&format!("cannot watch the nftables rules: {e}"));
     }
-    replace_file("/etc/resolv.conf", network::resolv_conf().as_bytes()).map_err(|e| InitError::step("write /etc/resolv.conf", e))?;
+    replace_file("/etc/resolv.conf", network::resolv_conf().as_bytes())
+        .map_err(|e| InitError::step("write /etc/resolv.conf", e))?;
     let programs = if image.is_some() { mounts::OWN_PROGRAMS } else { mounts::BOOT_PROGRAMS };
     for name in supervise::PROXIES {
         let proxy = format!("{programs}/{name}");

@@ -28,7 +28,8 @@ pub(crate) fn image_device(cmdline: &str) -> Result<Option<&str>, String> {
     let Some(dev) = cmdline.split_ascii_whitespace().find_map(|arg| arg.strip_prefix("sandbox.image=")) else {
         return Ok(None);
     };
-    let ok = dev.strip_prefix("/dev/vd").is_some_and(|rest| rest.len() == 1 && rest.bytes().all(|b| b.is_ascii_lowercase()));
+    let ok =
+        dev.strip_prefix("/dev/vd").is_some_and(|rest| rest.len() == 1 && rest.bytes().all(|b| b.is_ascii_lowercase()));
     if ok {
         Ok(Some(dev))
     } else {
@@ -129,8 +130,14 @@ pub(crate) fn pseudo_filesystems() -> io::Result<()> {
     mount(Some("devtmpfs"), "/dev", Some("devtmpfs"), MsFlags::MS_NOSUID, Some("mode=0755"))
         .map_err(|e| err("mount devtmpfs", e))?;
     std::fs::create_dir_all("/dev/pts")?;
-    mount(Some("devpts"), "/dev/pts", Some("devpts"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=0620,ptmxmode=0666"))
-        .map_err(|e| err("mount devpts", e))?;
+    mount(
+        Some("devpts"),
+        "/dev/pts",
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0620,ptmxmode=0666"),
+    )
+    .map_err(|e| err("mount devpts", e))?;
     mount(Some("tmpfs"), "/tmp", Some("tmpfs"), nosuid, Some("mode=1777")).map_err(|e| err("mount /tmp", e))?;
     mount(Some("tmpfs"), "/run", Some("tmpfs"), nosuid, Some("mode=0755")).map_err(|e| err("mount /run", e))?;
     Ok(())

@@ -36,12 +36,12 @@ use std::fmt::Display;
 use std::net::{IpAddr, Ipv4Addr};
 
 use guest_protocol::ports::{DNS_PROXY_PORT, NET_PROXY_PORT};
-use netlink_packet_netfilter::none::ControlMessage;
 use netlink_packet_netfilter::nftables::{
-    ChainAttribute, ChainMessage, Cmp, DataAttribute, ExpressionAttribute, Expressions, Hook, HookNumber,
-    Immediate, InetHookNumber, ListAttribute, Meta, MetaKey, NfTablesMessage, Operator, Payload, Register,
-    RuleAttribute, RuleMessage, TableAttribute, TableMessage,
+    ChainAttribute, ChainMessage, Cmp, DataAttribute, ExpressionAttribute, Expressions, Hook, HookNumber, Immediate,
+    InetHookNumber, ListAttribute, Meta, MetaKey, NfTablesMessage, Operator, Payload, Register, RuleAttribute,
+    RuleMessage, TableAttribute, TableMessage,
 };
+use netlink_packet_netfilter::none::ControlMessage;
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
 use rtnetlink::packet_core::{
     DefaultNla, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST,
@@ -299,9 +299,9 @@ fn install_nat_rules(uplink_index: u32) -> Result<(), NetworkError> {
     let mut buf = Vec::with_capacity(64 * 1024);
     while acknowledged < steps.len() {
         buf.clear();
-        socket
-            .recv(&mut buf, libc::MSG_DONTWAIT)
-            .map_err(|e| NetworkError::new(send_step, format!("{acknowledged} of {} acknowledged: {e}", steps.len())))?;
+        socket.recv(&mut buf, libc::MSG_DONTWAIT).map_err(|e| {
+            NetworkError::new(send_step, format!("{acknowledged} of {} acknowledged: {e}", steps.len()))
+        })?;
         let mut offset = 0;
         while offset < buf.len() {
             let reply = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[offset..])

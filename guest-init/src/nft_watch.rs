@@ -52,7 +52,8 @@ pub(crate) fn changes(datagram: &[u8]) -> Vec<&'static str> {
 
 /// Start watching, on a thread of its own; call after the boot's own rules are in.
 pub(crate) fn watch() -> std::io::Result<()> {
-    let fd = socket::socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkNetFilter)?;
+    let fd =
+        socket::socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkNetFilter)?;
     socket::bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 1 << (NFNLGRP_NFTABLES - 1)))?;
     std::thread::Builder::new().name("nft watch".into()).spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
@@ -60,11 +61,15 @@ pub(crate) fn watch() -> std::io::Result<()> {
             match socket::recv(fd.as_raw_fd(), &mut buf, socket::MsgFlags::empty()) {
                 Ok(n) => {
                     for change in changes(&buf[..n]) {
-                        crate::log(&format!("nftables changed after boot: {change} (the host still decides what leaves)"));
+                        crate::log(&format!(
+                            "nftables changed after boot: {change} (the host still decides what leaves)"
+                        ));
                     }
                 }
                 // ENOBUFS: notifications were lost; say so and go on.
-                Err(nix::errno::Errno::ENOBUFS) => crate::log("nftables changed after boot (some notifications were lost)"),
+                Err(nix::errno::Errno::ENOBUFS) => {
+                    crate::log("nftables changed after boot (some notifications were lost)")
+                }
                 Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => {
                     crate::log(&format!("nftables watch stopped: {e}"));

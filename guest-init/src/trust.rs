@@ -105,7 +105,10 @@ mod tests {
         assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 1);
         let certifi = std::fs::read_to_string(certifi).unwrap();
         assert!(certifi.starts_with("existing\n") && certifi.contains(PEM));
-        assert_eq!(std::fs::read_to_string(root.path().join("usr/local/share/ca-certificates/sandbox-ca.crt")).unwrap(), PEM);
+        assert_eq!(
+            std::fs::read_to_string(root.path().join("usr/local/share/ca-certificates/sandbox-ca.crt")).unwrap(),
+            PEM
+        );
         let env = ca_env();
         for var in ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"] {
             assert!(env.iter().any(|(k, _)| k == var), "{var} missing");

@@ -61,9 +61,5 @@ pub enum Error {
 
 /// Log to stderr (init forwards it to the console) at `level` and above.
 pub fn init_logging(level: tracing::Level) {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .with_max_level(level)
-        .init();
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).with_max_level(level).init();
 }

@@ -54,7 +54,8 @@ fn error_statuses_are_22_with_the_body_and_chunked_bodies_are_decoded() {
     let o = fetch(&["-s", &format!("http://127.0.0.1:{port}/")]);
     assert_eq!(o.status.code(), Some(22));
     assert_eq!(o.stdout, b"forbidden");
-    let port = serve_once(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n");
+    let port =
+        serve_once(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n");
     let o = fetch(&["-s", "-w", &format!("http://127.0.0.1:{port}/")]);
     assert_eq!(o.status.code(), Some(0));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "hello world200\n");
@@ -93,7 +94,17 @@ fn sha256_resolve_and_show_cert() {
     let url = format!("https://named.test:{port}/bytes/300000");
     let resolve = format!("named.test:{port}:127.0.0.1");
     let out_file = dir.path().join("body");
-    let o = fetch(&["--cacert", ca_file.to_str().unwrap(), "--resolve", &resolve, "--sha256", "--show-cert", "-o", out_file.to_str().unwrap(), &url]);
+    let o = fetch(&[
+        "--cacert",
+        ca_file.to_str().unwrap(),
+        "--resolve",
+        &resolve,
+        "--sha256",
+        "--show-cert",
+        "-o",
+        out_file.to_str().unwrap(),
+        &url,
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
     let body = std::fs::read(&out_file).unwrap();
     let expected: String = sha2::Sha256::digest(&body).iter().map(|b| format!("{b:02x}")).collect();

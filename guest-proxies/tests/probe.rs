@@ -26,7 +26,10 @@ fn tcp_and_udp_report_connections_and_refusals() {
     assert!(line.starts_with(&format!("tcp-connect {addr} ok connected from 127.0.0.1:")), "{line}");
     drop(listener);
     let (code, line) = probe(&["tcp-connect", &addr]);
-    assert_eq!((code, line.as_str()), (1, format!("tcp-connect {addr} fail refused: Connection refused (os error 111)").as_str()));
+    assert_eq!(
+        (code, line.as_str()),
+        (1, format!("tcp-connect {addr} fail refused: Connection refused (os error 111)").as_str())
+    );
 
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let udp_addr = udp.local_addr().unwrap();
@@ -70,7 +73,18 @@ fn tls_verifies_names_the_issuer_and_sends_the_host_header_given() {
     let (code, line) = probe(&["tls", &addr, "--sni", "good.test", "--path", "/hello", "--cafile", cafile]);
     assert_eq!(code, 0, "{line}");
     assert!(line.contains("issuer=CN=probe test CA"), "{line}");
-    let (code, line) = probe(&["tls", &addr, "--sni", "good.test", "--host", "other.test", "--path", "/status/403", "--cafile", cafile]);
+    let (code, line) = probe(&[
+        "tls",
+        &addr,
+        "--sni",
+        "good.test",
+        "--host",
+        "other.test",
+        "--path",
+        "/status/403",
+        "--cafile",
+        cafile,
+    ]);
     assert_eq!(code, 1);
     assert!(line.starts_with(&format!("tls {addr}/sni=good.test/host=other.test fail status=403")), "{line}");
     let other = TestCa::new("someone else").unwrap().write_pem(dir.path(), "other.pem").unwrap();

@@ -74,7 +74,8 @@ fn main() {
     let layout = work.path().join("layout");
     let (img, file_bytes) = image();
     img.write_oci_layout(&layout, "bench").unwrap();
-    let blobs: u64 = std::fs::read_dir(layout.join("blobs/sha256")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    let blobs: u64 =
+        std::fs::read_dir(layout.join("blobs/sha256")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
     let source = ImageSource::parse(&format!("oci:{}:bench", layout.display())).unwrap();
 
     let mut layers_size = 0;
@@ -97,7 +98,13 @@ fn main() {
     let mnt = work.path().join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
     let image_path = image_path.unwrap();
-    assert!(Command::new("mount").args(["-t", "erofs", "-o", "loop,ro"]).arg(&image_path).arg(&mnt).status().unwrap().success());
+    assert!(Command::new("mount")
+        .args(["-t", "erofs", "-o", "loop,ro"])
+        .arg(&image_path)
+        .arg(&mnt)
+        .status()
+        .unwrap()
+        .success());
     let copied = Command::new("cp").arg("-a").arg(&mnt).arg(&tree).status().unwrap().success();
     let _ = Command::new("umount").arg(&mnt).status();
     assert!(copied);
@@ -110,7 +117,12 @@ fn main() {
     });
 
     let mb = |b: u64| b as f64 / 1e6;
-    println!("layers: 3, {:.1} MB compressed, {:.1} MB uncompressed tar, {:.1} MB of file data", mb(blobs), mb(layers_size), mb(file_bytes));
+    println!(
+        "layers: 3, {:.1} MB compressed, {:.1} MB uncompressed tar, {:.1} MB of file data",
+        mb(blobs),
+        mb(layers_size),
+        mb(file_bytes)
+    );
     println!(
         "conversion (verify + gunzip + apply + mkfs.erofs): {:.3} s = {:.1} MB/s of compressed layers, {:.1} MB/s uncompressed",
         convert.as_secs_f64(),
@@ -122,5 +134,8 @@ fn main() {
         mkfs.as_secs_f64(),
         mb(layers_size) / mkfs.as_secs_f64()
     );
-    println!("ratio conversion / mkfs.erofs alone: {:.2} (best of {RUNS} each)", convert.as_secs_f64() / mkfs.as_secs_f64());
+    println!(
+        "ratio conversion / mkfs.erofs alone: {:.2} (best of {RUNS} each)",
+        convert.as_secs_f64() / mkfs.as_secs_f64()
+    );
 }

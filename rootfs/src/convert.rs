@@ -142,7 +142,9 @@ impl Converter {
             let decoder: Box<dyn Read + '_> = if head.starts_with(&[0x1f, 0x8b]) {
                 Box::new(flate2::bufread::MultiGzDecoder::new(buf))
             } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-                Box::new(ruzstd::decoding::StreamingDecoder::new(buf).map_err(|e| lerr(format!("bad zstd stream: {e}")))?)
+                Box::new(
+                    ruzstd::decoding::StreamingDecoder::new(buf).map_err(|e| lerr(format!("bad zstd stream: {e}")))?,
+                )
             } else {
                 Box::new(buf)
             };
@@ -157,7 +159,12 @@ impl Converter {
                 // A short blob explains most read errors: say so.
                 if let Ok((_, n)) = compressed.finish() {
                     if n < layer.size {
-                        return Err(Error::SizeMismatch { what: "layer".into(), digest: name, expected: layer.size, actual: n });
+                        return Err(Error::SizeMismatch {
+                            what: "layer".into(),
+                            digest: name,
+                            expected: layer.size,
+                            actual: n,
+                        });
                     }
                 }
                 return Err(e);
@@ -169,7 +176,11 @@ impl Converter {
         }
         if let Some(expected) = &layer.digest {
             if digest != *expected {
-                return Err(Error::DigestMismatch { what: "layer".into(), digest: expected.to_string(), actual: digest.to_string() });
+                return Err(Error::DigestMismatch {
+                    what: "layer".into(),
+                    digest: expected.to_string(),
+                    actual: digest.to_string(),
+                });
             }
         }
         if diff_id != layer.diff_id {
@@ -184,7 +195,13 @@ impl Converter {
         Ok(())
     }
 
-    fn apply_tar<R: Read>(&mut self, stream: &mut Hashing<R>, layer: &str, state: &mut LayerState, progress: &ProgressBar) -> Result<(), Error> {
+    fn apply_tar<R: Read>(
+        &mut self,
+        stream: &mut Hashing<R>,
+        layer: &str,
+        state: &mut LayerState,
+        progress: &ProgressBar,
+    ) -> Result<(), Error> {
         let remaining = self.limits.max_bytes.saturating_sub(self.bytes);
         let lerr = |reason: String| Error::Layer { layer: layer.to_string(), reason };
         let mut archive = tar::Archive::new(stream);
@@ -226,7 +243,10 @@ impl Converter {
                 return Err(eerr("PAX size differs from the header's size".into()));
             }
             if size > remaining {
-                return Err(Error::Limit(format!("entry {shown:?} of layer {layer} claims {size} bytes, more than the {} left", remaining)));
+                return Err(Error::Limit(format!(
+                    "entry {shown:?} of layer {layer} claims {size} bytes, more than the {} left",
+                    remaining
+                )));
             }
             self.apply_entry(kind, &raw_path, meta, &mut entry, state).map_err(|e| match e {
                 Step::Refused(reason) => eerr(reason),
@@ -252,11 +272,21 @@ impl Converter {
             )));
         }
         let mut data = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-        entry.read_to_end(&mut data).map_err(|e| Error::Layer { layer: layer.to_string(), reason: format!("truncated metadata record: {e}") })?;
+        entry.read_to_end(&mut data).map_err(|e| Error::Layer {
+            layer: layer.to_string(),
+            reason: format!("truncated metadata record: {e}"),
+        })?;
         Ok(data)
     }
 
-    fn apply_entry<R: Read>(&self, kind: EntryType, raw_path: &[u8], meta: Pending, entry: &mut tar::Entry<'_, R>, state: &mut LayerState) -> Result<(), Step> {
+    fn apply_entry<R: Read>(
+        &self,
+        kind: EntryType,
+        raw_path: &[u8],
+        meta: Pending,
+        entry: &mut tar::Entry<'_, R>,
+        state: &mut LayerState,
+    ) -> Result<(), Step> {
         let Some(rel) = clean(raw_path)? else {
             // The root directory itself: only its metadata.
             if kind == EntryType::Directory {
@@ -324,7 +354,8 @@ impl Converter {
                 self.set_metadata(&full, &header, &meta, false)
             }
             EntryType::Symlink => {
-                let target = meta.link.clone().or_else(|| header.link_name_bytes().map(|l| l.into_owned())).unwrap_or_default();
+                let target =
+                    meta.link.clone().or_else(|| header.link_name_bytes().map(|l| l.into_owned())).unwrap_or_default();
                 if target.is_empty() || target.len() > MAX_PATH {
                     return Err(Step::Refused("symlink with an empty or over-long target".into()));
                 }
@@ -332,8 +363,10 @@ impl Converter {
                 self.set_metadata(&full, &header, &meta, true)
             }
             EntryType::Link => {
-                let target = meta.link.clone().or_else(|| header.link_name_bytes().map(|l| l.into_owned())).unwrap_or_default();
-                let target_rel = clean(&target)?.ok_or_else(|| Step::Refused("hard link to the root directory".into()))?;
+                let target =
+                    meta.link.clone().or_else(|| header.link_name_bytes().map(|l| l.into_owned())).unwrap_or_default();
+                let target_rel =
+                    clean(&target)?.ok_or_else(|| Step::Refused("hard link to the root directory".into()))?;
                 let target_dir = self
                     .resolve_dir(target_rel.parent().unwrap_or(Path::new("")), false)?
                     .ok_or_else(|| Step::Refused(format!("hard link to {:?}, which does not exist", target_rel)))?;
@@ -341,7 +374,9 @@ impl Converter {
                 match fs::symlink_metadata(&source) {
                     Ok(m) if m.is_dir() => return Err(Step::Refused("hard link to a directory".into())),
                     Ok(_) => {}
-                    Err(_) => return Err(Step::Refused(format!("hard link to {:?}, which does not exist", target_rel))),
+                    Err(_) => {
+                        return Err(Step::Refused(format!("hard link to {:?}, which does not exist", target_rel)))
+                    }
                 }
                 fs::hard_link(&source, &full).map_err(|e| Step::Io("hard link", e))
             }
@@ -377,8 +412,14 @@ impl Converter {
         }
         let mtime = meta.mtime.or_else(|| header.mtime().ok().and_then(|m| i64::try_from(m).ok())).unwrap_or(0);
         let ts = nix::sys::time::TimeSpec::new(mtime, 0);
-        nix::sys::stat::utimensat(nix::fcntl::AT_FDCWD, full, &ts, &ts, nix::sys::stat::UtimensatFlags::NoFollowSymlink)
-            .map_err(|e| Step::Io("set mtime", e.into()))?;
+        nix::sys::stat::utimensat(
+            nix::fcntl::AT_FDCWD,
+            full,
+            &ts,
+            &ts,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .map_err(|e| Step::Io("set mtime", e.into()))?;
         Ok(())
     }
 
@@ -516,7 +557,8 @@ fn parse_pax(data: &[u8], out: &mut Pending) -> Result<(), String> {
         let ext = ext.map_err(|e| e.to_string())?;
         let key = ext.key().map_err(|e| e.to_string())?;
         let value = ext.value_bytes();
-        let num = || std::str::from_utf8(value).ok().and_then(|v| v.parse::<u64>().ok()).ok_or_else(|| format!("bad {key}"));
+        let num =
+            || std::str::from_utf8(value).ok().and_then(|v| v.parse::<u64>().ok()).ok_or_else(|| format!("bad {key}"));
         match key {
             "path" => out.path = Some(value.to_vec()),
             "linkpath" => out.link = Some(value.to_vec()),

@@ -106,7 +106,13 @@ mod tests {
         let d = Digest::of(b"");
         assert_eq!(d.to_string(), "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
         assert_eq!(Digest::parse(&d.to_string()).unwrap(), d);
-        for bad in ["sha512:00", "sha256:XYZ", "e3b0", "sha256:../../etc/passwd", "sha256:E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855"] {
+        for bad in [
+            "sha512:00",
+            "sha256:XYZ",
+            "e3b0",
+            "sha256:../../etc/passwd",
+            "sha256:E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855",
+        ] {
             assert!(Digest::parse(bad).is_err(), "{bad}");
         }
     }

@@ -323,7 +323,9 @@ impl Registry {
     fn start_inner(auth: Option<(String, String)>) -> FixtureResult<Registry> {
         let bin = Path::new("/usr/bin/docker-registry");
         if !bin.exists() {
-            return Err("docker-registry is not installed (apt-get install docker-registry; test.sh installs it)".into());
+            return Err(
+                "docker-registry is not installed (apt-get install docker-registry; test.sh installs it)".into()
+            );
         }
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
@@ -465,7 +467,8 @@ impl TokenServer {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?.to_string();
         let issued = Arc::new(AtomicUsize::new(0));
-        let expected = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")));
+        let expected =
+            format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")));
         let counter = Arc::clone(&issued);
         let user_name = user.to_string();
         std::thread::spawn(move || {
@@ -520,7 +523,8 @@ fn serve_token(
     }
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-    let header = json!({"typ": "JWT", "alg": "ES256", "x5c": [base64::engine::general_purpose::STANDARD.encode(cert_der)]});
+    let header =
+        json!({"typ": "JWT", "alg": "ES256", "x5c": [base64::engine::general_purpose::STANDARD.encode(cert_der)]});
     let claims = json!({
         "iss": "sandbox-test-issuer", "sub": user, "aud": "sandbox-test",
         "exp": now + 600, "nbf": now - 60, "iat": now, "jti": format!("{now}-{}", issued.load(Ordering::SeqCst)),
@@ -531,7 +535,11 @@ fn serve_token(
     let token = format!("{signing_input}.{}", b64(sig.as_ref()));
     let body = serde_json::to_vec(&json!({"token": token, "access_token": token, "expires_in": 600}))?;
     issued.fetch_add(1, Ordering::SeqCst);
-    write!(stream, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())?;
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
     stream.write_all(&body)?;
     Ok(())
 }

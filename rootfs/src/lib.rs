@@ -27,7 +27,6 @@ mod store;
 #[cfg(feature = "fixtures")]
 pub mod fixtures;
 
-
 pub use config::ImageConfig;
 pub use convert::Limits;
 pub use digest::Digest;

@@ -45,7 +45,10 @@ pub(crate) fn oci_layout(dir: &Path, tag: Option<&str>) -> Result<Plan, Error> {
     let config_bytes = blob(dir, &manifest.config, "config", MAX_MANIFEST_BYTES)?;
     let config = config::parse(&config_bytes)?;
     if config.diff_ids.len() != manifest.layers.len() {
-        return Err(Error::Manifest { what, reason: "the config's diff_ids do not match the manifest's layers".into() });
+        return Err(Error::Manifest {
+            what,
+            reason: "the config's diff_ids do not match the manifest's layers".into(),
+        });
     }
     let layers = manifest
         .layers
@@ -125,7 +128,8 @@ pub(crate) fn docker_archive(path: &Path) -> Result<Plan, Error> {
                 Member::File { offset: entry.raw_file_position(), size: entry.size() }
             }
             tar::EntryType::Symlink => {
-                let target = entry.link_name_bytes().map(|l| String::from_utf8_lossy(&l).into_owned()).unwrap_or_default();
+                let target =
+                    entry.link_name_bytes().map(|l| String::from_utf8_lossy(&l).into_owned()).unwrap_or_default();
                 Member::Symlink(target)
             }
             _ => continue,

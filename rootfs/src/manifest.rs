@@ -99,11 +99,20 @@ pub(crate) fn pick_platform<'a>(entries: &'a [Descriptor], what: &str) -> Result
 pub(crate) fn verify(bytes: &[u8], desc: &Descriptor, what: &str) -> Result<Digest, Error> {
     let expected = Digest::parse(&desc.digest)?;
     if bytes.len() as u64 != desc.size {
-        return Err(Error::SizeMismatch { what: what.into(), digest: desc.digest.clone(), expected: desc.size, actual: bytes.len() as u64 });
+        return Err(Error::SizeMismatch {
+            what: what.into(),
+            digest: desc.digest.clone(),
+            expected: desc.size,
+            actual: bytes.len() as u64,
+        });
     }
     let actual = Digest::of(bytes);
     if actual != expected {
-        return Err(Error::DigestMismatch { what: what.into(), digest: desc.digest.clone(), actual: actual.to_string() });
+        return Err(Error::DigestMismatch {
+            what: what.into(),
+            digest: desc.digest.clone(),
+            actual: actual.to_string(),
+        });
     }
     Ok(actual)
 }

@@ -65,14 +65,22 @@ impl Remote {
         let accepted: Vec<&str> = manifest::INDEX_TYPES.iter().chain(manifest::MANIFEST_TYPES).copied().collect();
         let mut reference = self.reference.clone();
         for _ in 0..3 {
-            let (bytes, _) = self.client.pull_manifest_raw(&reference, &self.auth, &accepted).await.map_err(|e| self.err(e))?;
+            let (bytes, _) =
+                self.client.pull_manifest_raw(&reference, &self.auth, &accepted).await.map_err(|e| self.err(e))?;
             if bytes.len() as u64 > MAX_MANIFEST_BYTES {
-                return Err(Error::Limit(format!("manifest of {} is larger than {MAX_MANIFEST_BYTES} bytes", reference.whole())));
+                return Err(Error::Limit(format!(
+                    "manifest of {} is larger than {MAX_MANIFEST_BYTES} bytes",
+                    reference.whole()
+                )));
             }
             let digest = Digest::of(&bytes);
             if let Some(pinned) = reference.digest() {
                 if digest.to_string() != pinned {
-                    return Err(Error::DigestMismatch { what: "manifest".into(), digest: pinned.to_string(), actual: digest.to_string() });
+                    return Err(Error::DigestMismatch {
+                        what: "manifest".into(),
+                        digest: pinned.to_string(),
+                        actual: digest.to_string(),
+                    });
                 }
             }
             match manifest::parse(&bytes, &reference.whole())? {
@@ -90,9 +98,13 @@ impl Remote {
     /// A small blob (the config) into memory, checked.
     pub(crate) async fn small_blob(&self, desc: &Descriptor, what: &str) -> Result<Vec<u8>, Error> {
         if desc.size > MAX_MANIFEST_BYTES {
-            return Err(Error::Limit(format!("{what} {} is {} bytes, more than {MAX_MANIFEST_BYTES}", desc.digest, desc.size)));
+            return Err(Error::Limit(format!(
+                "{what} {} is {} bytes, more than {MAX_MANIFEST_BYTES}",
+                desc.digest, desc.size
+            )));
         }
-        let mut stream = self.client.pull_blob_stream(&self.reference, desc.digest.as_str()).await.map_err(|e| self.err(e))?;
+        let mut stream =
+            self.client.pull_blob_stream(&self.reference, desc.digest.as_str()).await.map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| self.err(e))?;
@@ -106,7 +118,12 @@ impl Remote {
     }
 
     /// Download every layer into `dir` (as `<hex>`), a few at a time.
-    pub(crate) async fn download_layers(self: &Arc<Self>, layers: &[Descriptor], dir: &Path, progress: &MultiProgress) -> Result<(), Error> {
+    pub(crate) async fn download_layers(
+        self: &Arc<Self>,
+        layers: &[Descriptor],
+        dir: &Path,
+        progress: &MultiProgress,
+    ) -> Result<(), Error> {
         let gate = Arc::new(tokio::sync::Semaphore::new(PARALLEL_DOWNLOADS));
         let mut tasks = tokio::task::JoinSet::new();
         let style = ProgressStyle::with_template("{prefix:.bold} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
@@ -166,7 +183,11 @@ impl Remote {
                 tracing::warn!(%digest, have, "download interrupted, resuming: {}", last_error.as_deref().unwrap_or_default());
                 tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
             }
-            let response = match self.client.pull_blob_stream_partial(&self.reference, digest.to_string().as_str(), have, None).await {
+            let response = match self
+                .client
+                .pull_blob_stream_partial(&self.reference, digest.to_string().as_str(), have, None)
+                .await
+            {
                 Ok(r) => r,
                 Err(e) => {
                     last_error = Some(e.to_string());
@@ -196,7 +217,12 @@ impl Remote {
                 if have > size {
                     drop(file);
                     let _ = std::fs::remove_file(&partial);
-                    return Err(Error::SizeMismatch { what: "layer".into(), digest: digest.to_string(), expected: size, actual: have });
+                    return Err(Error::SizeMismatch {
+                        what: "layer".into(),
+                        digest: digest.to_string(),
+                        expected: size,
+                        actual: have,
+                    });
                 }
                 hasher.update(&chunk);
                 file.write_all(&chunk).await.map_err(Error::io("write", &partial))?;
@@ -208,13 +234,22 @@ impl Remote {
         if have != size {
             return Err(match last_error {
                 Some(e) => self.err(format!("layer {digest}: {e} (after {ATTEMPTS} attempts; pull again to resume)")),
-                None => Error::SizeMismatch { what: "layer".into(), digest: digest.to_string(), expected: size, actual: have },
+                None => Error::SizeMismatch {
+                    what: "layer".into(),
+                    digest: digest.to_string(),
+                    expected: size,
+                    actual: have,
+                },
             });
         }
         let actual = hasher.finish();
         if actual != *digest {
             let _ = std::fs::remove_file(&partial);
-            return Err(Error::DigestMismatch { what: "layer".into(), digest: digest.to_string(), actual: actual.to_string() });
+            return Err(Error::DigestMismatch {
+                what: "layer".into(),
+                digest: digest.to_string(),
+                actual: actual.to_string(),
+            });
         }
         std::fs::rename(&partial, &done).map_err(Error::io("rename", &partial))?;
         Ok(done)
@@ -237,7 +272,9 @@ fn credentials(registry: &str, docker_config: Option<&Path>) -> RegistryAuth {
         None => docker_credential::get_credential(server).map_err(|e| e.to_string()),
     };
     match found {
-        Ok(docker_credential::DockerCredential::UsernamePassword(user, password)) => RegistryAuth::Basic(user, password),
+        Ok(docker_credential::DockerCredential::UsernamePassword(user, password)) => {
+            RegistryAuth::Basic(user, password)
+        }
         Ok(docker_credential::DockerCredential::IdentityToken(_)) => {
             tracing::warn!(registry, "identity tokens in the Docker config are not supported; pulling anonymously");
             RegistryAuth::Anonymous
@@ -256,7 +293,8 @@ mod tests {
     #[test]
     fn credentials_come_from_the_docker_config() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("config.json"), r#"{"auths":{"127.0.0.1:5000":{"auth":"dXNlcjpwYXNz"}}}"#).unwrap();
+        std::fs::write(dir.path().join("config.json"), r#"{"auths":{"127.0.0.1:5000":{"auth":"dXNlcjpwYXNz"}}}"#)
+            .unwrap();
         let auth = credentials("127.0.0.1:5000", Some(dir.path()));
         assert!(matches!(auth, RegistryAuth::Basic(u, p) if u == "user" && p == "pass"));
         assert!(matches!(credentials("other:5000", Some(dir.path())), RegistryAuth::Anonymous));

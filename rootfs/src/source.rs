@@ -87,8 +87,7 @@ pub(crate) fn is_loopback_registry(registry: &str) -> bool {
     } else {
         registry.rsplit_once(':').map_or(registry, |(h, _)| h)
     };
-    host == "localhost"
-        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
@@ -112,8 +111,14 @@ mod tests {
             ImageSource::parse("oci:/tmp/layout:v1").unwrap(),
             ImageSource::OciLayout { dir: "/tmp/layout".into(), tag: Some("v1".into()) }
         );
-        assert_eq!(ImageSource::parse("oci:/tmp/layout").unwrap(), ImageSource::OciLayout { dir: "/tmp/layout".into(), tag: None });
-        assert_eq!(ImageSource::parse("docker-archive:/tmp/a.tar").unwrap(), ImageSource::DockerArchive("/tmp/a.tar".into()));
+        assert_eq!(
+            ImageSource::parse("oci:/tmp/layout").unwrap(),
+            ImageSource::OciLayout { dir: "/tmp/layout".into(), tag: None }
+        );
+        assert_eq!(
+            ImageSource::parse("docker-archive:/tmp/a.tar").unwrap(),
+            ImageSource::DockerArchive("/tmp/a.tar".into())
+        );
         let rel = ImageSource::parse("oci:layout").unwrap();
         assert!(matches!(rel, ImageSource::OciLayout { dir, .. } if dir.is_absolute()));
     }

@@ -88,13 +88,19 @@ impl Store {
             fs::create_dir_all(&p).map_err(Error::io("create the image cache directory", &p))?;
         }
         let tmp = self.root.join("tmp");
-        fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(Error::io("chmod", &tmp))?;
+        fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(Error::io("chmod", &tmp))?;
         Ok(())
     }
 
     fn lock(&self, name: &str) -> Result<Flock<File>, Error> {
         let path = self.root.join("locks").join(format!("{name}.lock"));
-        let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(Error::io("open lock", &path))?;
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(Error::io("open lock", &path))?;
         Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| Error::Io { what: "lock", path, source: e.into() })
     }
 
@@ -192,7 +198,13 @@ impl Store {
         Ok((record, path))
     }
 
-    async fn pull_remote(&self, remote: &Arc<Remote>, name: &str, opts: &PullOptions, progress: &MultiProgress) -> Result<ImageRecord, Error> {
+    async fn pull_remote(
+        &self,
+        remote: &Arc<Remote>,
+        name: &str,
+        opts: &PullOptions,
+        progress: &MultiProgress,
+    ) -> Result<ImageRecord, Error> {
         let resolved = remote.resolve().await?;
         let key = resolved.digest.clone();
         if let Some(rec) = self.touch(&key.to_string(), Some(name))? {
@@ -206,13 +218,17 @@ impl Store {
         let config_bytes = remote.small_blob(&resolved.manifest.config, "config").await?;
         let config = config::parse(&config_bytes)?;
         if config.diff_ids.len() != resolved.manifest.layers.len() {
-            return Err(Error::Manifest { what: name.to_string(), reason: "the config's diff_ids do not match the manifest's layers".into() });
+            return Err(Error::Manifest {
+                what: name.to_string(),
+                reason: "the config's diff_ids do not match the manifest's layers".into(),
+            });
         }
         if resolved.manifest.layers.len() > opts.limits.max_layers {
             return Err(Error::Limit(format!("more than {} layers", opts.limits.max_layers)));
         }
         let blobs = self.root.join("blobs");
-        let mut digests: Vec<Digest> = resolved.manifest.layers.iter().map(|d| Digest::parse(&d.digest)).collect::<Result<_, _>>()?;
+        let mut digests: Vec<Digest> =
+            resolved.manifest.layers.iter().map(|d| Digest::parse(&d.digest)).collect::<Result<_, _>>()?;
         digests.sort();
         digests.dedup();
         // Blob locks in a fixed order: pulls of images sharing a layer never deadlock.
@@ -228,7 +244,13 @@ impl Store {
             .zip(&config.diff_ids)
             .map(|(d, diff_id)| {
                 let digest = Digest::parse(&d.digest)?;
-                Ok(LayerInput { path: local::blob_path(&blobs, &digest), offset: 0, size: d.size, digest: Some(digest), diff_id: diff_id.clone() })
+                Ok(LayerInput {
+                    path: local::blob_path(&blobs, &digest),
+                    offset: 0,
+                    size: d.size,
+                    digest: Some(digest),
+                    diff_id: diff_id.clone(),
+                })
             })
             .collect::<Result<Vec<_>, Error>>()?;
         let plan = Plan { key, config, layers };
@@ -258,7 +280,13 @@ impl Store {
     }
 
     /// Layers -> staging tree -> erofs; the caller holds the image's lock.
-    fn convert(&self, plan: &Plan, name: &str, opts: &PullOptions, progress: &MultiProgress) -> Result<ImageRecord, Error> {
+    fn convert(
+        &self,
+        plan: &Plan,
+        name: &str,
+        opts: &PullOptions,
+        progress: &MultiProgress,
+    ) -> Result<ImageRecord, Error> {
         let hex = plan.key.hex();
         let staging = self.root.join("tmp").join(hex);
         let out_tmp = self.root.join("tmp").join(format!("{hex}.erofs"));
@@ -266,9 +294,12 @@ impl Store {
         remove_any(&out_tmp)?;
         let result = (|| {
             let mut conv = Converter::new(staging.clone(), opts.limits.clone())?;
-            let bar = progress.add(ProgressBar::new_spinner().with_style(
-                ProgressStyle::with_template("{spinner} {msg} {bytes}").unwrap_or_else(|_| ProgressStyle::default_spinner()),
-            ));
+            let bar = progress.add(
+                ProgressBar::new_spinner().with_style(
+                    ProgressStyle::with_template("{spinner} {msg} {bytes}")
+                        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                ),
+            );
             for (i, layer) in plan.layers.iter().enumerate() {
                 bar.set_message(format!("applying layer {}/{}", i + 1, plan.layers.len()));
                 conv.apply(layer, &bar)?;
@@ -455,7 +486,11 @@ fn read_record(path: &Path) -> Option<ImageRecord> {
 
 fn write_record(path: &Path, rec: &ImageRecord) -> Result<(), Error> {
     let tmp = path.with_extension("json.tmp");
-    let bytes = serde_json::to_vec_pretty(rec).map_err(|e| Error::Io { what: "encode", path: path.to_path_buf(), source: e.into() })?;
+    let bytes = serde_json::to_vec_pretty(rec).map_err(|e| Error::Io {
+        what: "encode",
+        path: path.to_path_buf(),
+        source: e.into(),
+    })?;
     fs::write(&tmp, bytes).map_err(Error::io("write", &tmp))?;
     fs::rename(&tmp, path).map_err(Error::io("rename", &tmp))
 }

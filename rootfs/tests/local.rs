@@ -1,7 +1,6 @@
 //! Images from local disk: OCI layouts and `docker save` archives, and the
 //! cache's bookkeeping (prune).
 
-
 mod common;
 
 use common::{check_layered, layered_image, Mounted};
@@ -33,7 +32,9 @@ fn oci_layout_and_docker_archive_give_the_same_tree() {
     check_layered(&Mounted::new(&path2));
     assert_eq!(rec2.config.working_dir, "/home/user");
 
-    let err = store.pull(&ImageSource::parse(&format!("oci:{}:nope", layout.display())).unwrap(), &PullOptions::default()).unwrap_err();
+    let err = store
+        .pull(&ImageSource::parse(&format!("oci:{}:nope", layout.display())).unwrap(), &PullOptions::default())
+        .unwrap_err();
     assert!(err.to_string().contains("no image tagged"), "{err}");
 }
 
@@ -48,7 +49,9 @@ fn tampered_layout_blob_is_refused() {
     image.write_oci_layout(dir.path(), "t").unwrap();
     let cache = tempfile::tempdir().unwrap();
     let store = Store::new(cache.path());
-    let err = store.pull(&ImageSource::parse(&format!("oci:{}:t", dir.path().display())).unwrap(), &PullOptions::default()).unwrap_err();
+    let err = store
+        .pull(&ImageSource::parse(&format!("oci:{}:t", dir.path().display())).unwrap(), &PullOptions::default())
+        .unwrap_err();
     assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
     assert_eq!(std::fs::read_dir(cache.path().join("images")).unwrap().count(), 0);
 }
@@ -62,8 +65,13 @@ fn prune_removes_least_recently_used_first() {
     for i in 0..3u8 {
         let layout = dir.path().join(format!("l{i}"));
         let data = vec![i; 200_000 + usize::from(i)];
-        ImageBuilder::new().layer(LayerBuilder::new().file("data", &data, 0o644, 0, 0).finish()).write_oci_layout(&layout, "t").unwrap();
-        let (rec, _) = store.pull(&ImageSource::parse(&format!("oci:{}:t", layout.display())).unwrap(), &PullOptions::default()).unwrap();
+        ImageBuilder::new()
+            .layer(LayerBuilder::new().file("data", &data, 0o644, 0, 0).finish())
+            .write_oci_layout(&layout, "t")
+            .unwrap();
+        let (rec, _) = store
+            .pull(&ImageSource::parse(&format!("oci:{}:t", layout.display())).unwrap(), &PullOptions::default())
+            .unwrap();
         sizes.push(rec.size);
         std::thread::sleep(std::time::Duration::from_millis(1100));
     }

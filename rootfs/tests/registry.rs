@@ -24,7 +24,8 @@ fn source(s: &str) -> ImageSource {
 }
 
 fn nothing_left(store: &Store) {
-    let images: Vec<_> = std::fs::read_dir(store.root().join("images")).unwrap().flatten().map(|e| e.file_name()).collect();
+    let images: Vec<_> =
+        std::fs::read_dir(store.root().join("images")).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(images.is_empty(), "a failed pull left {images:?}");
     let tmp: Vec<_> = std::fs::read_dir(store.root().join("tmp")).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(tmp.is_empty(), "a failed pull left {tmp:?} in tmp/");
@@ -95,7 +96,11 @@ fn token_auth_with_docker_config_credentials() {
     // With ~/.docker/config.json-style credentials.
     let docker = tempfile::tempdir().unwrap();
     let auth = base64_encode(b"alice:s3cret");
-    std::fs::write(docker.path().join("config.json"), format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, registry.addr())).unwrap();
+    std::fs::write(
+        docker.path().join("config.json"),
+        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, registry.addr()),
+    )
+    .unwrap();
     let tokens = registry.tokens_issued();
     let opts = PullOptions { docker_config: Some(docker.path().to_path_buf()), ..PullOptions::default() };
     let (_, path) = store.pull(&reference, &opts).unwrap();
@@ -135,12 +140,19 @@ fn two_concurrent_pulls_download_once() {
         .map(|_| {
             let store = Store::new(cache.path());
             let reference = reference.clone();
-            std::thread::spawn(move || store.pull(&ImageSource::parse(&reference).unwrap(), &PullOptions::default()).map(|(r, _)| r.digest))
+            std::thread::spawn(move || {
+                store.pull(&ImageSource::parse(&reference).unwrap(), &PullOptions::default()).map(|(r, _)| r.digest)
+            })
         })
         .collect();
     let digests: Vec<String> = pulls.into_iter().map(|t| t.join().unwrap().unwrap()).collect();
     assert_eq!(digests[0], digests[1]);
-    assert_eq!(registry.blob_gets("shared", &layer_digest), 1, "the layer was downloaded more than once:\n{}", registry.log());
+    assert_eq!(
+        registry.blob_gets("shared", &layer_digest),
+        1,
+        "the layer was downloaded more than once:\n{}",
+        registry.log()
+    );
     assert_eq!(Store::new(cache.path()).list().unwrap().len(), 1);
 }
 
@@ -211,7 +223,8 @@ fn hostile_layers_are_rejected() {
     for (name, layer, expected) in hostile_cases() {
         let image = ImageBuilder::new().layer(layer);
         push(&registry, &image, &format!("hostile/{name}"), "latest");
-        let err = store.pull(&source(&format!("{}/hostile/{name}", registry.addr())), &PullOptions::default()).unwrap_err();
+        let err =
+            store.pull(&source(&format!("{}/hostile/{name}", registry.addr())), &PullOptions::default()).unwrap_err();
         let text = err.to_string();
         assert!(text.contains(expected), "{name}: expected {expected:?} in: {text}");
         nothing_left(&store);

@@ -48,10 +48,7 @@ fn main() -> ExitCode {
 }
 
 fn cmdline() -> String {
-    format!(
-        "{} root=/dev/vda ro rootfstype=erofs init=/init",
-        vmm::cmdline::base_args()
-    )
+    format!("{} root=/dev/vda ro rootfstype=erofs init=/init", vmm::cmdline::base_args())
 }
 
 /// Runs one VM with its console on stdout: `<kernel> <image>`.
@@ -95,10 +92,7 @@ fn kernel() -> Result<PathBuf, String> {
     if path.exists() {
         Ok(path)
     } else {
-        Err(format!(
-            "kernel {} not found: build it with kernel-config/build.sh",
-            path.display()
-        ))
+        Err(format!("kernel {} not found: build it with kernel-config/build.sh", path.display()))
     }
 }
 
@@ -109,8 +103,7 @@ fn root_image(dir: &Path) -> Result<PathBuf, String> {
         .map_err(|e| format!("/bin/busybox: {e} (apt-get install busybox-static)"))?;
     let init = root.join("init");
     std::fs::write(&init, INIT).map_err(|e| e.to_string())?;
-    std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .map_err(|e| e.to_string())?;
+    std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755)).map_err(|e| e.to_string())?;
     let image = dir.join("root.erofs");
     let status = Command::new("mkfs.erofs")
         .args(["--quiet", "--all-root"])
@@ -147,8 +140,7 @@ fn memory_kib(pid: u32) -> Option<(u64, u64)> {
         let mut fields = line.split_whitespace();
         match fields.next() {
             Some("Size:") => {
-                current_is_guest =
-                    fields.next().and_then(|v| v.parse::<u64>().ok()) == Some(guest_kib);
+                current_is_guest = fields.next().and_then(|v| v.parse::<u64>().ok()) == Some(guest_kib);
             }
             Some("Rss:") => {
                 let rss: u64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -224,11 +216,7 @@ fn measure(mut command: Command, kill_after_done: bool) -> Result<Run, String> {
     let exit = (!killed).then(|| start.elapsed());
     let log = reader.join().map_err(|_| "console reader panicked")?;
     marks.extend(rx.try_iter());
-    let ticks = marks
-        .iter()
-        .find(|(m, _, _)| *m == DONE_LINE)
-        .and_then(|(_, _, ticks)| *ticks)
-        .unwrap_or(0);
+    let ticks = marks.iter().find(|(m, _, _)| *m == DONE_LINE).and_then(|(_, _, ticks)| *ticks).unwrap_or(0);
     let at = |marker: &str| {
         marks
             .iter()
@@ -255,30 +243,14 @@ fn ours(kernel: &Path, image: &Path) -> Result<Command, String> {
 fn qemu(kernel: &Path, image: &Path) -> Command {
     let mut command = Command::new("qemu-system-x86_64");
     command
-        .args([
-            "-enable-kvm",
-            "-M",
-            "microvm,acpi=off",
-            "-cpu",
-            "host,-arch-capabilities",
-        ])
+        .args(["-enable-kvm", "-M", "microvm,acpi=off", "-cpu", "host,-arch-capabilities"])
         .args(["-m", &MEMORY_MIB.to_string(), "-smp", "1"])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-        ])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-no-reboot"])
         .arg("-kernel")
         .arg(kernel)
         .args(["-append", &cmdline()])
         .arg("-drive")
-        .arg(format!(
-            "id=root,file={},format=raw,if=none,readonly=on",
-            image.display()
-        ))
+        .arg(format!("id=root,file={},format=raw,if=none,readonly=on", image.display()))
         .args(["-device", "virtio-blk-device,drive=root"]);
     command
 }
@@ -295,11 +267,7 @@ fn bench() -> Result<(), String> {
     let kernel = kernel()?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let image = root_image(dir.path())?;
-    let rounds: usize = std::env::var("BOOT_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3)
-        .max(1);
+    let rounds: usize = std::env::var("BOOT_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
 
     let mut mine = Vec::new();
     let mut reference = Vec::new();
@@ -326,10 +294,7 @@ fn bench() -> Result<(), String> {
     let done = |r: &Run| r.done.as_secs_f64();
     let overhead = |r: &Run| r.overhead_kib as f64 / 1024.0;
     let cpu = |r: &Run| r.cpu.as_secs_f64();
-    for (what, f) in [
-        ("first /init line", ready as fn(&Run) -> f64),
-        ("command exit", done),
-    ] {
+    for (what, f) in [("first /init line", ready as fn(&Run) -> f64), ("command exit", done)] {
         println!(
             "median time to {what}: vmm {:.2} s, qemu {:.2} s, ratio {:.3}",
             med(&mine, f),
@@ -339,9 +304,7 @@ fn bench() -> Result<(), String> {
     }
     println!(
         "median time from command exit to VMM exit (guest reboot, VM teardown): vmm {:.2} s",
-        med(&mine, |r| r
-            .exit
-            .map_or(f64::NAN, |t| (t - r.done).as_secs_f64()))
+        med(&mine, |r| r.exit.map_or(f64::NAN, |t| (t - r.done).as_secs_f64()))
     );
     println!(
         "median CPU time until command exit (less sensitive to other load): vmm {:.2} s, qemu {:.2} s, ratio {:.3}",

@@ -67,9 +67,7 @@ pub fn compose(user: &str, devices: &[MmioDeviceArgs]) -> Result<Cmdline> {
     }
     let mut cmdline = Cmdline::try_from(user, CMDLINE_MAX_SIZE).map_err(Error::Cmdline)?;
     for device in devices {
-        cmdline
-            .add_virtio_mmio_device(VIRTIO_MMIO_SIZE, device.base, device.irq, None)
-            .map_err(Error::Cmdline)?;
+        cmdline.add_virtio_mmio_device(VIRTIO_MMIO_SIZE, device.base, device.irq, None).map_err(Error::Cmdline)?;
     }
     Ok(cmdline)
 }
@@ -83,14 +81,8 @@ mod tests {
     }
 
     const TWO_DISKS: [MmioDeviceArgs; 2] = [
-        MmioDeviceArgs {
-            base: GuestAddress(0xd000_0000),
-            irq: 5,
-        },
-        MmioDeviceArgs {
-            base: GuestAddress(0xd000_1000),
-            irq: 6,
-        },
+        MmioDeviceArgs { base: GuestAddress(0xd000_0000), irq: 5 },
+        MmioDeviceArgs { base: GuestAddress(0xd000_1000), irq: 6 },
     ];
 
     #[test]
@@ -99,14 +91,8 @@ mod tests {
         assert_eq!(args.split(' ').count(), BASE_ARGS.len());
         assert!(args.starts_with("console=ttyS0 "));
         assert!(args.contains(" reboot=k "));
-        let clear = BASE_ARGS
-            .iter()
-            .find_map(|a| a.strip_prefix("clearcpuid="))
-            .unwrap();
-        assert!(
-            clear.len() < 128,
-            "the kernel truncates clearcpuid= at 128 bytes"
-        );
+        let clear = BASE_ARGS.iter().find_map(|a| a.strip_prefix("clearcpuid=")).unwrap();
+        assert!(clear.len() < 128, "the kernel truncates clearcpuid= at 128 bytes");
         assert!(clear.split(',').any(|f| f == "smap"));
         compose(&args, &[]).unwrap();
     }
@@ -123,10 +109,7 @@ mod tests {
     #[test]
     fn devices_go_before_init_arguments() {
         let cmdline = compose("quiet init=/init -- --flag value", &TWO_DISKS[..1]).unwrap();
-        assert_eq!(
-            text(&cmdline),
-            "quiet init=/init virtio_mmio.device=4K@0xd0000000:5 -- --flag value"
-        );
+        assert_eq!(text(&cmdline), "quiet init=/init virtio_mmio.device=4K@0xd0000000:5 -- --flag value");
     }
 
     #[test]
@@ -136,23 +119,13 @@ mod tests {
         // Fits alone, but not with the device arguments added.
         let almost = "a".repeat(CMDLINE_MAX_SIZE - 20);
         compose(&almost, &[]).unwrap();
-        assert!(matches!(
-            compose(&almost, &TWO_DISKS),
-            Err(Error::Cmdline(_))
-        ));
+        assert!(matches!(compose(&almost, &TWO_DISKS), Err(Error::Cmdline(_))));
     }
 
     #[test]
     fn invalid_characters_are_rejected() {
-        for bad in [
-            "console=ttyS0\nroot=/dev/vda",
-            "init=/init\0x",
-            "name=caf\u{e9}",
-        ] {
-            assert!(
-                matches!(compose(bad, &[]), Err(Error::Cmdline(_))),
-                "{bad:?}"
-            );
+        for bad in ["console=ttyS0\nroot=/dev/vda", "init=/init\0x", "name=caf\u{e9}"] {
+            assert!(matches!(compose(bad, &[]), Err(Error::Cmdline(_))), "{bad:?}");
         }
     }
 }

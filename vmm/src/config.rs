@@ -93,18 +93,10 @@ fn host_memory_mib() -> Option<u64> {
 }
 
 fn file_error<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
-    move |source| Error::File {
-        what,
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| Error::File { what, path: path.to_path_buf(), source }
 }
 
-fn open_regular(
-    what: &'static str,
-    path: &Path,
-    open: impl FnOnce(&Path) -> std::io::Result<File>,
-) -> Result<File> {
+fn open_regular(what: &'static str, path: &Path, open: impl FnOnce(&Path) -> std::io::Result<File>) -> Result<File> {
     let metadata = std::fs::metadata(path).map_err(file_error(what, path))?;
     if !metadata.is_file() {
         return Err(Error::File {
@@ -117,18 +109,10 @@ fn open_regular(
 }
 
 fn open_disk(what: &'static str, path: &Path, read_only: bool) -> Result<DiskImage> {
-    let file = open_regular(what, path, |p| {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(p)
-    })?;
+    let file = open_regular(what, path, |p| std::fs::OpenOptions::new().read(true).write(!read_only).open(p))?;
     let disk = DiskImage::from_file(file, read_only).map_err(file_error(what, path))?;
     if disk.sectors() == 0 {
-        return Err(Error::EmptyDisk {
-            what,
-            path: path.to_path_buf(),
-        });
+        return Err(Error::EmptyDisk { what, path: path.to_path_buf() });
     }
     Ok(disk)
 }
@@ -137,25 +121,15 @@ impl VmConfig {
     /// Checks the numbers against the supported ranges.
     pub fn validate_sizes(&self) -> Result<()> {
         if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
-            return Err(Error::MemorySize {
-                got: self.memory_mib,
-                min: MIN_MEMORY_MIB,
-                max: MAX_MEMORY_MIB,
-            });
+            return Err(Error::MemorySize { got: self.memory_mib, min: MIN_MEMORY_MIB, max: MAX_MEMORY_MIB });
         }
         if let Some(host) = host_memory_mib() {
             if u64::from(self.memory_mib) > host {
-                return Err(Error::MemoryExceedsHost {
-                    got: self.memory_mib,
-                    host,
-                });
+                return Err(Error::MemoryExceedsHost { got: self.memory_mib, host });
             }
         }
         if !(1..=MAX_VCPUS).contains(&self.vcpus) {
-            return Err(Error::VcpuCount {
-                got: self.vcpus,
-                max: MAX_VCPUS,
-            });
+            return Err(Error::VcpuCount { got: self.vcpus, max: MAX_VCPUS });
         }
         Ok(())
     }
@@ -172,11 +146,7 @@ impl VmConfig {
                 open_disk(what, &d.path, d.read_only)
             })
             .collect::<Result<_>>()?;
-        Ok(OpenedFiles {
-            kernel,
-            root,
-            extra,
-        })
+        Ok(OpenedFiles { kernel, root, extra })
     }
 }
 
@@ -188,10 +158,7 @@ mod tests {
         let kernel = dir.join("vmlinux");
         let root = dir.join("root.img");
         std::fs::write(&kernel, b"\x7fELF").unwrap();
-        std::fs::File::create(&root)
-            .unwrap()
-            .write_all(&[0; 4096])
-            .unwrap();
+        std::fs::File::create(&root).unwrap().write_all(&[0; 4096]).unwrap();
         VmConfig {
             kernel,
             cmdline: String::new(),
@@ -210,18 +177,12 @@ mod tests {
         let mut c = config(dir.path());
         c.validate_sizes().unwrap();
         c.memory_mib = MIN_MEMORY_MIB - 1;
-        assert!(matches!(
-            c.validate_sizes(),
-            Err(Error::MemorySize { got: 31, .. })
-        ));
+        assert!(matches!(c.validate_sizes(), Err(Error::MemorySize { got: 31, .. })));
         c.memory_mib = MAX_MEMORY_MIB + 1;
         assert!(matches!(c.validate_sizes(), Err(Error::MemorySize { .. })));
         c.memory_mib = 128;
         c.vcpus = 0;
-        assert!(matches!(
-            c.validate_sizes(),
-            Err(Error::VcpuCount { got: 0, .. })
-        ));
+        assert!(matches!(c.validate_sizes(), Err(Error::VcpuCount { got: 0, .. })));
         c.vcpus = MAX_VCPUS + 1;
         assert!(matches!(c.validate_sizes(), Err(Error::VcpuCount { .. })));
         c.vcpus = MAX_VCPUS;
@@ -264,27 +225,18 @@ mod tests {
         c.kernel = dir.path().join("no-such-kernel");
         let err = c.open_files().unwrap_err();
         let text = err.to_string();
-        assert!(
-            text.starts_with("kernel ") && text.contains("no-such-kernel"),
-            "{text}"
-        );
+        assert!(text.starts_with("kernel ") && text.contains("no-such-kernel"), "{text}");
 
         let mut c = config(dir.path());
         c.root_disk = dir.path().to_path_buf();
         let text = c.open_files().unwrap_err().to_string();
-        assert!(
-            text.contains("root disk image") && text.contains("not a regular file"),
-            "{text}"
-        );
+        assert!(text.contains("root disk image") && text.contains("not a regular file"), "{text}");
 
         let mut c = config(dir.path());
         let empty = dir.path().join("empty.img");
         std::fs::write(&empty, [0u8; 100]).unwrap();
         c.root_disk = empty;
-        assert!(matches!(
-            c.open_files().unwrap_err(),
-            Error::EmptyDisk { .. }
-        ));
+        assert!(matches!(c.open_files().unwrap_err(), Error::EmptyDisk { .. }));
 
         let mut c = config(dir.path());
         c.extra_disks = vec![ExtraDisk::writable(dir.path().join("missing-scratch.img"))];

@@ -123,9 +123,7 @@ pub enum Error {
         registers: String,
     },
     /// KVM failed to enter the guest.
-    #[error(
-        "vCPU {vcpu}: KVM could not enter the guest (hardware reason {reason:#x}); {registers}"
-    )]
+    #[error("vCPU {vcpu}: KVM could not enter the guest (hardware reason {reason:#x}); {registers}")]
     FailEntry {
         /// The vCPU.
         vcpu: u8,

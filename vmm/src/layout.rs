@@ -87,10 +87,7 @@ pub fn virtio_mmio_slot(index: usize) -> Option<(GuestAddress, u32)> {
         return None;
     }
     let index32 = u32::try_from(index).ok()?;
-    Some((
-        GuestAddress(VIRTIO_MMIO_START + u64::from(index32) * VIRTIO_MMIO_SIZE),
-        VIRTIO_IRQ_BASE + index32,
-    ))
+    Some((GuestAddress(VIRTIO_MMIO_START + u64::from(index32) * VIRTIO_MMIO_SIZE), VIRTIO_IRQ_BASE + index32))
 }
 
 /// The guest RAM regions for `size` bytes of memory: one region from 0, split
@@ -99,10 +96,7 @@ pub fn ram_regions(size: u64) -> Vec<(GuestAddress, u64)> {
     if size <= MMIO_GAP_START {
         vec![(GuestAddress(0), size)]
     } else {
-        vec![
-            (GuestAddress(0), MMIO_GAP_START),
-            (GuestAddress(MMIO_GAP_END), size - MMIO_GAP_START),
-        ]
+        vec![(GuestAddress(0), MMIO_GAP_START), (GuestAddress(MMIO_GAP_END), size - MMIO_GAP_START)]
     }
 }
 
@@ -115,10 +109,7 @@ const _: () = {
     assert!(MEMMAP_START + 24 * MEMMAP_MAX_ENTRIES as u64 <= CMDLINE_START);
     assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
     assert!(EBDA_START < EBDA_END && EBDA_END <= HIMEM_START);
-    assert!(
-        MPTABLE_START.is_multiple_of(16),
-        "the MP floating pointer must be 16-byte aligned"
-    );
+    assert!(MPTABLE_START.is_multiple_of(16), "the MP floating pointer must be 16-byte aligned");
     assert!(KVM_IDENTITY_MAP_START + 0x1000 <= KVM_TSS_START);
     assert!(KVM_TSS_START + 3 * 0x1000 <= MMIO_GAP_END);
 };
@@ -129,12 +120,7 @@ mod tests {
 
     #[test]
     fn kvm_private_pages_and_apics_lie_in_the_gap_without_overlap() {
-        for addr in [
-            IOAPIC_START,
-            APIC_START,
-            KVM_IDENTITY_MAP_START,
-            KVM_TSS_START,
-        ] {
+        for addr in [IOAPIC_START, APIC_START, KVM_IDENTITY_MAP_START, KVM_TSS_START] {
             assert!((MMIO_GAP_START..MMIO_GAP_END).contains(&addr));
         }
         let (last, _) = virtio_mmio_slot(MAX_VIRTIO_DEVICES - 1).unwrap();
@@ -143,14 +129,8 @@ mod tests {
 
     #[test]
     fn virtio_slots_use_consecutive_windows_and_irqs_up_to_the_last_ioapic_pin() {
-        assert_eq!(
-            virtio_mmio_slot(0),
-            Some((GuestAddress(0xd000_0000), VIRTIO_IRQ_BASE))
-        );
-        assert_eq!(
-            virtio_mmio_slot(1),
-            Some((GuestAddress(0xd000_1000), VIRTIO_IRQ_BASE + 1))
-        );
+        assert_eq!(virtio_mmio_slot(0), Some((GuestAddress(0xd000_0000), VIRTIO_IRQ_BASE)));
+        assert_eq!(virtio_mmio_slot(1), Some((GuestAddress(0xd000_1000), VIRTIO_IRQ_BASE + 1)));
         assert_eq!(virtio_mmio_slot(MAX_VIRTIO_DEVICES - 1).unwrap().1, IRQ_MAX);
         assert_eq!(virtio_mmio_slot(MAX_VIRTIO_DEVICES), None);
         assert_ne!(VIRTIO_IRQ_BASE, SERIAL_IRQ);
@@ -159,10 +139,7 @@ mod tests {
     #[test]
     fn small_memory_is_one_region_from_zero() {
         assert_eq!(ram_regions(128 << 20), vec![(GuestAddress(0), 128 << 20)]);
-        assert_eq!(
-            ram_regions(MMIO_GAP_START),
-            vec![(GuestAddress(0), MMIO_GAP_START)]
-        );
+        assert_eq!(ram_regions(MMIO_GAP_START), vec![(GuestAddress(0), MMIO_GAP_START)]);
     }
 
     #[test]
@@ -171,10 +148,7 @@ mod tests {
         let regions = ram_regions(size);
         assert_eq!(
             regions,
-            vec![
-                (GuestAddress(0), MMIO_GAP_START),
-                (GuestAddress(MMIO_GAP_END), size - MMIO_GAP_START)
-            ]
+            vec![(GuestAddress(0), MMIO_GAP_START), (GuestAddress(MMIO_GAP_END), size - MMIO_GAP_START)]
         );
         assert_eq!(regions.iter().map(|r| r.1).sum::<u64>(), size);
     }

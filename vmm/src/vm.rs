@@ -30,10 +30,7 @@ use crate::devices::virtio::mmio::{reg, MmioTransport};
 use crate::devices::virtio::vsock::{Vsock, VsockConfig};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::error::{io, kvm, Error, Result};
-use crate::layout::{
-    self, I8042_PORT, I8042_PORT_COUNT, SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_COUNT,
-    VIRTIO_MMIO_SIZE,
-};
+use crate::layout::{self, I8042_PORT, I8042_PORT_COUNT, SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_COUNT, VIRTIO_MMIO_SIZE};
 use crate::vstate::exit::{ExitReason, ExitSignal, ExitSubscriber, StopHandle};
 use crate::vstate::kvm as kvm_setup;
 use crate::vstate::vcpu::{self, Vcpu, VcpuSetup, VcpuThreads};
@@ -56,9 +53,7 @@ pub struct Vm {
 
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vm")
-            .field("vcpus", &self.vcpus.len())
-            .finish_non_exhaustive()
+        f.debug_struct("Vm").field("vcpus", &self.vcpus.len()).finish_non_exhaustive()
     }
 }
 
@@ -79,27 +74,16 @@ impl DeviceSetup<'_> {
     where
         D: VirtioDevice + MutEventSubscriber + 'static,
     {
-        let (base, irq) =
-            layout::virtio_mmio_slot(self.cmdline_devices.len()).ok_or(Error::TooManyDevices)?;
+        let (base, irq) = layout::virtio_mmio_slot(self.cmdline_devices.len()).ok_or(Error::TooManyDevices)?;
         let irqfd = EventFd::new(EFD_NONBLOCK).map_err(io("creating a device irqfd"))?;
-        self.vm
-            .register_irqfd(&irqfd, irq)
-            .map_err(kvm("KVM_IRQFD"))?;
+        self.vm.register_irqfd(&irqfd, irq).map_err(kvm("KVM_IRQFD"))?;
         for (queue, event) in device.queue_events().iter().enumerate() {
             self.vm
-                .register_ioevent(
-                    event,
-                    &IoEventAddress::Mmio(base.0 + reg::QUEUE_NOTIFY),
-                    queue as u32,
-                )
+                .register_ioevent(event, &IoEventAddress::Mmio(base.0 + reg::QUEUE_NOTIFY), queue as u32)
                 .map_err(kvm("KVM_IOEVENTFD"))?;
         }
         let device = Arc::new(Mutex::new(device));
-        let transport = MmioTransport::new(
-            device.clone(),
-            self.mem.clone(),
-            Arc::new(Interrupt::new(irqfd)),
-        );
+        let transport = MmioTransport::new(device.clone(), self.mem.clone(), Arc::new(Interrupt::new(irqfd)));
         self.mmio
             .insert(Arc::new(Mutex::new(transport)), base.0, VIRTIO_MMIO_SIZE)
             .map_err(|_| Error::TooManyDevices)?;
@@ -132,17 +116,11 @@ impl Vm {
         kvm_setup::check_capabilities(&kvm_fd)?;
         let max_vcpus = kvm_fd.get_max_vcpus();
         if usize::from(config.vcpus) > max_vcpus {
-            return Err(Error::VcpuCount {
-                got: config.vcpus,
-                max: u8::try_from(max_vcpus).unwrap_or(u8::MAX),
-            });
+            return Err(Error::VcpuCount { got: config.vcpus, max: u8::try_from(max_vcpus).unwrap_or(u8::MAX) });
         }
 
         let ram = layout::ram_regions(u64::from(config.memory_mib) << 20);
-        let ranges: Vec<(GuestAddress, usize)> = ram
-            .iter()
-            .map(|&(start, size)| (start, size as usize))
-            .collect();
+        let ranges: Vec<(GuestAddress, usize)> = ram.iter().map(|&(start, size)| (start, size as usize)).collect();
         let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(Error::GuestMemoryAlloc)?;
         let vm = kvm_setup::create_vm(&kvm_fd, &mem)?;
         let exit = Arc::new(ExitSignal::new()?);
@@ -151,14 +129,11 @@ impl Vm {
 
         // Serial console and i8042 on the port I/O bus.
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(io("creating the serial irqfd"))?;
-        vm.register_irqfd(&serial_irq, SERIAL_IRQ)
-            .map_err(kvm("KVM_IRQFD"))?;
+        vm.register_irqfd(&serial_irq, SERIAL_IRQ).map_err(kvm("KVM_IRQFD"))?;
         let serial_drained = EventFd::new(EFD_NONBLOCK).map_err(io("creating an eventfd"))?;
         let serial = Arc::new(Mutex::new(Serial::new(
             serial_irq,
-            serial_drained
-                .try_clone()
-                .map_err(io("duplicating an eventfd"))?,
+            serial_drained.try_clone().map_err(io("duplicating an eventfd"))?,
             config.serial,
         )));
         let reset_exit = exit.clone();
@@ -167,22 +142,13 @@ impl Vm {
             reset_exit.request(Ok(ExitReason::GuestShutdown));
         })));
         let mut pio = Bus::new();
-        pio.insert(
-            serial.clone(),
-            u64::from(SERIAL_PORT),
-            u64::from(SERIAL_PORT_COUNT),
-        )
-        .and_then(|()| pio.insert(i8042, u64::from(I8042_PORT), u64::from(I8042_PORT_COUNT)))
-        .map_err(|_| Error::TooManyDevices)?;
+        pio.insert(serial.clone(), u64::from(SERIAL_PORT), u64::from(SERIAL_PORT_COUNT))
+            .and_then(|()| pio.insert(i8042, u64::from(I8042_PORT), u64::from(I8042_PORT_COUNT)))
+            .map_err(|_| Error::TooManyDevices)?;
 
         // Block devices: the root image first so the guest names it /dev/vda.
-        let mut devices = DeviceSetup {
-            vm: &vm,
-            mem: &mem,
-            mmio: Bus::new(),
-            events: &mut events,
-            cmdline_devices: Vec::new(),
-        };
+        let mut devices =
+            DeviceSetup { vm: &vm, mem: &mem, mmio: Bus::new(), events: &mut events, cmdline_devices: Vec::new() };
         devices.attach_block(files.root)?;
         for disk in files.extra {
             devices.attach_block(disk)?;
@@ -190,11 +156,7 @@ impl Vm {
         if let Some(vsock) = &config.vsock {
             devices.attach_vsock(vsock)?;
         }
-        let DeviceSetup {
-            mmio,
-            cmdline_devices,
-            ..
-        } = devices;
+        let DeviceSetup { mmio, cmdline_devices, .. } = devices;
 
         let cmdline = cmdline::compose(&config.cmdline, &cmdline_devices)?;
         let entry = arch::load_kernel(&mem, &config.kernel, files.kernel)?;
@@ -202,9 +164,7 @@ impl Vm {
 
         let supported_cpuid = arch::cpuid::supported(&kvm_fd)?;
         if !arch::cpuid::has_kvm_leaves(&supported_cpuid) {
-            tracing::warn!(
-                "KVM reports no hypervisor CPUID leaves; the guest will not use kvm-clock"
-            );
+            tracing::warn!("KVM reports no hypervisor CPUID leaves; the guest will not use kvm-clock");
         }
         let setup = VcpuSetup {
             vm: &vm,
@@ -215,20 +175,10 @@ impl Vm {
             mmio: Arc::new(mmio),
             mem: mem.clone(),
         };
-        let vcpus = (0..config.vcpus)
-            .map(|id| Vcpu::new(&setup, id))
-            .collect::<Result<Vec<_>>>()?;
+        let vcpus = (0..config.vcpus).map(|id| Vcpu::new(&setup, id)).collect::<Result<Vec<_>>>()?;
         vcpu::install_kick_handler()?;
 
-        Ok(Vm {
-            vcpus,
-            events,
-            serial,
-            serial_drained: Some(serial_drained),
-            exit,
-            _vm: vm,
-            _memory: mem,
-        })
+        Ok(Vm { vcpus, events, serial, serial_drained: Some(serial_drained), exit, _vm: vm, _memory: mem })
     }
 
     /// A handle that stops this VM from any thread.
@@ -242,17 +192,9 @@ impl Vm {
     pub fn set_serial_input(&mut self, input: OwnedFd) -> Result<()> {
         let drained = self.serial_drained.take().ok_or(Error::Io {
             what: "attaching serial input",
-            source: std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "the serial console already has an input",
-            ),
+            source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "the serial console already has an input"),
         })?;
-        self.events
-            .add_subscriber(Arc::new(Mutex::new(SerialInput::new(
-                self.serial.clone(),
-                input,
-                drained,
-            ))));
+        self.events.add_subscriber(Arc::new(Mutex::new(SerialInput::new(self.serial.clone(), input, drained))));
         Ok(())
     }
 
@@ -261,12 +203,7 @@ impl Vm {
     /// are interrupted with `SIGRTMIN`, for which [`Vm::create`] installs an
     /// empty handler: the embedding process must not use that signal.
     pub fn run(self) -> Result<ExitReason> {
-        let Vm {
-            vcpus,
-            mut events,
-            exit,
-            ..
-        } = self;
+        let Vm { vcpus, mut events, exit, .. } = self;
 
         let threads = VcpuThreads::start(vcpus, &exit);
         while !exit.is_stopping() {

@@ -47,19 +47,12 @@ fn root_image(dir: &Path, init: &str) -> PathBuf {
     for sub in ["bin", "dev", "proc"] {
         std::fs::create_dir_all(root.join(sub)).unwrap();
     }
-    assert!(
-        Path::new("/bin/busybox").exists(),
-        "/bin/busybox is missing: apt-get install busybox-static"
-    );
+    assert!(Path::new("/bin/busybox").exists(), "/bin/busybox is missing: apt-get install busybox-static");
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
     std::fs::write(root.join("hello.txt"), "read from the root image\n").unwrap();
     let init_path = root.join("init");
     std::fs::write(&init_path, init).unwrap();
-    std::fs::set_permissions(
-        &init_path,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    std::fs::set_permissions(&init_path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let image = dir.join("root.erofs");
     let status = Command::new("mkfs.erofs")
         .args(["--quiet", "--all-root"])
@@ -86,12 +79,7 @@ struct Console {
 
 impl Console {
     fn new() -> Self {
-        Self {
-            start: Instant::now(),
-            lines: Arc::default(),
-            partial: Arc::default(),
-            reply: Arc::default(),
-        }
+        Self { start: Instant::now(), lines: Arc::default(), partial: Arc::default(), reply: Arc::default() }
     }
 
     /// The console's input, which receives `answer` after the guest prints `prompt`.
@@ -110,12 +98,7 @@ impl Console {
 
     /// When the first line containing `needle` was printed.
     fn time_of(&self, needle: &str) -> Option<Duration> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|(_, l)| l.contains(needle))
-            .map(|(t, _)| *t)
+        self.lines.lock().unwrap().iter().find(|(_, l)| l.contains(needle)).map(|(t, _)| *t)
     }
 }
 
@@ -124,19 +107,14 @@ impl Write for Console {
         let mut partial = self.partial.lock().unwrap();
         for &b in buf {
             if b == b'\n' {
-                let line = String::from_utf8_lossy(&partial)
-                    .trim_end_matches('\r')
-                    .to_string();
+                let line = String::from_utf8_lossy(&partial).trim_end_matches('\r').to_string();
                 let mut reply = self.reply.lock().unwrap();
                 if reply.as_ref().is_some_and(|(prompt, _, _)| line == *prompt) {
                     if let Some((_, answer, mut writer)) = reply.take() {
                         writer.write_all(answer)?;
                     }
                 }
-                self.lines
-                    .lock()
-                    .unwrap()
-                    .push((self.start.elapsed(), line));
+                self.lines.lock().unwrap().push((self.start.elapsed(), line));
                 partial.clear();
             } else {
                 partial.push(b);
@@ -153,10 +131,7 @@ impl Write for Console {
 fn config(image: &Path, scratch: Option<PathBuf>, vcpus: u8, console: &Console) -> VmConfig {
     VmConfig {
         kernel: kernel(),
-        cmdline: format!(
-            "{} root=/dev/vda ro rootfstype=erofs init=/init",
-            vmm::cmdline::base_args()
-        ),
+        cmdline: format!("{} root=/dev/vda ro rootfstype=erofs init=/init", vmm::cmdline::base_args()),
         memory_mib: 128,
         vcpus,
         root_disk: image.to_path_buf(),
@@ -204,8 +179,7 @@ fn guest_boots_runs_init_and_shuts_down() {
     // Guest-initiated shutdown.
     let console = Console::new();
     let mut vm = Vm::create(config(&image, Some(scratch.clone()), 2, &console)).unwrap();
-    vm.set_serial_input(console.input("serial: waiting for input", b"hello guest\n"))
-        .unwrap();
+    vm.set_serial_input(console.input("serial: waiting for input", b"hello guest\n")).unwrap();
     let started = Instant::now();
     let reason = vm.run();
     let total = started.elapsed();
@@ -213,9 +187,7 @@ fn guest_boots_runs_init_and_shuts_down() {
     println!("--- guest console ---\n{log}---");
     let reason = reason.unwrap_or_else(|e| panic!("VM failed: {e}\nconsole:\n{log}"));
     assert_eq!(reason, ExitReason::GuestShutdown, "console:\n{log}");
-    let init_at = console
-        .time_of("init: started")
-        .unwrap_or_else(|| panic!("init never ran; console:\n{log}"));
+    let init_at = console.time_of("init: started").unwrap_or_else(|| panic!("init never ran; console:\n{log}"));
     println!(
         "boot time: first line from /init after {:.2} s; guest shut down after {:.2} s",
         init_at.as_secs_f64(),
@@ -225,15 +197,9 @@ fn guest_boots_runs_init_and_shuts_down() {
     assert!(log.contains("read from the root image"));
     assert!(log.contains("scratch written"));
     assert!(log.contains("root write refused"));
-    assert!(
-        log.contains("serial input: hello guest"),
-        "host input reached the guest"
-    );
+    assert!(log.contains("serial input: hello guest"), "host input reached the guest");
     let scratch_content = std::fs::read(&scratch).unwrap();
-    assert!(
-        scratch_content.starts_with(b"scratch-ok\n"),
-        "scratch disk holds the guest's write"
-    );
+    assert!(scratch_content.starts_with(b"scratch-ok\n"), "scratch disk holds the guest's write");
 
     assert_eq!(thread_count(), threads_before, "no vCPU thread left behind");
     assert_eq!(fd_count(), fds_before, "no file descriptor left behind");
@@ -253,10 +219,7 @@ fn guest_boots_runs_init_and_shuts_down() {
     let stop = stopper.join().unwrap();
     stop.stop(); // the VM is gone: does nothing
     assert_eq!(reason, ExitReason::StopRequested);
-    assert!(
-        stopped_after < Duration::from_secs(10),
-        "stop took {stopped_after:?}"
-    );
+    assert!(stopped_after < Duration::from_secs(10), "stop took {stopped_after:?}");
     assert_eq!(thread_count(), threads_before, "no vCPU thread left behind");
     assert_eq!(fd_count(), fds_before, "no file descriptor left behind");
 }

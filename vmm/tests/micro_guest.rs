@@ -102,11 +102,7 @@ fn guest(elf_bytes: &[u8]) -> Guest {
     std::fs::write(&kernel, elf_bytes).unwrap();
     let disk = dir.path().join("disk.img");
     std::fs::write(&disk, [0u8; 4096]).unwrap();
-    Guest {
-        _dir: dir,
-        kernel,
-        disk,
-    }
+    Guest { _dir: dir, kernel, disk }
 }
 
 fn config(guest: &Guest, vcpus: u8, sink: &Sink) -> VmConfig {
@@ -154,10 +150,7 @@ fn a_triple_fault_ends_the_vm_as_a_guest_shutdown() {
         return;
     }
     let g = guest(&elf(TRIPLE_FAULT, true));
-    let reason = Vm::create(config(&g, 2, &Sink::default()))
-        .unwrap()
-        .run()
-        .unwrap();
+    let reason = Vm::create(config(&g, 2, &Sink::default())).unwrap().run().unwrap();
     assert_eq!(reason, ExitReason::GuestShutdown);
 }
 
@@ -194,16 +187,10 @@ fn executing_from_unbacked_memory_is_a_fatal_error_with_registers() {
         return;
     }
     let g = guest(&elf(JUMP_TO_NOWHERE, true));
-    let err = Vm::create(config(&g, 1, &Sink::default()))
-        .unwrap()
-        .run()
-        .unwrap_err();
+    let err = Vm::create(config(&g, 1, &Sink::default())).unwrap().run().unwrap_err();
     let text = err.to_string();
     println!("{text}");
-    assert!(
-        matches!(err, Error::EmulationFailure { vcpu: 0, .. }),
-        "unexpected error: {text}"
-    );
+    assert!(matches!(err, Error::EmulationFailure { vcpu: 0, .. }), "unexpected error: {text}");
     assert!(text.contains("rip=0xc0000000"), "{text}");
 }
 

@@ -41,8 +41,17 @@ pub fn cp(args: CpArgs) -> Outcome {
             let n = sandbox.copy_in(std::path::Path::new(&args.src), dst)?;
             tracing::info!(bytes = n, "copied {} to {}:{dst}", args.src, sandbox.id());
         }
-        (Some(_), Some(_)) => return Err(anyhow::anyhow!("copying between two sandboxes is not supported; copy through a local file").into()),
-        (None, None) => return Err(anyhow::anyhow!("one side must be <sandbox id>:<absolute guest path>, e.g. sandbox cp ./a.txt 3f2a9c:/tmp/a.txt").into()),
+        (Some(_), Some(_)) => {
+            return Err(
+                anyhow::anyhow!("copying between two sandboxes is not supported; copy through a local file").into()
+            )
+        }
+        (None, None) => {
+            return Err(anyhow::anyhow!(
+                "one side must be <sandbox id>:<absolute guest path>, e.g. sandbox cp ./a.txt 3f2a9c:/tmp/a.txt"
+            )
+            .into())
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -52,7 +52,14 @@ pub fn logs(args: LogsArgs) -> Outcome {
     if !db.is_file() {
         return Err(anyhow::anyhow!("no session database for sandbox {id} ({} does not exist)", db.display()).into());
     }
-    let options = LogOptions { dns: args.dns, net: args.net, ai: args.ai, json: args.json, follow: args.follow, ..Default::default() };
+    let options = LogOptions {
+        dns: args.dns,
+        net: args.net,
+        ai: args.ai,
+        json: args.json,
+        follow: args.follow,
+        ..Default::default()
+    };
     let stop = AtomicBool::new(false);
     print_logs(&db, &options, &mut std::io::stdout().lock(), &stop)?;
     Ok(ExitCode::SUCCESS)

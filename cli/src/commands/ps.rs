@@ -58,8 +58,16 @@ pub fn ps(args: PsArgs) -> Outcome {
             state.image.clone()
         };
         let status = if running { "running" } else { "exited" };
-        writeln!(out, "{:<14} {:<20} {:<30} {:<16} {:<8} {} MiB", state.id, image, command, ago(state.created), status, state.memory_mib)?;
+        writeln!(
+            out,
+            "{:<14} {:<20} {:<30} {:<16} {:<8} {} MiB",
+            state.id,
+            image,
+            command,
+            ago(state.created),
+            status,
+            state.memory_mib
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
-

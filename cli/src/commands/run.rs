@@ -89,7 +89,11 @@ fn net_config(args: &RunArgs) -> Result<NetConfig, Failure> {
     if let (Some(proxy), Some(secret)) = (&mut upstream_proxy, &args.upstream_proxy_secret) {
         match std::env::var(secret) {
             Ok(credentials) if credentials.contains(':') => proxy.credentials = Some(credentials),
-            _ => return Err(Failure::Sandbox(anyhow::anyhow!("--upstream-proxy-secret {secret}: set ${secret} to user:password"))),
+            _ => {
+                return Err(Failure::Sandbox(anyhow::anyhow!(
+                    "--upstream-proxy-secret {secret}: set ${secret} to user:password"
+                )))
+            }
         }
     }
     let mut net = NetConfig::default();
@@ -146,7 +150,10 @@ pub fn run(args: RunArgs) -> Outcome {
     match out.status {
         Status::Exited(code) => Ok(guest_status(code)),
         Status::TimedOut => {
-            eprintln!("sandbox: the command did not finish within {}s; the sandbox was stopped", args.timeout.unwrap_or(0));
+            eprintln!(
+                "sandbox: the command did not finish within {}s; the sandbox was stopped",
+                args.timeout.unwrap_or(0)
+            );
             Ok(ExitCode::from(TIMEOUT))
         }
     }

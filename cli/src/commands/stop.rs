@@ -32,4 +32,3 @@ pub fn stop(args: StopArgs) -> Outcome {
     }
     Ok(code)
 }
-

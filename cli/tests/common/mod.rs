@@ -39,4 +39,3 @@ impl Drop for RemoveOnDrop {
         let _ = sandbox(&["rm", "--force", &self.0]);
     }
 }
-

@@ -43,7 +43,9 @@ pub struct Exec {
 /// Host to guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HostMessage {
-    Hello { version: u32 },
+    Hello {
+        version: u32,
+    },
     Exec(Exec),
     Stdin(Vec<u8>),
     /// End of standard input.
@@ -51,9 +53,14 @@ pub enum HostMessage {
     Signal(i32),
     Resize(WinSize),
     /// Write a file: `Data` frames follow, then `DataEnd`.
-    PutFile { path: String, mode: u32 },
+    PutFile {
+        path: String,
+        mode: u32,
+    },
     /// Read a file: the guest answers with `Data` frames and `DataEnd`.
-    GetFile { path: String },
+    GetFile {
+        path: String,
+    },
     Data(Vec<u8>),
     DataEnd,
     /// Trust this CA certificate (PEM) from now on: system bundle, certifi,
@@ -66,12 +73,18 @@ pub enum HostMessage {
 /// Guest to host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GuestMessage {
-    Hello { version: u32 },
-    Started { pid: u32 },
+    Hello {
+        version: u32,
+    },
+    Started {
+        pid: u32,
+    },
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
     /// Shell convention: 0..=255, 128+N for signal N, 127 not found, 126 not executable.
-    Exited { status: i32 },
+    Exited {
+        status: i32,
+    },
     /// File contents (for `GetFile`) or `PutFile` acknowledgement (`DataEnd`).
     Data(Vec<u8>),
     DataEnd,
@@ -231,7 +244,10 @@ mod tests {
         }
         // A refused message leaves the writer usable and writes nothing.
         let before = wire.len();
-        assert!(matches!(writer.write(&mut wire, &GuestMessage::Data(vec![0; MAX_FRAME])), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            writer.write(&mut wire, &GuestMessage::Data(vec![0; MAX_FRAME])),
+            Err(FrameError::TooLarge(_))
+        ));
         assert_eq!(wire.len(), before);
         writer.write(&mut wire, &GuestMessage::DataEnd).unwrap();
 

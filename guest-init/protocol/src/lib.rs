@@ -77,9 +77,7 @@ impl LaunchSpec {
             return Err(ProtocolError::Invalid("the working directory must be an absolute path"));
         }
         let has_nul = |s: &String| s.contains('\0');
-        if self.argv.iter().any(has_nul)
-            || self.env.iter().any(|(k, v)| has_nul(k) || has_nul(v))
-            || has_nul(&self.cwd)
+        if self.argv.iter().any(has_nul) || self.env.iter().any(|(k, v)| has_nul(k) || has_nul(v)) || has_nul(&self.cwd)
         {
             return Err(ProtocolError::Invalid("arguments and environment cannot contain NUL bytes"));
         }

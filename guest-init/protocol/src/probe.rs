@@ -76,7 +76,12 @@ mod tests {
 
     #[test]
     fn printed_lines_parse_back() {
-        let line = ProbeLine { probe: "tls".into(), target: "1.2.3.4:443/sni=a".into(), ok: true, detail: "status=200;\r\nx".into() };
+        let line = ProbeLine {
+            probe: "tls".into(),
+            target: "1.2.3.4:443/sni=a".into(),
+            ok: true,
+            detail: "status=200;\r\nx".into(),
+        };
         let printed = line.to_string();
         assert_eq!(printed, "tls 1.2.3.4:443/sni=a ok status=200;  x");
         assert_eq!(ProbeLine::parse(&printed).unwrap(), ProbeLine { detail: "status=200;  x".into(), ..line });

@@ -42,9 +42,7 @@ impl ProxyHeader {
         if line.len() > MAX_LEN {
             return Err(ProtocolError::ProxyHeader("longer than 107 bytes"));
         }
-        let text = line
-            .strip_suffix(b"\r\n")
-            .ok_or(ProtocolError::ProxyHeader("not terminated by CRLF"))?;
+        let text = line.strip_suffix(b"\r\n").ok_or(ProtocolError::ProxyHeader("not terminated by CRLF"))?;
         let text = std::str::from_utf8(text).map_err(|_| ProtocolError::ProxyHeader("not ASCII"))?;
         let mut fields = text.split(' ');
         if fields.next() != Some("PROXY") {
@@ -105,18 +103,13 @@ impl std::fmt::Display for ProxyHeader {
 }
 
 fn parse_ip(text: &str, v6: bool) -> Result<IpAddr, ProtocolError> {
-    let ip = if v6 {
-        text.parse::<Ipv6Addr>().map(IpAddr::V6)
-    } else {
-        text.parse::<Ipv4Addr>().map(IpAddr::V4)
-    };
+    let ip = if v6 { text.parse::<Ipv6Addr>().map(IpAddr::V6) } else { text.parse::<Ipv4Addr>().map(IpAddr::V4) };
     ip.map_err(|_| ProtocolError::ProxyHeader("address does not match the protocol"))
 }
 
 fn parse_port(text: &str) -> Result<u16, ProtocolError> {
-    let canonical = !text.is_empty()
-        && text.bytes().all(|b| b.is_ascii_digit())
-        && (text == "0" || !text.starts_with('0'));
+    let canonical =
+        !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) && (text == "0" || !text.starts_with('0'));
     if !canonical {
         return Err(ProtocolError::ProxyHeader("port is not a plain decimal number"));
     }
@@ -146,7 +139,8 @@ mod tests {
     #[test]
     fn longest_header_fits_the_spec_limit() {
         let v4 = line("255.255.255.255:65535", "255.255.255.255:65535");
-        let v6 = line("[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535", "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535");
+        let v6 =
+            line("[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535", "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535");
         assert!(v4.len() <= MAX_LEN && v6.len() <= MAX_LEN, "{} {}", v4.len(), v6.len());
     }
 

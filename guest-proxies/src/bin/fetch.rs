@@ -161,7 +161,8 @@ fn copy_body(r: &mut impl BufRead, headers: &[(String, String)], out: &mut dyn W
             let mut line = String::new();
             r.read_line(&mut line).map_err(copy_err)?;
             let size = line.trim().split(';').next().unwrap_or("");
-            let size = u64::from_str_radix(size, 16).map_err(|_| fail(1, format!("bad chunk size {:?}", line.trim())))?;
+            let size =
+                u64::from_str_radix(size, 16).map_err(|_| fail(1, format!("bad chunk size {:?}", line.trim())))?;
             if size == 0 {
                 return Ok(());
             }
@@ -233,7 +234,10 @@ fn fetch(args: &Args) -> Result<u16, Failure> {
     };
     let method = if args.data.is_some() && args.method == "GET" { "POST" } else { args.method.as_str() };
     let body = args.data.as_deref().unwrap_or("");
-    let mut request = format!("{method} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: fetch\r\nAccept: */*\r\nConnection: close\r\n", url.path, url.host);
+    let mut request = format!(
+        "{method} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: fetch\r\nAccept: */*\r\nConnection: close\r\n",
+        url.path, url.host
+    );
     for h in &args.headers {
         request.push_str(h);
         request.push_str("\r\n");

@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use anyhow::Context;
 use clap::Parser;
-use guest_protocol::ports::{MITM_PORT, NET_PROXY_PORT, HOST_CID};
+use guest_protocol::ports::{HOST_CID, MITM_PORT, NET_PROXY_PORT};
 use guest_proxies::upstream::Upstream;
 use guest_proxies::{net, Error};
 use tokio::net::TcpListener;

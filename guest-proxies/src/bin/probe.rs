@@ -168,7 +168,8 @@ fn dns(name: &str, rtype: &str, server: SocketAddr, timeout: Duration) -> Outcom
     let target = format!("{name}/{rtype}");
     let attempt = || -> Result<(bool, String), String> {
         let rtype: RecordType = rtype.parse().map_err(|e| format!("bad type: {e}"))?;
-        let qname = Name::from_ascii(format!("{}.", name.trim_end_matches('.'))).map_err(|e| format!("bad name: {e}"))?;
+        let qname =
+            Name::from_ascii(format!("{}.", name.trim_end_matches('.'))).map_err(|e| format!("bad name: {e}"))?;
         let id = u16::try_from(std::process::id() & 0xffff).unwrap_or(1);
         let mut query = Message::new(id, MessageType::Query, OpCode::Query);
         query.metadata.recursion_desired = true;
@@ -206,7 +207,8 @@ fn dns_flood(suffix: &str, count: u32, server: SocketAddr, timeout: Duration) ->
         let mut rcodes = std::collections::BTreeMap::<String, u32>::new();
         let mut buf = [0u8; 4096];
         for n in 0..count {
-            let qname = Name::from_ascii(format!("{n}.{}.", suffix.trim_end_matches('.'))).map_err(|e| format!("bad name: {e}"))?;
+            let qname = Name::from_ascii(format!("{n}.{}.", suffix.trim_end_matches('.')))
+                .map_err(|e| format!("bad name: {e}"))?;
             let id = u16::try_from(n & 0xffff).unwrap_or(0);
             let mut query = Message::new(id, MessageType::Query, OpCode::Query);
             query.metadata.recursion_desired = true;
@@ -343,7 +345,8 @@ fn tls(addr: SocketAddr, sni: &str, host: &str, path: &str, cafile: &std::path::
         let tcp = TcpStream::connect_timeout(&addr, timeout).map_err(|e| io_detail(&e))?;
         tcp.set_read_timeout(Some(timeout)).map_err(|e| io_detail(&e))?;
         let mut tls = rustls::StreamOwned::new(conn, tcp);
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: sandbox-probe\r\nConnection: close\r\n\r\n");
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: sandbox-probe\r\nConnection: close\r\n\r\n");
         tls.write_all(request.as_bytes()).map_err(|e| format!("handshake or send: {}", io_detail(&e)))?;
         let issuer = tls
             .conn
@@ -376,7 +379,8 @@ fn listen(tcp: Option<u16>, vsock: Option<u32>, until_eof: bool, timeout: Durati
             target.push(format!("vsock:{port}"));
             let fd = socket::socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_NONBLOCK, None)
                 .map_err(|e| format!("vsock socket: {e}"))?;
-            socket::bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port)).map_err(|e| format!("vsock {port}: {e}"))?;
+            socket::bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port))
+                .map_err(|e| format!("vsock {port}: {e}"))?;
             socket::listen(&fd, socket::Backlog::new(16).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
             fds.push(fd);
         }

@@ -129,7 +129,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if !failed.is_empty() {
                 bail!("{} of {conns} connections failed: {}", failed.len(), failed.join("; "));
             }
-            println!("ok {conns} connections, {bytes} bytes each, digests match, {:.1} MB/s", rate(conns * bytes, started));
+            println!(
+                "ok {conns} connections, {bytes} bytes each, digests match, {:.1} MB/s",
+                rate(conns * bytes, started)
+            );
         }
         Command::Send { port, bytes } => {
             let mut stream = VsockStream::connect(VsockAddr::new(HOST_CID, port)).await.context("connect")?;

@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
@@ -261,7 +261,12 @@ mod tests {
 
     use rustls::pki_types::{ServerName, UnixTime};
 
-    fn verify_leaf(ca: &SandboxCa, leaf: &CertifiedKey, name: &str, at: SystemTime) -> std::result::Result<(), rustls::Error> {
+    fn verify_leaf(
+        ca: &SandboxCa,
+        leaf: &CertifiedKey,
+        name: &str,
+        at: SystemTime,
+    ) -> std::result::Result<(), rustls::Error> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.ca_cert_der().clone()).unwrap();
         let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(

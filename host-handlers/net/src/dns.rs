@@ -104,7 +104,11 @@ pub fn parse_query(frame: &[u8]) -> Result<GuestQuery, Rejected> {
         return Err(reject(ResponseCode::FormErr, "message is a response, not a query".into(), first));
     }
     if message.metadata.op_code != OpCode::Query {
-        return Err(reject(ResponseCode::NotImp, format!("opcode {:?} not supported", message.metadata.op_code), first));
+        return Err(reject(
+            ResponseCode::NotImp,
+            format!("opcode {:?} not supported", message.metadata.op_code),
+            first,
+        ));
     }
     let [query] = message.queries.as_slice() else {
         return Err(reject(ResponseCode::FormErr, format!("{} questions, expected 1", message.queries.len()), first));
@@ -163,7 +167,8 @@ impl Held {
 }
 
 async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, message: &[u8]) -> io::Result<()> {
-    let prefix = dns_framing::length_prefix(message.len()).ok_or_else(|| io::Error::other("DNS message over 65535 bytes"))?;
+    let prefix =
+        dns_framing::length_prefix(message.len()).ok_or_else(|| io::Error::other("DNS message over 65535 bytes"))?;
     writer.write_all(&prefix).await?;
     writer.write_all(message).await
 }
@@ -178,7 +183,10 @@ fn encode(message: &Message) -> Vec<u8> {
             tracing::warn!(%err, "cannot encode DNS answer");
             let mut failed = Message::error_msg(message.metadata.id, OpCode::Query, ResponseCode::ServFail);
             failed.add_queries(message.queries.iter().cloned());
-            failed.to_vec().or_else(|_| Message::error_msg(message.metadata.id, OpCode::Query, ResponseCode::ServFail).to_vec()).unwrap_or_default()
+            failed
+                .to_vec()
+                .or_else(|_| Message::error_msg(message.metadata.id, OpCode::Query, ResponseCode::ServFail).to_vec())
+                .unwrap_or_default()
         }
     }
 }
@@ -266,18 +274,22 @@ impl DnsHandler {
                     self.limiter.refused(Limit::Blocked, &rejected.qname);
                     return rejected.response;
                 }
-                record_in(slot, self, DnsEvent {
-                    time,
-                    qname: rejected.qname,
-                    qtype: rejected.qtype,
-                    rcode: rcode_text(rejected.rcode),
-                    decision: Outcome::Error,
-                    matched_rule: None,
-                    answers: Vec::new(),
-                    process_name: None,
-                    trace_id: None,
-                    error: Some(rejected.reason),
-                });
+                record_in(
+                    slot,
+                    self,
+                    DnsEvent {
+                        time,
+                        qname: rejected.qname,
+                        qtype: rejected.qtype,
+                        rcode: rcode_text(rejected.rcode),
+                        decision: Outcome::Error,
+                        matched_rule: None,
+                        answers: Vec::new(),
+                        process_name: None,
+                        trace_id: None,
+                        error: Some(rejected.reason),
+                    },
+                );
                 return rejected.response;
             }
         };
@@ -303,18 +315,22 @@ impl DnsHandler {
             let ttl = answer.answers.iter().map(|r| r.ttl).min().unwrap_or(0);
             self.bindings.bind(&query.qname, addresses, Duration::from_secs(u64::from(ttl)));
         }
-        record_in(slot, self, DnsEvent {
-            time,
-            qname: query.qname,
-            qtype: query.qtype,
-            rcode: rcode_text(answer.rcode),
-            decision: answer.outcome,
-            matched_rule: answer.rule,
-            answers: answer.answers.iter().map(|r| format!("{} {}", r.record_type(), r.data)).collect(),
-            process_name: None,
-            trace_id: None,
-            error: answer.error,
-        });
+        record_in(
+            slot,
+            self,
+            DnsEvent {
+                time,
+                qname: query.qname,
+                qtype: query.qtype,
+                rcode: rcode_text(answer.rcode),
+                decision: answer.outcome,
+                matched_rule: answer.rule,
+                answers: answer.answers.iter().map(|r| format!("{} {}", r.record_type(), r.data)).collect(),
+                process_name: None,
+                trace_id: None,
+                error: answer.error,
+            },
+        );
         Some(encode(&message))
     }
 
@@ -372,7 +388,8 @@ impl DnsHandler {
                     answers.push(record);
                 }
                 if !refused.is_empty() && !answers.iter().any(|r| record_ip(r).is_some()) {
-                    let mut answer = Answer::new(ResponseCode::NXDomain, Outcome::Denied, Some(ADDRESS_GUARD_RULE.into()));
+                    let mut answer =
+                        Answer::new(ResponseCode::NXDomain, Outcome::Denied, Some(ADDRESS_GUARD_RULE.into()));
                     answer.error = Some(format!("answers in refused ranges: {}", refused.join(", ")));
                     return answer;
                 }
@@ -402,7 +419,13 @@ impl DnsHandler {
     }
 
     /// Answer SERVFAIL without acting on the query, and record that best effort.
-    fn refuse(&self, time: SystemTime, id: Option<u16>, parsed: Result<GuestQuery, Rejected>, err: &TelemetryError) -> Option<Vec<u8>> {
+    fn refuse(
+        &self,
+        time: SystemTime,
+        id: Option<u16>,
+        parsed: Result<GuestQuery, Rejected>,
+        err: &TelemetryError,
+    ) -> Option<Vec<u8>> {
         let (query, qname, qtype) = match parsed {
             Ok(q) => (Some(q.query), q.qname, q.qtype),
             Err(rejected) => (None, rejected.qname, rejected.qtype),
@@ -514,7 +537,9 @@ impl ConnectionHandler for DnsHandler {
                         let connection_bytes = connection_bytes.clone();
                         tokio::spawn(async move {
                             if let Some(response) = handler.respond(frame, held).await {
-                                if let Some(held) = Held::acquire(&connection_bytes, &handler.held, response.len()).await {
+                                if let Some(held) =
+                                    Held::acquire(&connection_bytes, &handler.held, response.len()).await
+                                {
                                     let _ = answers.send((response, held)).await;
                                 }
                             }

@@ -57,7 +57,9 @@ pub enum Error {
     UpstreamTls { host: String, source: io::Error },
     /// The sandbox already has its most upstream connections open, and none
     /// closed while the request waited.
-    #[error("no upstream connection for {host}: the sandbox's {limit} upstream connections stayed in use for {waited:?}")]
+    #[error(
+        "no upstream connection for {host}: the sandbox's {limit} upstream connections stayed in use for {waited:?}"
+    )]
     UpstreamConnectionLimit { host: String, limit: usize, waited: std::time::Duration },
 }
 

@@ -35,10 +35,10 @@ pub mod fixtures;
 
 pub use ca::SandboxCa;
 pub use config::NetConfig;
-pub use proxy::UpstreamProxy;
 pub use dns_limits::DNS_LIMIT_RULE;
 pub use error::{Error, Result};
 pub use handlers::{Handlers, DNS_PORT, MITM_PORT};
+pub use proxy::UpstreamProxy;
 pub use server::Server;
 
 /// The rustls crypto provider used for every TLS configuration here.

@@ -132,9 +132,10 @@ impl Upstream {
             return Err(Error::AddressRefused { host, refused: vec![ip] });
         }
         let slot = self.slot(&host).await?;
-        let tcp = timeout_at(Instant::now() + self.connect_timeout, self.dial_address(&host, SocketAddr::new(ip, port)))
-            .await
-            .map_err(|_| Error::ConnectTimeout { host: host.clone() })??;
+        let tcp =
+            timeout_at(Instant::now() + self.connect_timeout, self.dial_address(&host, SocketAddr::new(ip, port)))
+                .await
+                .map_err(|_| Error::ConnectTimeout { host: host.clone() })??;
         Ok(UpstreamStream { io: UpstreamIo::Plain(tcp), _slot: slot })
     }
 
@@ -155,7 +156,6 @@ impl Upstream {
             }
         }
     }
-
 
     /// Resolve `host` and connect to the first permitted address that answers.
     async fn dial(&self, host: &str, port: u16) -> Result<TcpStream> {

@@ -105,7 +105,9 @@ async fn stall(h: &Harness, upstream: std::net::SocketAddr) -> (u64, u64) {
 async fn item2d_h2_guest_that_stops_reading_holds_bounded_memory() {
     // The test's own upstreams listen on ports of their own.
     let any_port = "[security.rules.http.a_any_port]\non = \"http.request\"\nif = 'http.request.host == \"a.test\" && http.request.port >= 1024'\ndecision = \"allow\"\n";
-    let h = Harness::start_with_profile(|config| config.allowed_networks = vec!["127.0.0.1/32".parse().unwrap()], any_port).await;
+    let h =
+        Harness::start_with_profile(|config| config.allowed_networks = vec!["127.0.0.1/32".parse().unwrap()], any_port)
+            .await;
     let bound = STREAMS as u64 * PER_STREAM + SOCKET;
 
     // An HTTP/1.1 upstream: each stream gets its own upstream connection and

@@ -71,7 +71,10 @@ async fn tcp_mode_by_name_is_spliced_and_by_literal_address_is_blocked() {
 
     let rows = h.wait_net_rows(2).await;
     let blocked = row(&rows, None, "denied");
-    assert_eq!((blocked.domain.as_str(), blocked.port, blocked.ip.as_deref()), ("127.0.0.2", Some(i64::from(echo.port())), Some("127.0.0.2")));
+    assert_eq!(
+        (blocked.domain.as_str(), blocked.port, blocked.ip.as_deref()),
+        ("127.0.0.2", Some(i64::from(echo.port())), Some("127.0.0.2"))
+    );
     assert!(blocked.error.as_deref().unwrap().contains("did not resolve through its DNS"), "{:?}", blocked.error);
     let spliced = row(&rows, Some("tcp"), "allowed");
     assert_eq!((spliced.domain.as_str(), spliced.matched_rule.as_deref()), ("ssh.test", Some("tcp.ssh")));
@@ -146,9 +149,14 @@ async fn http_server() -> (SocketAddr, Arc<AtomicU64>) {
                     served.fetch_add(1, Ordering::SeqCst);
                     let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
                     let text = format!("{} {} {host}", req.method(), req.uri().path());
-                    async move { Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(text)))) }
+                    async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from(text),
+                        )))
+                    }
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                let _ =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
             });
         }
     });
@@ -166,7 +174,9 @@ async fn http_mode_inspects_plain_http() {
     let stream = h.guest.connect(server).await.unwrap();
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
     tokio::spawn(connection);
-    let get = |path: &str| Request::get(path).header(HOST, format!("models.test:{}", server.port())).body(empty_body()).unwrap();
+    let get = |path: &str| {
+        Request::get(path).header(HOST, format!("models.test:{}", server.port())).body(empty_body()).unwrap()
+    };
     let response = sender.send_request(get("/api/generate")).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let body = response.into_body().collect().await.unwrap().to_bytes();
@@ -177,7 +187,10 @@ async fn http_mode_inspects_plain_http() {
 
     let rows = h.wait_net_rows(2).await;
     let allowed = row(&rows, Some("http"), "allowed");
-    assert_eq!((allowed.path.as_deref(), allowed.status_code, allowed.sni.as_deref()), (Some("/api/generate"), Some(200), None));
+    assert_eq!(
+        (allowed.path.as_deref(), allowed.status_code, allowed.sni.as_deref()),
+        (Some("/api/generate"), Some(200), None)
+    );
     let blocked = row(&rows, Some("http"), "denied");
     assert_eq!((blocked.path.as_deref(), blocked.status_code), (Some("/admin/keys"), Some(403)));
     h.shutdown().await;
@@ -189,13 +202,18 @@ async fn http_mode_inspects_plain_http() {
 #[tokio::test]
 async fn tcp_connect_rules_apply_to_the_sni_of_inspected_connections() {
     let extra = "[security.rules.tcp.no_b]\non = \"tcp.connect\"\nif = 'tcp.connect.host == \"b.test\"'\ndecision = \"block\"\npriority = 1\n";
-    let h = Harness::start_with_profile(|config| config.allowed_networks = vec!["127.0.0.1/32".parse().unwrap()], extra).await;
+    let h =
+        Harness::start_with_profile(|config| config.allowed_networks = vec!["127.0.0.1/32".parse().unwrap()], extra)
+            .await;
     assert_eq!(resolve(&h, "a.test.").await, ResponseCode::NoError);
     let before = h.upstream.connections_accepted();
     let refused = h.guest.http1("b.test", h.upstream_addr()).await;
     assert!(refused.is_err(), "a TLS session for b.test was set up through an address resolved for a.test");
     assert_eq!(h.upstream.connections_accepted(), before);
     let rows = h.wait_net_rows(1).await;
-    assert_eq!((rows[0].domain.as_str(), rows[0].decision.as_str(), rows[0].matched_rule.as_deref()), ("b.test", "denied", Some("tcp.no_b")));
+    assert_eq!(
+        (rows[0].domain.as_str(), rows[0].decision.as_str(), rows[0].matched_rule.as_deref()),
+        ("b.test", "denied", Some("tcp.no_b"))
+    );
     h.shutdown().await;
 }

@@ -99,7 +99,10 @@ async fn answers_into_internal_ranges_are_dropped() {
 
     let rows = h.dns_rows().await;
     let metadata = rows.iter().find(|r| r.qname == "metadata.test").unwrap();
-    assert_eq!((metadata.decision.as_str(), metadata.matched_rule.as_deref()), ("denied", Some("builtin.address_guard")));
+    assert_eq!(
+        (metadata.decision.as_str(), metadata.matched_rule.as_deref()),
+        ("denied", Some("builtin.address_guard"))
+    );
     assert!(metadata.error.as_deref().unwrap().contains("169.254.169.254"));
     let mixed = rows.iter().find(|r| r.qname == "mixed.test").unwrap();
     assert_eq!(mixed.decision, "allowed");
@@ -212,7 +215,8 @@ fn summarized(row: &sandbox_telemetry::query::DnsRow) -> u64 {
 async fn dns_flood_of_blocked_names_is_refused_summarised_and_bounded() {
     let h = Harness::start().await;
     let started = std::time::Instant::now();
-    let names: Vec<String> = (0..10_000u32).map(|i| format!("{:08x}.exfil.example.", i.wrapping_mul(2_654_435_761))).collect();
+    let names: Vec<String> =
+        (0..10_000u32).map(|i| format!("{:08x}.exfil.example.", i.wrapping_mul(2_654_435_761))).collect();
     let answers = pipelined(&h, &names).await;
     let elapsed = started.elapsed().as_secs_f64();
     assert_eq!(answers.len(), 10_000);
@@ -251,11 +255,9 @@ async fn dns_flood_of_blocked_names_is_refused_summarised_and_bounded() {
 #[tokio::test]
 async fn upstream_sees_no_more_than_the_query_budget() {
     let limits = "[security.limits.dns]\nqueries_per_second = 1\nqueries_burst = 20\n";
-    let h = Harness::start_with_profile(
-        |config| config.allowed_networks = vec!["127.0.0.1/32".parse().unwrap()],
-        limits,
-    )
-    .await;
+    let h =
+        Harness::start_with_profile(|config| config.allowed_networks = vec!["127.0.0.1/32".parse().unwrap()], limits)
+            .await;
     let names: Vec<String> = (0..200).map(|i| format!("n{i}.nosuch.test.")).collect();
     let answers = pipelined(&h, &names).await;
     let refused = answers.iter().filter(|(_, rcode)| *rcode == ResponseCode::Refused).count();
@@ -271,7 +273,10 @@ async fn upstream_sees_no_more_than_the_query_budget() {
 #[tokio::test]
 async fn long_names_are_refused_without_a_lookup() {
     let h = Harness::start().await;
-    let long = format!("{}.abcdefghij.test.", ["abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz0"; 3].join("."));
+    let long = format!(
+        "{}.abcdefghij.test.",
+        ["abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz0"; 3].join(".")
+    );
     let deep = format!("{}test.", "a.".repeat(20));
     for name in [long.as_str(), deep.as_str()] {
         let answer = dns_query(&h.dns_socket(), name, RecordType::A).await.unwrap();
@@ -281,7 +286,15 @@ async fn long_names_are_refused_without_a_lookup() {
     let rows = h.dns_rows().await;
     assert_eq!(rows.len(), 2);
     assert!(rows.iter().all(|r| r.matched_rule.as_deref() == Some("builtin.dns_limit") && r.decision == "denied"));
-    assert!(rows[0].error.as_deref().unwrap_or_default().contains("bytes is over the limit of 200"), "{:?}", rows[0].error);
-    assert!(rows[1].error.as_deref().unwrap_or_default().contains("21 labels is over the limit of 16"), "{:?}", rows[1].error);
+    assert!(
+        rows[0].error.as_deref().unwrap_or_default().contains("bytes is over the limit of 200"),
+        "{:?}",
+        rows[0].error
+    );
+    assert!(
+        rows[1].error.as_deref().unwrap_or_default().contains("21 labels is over the limit of 16"),
+        "{:?}",
+        rows[1].error
+    );
     h.shutdown().await;
 }

@@ -69,7 +69,8 @@ async fn item2c_dns_bytes_held_per_connection_and_sandbox_are_bounded() {
     let mut config = NetConfig::default();
     config.dns_servers = vec![silent_upstream.local_addr().unwrap()];
     config.system_roots = false;
-    config.extra_root_files = vec![TestCa::new("unused upstream CA").unwrap().write_pem(dir.path(), "roots.pem").unwrap()];
+    config.extra_root_files =
+        vec![TestCa::new("unused upstream CA").unwrap().write_pem(dir.path(), "roots.pem").unwrap()];
     config.ca_dir = dir.path().join("ca");
     let profile = "[security.rules.dns.ask_everything]\non = \"dns.request\"\ndecision = \"ask\"\n";
     let engine = Engine::builder()
@@ -123,10 +124,7 @@ async fn item2c_dns_bytes_held_per_connection_and_sandbox_are_bounded() {
         MAX_HELD_BYTES_PER_CONNECTION >> 10,
         MAX_HELD_BYTES_PER_SANDBOX >> 20
     );
-    assert!(
-        peak < u64::try_from(allowed).unwrap(),
-        "resident memory grew by {peak} bytes while guests sent {sent}"
-    );
+    assert!(peak < u64::try_from(allowed).unwrap(), "resident memory grew by {peak} bytes while guests sent {sent}");
     for guest in guests {
         guest.abort();
     }

@@ -485,8 +485,9 @@ async fn item2e_upstream_connections_are_capped_per_sandbox() {
     let rows = h.wait_net_rows(10).await;
     let refused: Vec<_> = rows.iter().filter(|r| r.status_code == Some(503)).collect();
     assert_eq!(refused.len(), 6, "{rows:?}");
-    assert!(refused.iter().all(|r| r.decision == "error"
-        && r.error.as_deref().unwrap_or_default().contains("4 upstream connections")));
+    assert!(refused
+        .iter()
+        .all(|r| r.decision == "error" && r.error.as_deref().unwrap_or_default().contains("4 upstream connections")));
     // Once they close, requests get through again.
     assert_still_serving(&h).await;
     h.shutdown().await;

@@ -40,12 +40,8 @@ fn tiny_channel() -> TelemetryConfig {
 }
 
 async fn start() -> Harness {
-    Harness::start_with_telemetry(
-        |c| c.allowed_networks = vec!["127.0.0.1/32".parse().unwrap()],
-        "",
-        tiny_channel(),
-    )
-    .await
+    Harness::start_with_telemetry(|c| c.allowed_networks = vec!["127.0.0.1/32".parse().unwrap()], "", tiny_channel())
+        .await
 }
 
 /// A slow writer: another connection holds the write lock for `STALL`.
@@ -106,51 +102,30 @@ async fn item1_log_rows_never_dropped_under_dns_flood() {
     stall.await.unwrap();
     eprintln!("DNS: {} answered, {} refused", acted.len(), refused.len());
     assert_eq!(acted.len() + refused.len(), DNS_CONNECTIONS * PER_CONNECTION);
-    assert!(
-        acted.len() > DNS_CONNECTIONS,
-        "queries are answered again once the writer catches up"
-    );
+    assert!(acted.len() > DNS_CONNECTIONS, "queries are answered again once the writer catches up");
 
     let rows = h.dns_rows().await;
-    let (refusal_rows, mut logged): (Vec<_>, Vec<_>) = rows
-        .into_iter()
-        .partition(|r| r.error.as_deref().is_some_and(|e| e.starts_with("refused")));
+    let (refusal_rows, mut logged): (Vec<_>, Vec<_>) =
+        rows.into_iter().partition(|r| r.error.as_deref().is_some_and(|e| e.starts_with("refused")));
     let mut logged: Vec<String> = logged.drain(..).map(|r| r.qname).collect();
     logged.sort();
     acted.sort();
-    assert_eq!(
-        logged, acted,
-        "one row for every query acted on, none dropped"
-    );
-    assert!(
-        !refused.is_empty(),
-        "the stalled writer must make the handler refuse queries"
-    );
+    assert_eq!(logged, acted, "one row for every query acted on, none dropped");
+    assert!(!refused.is_empty(), "the stalled writer must make the handler refuse queries");
 
     let upstream: BTreeSet<String> = h.dns_fixture.names().into_iter().collect();
     for name in &refused {
-        assert!(
-            !upstream.contains(&format!("{name}.")),
-            "{name} was refused but reached upstream"
-        );
+        assert!(!upstream.contains(&format!("{name}.")), "{name} was refused but reached upstream");
     }
     for name in &acted {
-        assert!(
-            upstream.contains(&format!("{name}.")),
-            "{name} was answered without asking upstream"
-        );
+        assert!(upstream.contains(&format!("{name}.")), "{name} was answered without asking upstream");
     }
     let refused_count = u64::try_from(refused.len()).unwrap();
     assert_eq!(h.recorder.overload_refusals(), refused_count);
     assert_eq!(h.recorder.stats().overload_refusals, refused_count);
     // Each refusal is logged best effort: a row, or counted as not recorded.
-    assert_eq!(
-        u64::try_from(refusal_rows.len()).unwrap() + h.recorder.rejected_events(),
-        refused_count
-    );
-    assert!(refusal_rows
-        .iter()
-        .all(|r| r.rcode == "SERVFAIL" && r.decision == "error"));
+    assert_eq!(u64::try_from(refusal_rows.len()).unwrap() + h.recorder.rejected_events(), refused_count);
+    assert!(refusal_rows.iter().all(|r| r.rcode == "SERVFAIL" && r.decision == "error"));
     h.shutdown().await;
 }
 
@@ -169,10 +144,7 @@ async fn item1_log_rows_never_dropped_under_https_flood() {
             let mut answered = Vec::new();
             for i in 0..PER_CONNECTION {
                 let target = format!("/hello?c={c}&i={i}");
-                let request = Request::get(&target)
-                    .header(HOST, "a.test")
-                    .body(empty_body())
-                    .unwrap();
+                let request = Request::get(&target).header(HOST, "a.test").body(empty_body()).unwrap();
                 let response = sender.send_request(request).await.unwrap();
                 let status = response.status();
                 let retry_after = response.headers().get("retry-after").cloned();
@@ -197,38 +169,18 @@ async fn item1_log_rows_never_dropped_under_https_flood() {
         }
     }
     stall.await.unwrap();
-    eprintln!(
-        "HTTPS: {} forwarded, {} refused",
-        forwarded.len(),
-        refused.len()
-    );
+    eprintln!("HTTPS: {} forwarded, {} refused", forwarded.len(), refused.len());
     assert!(forwarded.len() > CONNECTIONS);
 
     let rows = h.wait_net_rows(forwarded.len()).await;
-    let mut logged: Vec<String> = rows
-        .iter()
-        .filter(|r| r.status_code == Some(200))
-        .map(|r| r.path.clone().unwrap())
-        .collect();
+    let mut logged: Vec<String> =
+        rows.iter().filter(|r| r.status_code == Some(200)).map(|r| r.path.clone().unwrap()).collect();
     logged.sort();
     forwarded.sort();
-    assert_eq!(
-        logged, forwarded,
-        "one row for every request forwarded, none dropped"
-    );
-    assert!(
-        !refused.is_empty(),
-        "the stalled writer must make the handler refuse requests"
-    );
+    assert_eq!(logged, forwarded, "one row for every request forwarded, none dropped");
+    assert!(!refused.is_empty(), "the stalled writer must make the handler refuse requests");
     let upstream: BTreeSet<String> = h.upstream.requests().into_iter().collect();
-    assert_eq!(
-        upstream,
-        forwarded.iter().cloned().collect(),
-        "exactly the forwarded requests reached upstream"
-    );
-    assert_eq!(
-        h.recorder.overload_refusals(),
-        u64::try_from(refused.len()).unwrap()
-    );
+    assert_eq!(upstream, forwarded.iter().cloned().collect(), "exactly the forwarded requests reached upstream");
+    assert_eq!(h.recorder.overload_refusals(), u64::try_from(refused.len()).unwrap());
     h.shutdown().await;
 }

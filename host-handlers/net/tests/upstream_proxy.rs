@@ -63,7 +63,11 @@ impl Tinyproxy {
 
     fn connects(&self) -> Vec<String> {
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        log.lines().filter_map(|l| l.split("): ").nth(1)).filter(|r| r.starts_with("CONNECT ")).map(str::to_owned).collect()
+        log.lines()
+            .filter_map(|l| l.split("): ").nth(1))
+            .filter(|r| r.starts_with("CONNECT "))
+            .map(str::to_owned)
+            .collect()
     }
 }
 
@@ -93,7 +97,8 @@ async fn every_mode_goes_through_the_proxy() {
 
     // Inspected.
     let mut sender = h.guest.http1("a.test", upstream).await.unwrap();
-    let response = sender.send_request(Request::get("/hello").header(HOST, "a.test").body(empty_body()).unwrap()).await.unwrap();
+    let response =
+        sender.send_request(Request::get("/hello").header(HOST, "a.test").body(empty_body()).unwrap()).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert!(body.starts_with(b"hello a.test"), "{body:?}");
@@ -102,8 +107,10 @@ async fn every_mode_goes_through_the_proxy() {
     dns_query(&h.dns_socket(), "pinned.test.", RecordType::A).await.unwrap();
     let pinning = Guest::new(&h.mitm_socket(), h.upstream_ca.cert_pem()).unwrap();
     let mut sender = pinning.http1("pinned.test", upstream).await.unwrap();
-    let response =
-        sender.send_request(Request::get("/hello").header(HOST, "pinned.test").body(empty_body()).unwrap()).await.unwrap();
+    let response = sender
+        .send_request(Request::get("/hello").header(HOST, "pinned.test").body(empty_body()).unwrap())
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
 
     // tcp.
@@ -120,7 +127,10 @@ async fn every_mode_goes_through_the_proxy() {
     let connects = proxy.connects();
     eprintln!("tinyproxy saw: {connects:#?}");
     for target in [upstream.to_string(), echo_addr.to_string()] {
-        assert!(connects.iter().any(|c| c.starts_with(&format!("CONNECT {target} "))), "no CONNECT {target} in {connects:?}");
+        assert!(
+            connects.iter().any(|c| c.starts_with(&format!("CONNECT {target} "))),
+            "no CONNECT {target} in {connects:?}"
+        );
     }
     assert!(connects.len() >= 3, "{connects:?}");
     h.shutdown().await;
@@ -141,7 +151,8 @@ async fn a_refused_tunnel_is_a_502_naming_the_proxy() {
     let port = closed.local_addr().unwrap().port();
     drop(closed);
     let mut sender = h.guest.http1("down.test", SocketAddr::from(([127, 0, 0, 1], port))).await.unwrap();
-    let response = sender.send_request(Request::get("/").header(HOST, "down.test").body(empty_body()).unwrap()).await.unwrap();
+    let response =
+        sender.send_request(Request::get("/").header(HOST, "down.test").body(empty_body()).unwrap()).await.unwrap();
     assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
     let body = String::from_utf8_lossy(&response.into_body().collect().await.unwrap().to_bytes()).into_owned();
     assert!(body.contains("upstream proxy") && body.contains("CONNECT refused"), "{body}");

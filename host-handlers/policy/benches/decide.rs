@@ -16,21 +16,11 @@ use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use sandbox_policy::{
-    DnsRequest, Engine, Event, HttpRequest, HttpResponse, Layer, ProfileSource, Secrets, TcpConnect,
-};
+use sandbox_policy::{DnsRequest, Engine, Event, HttpRequest, HttpResponse, Layer, ProfileSource, Secrets, TcpConnect};
 
 const TARGET_PER_SECOND: f64 = 200_000.0;
 
-fn rule(
-    text: &mut String,
-    section: &str,
-    name: &str,
-    on: &str,
-    condition: &str,
-    decision: &str,
-    priority: u32,
-) {
+fn rule(text: &mut String, section: &str, name: &str, on: &str, condition: &str, decision: &str, priority: u32) {
     text.push_str(&format!(
         "[security.rules.{section}.{name}]\non = \"{on}\"\nif = '''{condition}'''\ndecision = \"{decision}\"\npriority = {priority}\n\n"
     ));
@@ -40,25 +30,18 @@ fn rule(
 fn profile() -> (String, usize) {
     let mut text = String::new();
     let mut count = 0;
-    let mut add = |text: &mut String,
-                   section: &str,
-                   name: String,
-                   on: &str,
-                   condition: String,
-                   decision: &str,
-                   priority: u32| {
-        rule(text, section, &name, on, &condition, decision, priority);
-        count += 1;
-    };
+    let mut add =
+        |text: &mut String, section: &str, name: String, on: &str, condition: String, decision: &str, priority: u32| {
+            rule(text, section, &name, on, &condition, decision, priority);
+            count += 1;
+        };
     for i in 0..30 {
         add(
             &mut text,
             "http",
             format!("host_{i}"),
             "http.request",
-            format!(
-                r#"http.request.host == "pkg{i}.example.com" && http.request.method in ["GET", "HEAD"]"#
-            ),
+            format!(r#"http.request.host == "pkg{i}.example.com" && http.request.method in ["GET", "HEAD"]"#),
             "allow",
             100 + i,
         );
@@ -80,9 +63,7 @@ fn profile() -> (String, usize) {
             "http",
             format!("list_{i}"),
             "http.request",
-            format!(
-                r#"http.request.host in ["a{i}.example.org", "b{i}.example.org", "c{i}.example.org"]"#
-            ),
+            format!(r#"http.request.host in ["a{i}.example.org", "b{i}.example.org", "c{i}.example.org"]"#),
             "allow",
             300 + i,
         );
@@ -117,9 +98,7 @@ fn profile() -> (String, usize) {
             "http",
             format!("no_write_{i}"),
             "http.request",
-            format!(
-                r#"http.request.host == "pkg{i}.example.com" && http.request.method in ["POST", "PUT", "DELETE"]"#
-            ),
+            format!(r#"http.request.host == "pkg{i}.example.com" && http.request.method in ["POST", "PUT", "DELETE"]"#),
             "block",
             10 + i,
         );
@@ -130,9 +109,7 @@ fn profile() -> (String, usize) {
             "http",
             format!("header_{i}"),
             "http.request",
-            format!(
-                r#""x-team-{i}" in http.request.headers && http.request.headers["x-team-{i}"] == "infra""#
-            ),
+            format!(r#""x-team-{i}" in http.request.headers && http.request.headers["x-team-{i}"] == "infra""#),
             "allow",
             600 + i,
         );
@@ -147,7 +124,9 @@ fn profile() -> (String, usize) {
             "rewrite",
             700 + i,
         );
-        text.push_str(&format!("set_request_headers = {{ authorization = \"Bearer ${{secret:TOKEN}}\", \"x-rule\" = \"{i}\" }}\n\n"));
+        text.push_str(&format!(
+            "set_request_headers = {{ authorization = \"Bearer ${{secret:TOKEN}}\", \"x-rule\" = \"{i}\" }}\n\n"
+        ));
     }
     for i in 0..20 {
         add(
@@ -166,9 +145,7 @@ fn profile() -> (String, usize) {
             "dns",
             format!("zone_{i}"),
             "dns.request",
-            format!(
-                r#"dns.request.qname.endsWith(".zone{i}.example") && dns.request.qtype in ["A", "AAAA"]"#
-            ),
+            format!(r#"dns.request.qname.endsWith(".zone{i}.example") && dns.request.qtype in ["A", "AAAA"]"#),
             "allow",
             200 + i,
         );
@@ -220,15 +197,7 @@ fn profile() -> (String, usize) {
         "allow",
         100,
     );
-    add(
-        &mut text,
-        "tcp",
-        "ssh".to_owned(),
-        "tcp.connect",
-        "tcp.connect.port == 22".to_owned(),
-        "block",
-        10,
-    );
+    add(&mut text, "tcp", "ssh".to_owned(), "tcp.connect", "tcp.connect.port == 22".to_owned(), "block", 10);
     (text, count)
 }
 
@@ -240,20 +209,14 @@ fn request(host: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> Ev
         path: path.into(),
         raw_path: path.into(),
         query: String::new(),
-        headers: headers
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect::<BTreeMap<_, _>>(),
+        headers: headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<BTreeMap<_, _>>(),
         scheme: "https".into(),
         port: 443,
     })
 }
 
 fn dns(qname: &str, qtype: &str) -> Event {
-    Event::DnsRequest(DnsRequest {
-        qname: qname.into(),
-        qtype: qtype.into(),
-    })
+    Event::DnsRequest(DnsRequest { qname: qname.into(), qtype: qtype.into() })
 }
 
 /// Decisions per second over `events`, round robin, for about `time`.
@@ -273,42 +236,21 @@ fn main() {
     let (text, count) = profile();
     assert_eq!(count, 100, "the benchmark profile must have 100 rules");
     let engine = Engine::builder()
-        .profile(
-            Layer::User,
-            ProfileSource::Text {
-                name: "bench.toml".into(),
-                text,
-            },
-        )
+        .profile(Layer::User, ProfileSource::Text { name: "bench.toml".into(), text })
         .secrets(Secrets::none().with_value("TOKEN", "bench-token"))
         .build()
         .unwrap_or_else(|error| panic!("benchmark profile: {error}"));
 
     let mixed = vec![
-        request(
-            "pkg3.example.com",
-            "GET",
-            "/simple/",
-            &[("user-agent", "pip")],
-        ),
+        request("pkg3.example.com", "GET", "/simple/", &[("user-agent", "pip")]),
         request("pkg25.example.com", "HEAD", "/", &[]),
         request("pkg1.example.com", "POST", "/upload", &[]),
         request("x.cdn7.example.net", "GET", "/file", &[]),
         request("b2.example.org", "GET", "/", &[]),
-        request(
-            "api3.example.com",
-            "GET",
-            "/v1/items",
-            &[("accept", "application/json")],
-        ),
+        request("api3.example.com", "GET", "/v1/items", &[("accept", "application/json")]),
         request("mirror12.site4.example", "GET", "/", &[]),
         request("unknown.example", "GET", "/", &[("x-team-1", "infra")]),
-        request(
-            "evil.example",
-            "GET",
-            "/",
-            &[("user-agent", "curl"), ("accept", "*/*")],
-        ),
+        request("evil.example", "GET", "/", &[("user-agent", "curl"), ("accept", "*/*")]),
         dns("pkg7.example.com", "A"),
         dns("host.zone3.example", "AAAA"),
         dns("x.bad2.example", "A"),
@@ -328,31 +270,17 @@ fn main() {
             status: 200,
             headers: BTreeMap::new(),
         }),
-        Event::TcpConnect(TcpConnect {
-            host: "db.internal".into(),
-            ip: None,
-            port: 5432,
-        }),
+        Event::TcpConnect(TcpConnect { host: "db.internal".into(), ip: None, port: 5432 }),
     ];
-    let worst = vec![request(
-        "nothing.example",
-        "GET",
-        "/",
-        &[("user-agent", "curl"), ("accept", "*/*")],
-    )];
+    let worst = vec![request("nothing.example", "GET", "/", &[("user-agent", "curl"), ("accept", "*/*")])];
     let rewrites = vec![request("pkg1.example.com", "GET", "/simple/", &[])];
-    assert!(
-        engine.decide(&rewrites[0]).actions.len() == 2,
-        "the rewrite workload must rewrite"
-    );
+    assert!(engine.decide(&rewrites[0]).actions.len() == 2, "the rewrite workload must rewrite");
 
     let time = Duration::from_secs(2);
     println!("policy decide benchmark: {count} rules, one thread");
-    for (name, events) in [
-        ("mixed events", &mixed),
-        ("worst case (no rule matches)", &worst),
-        ("allowed with rewrites", &rewrites),
-    ] {
+    for (name, events) in
+        [("mixed events", &mixed), ("worst case (no rule matches)", &worst), ("allowed with rewrites", &rewrites)]
+    {
         let per_second = rate(&engine, events, time);
         println!(
             "{name:>30}: {per_second:>12.0} decisions/s ({:.2} us each), {:.1}x the target of {TARGET_PER_SECOND:.0}/s",

@@ -54,14 +54,9 @@ impl RuleDecision {
     }
 
     pub(crate) fn from_name(name: &str) -> Option<RuleDecision> {
-        [
-            RuleDecision::Allow,
-            RuleDecision::Block,
-            RuleDecision::Ask,
-            RuleDecision::Rewrite,
-        ]
-        .into_iter()
-        .find(|decision| decision.name() == name)
+        [RuleDecision::Allow, RuleDecision::Block, RuleDecision::Ask, RuleDecision::Rewrite]
+            .into_iter()
+            .find(|decision| decision.name() == name)
     }
 
     /// The decision a deciding rule makes (`None` for rewrite rules).
@@ -148,19 +143,13 @@ impl ProfileSource {
     fn read(&self) -> Result<SourceText, ProfileError> {
         match self {
             ProfileSource::File(path) => {
-                let bytes = std::fs::read(path).map_err(|source| ProfileError::Io {
-                    file: path.clone(),
-                    source,
-                })?;
+                let bytes = std::fs::read(path).map_err(|source| ProfileError::Io { file: path.clone(), source })?;
                 profile::text_of(Arc::from(path.as_path()), bytes)
             }
             ProfileSource::Builtin(name) => {
                 let text = builtin::builtin_profile(name)
                     .ok_or_else(|| ProfileError::UnknownBuiltin { name: name.clone() })?;
-                Ok(SourceText {
-                    name: Arc::from(Path::new(&format!("builtin:{name}"))),
-                    text: text.to_owned(),
-                })
+                Ok(SourceText { name: Arc::from(Path::new(&format!("builtin:{name}"))), text: text.to_owned() })
             }
             ProfileSource::Text { name, text } => {
                 profile::text_of(Arc::from(Path::new(name)), text.clone().into_bytes())
@@ -223,9 +212,7 @@ impl Rule {
         }
         let gates: &[Field] = match event {
             Event::HttpRequest(request) if request.port != HTTPS_PORT => &[Field::HttpPort],
-            Event::DnsRequest(query) if !COMMON_QTYPES.contains(&query.qtype.as_str()) => {
-                &[Field::DnsQtype]
-            }
+            Event::DnsRequest(query) if !COMMON_QTYPES.contains(&query.qtype.as_str()) => &[Field::DnsQtype],
             Event::TcpConnect(tcp) => match (tcp.port != HTTPS_PORT, tcp.host.is_empty()) {
                 (true, true) => &[Field::TcpPort, Field::TcpIp],
                 (true, false) => &[Field::TcpPort],
@@ -234,10 +221,7 @@ impl Rule {
             },
             _ => &[],
         };
-        gates
-            .iter()
-            .copied()
-            .find(|&gate| !self.condition.reads(gate))
+        gates.iter().copied().find(|&gate| !self.condition.reads(gate))
     }
 }
 
@@ -362,10 +346,9 @@ impl EngineBuilder {
                     }
                 }
                 if let Some(previous) = names.get(&spec.name) {
-                    errors.push(spec.location.error(format!(
-                        "duplicate rule `{}`: already defined at {previous}",
-                        spec.name
-                    )));
+                    errors.push(
+                        spec.location.error(format!("duplicate rule `{}`: already defined at {previous}", spec.name)),
+                    );
                     continue;
                 }
                 names.insert(spec.name.clone(), spec.location.clone());
@@ -387,21 +370,12 @@ impl EngineBuilder {
                 });
             }
             // A profile's locks bind the profiles after it, not its own rules.
-            locks.extend(
-                profile
-                    .locks
-                    .into_iter()
-                    .map(|LockSpec { section, location }| Lock {
-                        section,
-                        location,
-                        layer: *layer,
-                    }),
-            );
-            loaded.push(LoadedProfile {
-                name: text.name.clone(),
+            locks.extend(profile.locks.into_iter().map(|LockSpec { section, location }| Lock {
+                section,
+                location,
                 layer: *layer,
-                description: profile.description,
-            });
+            }));
+            loaded.push(LoadedProfile { name: text.name.clone(), layer: *layer, description: profile.description });
         }
         if !errors.is_empty() {
             return Err(ProfileError::from_list(errors));
@@ -411,10 +385,7 @@ impl EngineBuilder {
         secret_values.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
         secret_values.dedup();
         inner.secret_values = secret_values;
-        Ok(Engine {
-            inner: Arc::new(inner),
-            dns_limits: dns_limits.resolve(),
-        })
+        Ok(Engine { inner: Arc::new(inner), dns_limits: dns_limits.resolve() })
     }
 }
 
@@ -429,20 +400,11 @@ impl fmt::Debug for Inner {
 }
 
 impl Inner {
-    fn new(
-        env: Arc<Env>,
-        rules: Vec<Rule>,
-        locks: Vec<Lock>,
-        profiles: Vec<LoadedProfile>,
-    ) -> Inner {
+    fn new(env: Arc<Env>, rules: Vec<Rule>, locks: Vec<Lock>, profiles: Vec<LoadedProfile>) -> Inner {
         let mut deciding: [Vec<usize>; 4] = Default::default();
         let mut rewriting: [Vec<usize>; 4] = Default::default();
         for (index, rule) in rules.iter().enumerate() {
-            let list = if rule.decision == RuleDecision::Rewrite {
-                &mut rewriting
-            } else {
-                &mut deciding
-            };
+            let list = if rule.decision == RuleDecision::Rewrite { &mut rewriting } else { &mut deciding };
             list[rule.event.index()].push(index);
         }
         for list in &mut deciding {
@@ -462,29 +424,17 @@ impl Inner {
                 (a.priority, a.order, &a.name).cmp(&(b.priority, b.order, &b.name))
             });
         }
-        Inner {
-            env,
-            rules,
-            deciding,
-            rewriting,
-            locks,
-            profiles,
-            secret_values: Vec::new(),
-        }
+        Inner { env, rules, deciding, rewriting, locks, profiles, secret_values: Vec::new() }
     }
 
     /// Allow, block and ask rules for a kind, in precedence order.
     pub fn deciding(&self, kind: EventKind) -> impl Iterator<Item = &Rule> {
-        self.deciding[kind.index()]
-            .iter()
-            .map(|&index| &self.rules[index])
+        self.deciding[kind.index()].iter().map(|&index| &self.rules[index])
     }
 
     /// Rewrite rules for a kind, in priority order.
     pub fn rewriting(&self, kind: EventKind) -> impl Iterator<Item = &Rule> {
-        self.rewriting[kind.index()]
-            .iter()
-            .map(|&index| &self.rules[index])
+        self.rewriting[kind.index()].iter().map(|&index| &self.rules[index])
     }
 
     /// The actions of the matching rewrite rules. For each header, and for
@@ -498,24 +448,16 @@ impl Inner {
             for action in &rule.actions {
                 let taken = match action.header() {
                     Some(header) => actions.iter().any(|done| done.header() == Some(header)),
-                    None => actions
-                        .iter()
-                        .any(|done| matches!(done, Action::DnsAnswer { .. })),
+                    None => actions.iter().any(|done| matches!(done, Action::DnsAnswer { .. })),
                 };
                 if taken {
                     continue;
                 }
                 actions.push(match (action, event) {
-                    (Action::DnsAnswer { records, ttl }, Event::DnsRequest(query)) => {
-                        Action::DnsAnswer {
-                            records: records
-                                .iter()
-                                .filter(|r| answers(r, &query.qtype))
-                                .cloned()
-                                .collect(),
-                            ttl: *ttl,
-                        }
-                    }
+                    (Action::DnsAnswer { records, ttl }, Event::DnsRequest(query)) => Action::DnsAnswer {
+                        records: records.iter().filter(|r| answers(r, &query.qtype)).cloned().collect(),
+                        ttl: *ttl,
+                    },
                     _ => action.clone(),
                 });
             }
@@ -524,34 +466,13 @@ impl Inner {
     }
 
     fn decide(&self, event: &Event, cx: &EvalCx<'_, '_, '_>) -> Verdict {
-        match self
-            .deciding(event.kind())
-            .find(|rule| rule.matches(event, cx))
-        {
-            None => Verdict {
-                decision: Decision::Block,
-                rule: None,
-                actions: Vec::new(),
-                mode: None,
-            },
+        match self.deciding(event.kind()).find(|rule| rule.matches(event, cx)) {
+            None => Verdict { decision: Decision::Block, rule: None, actions: Vec::new(), mode: None },
             Some(rule) => {
                 let decision = rule.decision.decision().unwrap_or(Decision::Block);
-                let actions = if decision == Decision::Allow {
-                    self.actions(event, cx)
-                } else {
-                    Vec::new()
-                };
-                let mode = if decision == Decision::Block {
-                    None
-                } else {
-                    rule.mode
-                };
-                Verdict {
-                    decision,
-                    rule: Some(rule.name.clone()),
-                    actions,
-                    mode,
-                }
+                let actions = if decision == Decision::Allow { self.actions(event, cx) } else { Vec::new() };
+                let mode = if decision == Decision::Block { None } else { rule.mode };
+                Verdict { decision, rule: Some(rule.name.clone()), actions, mode }
             }
         }
     }
@@ -581,9 +502,7 @@ impl Engine {
     pub fn load(paths: &[PathBuf]) -> Result<Engine, ProfileError> {
         paths
             .iter()
-            .fold(Engine::builder(), |builder, path| {
-                builder.profile(Layer::User, ProfileSource::File(path.clone()))
-            })
+            .fold(Engine::builder(), |builder, path| builder.profile(Layer::User, ProfileSource::File(path.clone())))
             .build()
     }
 
@@ -592,17 +511,13 @@ impl Engine {
     pub fn load_layers(profiles: &[(Layer, ProfileSource)]) -> Result<Engine, ProfileError> {
         profiles
             .iter()
-            .fold(Engine::builder(), |builder, (layer, source)| {
-                builder.profile(*layer, source.clone())
-            })
+            .fold(Engine::builder(), |builder, (layer, source)| builder.profile(*layer, source.clone()))
             .build()
     }
 
     /// The engine of one built-in profile.
     pub fn builtin(name: &str) -> Result<Engine, ProfileError> {
-        Engine::builder()
-            .profile(Layer::Builtin, ProfileSource::Builtin(name.to_owned()))
-            .build()
+        Engine::builder().profile(Layer::Builtin, ProfileSource::Builtin(name.to_owned())).build()
     }
 
     /// Decide on one event. No matching rule means block.
@@ -634,22 +549,12 @@ impl Engine {
                         counts_as_match: rule.decision == RuleDecision::Block,
                     },
                 };
-                rules.push(RuleTrace {
-                    rule: RuleInfo::new(rule),
-                    outcome,
-                });
+                rules.push(RuleTrace { rule: RuleInfo::new(rule), outcome });
             }
             for rule in inner.rules.iter().filter(|rule| rule.event != kind) {
-                rules.push(RuleTrace {
-                    rule: RuleInfo::new(rule),
-                    outcome: Outcome::OtherEvent(rule.event),
-                });
+                rules.push(RuleTrace { rule: RuleInfo::new(rule), outcome: Outcome::OtherEvent(rule.event) });
             }
-            Explanation {
-                event: event.clone(),
-                verdict,
-                rules,
-            }
+            Explanation { event: event.clone(), verdict, rules }
         })
     }
 

@@ -104,12 +104,8 @@ pub enum EventKind {
 
 impl EventKind {
     /// Every kind, in a fixed order (also the order of [`EventKind::index`]).
-    pub const ALL: [EventKind; 4] = [
-        EventKind::DnsRequest,
-        EventKind::HttpRequest,
-        EventKind::HttpResponse,
-        EventKind::TcpConnect,
-    ];
+    pub const ALL: [EventKind; 4] =
+        [EventKind::DnsRequest, EventKind::HttpRequest, EventKind::HttpResponse, EventKind::TcpConnect];
 
     /// The name used in profiles and JSON, e.g. `http.request`.
     pub fn name(self) -> &'static str {
@@ -142,9 +138,7 @@ impl EventKind {
 
     /// The fields a condition on this kind may use.
     pub fn fields(self) -> impl Iterator<Item = Field> {
-        Field::ALL
-            .into_iter()
-            .filter(move |field| field.events().contains(&self))
+        Field::ALL.into_iter().filter(move |field| field.events().contains(&self))
     }
 }
 
@@ -181,9 +175,7 @@ impl Section {
 
     /// Parses a section name.
     pub fn from_name(name: &str) -> Option<Section> {
-        Section::ALL
-            .into_iter()
-            .find(|section| section.name() == name)
+        Section::ALL.into_iter().find(|section| section.name() == name)
     }
 }
 
@@ -402,15 +394,8 @@ impl Event {
     /// text: it applies to exactly what was shown.
     pub fn describe(&self) -> String {
         let request = |r: &HttpRequest| {
-            let query = if r.query.is_empty() {
-                String::new()
-            } else {
-                format!("?{}", r.query)
-            };
-            format!(
-                "{} {}://{}:{}{}{}",
-                r.method, r.scheme, r.host, r.port, r.path, query
-            )
+            let query = if r.query.is_empty() { String::new() } else { format!("?{}", r.query) };
+            format!("{} {}://{}:{}{}{}", r.method, r.scheme, r.host, r.port, r.path, query)
         };
         let text = match self {
             Event::DnsRequest(q) => format!("DNS {} query for {}", q.qtype, q.qname),
@@ -447,9 +432,8 @@ impl Event {
     /// without a trailing dot, header names lower case, `qtype` upper case.
     /// Unknown keys are errors.
     pub fn from_json(json: &str) -> Result<Event, ProfileError> {
-        let raw: RawEvent = serde_json::from_str(json).map_err(|error| ProfileError::Event {
-            message: error.to_string(),
-        })?;
+        let raw: RawEvent =
+            serde_json::from_str(json).map_err(|error| ProfileError::Event { message: error.to_string() })?;
         raw.into_event()
     }
 }
@@ -501,9 +485,7 @@ pub fn normalise_path(raw: &str) -> String {
 }
 
 fn hex(digit: u8) -> Option<u8> {
-    char::from(digit)
-        .to_digit(16)
-        .and_then(|d| u8::try_from(d).ok())
+    char::from(digit).to_digit(16).and_then(|d| u8::try_from(d).ok())
 }
 
 /// RFC 3986 section 5.2.4 on a path that starts with `/` and has no empty
@@ -553,9 +535,7 @@ fn normalise_headers(headers: BTreeMap<String, String>) -> BTreeMap<String, Stri
 fn required_name(value: String, what: &str) -> Result<String, ProfileError> {
     let name = normalise_name(&value);
     if name.is_empty() {
-        return Err(ProfileError::Event {
-            message: format!("`{what}` is empty"),
-        });
+        return Err(ProfileError::Event { message: format!("`{what}` is empty") });
     }
     Ok(name)
 }
@@ -650,11 +630,7 @@ impl RawHttpRequest {
             method: self.method,
             path: normalise_path(&self.path),
             raw_path: self.path,
-            query: self
-                .query
-                .strip_prefix('?')
-                .map(str::to_owned)
-                .unwrap_or(self.query),
+            query: self.query.strip_prefix('?').map(str::to_owned).unwrap_or(self.query),
             headers: normalise_headers(self.headers),
             scheme: self.scheme.to_ascii_lowercase(),
             port: self.port,
@@ -670,20 +646,12 @@ impl RawEvent {
                 qtype: qtype.to_ascii_uppercase(),
             }),
             RawEvent::HttpRequest(request) => Event::HttpRequest(request.into_request()?),
-            RawEvent::HttpResponse {
-                request,
-                status,
-                headers,
-            } => Event::HttpResponse(HttpResponse {
+            RawEvent::HttpResponse { request, status, headers } => Event::HttpResponse(HttpResponse {
                 request: request.into_request()?,
                 status,
                 headers: normalise_headers(headers),
             }),
-            RawEvent::Tcp { host, ip, port } => Event::TcpConnect(TcpConnect {
-                host: normalise_name(&host),
-                ip,
-                port,
-            }),
+            RawEvent::Tcp { host, ip, port } => Event::TcpConnect(TcpConnect { host: normalise_name(&host), ip, port }),
         })
     }
 }
@@ -755,42 +723,26 @@ mod tests {
 
     #[test]
     fn json_events_get_defaults_and_normalised_names() {
-        let event = Event::from_json(
-            r#"{"event":"http.request","host":"GitHub.com.","headers":{"User-Agent":"x"}}"#,
-        )
-        .unwrap();
-        let Event::HttpRequest(request) = event else {
-            panic!("wrong kind")
-        };
+        let event =
+            Event::from_json(r#"{"event":"http.request","host":"GitHub.com.","headers":{"User-Agent":"x"}}"#).unwrap();
+        let Event::HttpRequest(request) = event else { panic!("wrong kind") };
         assert_eq!(request.host, "github.com");
         assert_eq!(request.sni, "github.com");
         assert_eq!(request.method, "GET");
         assert_eq!(request.path, "/");
         assert_eq!(request.scheme, "https");
-        assert_eq!(
-            request.headers.get("user-agent").map(String::as_str),
-            Some("x")
-        );
+        assert_eq!(request.headers.get("user-agent").map(String::as_str), Some("x"));
 
         let event = Event::from_json(r#"{"event":"dns.request","qname":"PyPI.org."}"#).unwrap();
-        assert_eq!(
-            event,
-            Event::DnsRequest(DnsRequest {
-                qname: "pypi.org".into(),
-                qtype: "A".into()
-            })
-        );
+        assert_eq!(event, Event::DnsRequest(DnsRequest { qname: "pypi.org".into(), qtype: "A".into() }));
 
-        let event =
-            Event::from_json(r#"{"event":"tcp.connect","host":"db","ip":"10.0.0.5","port":5432}"#)
-                .unwrap();
+        let event = Event::from_json(r#"{"event":"tcp.connect","host":"db","ip":"10.0.0.5","port":5432}"#).unwrap();
         assert_eq!(event.ip_text(), "10.0.0.5");
         assert_eq!(event.int_field(Field::TcpPort), Some(5432));
 
-        let event = Event::from_json(
-            r#"{"event":"http.response","status":404,"request":{"host":"a.b","query":"?x=1"}}"#,
-        )
-        .unwrap();
+        let event =
+            Event::from_json(r#"{"event":"http.response","status":404,"request":{"host":"a.b","query":"?x=1"}}"#)
+                .unwrap();
         assert_eq!(event.str_field(Field::HttpQuery), Some("x=1"));
         assert_eq!(event.int_field(Field::HttpStatus), Some(404));
     }
@@ -798,18 +750,9 @@ mod tests {
     #[test]
     fn bad_json_events_are_errors() {
         for (json, expected) in [
-            (
-                r#"{"event":"http.requests","host":"a"}"#,
-                "unknown variant `http.requests`",
-            ),
-            (
-                r#"{"event":"http.request","hots":"a"}"#,
-                "unknown field `hots`",
-            ),
-            (
-                r#"{"event":"tcp.connect","host":"a","port":70000}"#,
-                "invalid value: integer `70000`",
-            ),
+            (r#"{"event":"http.requests","host":"a"}"#, "unknown variant `http.requests`"),
+            (r#"{"event":"http.request","hots":"a"}"#, "unknown field `hots`"),
+            (r#"{"event":"tcp.connect","host":"a","port":70000}"#, "invalid value: integer `70000`"),
             (r#"{"event":"dns.request","qname":"."}"#, "`qname` is empty"),
             (r#"{"event":"dns.request"}"#, "missing field `qname`"),
             (r#"{"event": "dns.request", "qname": "#, "EOF while parsing"),

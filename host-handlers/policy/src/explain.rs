@@ -84,14 +84,7 @@ pub struct RuleTrace {
 impl RuleTrace {
     /// Whether the rule took part as a match.
     fn counts(&self) -> bool {
-        matches!(
-            self.outcome,
-            Outcome::Matched
-                | Outcome::Failed {
-                    counts_as_match: true,
-                    ..
-                }
-        )
+        matches!(self.outcome, Outcome::Matched | Outcome::Failed { counts_as_match: true, .. })
     }
 }
 
@@ -116,27 +109,19 @@ impl fmt::Display for Explanation {
             Some(rule) => {
                 write!(f, "decision: {} by rule {rule}", self.verdict.decision)?;
                 if let Some(trace) = self.rules.iter().find(|trace| trace.rule.name == rule) {
-                    write!(
-                        f,
-                        " (priority {}, {})",
-                        trace.rule.priority, trace.rule.location
-                    )?;
+                    write!(f, " (priority {}, {})", trace.rule.priority, trace.rule.location)?;
                 }
                 writeln!(f)?;
                 if let Some(mode) = self.verdict.mode {
                     writeln!(f, "  mode: {mode}")?;
                 }
                 if self.verdict.decision == Decision::Ask {
-                    writeln!(
-                        f,
-                        "  the user is asked; no answer before the timeout blocks"
-                    )?;
+                    writeln!(f, "  the user is asked; no answer before the timeout blocks")?;
                 }
             }
         }
         writeln!(f, "rules:")?;
-        let winner_rule =
-            winner.and_then(|rule| self.rules.iter().find(|trace| trace.rule.name == rule));
+        let winner_rule = winner.and_then(|rule| self.rules.iter().find(|trace| trace.rule.name == rule));
         for trace in &self.rules {
             let rule = &trace.rule;
             write!(
@@ -157,11 +142,9 @@ impl fmt::Display for Explanation {
                 Outcome::GateNotNamed(Field::HttpPort) => f.write_str(
                     "not matched: the request is not to port 443 and the condition does not name http.request.port",
                 )?,
-                Outcome::GateNotNamed(field) => write!(
-                    f,
-                    "not matched: the event needs a rule whose condition names {}",
-                    field.path()
-                )?,
+                Outcome::GateNotNamed(field) => {
+                    write!(f, "not matched: the event needs a rule whose condition names {}", field.path())?
+                }
             }
             if trace.counts() {
                 match (rule.decision, winner_rule.map(|won| &won.rule)) {
@@ -217,16 +200,8 @@ impl Summary {
             .map(RuleInfo::new)
             .collect();
         Summary {
-            profiles: inner
-                .profiles
-                .iter()
-                .map(|p| (p.name.clone(), p.layer, p.description.clone()))
-                .collect(),
-            locks: inner
-                .locks
-                .iter()
-                .map(|lock| (lock.section, lock.location.clone()))
-                .collect(),
+            profiles: inner.profiles.iter().map(|p| (p.name.clone(), p.layer, p.description.clone())).collect(),
+            locks: inner.locks.iter().map(|lock| (lock.section, lock.location.clone())).collect(),
             rules,
         }
     }
@@ -238,12 +213,7 @@ impl fmt::Display for Summary {
             let plural = if count == 1 { "" } else { "s" };
             format!("{count} {noun}{plural}")
         };
-        writeln!(
-            f,
-            "ok: {} from {}",
-            count(self.rules.len(), "rule"),
-            count(self.profiles.len(), "profile")
-        )?;
+        writeln!(f, "ok: {} from {}", count(self.rules.len(), "rule"), count(self.profiles.len(), "profile"))?;
         for (name, layer, description) in &self.profiles {
             write!(f, "profile {} ({layer} layer)", name.display())?;
             match description {
@@ -260,11 +230,7 @@ impl fmt::Display for Summary {
                 writeln!(f, "{} rules, in precedence order:", rule.event)?;
                 kind = Some(rule.event);
             }
-            writeln!(
-                f,
-                "  {} [{} priority {}] {}",
-                rule.name, rule.decision, rule.priority, rule.location
-            )?;
+            writeln!(f, "  {} [{} priority {}] {}", rule.name, rule.decision, rule.priority, rule.location)?;
         }
         write!(f, "anything no rule allows is blocked")
     }

@@ -35,12 +35,12 @@ use std::path::PathBuf;
 
 pub use builtin::{builtin_profile, BUILTIN_PROFILES};
 pub use engine::{check, Engine, EngineBuilder, Layer, ProfileSource, RuleDecision, COMMON_QTYPES};
-pub use limits::DnsLimits;
 pub use event::{
-    normalise_path, DnsRequest, Event, EventKind, Field, FieldType, HttpRequest, HttpResponse,
-    Section, TcpConnect, HTTPS_PORT,
+    normalise_path, DnsRequest, Event, EventKind, Field, FieldType, HttpRequest, HttpResponse, Section, TcpConnect,
+    HTTPS_PORT,
 };
 pub use explain::{Explanation, Outcome, RuleInfo, RuleTrace, Summary};
+pub use limits::DnsLimits;
 pub use location::Location;
 pub use policy::{Asker, Policy, DEFAULT_ASK_TIMEOUT};
 pub use secrets::Secrets;
@@ -85,17 +85,11 @@ pub struct SecretValue {
 impl SecretValue {
     /// A value that is not secret.
     pub fn plain(value: impl Into<String>) -> Self {
-        Self {
-            value: value.into(),
-            secret: false,
-        }
+        Self { value: value.into(), secret: false }
     }
     /// A value that came from a secret.
     pub fn secret(value: impl Into<String>) -> Self {
-        Self {
-            value: value.into(),
-            secret: true,
-        }
+        Self { value: value.into(), secret: true }
     }
     /// The real value, to put on the wire. Never log it.
     pub fn expose(&self) -> &str {
@@ -189,12 +183,8 @@ impl Action {
     /// The header an action touches, with `true` for request headers.
     fn header(&self) -> Option<(bool, &str)> {
         match self {
-            Action::RemoveRequestHeader(name) | Action::SetRequestHeader(name, _) => {
-                Some((true, name))
-            }
-            Action::RemoveResponseHeader(name) | Action::SetResponseHeader(name, _) => {
-                Some((false, name))
-            }
+            Action::RemoveRequestHeader(name) | Action::SetRequestHeader(name, _) => Some((true, name)),
+            Action::RemoveResponseHeader(name) | Action::SetResponseHeader(name, _) => Some((false, name)),
             Action::DnsAnswer { .. } => None,
         }
     }
@@ -216,11 +206,7 @@ impl fmt::Display for Action {
                 write!(f, "answer DNS with no records (ttl {ttl})")
             }
             Action::DnsAnswer { records, ttl } => {
-                let records = records
-                    .iter()
-                    .map(DnsRecord::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ");
+                let records = records.iter().map(DnsRecord::to_string).collect::<Vec<_>>().join(", ");
                 write!(f, "answer DNS with {records} (ttl {ttl})")
             }
         }
@@ -244,12 +230,8 @@ pub enum ConnectMode {
 
 impl ConnectMode {
     /// Every mode.
-    pub const ALL: [ConnectMode; 4] = [
-        ConnectMode::Inspect,
-        ConnectMode::Passthrough,
-        ConnectMode::Tcp,
-        ConnectMode::Http,
-    ];
+    pub const ALL: [ConnectMode; 4] =
+        [ConnectMode::Inspect, ConnectMode::Passthrough, ConnectMode::Tcp, ConnectMode::Http];
 
     /// The name written in profiles.
     pub fn name(self) -> &'static str {
@@ -343,9 +325,7 @@ impl ProfileError {
     /// Every single problem.
     pub fn problems(&self) -> Vec<&ProfileError> {
         match self {
-            ProfileError::Several(errors) => {
-                errors.iter().flat_map(ProfileError::problems).collect()
-            }
+            ProfileError::Several(errors) => errors.iter().flat_map(ProfileError::problems).collect(),
             other => vec![other],
         }
     }

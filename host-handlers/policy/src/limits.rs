@@ -115,11 +115,7 @@ struct DnsLimitsToml {
 }
 
 /// The limits a profile gives, checked.
-pub(crate) fn read(
-    source: &SourceText,
-    limits: Option<LimitsToml>,
-    errors: &mut Vec<ProfileError>,
-) -> GivenDnsLimits {
+pub(crate) fn read(source: &SourceText, limits: Option<LimitsToml>, errors: &mut Vec<ProfileError>) -> GivenDnsLimits {
     let Some(dns) = limits.and_then(|limits| limits.dns) else {
         return GivenDnsLimits::default();
     };
@@ -127,10 +123,7 @@ pub(crate) fn read(
         let given = given?;
         let number = *given.get_ref();
         if !(1..=max).contains(&number) {
-            errors.push(source.error(
-                given.span().start,
-                format!("`{key}` = {number} is out of range (1 to {max})"),
-            ));
+            errors.push(source.error(given.span().start, format!("`{key}` = {number} is out of range (1 to {max})")));
             return None;
         }
         u32::try_from(number).ok()

@@ -119,9 +119,7 @@ fn basic_string_offset(raw: &str, value_offset: usize) -> usize {
     loop {
         // Line-ending backslash: the backslash and all whitespace after it vanish.
         if bytes.get(raw_at) == Some(&b'\\')
-            && bytes
-                .get(raw_at + 1)
-                .is_some_and(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+            && bytes.get(raw_at + 1).is_some_and(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
         {
             raw_at += 1;
             while raw_at < bytes.len() && bytes[raw_at].is_ascii_whitespace() {
@@ -133,10 +131,7 @@ fn basic_string_offset(raw: &str, value_offset: usize) -> usize {
             break;
         }
         if bytes[raw_at] != b'\\' {
-            let len = raw
-                .get(raw_at..)
-                .and_then(|rest| rest.chars().next())
-                .map_or(1, char::len_utf8);
+            let len = raw.get(raw_at..).and_then(|rest| rest.chars().next()).map_or(1, char::len_utf8);
             raw_at += len;
             produced += len;
             continue;
@@ -145,10 +140,7 @@ fn basic_string_offset(raw: &str, value_offset: usize) -> usize {
             Some(escape @ (b'u' | b'U')) => {
                 let digits = if escape == b'u' { 4 } else { 8 };
                 let hex = raw.get(raw_at + 2..raw_at + 2 + digits).unwrap_or("");
-                let decoded = u32::from_str_radix(hex, 16)
-                    .ok()
-                    .and_then(char::from_u32)
-                    .map_or(1, char::len_utf8);
+                let decoded = u32::from_str_radix(hex, 16).ok().and_then(char::from_u32).map_or(1, char::len_utf8);
                 raw_at += 2 + digits;
                 produced += decoded;
             }
@@ -166,10 +158,7 @@ mod tests {
     use super::*;
 
     fn source(text: &str) -> SourceText {
-        SourceText {
-            name: Arc::from(Path::new("p.toml")),
-            text: text.to_owned(),
-        }
+        SourceText { name: Arc::from(Path::new("p.toml")), text: text.to_owned() }
     }
 
     #[test]

@@ -29,11 +29,7 @@ pub const DEFAULT_ASK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Answers `ask` decisions (the CLI asks on the terminal; platforms pass their own).
 pub trait Asker: Send + Sync + std::fmt::Debug {
     /// `true` allows. The caller applies the timeout.
-    fn ask(
-        &self,
-        event: &Event,
-        rule: Option<&str>,
-    ) -> Pin<Box<dyn Future<Output = bool> + Send + '_>>;
+    fn ask(&self, event: &Event, rule: Option<&str>) -> Pin<Box<dyn Future<Output = bool> + Send + '_>>;
 }
 
 /// What an answer is remembered by: the asking rule and the event as shown.
@@ -60,27 +56,14 @@ pub struct Policy {
 impl Policy {
     /// A policy without an asker: `ask` blocks.
     pub fn new(engine: Engine) -> Self {
-        Self {
-            engine,
-            asking: None,
-            remember: true,
-        }
+        Self { engine, asking: None, remember: true }
     }
 
     /// A policy that asks `asker`, waiting at most `timeout` for an answer;
     /// answers are remembered.
     pub fn with_asker(engine: Engine, asker: Arc<dyn Asker>, timeout: Duration) -> Self {
-        let asking = Asking {
-            asker,
-            timeout,
-            answers: Mutex::new(HashMap::new()),
-            turn: tokio::sync::Mutex::new(()),
-        };
-        Self {
-            engine,
-            asking: Some(Arc::new(asking)),
-            remember: true,
-        }
+        let asking = Asking { asker, timeout, answers: Mutex::new(HashMap::new()), turn: tokio::sync::Mutex::new(()) };
+        Self { engine, asking: Some(Arc::new(asking)), remember: true }
     }
 
     /// Whether answers are remembered and reused (the default) or every
@@ -150,12 +133,7 @@ impl Policy {
                 mode: asked.mode,
             }
         } else {
-            Verdict {
-                decision: Decision::Block,
-                rule: asked.rule,
-                actions: Vec::new(),
-                mode: None,
-            }
+            Verdict { decision: Decision::Block, rule: asked.rule, actions: Vec::new(), mode: None }
         }
     }
 
@@ -163,10 +141,6 @@ impl Policy {
         if !self.remember {
             return None;
         }
-        asking
-            .answers
-            .lock()
-            .ok()
-            .and_then(|answers| answers.get(key).copied())
+        asking.answers.lock().ok().and_then(|answers| answers.get(key).copied())
     }
 }

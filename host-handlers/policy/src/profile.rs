@@ -141,19 +141,10 @@ struct AnswerToml {
 }
 
 /// Reads the bytes of a profile as text, within the size limit.
-pub(crate) fn text_of(
-    name: std::sync::Arc<std::path::Path>,
-    bytes: Vec<u8>,
-) -> Result<SourceText, ProfileError> {
+pub(crate) fn text_of(name: std::sync::Arc<std::path::Path>, bytes: Vec<u8>) -> Result<SourceText, ProfileError> {
     if bytes.len() > MAX_PROFILE_LEN {
-        let source = SourceText {
-            name,
-            text: String::new(),
-        };
-        return Err(source.error(
-            0,
-            format!("the profile is larger than {MAX_PROFILE_LEN} bytes"),
-        ));
+        let source = SourceText { name, text: String::new() };
+        return Err(source.error(0, format!("the profile is larger than {MAX_PROFILE_LEN} bytes")));
     }
     match String::from_utf8(bytes) {
         Ok(text) => Ok(SourceText { name, text }),
@@ -167,19 +158,10 @@ pub(crate) fn text_of(
 }
 
 /// Reads and checks a profile.
-pub(crate) fn parse(
-    source: &SourceText,
-    env: &Env,
-    secrets: &Secrets,
-) -> Result<Profile, Vec<ProfileError>> {
+pub(crate) fn parse(source: &SourceText, env: &Env, secrets: &Secrets) -> Result<Profile, Vec<ProfileError>> {
     let file: FileToml = toml::from_str(&source.text).map_err(|error| {
         let offset = error.span().map_or(0, |span| span.start);
-        let message = error
-            .message()
-            .trim_end()
-            .lines()
-            .collect::<Vec<_>>()
-            .join(": ");
+        let message = error.message().trim_end().lines().collect::<Vec<_>>().join(": ");
         vec![source.error(offset, message)]
     })?;
     let Some(security) = file.security else {
@@ -193,16 +175,12 @@ pub(crate) fn parse(
     };
     for lock in &security.locks {
         match Section::from_name(lock.get_ref()) {
-            Some(section) => profile.locks.push(LockSpec {
-                section,
-                location: source.location(string_start(lock.span())),
-            }),
+            Some(section) => {
+                profile.locks.push(LockSpec { section, location: source.location(string_start(lock.span())) })
+            }
             None => errors.push(source.error(
                 string_start(lock.span()),
-                format!(
-                    "unknown section `{}` in locks (sections: dns, http, tcp)",
-                    lock.get_ref()
-                ),
+                format!("unknown section `{}` in locks (sections: dns, http, tcp)", lock.get_ref()),
             )),
         }
     }
@@ -210,22 +188,12 @@ pub(crate) fn parse(
         let Some(section) = Section::from_name(section_name.get_ref()) else {
             errors.push(source.error(
                 section_name.span().start,
-                format!(
-                    "unknown section `{}` (sections: dns, http, tcp)",
-                    section_name.get_ref()
-                ),
+                format!("unknown section `{}` (sections: dns, http, tcp)", section_name.get_ref()),
             ));
             continue;
         };
         for (name, rule) in rules {
-            let reader = RuleReader {
-                source,
-                env,
-                secrets,
-                section,
-                errors: Vec::new(),
-                secret_values: Vec::new(),
-            };
+            let reader = RuleReader { source, env, secrets, section, errors: Vec::new(), secret_values: Vec::new() };
             match reader.read(&name, rule) {
                 Ok(spec) => profile.rules.push(spec),
                 Err(rule_errors) => errors.extend(rule_errors),
@@ -259,23 +227,13 @@ impl RuleReader<'_> {
         self.errors.push(self.source.error(offset, message));
     }
 
-    fn read(
-        mut self,
-        name: &Spanned<String>,
-        rule: RuleToml,
-    ) -> Result<RuleSpec, Vec<ProfileError>> {
+    fn read(mut self, name: &Spanned<String>, rule: RuleToml) -> Result<RuleSpec, Vec<ProfileError>> {
         let valid_name = !name.get_ref().is_empty()
-            && name
-                .get_ref()
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            && name.get_ref().chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
         if !valid_name {
             self.error(
                 name.span().start,
-                format!(
-                    "invalid rule name `{}`: use letters, digits, `_` and `-`",
-                    name.get_ref()
-                ),
+                format!("invalid rule name `{}`: use letters, digits, `_` and `-`", name.get_ref()),
             );
         }
         let full_name = format!("{}.{}", self.section, name.get_ref());
@@ -306,10 +264,7 @@ impl RuleReader<'_> {
         if decision.is_none() {
             self.error(
                 string_start(rule.decision.span()),
-                format!(
-                    "unknown decision `{}` (decisions: allow, block, ask, rewrite)",
-                    rule.decision.get_ref()
-                ),
+                format!("unknown decision `{}` (decisions: allow, block, ask, rewrite)", rule.decision.get_ref()),
             );
         }
 
@@ -320,9 +275,7 @@ impl RuleReader<'_> {
                 if !(0..=MAX_PRIORITY).contains(&value) {
                     self.error(
                         priority.span().start,
-                        format!(
-                            "priority {value} is out of range (0 to {MAX_PRIORITY}, lowest wins)"
-                        ),
+                        format!("priority {value} is out of range (0 to {MAX_PRIORITY}, lowest wins)"),
                     );
                 }
                 value
@@ -350,22 +303,20 @@ impl RuleReader<'_> {
         let mode = self.mode(rule.mode.as_ref(), event, decision);
 
         match (event, decision, condition) {
-            (Some(event), Some(decision), Some(condition)) if self.errors.is_empty() => {
-                Ok(RuleSpec {
-                    name: full_name,
-                    section: self.section,
-                    event,
-                    decision,
-                    priority: u32::try_from(priority).unwrap_or(u32::MAX),
-                    condition,
-                    condition_text: rule.condition.map(Spanned::into_inner),
-                    actions,
-                    mode,
-                    description: rule.description,
-                    location: self.source.location(name.span().start),
-                    secret_values: self.secret_values,
-                })
-            }
+            (Some(event), Some(decision), Some(condition)) if self.errors.is_empty() => Ok(RuleSpec {
+                name: full_name,
+                section: self.section,
+                event,
+                decision,
+                priority: u32::try_from(priority).unwrap_or(u32::MAX),
+                condition,
+                condition_text: rule.condition.map(Spanned::into_inner),
+                actions,
+                mode,
+                description: rule.description,
+                location: self.source.location(name.span().start),
+                secret_values: self.secret_values,
+            }),
             _ => Err(self.errors),
         }
     }
@@ -378,8 +329,8 @@ impl RuleReader<'_> {
         event: Option<EventKind>,
         decision: Option<RuleDecision>,
     ) -> Option<ConnectMode> {
-        let connecting = event == Some(EventKind::TcpConnect)
-            && matches!(decision, Some(RuleDecision::Allow | RuleDecision::Ask));
+        let connecting =
+            event == Some(EventKind::TcpConnect) && matches!(decision, Some(RuleDecision::Allow | RuleDecision::Ask));
         let Some(given) = given else {
             return connecting.then_some(ConnectMode::Inspect);
         };
@@ -394,13 +345,7 @@ impl RuleReader<'_> {
         }
         let mode = ConnectMode::from_name(given.get_ref());
         if mode.is_none() {
-            self.error(
-                offset,
-                format!(
-                    "unknown mode `{}` (modes: inspect, passthrough, tcp, http)",
-                    given.get_ref()
-                ),
-            );
+            self.error(offset, format!("unknown mode `{}` (modes: inspect, passthrough, tcp, http)", given.get_ref()));
         }
         mode
     }
@@ -414,31 +359,15 @@ impl RuleReader<'_> {
         decision_text: &Spanned<String>,
     ) -> Vec<Action> {
         let present: Vec<(&str, usize, EventKind)> = [
-            (
-                "set_request_headers",
-                rule.set_request_headers.as_ref().map(Spanned::span),
-                EventKind::HttpRequest,
-            ),
-            (
-                "remove_request_headers",
-                rule.remove_request_headers.as_ref().map(Spanned::span),
-                EventKind::HttpRequest,
-            ),
-            (
-                "set_response_headers",
-                rule.set_response_headers.as_ref().map(Spanned::span),
-                EventKind::HttpResponse,
-            ),
+            ("set_request_headers", rule.set_request_headers.as_ref().map(Spanned::span), EventKind::HttpRequest),
+            ("remove_request_headers", rule.remove_request_headers.as_ref().map(Spanned::span), EventKind::HttpRequest),
+            ("set_response_headers", rule.set_response_headers.as_ref().map(Spanned::span), EventKind::HttpResponse),
             (
                 "remove_response_headers",
                 rule.remove_response_headers.as_ref().map(Spanned::span),
                 EventKind::HttpResponse,
             ),
-            (
-                "answer",
-                rule.answer.as_ref().map(Spanned::span),
-                EventKind::DnsRequest,
-            ),
+            ("answer", rule.answer.as_ref().map(Spanned::span), EventKind::DnsRequest),
         ]
         .into_iter()
         .filter_map(|(key, span, kind)| span.map(|span| (key, span.start, kind)))
@@ -446,10 +375,7 @@ impl RuleReader<'_> {
 
         if decision != RuleDecision::Rewrite {
             if let Some((key, offset, _)) = present.first() {
-                self.error(
-                    *offset,
-                    format!("`{key}` is an action: it needs `decision = \"rewrite\"`"),
-                );
+                self.error(*offset, format!("`{key}` is an action: it needs `decision = \"rewrite\"`"));
             }
             return Vec::new();
         }
@@ -463,10 +389,7 @@ impl RuleReader<'_> {
         let mut misplaced = false;
         for (key, offset, kind) in &present {
             if *kind != event {
-                self.error(
-                    *offset,
-                    format!("`{key}` applies to `{kind}` rules, not `{event}`"),
-                );
+                self.error(*offset, format!("`{key}` applies to `{kind}` rules, not `{event}`"));
                 misplaced = true;
             }
         }
@@ -479,10 +402,7 @@ impl RuleReader<'_> {
                 EventKind::HttpResponse => "set_response_headers or remove_response_headers",
                 _ => "answer",
             };
-            self.error(
-                string_start(decision_text.span()),
-                format!("a rewrite rule needs an action: {keys}"),
-            );
+            self.error(string_start(decision_text.span()), format!("a rewrite rule needs an action: {keys}"));
             return Vec::new();
         }
 
@@ -496,10 +416,7 @@ impl RuleReader<'_> {
         for name in remove.iter().flat_map(|list| list.get_ref()) {
             if let Some(header) = self.header_name(name) {
                 if removed.contains(&header) {
-                    self.error(
-                        string_start(name.span()),
-                        format!("header `{header}` is listed twice"),
-                    );
+                    self.error(string_start(name.span()), format!("header `{header}` is listed twice"));
                     continue;
                 }
                 removed.push(header.clone());
@@ -515,10 +432,7 @@ impl RuleReader<'_> {
                 continue;
             };
             if removed.contains(&header) {
-                self.error(
-                    name.span().start,
-                    format!("header `{header}` is both set and removed"),
-                );
+                self.error(name.span().start, format!("header `{header}` is both set and removed"));
                 continue;
             }
             if let Some(value) = self.header_value(&header, value) {
@@ -540,10 +454,8 @@ impl RuleReader<'_> {
     /// A header name: an HTTP token, lower-cased.
     fn header_name(&mut self, name: &Spanned<String>) -> Option<String> {
         let text = name.get_ref();
-        let token = !text.is_empty()
-            && text
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        let token =
+            !text.is_empty() && text.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
         if !token {
             self.error(name.span().start, format!("invalid header name `{text}`"));
             return None;
@@ -558,10 +470,7 @@ impl RuleReader<'_> {
         let offset_of = |at: usize| source.string_offset(&value.span(), at);
         if let Some(at) = text.find(invalid_header_char) {
             let offset = offset_of(at);
-            self.error(
-                offset,
-                format!("the value of header `{header}` contains a control character"),
-            );
+            self.error(offset, format!("the value of header `{header}` contains a control character"));
             return None;
         }
         let mut filled = String::new();
@@ -582,23 +491,15 @@ impl RuleReader<'_> {
                 let offset = offset_of(placeholder_at);
                 self.error(
                     offset,
-                    format!(
-                        "unknown placeholder `{placeholder}`: only `${{secret:NAME}}` is supported"
-                    ),
+                    format!("unknown placeholder `{placeholder}`: only `${{secret:NAME}}` is supported"),
                 );
                 return None;
             };
-            let valid = name
-                .chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            let valid = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid {
                 let offset = offset_of(placeholder_at);
-                self.error(
-                    offset,
-                    format!("invalid secret name `{name}`: use letters, digits and `_`"),
-                );
+                self.error(offset, format!("invalid secret name `{name}`: use letters, digits and `_`"));
                 return None;
             }
             let Some(secret_value) = self.secrets.get(name) else {
@@ -609,7 +510,10 @@ impl RuleReader<'_> {
             };
             if secret_value.contains(invalid_header_char) {
                 let offset = offset_of(placeholder_at);
-                self.error(offset, format!("secret `{name}` cannot go in a header: its value contains a control character"));
+                self.error(
+                    offset,
+                    format!("secret `{name}` cannot go in a header: its value contains a control character"),
+                );
                 return None;
             }
             filled.push_str(&secret_value);
@@ -619,11 +523,7 @@ impl RuleReader<'_> {
             rest = &rest[start + end + 1..];
         }
         filled.push_str(rest);
-        Some(if secret {
-            SecretValue::secret(filled)
-        } else {
-            SecretValue::plain(filled)
-        })
+        Some(if secret { SecretValue::secret(filled) } else { SecretValue::plain(filled) })
     }
 
     fn answer(&mut self, answer: &Spanned<AnswerToml>) -> Option<Action> {
@@ -633,10 +533,7 @@ impl RuleReader<'_> {
             None => DEFAULT_TTL,
             Some(ttl) => {
                 if !(0..=MAX_TTL).contains(ttl.get_ref()) {
-                    self.error(
-                        ttl.span().start,
-                        format!("ttl {} is out of range (0 to {MAX_TTL})", ttl.get_ref()),
-                    );
+                    self.error(ttl.span().start, format!("ttl {} is out of range (0 to {MAX_TTL})", ttl.get_ref()));
                 }
                 *ttl.get_ref()
             }
@@ -645,32 +542,20 @@ impl RuleReader<'_> {
         for text in &spec.a {
             match text.get_ref().parse::<Ipv4Addr>() {
                 Ok(ip) => records.push(DnsRecord::A(ip)),
-                Err(_) => self.error(
-                    string_start(text.span()),
-                    format!("invalid IPv4 address `{}`", text.get_ref()),
-                ),
+                Err(_) => self.error(string_start(text.span()), format!("invalid IPv4 address `{}`", text.get_ref())),
             }
         }
         for text in &spec.aaaa {
             match text.get_ref().parse::<Ipv6Addr>() {
                 Ok(ip) => records.push(DnsRecord::Aaaa(ip)),
-                Err(_) => self.error(
-                    string_start(text.span()),
-                    format!("invalid IPv6 address `{}`", text.get_ref()),
-                ),
+                Err(_) => self.error(string_start(text.span()), format!("invalid IPv6 address `{}`", text.get_ref())),
             }
         }
         for text in &spec.txt {
             if text.get_ref().contains("${") {
-                self.error(
-                    string_start(text.span()),
-                    "placeholders are only allowed in header values",
-                );
+                self.error(string_start(text.span()), "placeholders are only allowed in header values");
             } else if text.get_ref().len() > 255 {
-                self.error(
-                    string_start(text.span()),
-                    "a TXT string is at most 255 bytes",
-                );
+                self.error(string_start(text.span()), "a TXT string is at most 255 bytes");
             } else {
                 records.push(DnsRecord::Txt(text.get_ref().clone()));
             }
@@ -678,32 +563,20 @@ impl RuleReader<'_> {
         if let Some(cname) = &spec.cname {
             match domain_name(cname.get_ref()) {
                 Some(name) => records.push(DnsRecord::Cname(name)),
-                None => self.error(
-                    string_start(cname.span()),
-                    format!("invalid domain name `{}`", cname.get_ref()),
-                ),
+                None => self.error(string_start(cname.span()), format!("invalid domain name `{}`", cname.get_ref())),
             }
             if !spec.a.is_empty() || !spec.aaaa.is_empty() || !spec.txt.is_empty() {
-                self.error(
-                    cname.span().start,
-                    "a CNAME cannot be combined with other records (RFC 1034)",
-                );
+                self.error(cname.span().start, "a CNAME cannot be combined with other records (RFC 1034)");
             }
         }
         if self.errors.len() > errors_before {
             return None;
         }
         if records.is_empty() {
-            self.error(
-                answer.span().start,
-                "the answer has no records: give a, aaaa, cname or txt",
-            );
+            self.error(answer.span().start, "the answer has no records: give a, aaaa, cname or txt");
             return None;
         }
-        Some(Action::DnsAnswer {
-            records,
-            ttl: u32::try_from(ttl).unwrap_or(0),
-        })
+        Some(Action::DnsAnswer { records, ttl: u32::try_from(ttl).unwrap_or(0) })
     }
 }
 
@@ -723,9 +596,7 @@ fn domain_name(text: &str) -> Option<String> {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         });
     valid.then(|| name.to_ascii_lowercase())
 }

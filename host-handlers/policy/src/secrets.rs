@@ -39,10 +39,7 @@ impl fmt::Debug for Secrets {
 impl Secrets {
     /// Secrets from the host's environment (`${secret:TOKEN}` reads `$TOKEN`).
     pub fn from_env() -> Secrets {
-        Secrets {
-            environment: true,
-            ..Secrets::default()
-        }
+        Secrets { environment: true, ..Secrets::default() }
     }
 
     /// No secrets at all: every placeholder is an error.
@@ -53,27 +50,16 @@ impl Secrets {
     /// Adds the secrets of a file: a TOML table of strings, `NAME = "value"`.
     /// Values already known (from files added earlier) are kept.
     pub fn with_file(mut self, path: &Path) -> Result<Secrets, ProfileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Io {
-            file: path.to_owned(),
-            source,
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ProfileError::Io { file: path.to_owned(), source })?;
+        let source = SourceText { name: Arc::from(path), text };
+        let table: BTreeMap<toml::Spanned<String>, toml::Value> = toml::from_str(&source.text).map_err(|error| {
+            source
+                .error(error.span().map_or(0, |span| span.start), format!("invalid secrets file: {}", error.message()))
         })?;
-        let source = SourceText {
-            name: Arc::from(path),
-            text,
-        };
-        let table: BTreeMap<toml::Spanned<String>, toml::Value> = toml::from_str(&source.text)
-            .map_err(|error| {
-                source.error(
-                    error.span().map_or(0, |span| span.start),
-                    format!("invalid secrets file: {}", error.message()),
-                )
-            })?;
         for (name, value) in table {
             let toml::Value::String(value) = value else {
-                return Err(source.error(
-                    name.span().start,
-                    format!("secret `{}` must be a string", name.get_ref()),
-                ));
+                return Err(source.error(name.span().start, format!("secret `{}` must be a string", name.get_ref())));
             };
             self.values.entry(name.into_inner()).or_insert(value);
         }
@@ -83,9 +69,7 @@ impl Secrets {
 
     /// Adds one secret (for embedders and tests).
     pub fn with_value(mut self, name: impl Into<String>, value: impl Into<String>) -> Secrets {
-        self.values
-            .entry(name.into())
-            .or_insert_with(|| value.into());
+        self.values.entry(name.into()).or_insert_with(|| value.into());
         self.given = true;
         self
     }
@@ -103,11 +87,7 @@ impl Secrets {
 
     /// Where [`Secrets::get`] looks, for error messages.
     pub(crate) fn places(&self) -> String {
-        let mut places: Vec<String> = self
-            .files
-            .iter()
-            .map(|file| file.display().to_string())
-            .collect();
+        let mut places: Vec<String> = self.files.iter().map(|file| file.display().to_string()).collect();
         if self.given {
             places.insert(0, "the secrets given to the engine".to_owned());
         }
@@ -136,9 +116,7 @@ mod tests {
         assert_eq!(secrets.get("PATH").as_deref(), Some("from-file"));
         assert_eq!(secrets.get("HOME"), std::env::var("HOME").ok());
         assert!(!format!("{secrets:?}").contains("t0ps3cret"));
-        assert!(secrets
-            .places()
-            .contains("secrets.toml and the environment"));
+        assert!(secrets.places().contains("secrets.toml and the environment"));
         assert_eq!(Secrets::none().get("HOME"), None);
     }
 
@@ -148,15 +126,9 @@ mod tests {
         let path = dir.path().join("secrets.toml");
         std::fs::write(&path, "A = \"x\"\nB = 5\n").unwrap();
         let error = Secrets::none().with_file(&path).unwrap_err().to_string();
-        assert!(
-            error.ends_with("secrets.toml:2:1: secret `B` must be a string"),
-            "{error}"
-        );
+        assert!(error.ends_with("secrets.toml:2:1: secret `B` must be a string"), "{error}");
         std::fs::write(&path, "A = \"x\nB").unwrap();
         let error = Secrets::none().with_file(&path).unwrap_err().to_string();
-        assert!(
-            error.contains("secrets.toml:1:") && error.contains("invalid secrets file"),
-            "{error}"
-        );
+        assert!(error.contains("secrets.toml:1:") && error.contains("invalid secrets file"), "{error}");
     }
 }

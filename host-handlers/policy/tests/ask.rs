@@ -23,27 +23,14 @@ async fn answers_timeouts_and_no_asker() {
         let asker = Scripted::new(answer, Duration::from_secs(1));
         let policy = Policy::with_asker(engine(), asker.clone(), TIMEOUT);
         let verdict = policy.decide(&request("unknown.example")).await;
-        assert_eq!(
-            (verdict.decision, verdict.rule.as_deref()),
-            (expected, Some("http.ask_unknown")),
-            "{what}"
-        );
+        assert_eq!((verdict.decision, verdict.rule.as_deref()), (expected, Some("http.ask_unknown")), "{what}");
         assert_eq!(asker.calls(), 1, "{what}");
         // An allowed answer brings the rewrite actions with it.
-        let rewrites = verdict
-            .actions
-            .iter()
-            .filter(|a| matches!(a, Action::SetRequestHeader(..)))
-            .count();
+        let rewrites = verdict.actions.iter().filter(|a| matches!(a, Action::SetRequestHeader(..))).count();
         assert_eq!(rewrites, usize::from(expected == Decision::Allow), "{what}");
     }
-    let verdict = Policy::new(engine())
-        .decide(&request("unknown.example"))
-        .await;
-    assert_eq!(
-        (verdict.decision, verdict.rule.as_deref()),
-        (Decision::Block, Some("http.ask_unknown"))
-    );
+    let verdict = Policy::new(engine()).decide(&request("unknown.example")).await;
+    assert_eq!((verdict.decision, verdict.rule.as_deref()), (Decision::Block, Some("http.ask_unknown")));
 }
 
 #[tokio::test(start_paused = true)]
@@ -51,10 +38,7 @@ async fn a_slow_answer_is_a_timeout() {
     let asker = Scripted::new(Some(true), Duration::from_secs(31));
     let policy = Policy::with_asker(engine(), asker.clone(), TIMEOUT);
     let started = tokio::time::Instant::now();
-    assert_eq!(
-        policy.decide(&request("slow.example")).await.decision,
-        Decision::Block
-    );
+    assert_eq!(policy.decide(&request("slow.example")).await.decision, Decision::Block);
     assert_eq!(started.elapsed(), TIMEOUT);
 }
 
@@ -63,13 +47,8 @@ async fn decisions_that_are_not_ask_do_not_ask() {
     let asker = Scripted::new(Some(false), Duration::ZERO);
     let policy = Policy::with_asker(engine(), asker.clone(), TIMEOUT);
     let verdict = policy.decide(&request("known.example")).await;
-    assert_eq!(
-        (verdict.decision, verdict.actions.len()),
-        (Decision::Allow, 1)
-    );
-    let verdict = policy
-        .decide(&Event::from_json(r#"{"event": "dns.request", "qname": "x"}"#).unwrap())
-        .await;
+    assert_eq!((verdict.decision, verdict.actions.len()), (Decision::Allow, 1));
+    let verdict = policy.decide(&Event::from_json(r#"{"event": "dns.request", "qname": "x"}"#).unwrap()).await;
     assert_eq!((verdict.decision, verdict.rule), (Decision::Block, None));
     assert_eq!(asker.calls(), 0);
 }
@@ -79,23 +58,12 @@ async fn answers_are_remembered_per_rule_and_host() {
     let asker = Scripted::new(Some(true), Duration::from_millis(10));
     let policy = Policy::with_asker(engine(), asker.clone(), TIMEOUT);
     let clone = policy.clone();
-    for (host, calls) in [
-        ("a.example", 1),
-        ("a.example", 1),
-        ("b.example", 2),
-        ("a.example", 2),
-    ] {
-        assert_eq!(
-            policy.decide(&request(host)).await.decision,
-            Decision::Allow
-        );
+    for (host, calls) in [("a.example", 1), ("a.example", 1), ("b.example", 2), ("a.example", 2)] {
+        assert_eq!(policy.decide(&request(host)).await.decision, Decision::Allow);
         assert_eq!(asker.calls(), calls, "{host}");
     }
     // Clones share what was answered.
-    assert_eq!(
-        clone.decide(&request("b.example")).await.decision,
-        Decision::Allow
-    );
+    assert_eq!(clone.decide(&request("b.example")).await.decision, Decision::Allow);
     assert_eq!(asker.calls(), 2);
 
     let forgetful = Policy::with_asker(engine(), asker.clone(), TIMEOUT).remember_answers(false);
@@ -110,10 +78,7 @@ async fn timeouts_are_not_remembered() {
     let silent = Scripted::new(None, Duration::ZERO);
     let policy = Policy::with_asker(engine(), silent.clone(), Duration::from_secs(1));
     for calls in [1, 2] {
-        assert_eq!(
-            policy.decide(&request("a.example")).await.decision,
-            Decision::Block
-        );
+        assert_eq!(policy.decide(&request("a.example")).await.decision, Decision::Block);
         assert_eq!(silent.calls(), calls);
     }
 }
@@ -175,8 +140,7 @@ fn item6_questions_state_method_host_port_and_path_and_escape_guest_text() {
     )
     .unwrap();
     assert_eq!(request.describe(), "PUT https://a.example:8443/up?k=v");
-    let dns = Event::from_json(r#"{"event": "dns.request", "qname": "x.example", "qtype": "TXT"}"#)
-        .unwrap();
+    let dns = Event::from_json(r#"{"event": "dns.request", "qname": "x.example", "qtype": "TXT"}"#).unwrap();
     assert_eq!(dns.describe(), "DNS TXT query for x.example");
     // A path carrying terminal escapes or a bidi override cannot redraw the prompt.
     let hostile = Event::from_json(
@@ -184,9 +148,6 @@ fn item6_questions_state_method_host_port_and_path_and_escape_guest_text() {
     )
     .unwrap();
     let text = hostile.describe();
-    assert!(
-        text.chars().all(|c| c == ' ' || c.is_ascii_graphic()),
-        "{text:?}"
-    );
+    assert!(text.chars().all(|c| c == ' ' || c.is_ascii_graphic()), "{text:?}");
     assert!(text.contains("\\u{1b}[2K\\u{d}\\u{202e}ok"), "{text}");
 }

@@ -29,30 +29,17 @@ impl Write for Captured {
 async fn logs_never_show_secrets() {
     let captured = Captured::default();
     let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
+    let subscriber =
+        tracing_subscriber::fmt().with_max_level(tracing::Level::TRACE).with_writer(move || writer.clone()).finish();
     let _guard = tracing::subscriber::set_default(subscriber);
     for answer in [Some(true), Some(false), None] {
-        let policy = Policy::with_asker(
-            engine(),
-            Scripted::new(answer, Duration::ZERO),
-            Duration::from_secs(1),
-        );
+        let policy = Policy::with_asker(engine(), Scripted::new(answer, Duration::ZERO), Duration::from_secs(1));
         let verdict = policy.decide(&request("unknown.example")).await;
         tracing::info!(?verdict, "decided");
     }
-    Policy::new(engine())
-        .decide(&request("unknown.example"))
-        .await;
+    Policy::new(engine()).decide(&request("unknown.example")).await;
     let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-    for expected in [
-        "ask answered",
-        "ask timed out: blocked",
-        "ask without an asker: blocked",
-        "[REDACTED]",
-    ] {
+    for expected in ["ask answered", "ask timed out: blocked", "ask without an asker: blocked", "[REDACTED]"] {
         assert!(logs.contains(expected), "missing {expected:?} in {logs}");
     }
     assert!(!logs.contains("t0k3n"), "{logs}");

@@ -747,29 +747,18 @@ locks = "http"
 /// UTF-8 can only come from a file.
 fn load(profile: Vec<u8>) -> String {
     let source = match String::from_utf8(profile) {
-        Ok(text) => ProfileSource::Text {
-            name: "p.toml".into(),
-            text,
-        },
+        Ok(text) => ProfileSource::Text { name: "p.toml".into(), text },
         Err(error) => {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("p.toml");
             std::fs::write(&path, error.as_bytes()).unwrap();
-            let result = Engine::builder()
-                .profile(Layer::User, ProfileSource::File(path.clone()))
-                .build();
+            let result = Engine::builder().profile(Layer::User, ProfileSource::File(path.clone())).build();
             let message = result.unwrap_err().to_string();
             return message.replace(&path.display().to_string(), "p.toml");
         }
     };
-    let secrets = Secrets::none()
-        .with_value("TOKEN", "t0k3n")
-        .with_value("BAD", "a\nb");
-    match Engine::builder()
-        .profile(Layer::User, source)
-        .secrets(secrets)
-        .build()
-    {
+    let secrets = Secrets::none().with_value("TOKEN", "t0k3n").with_value("BAD", "a\nb");
+    match Engine::builder().profile(Layer::User, source).secrets(secrets).build() {
         Ok(_) => "loaded".to_owned(),
         Err(error) => error.to_string(),
     }
@@ -799,9 +788,7 @@ fn malformed_profiles_are_rejected_with_their_place_and_problem() {
     for (what, text, expected) in CASES {
         let actual = load(profile(text));
         if actual != *expected {
-            failures.push(format!(
-                "{what}:\n  expected {expected}\n  actual   {actual}"
-            ));
+            failures.push(format!("{what}:\n  expected {expected}\n  actual   {actual}"));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));

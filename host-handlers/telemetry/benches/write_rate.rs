@@ -58,16 +58,8 @@ fn net(seq: u64, with_model_call: bool) -> NetEvent {
             output_tokens: Some(300),
             stop_reason: Some("tool_use".into()),
             tool_calls: vec![
-                ToolCall {
-                    name: "bash".into(),
-                    arguments_preview: "{\"cmd\":\"ls -la\"}".into(),
-                    call_id: None,
-                },
-                ToolCall {
-                    name: "read".into(),
-                    arguments_preview: "{\"path\":\"a.txt\"}".into(),
-                    call_id: None,
-                },
+                ToolCall { name: "bash".into(), arguments_preview: "{\"cmd\":\"ls -la\"}".into(), call_id: None },
+                ToolCall { name: "read".into(), arguments_preview: "{\"path\":\"a.txt\"}".into(), call_id: None },
             ],
             complete: true,
             ..ModelCall::default()
@@ -90,9 +82,8 @@ async fn measure(kind: &'static str, events: u64) -> f64 {
     let db = SessionDb::open(&dir.path().join("session.db")).unwrap();
     let producers = 4;
     let started = Instant::now();
-    let tasks: Vec<_> = (0..producers)
-        .map(|_| tokio::spawn(produce(db.recorder(), events / producers, kind)))
-        .collect();
+    let tasks: Vec<_> =
+        (0..producers).map(|_| tokio::spawn(produce(db.recorder(), events / producers, kind))).collect();
     for task in tasks {
         task.await.unwrap();
     }

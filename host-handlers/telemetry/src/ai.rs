@@ -138,22 +138,11 @@ impl StreamParser {
         }
         let content_type = content_type.map(str::to_ascii_lowercase);
         let framing = match content_type.as_deref() {
-            Some(t) if t.starts_with("text/event-stream") => {
-                Framing::Sse(SseParser::new(max_event_bytes))
-            }
-            Some(t) if t.starts_with("application/json") => {
-                Framing::Json(JsonSplitter::new(max_event_bytes))
-            }
+            Some(t) if t.starts_with("text/event-stream") => Framing::Sse(SseParser::new(max_event_bytes)),
+            Some(t) if t.starts_with("application/json") => Framing::Json(JsonSplitter::new(max_event_bytes)),
             _ => Framing::Undecided,
         };
-        Some(StreamParser {
-            api,
-            framing,
-            max_event_bytes,
-            draft,
-            sse_items: Vec::new(),
-            json_items: Vec::new(),
-        })
+        Some(StreamParser { api, framing, max_event_bytes, draft, sse_items: Vec::new(), json_items: Vec::new() })
     }
 
     /// Feed the next chunk of the body (any split, even inside a UTF-8 char).
@@ -166,8 +155,7 @@ impl StreamParser {
             chunk = &chunk[start..];
             self.draft.body_started = true;
             if chunk[0] == 0x1f {
-                self.draft
-                    .problem("the body is compressed; only a decoded body can be parsed".into());
+                self.draft.problem("the body is compressed; only a decoded body can be parsed".into());
                 self.framing = Framing::Compressed;
             } else if matches!(self.framing, Framing::Undecided) {
                 self.framing = if matches!(chunk[0], b'{' | b'[') {
@@ -197,14 +185,12 @@ impl StreamParser {
                 let cut = parser.finish(&mut self.sse_items);
                 self.take_sse_items();
                 if cut {
-                    self.draft
-                        .problem("the stream ended in the middle of an event".into());
+                    self.draft.problem("the stream ended in the middle of an event".into());
                 }
             }
             Framing::Json(splitter) => {
                 if splitter.in_item() {
-                    self.draft
-                        .problem("the body ended in the middle of a JSON object".into());
+                    self.draft.problem("the body ended in the middle of a JSON object".into());
                 }
                 if splitter.array_closed() {
                     self.draft.call.complete = true;
@@ -221,9 +207,7 @@ impl StreamParser {
             self.draft.events += 1;
             match item {
                 SseItem::Oversized => self.draft.oversized(self.max_event_bytes),
-                SseItem::Event { data, .. } if data.trim() == "[DONE]" => {
-                    self.draft.call.complete = true
-                }
+                SseItem::Event { data, .. } if data.trim() == "[DONE]" => self.draft.call.complete = true,
                 SseItem::Event { data, .. } => self.draft.apply_json(self.api, data.as_bytes()),
             }
         }
@@ -247,25 +231,16 @@ fn endpoint(host: &str, path: &str) -> Option<(Api, &'static str)> {
         _ => host,
     };
     let host = host.trim_end_matches('.').to_ascii_lowercase();
-    let path = path
-        .split(['?', '#'])
-        .next()
-        .unwrap_or(path)
-        .trim_end_matches('/');
+    let path = path.split(['?', '#']).next().unwrap_or(path).trim_end_matches('/');
     let gemini = || {
-        path.contains("/models/")
-            && (path.ends_with(":generateContent") || path.ends_with(":streamGenerateContent"))
+        path.contains("/models/") && (path.ends_with(":generateContent") || path.ends_with(":streamGenerateContent"))
     };
     match host.as_str() {
-        "api.anthropic.com" if path == "/v1/messages" => {
-            Some((Api::AnthropicMessages, "anthropic"))
-        }
+        "api.anthropic.com" if path == "/v1/messages" => Some((Api::AnthropicMessages, "anthropic")),
         "api.openai.com" if path == "/v1/chat/completions" => Some((Api::OpenAiChat, "openai")),
         "api.openai.com" if path == "/v1/responses" => Some((Api::OpenAiResponses, "openai")),
         "generativelanguage.googleapis.com" if gemini() => Some((Api::Gemini, "google")),
-        h if h.ends_with("aiplatform.googleapis.com") && gemini() => {
-            Some((Api::Gemini, "google-vertex"))
-        }
+        h if h.ends_with("aiplatform.googleapis.com") && gemini() => Some((Api::Gemini, "google-vertex")),
         h if h.ends_with(".openai.azure.com") && path.ends_with("/chat/completions") => {
             Some((Api::OpenAiChat, "azure-openai"))
         }
@@ -300,10 +275,7 @@ struct Draft {
 impl Draft {
     fn new(provider: &str) -> Draft {
         Draft {
-            call: ModelCall {
-                provider: provider.to_owned(),
-                ..ModelCall::default()
-            },
+            call: ModelCall { provider: provider.to_owned(), ..ModelCall::default() },
             tools: BTreeMap::new(),
             tools_dropped: 0,
             problems_dropped: 0,
@@ -329,17 +301,12 @@ impl Draft {
     }
 
     fn oversized(&mut self, limit: usize) {
-        self.problem(format!(
-            "event {}: larger than {limit} bytes, skipped",
-            self.events
-        ));
+        self.problem(format!("event {}: larger than {limit} bytes, skipped", self.events));
     }
 
     fn problem(&mut self, text: String) {
         if self.call.problems.len() < MAX_PROBLEMS {
-            self.call
-                .problems
-                .push(truncate_str(&text, MAX_PROBLEM_TEXT).to_owned());
+            self.call.problems.push(truncate_str(&text, MAX_PROBLEM_TEXT).to_owned());
         } else {
             self.problems_dropped += 1;
         }
@@ -385,28 +352,18 @@ impl Draft {
 
     /// The key of the tool call with provider id `call_id`, if known.
     fn tool_key_by_call_id(&self, call_id: &str) -> Option<(u64, u64)> {
-        self.tools
-            .iter()
-            .find(|(_, t)| t.call_id.as_deref() == Some(call_id))
-            .map(|(key, _)| *key)
+        self.tools.iter().find(|(_, t)| t.call_id.as_deref() == Some(call_id)).map(|(key, _)| *key)
     }
 
     /// A key after every tool call so far, for providers that only append.
     fn next_tool_key(&self, group: u64) -> (u64, u64) {
-        let next = self
-            .tools
-            .range((group, 0)..=(group, u64::MAX))
-            .next_back()
-            .map_or(0, |((_, n), _)| n + 1);
+        let next = self.tools.range((group, 0)..=(group, u64::MAX)).next_back().map_or(0, |((_, n), _)| n + 1);
         (group, next)
     }
 
     fn into_call(mut self) -> ModelCall {
         if self.tools_dropped > 0 {
-            let text = format!(
-                "{} more tool calls than the {MAX_TOOL_CALLS} kept",
-                self.tools_dropped
-            );
+            let text = format!("{} more tool calls than the {MAX_TOOL_CALLS} kept", self.tools_dropped);
             self.problem(text);
         }
         if self.problems_dropped > 0 {
@@ -418,11 +375,7 @@ impl Draft {
         self.call.tool_calls = self
             .tools
             .into_values()
-            .map(|t| ToolCall {
-                name: t.name,
-                arguments_preview: t.arguments,
-                call_id: t.call_id,
-            })
+            .map(|t| ToolCall { name: t.name, arguments_preview: t.arguments, call_id: t.call_id })
             .collect();
         self.call
     }
@@ -475,39 +428,21 @@ mod tests {
     #[test]
     fn endpoints_are_recognised_by_host_and_path() {
         let api = endpoint;
-        assert_eq!(
-            api("api.anthropic.com", "/v1/messages"),
-            Some((Api::AnthropicMessages, "anthropic"))
-        );
+        assert_eq!(api("api.anthropic.com", "/v1/messages"), Some((Api::AnthropicMessages, "anthropic")));
         assert_eq!(
             api("API.Anthropic.com.:443", "/v1/messages?beta=true"),
             Some((Api::AnthropicMessages, "anthropic"))
         );
         assert_eq!(api("api.anthropic.com", "/v1/messages/count_tokens"), None);
+        assert_eq!(api("api.openai.com", "/v1/chat/completions"), Some((Api::OpenAiChat, "openai")));
+        assert_eq!(api("api.openai.com", "/v1/responses"), Some((Api::OpenAiResponses, "openai")));
+        assert_eq!(api("api.openai.com", "/v1/responses/resp_1/input_items"), None);
         assert_eq!(
-            api("api.openai.com", "/v1/chat/completions"),
-            Some((Api::OpenAiChat, "openai"))
-        );
-        assert_eq!(
-            api("api.openai.com", "/v1/responses"),
-            Some((Api::OpenAiResponses, "openai"))
-        );
-        assert_eq!(
-            api("api.openai.com", "/v1/responses/resp_1/input_items"),
-            None
-        );
-        assert_eq!(
-            api(
-                "my.openai.azure.com",
-                "/openai/deployments/gpt4o/chat/completions?api-version=2024-10-21"
-            ),
+            api("my.openai.azure.com", "/openai/deployments/gpt4o/chat/completions?api-version=2024-10-21"),
             Some((Api::OpenAiChat, "azure-openai"))
         );
         assert_eq!(
-            api(
-                "generativelanguage.googleapis.com",
-                "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
-            ),
+            api("generativelanguage.googleapis.com", "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"),
             Some((Api::Gemini, "google"))
         );
         assert_eq!(
@@ -517,32 +452,19 @@ mod tests {
             ),
             Some((Api::Gemini, "google-vertex"))
         );
-        assert_eq!(
-            api("generativelanguage.googleapis.com", "/v1beta/models"),
-            None
-        );
+        assert_eq!(api("generativelanguage.googleapis.com", "/v1beta/models"), None);
         assert_eq!(api("example.com", "/v1/messages"), None);
         assert_eq!(api("api.anthropic.com.evil.example", "/v1/messages"), None);
     }
 
     #[test]
     fn compressed_and_empty_bodies_are_noted() {
-        let mut parser =
-            StreamParser::for_request("api.openai.com", "/v1/chat/completions", None).unwrap();
+        let mut parser = StreamParser::for_request("api.openai.com", "/v1/chat/completions", None).unwrap();
         parser.feed(&[0x1f, 0x8b, 0x08, 0x00]);
         let call = parser.finish();
         assert_eq!(call.provider, "openai");
-        assert!(
-            call.problems.iter().any(|p| p.contains("compressed")),
-            "{:?}",
-            call.problems
-        );
-        let call = StreamParser::for_request("api.openai.com", "/v1/responses", None)
-            .unwrap()
-            .finish();
-        assert!(
-            !call.complete && call.problems.iter().any(|p| p.contains("no body")),
-            "{call:?}"
-        );
+        assert!(call.problems.iter().any(|p| p.contains("compressed")), "{:?}", call.problems);
+        let call = StreamParser::for_request("api.openai.com", "/v1/responses", None).unwrap().finish();
+        assert!(!call.complete && call.problems.iter().any(|p| p.contains("no body")), "{call:?}");
     }
 }

@@ -89,11 +89,7 @@ impl Budget {
 
     /// Whether a row of about `row_bytes` may still be stored in full; moves
     /// on to summaries when not. Returns the stage entered, if it changed.
-    pub(crate) fn admit(
-        &mut self,
-        tx: &Transaction<'_>,
-        row_bytes: u64,
-    ) -> rusqlite::Result<(bool, Option<Stage>)> {
+    pub(crate) fn admit(&mut self, tx: &Transaction<'_>, row_bytes: u64) -> rusqlite::Result<(bool, Option<Stage>)> {
         if self.stage != Stage::Full {
             return Ok((false, None));
         }
@@ -122,10 +118,7 @@ impl Budget {
                 self.hosts.remove(&oldest);
             }
         }
-        *self
-            .pending
-            .entry((second, event.kind, event.decision, host))
-            .or_default() += 1;
+        *self.pending.entry((second, event.kind, event.decision, host)).or_default() += 1;
     }
 
     /// Write the counts of this transaction: per second while below the
@@ -139,11 +132,7 @@ impl Budget {
                 self.stage = Stage::Totals;
                 entered = Some(Stage::Totals);
             }
-            let (second, host) = if self.stage == Stage::Totals {
-                (0, "*".to_owned())
-            } else {
-                (second, host)
-            };
+            let (second, host) = if self.stage == Stage::Totals { (0, "*".to_owned()) } else { (second, host) };
             tx.prepare_cached(
                 "INSERT INTO event_summaries (second_ms, kind, decision, host, count) VALUES (?1, ?2, ?3, ?4, ?5) \
                  ON CONFLICT (second_ms, kind, decision, host) DO UPDATE SET count = count + excluded.count",

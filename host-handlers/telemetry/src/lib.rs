@@ -133,10 +133,7 @@ pub struct NetEvent {
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
     #[error("session database {path}: {source}")]
-    Open {
-        path: String,
-        source: rusqlite::Error,
-    },
+    Open { path: String, source: rusqlite::Error },
     #[error("session database writer has failed: {0}")]
     WriterFailed(String),
     #[error("session database writer is overloaded")]
@@ -145,21 +142,12 @@ pub enum TelemetryError {
     Overloaded(Duration),
     #[error("session database is closed")]
     Closed,
-    #[error(
-        "session database {path} has schema version {found}; this build supports up to {supported}"
-    )]
-    SchemaTooNew {
-        path: String,
-        found: i64,
-        supported: i64,
-    },
+    #[error("session database {path} has schema version {found}; this build supports up to {supported}")]
+    SchemaTooNew { path: String, found: i64, supported: i64 },
     #[error("session database {path}: {what}")]
     NotUsable { path: String, what: String },
     #[error("reading session database {path}: {source}")]
-    Query {
-        path: String,
-        source: rusqlite::Error,
-    },
+    Query { path: String, source: rusqlite::Error },
     #[error("price table {origin}: {reason}")]
     Prices { origin: String, reason: String },
     #[error("writing log output: {0}")]
@@ -281,17 +269,14 @@ impl SessionDb {
             slot_wait: config.slot_wait,
         });
         let writer = writer::Writer::new(conn, receiver, Arc::clone(&shared), &config);
-        let handle = std::thread::Builder::new()
-            .name("session-db-writer".into())
-            .spawn(move || writer.run())
-            .map_err(|e| TelemetryError::NotUsable {
-                path: path.display().to_string(),
-                what: format!("cannot start the writer thread: {e}"),
+        let handle =
+            std::thread::Builder::new().name("session-db-writer".into()).spawn(move || writer.run()).map_err(|e| {
+                TelemetryError::NotUsable {
+                    path: path.display().to_string(),
+                    what: format!("cannot start the writer thread: {e}"),
+                }
             })?;
-        Ok(SessionDb {
-            recorder: Recorder { sender, shared },
-            writer: Some(handle),
-        })
+        Ok(SessionDb { recorder: Recorder { sender, shared }, writer: Some(handle) })
     }
 
     /// A handle for handlers.
@@ -307,9 +292,7 @@ impl SessionDb {
         if let Some(handle) = self.writer.take() {
             // The writer has replied; it is past its last statement.
             if handle.join().is_err() {
-                return Err(TelemetryError::WriterFailed(
-                    "the writer thread panicked".into(),
-                ));
+                return Err(TelemetryError::WriterFailed("the writer thread panicked".into()));
             }
         }
         result.map(|()| self.recorder.committed_events())
@@ -345,10 +328,7 @@ impl Recorder {
         self.check_usable()?;
         let wait = self.shared.slot_wait;
         match tokio::time::timeout(wait, self.sender.clone().reserve_owned()).await {
-            Ok(Ok(permit)) => Ok(Slot {
-                permit,
-                shared: Arc::clone(&self.shared),
-            }),
+            Ok(Ok(permit)) => Ok(Slot { permit, shared: Arc::clone(&self.shared) }),
             Ok(Err(_)) => Err(self.stopped_error()),
             Err(_) => {
                 self.shared.overloaded.fetch_add(1, Ordering::Relaxed);
@@ -370,9 +350,7 @@ impl Recorder {
     /// False once the writer has failed: handlers then refuse new connections
     /// (unless configured to fail open).
     pub fn healthy(&self) -> bool {
-        self.shared.failure.get().is_none()
-            && !self.shared.closed.load(Ordering::Acquire)
-            && !self.sender.is_closed()
+        self.shared.failure.get().is_none() && !self.shared.closed.load(Ordering::Acquire) && !self.sender.is_closed()
     }
 
     /// Room for the row of an event the caller is about to act on, as
@@ -472,11 +450,7 @@ impl Recorder {
 
     async fn enqueue(&self, message: Message) -> Result<(), TelemetryError> {
         let result = match self.check_usable() {
-            Ok(()) => self
-                .sender
-                .send(message)
-                .await
-                .map_err(|_| self.stopped_error()),
+            Ok(()) => self.sender.send(message).await.map_err(|_| self.stopped_error()),
             Err(e) => Err(e),
         };
         if result.is_err() {
@@ -492,10 +466,7 @@ impl Recorder {
     ) -> Result<(), TelemetryError> {
         self.check_usable()?;
         let (reply, answer) = oneshot::channel();
-        self.sender
-            .send(message(reply))
-            .await
-            .map_err(|_| self.stopped_error())?;
+        self.sender.send(message(reply)).await.map_err(|_| self.stopped_error())?;
         answer.await.map_err(|_| self.stopped_error())?
     }
 
@@ -548,10 +519,7 @@ impl Slot {
     fn fill(self, message: Message) {
         if let Some(failure) = self.shared.failure.get() {
             self.shared.rejected.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(
-                failure,
-                "event not recorded: the session database writer has failed"
-            );
+            tracing::error!(failure, "event not recorded: the session database writer has failed");
         } else if self.shared.closed.load(Ordering::Acquire) {
             self.shared.rejected.fetch_add(1, Ordering::Relaxed);
             tracing::warn!("event not recorded: the session database was closed before it ended");
@@ -580,13 +548,7 @@ mod tests {
 
     #[test]
     fn unix_ms_handles_times_before_the_epoch() {
-        assert_eq!(
-            unix_ms(SystemTime::UNIX_EPOCH + Duration::from_millis(1500)),
-            1500
-        );
-        assert_eq!(
-            unix_ms(SystemTime::UNIX_EPOCH - Duration::from_millis(20)),
-            -20
-        );
+        assert_eq!(unix_ms(SystemTime::UNIX_EPOCH + Duration::from_millis(1500)), 1500);
+        assert_eq!(unix_ms(SystemTime::UNIX_EPOCH - Duration::from_millis(20)), -20);
     }
 }

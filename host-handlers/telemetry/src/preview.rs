@@ -63,10 +63,7 @@ mod tests {
         assert_eq!(body_preview(b""), Preview::Empty);
         assert_eq!(body_preview(b"{\"a\":1}"), Preview::Text("{\"a\":1}"));
         let long = "x".repeat(PREVIEW_LIMIT + 10);
-        assert_eq!(
-            body_preview(long.as_bytes()),
-            Preview::Text(&long[..PREVIEW_LIMIT])
-        );
+        assert_eq!(body_preview(long.as_bytes()), Preview::Text(&long[..PREVIEW_LIMIT]));
     }
 
     #[test]
@@ -75,10 +72,7 @@ mod tests {
         let mut body = "a".repeat(PREVIEW_LIMIT - 1);
         body.push('€');
         body.push_str("tail");
-        assert_eq!(
-            body_preview(body.as_bytes()),
-            Preview::Text(&body[..PREVIEW_LIMIT - 1])
-        );
+        assert_eq!(body_preview(body.as_bytes()), Preview::Text(&body[..PREVIEW_LIMIT - 1]));
         // A body that the handler already cut inside a character.
         let cut = &"héllo".as_bytes()[..2];
         assert_eq!(body_preview(cut), Preview::Text("h"));
@@ -86,14 +80,8 @@ mod tests {
 
     #[test]
     fn binary_is_flagged() {
-        assert_eq!(
-            body_preview(&[0xff, 0xfe, 0x00, 0x01]),
-            Preview::Binary(&[0xff, 0xfe, 0x00, 0x01])
-        );
-        assert_eq!(
-            body_preview(b"text\0with nul"),
-            Preview::Binary(b"text\0with nul")
-        );
+        assert_eq!(body_preview(&[0xff, 0xfe, 0x00, 0x01]), Preview::Binary(&[0xff, 0xfe, 0x00, 0x01]));
+        assert_eq!(body_preview(b"text\0with nul"), Preview::Binary(b"text\0with nul"));
         let gzip = [0x1f, 0x8b, 0x08, 0x00, 0xc3, 0x28];
         assert!(matches!(body_preview(&gzip), Preview::Binary(_)));
         let big = vec![0x80u8; PREVIEW_LIMIT * 2];

@@ -29,11 +29,7 @@ const BATCH: usize = 1000;
 /// SQL expression formatting a `*_ms` column as an RFC 3339 UTC timestamp.
 macro_rules! iso_time {
     ($column:literal) => {
-        concat!(
-            "strftime('%Y-%m-%dT%H:%M:%fZ', ",
-            $column,
-            " / 1000.0, 'unixepoch')"
-        )
+        concat!("strftime('%Y-%m-%dT%H:%M:%fZ', ", $column, " / 1000.0, 'unixepoch')")
     };
 }
 
@@ -283,8 +279,8 @@ fn count(n: Option<i64>) -> String {
 pub fn printable(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        let dangerous = c.is_control()
-            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        let dangerous =
+            c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
         if dangerous {
             out.extend(c.escape_default());
         } else {
@@ -307,10 +303,7 @@ impl LogReader {
     /// Open `path` read-only for the tables `options` selects.
     pub fn open(path: &Path, options: &LogOptions) -> Result<LogReader, TelemetryError> {
         if !path.exists() {
-            return Err(TelemetryError::NotUsable {
-                path: path.display().to_string(),
-                what: "no such file".into(),
-            });
+            return Err(TelemetryError::NotUsable { path: path.display().to_string(), what: "no such file".into() });
         }
         let conn = schema::open_for_reading(path)?;
         let all = !(options.dns || options.net || options.ai);
@@ -328,11 +321,7 @@ impl LogReader {
     pub fn read_new(&mut self) -> Result<(Vec<LogRow>, bool), TelemetryError> {
         let mut per_kind: Vec<Vec<LogRow>> = Vec::with_capacity(3);
         for (slot, kind) in KINDS.iter().enumerate() {
-            let rows = if self.selected[slot] {
-                self.fetch(*kind, self.last_id[slot])?
-            } else {
-                Vec::new()
-            };
+            let rows = if self.selected[slot] { self.fetch(*kind, self.last_id[slot])? } else { Vec::new() };
             per_kind.push(rows);
         }
         // When a table returned a full batch, rows of other tables later than
@@ -347,10 +336,9 @@ impl LogReader {
         let mut out = Vec::new();
         for (slot, rows) in per_kind.into_iter().enumerate() {
             let keep: Vec<LogRow> = match limiting {
-                Some((limit_slot, cutoff)) if limit_slot != slot => rows
-                    .into_iter()
-                    .take_while(|r| r.sort_ms() <= cutoff)
-                    .collect(),
+                Some((limit_slot, cutoff)) if limit_slot != slot => {
+                    rows.into_iter().take_while(|r| r.sort_ms() <= cutoff).collect()
+                }
                 _ => rows,
             };
             if let Some(last) = keep.last() {
@@ -363,10 +351,7 @@ impl LogReader {
     }
 
     fn fetch(&self, kind: Kind, after: i64) -> Result<Vec<LogRow>, TelemetryError> {
-        let err = |source| TelemetryError::Query {
-            path: self.path.clone(),
-            source,
-        };
+        let err = |source| TelemetryError::Query { path: self.path.clone(), source };
         let limit = i64::try_from(BATCH).unwrap_or(i64::MAX);
         let (sql, map): (&str, fn(&Row<'_>) -> rusqlite::Result<LogRow>) = match kind {
             Kind::Dns => (DNS_SQL, dns_row),
@@ -374,9 +359,7 @@ impl LogReader {
             Kind::Ai => (AI_SQL, ai_row),
         };
         let mut statement = self.conn.prepare_cached(sql).map_err(err)?;
-        let rows = statement
-            .query_map(params![after, limit], map)
-            .map_err(err)?;
+        let rows = statement.query_map(params![after, limit], map).map_err(err)?;
         rows.collect::<Result<Vec<_>, _>>().map_err(err)
     }
 }
@@ -411,8 +394,7 @@ const AI_SQL: &str = concat!(
 
 /// A JSON text column, tolerating what another writer may have put there.
 fn json_column<T: for<'de> Deserialize<'de> + Default>(text: Option<String>) -> T {
-    text.and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default()
+    text.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default()
 }
 
 /// A body preview column: text as is, a blob as base64.

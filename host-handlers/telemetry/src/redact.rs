@@ -14,18 +14,8 @@ use std::borrow::Cow;
 pub const REDACTED: &str = "REDACTED";
 
 /// Fragments of header and query-parameter names that carry credentials.
-const SECRET_NAME_PARTS: &[&str] = &[
-    "auth",
-    "cookie",
-    "key",
-    "token",
-    "secret",
-    "password",
-    "passwd",
-    "credential",
-    "session",
-    "signature",
-];
+const SECRET_NAME_PARTS: &[&str] =
+    &["auth", "cookie", "key", "token", "secret", "password", "passwd", "credential", "session", "signature"];
 
 /// Query parameter names that are secrets although they contain none of the
 /// fragments above.
@@ -45,9 +35,7 @@ pub fn header_value<'a>(name: &str, value: &'a str) -> Cow<'a, str> {
         return Cow::Borrowed(value);
     }
     match value.split_once(' ') {
-        Some((scheme, _))
-            if !scheme.is_empty() && scheme.bytes().all(|b| b.is_ascii_alphabetic()) =>
-        {
+        Some((scheme, _)) if !scheme.is_empty() && scheme.bytes().all(|b| b.is_ascii_alphabetic()) => {
             Cow::Owned(format!("{scheme} {REDACTED}"))
         }
         _ => Cow::Borrowed(REDACTED),
@@ -60,16 +48,8 @@ pub fn path(path: &str) -> Cow<'_, str> {
     let Some((base, query)) = path.split_once('?') else {
         return Cow::Borrowed(path);
     };
-    let secret = |name: &str| {
-        is_secret_name(name)
-            || SECRET_QUERY_NAMES
-                .iter()
-                .any(|s| name.eq_ignore_ascii_case(s))
-    };
-    if !query
-        .split('&')
-        .any(|pair| secret(pair.split_once('=').map_or(pair, |(n, _)| n)))
-    {
+    let secret = |name: &str| is_secret_name(name) || SECRET_QUERY_NAMES.iter().any(|s| name.eq_ignore_ascii_case(s));
+    if !query.split('&').any(|pair| secret(pair.split_once('=').map_or(pair, |(n, _)| n))) {
         return Cow::Borrowed(path);
     }
     let query: Vec<Cow<'_, str>> = query
@@ -88,22 +68,13 @@ mod tests {
 
     #[test]
     fn secret_headers_are_redacted_and_schemes_kept() {
-        assert_eq!(
-            header_value("Authorization", "Bearer sk-live-123"),
-            "Bearer REDACTED"
-        );
+        assert_eq!(header_value("Authorization", "Bearer sk-live-123"), "Bearer REDACTED");
         assert_eq!(header_value("x-api-key", "sk-ant-abc"), "REDACTED");
         assert_eq!(header_value("X-Goog-Api-Key", "AIzaSy"), "REDACTED");
         assert_eq!(header_value("Cookie", "a=b; c=d"), "REDACTED");
-        assert_eq!(
-            header_value("Proxy-Authorization", "Basic dXNlcjpwYXNz"),
-            "Basic REDACTED"
-        );
+        assert_eq!(header_value("Proxy-Authorization", "Basic dXNlcjpwYXNz"), "Basic REDACTED");
         assert_eq!(header_value("authorization", "REDACTED"), "REDACTED");
-        assert_eq!(
-            header_value("content-type", "application/json"),
-            "application/json"
-        );
+        assert_eq!(header_value("content-type", "application/json"), "application/json");
         assert_eq!(header_value("user-agent", "curl/8"), "curl/8");
     }
 
@@ -113,10 +84,7 @@ mod tests {
             path("/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse&key=AIzaSyXYZ"),
             "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse&key=REDACTED"
         );
-        assert_eq!(
-            path("/x?access_token=t&sig=s&page=2"),
-            "/x?access_token=REDACTED&sig=REDACTED&page=2"
-        );
+        assert_eq!(path("/x?access_token=t&sig=s&page=2"), "/x?access_token=REDACTED&sig=REDACTED&page=2");
         assert_eq!(path("/simple?page=2&q=rust"), "/simple?page=2&q=rust");
         assert_eq!(path("/no-query"), "/no-query");
         assert_eq!(path("/odd?&&key"), "/odd?&&key");

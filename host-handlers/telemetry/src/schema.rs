@@ -120,52 +120,33 @@ pub(crate) fn current_version() -> i64 {
 /// across a crash of this process (the WAL is written before commit
 /// returns); only an operating-system crash or power loss can lose the
 /// last transactions, which is the usual trade for not syncing each batch.
-pub(crate) fn open_for_writing(
-    path: &Path,
-    busy_timeout: Duration,
-) -> Result<Connection, TelemetryError> {
-    let err = |source| TelemetryError::Open {
-        path: path.display().to_string(),
-        source,
-    };
+pub(crate) fn open_for_writing(path: &Path, busy_timeout: Duration) -> Result<Connection, TelemetryError> {
+    let err = |source| TelemetryError::Open { path: path.display().to_string(), source };
     let mut conn = Connection::open(path).map_err(err)?;
     conn.busy_timeout(busy_timeout).map_err(err)?;
-    let mode: String = conn
-        .pragma_update_and_check(None, "journal_mode", "wal", |row| row.get(0))
-        .map_err(err)?;
+    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "wal", |row| row.get(0)).map_err(err)?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(TelemetryError::NotUsable {
             path: path.display().to_string(),
             what: format!("cannot switch to WAL journal mode (got {mode})"),
         });
     }
-    conn.pragma_update(None, "synchronous", "NORMAL")
-        .map_err(err)?;
-    conn.pragma_update(None, "foreign_keys", true)
-        .map_err(err)?;
+    conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
+    conn.pragma_update(None, "foreign_keys", true).map_err(err)?;
     // After a checkpoint the WAL is cut back to this size (it is otherwise
     // left at its largest), so that it counts little against the budget.
-    conn.pragma_update(None, "journal_size_limit", crate::budget::WAL_SIZE_LIMIT)
-        .map_err(err)?;
+    conn.pragma_update(None, "journal_size_limit", crate::budget::WAL_SIZE_LIMIT).map_err(err)?;
     migrate(&mut conn, path)?;
     Ok(conn)
 }
 
 /// Open an existing `path` read-only, for queries.
 pub(crate) fn open_for_reading(path: &Path) -> Result<Connection, TelemetryError> {
-    let err = |source| TelemetryError::Open {
-        path: path.display().to_string(),
-        source,
-    };
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(err)?;
-    conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
-    let version: i64 = conn
-        .pragma_query_value(None, "user_version", |row| row.get(0))
+    let err = |source| TelemetryError::Open { path: path.display().to_string(), source };
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
         .map_err(err)?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
+    let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(err)?;
     if version == 0 {
         return Err(TelemetryError::NotUsable {
             path: path.display().to_string(),
@@ -184,17 +165,10 @@ pub(crate) fn open_for_reading(path: &Path) -> Result<Connection, TelemetryError
 
 /// Bring the database up to [`current_version`], one transaction per step.
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), TelemetryError> {
-    let err = |source| TelemetryError::Open {
-        path: path.display().to_string(),
-        source,
-    };
+    let err = |source| TelemetryError::Open { path: path.display().to_string(), source };
     loop {
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(err)?;
-        let version: i64 = tx
-            .pragma_query_value(None, "user_version", |row| row.get(0))
-            .map_err(err)?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(err)?;
+        let version: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(err)?;
         if version > current_version() {
             return Err(TelemetryError::SchemaTooNew {
                 path: path.display().to_string(),
@@ -202,15 +176,11 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), TelemetryError> {
                 supported: current_version(),
             });
         }
-        let Some(step) = usize::try_from(version)
-            .ok()
-            .and_then(|v| MIGRATIONS.get(v))
-        else {
+        let Some(step) = usize::try_from(version).ok().and_then(|v| MIGRATIONS.get(v)) else {
             return Ok(());
         };
         tx.execute_batch(step).map_err(err)?;
-        tx.pragma_update(None, "user_version", version + 1)
-            .map_err(err)?;
+        tx.pragma_update(None, "user_version", version + 1).map_err(err)?;
         tx.commit().map_err(err)?;
         tracing::debug!(path = %path.display(), version = version + 1, "session database migrated");
     }
@@ -226,27 +196,15 @@ mod tests {
         let path = dir.path().join("session.db");
         drop(open_for_writing(&path, Duration::from_secs(1)).unwrap());
         let conn = open_for_writing(&path, Duration::from_secs(1)).unwrap();
-        let version: i64 = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .unwrap();
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
         assert_eq!(version, current_version());
-        let mode: String = conn
-            .pragma_query_value(None, "journal_mode", |r| r.get(0))
-            .unwrap();
+        let mode: String = conn.pragma_query_value(None, "journal_mode", |r| r.get(0)).unwrap();
         assert_eq!(mode, "wal");
-        for table in [
-            "net_events",
-            "dns_events",
-            "model_calls",
-            "tool_calls",
-            "event_summaries",
-        ] {
+        for table in ["net_events", "dns_events", "model_calls", "tool_calls", "event_summaries"] {
             let n: i64 = conn
-                .query_row(
-                    "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = ?1",
-                    [table],
-                    |r| r.get(0),
-                )
+                .query_row("SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = ?1", [table], |r| {
+                    r.get(0)
+                })
                 .unwrap();
             assert_eq!(n, 1, "{table}");
         }
@@ -257,10 +215,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("session.db");
         drop(open_for_writing(&path, Duration::from_secs(1)).unwrap());
-        Connection::open(&path)
-            .unwrap()
-            .pragma_update(None, "user_version", current_version() + 1)
-            .unwrap();
+        Connection::open(&path).unwrap().pragma_update(None, "user_version", current_version() + 1).unwrap();
         let err = open_for_writing(&path, Duration::from_secs(1)).unwrap_err();
         assert!(matches!(err, TelemetryError::SchemaTooNew { .. }), "{err}");
         let err = open_for_reading(&path).unwrap_err();
@@ -271,11 +226,7 @@ mod tests {
     fn refuses_a_file_that_is_not_a_database() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("session.db");
-        std::fs::write(
-            &path,
-            b"this is not sqlite, just some text that is long enough to have a header",
-        )
-        .unwrap();
+        std::fs::write(&path, b"this is not sqlite, just some text that is long enough to have a header").unwrap();
         assert!(open_for_writing(&path, Duration::from_secs(1)).is_err());
     }
 }

@@ -24,8 +24,7 @@ use crate::ai::ModelCall;
 use crate::budget::{Budget, Counted, Stage, MAX_TRANSACTION_BYTES};
 use crate::preview::{body_preview, truncate_str, Preview};
 use crate::{
-    redact, unix_ms, DnsEvent, Message, NetEvent, Outcome, PriceTable, Shared, TelemetryConfig,
-    TelemetryError,
+    redact, unix_ms, DnsEvent, Message, NetEvent, Outcome, PriceTable, Shared, TelemetryConfig, TelemetryError,
 };
 
 /// Longest stored text field (domain, path, rule, error, ...).
@@ -59,21 +58,9 @@ impl Writer {
         shared: Arc<Shared>,
         config: &TelemetryConfig,
     ) -> Writer {
-        let page_size: i64 = conn
-            .pragma_query_value(None, "page_size", |row| row.get(0))
-            .unwrap_or(4096);
-        let budget = Budget::new(
-            config.max_db_bytes,
-            u64::try_from(page_size).unwrap_or(4096),
-        );
-        Writer {
-            conn,
-            receiver,
-            shared,
-            max_batch: config.max_batch.max(1),
-            prices: config.prices.clone(),
-            budget,
-        }
+        let page_size: i64 = conn.pragma_query_value(None, "page_size", |row| row.get(0)).unwrap_or(4096);
+        let budget = Budget::new(config.max_db_bytes, u64::try_from(page_size).unwrap_or(4096));
+        Writer { conn, receiver, shared, max_batch: config.max_batch.max(1), prices: config.prices.clone(), budget }
     }
 
     pub(crate) fn run(mut self) {
@@ -82,11 +69,7 @@ impl Writer {
         loop {
             // Once closed, what is queued is written but outstanding slots are
             // not waited for (a slot filled later is counted as rejected).
-            let first = if closers.is_empty() {
-                self.receiver.blocking_recv()
-            } else {
-                self.receiver.try_recv().ok()
-            };
+            let first = if closers.is_empty() { self.receiver.blocking_recv() } else { self.receiver.try_recv().ok() };
             let Some(first) = first else { break };
             batch.push(first);
             while batch.len() < self.max_batch {
@@ -149,13 +132,7 @@ impl Writer {
     /// Store `events` in full or count them, in transactions of at most
     /// [`MAX_TRANSACTION_BYTES`].
     fn write(&mut self, events: &[Message]) -> rusqlite::Result<()> {
-        let Writer {
-            conn,
-            budget,
-            prices,
-            shared,
-            ..
-        } = self;
+        let Writer { conn, budget, prices, shared, .. } = self;
         let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut start = budget.used(&tx)?;
         let mut summarised = 0u64;
@@ -263,22 +240,10 @@ fn dns_size(event: &DnsEvent) -> u64 {
         event.trace_id.as_ref(),
         event.error.as_ref(),
     ];
-    let answers: usize = event
-        .answers
-        .iter()
-        .take(MAX_ANSWERS)
-        .map(|a| a.len().min(MAX_TEXT) + 4)
-        .sum();
+    let answers: usize = event.answers.iter().take(MAX_ANSWERS).map(|a| a.len().min(MAX_TEXT) + 4).sum();
     // The qname is stored twice: in the row and in its index.
     let qname = event.qname.len().min(MAX_TEXT);
-    let bytes = 128
-        + qname
-        + answers
-        + texts
-            .iter()
-            .flatten()
-            .map(|t| t.len().min(MAX_TEXT))
-            .sum::<usize>();
+    let bytes = 128 + qname + answers + texts.iter().flatten().map(|t| t.len().min(MAX_TEXT)).sum::<usize>();
     u64::try_from(bytes).unwrap_or(u64::MAX)
 }
 
@@ -295,12 +260,7 @@ fn net_size(event: &NetEvent) -> u64 {
         event.ip.as_ref(),
         event.mode.as_ref(),
     ];
-    let mut bytes = 256
-        + texts
-            .iter()
-            .flatten()
-            .map(|t| t.len().min(MAX_TEXT))
-            .sum::<usize>();
+    let mut bytes = 256 + texts.iter().flatten().map(|t| t.len().min(MAX_TEXT)).sum::<usize>();
     if event.decision != Outcome::Denied {
         bytes += event
             .request_headers
@@ -308,16 +268,8 @@ fn net_size(event: &NetEvent) -> u64 {
             .take(MAX_HEADERS)
             .map(|(n, v)| n.len().min(MAX_HEADER_VALUE) + v.len().min(MAX_HEADER_VALUE) + 8)
             .sum::<usize>();
-        bytes += event
-            .request_body_preview
-            .len()
-            .min(crate::preview::PREVIEW_LIMIT)
-            * 2;
-        bytes += event
-            .response_body_preview
-            .len()
-            .min(crate::preview::PREVIEW_LIMIT)
-            * 2;
+        bytes += event.request_body_preview.len().min(crate::preview::PREVIEW_LIMIT) * 2;
+        bytes += event.response_body_preview.len().min(crate::preview::PREVIEW_LIMIT) * 2;
     }
     if let Some(call) = &event.model_call {
         bytes += 512 + call.problems.iter().map(String::len).sum::<usize>();
@@ -325,10 +277,7 @@ fn net_size(event: &NetEvent) -> u64 {
             .tool_calls
             .iter()
             .take(MAX_TOOL_CALLS)
-            .map(|t| {
-                128 + t.name.len().min(MAX_TEXT)
-                    + t.arguments_preview.len().min(crate::preview::PREVIEW_LIMIT)
-            })
+            .map(|t| 128 + t.name.len().min(MAX_TEXT) + t.arguments_preview.len().min(crate::preview::PREVIEW_LIMIT))
             .sum::<usize>();
     }
     u64::try_from(bytes).unwrap_or(u64::MAX)
@@ -347,12 +296,7 @@ fn sql_int(value: u64) -> i64 {
 }
 
 fn insert_dns(tx: &Transaction<'_>, event: &DnsEvent) -> rusqlite::Result<()> {
-    let answers: Vec<&str> = event
-        .answers
-        .iter()
-        .take(MAX_ANSWERS)
-        .map(|a| text(a))
-        .collect();
+    let answers: Vec<&str> = event.answers.iter().take(MAX_ANSWERS).map(|a| text(a)).collect();
     let answers = serde_json::to_string(&answers).unwrap_or_else(|_| "[]".into());
     tx.prepare_cached(
         "INSERT INTO dns_events (time_ms, qname, qtype, rcode, decision, matched_rule, answers, \
@@ -389,10 +333,7 @@ fn headers_json(headers: &[(String, String)]) -> String {
         .take(MAX_HEADERS)
         .map(|(name, value)| {
             let value = redact::header_value(name, value);
-            (
-                truncate_str(name, MAX_HEADER_VALUE),
-                truncate_str(&value, MAX_HEADER_VALUE).to_owned(),
-            )
+            (truncate_str(name, MAX_HEADER_VALUE), truncate_str(&value, MAX_HEADER_VALUE).to_owned())
         })
         .collect();
     serde_json::to_string(&stored).unwrap_or_else(|_| "[]".into())
@@ -410,11 +351,7 @@ fn insert_net(tx: &Transaction<'_>, event: &NetEvent, prices: &PriceTable) -> ru
     let (headers, request_body, response_body): (&[(String, String)], &[u8], &[u8]) = if denied {
         (&[], &[], &[])
     } else {
-        (
-            &event.request_headers,
-            &event.request_body_preview,
-            &event.response_body_preview,
-        )
+        (&event.request_headers, &event.request_body_preview, &event.response_body_preview)
     };
     let (request_preview, request_binary) = preview_value(request_body);
     let (response_preview, response_binary) = preview_value(response_body);
@@ -461,10 +398,7 @@ fn insert_model_call(
     call: &ModelCall,
     prices: &PriceTable,
 ) -> rusqlite::Result<()> {
-    let cost = call
-        .estimated_cost_usd
-        .filter(|c| c.is_finite())
-        .or_else(|| prices.estimate(call));
+    let cost = call.estimated_cost_usd.filter(|c| c.is_finite()).or_else(|| prices.estimate(call));
     let problems = (!call.problems.is_empty()).then(|| call.problems.join("; "));
     tx.prepare_cached(
         "INSERT INTO model_calls (net_event_id, provider, model, input_tokens, output_tokens, \

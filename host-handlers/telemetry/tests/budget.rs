@@ -45,9 +45,7 @@ fn net(domain: &str, ms: u64, decision: Outcome) -> NetEvent {
         matched_rule: Some("net_rule".into()),
         bytes_sent: 100_000,
         bytes_received: 4096,
-        request_headers: (0..32)
-            .map(|i| (format!("x-header-{i}"), "v".repeat(200)))
-            .collect(),
+        request_headers: (0..32).map(|i| (format!("x-header-{i}"), "v".repeat(200))).collect(),
         request_body_preview: vec![b'a'; 4096],
         response_body_preview: vec![b'b'; 4096],
         error: Some("e".repeat(2000)),
@@ -56,10 +54,7 @@ fn net(domain: &str, ms: u64, decision: Outcome) -> NetEvent {
 }
 
 fn query_i64(path: &Path, sql: &str) -> i64 {
-    Connection::open(path)
-        .unwrap()
-        .query_row(sql, [], |r| r.get(0))
-        .unwrap()
+    Connection::open(path).unwrap().query_row(sql, [], |r| r.get(0)).unwrap()
 }
 
 fn file_size(path: &Path) -> u64 {
@@ -72,10 +67,7 @@ const BUDGET: u64 = 2 * 1024 * 1024;
 async fn item5_session_db_stays_within_its_budget_and_summarises() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("session.db");
-    let config = TelemetryConfig {
-        max_db_bytes: BUDGET,
-        ..TelemetryConfig::default()
-    };
+    let config = TelemetryConfig { max_db_bytes: BUDGET, ..TelemetryConfig::default() };
     let db = SessionDb::open_with(&path, config).unwrap();
     let recorder = db.recorder();
     const EVENTS: u64 = 12_000;
@@ -115,10 +107,7 @@ async fn item5_session_db_stays_within_its_budget_and_summarises() {
          {} events summarised",
         stats.summarised_events
     );
-    assert!(
-        size <= BUDGET,
-        "session.db is {size} bytes, over its budget of {BUDGET}"
-    );
+    assert!(size <= BUDGET, "session.db is {size} bytes, over its budget of {BUDGET}");
     assert!(recorder.over_budget(), "the sandbox is told");
     assert!(stats.over_budget);
     // While writing, the WAL adds at most its own bound (8 MiB) on top.
@@ -126,52 +115,24 @@ async fn item5_session_db_stays_within_its_budget_and_summarises() {
 
     let rows_dns = query_i64(&path, "SELECT count(*) FROM dns_events");
     let rows_net = query_i64(&path, "SELECT count(*) FROM net_events");
-    let summed = |sql: &str| {
-        query_i64(
-            &path,
-            &format!("SELECT coalesce(sum(count), 0) FROM event_summaries {sql}"),
-        )
-    };
+    let summed = |sql: &str| query_i64(&path, &format!("SELECT coalesce(sum(count), 0) FROM event_summaries {sql}"));
     assert!(rows_net > 0 && rows_dns > 0, "full rows come first");
     assert!(
-        query_i64(
-            &path,
-            "SELECT count(*) FROM event_summaries WHERE second_ms > 0"
-        ) > 0,
+        query_i64(&path, "SELECT count(*) FROM event_summaries WHERE second_ms > 0") > 0,
         "per-second summary rows"
     );
     assert!(
-        query_i64(
-            &path,
-            "SELECT count(*) FROM event_summaries WHERE second_ms = 0"
-        ) > 0,
+        query_i64(&path, "SELECT count(*) FROM event_summaries WHERE second_ms = 0") > 0,
         "running totals once the whole budget is used"
     );
-    assert_eq!(
-        rows_dns + summed("WHERE kind = 'dns'"),
-        dns_sent,
-        "DNS counts add up"
-    );
-    assert_eq!(
-        rows_net + summed("WHERE kind = 'net'"),
-        net_sent,
-        "network counts add up"
-    );
+    assert_eq!(rows_dns + summed("WHERE kind = 'dns'"), dns_sent, "DNS counts add up");
+    assert_eq!(rows_net + summed("WHERE kind = 'net'"), net_sent, "network counts add up");
     assert_eq!(u64::try_from(summed("")).unwrap(), stats.summarised_events);
     for decision in ["allowed", "denied", "error"] {
-        let stored = query_i64(
-            &path,
-            &format!("SELECT count(*) FROM net_events WHERE decision = '{decision}'"),
-        ) + query_i64(
-            &path,
-            &format!("SELECT count(*) FROM dns_events WHERE decision = '{decision}'"),
-        );
+        let stored = query_i64(&path, &format!("SELECT count(*) FROM net_events WHERE decision = '{decision}'"))
+            + query_i64(&path, &format!("SELECT count(*) FROM dns_events WHERE decision = '{decision}'"));
         let counted = summed(&format!("WHERE decision = '{decision}'"));
-        assert_eq!(
-            stored + counted,
-            i64::try_from(EVENTS / 3).unwrap(),
-            "{decision}"
-        );
+        assert_eq!(stored + counted, i64::try_from(EVENTS / 3).unwrap(), "{decision}");
     }
     // At most 32 hosts a second have a row of their own; the rest are '*'.
     let widest = query_i64(
@@ -188,16 +149,8 @@ async fn item5_blocked_requests_store_far_less_than_allowed_ones() {
     let path = dir.path().join("session.db");
     let db = SessionDb::open(&path).unwrap();
     let recorder = db.recorder();
-    recorder
-        .reserve()
-        .await
-        .unwrap()
-        .record_net(net("a.example", 0, Outcome::Allowed));
-    recorder
-        .reserve()
-        .await
-        .unwrap()
-        .record_net(net("a.example", 1, Outcome::Denied));
+    recorder.reserve().await.unwrap().record_net(net("a.example", 0, Outcome::Allowed));
+    recorder.reserve().await.unwrap().record_net(net("a.example", 1, Outcome::Denied));
     db.close().await.unwrap();
     let stored = |decision: &str| {
         query_i64(
@@ -210,31 +163,19 @@ async fn item5_blocked_requests_store_far_less_than_allowed_ones() {
         )
     };
     let (allowed, denied) = (stored("allowed"), stored("denied"));
-    println!(
-        "allowed row: {allowed} bytes of headers, previews, path and error; denied row: {denied}"
-    );
-    assert!(
-        denied * 8 < allowed,
-        "denied {denied} bytes, allowed {allowed}"
-    );
+    println!("allowed row: {allowed} bytes of headers, previews, path and error; denied row: {denied}");
+    assert!(denied * 8 < allowed, "denied {denied} bytes, allowed {allowed}");
     let conn = Connection::open(&path).unwrap();
     let (headers, preview): (String, Option<Vec<u8>>) = conn
-        .query_row(
-            "SELECT request_headers, request_body_preview FROM net_events WHERE decision = 'denied'",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
+        .query_row("SELECT request_headers, request_body_preview FROM net_events WHERE decision = 'denied'", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
         .unwrap();
     assert_eq!((headers.as_str(), preview), ("[]", None));
     let (domain, method, rule): (String, String, String) = conn
-        .query_row(
-            "SELECT domain, method, matched_rule FROM net_events WHERE decision = 'denied'",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
+        .query_row("SELECT domain, method, matched_rule FROM net_events WHERE decision = 'denied'", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
         .unwrap();
-    assert_eq!(
-        (domain.as_str(), method.as_str(), rule.as_str()),
-        ("a.example", "POST", "net_rule")
-    );
+    assert_eq!((domain.as_str(), method.as_str(), rule.as_str()), ("a.example", "POST", "net_rule"));
 }

@@ -26,10 +26,7 @@ const ROUNDS: [u64; 3] = [5_000, 20_000, 12_000];
 
 fn main() {
     if let Ok(path) = std::env::var(CHILD_ENV) {
-        let start = std::env::var(START_ENV)
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
+        let start = std::env::var(START_ENV).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
         child(Path::new(&path), start);
     }
     parent();
@@ -79,16 +76,8 @@ fn net(seq: u64) -> NetEvent {
             model: Some("claude-sonnet-4-5".into()),
             input_tokens: Some(seq),
             tool_calls: vec![
-                ToolCall {
-                    name: "a".into(),
-                    arguments_preview: "{}".into(),
-                    call_id: None,
-                },
-                ToolCall {
-                    name: "b".into(),
-                    arguments_preview: "{}".into(),
-                    call_id: None,
-                },
+                ToolCall { name: "a".into(), arguments_preview: "{}".into(), call_id: None },
+                ToolCall { name: "b".into(), arguments_preview: "{}".into(), call_id: None },
             ],
             complete: true,
             ..ModelCall::default()
@@ -98,22 +87,14 @@ fn net(seq: u64) -> NetEvent {
 
 /// Write numbered events as fast as the writer takes them, forever.
 fn child(path: &Path, start: u64) -> ! {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     runtime.block_on(async {
         let db = SessionDb::open(path).unwrap();
         let recorder = db.recorder();
         let reporter = recorder.clone();
         std::thread::spawn(move || loop {
             let line = format!("committed {}\n", start + reporter.committed_events());
-            if std::io::stdout()
-                .write_all(line.as_bytes())
-                .and_then(|()| std::io::stdout().flush())
-                .is_err()
-            {
+            if std::io::stdout().write_all(line.as_bytes()).and_then(|()| std::io::stdout().flush()).is_err() {
                 std::process::exit(1);
             }
             std::thread::sleep(Duration::from_millis(2));
@@ -145,10 +126,7 @@ fn crash_round(path: &Path, start: u64, kill_after: u64) -> u64 {
     let reader = std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if let Some(n) = line
-                .strip_prefix("committed ")
-                .and_then(|n| n.parse::<u64>().ok())
-            {
+            if let Some(n) = line.strip_prefix("committed ").and_then(|n| n.parse::<u64>().ok()) {
                 if tx.send(n).is_err() {
                     break;
                 }
@@ -161,19 +139,13 @@ fn crash_round(path: &Path, start: u64, kill_after: u64) -> u64 {
         assert!(Instant::now() < deadline, "child made no progress: {last}");
         match rx.recv_timeout(Duration::from_secs(10)) {
             Ok(n) => last = n,
-            Err(e) => panic!(
-                "child stopped reporting: {e}; status {:?}",
-                child.try_wait()
-            ),
+            Err(e) => panic!("child stopped reporting: {e}; status {:?}", child.try_wait()),
         }
     }
     // Kill while it is writing. Child::kill sends SIGKILL.
     child.kill().unwrap();
     let status = child.wait().unwrap();
-    assert!(
-        status.code().is_none(),
-        "child was killed by a signal: {status:?}"
-    );
+    assert!(status.code().is_none(), "child was killed by a signal: {status:?}");
     reader.join().unwrap();
     // Reports printed before the kill but not yet read.
     while let Ok(n) = rx.try_recv() {
@@ -185,59 +157,30 @@ fn crash_round(path: &Path, start: u64, kill_after: u64) -> u64 {
 /// Every event number in the database, checked to be exactly 0..count.
 fn check_database(path: &Path, reported: u64) -> u64 {
     let conn = Connection::open(path).unwrap();
-    let integrity: String = conn
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap();
+    let integrity: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
     assert_eq!(integrity, "ok");
     let mut seqs: Vec<u64> = Vec::new();
-    for (sql, is_net) in [
-        ("SELECT qname FROM dns_events", false),
-        ("SELECT domain FROM net_events", true),
-    ] {
+    for (sql, is_net) in [("SELECT qname FROM dns_events", false), ("SELECT domain FROM net_events", true)] {
         let mut statement = conn.prepare(sql).unwrap();
         let names = statement.query_map([], |r| r.get::<_, String>(0)).unwrap();
         for name in names {
             let seq = name.unwrap().split('.').next().unwrap().parse().unwrap();
-            assert_eq!(
-                event_is_net(seq),
-                is_net,
-                "event {seq} is in the wrong table"
-            );
+            assert_eq!(event_is_net(seq), is_net, "event {seq} is in the wrong table");
             seqs.push(seq);
         }
     }
     seqs.sort_unstable();
     let count = u64::try_from(seqs.len()).unwrap();
-    assert!(
-        seqs.iter().copied().eq(0..count),
-        "events are not exactly 0..{count}: a committed row is missing"
-    );
-    assert!(
-        count >= reported,
-        "{count} rows on disk but {reported} were reported committed"
-    );
-    let nets: i64 = conn
-        .query_row("SELECT count(*) FROM net_events", [], |r| r.get(0))
-        .unwrap();
+    assert!(seqs.iter().copied().eq(0..count), "events are not exactly 0..{count}: a committed row is missing");
+    assert!(count >= reported, "{count} rows on disk but {reported} were reported committed");
+    let nets: i64 = conn.query_row("SELECT count(*) FROM net_events", [], |r| r.get(0)).unwrap();
     let model_calls: i64 = conn
-        .query_row(
-            "SELECT count(*) FROM model_calls m JOIN net_events n ON n.id = m.net_event_id",
-            [],
-            |r| r.get(0),
-        )
+        .query_row("SELECT count(*) FROM model_calls m JOIN net_events n ON n.id = m.net_event_id", [], |r| r.get(0))
         .unwrap();
     let tool_calls: i64 = conn
-        .query_row(
-            "SELECT count(*) FROM tool_calls t JOIN model_calls m ON m.id = t.model_call_id",
-            [],
-            |r| r.get(0),
-        )
+        .query_row("SELECT count(*) FROM tool_calls t JOIN model_calls m ON m.id = t.model_call_id", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(
-        (model_calls, tool_calls),
-        (nets, nets * 2),
-        "a network row was committed without its model call"
-    );
+    assert_eq!((model_calls, tool_calls), (nets, nets * 2), "a network row was committed without its model call");
     count
 }
 

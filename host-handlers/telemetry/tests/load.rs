@@ -35,16 +35,8 @@ fn net(seq: u64) -> NetEvent {
         output_tokens: Some(200),
         stop_reason: Some("tool_use".into()),
         tool_calls: vec![
-            ToolCall {
-                name: "bash".into(),
-                arguments_preview: "{\"cmd\":\"ls\"}".into(),
-                call_id: None,
-            },
-            ToolCall {
-                name: "read".into(),
-                arguments_preview: "{\"path\":\"/a\"}".into(),
-                call_id: None,
-            },
+            ToolCall { name: "bash".into(), arguments_preview: "{\"cmd\":\"ls\"}".into(), call_id: None },
+            ToolCall { name: "read".into(), arguments_preview: "{\"path\":\"/a\"}".into(), call_id: None },
         ],
         complete: true,
         ..ModelCall::default()
@@ -114,20 +106,14 @@ async fn ten_thousand_events_per_second_for_ten_seconds_nothing_dropped() {
     assert_eq!(committed, total);
     let conn = Connection::open(&path).unwrap();
     let count = |table: &str| -> u64 {
-        conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| {
-            r.get::<_, i64>(0)
-        })
-        .map(|n| u64::try_from(n).unwrap())
-        .unwrap()
+        conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get::<_, i64>(0))
+            .map(|n| u64::try_from(n).unwrap())
+            .unwrap()
     };
     assert_eq!(count("dns_events"), dns_sent);
     assert_eq!(count("net_events"), net_sent);
     assert_eq!(count("model_calls"), net_sent / 10);
     assert_eq!(count("tool_calls"), net_sent / 10 * 2);
-    let distinct: i64 = conn
-        .query_row("SELECT count(DISTINCT qname) FROM dns_events", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
+    let distinct: i64 = conn.query_row("SELECT count(DISTINCT qname) FROM dns_events", [], |r| r.get(0)).unwrap();
     assert_eq!(u64::try_from(distinct).unwrap(), dns_sent);
 }

@@ -12,8 +12,7 @@ use rusqlite::Connection;
 use sandbox_telemetry::ai::{ModelCall, StreamParser, ToolCall};
 use sandbox_telemetry::query::{print_logs, LogOptions, LogReader, LogRow};
 use sandbox_telemetry::{
-    DnsEvent, NetEvent, OnWriteFailure, Outcome, PriceTable, SessionDb, TelemetryConfig,
-    TelemetryError,
+    DnsEvent, NetEvent, OnWriteFailure, Outcome, PriceTable, SessionDb, TelemetryConfig, TelemetryError,
 };
 
 fn at(ms: u64) -> SystemTime {
@@ -75,11 +74,7 @@ fn model_call() -> ModelCall {
                 arguments_preview: "{\"city\":\"Rome\"}".into(),
                 call_id: Some("toolu_1".into()),
             },
-            ToolCall {
-                name: "get_time".into(),
-                arguments_preview: "{}".into(),
-                call_id: None,
-            },
+            ToolCall { name: "get_time".into(), arguments_preview: "{}".into(), call_id: None },
         ],
         complete: true,
         problems: vec![],
@@ -87,10 +82,7 @@ fn model_call() -> ModelCall {
 }
 
 fn count(path: &Path, table: &str) -> i64 {
-    Connection::open(path)
-        .unwrap()
-        .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
-        .unwrap()
+    Connection::open(path).unwrap().query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0)).unwrap()
 }
 
 /// Read every row the way `sandbox logs` does.
@@ -149,10 +141,7 @@ async fn rows_are_written_linked_and_read_back() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(
-        tools,
-        vec![(0, "get_weather".to_string()), (1, "get_time".to_string())]
-    );
+    assert_eq!(tools, vec![(0, "get_weather".to_string()), (1, "get_time".to_string())]);
 
     let rows = read_all(&path, &LogOptions::default());
     let kinds: Vec<&str> = rows
@@ -164,9 +153,7 @@ async fn rows_are_written_linked_and_read_back() {
         })
         .collect();
     assert_eq!(kinds, ["dns", "net", "ai", "net"]);
-    let LogRow::Ai(ai) = &rows[2] else {
-        panic!("{:?}", rows[2])
-    };
+    let LogRow::Ai(ai) = &rows[2] else { panic!("{:?}", rows[2]) };
     assert_eq!(ai.domain, "api.anthropic.com");
     assert_eq!(ai.tool_calls.len(), 2);
     assert_eq!(ai.tool_calls[0].arguments_preview, "{\"city\":\"Rome\"}");
@@ -176,19 +163,10 @@ async fn rows_are_written_linked_and_read_back() {
     let LogRow::Net(n) = &rows[3] else { panic!() };
     assert_eq!((n.decision.as_str(), n.status_code), ("denied", None));
 
-    let only_ai = read_all(
-        &path,
-        &LogOptions {
-            ai: true,
-            ..LogOptions::default()
-        },
-    );
+    let only_ai = read_all(&path, &LogOptions { ai: true, ..LogOptions::default() });
     assert_eq!(only_ai.len(), 1);
     assert_eq!(db.close().await.unwrap(), 3);
-    assert!(matches!(
-        recorder.record_dns(dns("late.example", 99)),
-        Err(TelemetryError::Closed)
-    ));
+    assert!(matches!(recorder.record_dns(dns("late.example", 99)), Err(TelemetryError::Closed)));
     assert!(!recorder.healthy());
 }
 
@@ -213,30 +191,10 @@ async fn previews_keep_text_as_text_and_flag_binary() {
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
         )
         .unwrap();
-    assert_eq!(
-        row,
-        (
-            "text".into(),
-            4095,
-            0,
-            "blob".into(),
-            1,
-            vec![0x1f, 0x8b, 0x08, 0x00, 0xff, 0x00]
-        )
-    );
-    let rows = read_all(
-        &path,
-        &LogOptions {
-            json: true,
-            ..LogOptions::default()
-        },
-    );
+    assert_eq!(row, ("text".into(), 4095, 0, "blob".into(), 1, vec![0x1f, 0x8b, 0x08, 0x00, 0xff, 0x00]));
+    let rows = read_all(&path, &LogOptions { json: true, ..LogOptions::default() });
     let LogRow::Net(n) = &rows[0] else { panic!() };
-    assert_eq!(
-        n.response_body_preview.as_deref(),
-        Some("H4sIAP8A"),
-        "binary previews are base64 in JSON"
-    );
+    assert_eq!(n.response_body_preview.as_deref(), Some("H4sIAP8A"), "binary previews are base64 in JSON");
 }
 
 #[tokio::test]
@@ -245,9 +203,7 @@ async fn secrets_never_reach_the_database_files() {
     let path = dir.path().join("session.db");
     let db = SessionDb::open(&path).unwrap();
     let mut event = net("generativelanguage.googleapis.com", 0);
-    event.path = Some(
-        "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse&key=AIzaSECRET1".into(),
-    );
+    event.path = Some("/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse&key=AIzaSECRET1".into());
     event.request_headers = vec![
         ("authorization".into(), "Bearer sk-SECRET2".into()),
         ("x-api-key".into(), "sk-ant-SECRET3".into()),
@@ -270,56 +226,25 @@ async fn secrets_never_reach_the_database_files() {
         scan()
     }] {
         for secret in ["SECRET1", "SECRET2", "SECRET3", "SECRET4", "SECRET5"] {
-            assert!(
-                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
-                "{secret} found on disk"
-            );
+            assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "{secret} found on disk");
         }
     }
     let rows = read_all(&path, &LogOptions::default());
     let LogRow::Net(n) = &rows[0] else { panic!() };
-    assert_eq!(
-        n.path.as_deref(),
-        Some("/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse&key=REDACTED")
-    );
-    assert_eq!(
-        n.request_headers[0],
-        ("authorization".to_string(), "Bearer REDACTED".to_string())
-    );
-    assert_eq!(
-        n.request_headers[4],
-        ("accept".to_string(), "text/event-stream".to_string())
-    );
+    assert_eq!(n.path.as_deref(), Some("/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse&key=REDACTED"));
+    assert_eq!(n.request_headers[0], ("authorization".to_string(), "Bearer REDACTED".to_string()));
+    assert_eq!(n.request_headers[4], ("accept".to_string(), "text/event-stream".to_string()));
 }
 
 #[tokio::test]
 async fn a_parsed_stream_lands_in_model_and_tool_calls_with_a_custom_price_table() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("session.db");
-    let prices = PriceTable::parse(
-        "[models.gpt-4o]\ninput = 1.0\noutput = 2.0\ncache_read = 0.5\n",
-        "test",
-    )
-    .unwrap();
-    let db = SessionDb::open_with(
-        &path,
-        TelemetryConfig {
-            prices,
-            ..TelemetryConfig::default()
-        },
-    )
-    .unwrap();
-    let body = std::fs::read(format!(
-        "{}/tests/fixtures/openai_chat_stream.sse",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap();
-    let mut parser = StreamParser::for_request(
-        "api.openai.com",
-        "/v1/chat/completions",
-        Some("text/event-stream"),
-    )
-    .unwrap();
+    let prices = PriceTable::parse("[models.gpt-4o]\ninput = 1.0\noutput = 2.0\ncache_read = 0.5\n", "test").unwrap();
+    let db = SessionDb::open_with(&path, TelemetryConfig { prices, ..TelemetryConfig::default() }).unwrap();
+    let body = std::fs::read(format!("{}/tests/fixtures/openai_chat_stream.sse", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let mut parser =
+        StreamParser::for_request("api.openai.com", "/v1/chat/completions", Some("text/event-stream")).unwrap();
     for chunk in body.chunks(512) {
         parser.feed(chunk);
     }
@@ -328,28 +253,16 @@ async fn a_parsed_stream_lands_in_model_and_tool_calls_with_a_custom_price_table
     event.model_call = Some(parser.finish());
     db.recorder().record_net(event).unwrap();
     db.close().await.unwrap();
-    let rows = read_all(
-        &path,
-        &LogOptions {
-            ai: true,
-            ..LogOptions::default()
-        },
-    );
+    let rows = read_all(&path, &LogOptions { ai: true, ..LogOptions::default() });
     let LogRow::Ai(ai) = &rows[0] else { panic!() };
-    assert_eq!(
-        (ai.input_tokens, ai.cache_read_tokens, ai.output_tokens),
-        (Some(176), Some(1024), Some(45))
-    );
+    assert_eq!((ai.input_tokens, ai.cache_read_tokens, ai.output_tokens), (Some(176), Some(1024), Some(45)));
     let expected = (176.0 * 1.0 + 1024.0 * 0.5 + 45.0 * 2.0) / 1e6;
     assert!((ai.estimated_cost_usd.unwrap() - expected).abs() < 1e-12);
     assert!(ai.complete);
     let names: Vec<&str> = ai.tool_calls.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(names, ["get_weather", "get_time"]);
     let line = rows[0].to_text();
-    assert!(
-        line.contains("tools=get_weather({\"location\":\"Paris\"}), get_time("),
-        "{line}"
-    );
+    assert!(line.contains("tools=get_weather({\"location\":\"Paris\"}), get_time("), "{line}");
 }
 
 #[tokio::test]
@@ -358,19 +271,12 @@ async fn unknown_models_get_tokens_and_no_cost() {
     let path = dir.path().join("session.db");
     let db = SessionDb::open(&path).unwrap();
     let mut event = net("api.anthropic.com", 0);
-    event.model_call = Some(ModelCall {
-        model: Some("claude-next-9".into()),
-        ..model_call()
-    });
+    event.model_call = Some(ModelCall { model: Some("claude-next-9".into()), ..model_call() });
     db.recorder().record_net(event).unwrap();
     db.close().await.unwrap();
     let (tokens, cost): (Option<i64>, Option<f64>) = Connection::open(&path)
         .unwrap()
-        .query_row(
-            "SELECT input_tokens, estimated_cost_usd FROM model_calls",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
+        .query_row("SELECT input_tokens, estimated_cost_usd FROM model_calls", [], |r| Ok((r.get(0)?, r.get(1)?)))
         .unwrap();
     assert_eq!((tokens, cost), (Some(1_000_000), None));
 }
@@ -387,10 +293,7 @@ fn hold_write_lock(path: &Path) -> Connection {
 async fn a_locked_database_fails_closed_and_says_why() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("session.db");
-    let config = TelemetryConfig {
-        busy_timeout: Duration::from_millis(200),
-        ..TelemetryConfig::default()
-    };
+    let config = TelemetryConfig { busy_timeout: Duration::from_millis(200), ..TelemetryConfig::default() };
     let db = SessionDb::open_with(&path, config).unwrap();
     let recorder = db.recorder();
     recorder.record_dns(dns("before.example", 0)).unwrap();
@@ -399,17 +302,10 @@ async fn a_locked_database_fails_closed_and_says_why() {
     let lock = hold_write_lock(&path);
     recorder.record_dns(dns("during.example", 1)).unwrap();
     let err = recorder.flush().await.unwrap_err();
-    assert!(
-        matches!(&err, TelemetryError::WriterFailed(m) if m.contains("locked")),
-        "{err}"
-    );
+    assert!(matches!(&err, TelemetryError::WriterFailed(m) if m.contains("locked")), "{err}");
     assert!(!recorder.healthy());
     assert!(!recorder.accept_new_connections(), "fail closed by default");
-    assert!(
-        recorder.failure().unwrap().contains("database is locked"),
-        "{:?}",
-        recorder.failure()
-    );
+    assert!(recorder.failure().unwrap().contains("database is locked"), "{:?}", recorder.failure());
     let err = recorder.record_dns(dns("after.example", 2)).unwrap_err();
     assert!(matches!(err, TelemetryError::WriterFailed(_)), "{err}");
     let err = recorder.record_net(net("after.example", 3)).unwrap_err();
@@ -439,21 +335,14 @@ async fn fail_open_is_a_setting() {
     assert!(recorder.flush().await.is_err());
     assert!(!recorder.healthy());
     assert!(recorder.accept_new_connections());
-    assert!(
-        recorder.record_dns(dns("after.example", 2)).is_err(),
-        "rows are still refused, not dropped silently"
-    );
+    assert!(recorder.record_dns(dns("after.example", 2)).is_err(), "rows are still refused, not dropped silently");
 }
 
 #[tokio::test]
 async fn a_full_channel_refuses_rows_instead_of_dropping_them() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("session.db");
-    let config = TelemetryConfig {
-        channel_capacity: 4,
-        max_batch: 4,
-        ..TelemetryConfig::default()
-    };
+    let config = TelemetryConfig { channel_capacity: 4, max_batch: 4, ..TelemetryConfig::default() };
     let db = SessionDb::open_with(&path, config).unwrap();
     let recorder = db.recorder();
     // Stall the writer behind a lock (it waits up to busy_timeout = 5 s).
@@ -467,10 +356,7 @@ async fn a_full_channel_refuses_rows_instead_of_dropping_them() {
             Err(e) => panic!("{e}"),
         }
     }
-    assert!(
-        refused > 0 && accepted >= 4,
-        "accepted {accepted}, refused {refused}"
-    );
+    assert!(refused > 0 && accepted >= 4, "accepted {accepted}, refused {refused}");
     assert_eq!(recorder.rejected_events(), refused);
     drop(lock);
     recorder.flush().await.unwrap();
@@ -494,11 +380,7 @@ async fn item1_reserved_slots_are_never_lost_and_the_overflow_is_refused() {
     let recorder = db.recorder();
     // Stall the writer behind a lock, with one row it has taken and is trying to write.
     let lock = hold_write_lock(&path);
-    recorder
-        .reserve()
-        .await
-        .unwrap()
-        .record_dns(dns("first.example", 0));
+    recorder.reserve().await.unwrap().record_dns(dns("first.example", 0));
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut slots = Vec::new();
     let mut refused = 0;
@@ -539,19 +421,11 @@ async fn close_does_not_wait_for_an_unfilled_slot() {
     let db = SessionDb::open(&path).unwrap();
     let recorder = db.recorder();
     let late = recorder.reserve().await.unwrap();
-    recorder
-        .reserve()
-        .await
-        .unwrap()
-        .record_dns(dns("kept.example", 0));
+    recorder.reserve().await.unwrap().record_dns(dns("kept.example", 0));
     let closed = tokio::time::timeout(Duration::from_secs(5), db.close()).await;
     assert_eq!(closed.expect("close returned").unwrap(), 1);
     late.record_dns(dns("late.example", 1));
-    assert_eq!(
-        recorder.rejected_events(),
-        1,
-        "a row filled after close is counted"
-    );
+    assert_eq!(recorder.rejected_events(), 1, "a row filled after close is counted");
     assert_eq!(count(&path, "dns_events"), 1);
 }
 
@@ -623,25 +497,10 @@ async fn follow_prints_rows_as_they_arrive() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     follower.join().unwrap().unwrap();
 
-    let lines: Vec<serde_json::Value> = out
-        .text()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let names: Vec<&str> = lines
-        .iter()
-        .map(|l| {
-            l["qname"]
-                .as_str()
-                .or_else(|| l["domain"].as_str())
-                .unwrap()
-        })
-        .collect();
-    assert_eq!(
-        names,
-        ["first.example", "second.example", "third.example"],
-        "each row once, in order"
-    );
+    let lines: Vec<serde_json::Value> = out.text().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let names: Vec<&str> =
+        lines.iter().map(|l| l["qname"].as_str().or_else(|| l["domain"].as_str()).unwrap()).collect();
+    assert_eq!(names, ["first.example", "second.example", "third.example"], "each row once, in order");
     assert_eq!(lines[2]["kind"], "net");
     db.close().await.unwrap();
 }
@@ -658,25 +517,14 @@ async fn text_output_is_one_escaped_line_per_row() {
     db.recorder().record_net(net("api.example", 1)).unwrap();
     db.close().await.unwrap();
     let mut out = Vec::new();
-    print_logs(
-        &path,
-        &LogOptions::default(),
-        &mut out,
-        &AtomicBool::new(false),
-    )
-    .unwrap();
+    print_logs(&path, &LogOptions::default(), &mut out, &AtomicBool::new(false)).unwrap();
     let text = String::from_utf8(out).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2, "{text}");
     assert!(!text.contains('\u{1b}'));
+    assert!(lines[0].contains("dns  denied") && lines[0].contains("x\\u{1b}]0;pwned\\u{7}\\n.example"), "{}", lines[0]);
     assert!(
-        lines[0].contains("dns  denied") && lines[0].contains("x\\u{1b}]0;pwned\\u{7}\\n.example"),
-        "{}",
-        lines[0]
-    );
-    assert!(
-        lines[1].contains("net  allowed")
-            && lines[1].contains("200 POST   api.example/v1/messages"),
+        lines[1].contains("net  allowed") && lines[1].contains("200 POST   api.example/v1/messages"),
         "{}",
         lines[1]
     );
@@ -690,10 +538,7 @@ async fn reading_in_batches_keeps_time_order_across_tables() {
     let recorder = db.recorder();
     // More rows than one read batch, interleaved in time between the tables.
     for i in 0..2500u64 {
-        recorder
-            .record_dns_wait(dns(&format!("q{i}.example"), i * 2))
-            .await
-            .unwrap();
+        recorder.record_dns_wait(dns(&format!("q{i}.example"), i * 2)).await.unwrap();
         if i.is_multiple_of(10) {
             let mut event = net("api.example", i * 2 + 1);
             event.finished = event.started;
@@ -711,8 +556,5 @@ async fn reading_in_batches_keeps_time_order_across_tables() {
             LogRow::Ai(a) => a.time_ms,
         })
         .collect();
-    assert!(
-        times.windows(2).all(|w| w[0] <= w[1]),
-        "rows out of time order"
-    );
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "rows out of time order");
 }

@@ -15,7 +15,8 @@ pub struct Mounted {
 impl Mounted {
     pub fn new(image: &Path) -> Mounted {
         let dir = tempfile::tempdir().unwrap();
-        let out = Command::new("mount").args(["-t", "erofs", "-o", "loop,ro"]).arg(image).arg(dir.path()).output().unwrap();
+        let out =
+            Command::new("mount").args(["-t", "erofs", "-o", "loop,ro"]).arg(image).arg(dir.path()).output().unwrap();
         assert!(out.status.success(), "mount {}: {}", image.display(), String::from_utf8_lossy(&out.stderr));
         Mounted { dir }
     }
@@ -96,4 +97,3 @@ pub fn check_layered(m: &Mounted) {
 fn nix_makedev(major: u64, minor: u64) -> u64 {
     ((major & 0xfff) << 8) | (minor & 0xff) | ((minor & !0xff) << 12) | ((major & !0xfff) << 32)
 }
-

@@ -42,9 +42,7 @@ const TOPOLOGY_LEVEL_CORE: u32 = 2;
 
 /// The host's supported CPUID, including KVM's hypervisor leaves.
 pub fn supported(kvm_fd: &Kvm) -> Result<CpuId> {
-    let mut cpuid = kvm_fd
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut cpuid = kvm_fd.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
     if kvm_fd.check_extension(Cap::TscDeadlineTimer) {
         set_tsc_deadline(cpuid.as_mut_slice());
     }
@@ -60,9 +58,7 @@ fn set_tsc_deadline(entries: &mut [kvm_cpuid_entry2]) {
 
 /// Number of APIC-ID bits needed to number `count` processors.
 fn id_bits(count: u8) -> u32 {
-    u32::from(count.max(1) - 1)
-        .checked_ilog2()
-        .map_or(0, |log| log + 1)
+    u32::from(count.max(1) - 1).checked_ilog2().map_or(0, |log| log + 1)
 }
 
 /// Adjusts `entries` for vCPU `id` of `count` (one socket, one thread per core).
@@ -136,11 +132,7 @@ mod tests {
     use super::*;
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 {
-            function,
-            index,
-            ..Default::default()
-        }
+        kvm_cpuid_entry2 { function, index, ..Default::default() }
     }
 
     #[test]
@@ -151,20 +143,13 @@ mod tests {
 
     #[test]
     fn id_bits_rounds_up_to_a_power_of_two() {
-        let got: Vec<u32> = [1u8, 2, 3, 4, 5, 8, 9, 32]
-            .iter()
-            .map(|&c| id_bits(c))
-            .collect();
+        let got: Vec<u32> = [1u8, 2, 3, 4, 5, 8, 9, 32].iter().map(|&c| id_bits(c)).collect();
         assert_eq!(got, vec![0, 1, 2, 2, 3, 3, 4, 5]);
     }
 
     #[test]
     fn leaf_1_carries_apic_id_count_and_hypervisor_bit() {
-        let mut entries = [kvm_cpuid_entry2 {
-            function: LEAF_FEATURES,
-            ebx: 0xaabb_0800,
-            ..Default::default()
-        }];
+        let mut entries = [kvm_cpuid_entry2 { function: LEAF_FEATURES, ebx: 0xaabb_0800, ..Default::default() }];
         adjust_for_vcpu(&mut entries, 3, 4);
         assert_eq!(entries[0].ebx, 0x0304_0800);
         assert_ne!(entries[0].ecx & ECX_HYPERVISOR, 0);
@@ -184,31 +169,17 @@ mod tests {
 
     #[test]
     fn topology_leaf_describes_one_socket_of_single_thread_cores() {
-        let mut entries = [
-            entry(LEAF_TOPOLOGY, 0),
-            entry(LEAF_TOPOLOGY, 1),
-            entry(LEAF_TOPOLOGY, 2),
-        ];
+        let mut entries = [entry(LEAF_TOPOLOGY, 0), entry(LEAF_TOPOLOGY, 1), entry(LEAF_TOPOLOGY, 2)];
         adjust_for_vcpu(&mut entries, 2, 3);
         assert!(entries.iter().all(|e| e.edx == 2));
-        assert_eq!(
-            (entries[0].eax, entries[0].ebx, entries[0].ecx),
-            (0, 1, 0x100)
-        );
-        assert_eq!(
-            (entries[1].eax, entries[1].ebx, entries[1].ecx),
-            (2, 3, 0x201)
-        );
+        assert_eq!((entries[0].eax, entries[0].ebx, entries[0].ecx), (0, 1, 0x100));
+        assert_eq!((entries[1].eax, entries[1].ebx, entries[1].ecx), (2, 3, 0x201));
         assert_eq!((entries[2].eax, entries[2].ebx, entries[2].ecx), (0, 0, 2));
     }
 
     #[test]
     fn cache_leaf_shares_only_the_last_level() {
-        let l1 = kvm_cpuid_entry2 {
-            function: LEAF_CACHE,
-            eax: (1 << 5) | 0x1 | (7 << 26),
-            ..Default::default()
-        };
+        let l1 = kvm_cpuid_entry2 { function: LEAF_CACHE, eax: (1 << 5) | 0x1 | (7 << 26), ..Default::default() };
         let l3 = kvm_cpuid_entry2 {
             function: LEAF_CACHE,
             index: 3,
@@ -223,11 +194,8 @@ mod tests {
 
     #[test]
     fn invariant_tsc_is_hidden() {
-        let mut entries = [kvm_cpuid_entry2 {
-            function: LEAF_POWER_MANAGEMENT,
-            edx: EDX_INVARIANT_TSC | 0x1,
-            ..Default::default()
-        }];
+        let mut entries =
+            [kvm_cpuid_entry2 { function: LEAF_POWER_MANAGEMENT, edx: EDX_INVARIANT_TSC | 0x1, ..Default::default() }];
         adjust_for_vcpu(&mut entries, 0, 1);
         assert_eq!(entries[0].edx, 0x1);
     }
@@ -237,20 +205,12 @@ mod tests {
         let mut entries = [entry(LEAF_KVM_SIGNATURE, 0)];
         adjust_for_vcpu(&mut entries, 0, 1);
         assert_eq!(entries[0].eax, LEAF_KVM_FEATURES);
-        assert_eq!(
-            [entries[0].ebx, entries[0].ecx, entries[0].edx],
-            KVM_SIGNATURE
-        );
+        assert_eq!([entries[0].ebx, entries[0].ecx, entries[0].edx], KVM_SIGNATURE);
     }
 
     #[test]
     fn other_leaves_are_untouched() {
-        let original = kvm_cpuid_entry2 {
-            function: 0x7,
-            ebx: 0x1234,
-            ecx: 0x5678,
-            ..Default::default()
-        };
+        let original = kvm_cpuid_entry2 { function: 0x7, ebx: 0x1234, ecx: 0x5678, ..Default::default() };
         let mut entries = [original];
         adjust_for_vcpu(&mut entries, 1, 2);
         assert_eq!(entries[0], original);
@@ -258,12 +218,9 @@ mod tests {
 
     #[test]
     fn for_vcpu_adjusts_a_copy_and_detects_kvm_leaves() {
-        let base = CpuId::from_entries(&[
-            entry(LEAF_FEATURES, 0),
-            entry(LEAF_KVM_SIGNATURE, 0),
-            entry(LEAF_KVM_FEATURES, 0),
-        ])
-        .unwrap();
+        let base =
+            CpuId::from_entries(&[entry(LEAF_FEATURES, 0), entry(LEAF_KVM_SIGNATURE, 0), entry(LEAF_KVM_FEATURES, 0)])
+                .unwrap();
         let mine = for_vcpu(&base, 1, 2);
         assert_eq!(mine.as_slice()[0].ebx >> 24, 1);
         assert_eq!(base.as_slice()[0].ebx, 0);

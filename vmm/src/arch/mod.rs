@@ -20,29 +20,17 @@ use crate::layout::{CMDLINE_START, HIMEM_START};
 
 /// Loads the kernel ELF into guest memory and returns its PVH entry point.
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path, mut image: File) -> Result<GuestAddress> {
-    let loaded =
-        Elf::load(mem, None, &mut image, Some(GuestAddress(HIMEM_START))).map_err(|source| {
-            Error::KernelLoad {
-                path: path.to_path_buf(),
-                source,
-            }
-        })?;
+    let loaded = Elf::load(mem, None, &mut image, Some(GuestAddress(HIMEM_START)))
+        .map_err(|source| Error::KernelLoad { path: path.to_path_buf(), source })?;
     match loaded.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(entry) => Ok(entry),
-        _ => Err(Error::NoPvhEntry {
-            path: path.to_path_buf(),
-        }),
+        _ => Err(Error::NoPvhEntry { path: path.to_path_buf() }),
     }
 }
 
 /// Writes everything the kernel reads at boot besides itself: the command
 /// line, `hvm_start_info` with the memory map, the MP table, and the boot GDT.
-pub fn write_boot_info(
-    mem: &GuestMemoryMmap,
-    ram: &[(GuestAddress, u64)],
-    cmdline: &Cmdline,
-    vcpus: u8,
-) -> Result<()> {
+pub fn write_boot_info(mem: &GuestMemoryMmap, ram: &[(GuestAddress, u64)], cmdline: &Cmdline, vcpus: u8) -> Result<()> {
     load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline).map_err(Error::CmdlineWrite)?;
     pvh::write(mem, ram)?;
     mptable::write(mem, vcpus)?;

@@ -39,8 +39,7 @@ const ISA_BUS_ID: u8 = 0;
 
 /// Largest vCPU count whose table fits in the EBDA window.
 pub const fn max_vcpus() -> u8 {
-    let fixed =
-        FLOATING_POINTER_LEN + HEADER_LEN + SHORT_ENTRY_LEN * (1 + 1 + IRQ_MAX as usize + 1 + 2);
+    let fixed = FLOATING_POINTER_LEN + HEADER_LEN + SHORT_ENTRY_LEN * (1 + 1 + IRQ_MAX as usize + 1 + 2);
     let room = (EBDA_END - MPTABLE_START) as usize - fixed;
     let n = room / PROCESSOR_ENTRY_LEN;
     if n > u8::MAX as usize {
@@ -121,19 +120,13 @@ pub fn build(vcpus: u8, base: u64) -> Vec<u8> {
 
 /// The byte that makes `bytes` sum to zero modulo 256.
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes
-        .iter()
-        .fold(0u8, |sum, b| sum.wrapping_add(*b))
-        .wrapping_neg()
+    bytes.iter().fold(0u8, |sum, b| sum.wrapping_add(*b)).wrapping_neg()
 }
 
 /// Writes the MP table for `vcpus` processors at [`MPTABLE_START`].
 pub fn write(mem: &GuestMemoryMmap, vcpus: u8) -> Result<()> {
     mem.write_slice(&build(vcpus, MPTABLE_START), GuestAddress(MPTABLE_START))
-        .map_err(|source| Error::GuestMemoryWrite {
-            what: "MP table",
-            source,
-        })
+        .map_err(|source| Error::GuestMemoryWrite { what: "MP table", source })
 }
 
 #[cfg(test)]
@@ -221,11 +214,7 @@ mod tests {
             }
         }
         assert_eq!(at, table.len());
-        assert_eq!(
-            cpus,
-            vec![(0, 3), (1, 1), (2, 1)],
-            "cpu 0 is the bootstrap processor"
-        );
+        assert_eq!(cpus, vec![(0, 3), (1, 1), (2, 1)], "cpu 0 is the bootstrap processor");
         assert_eq!(ioapic, Some((vcpus + 1, IOAPIC_START as u32)));
         assert_eq!(irqs, (0..=IRQ_MAX as u8).collect::<Vec<_>>());
         assert_eq!(lints, 2);
@@ -244,13 +233,9 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         write(&mem, 2).unwrap();
         let mut signature = [0u8; 4];
-        mem.read_slice(&mut signature, GuestAddress(MPTABLE_START))
-            .unwrap();
+        mem.read_slice(&mut signature, GuestAddress(MPTABLE_START)).unwrap();
         assert_eq!(&signature, b"_MP_");
         let too_small = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
-        assert!(matches!(
-            write(&too_small, 1),
-            Err(Error::GuestMemoryWrite { .. })
-        ));
+        assert!(matches!(write(&too_small, 1), Err(Error::GuestMemoryWrite { .. })));
     }
 }

@@ -39,21 +39,13 @@ pub const BOOT_MSRS: [(u32, u64); 11] = [
 ];
 
 fn entries() -> Vec<kvm_msr_entry> {
-    BOOT_MSRS
-        .iter()
-        .map(|&(index, data)| kvm_msr_entry {
-            index,
-            data,
-            ..Default::default()
-        })
-        .collect()
+    BOOT_MSRS.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect()
 }
 
 /// Writes [`BOOT_MSRS`]; fails naming the first MSR KVM refused.
 pub fn setup(vcpu: &VcpuFd) -> Result<()> {
     let entries = entries();
-    let msrs =
-        Msrs::from_entries(&entries).map_err(|_| Error::KvmCapability("room for the boot MSRs"))?;
+    let msrs = Msrs::from_entries(&entries).map_err(|_| Error::KvmCapability("room for the boot MSRs"))?;
     let written = vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
     match entries.get(written) {
         None => Ok(()),

@@ -68,10 +68,7 @@ mod tests {
         let map = memory_map(&ram_regions(128 << 20));
         assert_eq!(map.len(), 2);
         assert_eq!((map[0].addr, map[0].size), (0, EBDA_START));
-        assert_eq!(
-            (map[1].addr, map[1].size),
-            (HIMEM_START, (128 << 20) - HIMEM_START)
-        );
+        assert_eq!((map[1].addr, map[1].size), (HIMEM_START, (128 << 20) - HIMEM_START));
         assert!(map.iter().all(|e| e.type_ == XEN_HVM_MEMMAP_TYPE_RAM));
     }
 
@@ -82,10 +79,7 @@ mod tests {
         assert_eq!(map.len(), 3);
         assert_eq!(map[1].addr + map[1].size, MMIO_GAP_START);
         assert_eq!(map[2].addr, MMIO_GAP_END);
-        assert_eq!(
-            map[2].addr + map[2].size,
-            MMIO_GAP_END + size - MMIO_GAP_START
-        );
+        assert_eq!(map[2].addr + map[2].size, MMIO_GAP_END + size - MMIO_GAP_START);
         assert!(map.len() <= MEMMAP_MAX_ENTRIES);
     }
 

@@ -56,11 +56,7 @@ pub fn segment_from_gdt(table: &[u64], index: usize) -> kvm_segment {
     let present = bit(47);
     kvm_segment {
         base: ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000),
-        limit: if granular {
-            (raw_limit << 12) | 0xfff
-        } else {
-            raw_limit
-        },
+        limit: if granular { (raw_limit << 12) | 0xfff } else { raw_limit },
         selector: (index * 8) as u16,
         type_: ((entry >> 40) & 0xf) as u8,
         present,
@@ -77,16 +73,11 @@ pub fn segment_from_gdt(table: &[u64], index: usize) -> kvm_segment {
 
 /// Writes the boot GDT and a null IDT entry into guest memory.
 pub fn write_gdt_and_idt(mem: &GuestMemoryMmap) -> Result<()> {
-    let write_err = |source| Error::GuestMemoryWrite {
-        what: "boot GDT",
-        source,
-    };
+    let write_err = |source| Error::GuestMemoryWrite { what: "boot GDT", source };
     for (i, entry) in GDT.iter().enumerate() {
-        mem.write_obj(*entry, GuestAddress(BOOT_GDT_START + 8 * i as u64))
-            .map_err(write_err)?;
+        mem.write_obj(*entry, GuestAddress(BOOT_GDT_START + 8 * i as u64)).map_err(write_err)?;
     }
-    mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))
-        .map_err(write_err)
+    mem.write_obj(0u64, GuestAddress(BOOT_IDT_START)).map_err(write_err)
 }
 
 /// Special registers for the 32-bit PVH entry, starting from the vCPU's current ones.
@@ -113,21 +104,12 @@ pub fn pvh_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
 
 /// General registers for the PVH entry at `entry`.
 pub fn pvh_regs(entry: GuestAddress) -> kvm_regs {
-    kvm_regs {
-        rip: entry.0,
-        rbx: PVH_INFO_START,
-        rflags: EFLAGS_RESERVED,
-        ..Default::default()
-    }
+    kvm_regs { rip: entry.0, rbx: PVH_INFO_START, rflags: EFLAGS_RESERVED, ..Default::default() }
 }
 
 /// Power-on FPU state: x87 control word 0x37f, MXCSR 0x1f80 (all exceptions masked).
 pub fn initial_fpu() -> kvm_fpu {
-    kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    }
+    kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }
 }
 
 const APIC_LVT0: usize = 0x350;
@@ -163,10 +145,8 @@ pub fn setup(vcpu: &VcpuFd, entry: Option<GuestAddress>) -> Result<()> {
     vcpu.set_lapic(&lapic).map_err(kvm("KVM_SET_LAPIC"))?;
     if let Some(entry) = entry {
         let sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
-        vcpu.set_sregs(&pvh_sregs(sregs))
-            .map_err(kvm("KVM_SET_SREGS"))?;
-        vcpu.set_regs(&pvh_regs(entry))
-            .map_err(kvm("KVM_SET_REGS"))?;
+        vcpu.set_sregs(&pvh_sregs(sregs)).map_err(kvm("KVM_SET_SREGS"))?;
+        vcpu.set_regs(&pvh_regs(entry)).map_err(kvm("KVM_SET_REGS"))?;
     }
     Ok(())
 }
@@ -181,10 +161,7 @@ mod tests {
         assert_eq!(GDT[1], 0x00cf_9b00_0000_ffff);
         assert_eq!(GDT[2], 0x00cf_9300_0000_ffff);
         assert_eq!(GDT[3], 0x0000_8b00_0000_0067);
-        assert_eq!(
-            gdt_entry(0x0093, 0x1234_5678, 0xabcde),
-            0x120a_9334_5678_bcde
-        );
+        assert_eq!(gdt_entry(0x0093, 0x1234_5678, 0xabcde), 0x120a_9334_5678_bcde);
     }
 
     #[test]
@@ -196,10 +173,7 @@ mod tests {
         let ds = segment_from_gdt(&GDT, 2);
         assert_eq!((ds.selector, ds.type_, ds.limit), (0x10, 0x3, 0xffff_ffff));
         let tr = segment_from_gdt(&GDT, 3);
-        assert_eq!(
-            (tr.selector, tr.type_, tr.limit, tr.s, tr.g),
-            (0x18, 0xb, 0x67, 0, 0)
-        );
+        assert_eq!((tr.selector, tr.type_, tr.limit, tr.s, tr.g), (0x18, 0xb, 0x67, 0, 0));
         let null = segment_from_gdt(&GDT, 0);
         assert_eq!((null.present, null.unusable), (0, 1));
         assert_eq!(segment_from_gdt(&GDT, 99).unusable, 1);
@@ -213,29 +187,20 @@ mod tests {
 
     #[test]
     fn pvh_entry_state_is_32_bit_protected_mode_without_paging() {
-        let sregs = pvh_sregs(kvm_sregs {
-            cr0: 0x6000_0010,
-            cr4: 0x20,
-            efer: 0x500,
-            ..Default::default()
-        });
+        let sregs = pvh_sregs(kvm_sregs { cr0: 0x6000_0010, cr4: 0x20, efer: 0x500, ..Default::default() });
         assert_eq!((sregs.cr0, sregs.cr4, sregs.efer), (CR0_PE, 0, 0));
         assert_eq!(sregs.gdt.base, BOOT_GDT_START);
         assert_eq!(sregs.gdt.limit, 31);
         assert_eq!(sregs.cs.selector, 0x08);
         assert_eq!(sregs.ss.selector, 0x10);
         let regs = pvh_regs(GuestAddress(0x100_0abc));
-        assert_eq!(
-            (regs.rip, regs.rbx, regs.rflags),
-            (0x100_0abc, PVH_INFO_START, 2)
-        );
+        assert_eq!((regs.rip, regs.rbx, regs.rflags), (0x100_0abc, PVH_INFO_START, 2));
     }
 
     #[test]
     fn gdt_and_idt_land_at_their_layout_addresses() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        mem.write_obj(0xffff_ffff_ffff_ffffu64, GuestAddress(BOOT_IDT_START))
-            .unwrap();
+        mem.write_obj(0xffff_ffff_ffff_ffffu64, GuestAddress(BOOT_IDT_START)).unwrap();
         write_gdt_and_idt(&mem).unwrap();
         let code: u64 = mem.read_obj(GuestAddress(BOOT_GDT_START + 8)).unwrap();
         assert_eq!(code, GDT[1]);

@@ -42,9 +42,7 @@ pub struct Bus {
 
 impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list()
-            .entries(self.ranges.iter().map(|r| (r.base, r.len)))
-            .finish()
+        f.debug_list().entries(self.ranges.iter().map(|r| (r.base, r.len))).finish()
     }
 }
 
@@ -56,15 +54,8 @@ impl Bus {
 
     /// Places `device` at `[base, base + len)`.
     pub fn insert(&mut self, device: SharedDevice, base: u64, len: u64) -> Result<(), Overlap> {
-        let end = base
-            .checked_add(len)
-            .filter(|_| len > 0)
-            .ok_or(Overlap { base, len })?;
-        if self
-            .ranges
-            .iter()
-            .any(|r| base < r.base + r.len && r.base < end)
-        {
+        let end = base.checked_add(len).filter(|_| len > 0).ok_or(Overlap { base, len })?;
+        if self.ranges.iter().any(|r| base < r.base + r.len && r.base < end) {
             return Err(Overlap { base, len });
         }
         let at = self.ranges.partition_point(|r| r.base < base);
@@ -138,8 +129,7 @@ mod tests {
     #[test]
     fn accesses_outside_or_straddling_the_range_are_unclaimed() {
         let mut bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x100, 0x10)
-            .unwrap();
+        bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x100, 0x10).unwrap();
         let mut data = [0xaau8; 4];
         assert!(!bus.read(0xff, &mut data[..1]));
         assert!(!bus.read(0x110, &mut data[..1]));

@@ -117,10 +117,7 @@ mod tests {
         signal.request(Ok(ExitReason::GuestShutdown));
         assert!(signal.is_stopping());
         assert_eq!(signal.event.read().unwrap(), 2);
-        assert!(matches!(
-            signal.take_outcome(),
-            Some(Ok(ExitReason::StopRequested))
-        ));
+        assert!(matches!(signal.take_outcome(), Some(Ok(ExitReason::StopRequested))));
         assert!(signal.take_outcome().is_none());
     }
 
@@ -129,10 +126,7 @@ mod tests {
         let signal = ExitSignal::new().unwrap();
         signal.request(Err(Error::VcpuPanic(3)));
         signal.request(Ok(ExitReason::GuestShutdown));
-        assert!(matches!(
-            signal.take_outcome(),
-            Some(Err(Error::VcpuPanic(3)))
-        ));
+        assert!(matches!(signal.take_outcome(), Some(Err(Error::VcpuPanic(3)))));
     }
 
     #[test]

@@ -41,10 +41,7 @@ fn open_at(path: &CStr) -> Result<Kvm> {
 
 /// Fails with the name of the first capability the host KVM lacks.
 pub fn check_capabilities(kvm_fd: &Kvm) -> Result<()> {
-    match REQUIRED_CAPS
-        .iter()
-        .find(|(cap, _)| !kvm_fd.check_extension(*cap))
-    {
+    match REQUIRED_CAPS.iter().find(|(cap, _)| !kvm_fd.check_extension(*cap)) {
         Some((_, name)) => Err(Error::KvmCapability(name)),
         None => Ok(()),
     }
@@ -53,15 +50,10 @@ pub fn check_capabilities(kvm_fd: &Kvm) -> Result<()> {
 /// Creates the VM with its interrupt controllers, PIT and guest memory.
 pub fn create_vm(kvm_fd: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd> {
     let vm = kvm_fd.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
-    vm.set_tss_address(KVM_TSS_START as usize)
-        .map_err(kvm("KVM_SET_TSS_ADDR"))?;
-    vm.set_identity_map_address(KVM_IDENTITY_MAP_START)
-        .map_err(kvm("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.set_tss_address(KVM_TSS_START as usize).map_err(kvm("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_START).map_err(kvm("KVM_SET_IDENTITY_MAP_ADDR"))?;
     vm.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
     vm.create_pit2(pit).map_err(kvm("KVM_CREATE_PIT2"))?;
 
     for (slot, region) in mem.iter().enumerate() {
@@ -85,10 +77,7 @@ mod tests {
 
     #[test]
     fn a_missing_device_is_reported_as_no_kvm() {
-        assert!(matches!(
-            open_at(c"/nonexistent/kvm"),
-            Err(Error::KvmMissing)
-        ));
+        assert!(matches!(open_at(c"/nonexistent/kvm"), Err(Error::KvmMissing)));
     }
 
     #[test]

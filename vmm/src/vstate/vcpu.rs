@@ -37,10 +37,8 @@ extern "C" fn on_kick(_: c_int, _: *mut siginfo_t, _: *mut c_void) {
 /// Installs the (empty) handler for [`kick_signal`]; without SA_RESTART, so
 /// KVM_RUN returns EINTR.
 pub fn install_kick_handler() -> Result<()> {
-    register_signal_handler(kick_signal(), on_kick).map_err(|e| Error::Io {
-        what: "installing the vCPU kick signal handler",
-        source: e.into(),
-    })
+    register_signal_handler(kick_signal(), on_kick)
+        .map_err(|e| Error::Io { what: "installing the vCPU kick signal handler", source: e.into() })
 }
 
 /// A configured vCPU, ready to run on its own thread.
@@ -85,21 +83,11 @@ impl Vcpu {
     /// Creates vCPU `id` with its CPUID, MSRs, FPU and LAPIC set up; the
     /// bootstrap vCPU (id 0) also gets the PVH entry registers.
     pub fn new(setup: &VcpuSetup<'_>, id: u8) -> Result<Self> {
-        let fd = setup
-            .vm
-            .create_vcpu(u64::from(id))
-            .map_err(kvm("KVM_CREATE_VCPU"))?;
-        fd.set_cpuid2(&cpuid::for_vcpu(setup.supported_cpuid, id, setup.count))
-            .map_err(kvm("KVM_SET_CPUID2"))?;
+        let fd = setup.vm.create_vcpu(u64::from(id)).map_err(kvm("KVM_CREATE_VCPU"))?;
+        fd.set_cpuid2(&cpuid::for_vcpu(setup.supported_cpuid, id, setup.count)).map_err(kvm("KVM_SET_CPUID2"))?;
         msr::setup(&fd)?;
         regs::setup(&fd, (id == 0).then_some(setup.entry))?;
-        Ok(Self {
-            id,
-            fd,
-            pio: setup.pio.clone(),
-            mmio: setup.mmio.clone(),
-            mem: setup.mem.clone(),
-        })
+        Ok(Self { id, fd, pio: setup.pio.clone(), mmio: setup.mmio.clone(), mem: setup.mem.clone() })
     }
 
     /// This vCPU's index.
@@ -124,11 +112,7 @@ impl Vcpu {
                     return;
                 }
                 Next::FailEntry(reason) => {
-                    exit.request(Err(Error::FailEntry {
-                        vcpu: self.id,
-                        reason,
-                        registers: self.describe_registers(),
-                    }));
+                    exit.request(Err(Error::FailEntry { vcpu: self.id, reason, registers: self.describe_registers() }));
                     return;
                 }
                 Next::Unexpected(what) => {
@@ -253,10 +237,7 @@ impl Vcpu {
             return None;
         }
         let mut code = vec![0u8; 16];
-        let n = self
-            .mem
-            .read(&mut code, GuestAddress(translation.physical_address))
-            .ok()?;
+        let n = self.mem.read(&mut code, GuestAddress(translation.physical_address)).ok()?;
         code.truncate(n);
         Some(code)
     }
@@ -278,29 +259,21 @@ impl VcpuThreads {
         for vcpu in vcpus {
             let id = vcpu.id();
             let vcpu_exit = exit.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || {
-                    let run = std::panic::AssertUnwindSafe(|| vcpu.run(&vcpu_exit));
-                    if std::panic::catch_unwind(run).is_err() {
-                        vcpu_exit.request(Err(Error::VcpuPanic(id)));
-                    }
-                });
+            let spawned = std::thread::Builder::new().name(format!("vcpu{id}")).spawn(move || {
+                let run = std::panic::AssertUnwindSafe(|| vcpu.run(&vcpu_exit));
+                if std::panic::catch_unwind(run).is_err() {
+                    vcpu_exit.request(Err(Error::VcpuPanic(id)));
+                }
+            });
             match spawned {
                 Ok(handle) => threads.push((id, handle)),
                 Err(source) => {
-                    exit.request(Err(Error::Io {
-                        what: "starting a vCPU thread",
-                        source,
-                    }));
+                    exit.request(Err(Error::Io { what: "starting a vCPU thread", source }));
                     break;
                 }
             }
         }
-        Self {
-            exit: exit.clone(),
-            threads,
-        }
+        Self { exit: exit.clone(), threads }
     }
 }
 

@@ -103,7 +103,15 @@ pub(crate) struct Exchange {
 impl Exchange {
     pub(crate) fn new(recorder: Recorder, started: SystemTime, domain: String, sni: Option<String>) -> Self {
         let event = blank_event(started, domain, sni);
-        Self { recorder, slot: None, event, sent: Arc::default(), received: Arc::default(), parser: None, secrets: None }
+        Self {
+            recorder,
+            slot: None,
+            event,
+            sent: Arc::default(),
+            received: Arc::default(),
+            parser: None,
+            secrets: None,
+        }
     }
 
     /// Reserve room for the row before the request is acted on. An error means

@@ -49,12 +49,12 @@ use tokio::net::UnixStream;
 use tokio::time::{timeout_at, Instant};
 use tokio_rustls::server::TlsStream;
 
+use crate::bindings::Bindings;
 use crate::ca::{LeafCache, SandboxCa};
 use crate::client_hello::read_client_hello;
 use crate::config::NetConfig;
 use crate::error::Result;
 use crate::idle::{Activity, Tracked};
-use crate::bindings::Bindings;
 use crate::proxy_header::{self, MAX_LEN};
 use crate::server::ConnectionHandler;
 use crate::upstream::{Upstream, UpstreamConnector};
@@ -233,7 +233,12 @@ impl MitmHandler {
     /// The `tcp.connect` decision for a connection to `ip:port`, named `host`
     /// (the name the sandbox resolved the address from, or the SNI of an
     /// inspected connection; empty: none).
-    async fn decide_connection(&self, host: String, ip: IpAddr, port: u16) -> std::result::Result<Destination, SetupFailure> {
+    async fn decide_connection(
+        &self,
+        host: String,
+        ip: IpAddr,
+        port: u16,
+    ) -> std::result::Result<Destination, SetupFailure> {
         let event = Event::TcpConnect(TcpConnect { host: host.clone(), ip: Some(ip), port });
         let verdict = self.policy.decide(&event).await;
         let mode = match (verdict.decision, verdict.mode) {
@@ -410,7 +415,11 @@ impl ConnectionHandler for MitmHandler {
 
     fn refused(&self, reason: &str) {
         tracing::warn!(reason, "MITM connection refused");
-        self.record_setup(SystemTime::now(), Setup::default(), SetupFailure::error(format!("connection refused: {reason}")));
+        self.record_setup(
+            SystemTime::now(),
+            Setup::default(),
+            SetupFailure::error(format!("connection refused: {reason}")),
+        );
     }
 }
 

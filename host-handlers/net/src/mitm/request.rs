@@ -107,7 +107,13 @@ enum Reply {
 
 /// Join the upgraded guest and upstream connections until either side ends or
 /// nothing moves for the idle timeout; the exchange is recorded at the end.
-async fn tunnel(guest: OnUpgrade, upstream: OnUpgrade, mut exchange: Exchange, activity: Arc<Activity>, idle: Duration) {
+async fn tunnel(
+    guest: OnUpgrade,
+    upstream: OnUpgrade,
+    mut exchange: Exchange,
+    activity: Arc<Activity>,
+    idle: Duration,
+) {
     match tokio::join!(guest, upstream) {
         (Ok(guest), Ok(upstream)) => {
             let mut guest = exchange.count_tunnel(TokioIo::new(guest));
@@ -507,9 +513,8 @@ fn rewrite_headers(headers: &mut HeaderMap, actions: &[Action], target: Target) 
     let mut secret = HashSet::new();
     for action in actions {
         let (name, value) = match (action, target) {
-            (Action::RemoveRequestHeader(name), Target::Request) | (Action::RemoveResponseHeader(name), Target::Response) => {
-                (name, None)
-            }
+            (Action::RemoveRequestHeader(name), Target::Request)
+            | (Action::RemoveResponseHeader(name), Target::Response) => (name, None),
             (Action::SetRequestHeader(name, value), Target::Request)
             | (Action::SetResponseHeader(name, value), Target::Response) => (name, Some(value)),
             _ => continue,
@@ -641,13 +646,15 @@ mod tests {
 
     #[test]
     fn refusals_map_guard_timeouts_and_other_failures() {
-        let refused = Error::AddressRefused { host: "m.test".into(), refused: vec!["169.254.169.254".parse().unwrap()] };
+        let refused =
+            Error::AddressRefused { host: "m.test".into(), refused: vec!["169.254.169.254".parse().unwrap()] };
         let r = upstream_refusal("m.test", &refused);
         assert_eq!((r.status, r.rule.as_deref()), (StatusCode::FORBIDDEN, Some(ADDRESS_GUARD_RULE)));
         assert!(r.message.contains("169.254.169.254"));
         let r = upstream_refusal("t.test", &Error::ConnectTimeout { host: "t.test".into() });
         assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
-        let tls = Error::UpstreamTls { host: "b.test".into(), source: std::io::Error::other("invalid peer certificate") };
+        let tls =
+            Error::UpstreamTls { host: "b.test".into(), source: std::io::Error::other("invalid peer certificate") };
         let r = upstream_refusal("b.test", &tls);
         assert_eq!(r.status, StatusCode::BAD_GATEWAY);
         assert!(r.message.contains("invalid peer certificate"));

@@ -72,7 +72,13 @@ async fn connect(handler: &MitmHandler, destination: &Destination, exchange: &mu
 }
 
 /// Copy both ways until both sides are done or nothing moves for the idle timeout.
-async fn relay(handler: &MitmHandler, guest: GuestIo, mut upstream: UpstreamStream, exchange: &mut Exchange, activity: &Activity) {
+async fn relay(
+    handler: &MitmHandler,
+    guest: GuestIo,
+    mut upstream: UpstreamStream,
+    exchange: &mut Exchange,
+    activity: &Activity,
+) {
     let mut guest = exchange.count_tunnel(guest);
     tokio::select! {
         copied = tokio::io::copy_bidirectional(&mut guest, &mut upstream) => {

@@ -4,9 +4,9 @@
 #![allow(clippy::unwrap_used, dead_code)]
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use guest_protocol::sandbox_dir::SandboxDir;
@@ -179,7 +179,13 @@ impl Harness {
 
         let engine = Engine::builder()
             .secrets(Secrets::none().with_value("NET_TEST_TOKEN", SECRET_TOKEN))
-            .profile(Layer::User, ProfileSource::Text { name: "net-test.toml".into(), text: (PROFILE.to_owned() + extra).replace("UPSTREAM_PORT", &upstream.addr().port().to_string()) })
+            .profile(
+                Layer::User,
+                ProfileSource::Text {
+                    name: "net-test.toml".into(),
+                    text: (PROFILE.to_owned() + extra).replace("UPSTREAM_PORT", &upstream.addr().port().to_string()),
+                },
+            )
             .build()
             .unwrap();
         let db_path = SandboxDir::new(dir.path()).session_db();

@@ -102,9 +102,7 @@ fn join(a: &Ty, b: &Ty) -> Option<Ty> {
         _ if a == b => Some(a.clone()),
         (Ty::Dyn, _) | (_, Ty::Dyn) => Some(Ty::Dyn),
         (Ty::List(x), Ty::List(y)) => Some(Ty::List(Box::new(join(x, y)?))),
-        (Ty::Map(k1, v1), Ty::Map(k2, v2)) => {
-            Some(Ty::Map(Box::new(join(k1, k2)?), Box::new(join(v1, v2)?)))
-        }
+        (Ty::Map(k1, v1), Ty::Map(k2, v2)) => Some(Ty::Map(Box::new(join(k1, k2)?), Box::new(join(v1, v2)?))),
         _ => None,
     }
 }
@@ -119,10 +117,7 @@ pub(crate) struct CheckError {
 type Checked = Result<Ty, CheckError>;
 
 fn error(id: u64, message: impl Into<String>) -> CheckError {
-    CheckError {
-        id,
-        message: message.into(),
-    }
+    CheckError { id, message: message.into() }
 }
 
 /// What the checker learnt about a condition, for lowering.
@@ -147,12 +142,7 @@ const NAMESPACES: [&str; 3] = ["dns", "http", "tcp"];
 
 impl Checker {
     pub fn new(event: EventKind) -> Checker {
-        Checker {
-            event,
-            locals: Vec::new(),
-            next_id: u64::MAX / 2,
-            facts: Facts::default(),
-        }
+        Checker { event, locals: Vec::new(), next_id: u64::MAX / 2, facts: Facts::default() }
     }
 
     /// Checks and rewrites `expr`; returns its type.
@@ -163,11 +153,7 @@ impl Checker {
     }
 
     fn local(&self, name: &str) -> Option<&Ty> {
-        self.locals
-            .iter()
-            .rev()
-            .find(|(local, _)| local == name)
-            .map(|(_, ty)| ty)
+        self.locals.iter().rev().find(|(local, _)| local == name).map(|(_, ty)| ty)
     }
 
     /// The segments of `expr` when it names something under an event
@@ -182,9 +168,7 @@ impl Checker {
                     segments.push(select.field.clone());
                     node = &select.operand;
                 }
-                Expr::Ident(root)
-                    if NAMESPACES.contains(&root.as_str()) && self.local(root).is_none() =>
-                {
+                Expr::Ident(root) if NAMESPACES.contains(&root.as_str()) && self.local(root).is_none() => {
                     segments.push(root.clone());
                     segments.reverse();
                     return Some(segments);
@@ -197,21 +181,14 @@ impl Checker {
     fn fields_of(kind: EventKind) -> String {
         Field::ALL
             .into_iter()
-            .filter(|field| {
-                field.path().starts_with(kind.name())
-                    && field.path()[kind.name().len()..].starts_with('.')
-            })
+            .filter(|field| field.path().starts_with(kind.name()) && field.path()[kind.name().len()..].starts_with('.'))
             .map(Field::short_name)
             .collect::<Vec<_>>()
             .join(", ")
     }
 
     fn available(&self) -> String {
-        self.event
-            .fields()
-            .map(Field::path)
-            .collect::<Vec<_>>()
-            .join(", ")
+        self.event.fields().map(Field::path).collect::<Vec<_>>().join(", ")
     }
 
     /// Resolves a three-segment event path to a field of this rule's event.
@@ -219,29 +196,18 @@ impl Checker {
         let event_name = format!("{}.{}", path[0], path[1]);
         let full = path.join(".");
         let Some(kind) = EventKind::from_name(&event_name) else {
-            return Err(error(
-                id,
-                format!("unknown event `{event_name}` in `{full}`"),
-            ));
+            return Err(error(id, format!("unknown event `{event_name}` in `{full}`")));
         };
         let Some(field) = Field::from_path(&full) else {
             return Err(error(
                 id,
-                format!(
-                    "unknown field `{}` of `{event_name}` (fields: {})",
-                    path[2],
-                    Self::fields_of(kind)
-                ),
+                format!("unknown field `{}` of `{event_name}` (fields: {})", path[2], Self::fields_of(kind)),
             ));
         };
         if !field.events().contains(&self.event) {
             return Err(error(
                 id,
-                format!(
-                    "`{full}` is not available in `{}` rules (available: {})",
-                    self.event,
-                    self.available()
-                ),
+                format!("`{full}` is not available in `{}` rules (available: {})", self.event, self.available()),
             ));
         }
         Ok(field)
@@ -251,20 +217,11 @@ impl Checker {
     fn not_a_field(&self, id: u64, path: &[String]) -> CheckError {
         let name = path.join(".");
         match path.len() {
-            1 => error(
-                id,
-                format!(
-                    "`{name}` is not a field; conditions use fields such as {}",
-                    self.available()
-                ),
-            ),
+            1 => error(id, format!("`{name}` is not a field; conditions use fields such as {}", self.available())),
             _ => match EventKind::from_name(&name) {
                 Some(kind) => error(
                     id,
-                    format!(
-                        "`{name}` is an event, not a field; use one of its fields: {}",
-                        Self::fields_of(kind)
-                    ),
+                    format!("`{name}` is an event, not a field; use one of its fields: {}", Self::fields_of(kind)),
                 ),
                 None => error(id, format!("unknown event `{name}`")),
             },
@@ -321,13 +278,7 @@ impl Checker {
                 if NAMESPACES.contains(&name.as_str()) {
                     return Err(self.not_a_field(id, &path));
                 }
-                Err(error(
-                    id,
-                    format!(
-                        "unknown name `{name}`; conditions use fields such as {}",
-                        self.available()
-                    ),
-                ))
+                Err(error(id, format!("unknown name `{name}`; conditions use fields such as {}", self.available())))
             }
             Expr::Select(select) if select.test => {
                 if let Some(path) = self.event_path(&select.operand) {
@@ -344,18 +295,12 @@ impl Checker {
                     }
                 }
                 let ty = self.check(&mut select.operand)?;
-                let key = IdedExpr {
-                    id,
-                    expr: Expr::Literal(LiteralValue::String(select.field.clone().into())),
-                };
+                let key = IdedExpr { id, expr: Expr::Literal(LiteralValue::String(select.field.clone().into())) };
                 self.check_header_key(&select.operand, &key)?;
                 match ty {
                     Ty::Map(key, _) if matches!(*key, Ty::String | Ty::Dyn) => Ok(Ty::Bool),
                     Ty::Dyn => Ok(Ty::Bool),
-                    other => Err(error(
-                        id,
-                        format!("has() needs a map with string keys, found {other}"),
-                    )),
+                    other => Err(error(id, format!("has() needs a map with string keys, found {other}"))),
                 }
             }
             Expr::Select(_) => {
@@ -377,10 +322,8 @@ impl Checker {
                 let operand_ty = self.check(&mut select.operand)?;
                 match operand_ty {
                     Ty::Map(key, value) if matches!(*key, Ty::String | Ty::Dyn) => {
-                        let key = IdedExpr {
-                            id: self.fresh_id(),
-                            expr: Expr::Literal(LiteralValue::String(field.into())),
-                        };
+                        let key =
+                            IdedExpr { id: self.fresh_id(), expr: Expr::Literal(LiteralValue::String(field.into())) };
                         self.check_header_key(&select.operand, &key)?;
                         self.facts.types.insert(key.id, Ty::String);
                         let operand = std::mem::take(&mut *select.operand);
@@ -422,24 +365,14 @@ impl Checker {
                         ));
                     }
                     let value = self.check(&mut entry.value)?;
-                    key_ty =
-                        Some(key_ty.map_or(key.clone(), |k| join(&k, &key).unwrap_or(Ty::Dyn)));
-                    value_ty = Some(
-                        value_ty.map_or(value.clone(), |v| join(&v, &value).unwrap_or(Ty::Dyn)),
-                    );
+                    key_ty = Some(key_ty.map_or(key.clone(), |k| join(&k, &key).unwrap_or(Ty::Dyn)));
+                    value_ty = Some(value_ty.map_or(value.clone(), |v| join(&v, &value).unwrap_or(Ty::Dyn)));
                 }
-                Ok(Ty::Map(
-                    Box::new(key_ty.unwrap_or(Ty::Dyn)),
-                    Box::new(value_ty.unwrap_or(Ty::Dyn)),
-                ))
+                Ok(Ty::Map(Box::new(key_ty.unwrap_or(Ty::Dyn)), Box::new(value_ty.unwrap_or(Ty::Dyn))))
             }
-            Expr::Struct(structure) => Err(error(
-                id,
-                format!(
-                    "message construction (`{}{{...}}`) is not supported",
-                    structure.type_name
-                ),
-            )),
+            Expr::Struct(structure) => {
+                Err(error(id, format!("message construction (`{}{{...}}`) is not supported", structure.type_name)))
+            }
             Expr::Comprehension(comprehension) => {
                 if comprehension.iter_var2.is_some() {
                     return Err(error(id, "two-variable comprehensions are not supported"));
@@ -449,12 +382,7 @@ impl Checker {
                     Ty::List(elem) => *elem,
                     Ty::Map(key, _) => *key,
                     Ty::Dyn => Ty::Dyn,
-                    other => {
-                        return Err(error(
-                            comprehension.iter_range.id,
-                            format!("cannot iterate over {other}"),
-                        ))
-                    }
+                    other => return Err(error(comprehension.iter_range.id, format!("cannot iterate over {other}"))),
                 };
                 let accu = self.check(&mut comprehension.accu_init)?;
                 self.locals.push((comprehension.iter_var.clone(), item));
@@ -466,16 +394,10 @@ impl Checker {
         }
     }
 
-    fn check_comprehension_body(
-        &mut self,
-        comprehension: &mut cel::common::ast::ComprehensionExpr,
-    ) -> Checked {
+    fn check_comprehension_body(&mut self, comprehension: &mut cel::common::ast::ComprehensionExpr) -> Checked {
         let cond = self.check(&mut comprehension.loop_cond)?;
         if !matches!(cond, Ty::Bool | Ty::Dyn) {
-            return Err(error(
-                comprehension.loop_cond.id,
-                format!("expected bool, found {cond}"),
-            ));
+            return Err(error(comprehension.loop_cond.id, format!("expected bool, found {cond}")));
         }
         let step = self.check(&mut comprehension.loop_step)?;
         // `map` and `filter` start from an empty list: the step tells the element type.
@@ -542,11 +464,7 @@ impl Checker {
                 _ => Err(mismatch(&format!("cannot add {a} and {b}"))),
             },
             (operators::SUBSTRACT | operators::MULTIPLY | operators::DIVIDE | operators::MODULO, [a, b]) if global => {
-                let allowed = if name == operators::MODULO {
-                    matches!(a, Ty::Int | Ty::Uint)
-                } else {
-                    a.is_numeric()
-                };
+                let allowed = if name == operators::MODULO { matches!(a, Ty::Int | Ty::Uint) } else { a.is_numeric() };
                 match (a, b) {
                     (Ty::Dyn, _) | (_, Ty::Dyn) => Ok(Ty::Dyn),
                     _ if a == b && allowed => Ok(a.clone()),
@@ -651,11 +569,7 @@ impl Checker {
 }
 
 fn describe_call(name: &str, target: Option<&Ty>, args: &[Ty]) -> String {
-    let args = args
-        .iter()
-        .map(Ty::to_string)
-        .collect::<Vec<_>>()
-        .join(", ");
+    let args = args.iter().map(Ty::to_string).collect::<Vec<_>>().join(", ");
     match target {
         Some(target) => format!("{target}.{name}({args})"),
         None => format!("{name}({args})"),
@@ -667,8 +581,5 @@ fn regex_problem(error: &regex::Error) -> String {
     let text = error.to_string();
     text.lines()
         .find_map(|line| line.strip_prefix("error: "))
-        .map_or_else(
-            || text.lines().last().unwrap_or_default().to_owned(),
-            str::to_owned,
-        )
+        .map_or_else(|| text.lines().last().unwrap_or_default().to_owned(), str::to_owned)
 }

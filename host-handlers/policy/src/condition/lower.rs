@@ -61,24 +61,15 @@ fn native(expr: &IdedExpr, facts: &Facts) -> Option<Cond> {
         Expr::Literal(LiteralValue::Boolean(value)) => return Some(Cond::Const(*value.inner())),
         Expr::Select(select) if select.test => {
             let map = field_of(&select.operand, FieldType::Headers)?;
-            return Some(Cond::HasKey {
-                map,
-                key: StrOperand::Literal(select.field.as_str().into()),
-            });
+            return Some(Cond::HasKey { map, key: StrOperand::Literal(select.field.as_str().into()) });
         }
         Expr::Call(call) => call,
         _ => return None,
     };
     let args = call.args.as_slice();
     match (call.func_name.as_str(), &call.target, args) {
-        (operators::LOGICAL_AND, None, [a, b]) => Some(Cond::And(
-            Box::new(lower(a, facts)),
-            Box::new(lower(b, facts)),
-        )),
-        (operators::LOGICAL_OR, None, [a, b]) => Some(Cond::Or(
-            Box::new(lower(a, facts)),
-            Box::new(lower(b, facts)),
-        )),
+        (operators::LOGICAL_AND, None, [a, b]) => Some(Cond::And(Box::new(lower(a, facts)), Box::new(lower(b, facts)))),
+        (operators::LOGICAL_OR, None, [a, b]) => Some(Cond::Or(Box::new(lower(a, facts)), Box::new(lower(b, facts)))),
         (operators::LOGICAL_NOT, None, [a]) if ty(facts, a) == Some(&Ty::Bool) => {
             Some(Cond::Not(Box::new(lower(a, facts))))
         }
@@ -95,73 +86,39 @@ fn native(expr: &IdedExpr, facts: &Facts) -> Option<Cond> {
             let equal = call.func_name == operators::EQUALS;
             if both_strings(facts, a, b) {
                 let op = if equal { StrOp::Eq } else { StrOp::Ne };
-                return Some(Cond::Str {
-                    op,
-                    left: str_operand(a),
-                    right: str_operand(b),
-                });
+                return Some(Cond::Str { op, left: str_operand(a), right: str_operand(b) });
             }
             let op = if equal { IntOp::Eq } else { IntOp::Ne };
-            Some(Cond::Int {
-                op,
-                left: int_operand(a)?,
-                right: int_operand(b)?,
-            })
+            Some(Cond::Int { op, left: int_operand(a)?, right: int_operand(b)? })
         }
-        (
-            operators::LESS
-            | operators::LESS_EQUALS
-            | operators::GREATER
-            | operators::GREATER_EQUALS,
-            None,
-            [a, b],
-        ) => {
+        (operators::LESS | operators::LESS_EQUALS | operators::GREATER | operators::GREATER_EQUALS, None, [a, b]) => {
             let op = match call.func_name.as_str() {
                 operators::LESS => IntOp::Lt,
                 operators::LESS_EQUALS => IntOp::Le,
                 operators::GREATER => IntOp::Gt,
                 _ => IntOp::Ge,
             };
-            Some(Cond::Int {
-                op,
-                left: int_operand(a)?,
-                right: int_operand(b)?,
-            })
+            Some(Cond::Int { op, left: int_operand(a)?, right: int_operand(b)? })
         }
-        ("startsWith" | "endsWith" | "contains", Some(target), [arg])
-            if both_strings(facts, target, arg) =>
-        {
+        ("startsWith" | "endsWith" | "contains", Some(target), [arg]) if both_strings(facts, target, arg) => {
             let op = match call.func_name.as_str() {
                 "startsWith" => StrOp::StartsWith,
                 "endsWith" => StrOp::EndsWith,
                 _ => StrOp::Contains,
             };
-            Some(Cond::Str {
-                op,
-                left: str_operand(target),
-                right: str_operand(arg),
-            })
+            Some(Cond::Str { op, left: str_operand(target), right: str_operand(arg) })
         }
         ("matches", Some(subject), [_]) if ty(facts, subject) == Some(&Ty::String) => {
             let regex = facts.regexes.get(&expr.id)?.clone();
-            Some(Cond::Matches {
-                subject: str_operand(subject),
-                regex,
-            })
+            Some(Cond::Matches { subject: str_operand(subject), regex })
         }
         ("matches", None, [subject, _]) if ty(facts, subject) == Some(&Ty::String) => {
             let regex = facts.regexes.get(&expr.id)?.clone();
-            Some(Cond::Matches {
-                subject: str_operand(subject),
-                regex,
-            })
+            Some(Cond::Matches { subject: str_operand(subject), regex })
         }
         (operators::IN, None, [item, container]) if ty(facts, item) == Some(&Ty::String) => {
             if let Some(map) = field_of(container, FieldType::Headers) {
-                return Some(Cond::HasKey {
-                    map,
-                    key: str_operand(item),
-                });
+                return Some(Cond::HasKey { map, key: str_operand(item) });
             }
             let Expr::List(list) = &container.expr else {
                 return None;
@@ -176,10 +133,7 @@ fn native(expr: &IdedExpr, facts: &Facts) -> Option<Cond> {
                 .collect::<Option<Vec<_>>>()?;
             values.sort();
             values.dedup();
-            Some(Cond::InList {
-                subject: str_operand(item),
-                values: values.into_boxed_slice(),
-            })
+            Some(Cond::InList { subject: str_operand(item), values: values.into_boxed_slice() })
         }
         _ => None,
     }

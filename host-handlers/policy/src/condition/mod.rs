@@ -131,10 +131,7 @@ pub(crate) enum IntOperand {
 impl Condition {
     /// A condition that always holds (a rule without `if`).
     pub fn always() -> Condition {
-        Condition {
-            cond: Cond::Const(true),
-            reads: Box::new([]),
-        }
+        Condition { cond: Cond::Const(true), reads: Box::new([]) }
     }
 
     /// Parses, checks and compiles `text` for rules on `event`.
@@ -149,10 +146,7 @@ impl Condition {
             .collect();
         reads.sort_unstable_by_key(|field| field.path());
         reads.dedup();
-        Ok(Condition {
-            cond: lower::lower(&expr, &facts),
-            reads: reads.into(),
-        })
+        Ok(Condition { cond: lower::lower(&expr, &facts), reads: reads.into() })
     }
 
     /// Whether the condition reads `field` (e.g. whether a rule names the
@@ -170,16 +164,9 @@ impl Condition {
 
 /// Parses and checks `text` for rules on `event`: the rewritten tree and
 /// what the checker learnt about it.
-fn parse_and_check(
-    text: &str,
-    event: EventKind,
-    env: &Env,
-) -> Result<(IdedExpr, check::Facts), CompileError> {
+fn parse_and_check(text: &str, event: EventKind, env: &Env) -> Result<(IdedExpr, check::Facts), CompileError> {
     if text.trim().is_empty() {
-        return Err(CompileError {
-            offset: 0,
-            message: "the condition is empty".into(),
-        });
+        return Err(CompileError { offset: 0, message: "the condition is empty".into() });
     }
     if text.len() > MAX_CONDITION_LEN {
         return Err(CompileError {
@@ -187,44 +174,23 @@ fn parse_and_check(
             message: format!("the condition is longer than {MAX_CONDITION_LEN} bytes"),
         });
     }
-    let (mut expr, source_info) = env
-        .parser()
-        .parse_with_source_info(text)
-        .map_err(|errors| {
-            // Prefer the parser's syntax errors to its follow-up complaints.
-            let first = errors
-                .errors
-                .iter()
-                .find(|e| e.msg.starts_with("Syntax error"))
-                .or(errors.errors.first());
-            match first {
-                Some(e) if e.msg.contains("Recursion limit") => CompileError {
-                    offset: 0,
-                    message: "the condition nests deeper than the parser allows".into(),
-                },
-                Some(e) => CompileError {
-                    offset: offset_of(text, e.pos),
-                    message: format!(
-                        "invalid condition: {}",
-                        e.msg.replacen("Syntax error", "syntax error", 1)
-                    ),
-                },
-                None => CompileError {
-                    offset: 0,
-                    message: "invalid condition".into(),
-                },
+    let (mut expr, source_info) = env.parser().parse_with_source_info(text).map_err(|errors| {
+        // Prefer the parser's syntax errors to its follow-up complaints.
+        let first = errors.errors.iter().find(|e| e.msg.starts_with("Syntax error")).or(errors.errors.first());
+        match first {
+            Some(e) if e.msg.contains("Recursion limit") => {
+                CompileError { offset: 0, message: "the condition nests deeper than the parser allows".into() }
             }
-        })?;
-    let node_offset = |id: u64| {
-        source_info
-            .offset_for(id)
-            .map_or(0, |(start, _)| usize::try_from(start).unwrap_or(0))
-    };
-    let mut checker = check::Checker::new(event);
-    let ty = checker.check(&mut expr).map_err(|e| CompileError {
-        offset: node_offset(e.id),
-        message: e.message,
+            Some(e) => CompileError {
+                offset: offset_of(text, e.pos),
+                message: format!("invalid condition: {}", e.msg.replacen("Syntax error", "syntax error", 1)),
+            },
+            None => CompileError { offset: 0, message: "invalid condition".into() },
+        }
     })?;
+    let node_offset = |id: u64| source_info.offset_for(id).map_or(0, |(start, _)| usize::try_from(start).unwrap_or(0));
+    let mut checker = check::Checker::new(event);
+    let ty = checker.check(&mut expr).map_err(|e| CompileError { offset: node_offset(e.id), message: e.message })?;
     if !matches!(ty, Ty::Bool | Ty::Dyn) {
         return Err(CompileError {
             offset: node_offset(expr.id),
@@ -244,10 +210,7 @@ fn parse_and_check(
 
 /// The first node found deeper than [`MAX_CONDITION_DEPTH`], if any.
 fn too_deep(expr: &IdedExpr) -> Option<u64> {
-    nodes(expr)
-        .into_iter()
-        .find(|&(_, depth)| depth > MAX_CONDITION_DEPTH)
-        .map(|(node, _)| node.id)
+    nodes(expr).into_iter().find(|&(_, depth)| depth > MAX_CONDITION_DEPTH).map(|(node, _)| node.id)
 }
 
 /// Every node of the tree with its depth (the root is at depth 1). Walks
@@ -270,9 +233,7 @@ fn nodes(expr: &IdedExpr) -> Vec<(&IdedExpr, usize)> {
                 pending.extend(call.args.iter().map(|arg| (arg, below)));
             }
             Expr::Select(select) => pending.push((&select.operand, below)),
-            Expr::List(list) => {
-                pending.extend(list.elements.iter().map(|element| (element, below)))
-            }
+            Expr::List(list) => pending.extend(list.elements.iter().map(|element| (element, below))),
             Expr::Map(map) => {
                 for entry in &map.entries {
                     if let EntryExpr::MapEntry(entry) = &entry.expr {
@@ -311,11 +272,7 @@ fn offset_of(text: &str, (line, column): (isize, isize)) -> usize {
     for (index, line_text) in text.split_inclusive('\n').enumerate() {
         if isize::try_from(index + 1).unwrap_or(isize::MAX) == line {
             let column = usize::try_from(column.saturating_sub(1)).unwrap_or(0);
-            return offset
-                + line_text
-                    .char_indices()
-                    .nth(column)
-                    .map_or(line_text.len(), |(at, _)| at);
+            return offset + line_text.char_indices().nth(column).map_or(line_text.len(), |(at, _)| at);
         }
         offset += line_text.len();
     }
@@ -333,20 +290,10 @@ pub(crate) struct EvalCx<'c, 'v, 'e> {
 }
 
 /// Runs `f` with an evaluation context for `event`.
-pub(crate) fn with_event<R>(
-    event: &Event,
-    env: &Arc<Env>,
-    f: impl FnOnce(&EvalCx<'_, '_, '_>) -> R,
-) -> R {
+pub(crate) fn with_event<R>(event: &Event, env: &Arc<Env>, f: impl FnOnce(&EvalCx<'_, '_, '_>) -> R) -> R {
     let vars = OnceCell::new();
     let context = OnceCell::new();
-    let cx = EvalCx {
-        event,
-        env,
-        vars: &vars,
-        context: &context,
-        ip: OnceCell::new(),
-    };
+    let cx = EvalCx { event, env, vars: &vars, context: &context, ip: OnceCell::new() };
     f(&cx)
 }
 
@@ -368,11 +315,7 @@ impl<'c, 'v, 'e: 'v> EvalCx<'c, 'v, 'e> {
     }
 
     /// Runs `f` on the string an operand stands for.
-    fn with_str<R>(
-        &self,
-        operand: &StrOperand,
-        f: impl FnOnce(&str) -> R,
-    ) -> Result<R, ExecutionError> {
+    fn with_str<R>(&self, operand: &StrOperand, f: impl FnOnce(&str) -> R) -> Result<R, ExecutionError> {
         match operand {
             StrOperand::Field(field) => Ok(f(self.str_field(*field))),
             StrOperand::Literal(text) => Ok(f(text)),
@@ -437,14 +380,12 @@ impl Cond {
                 })
             })?,
             Cond::Matches { subject, regex } => cx.with_str(subject, |text| regex.is_match(text)),
-            Cond::InList { subject, values } => cx.with_str(subject, |text| {
-                values.binary_search_by(|v| (**v).cmp(text)).is_ok()
-            }),
+            Cond::InList { subject, values } => {
+                cx.with_str(subject, |text| values.binary_search_by(|v| (**v).cmp(text)).is_ok())
+            }
             Cond::HasKey { map, key } => {
                 let headers = cx.event.headers_field(*map);
-                cx.with_str(key, |key| {
-                    headers.is_some_and(|headers| headers.contains_key(key))
-                })
+                cx.with_str(key, |key| headers.is_some_and(|headers| headers.contains_key(key)))
             }
             Cond::Int { op, left, right } => {
                 let (left, right) = (cx.int(left), cx.int(right));
@@ -487,20 +428,13 @@ impl<'e> EventVars<'e> {
             _ => CelString::from(event.str_field(field).unwrap_or_default()),
         });
         let ints = Field::ALL.map(|field| CelInt::from(event.int_field(field).unwrap_or_default()));
-        EventVars {
-            strings,
-            ints,
-            maps: Default::default(),
-            event,
-        }
+        EventVars { strings, ints, maps: Default::default(), event }
     }
 }
 
 impl<'e> VariableResolver for EventVars<'e> {
     fn resolve<'b>(&'b self, variable: &str) -> Option<CowVal<'b, 'b>> {
-        let index = Field::ALL
-            .iter()
-            .position(|field| field.path() == variable)?;
+        let index = Field::ALL.iter().position(|field| field.path() == variable)?;
         let field = Field::ALL[index];
         let value: &dyn Val = match field.field_type() {
             crate::event::FieldType::String => &self.strings[index],

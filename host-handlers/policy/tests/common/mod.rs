@@ -28,13 +28,7 @@ set_request_headers = { authorization = "Bearer ${secret:TOKEN}" }
 
 pub fn engine() -> Engine {
     Engine::builder()
-        .profile(
-            Layer::User,
-            ProfileSource::Text {
-                name: "p.toml".into(),
-                text: PROFILE.into(),
-            },
-        )
+        .profile(Layer::User, ProfileSource::Text { name: "p.toml".into(), text: PROFILE.into() })
         .secrets(Secrets::none().with_value("TOKEN", "t0k3n-value"))
         .build()
         .unwrap()
@@ -54,11 +48,7 @@ pub struct Scripted {
 
 impl Scripted {
     pub fn new(answer: Option<bool>, delay: Duration) -> Arc<Scripted> {
-        Arc::new(Scripted {
-            answer,
-            delay,
-            calls: AtomicUsize::new(0),
-        })
+        Arc::new(Scripted { answer, delay, calls: AtomicUsize::new(0) })
     }
     pub fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
@@ -66,11 +56,7 @@ impl Scripted {
 }
 
 impl Asker for Scripted {
-    fn ask(
-        &self,
-        _event: &Event,
-        rule: Option<&str>,
-    ) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
+    fn ask(&self, _event: &Event, rule: Option<&str>) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
         assert_eq!(rule, Some("http.ask_unknown"));
         self.calls.fetch_add(1, Ordering::SeqCst);
         Box::pin(async move {

@@ -32,10 +32,7 @@ pub(super) fn apply(draft: &mut Draft, event: &Value) {
                 return;
             };
             if str_field(delta, "type") == Some("input_json_delta") {
-                if let (Some(part), Some(tool)) = (
-                    str_field(delta, "partial_json"),
-                    draft.existing_tool((index, 0)),
-                ) {
+                if let (Some(part), Some(tool)) = (str_field(delta, "partial_json"), draft.existing_tool((index, 0))) {
                     tool.append_arguments(part);
                 }
             }

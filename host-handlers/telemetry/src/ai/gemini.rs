@@ -27,10 +27,7 @@ pub(super) fn apply(draft: &mut Draft, chunk: &Value) {
     if let Some(usage) = chunk.get("usageMetadata") {
         apply_usage(draft, usage);
     }
-    if let Some(reason) = chunk
-        .get("promptFeedback")
-        .and_then(|f| str_field(f, "blockReason"))
-    {
+    if let Some(reason) = chunk.get("promptFeedback").and_then(|f| str_field(f, "blockReason")) {
         draft.set_stop(&format!("blocked: {reason}"));
         draft.call.complete = true;
     }
@@ -39,15 +36,8 @@ pub(super) fn apply(draft: &mut Draft, chunk: &Value) {
     };
     for (pos, candidate) in candidates.iter().enumerate() {
         let index = u64_field(candidate, "index").unwrap_or(position(pos));
-        let parts = candidate
-            .get("content")
-            .and_then(|c| c.get("parts"))
-            .and_then(Value::as_array);
-        for call in parts
-            .into_iter()
-            .flatten()
-            .filter_map(|part| part.get("functionCall"))
-        {
+        let parts = candidate.get("content").and_then(|c| c.get("parts")).and_then(Value::as_array);
+        for call in parts.into_iter().flatten().filter_map(|part| part.get("functionCall")) {
             let key = draft.next_tool_key(index);
             let Some(tool) = draft.tool(key) else {
                 continue;
@@ -81,11 +71,7 @@ fn apply_usage(draft: &mut Draft, usage: &Value) {
         draft.call.cache_read_tokens = cached;
     }
     if candidates.is_some() || thoughts.is_some() {
-        draft.call.output_tokens = Some(
-            candidates
-                .unwrap_or(0)
-                .saturating_add(thoughts.unwrap_or(0)),
-        );
+        draft.call.output_tokens = Some(candidates.unwrap_or(0).saturating_add(thoughts.unwrap_or(0)));
     }
 }
 

@@ -141,11 +141,7 @@ mod tests {
         let input = "[{\"a\":\"}]\\\"{\"},\r\n{\"b\":[1,{\"c\":2}]}\n]";
         for piece in 1..input.len() {
             let (items, splitter) = split(input.as_bytes(), piece, 1024);
-            assert_eq!(
-                items,
-                vec![value("{\"a\":\"}]\\\"{\"}"), value("{\"b\":[1,{\"c\":2}]}")],
-                "piece {piece}"
-            );
+            assert_eq!(items, vec![value("{\"a\":\"}]\\\"{\"}"), value("{\"b\":[1,{\"c\":2}]}")], "piece {piece}");
             assert!(splitter.array_closed());
             assert!(!splitter.in_item());
         }

@@ -45,9 +45,7 @@ pub(super) fn apply_chat(draft: &mut Draft, chunk: &Value) {
                     if tool.name.is_empty() {
                         tool.set_name(str_field(function, "name"));
                     }
-                    if let Some(part) =
-                        str_field(function, "arguments").or_else(|| str_field(function, "input"))
-                    {
+                    if let Some(part) = str_field(function, "arguments").or_else(|| str_field(function, "input")) {
                         tool.append_arguments(part);
                     }
                 }
@@ -55,15 +53,8 @@ pub(super) fn apply_chat(draft: &mut Draft, chunk: &Value) {
         }
     }
     if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
-        let cached = usage
-            .get("prompt_tokens_details")
-            .and_then(|d| u64_field(d, "cached_tokens"));
-        apply_usage(
-            draft,
-            u64_field(usage, "prompt_tokens"),
-            cached,
-            u64_field(usage, "completion_tokens"),
-        );
+        let cached = usage.get("prompt_tokens_details").and_then(|d| u64_field(d, "cached_tokens"));
+        apply_usage(draft, u64_field(usage, "prompt_tokens"), cached, u64_field(usage, "completion_tokens"));
     }
     if str_field(chunk, "object") == Some("chat.completion") {
         draft.call.complete = true;
@@ -88,10 +79,7 @@ pub(super) fn apply_responses(draft: &mut Draft, event: &Value) {
             | "response.custom_tool_call_input.delta"
             | "response.mcp_call_arguments.delta",
         ) => {
-            if let (Some(delta), Some(tool)) = (
-                str_field(event, "delta"),
-                draft.existing_tool((output_index, 0)),
-            ) {
+            if let (Some(delta), Some(tool)) = (str_field(event, "delta"), draft.existing_tool((output_index, 0))) {
                 tool.append_arguments(delta);
             }
         }
@@ -101,9 +89,7 @@ pub(super) fn apply_responses(draft: &mut Draft, event: &Value) {
             | "response.mcp_call_arguments.done",
         ) => {
             let arguments = event.get("arguments").or_else(|| event.get("input"));
-            if let (Some(arguments), Some(tool)) =
-                (arguments, draft.existing_tool((output_index, 0)))
-            {
+            if let (Some(arguments), Some(tool)) = (arguments, draft.existing_tool((output_index, 0))) {
                 tool.set_arguments(arguments);
             }
         }
@@ -128,9 +114,7 @@ fn apply_response(draft: &mut Draft, response: &Value) {
     draft.set_model(str_field(response, "model"));
     match str_field(response, "status") {
         Some("incomplete") => {
-            let reason = response
-                .get("incomplete_details")
-                .and_then(|d| str_field(d, "reason"));
+            let reason = response.get("incomplete_details").and_then(|d| str_field(d, "reason"));
             draft.set_stop(reason.unwrap_or("incomplete"));
         }
         Some(status) => draft.set_stop(status),
@@ -145,15 +129,8 @@ fn apply_response(draft: &mut Draft, response: &Value) {
         }
     }
     if let Some(usage) = response.get("usage").filter(|u| u.is_object()) {
-        let cached = usage
-            .get("input_tokens_details")
-            .and_then(|d| u64_field(d, "cached_tokens"));
-        apply_usage(
-            draft,
-            u64_field(usage, "input_tokens"),
-            cached,
-            u64_field(usage, "output_tokens"),
-        );
+        let cached = usage.get("input_tokens_details").and_then(|d| u64_field(d, "cached_tokens"));
+        apply_usage(draft, u64_field(usage, "input_tokens"), cached, u64_field(usage, "output_tokens"));
     }
     draft.call.complete = true;
 }
@@ -174,9 +151,7 @@ fn apply_item(draft: &mut Draft, output_index: u64, item: &Value) {
     };
     let call_id = str_field(item, "call_id").or_else(|| str_field(item, "id"));
     // The same call seen before under another index is the same call.
-    let key = call_id
-        .and_then(|id| draft.tool_key_by_call_id(id))
-        .unwrap_or((output_index, 0));
+    let key = call_id.and_then(|id| draft.tool_key_by_call_id(id)).unwrap_or((output_index, 0));
     let Some(tool) = draft.tool(key) else { return };
     tool.set_name(name);
     tool.set_call_id(call_id);

@@ -55,36 +55,22 @@ impl PriceTable {
 
     /// Read a price table from a TOML file.
     pub fn load(path: &Path) -> Result<PriceTable, TelemetryError> {
-        let text = std::fs::read_to_string(path).map_err(|e| TelemetryError::Prices {
-            origin: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| TelemetryError::Prices { origin: path.display().to_string(), reason: e.to_string() })?;
         PriceTable::parse(&text, &path.display().to_string())
     }
 
     /// Parse a price table; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<PriceTable, TelemetryError> {
-        let err = |reason: String| TelemetryError::Prices {
-            origin: origin.to_owned(),
-            reason,
-        };
+        let err = |reason: String| TelemetryError::Prices { origin: origin.to_owned(), reason };
         let file: PriceFile = toml::from_str(text).map_err(|e| err(e.to_string()))?;
         for (name, price) in &file.models {
-            let all = [
-                Some(price.input),
-                Some(price.output),
-                price.cache_read,
-                price.cache_write,
-            ];
+            let all = [Some(price.input), Some(price.output), price.cache_read, price.cache_write];
             if all.iter().flatten().any(|p| !p.is_finite() || *p < 0.0) {
-                return Err(err(format!(
-                    "model {name:?}: prices must be finite and not negative"
-                )));
+                return Err(err(format!("model {name:?}: prices must be finite and not negative")));
             }
         }
-        Ok(PriceTable {
-            models: file.models,
-        })
+        Ok(PriceTable { models: file.models })
     }
 
     /// The price of `model`: its exact entry, or else the longest entry it
@@ -97,11 +83,7 @@ impl PriceTable {
         }
         self.models
             .iter()
-            .filter(|(name, _)| {
-                model
-                    .strip_prefix(name.as_str())
-                    .is_some_and(|rest| rest.starts_with('-'))
-            })
+            .filter(|(name, _)| model.strip_prefix(name.as_str()).is_some_and(|rest| rest.starts_with('-')))
             .max_by_key(|(name, _)| name.len())
             .map(|(_, price)| price)
     }
@@ -110,12 +92,7 @@ impl PriceTable {
     /// token count is known.
     pub fn estimate(&self, call: &ModelCall) -> Option<f64> {
         let price = self.lookup(call.model.as_deref()?)?;
-        let counts = [
-            call.input_tokens,
-            call.output_tokens,
-            call.cache_read_tokens,
-            call.cache_write_tokens,
-        ];
+        let counts = [call.input_tokens, call.output_tokens, call.cache_read_tokens, call.cache_write_tokens];
         if counts.iter().all(Option::is_none) {
             return None;
         }
@@ -158,14 +135,8 @@ mod tests {
             "t",
         )
         .unwrap();
-        assert_eq!(
-            table.lookup("gpt-4o-mini-2024-07-18").map(|p| p.input),
-            Some(0.15)
-        );
-        assert_eq!(
-            table.lookup("gpt-4o-2024-08-06").map(|p| p.input),
-            Some(2.5)
-        );
+        assert_eq!(table.lookup("gpt-4o-mini-2024-07-18").map(|p| p.input), Some(0.15));
+        assert_eq!(table.lookup("gpt-4o-2024-08-06").map(|p| p.input), Some(2.5));
         assert_eq!(table.lookup("gpt-4"), None);
         assert_eq!(table.lookup("gpt-4omega"), None);
     }
@@ -203,16 +174,10 @@ mod tests {
 
     #[test]
     fn bad_tables_are_rejected_with_the_reason() {
-        let err =
-            PriceTable::parse("[models.x]\ninput = -1.0\noutput = 1.0\n", "user.toml").unwrap_err();
-        assert!(
-            err.to_string().contains("user.toml") && err.to_string().contains("\"x\""),
-            "{err}"
-        );
+        let err = PriceTable::parse("[models.x]\ninput = -1.0\noutput = 1.0\n", "user.toml").unwrap_err();
+        assert!(err.to_string().contains("user.toml") && err.to_string().contains("\"x\""), "{err}");
         assert!(PriceTable::parse("[models.x]\ninput = 1.0\n", "t").is_err());
-        assert!(
-            PriceTable::parse("[models.x]\ninput = 1.0\noutput = 1.0\nextra = 2\n", "t").is_err()
-        );
+        assert!(PriceTable::parse("[models.x]\ninput = 1.0\noutput = 1.0\nextra = 2\n", "t").is_err());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("prices.toml");
         assert!(PriceTable::load(&path).is_err());

@@ -176,10 +176,7 @@ impl SseParser {
             out.push(SseItem::Oversized);
         } else if self.has_data {
             let data = String::from_utf8_lossy(&self.data).into_owned();
-            out.push(SseItem::Event {
-                event: std::mem::take(&mut self.event),
-                data,
-            });
+            out.push(SseItem::Event { event: std::mem::take(&mut self.event), data });
         }
         self.event.clear();
         self.data.clear();
@@ -204,10 +201,7 @@ mod tests {
     }
 
     fn event(name: &str, data: &str) -> SseItem {
-        SseItem::Event {
-            event: name.into(),
-            data: data.into(),
-        }
+        SseItem::Event { event: name.into(), data: data.into() }
     }
 
     #[test]
@@ -215,11 +209,7 @@ mod tests {
         let input = "\u{feff}: comment\r\nevent: ping\r\ndata: {\"a\":1}\r\n\r\n\
                      data: line one\ndata:line two\nid: 7\nretry: 10\n\n\
                      event: é\rdata\r\r";
-        let expected = vec![
-            event("ping", "{\"a\":1}"),
-            event("", "line one\nline two"),
-            event("é", ""),
-        ];
+        let expected = vec![event("ping", "{\"a\":1}"), event("", "line one\nline two"), event("é", "")];
         for piece in 1..input.len() {
             let (items, cut) = parse_in_pieces(input.as_bytes(), piece, 1024);
             assert_eq!(items, expected, "piece size {piece}");
@@ -239,17 +229,13 @@ mod tests {
         let input = format!("data: {big}\n\ndata: a\ndata: {big}\n\ndata: small\n\n");
         for piece in [1, 7, 1000] {
             let (items, _) = parse_in_pieces(input.as_bytes(), piece, 64);
-            assert_eq!(
-                items,
-                vec![SseItem::Oversized, SseItem::Oversized, event("", "small")]
-            );
+            assert_eq!(items, vec![SseItem::Oversized, SseItem::Oversized, event("", "small")]);
         }
     }
 
     #[test]
     fn a_cut_stream_is_reported_and_complete_data_lines_are_kept() {
-        let (items, cut) =
-            parse_in_pieces(b"data: {\"x\":1}\n\ndata: {\"y\":2}\ndata: {\"z\"", 5, 1024);
+        let (items, cut) = parse_in_pieces(b"data: {\"x\":1}\n\ndata: {\"y\":2}\ndata: {\"z\"", 5, 1024);
         assert!(cut);
         assert_eq!(items, vec![event("", "{\"x\":1}"), event("", "{\"y\":2}")]);
         let (items, cut) = parse_in_pieces(b"data: done\n\n", 5, 1024);

@@ -60,9 +60,7 @@ pub struct Serial {
 
 impl std::fmt::Debug for Serial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Serial")
-            .field("sink_failed", &self.sink_failed)
-            .finish_non_exhaustive()
+        f.debug_struct("Serial").field("sink_failed", &self.sink_failed).finish_non_exhaustive()
     }
 }
 
@@ -70,10 +68,7 @@ impl Serial {
     /// A UART that interrupts through `irq`, writes guest output to `sink`,
     /// and signals `drained` whenever its receive FIFO becomes empty.
     pub fn new(irq: EventFd, drained: EventFd, sink: Box<dyn Write + Send>) -> Self {
-        Self {
-            uart: vm_superio::Serial::with_events(IrqEvent(irq), FifoDrained(drained), sink),
-            sink_failed: false,
-        }
+        Self { uart: vm_superio::Serial::with_events(IrqEvent(irq), FifoDrained(drained), sink), sink_failed: false }
     }
 
     /// Free space in the receive FIFO.
@@ -142,13 +137,7 @@ impl std::fmt::Debug for SerialInput {
 impl SerialInput {
     /// Pumps `input` into `serial`; `drained` is the UART's FIFO-drained eventfd.
     pub fn new(serial: Arc<Mutex<Serial>>, input: OwnedFd, drained: EventFd) -> Self {
-        Self {
-            serial,
-            input: File::from(input),
-            drained,
-            polling_input: false,
-            closed: false,
-        }
+        Self { serial, input: File::from(input), drained, polling_input: false, closed: false }
     }
 
     fn set_polling(&mut self, ops: &mut EventOps, on: bool) {
@@ -156,11 +145,7 @@ impl SerialInput {
             return;
         }
         let event = Events::new(&self.input, EventSet::IN);
-        let result = if on {
-            ops.add(event)
-        } else {
-            ops.remove(event)
-        };
+        let result = if on { ops.add(event) } else { ops.remove(event) };
         match result {
             Ok(()) => self.polling_input = on,
             Err(e) => {
@@ -194,9 +179,7 @@ impl SerialInput {
                     debug!("serial: {} input bytes dropped", n - queued);
                 }
             }
-            Err(e)
-                if e.kind() == io::ErrorKind::WouldBlock
-                    || e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 drop(serial);
                 warn!("serial: reading input failed: {e}; input closed");
@@ -373,11 +356,7 @@ mod tests {
         let serial = Arc::new(Mutex::new(serial));
         let (reader, mut writer) = io::pipe().unwrap();
         let mut events = event_manager::EventManager::<Subscriber>::new().unwrap();
-        let input = Arc::new(Mutex::new(SerialInput::new(
-            serial.clone(),
-            OwnedFd::from(reader),
-            drained,
-        )));
+        let input = Arc::new(Mutex::new(SerialInput::new(serial.clone(), OwnedFd::from(reader), drained)));
         events.add_subscriber(input.clone());
 
         let sent: Vec<u8> = (0..100u8).collect();

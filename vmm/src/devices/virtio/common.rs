@@ -54,10 +54,7 @@ impl VirtioCommon {
             device_type,
             features,
             queue_sizes: queue_sizes.to_vec(),
-            queue_events: queue_sizes
-                .iter()
-                .map(|_| EventFd::new(EFD_NONBLOCK))
-                .collect::<io::Result<_>>()?,
+            queue_events: queue_sizes.iter().map(|_| EventFd::new(EFD_NONBLOCK)).collect::<io::Result<_>>()?,
             config,
             state: DeviceState::Inactive,
         })
@@ -90,11 +87,7 @@ impl VirtioCommon {
 
     /// Ignores a driver's write to the configuration space.
     pub fn write_config(&self, offset: u64, data: &[u8]) {
-        debug!(
-            "{}: ignoring {}-byte config write at {offset:#x}",
-            self.name,
-            data.len()
-        );
+        debug!("{}: ignoring {}-byte config write at {offset:#x}", self.name, data.len());
     }
 
     /// Where the device is in its life cycle.
@@ -149,10 +142,7 @@ impl VirtioCommon {
         let passes = match passes {
             Ok(passes) => passes,
             Err(e) => {
-                warn!(
-                    "{}: queue is broken, ignoring the device until the driver resets it: {e}",
-                    self.name
-                );
+                warn!("{}: queue is broken, ignoring the device until the driver resets it: {e}", self.name);
                 self.state = DeviceState::Broken;
                 return false;
             }

@@ -91,11 +91,7 @@ impl std::fmt::Debug for MmioTransport {
 
 impl MmioTransport {
     /// The transport for `device`, interrupting through `interrupt`.
-    pub fn new(
-        device: Arc<Mutex<dyn VirtioDevice>>,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<Interrupt>,
-    ) -> Self {
+    pub fn new(device: Arc<Mutex<dyn VirtioDevice>>, mem: GuestMemoryMmap, interrupt: Arc<Interrupt>) -> Self {
         let queues = lock(&device)
             .queue_max_sizes()
             .iter()
@@ -161,25 +157,19 @@ impl MmioTransport {
     }
 
     fn write_register(&mut self, offset: u64, value: u32) {
-        let queue_setup_allowed =
-            self.has_status(status::FEATURES_OK, status::DRIVER_OK | status::FAILED);
+        let queue_setup_allowed = self.has_status(status::FEATURES_OK, status::DRIVER_OK | status::FAILED);
         match offset {
             reg::DEVICE_FEATURES_SEL => self.device_features_select = value,
             reg::DRIVER_FEATURES_SEL => self.driver_features_select = value,
             reg::DRIVER_FEATURES => {
                 if !self.has_status(status::DRIVER, status::FEATURES_OK | status::FAILED) {
-                    debug!(
-                        "virtio-mmio: driver features written in status {:#x}",
-                        self.status
-                    );
+                    debug!("virtio-mmio: driver features written in status {:#x}", self.status);
                     return;
                 }
                 let value = u64::from(value);
                 match self.driver_features_select {
                     0 => self.driver_features = (self.driver_features & !0xffff_ffff) | value,
-                    1 => {
-                        self.driver_features = (self.driver_features & 0xffff_ffff) | (value << 32)
-                    }
+                    1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (value << 32),
                     select => debug!("virtio-mmio: driver features page {select} ignored"),
                 }
             }
@@ -196,10 +186,7 @@ impl MmioTransport {
             | reg::QUEUE_USED_LOW
             | reg::QUEUE_USED_HIGH => {
                 if !queue_setup_allowed {
-                    debug!(
-                        "virtio-mmio: queue register {offset:#x} written in status {:#x}",
-                        self.status
-                    );
+                    debug!("virtio-mmio: queue register {offset:#x} written in status {:#x}", self.status);
                     return;
                 }
                 let Some(queue) = self.selected_queue() else {
@@ -224,10 +211,7 @@ impl MmioTransport {
     /// A queue notification that reached the VMM instead of an ioeventfd.
     fn notify(&mut self, queue: u32) {
         let device = lock(&self.device);
-        match usize::try_from(queue)
-            .ok()
-            .and_then(|i| device.queue_events().get(i))
-        {
+        match usize::try_from(queue).ok().and_then(|i| device.queue_events().get(i)) {
             Some(event) => {
                 if let Err(e) = event.write(1) {
                     warn!("virtio-mmio: cannot forward notification of queue {queue}: {e}");
@@ -257,10 +241,7 @@ impl MmioTransport {
             return;
         }
         if value & self.status != self.status {
-            warn!(
-                "virtio-mmio: driver tried to clear status bits ({:#x} -> {value:#x}) without a reset",
-                self.status
-            );
+            warn!("virtio-mmio: driver tried to clear status bits ({:#x} -> {value:#x}) without a reset", self.status);
             return;
         }
         let mut value = value;
@@ -340,14 +321,9 @@ impl BusDevice for MmioTransport {
             return;
         }
         match <&mut [u8; 4]>::try_from(&mut *data) {
-            Ok(word) if offset.is_multiple_of(4) => {
-                *word = self.read_register(offset).to_le_bytes()
-            }
+            Ok(word) if offset.is_multiple_of(4) => *word = self.read_register(offset).to_le_bytes(),
             _ => {
-                debug!(
-                    "virtio-mmio: {}-byte read at {offset:#x} ignored",
-                    data.len()
-                );
+                debug!("virtio-mmio: {}-byte read at {offset:#x} ignored", data.len());
                 data.fill(0);
             }
         }
@@ -359,13 +335,8 @@ impl BusDevice for MmioTransport {
             return;
         }
         match <[u8; 4]>::try_from(data) {
-            Ok(word) if offset.is_multiple_of(4) => {
-                self.write_register(offset, u32::from_le_bytes(word))
-            }
-            _ => debug!(
-                "virtio-mmio: {}-byte write at {offset:#x} ignored",
-                data.len()
-            ),
+            Ok(word) if offset.is_multiple_of(4) => self.write_register(offset, u32::from_le_bytes(word)),
+            _ => debug!("virtio-mmio: {}-byte write at {offset:#x} ignored", data.len()),
         }
     }
 }
@@ -441,11 +412,7 @@ mod tests {
         let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
         let interrupt = Arc::new(Interrupt::new(irqfd.try_clone().unwrap()));
         let transport = MmioTransport::new(device.clone(), mem, interrupt);
-        Fixture {
-            transport,
-            device,
-            irqfd,
-        }
+        Fixture { transport, device, irqfd }
     }
 
     fn read(t: &mut MmioTransport, offset: u64) -> u32 {
@@ -465,11 +432,7 @@ mod tests {
         write(t, reg::DRIVER_FEATURES, features as u32);
         write(t, reg::DRIVER_FEATURES_SEL, 1);
         write(t, reg::DRIVER_FEATURES, (features >> 32) as u32);
-        write(
-            t,
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-        );
+        write(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
     }
 
     fn setup_queue(t: &mut MmioTransport, index: u32, base: u64) {
@@ -484,8 +447,7 @@ mod tests {
         write(t, reg::QUEUE_READY, 1);
     }
 
-    const ALL_OK: u32 =
-        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+    const ALL_OK: u32 = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
 
     #[test]
     fn identification_registers() {
@@ -496,10 +458,7 @@ mod tests {
         assert_eq!(read(t, reg::DEVICE_ID), 42);
         assert_eq!(read(t, reg::VENDOR_ID), VENDOR_ID);
         write(t, reg::DEVICE_FEATURES_SEL, 0);
-        assert_eq!(
-            read(t, reg::DEVICE_FEATURES),
-            (VIRTIO_RING_F_EVENT_IDX | FEATURE_X) as u32
-        );
+        assert_eq!(read(t, reg::DEVICE_FEATURES), (VIRTIO_RING_F_EVENT_IDX | FEATURE_X) as u32);
         write(t, reg::DEVICE_FEATURES_SEL, 1);
         assert_eq!(read(t, reg::DEVICE_FEATURES), 1);
         write(t, reg::DEVICE_FEATURES_SEL, 2);
@@ -525,10 +484,7 @@ mod tests {
 
         let device = lock(&f.device);
         let activation = device.activated.as_ref().unwrap();
-        assert_eq!(
-            activation.acked_features,
-            VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
-        );
+        assert_eq!(activation.acked_features, VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
         assert_eq!(activation.queues.len(), 2);
         assert_eq!(activation.queues[1].desc_table(), 0x2_0000);
         assert_eq!(activation.queues[1].avail_ring(), 0x2_1000);
@@ -546,11 +502,7 @@ mod tests {
         let mut f = fixture();
         negotiate(&mut f.transport, FEATURE_X);
         assert_eq!(read(&mut f.transport, reg::STATUS) & status::FEATURES_OK, 0);
-        write(
-            &mut f.transport,
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK,
-        );
+        write(&mut f.transport, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK);
         assert_eq!(read(&mut f.transport, reg::STATUS) & status::DRIVER_OK, 0);
         assert!(lock(&f.device).activated.is_none());
     }
@@ -565,10 +517,7 @@ mod tests {
         write(t, reg::STATUS, ALL_OK);
         assert_ne!(read(t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
         assert!(lock(&f.device).activated.is_none());
-        assert_ne!(
-            read(t, reg::INTERRUPT_STATUS) & crate::devices::virtio::INTERRUPT_CONFIG,
-            0
-        );
+        assert_ne!(read(t, reg::INTERRUPT_STATUS) & crate::devices::virtio::INTERRUPT_CONFIG, 0);
         assert!(f.irqfd.read().unwrap() >= 1);
     }
 

@@ -50,10 +50,7 @@ pub struct Interrupt {
 impl Interrupt {
     /// An interrupt raised through `irqfd`.
     pub fn new(irqfd: EventFd) -> Self {
-        Self {
-            status: AtomicU32::new(0),
-            irqfd,
-        }
+        Self { status: AtomicU32::new(0), irqfd }
     }
 
     fn raise(&self, bit: u32) -> io::Result<()> {

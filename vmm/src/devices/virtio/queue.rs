@@ -66,12 +66,7 @@ pub trait ChainHandler {
 
 /// Returns the chain at `head` to the driver with `len` bytes used. A head
 /// that is not a descriptor of the queue cannot be returned and is skipped.
-fn add_used(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    head: u16,
-    len: u32,
-) -> Result<(), QueueError> {
+fn add_used(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) -> Result<(), QueueError> {
     match queue.add_used(mem, head, len) {
         Ok(()) => Ok(()),
         Err(virtio_queue::Error::InvalidDescriptorIndex) => {
@@ -105,11 +100,7 @@ pub fn drain_queue<H: ChainHandler>(
             }
             if served == budget {
                 let notify = queue.needs_notification(mem)?;
-                return Ok(QueueOutcome {
-                    notify,
-                    more: true,
-                    stalled: false,
-                });
+                return Ok(QueueOutcome { notify, more: true, stalled: false });
             }
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 break;
@@ -134,9 +125,5 @@ pub fn drain_queue<H: ChainHandler>(
         first_round = false;
     }
     let notify = served > 0 && queue.needs_notification(mem)?;
-    Ok(QueueOutcome {
-        notify,
-        more: false,
-        stalled,
-    })
+    Ok(QueueOutcome { notify, more: false, stalled })
 }

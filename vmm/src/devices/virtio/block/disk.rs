@@ -29,11 +29,7 @@ impl DiskImage {
     /// are not visible to the guest.
     pub fn from_file(file: File, read_only: bool) -> io::Result<Self> {
         let sectors = file.metadata()?.len() / SECTOR_SIZE;
-        Ok(Self {
-            file,
-            read_only,
-            sectors,
-        })
+        Ok(Self { file, read_only, sectors })
     }
 
     /// Size in sectors.
@@ -55,8 +51,7 @@ impl DiskImage {
         len: usize,
     ) -> io::Result<()> {
         self.file.seek(SeekFrom::Start(offset))?;
-        mem.read_exact_volatile_from(addr, &mut self.file, len)
-            .map_err(memory_error)
+        mem.read_exact_volatile_from(addr, &mut self.file, len).map_err(memory_error)
     }
 
     /// Copies `len` bytes of guest memory at `addr` to byte `offset` of the image.
@@ -71,8 +66,7 @@ impl DiskImage {
             return Err(io::Error::from(io::ErrorKind::PermissionDenied));
         }
         self.file.seek(SeekFrom::Start(offset))?;
-        mem.write_all_volatile_to(addr, &mut self.file, len)
-            .map_err(memory_error)
+        mem.write_all_volatile_to(addr, &mut self.file, len).map_err(memory_error)
     }
 
     /// Makes completed writes durable.
@@ -109,15 +103,13 @@ mod tests {
         let mut file = image(&content);
         let mut disk = DiskImage::from_file(file.try_clone().unwrap(), false).unwrap();
 
-        disk.read_to_guest(512, &mem, GuestAddress(0x100), 4)
-            .unwrap();
+        disk.read_to_guest(512, &mem, GuestAddress(0x100), 4).unwrap();
         let mut got = [0u8; 4];
         mem.read_slice(&mut got, GuestAddress(0x100)).unwrap();
         assert_eq!(&got, b"abcd");
 
         mem.write_slice(b"wxyz", GuestAddress(0x200)).unwrap();
-        disk.write_from_guest(0, &mem, GuestAddress(0x200), 4)
-            .unwrap();
+        disk.write_from_guest(0, &mem, GuestAddress(0x200), 4).unwrap();
         disk.flush().unwrap();
         let mut start = [0u8; 4];
         file.seek(SeekFrom::Start(0)).unwrap();
@@ -130,13 +122,9 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let mut disk = DiskImage::from_file(image(&[7; 512]), true).unwrap();
         assert!(disk.read_only());
-        assert!(disk
-            .write_from_guest(0, &mem, GuestAddress(0), 512)
-            .is_err());
+        assert!(disk.write_from_guest(0, &mem, GuestAddress(0), 512).is_err());
         assert!(disk.read_to_guest(256, &mem, GuestAddress(0), 512).is_err());
-        assert!(disk
-            .read_to_guest(0, &mem, GuestAddress(0xff00), 512)
-            .is_err());
+        assert!(disk.read_to_guest(0, &mem, GuestAddress(0xff00), 512).is_err());
         disk.flush().unwrap();
     }
 }

@@ -36,24 +36,13 @@ pub struct Block {
 impl Block {
     /// A device serving `disk`.
     pub fn new(disk: DiskImage) -> std::io::Result<Self> {
-        let mut features =
-            VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | (1 << VIRTIO_BLK_F_SEG_MAX);
-        features |= if disk.read_only() {
-            1 << VIRTIO_BLK_F_RO
-        } else {
-            1 << VIRTIO_BLK_F_FLUSH
-        };
+        let mut features = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | (1 << VIRTIO_BLK_F_SEG_MAX);
+        features |= if disk.read_only() { 1 << VIRTIO_BLK_F_RO } else { 1 << VIRTIO_BLK_F_FLUSH };
         // struct virtio_blk_config: capacity (le64), size_max (le32), seg_max (le32).
         let mut config = vec![0u8; 16];
         config[..8].copy_from_slice(&disk.sectors().to_le_bytes());
         config[12..].copy_from_slice(&SEG_MAX.to_le_bytes());
-        let common = VirtioCommon::new(
-            "virtio-blk",
-            VIRTIO_ID_BLOCK,
-            features,
-            &[QUEUE_SIZE],
-            config,
-        )?;
+        let common = VirtioCommon::new("virtio-blk", VIRTIO_ID_BLOCK, features, &[QUEUE_SIZE], config)?;
         Ok(Self { disk, common })
     }
 
@@ -109,8 +98,7 @@ mod tests {
 
     fn disk(read_only: bool, sectors: u64) -> DiskImage {
         let mut file = tempfile::tempfile().unwrap();
-        file.write_all(&vec![0u8; (sectors * 512) as usize])
-            .unwrap();
+        file.write_all(&vec![0u8; (sectors * 512) as usize]).unwrap();
         DiskImage::from_file(file, read_only).unwrap()
     }
 
@@ -154,23 +142,15 @@ mod tests {
             interrupt: interrupt.clone(),
             acked_features: VIRTIO_F_VERSION_1,
         };
-        assert!(matches!(
-            dev.activate(activation(vec![])),
-            Err(ActivateError::QueueCount {
-                expected: 1,
-                got: 0
-            })
-        ));
-        dev.activate(activation(vec![Queue::new(QUEUE_SIZE).unwrap()]))
-            .unwrap();
+        assert!(matches!(dev.activate(activation(vec![])), Err(ActivateError::QueueCount { expected: 1, got: 0 })));
+        dev.activate(activation(vec![Queue::new(QUEUE_SIZE).unwrap()])).unwrap();
         assert_eq!(dev.queue_events()[0].read().unwrap(), 1);
         assert!(matches!(
             dev.activate(activation(vec![Queue::new(QUEUE_SIZE).unwrap()])),
             Err(ActivateError::AlreadyActive)
         ));
         dev.reset();
-        dev.activate(activation(vec![Queue::new(QUEUE_SIZE).unwrap()]))
-            .unwrap();
+        dev.activate(activation(vec![Queue::new(QUEUE_SIZE).unwrap()])).unwrap();
     }
 
     #[test]

@@ -16,8 +16,7 @@ use std::ops::Deref;
 
 use tracing::{debug, warn};
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
@@ -147,23 +146,15 @@ fn in_memory(mem: &GuestMemoryMmap, desc: &Descriptor) -> Result<(), RequestErro
     if len == 0 || GuestMemoryBackend::check_range(mem, desc.addr(), len as usize) {
         Ok(())
     } else {
-        Err(RequestError::OutOfGuestMemory {
-            addr: desc.addr().raw_value(),
-            len,
-        })
+        Err(RequestError::OutOfGuestMemory { addr: desc.addr().raw_value(), len })
     }
 }
 
 /// Finds the status byte: the first byte of the last descriptor.
-fn status_address(
-    mem: &GuestMemoryMmap,
-    descriptors: &[Descriptor],
-) -> Result<GuestAddress, RequestError> {
+fn status_address(mem: &GuestMemoryMmap, descriptors: &[Descriptor]) -> Result<GuestAddress, RequestError> {
     match descriptors.last() {
         Some(last)
-            if last.is_write_only()
-                && last.len() >= 1
-                && GuestMemoryBackend::check_range(mem, last.addr(), 1) =>
+            if last.is_write_only() && last.len() >= 1 && GuestMemoryBackend::check_range(mem, last.addr(), 1) =>
         {
             Ok(last.addr())
         }
@@ -192,18 +183,12 @@ fn parse_body(
         return Err(RequestError::ShortHeader(header.len()));
     }
     in_memory(mem, header)?;
-    let read_err = |_| RequestError::OutOfGuestMemory {
-        addr: header.addr().raw_value(),
-        len: header.len(),
-    };
+    let read_err = |_| RequestError::OutOfGuestMemory { addr: header.addr().raw_value(), len: header.len() };
     let request_type = u32::from_le(mem.read_obj::<u32>(header.addr()).map_err(read_err)?);
     let sector_addr = header
         .addr()
         .checked_add(8)
-        .ok_or(RequestError::OutOfGuestMemory {
-            addr: header.addr().raw_value(),
-            len: header.len(),
-        })?;
+        .ok_or(RequestError::OutOfGuestMemory { addr: header.addr().raw_value(), len: header.len() })?;
     let sector = u64::from_le(mem.read_obj::<u64>(sector_addr).map_err(read_err)?);
 
     let kind = match request_type {
@@ -218,34 +203,20 @@ fn parse_body(
         let needs_writable = kind == RequestKind::In;
         for (index, desc) in data.iter().enumerate() {
             if desc.is_write_only() != needs_writable {
-                return Err(RequestError::WrongDirection {
-                    index,
-                    writable: desc.is_write_only(),
-                });
+                return Err(RequestError::WrongDirection { index, writable: desc.is_write_only() });
             }
             in_memory(mem, desc)?;
             buffers.push((desc.addr(), desc.len()));
         }
     }
 
-    let request = Request {
-        kind,
-        sector,
-        data: buffers,
-        status,
-    };
+    let request = Request { kind, sector, data: buffers, status };
     if kind != RequestKind::Flush {
         let len = request.data_len();
         let sectors = disk.sectors();
-        let end = sector
-            .checked_mul(SECTOR_SIZE)
-            .and_then(|start| start.checked_add(len));
+        let end = sector.checked_mul(SECTOR_SIZE).and_then(|start| start.checked_add(len));
         if end.is_none_or(|end| end > sectors * SECTOR_SIZE) {
-            return Err(RequestError::BeyondDisk {
-                sector,
-                len,
-                sectors,
-            });
+            return Err(RequestError::BeyondDisk { sector, len, sectors });
         }
     }
     if kind == RequestKind::Out && disk.read_only() {
@@ -271,18 +242,13 @@ where
 }
 
 /// Carries out a validated request; returns the bytes written into guest data buffers.
-fn execute(
-    request: &Request,
-    mem: &GuestMemoryMmap,
-    disk: &mut DiskImage,
-) -> Result<u32, RequestError> {
+fn execute(request: &Request, mem: &GuestMemoryMmap, disk: &mut DiskImage) -> Result<u32, RequestError> {
     let io_err = |e: std::io::Error| RequestError::Io(e.to_string());
     let mut offset = request.sector * SECTOR_SIZE;
     match request.kind {
         RequestKind::In => {
             for &(addr, len) in &request.data {
-                disk.read_to_guest(offset, mem, addr, len as usize)
-                    .map_err(io_err)?;
+                disk.read_to_guest(offset, mem, addr, len as usize).map_err(io_err)?;
                 offset += u64::from(len);
             }
             // The chain's total length fits in u32 (the descriptor iterator enforces it).
@@ -290,8 +256,7 @@ fn execute(
         }
         RequestKind::Out => {
             for &(addr, len) in &request.data {
-                disk.write_from_guest(offset, mem, addr, len as usize)
-                    .map_err(io_err)?;
+                disk.write_from_guest(offset, mem, addr, len as usize).map_err(io_err)?;
                 offset += u64::from(len);
             }
             Ok(0)
@@ -315,10 +280,7 @@ where
         Ok(request) => match execute(&request, mem, disk) {
             Ok(written) => (VIRTIO_BLK_S_OK as u8, written, request.status),
             Err(e) => {
-                warn!(
-                    "virtio-blk: {:?} at sector {}: {e}",
-                    request.kind, request.sector
-                );
+                warn!("virtio-blk: {:?} at sector {}: {e}", request.kind, request.sector);
                 (e.status(), 0, request.status)
             }
         },

@@ -137,10 +137,7 @@ impl Connection {
         let mut conn = Self::new(
             stream,
             guest_cid,
-            ConnKey {
-                local_port: request.dst_port,
-                peer_port: request.src_port,
-            },
+            ConnKey { local_port: request.dst_port, peer_port: request.src_port },
             State::Established,
         );
         conn.update_peer_credit(request);
@@ -255,10 +252,7 @@ impl Connection {
             op::SHUTDOWN => self.recv_shutdown(header.flags),
             op::RST => Verdict::Remove,
             other => {
-                debug!(
-                    "vsock: op {other} unexpected on {:?} in state {:?}",
-                    self.key, self.state
-                );
+                debug!("vsock: op {other} unexpected on {:?} in state {:?}", self.key, self.state);
                 Verdict::Reset
             }
         }
@@ -282,10 +276,7 @@ impl Connection {
 
     fn recv_data(&mut self, payload: &[u8]) -> Verdict {
         if self.state != State::Established || self.peer_shutdown & shutdown::SEND != 0 {
-            debug!(
-                "vsock: {:?}: data after the guest's end of stream",
-                self.key
-            );
+            debug!("vsock: {:?}: data after the guest's end of stream", self.key);
             return Verdict::Reset;
         }
         if self.tx_buf.len() + payload.len() > TX_BUF_SIZE as usize {
@@ -472,9 +463,7 @@ impl Connection {
     /// when there is nothing to send (no data yet, no credit, or end of
     /// stream, which queues a SHUTDOWN).
     fn read_stream(&mut self, buf: &mut [u8]) -> Result<Option<usize>, ()> {
-        let may_read = self.state == State::Established
-            && !self.local_eof
-            && self.peer_shutdown & shutdown::RCV == 0;
+        let may_read = self.state == State::Established && !self.local_eof && self.peer_shutdown & shutdown::RCV == 0;
         if !may_read {
             return Ok(None);
         }
@@ -757,10 +746,7 @@ mod tests {
     fn host_initiated_connection_waits_for_the_response() {
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
-        let key = ConnKey {
-            local_port: 1 << 30,
-            peer_port: 5000,
-        };
+        let key = ConnKey { local_port: 1 << 30, peer_port: 5000 };
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut conn = Connection::local_init(ours, GUEST_CID, key, deadline);
         let mut buf = [0u8; 16];
@@ -776,8 +762,7 @@ mod tests {
         let mut early = guest(op::RW, 1);
         early.src_port = 5000;
         early.dst_port = 1 << 30;
-        let mut probe =
-            Connection::local_init(UnixStream::pair().unwrap().0, GUEST_CID, key, deadline);
+        let mut probe = Connection::local_init(UnixStream::pair().unwrap().0, GUEST_CID, key, deadline);
         assert_eq!(probe.recv_pkt(&early, b"x"), Verdict::Reset);
 
         assert_eq!(conn.recv_pkt(&guest(op::RESPONSE, 0), &[]), Verdict::Keep);

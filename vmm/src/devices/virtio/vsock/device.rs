@@ -31,9 +31,7 @@ use super::packet::{read_tx, RxBuffer, MAX_PAYLOAD};
 use super::VsockConfig;
 use crate::devices::virtio::common::VirtioCommon;
 use crate::devices::virtio::queue::{drain_queue, Chain, ChainHandler, QueueError, QueueOutcome};
-use crate::devices::virtio::{
-    ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-};
+use crate::devices::virtio::{ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 /// Size of the tx and event queues.
 pub const QUEUE_SIZE: u16 = 256;
@@ -98,13 +96,10 @@ impl<B: VsockBackend> ChainHandler for RxHandler<'_, B> {
         let room = rx.payload_capacity().min(self.buf.len());
         // Nothing after all: the buffer stays with the device.
         let (header, len) = self.backend.recv_pkt(&mut self.buf[..room])?;
-        Some(
-            rx.write(mem, &header, &self.buf[..len])
-                .unwrap_or_else(|e| {
-                    warn!("vsock: packet for the guest lost: {e}");
-                    0
-                }),
-        )
+        Some(rx.write(mem, &header, &self.buf[..len]).unwrap_or_else(|e| {
+            warn!("vsock: packet for the guest lost: {e}");
+            0
+        }))
     }
 }
 
@@ -161,11 +156,7 @@ impl Vsock {
         if config.guest_cid < 3 || config.guest_cid == u32::MAX {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!(
-                    "guest CID {} is reserved (use 3 to {})",
-                    config.guest_cid,
-                    u32::MAX - 1
-                ),
+                format!("guest CID {} is reserved (use 3 to {})", config.guest_cid, u32::MAX - 1),
             ));
         }
         let guest_cid = u64::from(config.guest_cid);
@@ -274,11 +265,7 @@ impl<B: VsockBackend> MutEventSubscriber for Vsock<B> {
                 warn!("vsock: cannot poll queue {index}: {e}");
             }
         }
-        if let Err(e) = ops.add(Events::with_data(
-            &self.backend,
-            BACKEND_EVENT,
-            EventSet::IN,
-        )) {
+        if let Err(e) = ops.add(Events::with_data(&self.backend, BACKEND_EVENT, EventSet::IN)) {
             warn!("vsock: cannot poll the backend: {e}");
         }
     }

@@ -212,16 +212,8 @@ impl Muxer {
         let epoll = Epoll::new()?;
         let timer = TimerFd::new()?;
         set_nonblocking(timer.as_raw_fd())?;
-        epoll.ctl(
-            ControlOperation::Add,
-            listener.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
-        )?;
-        epoll.ctl(
-            ControlOperation::Add,
-            timer.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, TIMER_TOKEN),
-        )?;
+        epoll.ctl(ControlOperation::Add, listener.as_raw_fd(), EpollEvent::new(EventSet::IN, LISTENER_TOKEN))?;
+        epoll.ctl(ControlOperation::Add, timer.as_raw_fd(), EpollEvent::new(EventSet::IN, TIMER_TOKEN))?;
         Ok(Self {
             guest_cid,
             uds_path: uds_path.to_path_buf(),
@@ -302,10 +294,7 @@ impl VsockBackend for Muxer {
         if !self.addressed_guest_to_host(header) {
             return;
         }
-        let key = ConnKey {
-            local_port: header.dst_port,
-            peer_port: header.src_port,
-        };
+        let key = ConnKey { local_port: header.dst_port, peer_port: header.src_port };
         if header.type_ != TYPE_STREAM {
             debug!("vsock: socket type {} is not supported", header.type_);
             self.push_reset_for(header);
@@ -333,10 +322,7 @@ impl VsockBackend for Muxer {
         if !self.addressed_guest_to_host(header) || header.op == op::RST {
             return;
         }
-        let key = ConnKey {
-            local_port: header.dst_port,
-            peer_port: header.src_port,
-        };
+        let key = ConnKey { local_port: header.dst_port, peer_port: header.src_port };
         if self.conns.contains_key(&key) {
             self.remove_conn(key);
         }
@@ -404,10 +390,7 @@ impl Muxer {
         if header.op == op::RST {
             return;
         }
-        let key = ConnKey {
-            local_port: header.dst_port,
-            peer_port: header.src_port,
-        };
+        let key = ConnKey { local_port: header.dst_port, peer_port: header.src_port };
         self.push_reset(key, header.type_);
     }
 
@@ -429,10 +412,7 @@ impl Muxer {
     }
 
     fn guest_connect(&mut self, request: &Header) {
-        let guest_limit = self
-            .limits
-            .max_connections
-            .saturating_sub(self.limits.reserved_host_connections);
+        let guest_limit = self.limits.max_connections.saturating_sub(self.limits.reserved_host_connections);
         let guest_conns = self.guest_connection_count();
         if self.conns.len() >= self.limits.max_connections || guest_conns >= guest_limit {
             debug!(
@@ -472,16 +452,7 @@ impl Muxer {
         let key = conn.key();
         let token = self.alloc_token();
         self.conn_tokens.insert(token, key);
-        self.conns.insert(
-            key,
-            Entry {
-                conn,
-                token,
-                registered: EventSet::empty(),
-                in_rxq: false,
-                guest_initiated,
-            },
-        );
+        self.conns.insert(key, Entry { conn, token, registered: EventSet::empty(), in_rxq: false, guest_initiated });
         self.refresh(key);
     }
 
@@ -493,11 +464,7 @@ impl Muxer {
         if !entry.registered.is_empty() {
             // Closing the stream (dropping it) removes it from the epoll
             // set anyway; this keeps the set exact if a descriptor was shared.
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                entry.conn.stream().as_raw_fd(),
-                EpollEvent::default(),
-            );
+            let _ = self.epoll.ctl(ControlOperation::Delete, entry.conn.stream().as_raw_fd(), EpollEvent::default());
         }
     }
 
@@ -523,16 +490,11 @@ impl Muxer {
         if wanted != entry.registered {
             let fd = entry.conn.stream().as_raw_fd();
             let result = if wanted.is_empty() {
-                self.epoll
-                    .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+                self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default())
             } else {
-                let operation = if entry.registered.is_empty() {
-                    ControlOperation::Add
-                } else {
-                    ControlOperation::Modify
-                };
-                self.epoll
-                    .ctl(operation, fd, EpollEvent::new(wanted, entry.token))
+                let operation =
+                    if entry.registered.is_empty() { ControlOperation::Add } else { ControlOperation::Modify };
+                self.epoll.ctl(operation, fd, EpollEvent::new(wanted, entry.token))
             };
             if let Err(e) = result {
                 warn!("vsock: cannot poll the host stream of {key:?}: {e}");
@@ -573,10 +535,7 @@ impl Muxer {
 
     fn start_handshake(&mut self, stream: UnixStream) {
         if self.handshakes.len() >= self.limits.max_handshakes {
-            warn!(
-                "vsock: {} host clients are already in their handshake; closing a new one",
-                self.handshakes.len()
-            );
+            warn!("vsock: {} host clients are already in their handshake; closing a new one", self.handshakes.len());
             return;
         }
         if let Err(e) = stream.set_nonblocking(true) {
@@ -584,33 +543,19 @@ impl Muxer {
             return;
         }
         let token = self.alloc_token();
-        if let Err(e) = self.epoll.ctl(
-            ControlOperation::Add,
-            stream.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, token),
-        ) {
+        if let Err(e) = self.epoll.ctl(ControlOperation::Add, stream.as_raw_fd(), EpollEvent::new(EventSet::IN, token))
+        {
             warn!("vsock: cannot poll a host client: {e}");
             return;
         }
         let deadline = Instant::now() + self.limits.handshake_timeout;
-        self.handshakes.insert(
-            token,
-            Handshake {
-                stream,
-                line: ConnectLine::default(),
-                deadline,
-            },
-        );
+        self.handshakes.insert(token, Handshake { stream, line: ConnectLine::default(), deadline });
         self.arm_timer(deadline);
     }
 
     fn end_handshake(&mut self, token: u64) -> Option<UnixStream> {
         let handshake = self.handshakes.remove(&token)?;
-        let _ = self.epoll.ctl(
-            ControlOperation::Delete,
-            handshake.stream.as_raw_fd(),
-            EpollEvent::default(),
-        );
+        let _ = self.epoll.ctl(ControlOperation::Delete, handshake.stream.as_raw_fd(), EpollEvent::default());
         Some(handshake.stream)
     }
 
@@ -631,25 +576,16 @@ impl Muxer {
             return;
         };
         if self.conns.len() >= self.limits.max_connections {
-            warn!(
-                "vsock: refusing host connection to guest port {port}: {} connections open",
-                self.conns.len()
-            );
+            warn!("vsock: refusing host connection to guest port {port}: {} connections open", self.conns.len());
             return;
         }
         let Some(local_port) = self.alloc_local_port(port) else {
             warn!("vsock: no free host port for a connection to guest port {port}");
             return;
         };
-        let key = ConnKey {
-            local_port,
-            peer_port: port,
-        };
+        let key = ConnKey { local_port, peer_port: port };
         let deadline = Instant::now() + self.limits.connect_timeout;
-        self.insert(
-            Connection::local_init(stream, self.guest_cid, key, deadline),
-            false,
-        );
+        self.insert(Connection::local_init(stream, self.guest_cid, key, deadline), false);
     }
 
     /// An ephemeral host port not used towards `peer_port`.
@@ -658,15 +594,8 @@ impl Muxer {
         for _ in 0..=self.conns.len() {
             let port = self.next_local_port;
             // u32::MAX is VMADDR_PORT_ANY.
-            self.next_local_port = if port >= u32::MAX - 1 {
-                FIRST_EPHEMERAL_PORT
-            } else {
-                port + 1
-            };
-            let key = ConnKey {
-                local_port: port,
-                peer_port,
-            };
+            self.next_local_port = if port >= u32::MAX - 1 { FIRST_EPHEMERAL_PORT } else { port + 1 };
+            let key = ConnKey { local_port: port, peer_port };
             if !self.conns.contains_key(&key) {
                 return Some(port);
             }
@@ -679,9 +608,7 @@ impl Muxer {
             return;
         }
         // A zero duration would disarm the timer.
-        let wait = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
+        let wait = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
         match self.timer.reset(wait, None) {
             Ok(()) => self.timer_armed = Some(deadline),
             Err(e) => warn!("vsock: cannot arm the deadline timer: {e}"),
@@ -694,22 +621,13 @@ impl Muxer {
         let _ = self.timer.wait();
         self.timer_armed = None;
         let now = Instant::now();
-        let late: Vec<u64> = self
-            .handshakes
-            .iter()
-            .filter(|(_, h)| h.deadline <= now)
-            .map(|(&token, _)| token)
-            .collect();
+        let late: Vec<u64> =
+            self.handshakes.iter().filter(|(_, h)| h.deadline <= now).map(|(&token, _)| token).collect();
         for token in late {
             warn!("vsock: host client sent no CONNECT line in time; closing it");
             self.end_handshake(token);
         }
-        let late: Vec<ConnKey> = self
-            .conns
-            .values()
-            .filter(|e| e.conn.expired(now))
-            .map(|e| e.conn.key())
-            .collect();
+        let late: Vec<ConnKey> = self.conns.values().filter(|e| e.conn.expired(now)).map(|e| e.conn.key()).collect();
         for key in late {
             debug!("vsock: {key:?} timed out");
             self.apply(key, Verdict::Reset);
@@ -770,19 +688,9 @@ mod tests {
     /// Waits until the muxer's descriptor is readable, then processes it.
     fn pump(m: &mut Muxer) {
         let epoll = Epoll::new().unwrap();
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                m.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, 0),
-            )
-            .unwrap();
+        epoll.ctl(ControlOperation::Add, m.as_raw_fd(), EpollEvent::new(EventSet::IN, 0)).unwrap();
         let mut events = [EpollEvent::default(); 1];
-        assert_eq!(
-            epoll.wait(5000, &mut events).unwrap(),
-            1,
-            "muxer never became ready"
-        );
+        assert_eq!(epoll.wait(5000, &mut events).unwrap(), 1, "muxer never became ready");
         m.process_events();
     }
 
@@ -859,15 +767,7 @@ mod tests {
     fn unknown_connections_are_reset_but_resets_are_not_answered() {
         let dir = tempfile::tempdir().unwrap();
         let (mut m, _) = setup(dir.path(), limits());
-        for op in [
-            op::RW,
-            op::SHUTDOWN,
-            op::CREDIT_UPDATE,
-            op::CREDIT_REQUEST,
-            op::RESPONSE,
-            0,
-            42,
-        ] {
+        for op in [op::RW, op::SHUTDOWN, op::CREDIT_UPDATE, op::CREDIT_REQUEST, op::RESPONSE, 0, 42] {
             m.send_pkt(&guest(op, 10, 20), &[]);
         }
         let out = drain(&mut m);
@@ -893,14 +793,7 @@ mod tests {
     #[test]
     fn requests_beyond_the_connection_limit_are_reset() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut m, path) = setup(
-            dir.path(),
-            Limits {
-                max_connections: 2,
-                reserved_host_connections: 0,
-                ..limits()
-            },
-        );
+        let (mut m, path) = setup(dir.path(), Limits { max_connections: 2, reserved_host_connections: 0, ..limits() });
         let _listener = UnixListener::bind(format!("{}_5002", path.display())).unwrap();
         for port in 1..=3 {
             m.send_pkt(&guest(op::REQUEST, port, 5002), &[]);
@@ -918,24 +811,15 @@ mod tests {
     #[test]
     fn item7_host_connections_have_reserved_slots() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut m, path) = setup(
-            dir.path(),
-            Limits {
-                max_connections: 4,
-                reserved_host_connections: 1,
-                ..Limits::default()
-            },
-        );
+        let (mut m, path) =
+            setup(dir.path(), Limits { max_connections: 4, reserved_host_connections: 1, ..Limits::default() });
         let listener = UnixListener::bind(format!("{}_5002", path.display())).unwrap();
         // The guest takes every connection it can get, and then some.
         for port in 1..=5 {
             m.send_pkt(&guest(op::REQUEST, port, 5002), &[]);
         }
         let out = drain(&mut m);
-        assert_eq!(
-            ops(&out),
-            [op::RESPONSE, op::RESPONSE, op::RESPONSE, op::RST, op::RST]
-        );
+        assert_eq!(ops(&out), [op::RESPONSE, op::RESPONSE, op::RESPONSE, op::RST, op::RST]);
         let _held: Vec<UnixStream> = (0..3).map(|_| listener.accept().unwrap().0).collect();
         assert_eq!(m.connection_count(), 3);
         // The host's CONNECT 5000 still gets through to the guest.
@@ -1078,13 +962,7 @@ mod tests {
     #[test]
     fn handshakes_beyond_the_limit_are_closed() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut m, path) = setup(
-            dir.path(),
-            Limits {
-                max_handshakes: 1,
-                ..Limits::default()
-            },
-        );
+        let (mut m, path) = setup(dir.path(), Limits { max_handshakes: 1, ..Limits::default() });
         let _first = UnixStream::connect(&path).unwrap();
         let mut second = UnixStream::connect(&path).unwrap();
         pump(&mut m);
@@ -1096,13 +974,7 @@ mod tests {
     #[test]
     fn queued_resets_are_bounded_by_backpressure() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut m, _) = setup(
-            dir.path(),
-            Limits {
-                max_pending_resets: 3,
-                ..limits()
-            },
-        );
+        let (mut m, _) = setup(dir.path(), Limits { max_pending_resets: 3, ..limits() });
         for port in 0..3 {
             assert!(!m.rx_backlogged());
             m.send_pkt(&guest(op::RW, port, 9), &[]);

@@ -179,9 +179,7 @@ impl PacketError {
     /// The header of the refused packet, when it could be read.
     pub fn header(&self) -> Option<&Header> {
         match self {
-            PacketError::Oversized(header) | PacketError::ShortPayload { header, .. } => {
-                Some(header)
-            }
+            PacketError::Oversized(header) | PacketError::ShortPayload { header, .. } => Some(header),
             _ => None,
         }
     }
@@ -208,17 +206,11 @@ where
     }
     for (index, desc) in descriptors.iter().enumerate() {
         if desc.is_write_only() != writable {
-            return Err(PacketError::WrongDirection {
-                index,
-                writable: desc.is_write_only(),
-            });
+            return Err(PacketError::WrongDirection { index, writable: desc.is_write_only() });
         }
         let len = desc.len();
         if len != 0 && !GuestMemoryBackend::check_range(mem, desc.addr(), len as usize) {
-            return Err(PacketError::OutOfGuestMemory {
-                addr: desc.addr().raw_value(),
-                len,
-            });
+            return Err(PacketError::OutOfGuestMemory { addr: desc.addr().raw_value(), len });
         }
     }
     Ok(descriptors)
@@ -226,12 +218,7 @@ where
 
 /// Copies the bytes of `descriptors`, starting `skip` bytes in, into `out`
 /// until it is full; returns the bytes copied.
-fn gather(
-    mem: &GuestMemoryMmap,
-    descriptors: &[Descriptor],
-    mut skip: usize,
-    out: &mut [u8],
-) -> usize {
+fn gather(mem: &GuestMemoryMmap, descriptors: &[Descriptor], mut skip: usize, out: &mut [u8]) -> usize {
     let mut filled = 0;
     for desc in descriptors {
         if filled == out.len() {
@@ -307,10 +294,7 @@ impl RxBuffer {
         if capacity < HEADER_SIZE {
             return Err(PacketError::ShortHeader(capacity));
         }
-        Ok(Self {
-            descriptors,
-            capacity,
-        })
+        Ok(Self { descriptors, capacity })
     }
 
     /// The most payload bytes this buffer can take (at most [`MAX_PAYLOAD`]).
@@ -320,12 +304,7 @@ impl RxBuffer {
 
     /// Writes a packet; `header.len` is set to the payload length. Returns
     /// the bytes written, for the used ring.
-    pub fn write(
-        &self,
-        mem: &GuestMemoryMmap,
-        header: &Header,
-        payload: &[u8],
-    ) -> Result<u32, PacketError> {
+    pub fn write(&self, mem: &GuestMemoryMmap, header: &Header, payload: &[u8]) -> Result<u32, PacketError> {
         let payload = &payload[..payload.len().min(self.payload_capacity())];
         let mut header = *header;
         // Bounded by MAX_PAYLOAD just above.
@@ -342,10 +321,7 @@ impl RxBuffer {
                 };
                 let n = room.min(piece.len());
                 mem.write_slice(&piece[..n], at)
-                    .map_err(|_| PacketError::OutOfGuestMemory {
-                        addr: at.raw_value(),
-                        len: n as u32,
-                    })?;
+                    .map_err(|_| PacketError::OutOfGuestMemory { addr: at.raw_value(), len: n as u32 })?;
                 *piece = &piece[n..];
                 room -= n;
                 written += n;
@@ -409,10 +385,7 @@ mod tests {
     }
 
     /// Builds a chain from buffers (addr, len, flags) and reads it as tx.
-    fn tx(
-        mem: &GuestMemoryMmap,
-        bufs: &[(u64, u32, u16)],
-    ) -> (Result<Header, PacketError>, Vec<u8>) {
+    fn tx(mem: &GuestMemoryMmap, bufs: &[(u64, u32, u16)]) -> (Result<Header, PacketError>, Vec<u8>) {
         let q = MockSplitQueue::new(mem, 16);
         let descs: Vec<_> = bufs.iter().map(|&(a, l, f)| desc(a, l, f, 0)).collect();
         let chain = q.build_desc_chain(&descs).unwrap();
@@ -450,14 +423,8 @@ mod tests {
         let bytes = packet_bytes(&sample_header(3000), &payload);
         // The header itself is split 10 + 20 + 14, the payload over three
         // more descriptors of uneven sizes, scattered in memory.
-        let bufs = [
-            (0x10_0000, 10),
-            (0x20_0000, 20),
-            (0x11_0000, 14),
-            (0x30_0000, 1),
-            (0x12_0000, 2000),
-            (0x13_0000, 1500),
-        ];
+        let bufs =
+            [(0x10_0000, 10), (0x20_0000, 20), (0x11_0000, 14), (0x30_0000, 1), (0x12_0000, 2000), (0x13_0000, 1500)];
         scatter(&m, &bufs, &bytes);
         let chain: Vec<_> = bufs.iter().map(|&(a, l)| (a, l, 0)).collect();
         let (h, p) = tx(&m, &chain);
@@ -468,14 +435,8 @@ mod tests {
     #[test]
     fn zero_length_chain_is_refused() {
         let m = mem();
-        assert_eq!(
-            tx(&m, &[(0x10_0000, 0, 0)]).0,
-            Err(PacketError::ShortHeader(0))
-        );
-        assert_eq!(
-            tx(&m, &[(0x10_0000, 20, 0), (0x11_0000, 0, 0)]).0,
-            Err(PacketError::ShortHeader(20))
-        );
+        assert_eq!(tx(&m, &[(0x10_0000, 0, 0)]).0, Err(PacketError::ShortHeader(0)));
+        assert_eq!(tx(&m, &[(0x10_0000, 20, 0), (0x11_0000, 0, 0)]).0, Err(PacketError::ShortHeader(20)));
     }
 
     #[test]
@@ -513,13 +474,7 @@ mod tests {
         let h = sample_header(500);
         scatter(&m, &[(0x10_0000, 44)], &h.to_bytes());
         let (r, p) = tx(&m, &[(0x10_0000, 44, 0), (0x20_0000, 499, 0)]);
-        assert_eq!(
-            r,
-            Err(PacketError::ShortPayload {
-                header: h,
-                available: 499
-            })
-        );
+        assert_eq!(r, Err(PacketError::ShortPayload { header: h, available: 499 }));
         assert!(p.is_empty());
     }
 
@@ -527,26 +482,14 @@ mod tests {
     fn writable_descriptor_in_tx_chain_is_refused() {
         let m = mem();
         let r = tx(&m, &[(0x10_0000, 44, 0), (0x20_0000, 10, F_WRITE)]).0;
-        assert_eq!(
-            r,
-            Err(PacketError::WrongDirection {
-                index: 1,
-                writable: true
-            })
-        );
+        assert_eq!(r, Err(PacketError::WrongDirection { index: 1, writable: true }));
     }
 
     #[test]
     fn out_of_range_addresses_are_refused() {
         let m = mem();
         let end = MEM_SIZE as u64;
-        assert_eq!(
-            tx(&m, &[(end - 10, 44, 0)]).0,
-            Err(PacketError::OutOfGuestMemory {
-                addr: end - 10,
-                len: 44
-            })
-        );
+        assert_eq!(tx(&m, &[(end - 10, 44, 0)]).0, Err(PacketError::OutOfGuestMemory { addr: end - 10, len: 44 }));
         assert!(matches!(
             tx(&m, &[(0x10_0000, 44, 0), (u64::MAX - 4, 8, 0)]).0,
             Err(PacketError::OutOfGuestMemory { .. })
@@ -558,36 +501,22 @@ mod tests {
         let m = mem();
         let q = MockSplitQueue::new(&m, 16);
         // 0 -> 1 -> 0 -> ...
-        q.add_desc_chains(
-            &[
-                desc(0x10_0000, 44, F_NEXT, 1),
-                desc(0x11_0000, 8, F_NEXT, 0),
-            ],
-            0,
-        )
-        .unwrap();
+        q.add_desc_chains(&[desc(0x10_0000, 44, F_NEXT, 1), desc(0x11_0000, 8, F_NEXT, 0)], 0).unwrap();
         let mut queue: virtio_queue::Queue = q.create_queue().unwrap();
         let chain = virtio_queue::QueueT::pop_descriptor_chain(&mut queue, &m).unwrap();
         let mut payload = Vec::new();
-        assert_eq!(
-            read_tx(&m, chain, &mut payload),
-            Err(PacketError::BrokenChain)
-        );
+        assert_eq!(read_tx(&m, chain, &mut payload), Err(PacketError::BrokenChain));
     }
 
     #[test]
     fn next_index_past_the_table_is_refused() {
         let m = mem();
         let q = MockSplitQueue::new(&m, 16);
-        q.add_desc_chains(&[desc(0x10_0000, 44, F_NEXT, 200)], 0)
-            .unwrap();
+        q.add_desc_chains(&[desc(0x10_0000, 44, F_NEXT, 200)], 0).unwrap();
         let mut queue: virtio_queue::Queue = q.create_queue().unwrap();
         let chain = virtio_queue::QueueT::pop_descriptor_chain(&mut queue, &m).unwrap();
         let mut payload = Vec::new();
-        assert_eq!(
-            read_tx(&m, chain, &mut payload),
-            Err(PacketError::BrokenChain)
-        );
+        assert_eq!(read_tx(&m, chain, &mut payload), Err(PacketError::BrokenChain));
     }
 
     fn rx(m: &GuestMemoryMmap, bufs: &[(u64, u32, u16)]) -> Result<RxBuffer, PacketError> {
@@ -613,8 +542,7 @@ mod tests {
         let mut at = 0;
         for &(addr, len) in &bufs {
             let n = (len as usize).min(back.len() - at);
-            m.read_slice(&mut back[at..at + n], GuestAddress(addr))
-                .unwrap();
+            m.read_slice(&mut back[at..at + n], GuestAddress(addr)).unwrap();
             at += n;
         }
         let got = Header::from_bytes(back[..HEADER_SIZE].try_into().unwrap());
@@ -638,27 +566,17 @@ mod tests {
     #[test]
     fn rx_capacity_is_capped_at_the_maximum_payload() {
         let m = mem();
-        let buffer = rx(
-            &m,
-            &[(0x10_0000, 44, F_WRITE), (0x20_0000, 0x20_0000, F_WRITE)],
-        )
-        .unwrap();
+        let buffer = rx(&m, &[(0x10_0000, 44, F_WRITE), (0x20_0000, 0x20_0000, F_WRITE)]).unwrap();
         assert_eq!(buffer.payload_capacity(), MAX_PAYLOAD as usize);
     }
 
     #[test]
     fn bad_rx_chains_are_refused() {
         let m = mem();
-        assert_eq!(
-            rx(&m, &[(0x10_0000, 43, F_WRITE)]).unwrap_err(),
-            PacketError::ShortHeader(43)
-        );
+        assert_eq!(rx(&m, &[(0x10_0000, 43, F_WRITE)]).unwrap_err(), PacketError::ShortHeader(43));
         assert_eq!(
             rx(&m, &[(0x10_0000, 44, F_WRITE), (0x20_0000, 100, 0)]).unwrap_err(),
-            PacketError::WrongDirection {
-                index: 1,
-                writable: false
-            }
+            PacketError::WrongDirection { index: 1, writable: false }
         );
         assert!(matches!(
             rx(&m, &[(MEM_SIZE as u64 - 8, 64, F_WRITE)]).unwrap_err(),

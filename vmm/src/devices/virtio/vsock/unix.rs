@@ -19,10 +19,7 @@ pub const MAX_CONNECT_LINE: usize = 32;
 /// listens), so the event loop never blocks here.
 pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     let bytes = path.as_os_str().as_bytes();
-    let mut addr = libc::sockaddr_un {
-        sun_family: libc::AF_UNIX as libc::sa_family_t,
-        sun_path: [0; 108],
-    };
+    let mut addr = libc::sockaddr_un { sun_family: libc::AF_UNIX as libc::sa_family_t, sun_path: [0; 108] };
     // Leave room for the terminating NUL.
     if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
         return Err(io::Error::new(
@@ -34,13 +31,7 @@ pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
         *dst = src as libc::c_char;
     }
     // SAFETY: socket() takes no pointers; the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -50,11 +41,7 @@ pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     // SAFETY: `addr` is a valid sockaddr_un that outlives the call, and
     // `len` does not exceed its size (checked above).
     let rc = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
-            len as libc::socklen_t,
-        )
+        libc::connect(fd.as_raw_fd(), std::ptr::addr_of!(addr).cast::<libc::sockaddr>(), len as libc::socklen_t)
     };
     if rc < 0 {
         return Err(io::Error::last_os_error());
@@ -136,19 +123,10 @@ mod tests {
         assert_eq!(parse_connect_line(b"CONNECT 5000"), Ok(5000));
         assert_eq!(parse_connect_line(b"connect  52 "), Ok(52));
         assert_eq!(parse_connect_line(b"CONNECT 4294967295"), Ok(u32::MAX));
-        for bad in [
-            &b""[..],
-            b"CONNECT",
-            b"CONNECT 4294967296",
-            b"CONNECT -1",
-            b"CONNECT 1 2",
-            b"LISTEN 1",
-            b"CONNECT\xff 1",
-        ] {
-            assert!(
-                matches!(parse_connect_line(bad), Err(HandshakeError::Malformed(_))),
-                "{bad:?}"
-            );
+        for bad in
+            [&b""[..], b"CONNECT", b"CONNECT 4294967296", b"CONNECT -1", b"CONNECT 1 2", b"LISTEN 1", b"CONNECT\xff 1"]
+        {
+            assert!(matches!(parse_connect_line(bad), Err(HandshakeError::Malformed(_))), "{bad:?}");
         }
     }
 
@@ -171,17 +149,11 @@ mod tests {
         let (mut client, mut server) = UnixStream::pair().unwrap();
         server.set_nonblocking(true).unwrap();
         client.write_all(&[b'A'; 100]).unwrap();
-        assert_eq!(
-            ConnectLine::default().read_from(&mut server),
-            Err(HandshakeError::TooLong)
-        );
+        assert_eq!(ConnectLine::default().read_from(&mut server), Err(HandshakeError::TooLong));
         let (mut client, mut server) = UnixStream::pair().unwrap();
         client.write_all(b"CONNECT 1").unwrap();
         drop(client);
-        assert_eq!(
-            ConnectLine::default().read_from(&mut server),
-            Err(HandshakeError::Closed)
-        );
+        assert_eq!(ConnectLine::default().read_from(&mut server), Err(HandshakeError::Closed));
     }
 
     #[test]
@@ -197,17 +169,11 @@ mod tests {
         accepted.read_exact(&mut b).unwrap();
         assert_eq!(&b, b"x");
         // Non-blocking: nothing to read yet.
-        assert_eq!(
-            stream.read(&mut b).unwrap_err().kind(),
-            io::ErrorKind::WouldBlock
-        );
+        assert_eq!(stream.read(&mut b).unwrap_err().kind(), io::ErrorKind::WouldBlock);
         drop(listener);
         std::fs::remove_file(&path).unwrap();
         assert!(connect_nonblocking(&path).is_err());
         let long = dir.path().join("x".repeat(200));
-        assert_eq!(
-            connect_nonblocking(&long).unwrap_err().kind(),
-            io::ErrorKind::InvalidInput
-        );
+        assert_eq!(connect_nonblocking(&long).unwrap_err().kind(), io::ErrorKind::InvalidInput);
     }
 }

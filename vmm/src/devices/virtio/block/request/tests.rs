@@ -41,9 +41,7 @@ impl Harness {
     fn new(read_only: bool) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
         let mut file = tempfile::tempfile().unwrap();
-        let content: Vec<u8> = (0..DISK_SECTORS * SECTOR_SIZE)
-            .map(|i| (i / SECTOR_SIZE) as u8 + 1)
-            .collect();
+        let content: Vec<u8> = (0..DISK_SECTORS * SECTOR_SIZE).map(|i| (i / SECTOR_SIZE) as u8 + 1).collect();
         file.write_all(&content).unwrap();
         let disk = DiskImage::from_file(file.try_clone().unwrap(), read_only).unwrap();
         let mut queue = Queue::new(QUEUE_SIZE).unwrap();
@@ -53,15 +51,7 @@ impl Harness {
         queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
         queue.set_ready(true);
         assert!(queue.is_valid(&mem));
-        Self {
-            mem,
-            queue,
-            file,
-            disk,
-            next_desc: 0,
-            avail_idx: 0,
-            headers: 0,
-        }
+        Self { mem, queue, file, disk, next_desc: 0, avail_idx: 0, headers: 0 }
     }
 
     fn write_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
@@ -74,13 +64,9 @@ impl Harness {
 
     fn publish(&mut self, head: u16) {
         let slot = u64::from(self.avail_idx % QUEUE_SIZE);
-        self.mem
-            .write_obj(head, GuestAddress(AVAIL_RING + 4 + 2 * slot))
-            .unwrap();
+        self.mem.write_obj(head, GuestAddress(AVAIL_RING + 4 + 2 * slot)).unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem
-            .write_obj(self.avail_idx, GuestAddress(AVAIL_RING + 2))
-            .unwrap();
+        self.mem.write_obj(self.avail_idx, GuestAddress(AVAIL_RING + 2)).unwrap();
     }
 
     /// Writes a request header into a fresh slot and returns its address.
@@ -123,10 +109,7 @@ impl Harness {
 
     fn used(&self, n: u16) -> (u32, u32) {
         let at = USED_RING + 4 + 8 * u64::from(n);
-        (
-            self.mem.read_obj(GuestAddress(at)).unwrap(),
-            self.mem.read_obj(GuestAddress(at + 4)).unwrap(),
-        )
+        (self.mem.read_obj(GuestAddress(at)).unwrap(), self.mem.read_obj(GuestAddress(at + 4)).unwrap())
     }
 
     fn used_idx(&self) -> u16 {
@@ -165,12 +148,7 @@ const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 fn read_request_copies_sectors_into_guest_buffers() {
     let mut h = Harness::new(true);
     let hd = h.hdr(VIRTIO_BLK_T_IN, 2);
-    h.push(&[
-        hd,
-        (DATA, 512, true),
-        (DATA + 0x1000, 1024, true),
-        status_buf(),
-    ]);
+    h.push(&[hd, (DATA, 512, true), (DATA + 0x1000, 1024, true), status_buf()]);
     let used = h.serve_next();
     assert_eq!(h.status(), OK);
     assert_eq!(used, 512 + 1024 + 1);
@@ -178,9 +156,7 @@ fn read_request_copies_sectors_into_guest_buffers() {
     h.mem.read_slice(&mut first, GuestAddress(DATA)).unwrap();
     assert!(first.iter().all(|&b| b == 3), "sector 2 holds 3s");
     let mut rest = vec![0u8; 1024];
-    h.mem
-        .read_slice(&mut rest, GuestAddress(DATA + 0x1000))
-        .unwrap();
+    h.mem.read_slice(&mut rest, GuestAddress(DATA + 0x1000)).unwrap();
     assert!(rest[..512].iter().all(|&b| b == 4));
     assert!(rest[512..].iter().all(|&b| b == 5));
 }
@@ -222,10 +198,7 @@ fn write_to_a_read_only_image_fails_with_ioerr_and_changes_nothing() {
     h.mem.write_slice(&[0xee; 512], GuestAddress(DATA)).unwrap();
     let hd = h.hdr(VIRTIO_BLK_T_OUT, 0);
     h.push(&[hd, (DATA, 512, false), status_buf()]);
-    assert_eq!(
-        h.parse_next().unwrap_err(),
-        (RequestError::ReadOnly, Some(GuestAddress(STATUS)))
-    );
+    assert_eq!(h.parse_next().unwrap_err(), (RequestError::ReadOnly, Some(GuestAddress(STATUS))));
     let hd = h.hdr(VIRTIO_BLK_T_OUT, 0);
     h.push(&[hd, (DATA, 512, false), status_buf()]);
     assert_eq!(h.serve_next(), 1);
@@ -261,10 +234,7 @@ fn a_looping_chain_is_refused_without_an_answer() {
     h.write_desc(1, DATA, 512, F_NEXT | F_WRITE, 0);
     h.publish(0);
     h.set_status_marker();
-    assert_eq!(
-        h.parse_next().unwrap_err(),
-        (RequestError::BrokenChain, None)
-    );
+    assert_eq!(h.parse_next().unwrap_err(), (RequestError::BrokenChain, None));
     h.publish(0);
     assert_eq!(h.serve_next(), 0);
     assert_eq!(h.status(), 0xaa);
@@ -298,13 +268,7 @@ fn data_buffers_outside_guest_memory_give_ioerr() {
     let mut h = Harness::new(true);
     let hd = h.hdr(VIRTIO_BLK_T_IN, 0);
     h.push(&[hd, (MEM_SIZE + 0x1000, 512, true), status_buf()]);
-    assert_eq!(
-        h.parse_next().unwrap_err().0,
-        RequestError::OutOfGuestMemory {
-            addr: MEM_SIZE + 0x1000,
-            len: 512
-        }
-    );
+    assert_eq!(h.parse_next().unwrap_err().0, RequestError::OutOfGuestMemory { addr: MEM_SIZE + 0x1000, len: 512 });
     // Straddling the end of memory.
     let hd = h.hdr(VIRTIO_BLK_T_IN, 0);
     h.push(&[hd, (MEM_SIZE - 256, 512, true), status_buf()]);
@@ -322,29 +286,15 @@ fn a_header_outside_guest_memory_gives_ioerr() {
     let mut h = Harness::new(true);
     h.push(&[(MEM_SIZE - 8, 16, false), status_buf()]);
     h.set_status_marker();
-    assert!(matches!(
-        h.parse_next().unwrap_err().0,
-        RequestError::OutOfGuestMemory { .. }
-    ));
+    assert!(matches!(h.parse_next().unwrap_err().0, RequestError::OutOfGuestMemory { .. }));
 }
 
 #[test]
 fn wrong_data_directions_give_ioerr() {
     let mut h = Harness::new(false);
     let hd = h.hdr(VIRTIO_BLK_T_IN, 0);
-    h.push(&[
-        hd,
-        (DATA, 512, true),
-        (DATA + 512, 512, false),
-        status_buf(),
-    ]);
-    assert_eq!(
-        h.parse_next().unwrap_err().0,
-        RequestError::WrongDirection {
-            index: 1,
-            writable: false
-        }
-    );
+    h.push(&[hd, (DATA, 512, true), (DATA + 512, 512, false), status_buf()]);
+    assert_eq!(h.parse_next().unwrap_err().0, RequestError::WrongDirection { index: 1, writable: false });
     let hd = h.hdr(VIRTIO_BLK_T_OUT, 0);
     h.push(&[hd, (DATA, 512, true), status_buf()]);
     let before = h.disk_bytes();
@@ -372,10 +322,7 @@ fn a_writable_or_short_header_gives_ioerr() {
 fn a_chain_with_only_a_status_byte_gives_ioerr() {
     let mut h = Harness::new(true);
     h.push(&[status_buf()]);
-    assert_eq!(
-        h.parse_next().unwrap_err(),
-        (RequestError::NoHeader, Some(GuestAddress(STATUS)))
-    );
+    assert_eq!(h.parse_next().unwrap_err(), (RequestError::NoHeader, Some(GuestAddress(STATUS))));
 }
 
 #[test]
@@ -403,16 +350,10 @@ fn accesses_past_the_end_of_the_disk_give_ioerr() {
     assert!(h.parse_next().is_ok());
     let hd = h.hdr(VIRTIO_BLK_T_IN, DISK_SECTORS - 1);
     h.push(&[hd, (DATA, 513, true), status_buf()]);
-    assert!(matches!(
-        h.parse_next().unwrap_err().0,
-        RequestError::BeyondDisk { .. }
-    ));
+    assert!(matches!(h.parse_next().unwrap_err().0, RequestError::BeyondDisk { .. }));
     let hd = h.hdr(VIRTIO_BLK_T_OUT, DISK_SECTORS);
     h.push(&[hd, (DATA, 512, false), status_buf()]);
-    assert!(matches!(
-        h.parse_next().unwrap_err().0,
-        RequestError::BeyondDisk { .. }
-    ));
+    assert!(matches!(h.parse_next().unwrap_err().0, RequestError::BeyondDisk { .. }));
     // Sector numbers whose byte offset overflows.
     for sector in [u64::MAX, u64::MAX / 512 + 1, u64::MAX / 512] {
         let hd = h.hdr(VIRTIO_BLK_T_IN, sector);
@@ -433,21 +374,13 @@ fn drain_queue_serves_everything_and_fills_the_used_ring() {
     let hd = h.hdr(0xdead, 0);
     let c = h.push(&[hd, status_buf()]);
     let outcome = drain_queue(&mut h.queue, &h.mem, &mut h.disk).unwrap();
-    assert_eq!(
-        outcome,
-        QueueOutcome {
-            notify: true,
-            ..QueueOutcome::default()
-        }
-    );
+    assert_eq!(outcome, QueueOutcome { notify: true, ..QueueOutcome::default() });
     assert_eq!(h.used_idx(), 3);
     assert_eq!(h.used(0), (u32::from(a), 1));
     assert_eq!(h.used(1), (u32::from(b), 513));
     assert_eq!(h.used(2), (u32::from(c), 1));
     let mut back = [0u8; 512];
-    h.mem
-        .read_slice(&mut back, GuestAddress(DATA + 0x1000))
-        .unwrap();
+    h.mem.read_slice(&mut back, GuestAddress(DATA + 0x1000)).unwrap();
     assert_eq!(back, [0x55; 512]);
 
     let outcome = drain_queue(&mut h.queue, &h.mem, &mut h.disk).unwrap();
@@ -474,13 +407,8 @@ fn drain_queue_returns_malformed_chains_and_continues() {
 #[test]
 fn an_avail_index_running_ahead_is_an_error_not_a_hang() {
     let mut h = Harness::new(true);
-    h.mem
-        .write_obj(QUEUE_SIZE + 5, GuestAddress(AVAIL_RING + 2))
-        .unwrap();
-    assert!(matches!(
-        drain_queue(&mut h.queue, &h.mem, &mut h.disk),
-        Err(QueueError::InvalidAvailIndex)
-    ));
+    h.mem.write_obj(QUEUE_SIZE + 5, GuestAddress(AVAIL_RING + 2)).unwrap();
+    assert!(matches!(drain_queue(&mut h.queue, &h.mem, &mut h.disk), Err(QueueError::InvalidAvailIndex)));
 }
 
 #[test]

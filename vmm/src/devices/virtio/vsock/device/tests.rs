@@ -14,9 +14,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent};
 use super::*;
 use crate::devices::virtio::common::DeviceState;
 use crate::devices::virtio::vsock::connection::TX_BUF_SIZE;
-use crate::devices::virtio::vsock::packet::{
-    op, shutdown, Header, HEADER_SIZE, HOST_CID, TYPE_STREAM,
-};
+use crate::devices::virtio::vsock::packet::{op, shutdown, Header, HEADER_SIZE, HOST_CID, TYPE_STREAM};
 use crate::devices::virtio::vsock::Limits;
 use crate::devices::virtio::Interrupt;
 use std::sync::Arc;
@@ -63,15 +61,7 @@ impl Ring {
         (ring, queue)
     }
 
-    fn write_desc(
-        &self,
-        mem: &GuestMemoryMmap,
-        index: u16,
-        addr: u64,
-        len: u32,
-        flags: u16,
-        next: u16,
-    ) {
+    fn write_desc(&self, mem: &GuestMemoryMmap, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
         let at = GuestAddress(self.desc + 16 * u64::from(index));
         mem.write_obj(addr, at).unwrap();
         mem.write_obj(len, at.unchecked_add(8)).unwrap();
@@ -101,11 +91,9 @@ impl Ring {
 
     fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
         let slot = u64::from(self.avail_idx % QUEUE_SIZE);
-        mem.write_obj(head, GuestAddress(self.avail + 4 + 2 * slot))
-            .unwrap();
+        mem.write_obj(head, GuestAddress(self.avail + 4 + 2 * slot)).unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
-            .unwrap();
+        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2)).unwrap();
     }
 
     /// New used entries: (head, length).
@@ -132,11 +120,7 @@ struct Area {
 
 impl Area {
     fn new((start, end): (u64, u64)) -> Self {
-        Self {
-            start,
-            end,
-            next: start,
-        }
+        Self { start, end, next: start }
     }
 
     fn alloc(&mut self, len: u32) -> u64 {
@@ -187,16 +171,8 @@ impl Guest {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let uds = dir.path().join("vsock.sock");
-        let dev = Vsock::new(&VsockConfig {
-            guest_cid: GUEST_CID as u32,
-            uds_path: uds.clone(),
-        })
-        .unwrap();
-        Self {
-            uds,
-            _dir: Some(dir),
-            ..Guest::with_device(dev)
-        }
+        let dev = Vsock::new(&VsockConfig { guest_cid: GUEST_CID as u32, uds_path: uds.clone() }).unwrap();
+        Self { uds, _dir: Some(dir), ..Guest::with_device(dev) }
     }
 
     fn port_path(&self, port: u32) -> PathBuf {
@@ -258,9 +234,7 @@ impl<B: VsockBackend> Guest<B> {
         for &size in pieces {
             let n = size.min(rest.len());
             let addr = self.tx_area.alloc(n as u32);
-            self.mem
-                .write_slice(&rest[..n], GuestAddress(addr))
-                .unwrap();
+            self.mem.write_slice(&rest[..n], GuestAddress(addr)).unwrap();
             chain.push((addr, n as u32, false));
             rest = &rest[n..];
         }
@@ -273,11 +247,7 @@ impl<B: VsockBackend> Guest<B> {
         header.len = payload.len() as u32;
         let mut bytes = header.to_bytes().to_vec();
         bytes.extend_from_slice(payload);
-        let pieces: &[usize] = if payload.is_empty() {
-            &[HEADER_SIZE]
-        } else {
-            &[HEADER_SIZE, payload.len()]
-        };
+        let pieces: &[usize] = if payload.is_empty() { &[HEADER_SIZE] } else { &[HEADER_SIZE, payload.len()] };
         let chain = self.scatter(&bytes, pieces);
         self.queue_raw(&chain);
     }
@@ -344,19 +314,9 @@ impl<B: VsockBackend> Guest<B> {
     /// Waits for the host sockets to be ready, then handles them.
     fn wait_backend(&mut self) {
         let epoll = Epoll::new().unwrap();
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                self.dev.backend.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, 0),
-            )
-            .unwrap();
+        epoll.ctl(ControlOperation::Add, self.dev.backend.as_raw_fd(), EpollEvent::new(EventSet::IN, 0)).unwrap();
         let mut events = [EpollEvent::default(); 1];
-        assert_eq!(
-            epoll.wait(5000, &mut events).unwrap(),
-            1,
-            "host sockets never became ready"
-        );
+        assert_eq!(epoll.wait(5000, &mut events).unwrap(), 1, "host sockets never became ready");
         self.backend();
     }
 
@@ -387,11 +347,7 @@ fn device_identity_and_config_space() {
 fn reserved_cids_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     for cid in [0, 1, 2, u32::MAX] {
-        let err = Vsock::new(&VsockConfig {
-            guest_cid: cid,
-            uds_path: dir.path().join("v.sock"),
-        })
-        .unwrap_err();
+        let err = Vsock::new(&VsockConfig { guest_cid: cid, uds_path: dir.path().join("v.sock") }).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidInput, "{cid}");
     }
 }
@@ -406,19 +362,10 @@ fn activation_needs_three_queues_and_reset_deactivates() {
         interrupt: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
         acked_features: VIRTIO_F_VERSION_1,
     };
-    assert!(matches!(
-        g.dev.activate(activation(3)),
-        Err(ActivateError::AlreadyActive)
-    ));
+    assert!(matches!(g.dev.activate(activation(3)), Err(ActivateError::AlreadyActive)));
     g.dev.reset();
     assert!(matches!(g.dev.common.state(), DeviceState::Inactive));
-    assert!(matches!(
-        g.dev.activate(activation(1)),
-        Err(ActivateError::QueueCount {
-            expected: 3,
-            got: 1
-        })
-    ));
+    assert!(matches!(g.dev.activate(activation(1)), Err(ActivateError::QueueCount { expected: 3, got: 1 })));
     g.dev.activate(activation(3)).unwrap();
     assert!(matches!(g.dev.common.state(), DeviceState::Active(_)));
 }
@@ -646,11 +593,7 @@ fn guest_credit_is_respected_and_recovers() {
         g.backend();
     }
     let out = g.recv();
-    let more: usize = out
-        .iter()
-        .filter(|(h, _)| h.op == op::RW)
-        .map(|(_, p)| p.len())
-        .sum();
+    let more: usize = out.iter().filter(|(h, _)| h.op == op::RW).map(|(_, p)| p.len()).sum();
     assert_eq!(more, 8192);
     for (_, p) in out.iter().filter(|(h, _)| h.op == op::RW) {
         received.extend_from_slice(p);
@@ -664,9 +607,7 @@ fn megabyte_guest_to_host_honours_credit_and_gets_updates() {
     let listener = UnixListener::bind(g.port_path(5002)).unwrap();
     let mut handler = g.connect(7, &listener);
     handler.set_nonblocking(true).unwrap();
-    let data: Vec<u8> = (0..1 << 20)
-        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-        .collect();
+    let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
     let (mut sent, mut tx_cnt) = (0usize, 0u32);
     let (mut peer_buf_alloc, mut peer_fwd_cnt) = (TX_BUF_SIZE, 0u32);
     let mut got = Vec::new();
@@ -716,9 +657,7 @@ fn megabyte_host_to_guest_with_credit_updates() {
     g.post_rx(1, 4096);
     assert_eq!(ops(&g.recv()), [op::RESPONSE]);
     let (mut handler, _) = listener.accept().unwrap();
-    let data: Vec<u8> = (0..1 << 20)
-        .map(|i: u32| (i.wrapping_mul(40503) >> 8) as u8)
-        .collect();
+    let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i.wrapping_mul(40503) >> 8) as u8).collect();
     let expected = data.clone();
     let writer = std::thread::spawn(move || {
         handler.write_all(&data).unwrap();
@@ -814,9 +753,7 @@ fn reply_backlog_pauses_tx_until_the_guest_reads() {
 fn a_broken_avail_index_stops_the_device_until_reset() {
     let mut g = Guest::new();
     // The driver claims 1000 chains in a 256-entry queue.
-    g.mem
-        .write_obj(1000u16, GuestAddress(g.tx.avail + 2))
-        .unwrap();
+    g.mem.write_obj(1000u16, GuestAddress(g.tx.avail + 2)).unwrap();
     g.kick_tx();
     assert!(matches!(g.dev.common.state(), DeviceState::Broken));
     g.kick_tx();
@@ -960,19 +897,13 @@ fn fake_backend_tx_packets_reach_the_backend() {
     assert_eq!((sent[0].0.src_port, sent[0].0.dst_port), (40000, 5002));
     assert_eq!(sent[0].1, b"hello");
     assert_eq!((sent[1].0.op, sent[1].1.len()), (op::REQUEST, 0));
-    assert_eq!(
-        g.tx_used().iter().map(|&(_, len)| len).collect::<Vec<_>>(),
-        [0, 0]
-    );
+    assert_eq!(g.tx_used().iter().map(|&(_, len)| len).collect::<Vec<_>>(), [0, 0]);
     assert!(g.interrupted());
 
     // A readable header whose payload is cut short is rejected, not sent.
     let mut short = packet(op::RW, 40000, 5002);
     short.len = 100;
-    let chain = g.scatter(
-        &[short.to_bytes().as_slice(), &[7; 10]].concat(),
-        &[HEADER_SIZE, 10],
-    );
+    let chain = g.scatter(&[short.to_bytes().as_slice(), &[7; 10]].concat(), &[HEADER_SIZE, 10]);
     g.queue_raw(&chain);
     g.kick_tx();
     assert_eq!(g.dev.backend.sent.len(), 2);
@@ -984,10 +915,7 @@ fn fake_backend_tx_packets_reach_the_backend() {
 #[test]
 fn fake_backend_pending_rx_waits_for_a_buffer_then_lands_in_the_rx_queue() {
     let mut g = fake_guest();
-    g.dev
-        .backend
-        .pending
-        .push_back(Some((for_guest(op::RW, 0), b"from the host".to_vec())));
+    g.dev.backend.pending.push_back(Some((for_guest(op::RW, 0), b"from the host".to_vec())));
     g.backend();
     assert_eq!(g.dev.backend.events, 1);
     // No rx buffer: the packet stays pending and the guest hears nothing.
@@ -1005,10 +933,7 @@ fn fake_backend_pending_rx_waits_for_a_buffer_then_lands_in_the_rx_queue() {
     assert!(!g.dev.backend.has_pending_rx());
 
     // The second buffer is still the device's: the next packet uses it.
-    g.dev
-        .backend
-        .pending
-        .push_back(Some((for_guest(op::CREDIT_UPDATE, 0), Vec::new())));
+    g.dev.backend.pending.push_back(Some((for_guest(op::CREDIT_UPDATE, 0), Vec::new())));
     g.backend();
     assert_eq!(ops(&g.recv()), [op::CREDIT_UPDATE]);
 }
@@ -1020,10 +945,7 @@ fn fake_backend_with_nothing_after_all_leaves_the_buffer_with_the_device() {
     g.post_rx(1, 4096);
     assert!(g.rx.take_used(&g.mem).is_empty());
     assert!(!g.interrupted());
-    g.dev
-        .backend
-        .pending
-        .push_back(Some((for_guest(op::RW, 0), b"late".to_vec())));
+    g.dev.backend.pending.push_back(Some((for_guest(op::RW, 0), b"late".to_vec())));
     g.backend();
     let out = g.recv();
     assert_eq!(ops(&out), [op::RW]);
@@ -1066,9 +988,7 @@ fn fake_backend_event_queue_buffers_are_kept_and_reset_reaches_the_backend() {
 #[test]
 fn fake_backend_is_reset_when_the_driver_breaks_a_queue() {
     let mut g = fake_guest();
-    g.mem
-        .write_obj(1000u16, GuestAddress(g.tx.avail + 2))
-        .unwrap();
+    g.mem.write_obj(1000u16, GuestAddress(g.tx.avail + 2)).unwrap();
     g.kick_tx();
     assert!(matches!(g.dev.common.state(), DeviceState::Broken));
     assert_eq!(g.dev.backend.resets, 1);
