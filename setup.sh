@@ -12,5 +12,5 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 kernel-config/build.sh >/dev/null
 rootfs/build-default.sh >/dev/null
 log "building the sandbox CLI"
-cargo build --quiet --release -p sandbox-cli --bin sandbox
+cargo build --quiet --release -p cli --bin sandbox
 log "ready: $(pwd)/target/release/sandbox"

@@ -14,8 +14,8 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rootfs::fixtures::{ImageBuilder, LayerBuilder};
 use sandbox::{Command, Image, Sandbox, Status};
-use sandbox_rootfs::fixtures::{ImageBuilder, LayerBuilder};
 
 /// Records when the first byte arrives.
 #[derive(Clone)]
@@ -62,9 +62,8 @@ fn main() {
         .unwrap();
     let name = format!("oci:{}:bench", layout.path().display());
     let t = Instant::now();
-    let (rec, _) = sandbox::image_store()
-        .ensure(&sandbox_rootfs::ImageSource::parse(&name).unwrap(), &Default::default())
-        .unwrap();
+    let (rec, _) =
+        sandbox::image_store().ensure(&rootfs::ImageSource::parse(&name).unwrap(), &Default::default()).unwrap();
     println!("first pull and conversion: {:.2} s", t.elapsed().as_secs_f64());
 
     let (default_first, default_total) = time_to_first_output(Image::Default);

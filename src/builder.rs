@@ -5,8 +5,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use sandbox_net::NetConfig;
-use sandbox_policy::{Engine, Layer, Policy, ProfileSource};
+use net::NetConfig;
+use policy::{Engine, Layer, Policy, ProfileSource};
 
 use crate::command::{Command, Status};
 use crate::image::BootImage;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use guest_protocol::agent::{Exec, WinSize};
 
 use crate::Error;
-use sandbox_rootfs::ImageConfig;
+use rootfs::ImageConfig;
 
 /// How many bytes of each of standard output and standard error
 /// [`crate::Sandbox::output`] collects by default (16 MiB); see

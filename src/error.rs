@@ -26,17 +26,17 @@ pub enum Error {
     #[error(transparent)]
     Agent(#[from] crate::agent::AgentError),
     #[error(transparent)]
-    Telemetry(#[from] sandbox_telemetry::TelemetryError),
+    Telemetry(#[from] telemetry::TelemetryError),
     #[error(transparent)]
-    Net(#[from] sandbox_net::Error),
+    Net(#[from] net::Error),
     #[error(transparent)]
-    Profile(#[from] sandbox_policy::ProfileError),
+    Profile(#[from] policy::ProfileError),
     #[error("no sandbox {0} (sandbox ps -a lists them)")]
     NoSuchSandbox(String),
     #[error("sandbox {0} is not running")]
     NotRunning(String),
     #[error(transparent)]
-    Image(#[from] sandbox_rootfs::Error),
+    Image(#[from] rootfs::Error),
     #[error(
         "the guest stopped without reporting an exit status (kernel panic or init failure); last console lines:\n{0}"
     )]

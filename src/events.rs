@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use sandbox_telemetry::query::{LogOptions, LogReader, LogRow};
+use telemetry::query::{LogOptions, LogReader, LogRow};
 
 use crate::{Error, Sandbox};
 

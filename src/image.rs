@@ -31,12 +31,12 @@ pub(crate) struct BootImage {
     pub root_disk: PathBuf,
     pub rootfs: RootFs,
     pub image_disk: Option<PathBuf>,
-    pub config: Option<sandbox_rootfs::ImageConfig>,
+    pub config: Option<rootfs::ImageConfig>,
 }
 
 /// The cache of converted OCI images (`$SANDBOX_CACHE/oci`).
-pub fn image_store() -> sandbox_rootfs::Store {
-    sandbox_rootfs::Store::new(paths::cache_dir().join("oci"))
+pub fn image_store() -> rootfs::Store {
+    rootfs::Store::new(paths::cache_dir().join("oci"))
 }
 
 /// Filesystems the guest kernel can mount as its root.
@@ -93,9 +93,9 @@ impl Image {
         Ok((path, fs))
     }
 
-    fn pull(name: &str) -> Result<(sandbox_rootfs::ImageRecord, PathBuf), Error> {
-        let source = sandbox_rootfs::ImageSource::parse(name)?;
-        Ok(image_store().ensure(&source, &sandbox_rootfs::PullOptions::default())?)
+    fn pull(name: &str) -> Result<(rootfs::ImageRecord, PathBuf), Error> {
+        let source = rootfs::ImageSource::parse(name)?;
+        Ok(image_store().ensure(&source, &rootfs::PullOptions::default())?)
     }
 
     /// The disks to boot and, for OCI images, the image's run settings.

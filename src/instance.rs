@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use guest_protocol::ports::GUEST_CID;
 use guest_protocol::sandbox_dir::{is_vsock_socket_name, SandboxDir};
-use sandbox_net::{Handlers, NetConfig};
-use sandbox_telemetry::SessionDb;
+use net::{Handlers, NetConfig};
+use telemetry::SessionDb;
 
 use crate::console::{ConsoleSink, ConsoleState};
 use crate::sandbox::{Sandbox, SandboxState};
@@ -32,7 +32,7 @@ pub(crate) struct InstanceConfig {
     /// The image as the user named it, and the command (for `sandbox ps`).
     pub image_name: String,
     pub label: Vec<String>,
-    pub image_config: Option<sandbox_rootfs::ImageConfig>,
+    pub image_config: Option<rootfs::ImageConfig>,
     pub detached: bool,
     pub data_dir: PathBuf,
     pub kernel: PathBuf,
@@ -42,7 +42,7 @@ pub(crate) struct InstanceConfig {
     pub cmdline: String,
     pub memory_mib: u32,
     pub vcpus: u8,
-    pub policy: sandbox_policy::Policy,
+    pub policy: policy::Policy,
     pub net: NetConfig,
     pub console: Option<Box<dyn Write + Send>>,
 }
@@ -258,7 +258,7 @@ impl HandlerHost {
     fn start(id: &str, dir: &Path, handlers: Handlers, session: SessionDb) -> Result<HandlerHost, Error> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
-            .thread_name("sandbox-net")
+            .thread_name("net")
             .enable_all()
             .build()
             .map_err(|e| Error::Io("start the handler runtime".into(), e))?;
@@ -332,18 +332,18 @@ mod tests {
         let recorder = session.recorder();
         let mut net = NetConfig::default();
         net.ca_dir = dir.path().join("ca");
-        let policy = sandbox_policy::Policy::new(sandbox_policy::Engine::builtin("deny-all").unwrap());
+        let policy = policy::Policy::new(policy::Engine::builtin("deny-all").unwrap());
         let handlers = Handlers::new(net, policy, session.recorder()).unwrap();
         let host = HandlerHost::start("test", dir.path(), handlers, session).unwrap();
         assert!(dir.path().join("vsock.sock_5002").exists());
         const ROWS: usize = 10_000;
         for i in 0..ROWS {
-            let event = sandbox_telemetry::DnsEvent {
+            let event = telemetry::DnsEvent {
                 time: std::time::SystemTime::now(),
                 qname: format!("q{i}.example"),
                 qtype: "A".into(),
                 rcode: "NXDOMAIN".into(),
-                decision: sandbox_telemetry::Outcome::Denied,
+                decision: telemetry::Outcome::Denied,
                 matched_rule: None,
                 answers: Vec::new(),
                 process_name: None,

@@ -52,12 +52,12 @@ pub use events::Events;
 pub use guest_protocol::agent::WinSize;
 pub use image::{image_store, Image, RootFs};
 pub use instance::Instance;
+pub use net::{NetConfig, UpstreamProxy};
+pub use policy;
 pub use process::{Process, ProcessControl, ProcessOutput, ProcessStdin};
+pub use rootfs;
 pub use sandbox::{valid_id, Sandbox, SandboxState};
-pub use sandbox_net::{NetConfig, UpstreamProxy};
-pub use sandbox_policy as policy;
-pub use sandbox_rootfs as rootfs;
-pub use sandbox_telemetry::query::LogRow;
+pub use telemetry::query::LogRow;
 
 /// Guest memory bounds, in MiB (the VMM's).
 pub const MEMORY_MIB_RANGE: std::ops::RangeInclusive<u32> = vmm::MIN_MEMORY_MIB..=vmm::MAX_MEMORY_MIB;

@@ -51,7 +51,7 @@ pub struct SandboxState {
     /// The OCI image's run settings (environment, directory, user), which
     /// every command gets unless it sets its own.
     #[serde(default)]
-    pub image_config: Option<sandbox_rootfs::ImageConfig>,
+    pub image_config: Option<rootfs::ImageConfig>,
 }
 
 impl SandboxState {

@@ -40,8 +40,8 @@ use guest_protocol::ports::{AGENT_PORT, GUEST_CID, HOST_CID, MITM_PORT};
 pub use guest_protocol::probe::ProbeLine;
 use guest_protocol::sandbox_dir::SandboxDir;
 
-use sandbox_policy::{Layer, ProfileSource};
-use sandbox_telemetry::query::{LogOptions, LogReader, LogRow};
+use policy::{Layer, ProfileSource};
+use telemetry::query::{LogOptions, LogReader, LogRow};
 
 use crate::{Command, Error, Image, Instance, NetConfig, Sandbox, Status};
 
@@ -264,7 +264,7 @@ pub struct Evidence {
 
 impl Evidence {
     /// The decisions recorded in `session.db`.
-    pub fn read_session_db(&mut self, path: &std::path::Path) -> Result<(), sandbox_telemetry::TelemetryError> {
+    pub fn read_session_db(&mut self, path: &std::path::Path) -> Result<(), telemetry::TelemetryError> {
         let options = LogOptions { dns: true, net: true, ..LogOptions::default() };
         let mut reader = LogReader::open(path, &options)?;
         loop {
@@ -1148,13 +1148,13 @@ mod tests {
     fn item4_evidence_is_read_from_session_db() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("session.db");
-        let session = sandbox_telemetry::SessionDb::open(&path).unwrap();
-        let event = sandbox_telemetry::DnsEvent {
+        let session = telemetry::SessionDb::open(&path).unwrap();
+        let event = telemetry::DnsEvent {
             time: std::time::SystemTime::now(),
             qname: DEFAULT_CANARY_NAME.into(),
             qtype: "A".into(),
             rcode: "NXDOMAIN".into(),
-            decision: sandbox_telemetry::Outcome::Allowed,
+            decision: telemetry::Outcome::Allowed,
             matched_rule: Some("allow_all".into()),
             answers: Vec::new(),
             process_name: None,

@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use net::fixtures::{HttpsUpstream, TestCa, TestDns};
 use sandbox::{Command, Image, NetConfig, Sandbox, Status};
-use sandbox_net::fixtures::{HttpsUpstream, TestCa, TestDns};
 
 /// The "internet" address of the test names: a loopback address of its own,
 /// so that port 443 is free on it.
@@ -328,7 +328,7 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     expect("body=hello allowed.test HTTP/1.1");
     // The guest sees a certificate issued by the sandbox CA, and trusts it
     // through the system bundle (fetch, OpenSSL) and through the CA's own file (probe).
-    let sandbox_ca = sandbox_net::SandboxCa::load_or_create(&NetConfig::default().ca_dir).unwrap();
+    let sandbox_ca = net::SandboxCa::load_or_create(&NetConfig::default().ca_dir).unwrap();
     let (_, ca_pem) = x509_parser::pem::parse_x509_pem(sandbox_ca.ca_cert_pem().as_bytes()).unwrap();
     let sandbox_ca_subject = ca_pem.parse_x509().unwrap().subject().to_string();
     let issuer = line_starting("certificate:");
@@ -373,7 +373,7 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     let expected_digest = {
         use sha2::Digest;
         let mut hash = sha2::Sha256::new();
-        for chunk in sandbox_net::fixtures::pattern_chunks(mb * 1_048_576) {
+        for chunk in net::fixtures::pattern_chunks(mb * 1_048_576) {
             hash.update(&chunk);
         }
         hash.finalize().iter().map(|b| format!("{b:02x}")).collect::<String>()

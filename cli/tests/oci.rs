@@ -9,8 +9,8 @@ mod common;
 
 use std::time::Duration;
 
+use rootfs::fixtures::{ImageBuilder, LayerBuilder, Registry};
 use sandbox::{Command as SandboxCommand, Image, Sandbox, Status};
-use sandbox_rootfs::fixtures::{ImageBuilder, LayerBuilder, Registry};
 
 fn busybox_image() -> ImageBuilder {
     let busybox = std::fs::read("/bin/busybox").expect("Debian's busybox-static (/bin/busybox)");

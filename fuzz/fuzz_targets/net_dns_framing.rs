@@ -7,8 +7,8 @@ fuzz_target!(|data: &[u8]| {
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread().build() else { return };
     runtime.block_on(async {
         let mut reader = data;
-        while let Ok(Some(frame)) = sandbox_net::dns::read_frame(&mut reader).await {
-            match sandbox_net::dns::parse_query(&frame) {
+        while let Ok(Some(frame)) = net::dns::read_frame(&mut reader).await {
+            match net::dns::parse_query(&frame) {
                 Ok(query) => assert!(!query.qname.ends_with('.')),
                 Err(rejected) => {
                     if let Some(response) = rejected.response {

@@ -13,6 +13,6 @@ fuzz_target!(|data: &[u8]| {
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread().build() else { return };
     runtime.block_on(async {
         let mut reader = tokio::io::BufReader::new(data);
-        let _ = sandbox_net::proxy_header::read(&mut reader).await;
+        let _ = net::proxy_header::read(&mut reader).await;
     });
 });

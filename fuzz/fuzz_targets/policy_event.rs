@@ -6,7 +6,7 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use sandbox_policy::{Engine, Event, Layer, ProfileSource, Secrets};
+use policy::{Engine, Event, Layer, ProfileSource, Secrets};
 
 const RULES: &str = r#"
 [security.rules.http.headers]

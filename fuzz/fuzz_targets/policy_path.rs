@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sandbox_policy::normalise_path;
+use policy::normalise_path;
 
 fuzz_target!(|raw: &str| {
     let path = normalise_path(raw);

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sandbox_policy::{Engine, Event, Layer, ProfileSource, Secrets};
+use policy::{Engine, Event, Layer, ProfileSource, Secrets};
 
 const EVENTS: [&str; 4] = [
     r#"{"event": "dns.request", "qname": "pypi.org", "qtype": "AAAA"}"#,

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sandbox_telemetry::ai::sse::{SseItem, SseParser};
+use telemetry::ai::sse::{SseItem, SseParser};
 
 const LIMIT: usize = 256;
 

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sandbox_telemetry::ai::{StreamParser, MAX_TOOL_CALLS};
+use telemetry::ai::{StreamParser, MAX_TOOL_CALLS};
 
 const ENDPOINTS: [(&str, &str); 6] = [
     ("api.anthropic.com", "/v1/messages"),

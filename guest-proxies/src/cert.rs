@@ -18,7 +18,7 @@ mod tests {
 
     #[test]
     fn names_subject_and_issuer_and_survives_garbage() {
-        let ca = sandbox_net::fixtures::TestCa::new("describe test CA").unwrap();
+        let ca = net::fixtures::TestCa::new("describe test CA").unwrap();
         let (chain, _) = ca.issue(&["leaf.test"]).unwrap();
         let line = describe(&chain[0]);
         assert!(line.contains("issuer=CN=describe test CA"), "{line}");

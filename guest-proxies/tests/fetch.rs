@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::process::{Command, Output};
 
-use sandbox_net::fixtures::{HttpsUpstream, TestCa};
+use net::fixtures::{HttpsUpstream, TestCa};
 
 fn fetch(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_fetch")).args(args).env_remove("SSL_CERT_FILE").output().unwrap()

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::process::{Command, Output, Stdio};
 
-use sandbox_net::fixtures::{HttpsUpstream, TestCa, TestDns};
+use net::fixtures::{HttpsUpstream, TestCa, TestDns};
 
 fn probe(args: &[&str]) -> (i32, String) {
     let Output { status, stdout, .. } = Command::new(env!("CARGO_BIN_EXE_sandbox-probe")).args(args).output().unwrap();

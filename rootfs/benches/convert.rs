@@ -2,7 +2,7 @@
 //! opaque directory and links) -> the cached erofs image, beside `mkfs.erofs`
 //! of the same final tree from a directory, in the same run.
 //!
-//!   cargo bench -p sandbox-rootfs --bench convert
+//!   cargo bench -p rootfs --bench convert
 //!
 //! Prints MB of layers (compressed and uncompressed) per second and the ratio
 //! of the whole conversion's time to mkfs.erofs's alone. Needs root and
@@ -13,8 +13,8 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sandbox_rootfs::fixtures::{ImageBuilder, LayerBuilder};
-use sandbox_rootfs::{ImageSource, PullOptions, Store};
+use rootfs::fixtures::{ImageBuilder, LayerBuilder};
+use rootfs::{ImageSource, PullOptions, Store};
 
 const RUNS: usize = 3;
 

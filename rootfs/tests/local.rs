@@ -4,8 +4,8 @@
 mod common;
 
 use common::{check_layered, layered_image, Mounted};
-use sandbox_rootfs::fixtures::{ImageBuilder, LayerBuilder};
-use sandbox_rootfs::{Error, ImageSource, PullOptions, Store};
+use rootfs::fixtures::{ImageBuilder, LayerBuilder};
+use rootfs::{Error, ImageSource, PullOptions, Store};
 
 #[test]
 fn oci_layout_and_docker_archive_give_the_same_tree() {

@@ -9,8 +9,8 @@ mod common;
 use std::path::Path;
 
 use common::{check_layered, layered_image, Mounted};
-use sandbox_rootfs::fixtures::{ImageBuilder, LayerBuilder, Registry};
-use sandbox_rootfs::{Digest, Error, ImageSource, Limits, PullOptions, Store};
+use rootfs::fixtures::{ImageBuilder, LayerBuilder, Registry};
+use rootfs::{Digest, Error, ImageSource, Limits, PullOptions, Store};
 
 fn push(registry: &Registry, image: &ImageBuilder, repo: &str, tag: &str) -> Digest {
     let layout = tempfile::tempdir().unwrap();
@@ -131,7 +131,7 @@ fn two_concurrent_pulls_download_once() {
     let registry = Registry::start().unwrap();
     let big: Vec<u8> = (0..4 << 20).map(|i: u32| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
     let layer = LayerBuilder::new().file("big", &big, 0o644, 0, 0).finish();
-    let layer_digest = Digest::of(&sandbox_rootfs::fixtures::gzip(&layer));
+    let layer_digest = Digest::of(&rootfs::fixtures::gzip(&layer));
     let image = ImageBuilder::new().layer(layer);
     push(&registry, &image, "shared", "latest");
     let cache = tempfile::tempdir().unwrap();
@@ -160,7 +160,7 @@ fn two_concurrent_pulls_download_once() {
 fn corrupt_blobs_in_the_registry_are_refused() {
     let registry = Registry::start().unwrap();
     let layer = LayerBuilder::new().file("data", &[7u8; 100_000], 0o644, 0, 0).finish();
-    let blob = sandbox_rootfs::fixtures::gzip(&layer);
+    let blob = rootfs::fixtures::gzip(&layer);
     let layer_digest = Digest::of(&blob);
     let image = ImageBuilder::new().layer(layer);
     push(&registry, &image, "tampered", "latest");

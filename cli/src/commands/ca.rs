@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use sandbox_net::SandboxCa;
+use net::SandboxCa;
 
 use crate::exit::Outcome;
 

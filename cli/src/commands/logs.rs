@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 use anyhow::Context;
 use clap::Args;
 use sandbox::Sandbox;
-use sandbox_telemetry::query::{print_logs, LogOptions};
+use telemetry::query::{print_logs, LogOptions};
 
 use crate::exit::Outcome;
 

@@ -27,7 +27,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::header::HOST;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use sandbox_net::fixtures::{empty_body, GuestBody};
+use net::fixtures::{empty_body, GuestBody};
 use tokio::io::{AsyncWriteExt, BufReader};
 
 const DOWNLOAD: u64 = 100 * 1024 * 1024;
@@ -149,7 +149,7 @@ impl DirectClient {
         for cert in rustls_pemfile::certs(&mut h.upstream_ca.cert_pem().as_bytes()) {
             roots.add(cert.unwrap()).unwrap();
         }
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(sandbox_net::crypto_provider()))
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(net::crypto_provider()))
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_root_certificates(roots)
@@ -219,7 +219,7 @@ async fn dns_queries_per_second(h: &Harness) -> f64 {
         frame.extend_from_slice(&bytes);
         frame
     };
-    sandbox_net::fixtures::dns_query(&h.dns_socket(), "a.test.", RecordType::A).await.unwrap();
+    net::fixtures::dns_query(&h.dns_socket(), "a.test.", RecordType::A).await.unwrap();
 
     let stream = tokio::net::UnixStream::connect(h.dns_socket()).await.unwrap();
     let (read, mut write) = stream.into_split();
@@ -236,7 +236,7 @@ async fn dns_queries_per_second(h: &Harness) -> f64 {
     });
     let mut read = BufReader::new(read);
     for _ in 0..DNS_QUERIES {
-        let frame = sandbox_net::dns::read_frame(&mut read).await.unwrap().unwrap();
+        let frame = net::dns::read_frame(&mut read).await.unwrap().unwrap();
         assert!(frame.len() > 12);
         let _ = window_tx.try_send(());
     }

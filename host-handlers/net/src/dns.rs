@@ -37,8 +37,8 @@ use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, Query, Res
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_resolver::net::{DnsError, NetError};
-use sandbox_policy::{Action, Decision, DnsRecord, DnsRequest, Event, Policy};
-use sandbox_telemetry::{DnsEvent, Outcome, Recorder, Slot, TelemetryError};
+use policy::{Action, Decision, DnsRecord, DnsRequest, Event, Policy};
+use telemetry::{DnsEvent, Outcome, Recorder, Slot, TelemetryError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};

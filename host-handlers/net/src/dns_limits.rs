@@ -23,8 +23,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use sandbox_policy::DnsLimits;
-use sandbox_telemetry::{DnsEvent, Outcome, Recorder};
+use policy::DnsLimits;
+use telemetry::{DnsEvent, Outcome, Recorder};
 
 /// Rule recorded for queries refused by a limit, and for their summaries.
 pub const DNS_LIMIT_RULE: &str = "builtin.dns_limit";

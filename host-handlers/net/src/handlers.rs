@@ -6,8 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use guest_protocol::sandbox_dir::SandboxDir;
-use sandbox_policy::Policy;
-use sandbox_telemetry::Recorder;
+use policy::Policy;
+use telemetry::Recorder;
 use tokio::sync::Semaphore;
 
 use crate::bindings::Bindings;

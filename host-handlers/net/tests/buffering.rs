@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::Harness;
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use sandbox_net::fixtures::{empty_body, HttpsUpstream};
+use net::fixtures::{empty_body, HttpsUpstream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// A guest connection that, once `stalled`, never reads again (its writes go on).
@@ -70,7 +70,7 @@ async fn stall(h: &Harness, upstream: std::net::SocketAddr) -> (u64, u64) {
     let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(u32::MAX >> 1)
         .initial_connection_window_size(u32::MAX >> 1)
-        .handshake::<_, sandbox_net::fixtures::GuestBody>(TokioIo::new(io))
+        .handshake::<_, net::fixtures::GuestBody>(TokioIo::new(io))
         .await
         .unwrap();
     let guest = tokio::spawn(connection);

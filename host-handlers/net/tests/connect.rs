@@ -16,8 +16,8 @@ use hickory_proto::rr::RecordType;
 use http_body_util::BodyExt;
 use hyper::header::HOST;
 use hyper::{Request, StatusCode};
-use sandbox_net::fixtures::{dns_query, empty_body, Guest};
-use sandbox_telemetry::query::NetRow;
+use net::fixtures::{dns_query, empty_body, Guest};
+use telemetry::query::NetRow;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 

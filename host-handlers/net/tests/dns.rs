@@ -9,7 +9,7 @@ use std::str::FromStr;
 use common::Harness;
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
-use sandbox_net::fixtures::{dns_query, dns_query_message};
+use net::fixtures::{dns_query, dns_query_message};
 use tokio::io::AsyncWriteExt;
 
 fn addresses(message: &Message) -> Vec<String> {
@@ -148,7 +148,7 @@ async fn pipelined_queries_are_answered_by_id() {
     stream.write_all(&wire).await.unwrap();
     let mut seen = std::collections::BTreeMap::new();
     for _ in 0..40 {
-        let frame = sandbox_net::dns::read_frame(&mut stream).await.unwrap().unwrap();
+        let frame = net::dns::read_frame(&mut stream).await.unwrap().unwrap();
         let answer = Message::from_vec(&frame).unwrap();
         let name = answer.queries[0].name().to_string();
         assert_eq!(name, names[usize::from(answer.metadata.id) % names.len()], "answer matches its query by ID");
@@ -156,7 +156,7 @@ async fn pipelined_queries_are_answered_by_id() {
     }
     assert_eq!(seen.len(), 40);
     stream.shutdown().await.unwrap();
-    assert_eq!(sandbox_net::dns::read_frame(&mut stream).await.unwrap(), None);
+    assert_eq!(net::dns::read_frame(&mut stream).await.unwrap(), None);
     assert_eq!(h.dns_rows().await.len(), 40);
     h.shutdown().await;
 }
@@ -192,7 +192,7 @@ async fn pipelined(h: &Harness, names: &[String]) -> Vec<(u16, ResponseCode)> {
     let receive = async {
         let mut answers = Vec::new();
         for _ in 0..names.len() {
-            let frame = sandbox_net::dns::read_frame(&mut reader).await.unwrap().unwrap();
+            let frame = net::dns::read_frame(&mut reader).await.unwrap().unwrap();
             let answer = Message::from_vec(&frame).unwrap();
             answers.push((answer.metadata.id, answer.metadata.response_code));
         }
@@ -203,7 +203,7 @@ async fn pipelined(h: &Harness, names: &[String]) -> Vec<(u16, ResponseCode)> {
 }
 
 /// The number of refused queries a summary row counts.
-fn summarized(row: &sandbox_telemetry::query::DnsRow) -> u64 {
+fn summarized(row: &telemetry::query::DnsRow) -> u64 {
     let error = row.error.as_deref().unwrap_or_default();
     error.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no count in {error:?}"))
 }

@@ -18,11 +18,11 @@ use std::time::Duration;
 use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::rdata::TXT;
 use hickory_proto::rr::{Name, RData, Record, RecordType};
-use sandbox_net::dns::{MAX_HELD_BYTES_PER_CONNECTION, MAX_HELD_BYTES_PER_SANDBOX};
-use sandbox_net::fixtures::TestCa;
-use sandbox_net::{Handlers, NetConfig};
-use sandbox_policy::{Asker, Engine, Event, Layer, Policy, ProfileSource};
-use sandbox_telemetry::SessionDb;
+use net::dns::{MAX_HELD_BYTES_PER_CONNECTION, MAX_HELD_BYTES_PER_SANDBOX};
+use net::fixtures::TestCa;
+use net::{Handlers, NetConfig};
+use policy::{Asker, Engine, Event, Layer, Policy, ProfileSource};
+use telemetry::SessionDb;
 use tokio::io::AsyncWriteExt;
 
 const CONNECTIONS: usize = 16;

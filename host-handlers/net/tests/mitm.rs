@@ -13,12 +13,12 @@ use futures_util::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
 use hyper::header::HOST;
 use hyper::{Request, StatusCode};
-use sandbox_net::fixtures::{body_from_chunks, empty_body, full_body, pattern_chunks, HttpsUpstream, TestCa};
+use net::fixtures::{body_from_chunks, empty_body, full_body, pattern_chunks, HttpsUpstream, TestCa};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-fn get(host: &str, path: &str) -> Request<sandbox_net::fixtures::GuestBody> {
+fn get(host: &str, path: &str) -> Request<net::fixtures::GuestBody> {
     Request::get(path).header(HOST, host).body(empty_body()).unwrap()
 }
 
@@ -621,9 +621,8 @@ async fn forged_port_is_blocked_unless_a_rule_names_it() {
     // The same host on 443 is what the rule allows (nothing listens there:
     // 502), once the sandbox resolved the name: the address then has a name
     // and HTTPS to it is inspected without a tcp.connect rule.
-    let answer = sandbox_net::fixtures::dns_query(&h.dns_socket(), "only443.test.", hickory_proto::rr::RecordType::A)
-        .await
-        .unwrap();
+    let answer =
+        net::fixtures::dns_query(&h.dns_socket(), "only443.test.", hickory_proto::rr::RecordType::A).await.unwrap();
     assert_eq!(answer.answers.len(), 1);
     let port443 = SocketAddr::new(h.upstream_addr().ip(), 443);
     let mut sender = h.guest.http1("only443.test", port443).await.unwrap();

@@ -17,8 +17,8 @@ use hickory_proto::rr::{Name, RecordType};
 use http_body_util::BodyExt;
 use hyper::header::HOST;
 use hyper::{Request, StatusCode};
-use sandbox_net::fixtures::empty_body;
-use sandbox_telemetry::TelemetryConfig;
+use net::fixtures::empty_body;
+use telemetry::TelemetryConfig;
 use tokio::io::AsyncWriteExt;
 
 const CONNECTIONS: usize = 16;
@@ -62,7 +62,7 @@ async fn ask(stream: &mut tokio::net::UnixStream, id: u16, name: &str) -> Respon
     let mut wire = u16::try_from(bytes.len()).unwrap().to_be_bytes().to_vec();
     wire.extend_from_slice(&bytes);
     stream.write_all(&wire).await.unwrap();
-    let frame = sandbox_net::dns::read_frame(stream).await.unwrap().unwrap();
+    let frame = net::dns::read_frame(stream).await.unwrap().unwrap();
     let answer = Message::from_vec(&frame).unwrap();
     assert_eq!(answer.metadata.id, id);
     answer.metadata.response_code

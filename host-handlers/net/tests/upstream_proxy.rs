@@ -16,8 +16,8 @@ use hickory_proto::rr::RecordType;
 use http_body_util::BodyExt;
 use hyper::header::HOST;
 use hyper::{Request, StatusCode};
-use sandbox_net::fixtures::{dns_query, empty_body, Guest};
-use sandbox_net::UpstreamProxy;
+use net::fixtures::{dns_query, empty_body, Guest};
+use net::UpstreamProxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// tinyproxy on a free loopback port, logging every request to `dir/proxy.log`.

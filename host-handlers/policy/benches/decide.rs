@@ -10,13 +10,13 @@
 //! - allowed with rewrites: the last allow rule decides and two rewrite
 //!   rules add headers.
 //!
-//! Run with `cargo bench -p sandbox-policy --bench decide`.
+//! Run with `cargo bench -p policy --bench decide`.
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use sandbox_policy::{DnsRequest, Engine, Event, HttpRequest, HttpResponse, Layer, ProfileSource, Secrets, TcpConnect};
+use policy::{DnsRequest, Engine, Event, HttpRequest, HttpResponse, Layer, ProfileSource, Secrets, TcpConnect};
 
 const TARGET_PER_SECOND: f64 = 200_000.0;
 

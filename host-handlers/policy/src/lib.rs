@@ -2,7 +2,7 @@
 //! becomes an [`Event`]; the [`Engine`] decides on it from TOML profiles whose
 //! rule conditions are CEL expressions compiled once at load.
 //!
-//! INTERFACE CONTRACT (used by `sandbox-net` and the `sandbox` crate; keep these
+//! INTERFACE CONTRACT (used by `net` and the `sandbox` crate; keep these
 //! names and shapes, extend freely):
 //! - [`Event`] and its payload structs,
 //! - [`Decision`], [`Verdict`], [`Action`], [`DnsRecord`], [`SecretValue`],

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use sandbox_policy::{Action, Decision, Event, Policy};
+use policy::{Action, Decision, Event, Policy};
 
 use common::{engine, request, Scripted};
 

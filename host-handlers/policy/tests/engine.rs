@@ -4,9 +4,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use sandbox_policy::{
-    Action, Decision, DnsRecord, Engine, Event, Layer, ProfileError, ProfileSource, Secrets, Verdict,
-};
+use policy::{Action, Decision, DnsRecord, Engine, Event, Layer, ProfileError, ProfileSource, Secrets, Verdict};
 
 fn text(name: &str, text: &str) -> ProfileSource {
     ProfileSource::Text { name: name.to_owned(), text: text.to_owned() }
@@ -403,10 +401,10 @@ fn rewrites_apply_to_allowed_traffic_lowest_number_first_per_header() {
         vec![
             Action::RemoveRequestHeader("cookie".into()),
             // within one rule, in the order of the names as written ("X-Plain" < "authorization")
-            Action::SetRequestHeader("x-plain".into(), sandbox_policy::SecretValue::plain("yes")),
-            Action::SetRequestHeader("authorization".into(), sandbox_policy::SecretValue::secret("Bearer t0k3n-value")),
-            Action::SetRequestHeader("x-user".into(), sandbox_policy::SecretValue::secret("alice@alice")),
-            Action::SetRequestHeader("x-extra".into(), sandbox_policy::SecretValue::plain("1")),
+            Action::SetRequestHeader("x-plain".into(), policy::SecretValue::plain("yes")),
+            Action::SetRequestHeader("authorization".into(), policy::SecretValue::secret("Bearer t0k3n-value")),
+            Action::SetRequestHeader("x-user".into(), policy::SecretValue::secret("alice@alice")),
+            Action::SetRequestHeader("x-extra".into(), policy::SecretValue::plain("1")),
         ]
     );
     // Traffic that is not allowed gets no actions even when rewrites match.
@@ -417,7 +415,7 @@ fn rewrites_apply_to_allowed_traffic_lowest_number_first_per_header() {
         verdict.actions,
         vec![
             Action::RemoveResponseHeader("set-cookie".into()),
-            Action::SetResponseHeader("x-sandbox".into(), sandbox_policy::SecretValue::plain("1")),
+            Action::SetResponseHeader("x-sandbox".into(), policy::SecretValue::plain("1")),
         ]
     );
 }
@@ -743,7 +741,7 @@ fn deny_all_blocks_everything_and_built_ins_load_by_name() {
         Engine::builtin("allow-all").unwrap_err().to_string(),
         "unknown built-in profile `allow-all` (built-in profiles: deny-all, dev)"
     );
-    let summary = sandbox_policy::check(&[(Layer::Builtin, ProfileSource::Builtin("dev".into()))]).unwrap().to_string();
+    let summary = policy::check(&[(Layer::Builtin, ProfileSource::Builtin("dev".into()))]).unwrap().to_string();
     assert!(summary.starts_with("ok: 7 rules from 1 profile\nprofile builtin:dev (built-in layer)"), "{summary}");
     assert!(summary.contains("http.github_no_push [block priority 10] builtin:dev:"), "{summary}");
 }
@@ -753,7 +751,7 @@ fn one_engine_decides_on_many_threads() {
     fn shareable<T: Send + Sync + Clone>(_: &T) {}
     let engine = Engine::builtin("dev").unwrap();
     shareable(&engine);
-    shareable(&sandbox_policy::Policy::new(engine.clone()));
+    shareable(&policy::Policy::new(engine.clone()));
     let allowed = event(r#"{"event": "http.request", "host": "pypi.org"}"#);
     let blocked = event(r#"{"event": "http.request", "host": "evil.example"}"#);
     std::thread::scope(|scope| {
@@ -872,7 +870,7 @@ decision = "allow"
 
 #[test]
 fn dns_limits_come_from_profiles_and_only_tighten() {
-    use sandbox_policy::DnsLimits;
+    use policy::DnsLimits;
     let defaults = DnsLimits::default();
     assert_eq!(engine("").dns_limits(), defaults);
     let corporate = "[security.limits.dns]\nqueries_per_second = 20\nmax_labels = 8\n";
@@ -904,7 +902,7 @@ fn dns_limits_come_from_profiles_and_only_tighten() {
 
 #[test]
 fn tcp_connect_rules_carry_a_mode_and_name_ports_and_literal_addresses() {
-    use sandbox_policy::ConnectMode;
+    use policy::ConnectMode;
     let tcp = engine(
         r#"
 [security.rules.tcp.git_ssh]

@@ -2,7 +2,7 @@
 //! rejected at load, never crash the loader; what is accepted can be
 //! evaluated on a small (2 MiB) stack, as on a tokio worker thread.
 
-use sandbox_policy::{Decision, Engine, Event, Layer, ProfileSource};
+use policy::{Decision, Engine, Event, Layer, ProfileSource};
 
 fn load(condition: &str) -> Result<Engine, String> {
     let text = format!(

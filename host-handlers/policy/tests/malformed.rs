@@ -1,7 +1,7 @@
 #![allow(clippy::unwrap_used)]
 //! Malformed profiles, each with the exact error it must produce.
 
-use sandbox_policy::{Engine, Layer, ProfileSource, Secrets};
+use policy::{Engine, Layer, ProfileSource, Secrets};
 
 /// (what is wrong, the profile, the expected error)
 const CASES: &[(&str, &str, &str)] = &[

@@ -5,13 +5,13 @@
 //! workloads: DNS rows only; network rows with 4 KiB body previews; and
 //! network rows that each carry a model call with two tool calls.
 //!
-//! `cargo bench -p sandbox-telemetry --bench write_rate`
+//! `cargo bench -p telemetry --bench write_rate`
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Instant, SystemTime};
 
-use sandbox_telemetry::ai::{ModelCall, ToolCall};
-use sandbox_telemetry::{DnsEvent, NetEvent, Outcome, Recorder, SessionDb};
+use telemetry::ai::{ModelCall, ToolCall};
+use telemetry::{DnsEvent, NetEvent, Outcome, Recorder, SessionDb};
 
 fn dns(seq: u64) -> DnsEvent {
     DnsEvent {

@@ -1,6 +1,6 @@
 //! Per-sandbox telemetry: everything a guest tried to reach, in `session.db`.
 //!
-//! INTERFACE CONTRACT (used by `sandbox-net` and the `sandbox` crate; keep these
+//! INTERFACE CONTRACT (used by `net` and the `sandbox` crate; keep these
 //! names and shapes, extend freely):
 //! - [`SessionDb::open`] starts the single writer; [`SessionDb::recorder`] hands
 //!   out cheap clonable [`Recorder`]s for handlers.

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use rusqlite::Connection;
-use sandbox_telemetry::{DnsEvent, NetEvent, Outcome, SessionDb, TelemetryConfig};
+use telemetry::{DnsEvent, NetEvent, Outcome, SessionDb, TelemetryConfig};
 
 fn at(ms: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_millis(1_750_000_000_000 + ms)

@@ -16,8 +16,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
 use rusqlite::Connection;
-use sandbox_telemetry::ai::{ModelCall, ToolCall};
-use sandbox_telemetry::{DnsEvent, NetEvent, Outcome, SessionDb};
+use telemetry::ai::{ModelCall, ToolCall};
+use telemetry::{DnsEvent, NetEvent, Outcome, SessionDb};
 
 const CHILD_ENV: &str = "SESSION_DB_CRASH_CHILD";
 const START_ENV: &str = "SESSION_DB_CRASH_START";

@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use rusqlite::Connection;
-use sandbox_telemetry::ai::{ModelCall, ToolCall};
-use sandbox_telemetry::{DnsEvent, NetEvent, Outcome, SessionDb};
+use telemetry::ai::{ModelCall, ToolCall};
+use telemetry::{DnsEvent, NetEvent, Outcome, SessionDb};
 
 const EVENTS_PER_MS: u64 = 10;
 const MILLISECONDS: u64 = 10_000;

@@ -4,7 +4,7 @@
 //! malformed event.
 #![allow(clippy::unwrap_used)]
 
-use sandbox_telemetry::ai::{ModelCall, StreamParser, ToolCall};
+use telemetry::ai::{ModelCall, StreamParser, ToolCall};
 
 const ANTHROPIC: (&str, &str) = ("api.anthropic.com", "/v1/messages");
 const OPENAI_CHAT: (&str, &str) = ("api.openai.com", "/v1/chat/completions");

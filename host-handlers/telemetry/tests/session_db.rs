@@ -9,11 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use rusqlite::Connection;
-use sandbox_telemetry::ai::{ModelCall, StreamParser, ToolCall};
-use sandbox_telemetry::query::{print_logs, LogOptions, LogReader, LogRow};
-use sandbox_telemetry::{
-    DnsEvent, NetEvent, OnWriteFailure, Outcome, PriceTable, SessionDb, TelemetryConfig, TelemetryError,
-};
+use telemetry::ai::{ModelCall, StreamParser, ToolCall};
+use telemetry::query::{print_logs, LogOptions, LogReader, LogRow};
+use telemetry::{DnsEvent, NetEvent, OnWriteFailure, Outcome, PriceTable, SessionDb, TelemetryConfig, TelemetryError};
 
 fn at(ms: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_millis(1_750_000_000_000 + ms)

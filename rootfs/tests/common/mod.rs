@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use sandbox_rootfs::fixtures::{ImageBuilder, LayerBuilder};
+use rootfs::fixtures::{ImageBuilder, LayerBuilder};
 
 /// Mounts an erofs image read-only (loop) for the guard's lifetime.
 pub struct Mounted {

@@ -19,8 +19,8 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
-use sandbox_telemetry::ai::StreamParser;
-use sandbox_telemetry::{NetEvent, Outcome, Recorder, Slot, TelemetryError};
+use telemetry::ai::StreamParser;
+use telemetry::{NetEvent, Outcome, Recorder, Slot, TelemetryError};
 
 use super::redact::SecretRedactor;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};

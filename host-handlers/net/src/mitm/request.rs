@@ -44,9 +44,9 @@ use hyper::http::uri::Authority;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
-use sandbox_policy::{normalise_path, Action, ConnectMode, Decision, Event, HttpRequest, HttpResponse};
-use sandbox_telemetry::ai::StreamParser;
-use sandbox_telemetry::{redact, Outcome};
+use policy::{normalise_path, Action, ConnectMode, Decision, Event, HttpRequest, HttpResponse};
+use telemetry::ai::StreamParser;
+use telemetry::{redact, Outcome};
 
 use super::exchange::{CountedBody, Exchange, ObservedBody};
 use super::redact::{RedactingBody, SecretRedactor};
@@ -577,7 +577,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sandbox_policy::SecretValue;
+    use policy::SecretValue;
 
     fn request(uri: &str, hosts: &[&str]) -> Request<()> {
         let mut builder = Request::builder().uri(uri);

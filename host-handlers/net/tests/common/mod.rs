@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use guest_protocol::sandbox_dir::SandboxDir;
-use sandbox_net::fixtures::{Guest, HttpsUpstream, TestCa, TestDns};
-use sandbox_net::{Handlers, NetConfig, Server, DNS_PORT, MITM_PORT};
-use sandbox_policy::{Engine, Layer, Policy, ProfileSource, Secrets};
-use sandbox_telemetry::query::{DnsRow, LogOptions, LogReader, LogRow, NetRow};
-use sandbox_telemetry::{Recorder, SessionDb, TelemetryConfig};
+use net::fixtures::{Guest, HttpsUpstream, TestCa, TestDns};
+use net::{Handlers, NetConfig, Server, DNS_PORT, MITM_PORT};
+use policy::{Engine, Layer, Policy, ProfileSource, Secrets};
+use telemetry::query::{DnsRow, LogOptions, LogReader, LogRow, NetRow};
+use telemetry::{Recorder, SessionDb, TelemetryConfig};
 use tokio::net::TcpListener;
 
 /// Names the upstream certificate covers.

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sandbox_policy::{Asker, Engine, Event, Layer, ProfileSource, Secrets};
+use policy::{Asker, Engine, Event, Layer, ProfileSource, Secrets};
 
 const PROFILE: &str = r#"
 [security.rules.http.ask_unknown]

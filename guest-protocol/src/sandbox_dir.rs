@@ -3,7 +3,7 @@
 //!
 //! Host-only (the guest never sees these paths; guest-side tests use the
 //! socket names to stand in for the host). It is here rather than in the host
-//! library because the host handlers (`sandbox-net`) bind the per-port
+//! library because the host handlers (`net`) bind the per-port
 //! sockets and do not depend on the host library; it is plain path joining,
 //! so it adds nothing to the guest's binaries.
 //!
