@@ -272,4 +272,28 @@ mod tests {
         assert!(Command::new("x").cwd("relative").to_exec(None).is_err());
         assert!(Command::new("x").timeout(Duration::ZERO).to_exec(None).is_err());
     }
+
+    #[test]
+    fn an_image_config_applies_as_docker_exec_and_docker_run_apply_it() {
+        let config = ImageConfig {
+            entrypoint: vec!["/entry".into()],
+            cmd: vec!["serve".into()],
+            env: vec!["A=image".into(), "B=image".into()],
+            working_dir: "/app".into(),
+            user: "1000".into(),
+        };
+        // As `docker exec`: the image's environment, directory and user, no entrypoint.
+        let exec = Command::new("ls").env("B", "mine").to_exec(Some(&config)).unwrap();
+        assert_eq!(exec.argv, ["ls"]);
+        assert_eq!(exec.env, [("A".to_string(), "image".to_string()), ("B".to_string(), "mine".to_string())]);
+        assert_eq!((exec.cwd.as_str(), exec.user.as_deref()), ("/app", Some("1000")));
+        // As `docker run`: the entrypoint first, and Cmd when no arguments are given.
+        let run = Command::from_argv(Vec::<String>::new()).image_entrypoint().to_exec(Some(&config)).unwrap();
+        assert_eq!(run.argv, ["/entry", "serve"]);
+        let run = Command::new("x").cwd("/w").user("root").image_entrypoint().to_exec(Some(&config)).unwrap();
+        assert_eq!(
+            (run.argv.as_slice(), run.cwd.as_str(), run.user.as_deref()),
+            (&["/entry".to_string(), "x".to_string()][..], "/w", Some("root"))
+        );
+    }
 }
