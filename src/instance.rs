@@ -168,6 +168,13 @@ impl Instance {
         &self.sandbox
     }
 
+    /// Is the VM still running? (The guest may power itself off.) Unlike
+    /// [`Sandbox::is_running`], which other processes use, this asks the VM
+    /// thread and opens no connection.
+    pub fn is_running(&self) -> bool {
+        self.vm.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// From power-on until the agent answered.
     pub fn boot_time(&self) -> Duration {
         self.boot_time

@@ -49,7 +49,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::backend::VsockBackend;
 use super::connection::{ConnKey, Connection, RxStep, Verdict};
 use super::packet::{op, Header, HOST_CID, TYPE_STREAM};
-use super::unix::{connect_nonblocking, ConnectLine};
+use super::unix::{connect_nonblocking, ConnectLine, HandshakeError};
 
 /// First ephemeral host port for host-initiated connections (ports below are
 /// left to services, as in Firecracker).
@@ -566,6 +566,13 @@ impl Muxer {
         let port = match handshake.line.read_from(&mut handshake.stream) {
             Ok(None) => return,
             Ok(Some(port)) => port,
+            // A client that connects and closes without a line is checking
+            // that the VMM is up (`Sandbox::is_running`): not worth a warning.
+            Err(e @ HandshakeError::Closed) => {
+                tracing::debug!("vsock: host client on {}: {e}", self.uds_path.display());
+                self.end_handshake(token);
+                return;
+            }
             Err(e) => {
                 warn!("vsock: host client on {}: {e}", self.uds_path.display());
                 self.end_handshake(token);
