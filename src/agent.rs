@@ -58,11 +58,16 @@ impl AgentConn {
         }
         stream.write_all(&out)?;
         // Read the reply byte by byte: what follows it belongs to the agent.
+        // A VMM that refuses closes the socket over the unread hello, which
+        // reads as a reset: a refusal too.
         let mut line = Vec::new();
         let mut byte = [0u8; 1];
         while line.len() < 64 {
-            if stream.read(&mut byte)? == 0 {
-                break;
+            match stream.read(&mut byte) {
+                Ok(0) => break,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
+                Err(e) => return Err(e.into()),
+                Ok(_) => {}
             }
             if byte[0] == b'\n' {
                 break;
