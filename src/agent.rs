@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use guest_protocol::agent::{
-    read_frame, write_frame, FrameError, GuestMessage, HostMessage, AGENT_PORT, CHUNK, VERSION,
+    read_frame, write_frame, FrameError, FrameWriter, GuestMessage, HostMessage, AGENT_PORT, CHUNK, VERSION,
 };
 
 /// What went wrong talking to the guest agent.
@@ -37,16 +37,37 @@ pub struct AgentConn {
 impl AgentConn {
     /// Connect through `vsock.sock` to the agent's port and say hello.
     pub fn connect(uds: &Path, timeout: Duration) -> Result<Self, AgentError> {
+        Self::connect_with(uds, timeout, &[])
+    }
+
+    /// [`Self::connect`], sending `first` (the request) right behind the
+    /// hello. The `CONNECT` line, the hello and the request leave in one
+    /// write, so the request costs no round trip of its own: the VMM keeps
+    /// what follows the line for the guest, and the agent checks the
+    /// version before it reads the request (a wrong one is refused with a
+    /// clear error, the request unread).
+    pub fn connect_with(uds: &Path, timeout: Duration, first: &[HostMessage]) -> Result<Self, AgentError> {
         let connect_err = |source| AgentError::Connect { path: uds.display().to_string(), source };
         let mut stream = UnixStream::connect(uds).map_err(connect_err)?;
         stream.set_read_timeout(Some(timeout))?;
-        stream.write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())?;
+        let mut out = format!("CONNECT {AGENT_PORT}\n").into_bytes();
+        let mut frames = FrameWriter::default();
+        frames.write(&mut out, &HostMessage::Hello { version: VERSION })?;
+        for msg in first {
+            frames.write(&mut out, msg)?;
+        }
+        stream.write_all(&out)?;
         // Read the reply byte by byte: what follows it belongs to the agent.
+        // A VMM that refuses closes the socket over the unread hello, which
+        // reads as a reset: a refusal too.
         let mut line = Vec::new();
         let mut byte = [0u8; 1];
         while line.len() < 64 {
-            if stream.read(&mut byte)? == 0 {
-                break;
+            match stream.read(&mut byte) {
+                Ok(0) => break,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
+                Err(e) => return Err(e.into()),
+                Ok(_) => {}
             }
             if byte[0] == b'\n' {
                 break;
@@ -57,7 +78,6 @@ impl AgentConn {
         if !line.starts_with("OK ") {
             return Err(AgentError::Refused(line));
         }
-        write_frame(&mut stream, &HostMessage::Hello { version: VERSION })?;
         match read_frame::<GuestMessage>(&mut stream)? {
             Some(GuestMessage::Hello { version }) if version == VERSION => {}
             Some(GuestMessage::Error(e)) => return Err(AgentError::Remote(e)),
@@ -146,10 +166,16 @@ pub fn wait_ready(uds: &Path, timeout: Duration, mut alive: impl FnMut() -> bool
 /// Read `CONNECT <port>\n` as the VMM side would (for tests of this module).
 #[cfg(test)]
 fn read_connect(stream: &mut UnixStream) -> io::Result<String> {
-    use std::io::BufRead;
-    let mut line = String::new();
-    std::io::BufReader::new(stream).read_line(&mut line)?;
-    Ok(line)
+    // Byte by byte, as the VMM does: the agent's frames may follow at once.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while stream.read(&mut byte)? == 1 {
+        line.push(byte[0]);
+        if byte[0] == b'\n' {
+            break;
+        }
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
 }
 
 #[cfg(test)]

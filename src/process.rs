@@ -170,22 +170,26 @@ pub struct Process {
 }
 
 impl Process {
-    /// Start `exec` over a fresh agent connection.
+    /// Start `exec` over a fresh agent connection, which `connect` opens
+    /// sending the request (and, for no input, its end) with the hello.
     pub(crate) fn start(
-        conn: AgentConn,
+        connect: impl FnOnce(&[HostMessage]) -> Result<AgentConn, Error>,
         exec: Exec,
         stdin: StdinSource,
         stdout: OutputSink,
         stderr: OutputSink,
     ) -> Result<Process, Error> {
-        let stream = conn.into_stream();
+        let mut first = vec![HostMessage::Exec(exec)];
+        if matches!(stdin, StdinSource::Null) {
+            first.push(HostMessage::StdinEof);
+        }
+        let stream = connect(&first)?.into_stream();
         let reader = stream.try_clone().map_err(|e| Error::Io("clone the agent connection".into(), e))?;
         let sender = Arc::new(Sender { frames: Mutex::new((stream, FrameWriter::default())), pid: AtomicU32::new(0) });
-        sender.send(&HostMessage::Exec(exec))?;
 
         let mut piped_stdin = None;
         match stdin {
-            StdinSource::Null => sender.send(&HostMessage::StdinEof)?,
+            StdinSource::Null => {}
             StdinSource::Piped => piped_stdin = Some(ProcessStdin { sender: Arc::clone(&sender), open: true }),
             StdinSource::Reader(src) => feed(src, Arc::clone(&sender)),
         }
@@ -384,9 +388,9 @@ mod tests {
     use crate::agent::tests::fake;
 
     fn start(path: &std::path::Path, stdin: StdinSource) -> Process {
-        let conn = AgentConn::connect(path, Duration::from_secs(5)).unwrap();
+        let connect = |first: &[HostMessage]| Ok(AgentConn::connect_with(path, Duration::from_secs(5), first)?);
         let exec = Exec { argv: vec!["cat".into()], env: vec![], cwd: "/".into(), user: None, tty: None };
-        Process::start(conn, exec, stdin, OutputSink::Piped, OutputSink::Piped).unwrap()
+        Process::start(connect, exec, stdin, OutputSink::Piped, OutputSink::Piped).unwrap()
     }
 
     #[test]

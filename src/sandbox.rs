@@ -16,7 +16,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use guest_protocol::sandbox_dir::SandboxDir;
 use serde::{Deserialize, Serialize};
 
-use crate::agent::AgentConn;
+use crate::agent::{AgentConn, AgentError};
+use guest_protocol::agent::HostMessage;
 
 use crate::command::{Command, Output, OutputSink};
 use crate::events::Events;
@@ -230,18 +231,22 @@ impl Sandbox {
         self.state.detached && self.holder_alive()
     }
 
-    fn require_running(&self) -> Result<(), Error> {
-        if self.is_running() {
-            Ok(())
-        } else {
-            Err(Error::NotRunning(self.state.id.clone()))
-        }
-    }
-
     /// A new connection to the guest agent.
     pub(crate) fn agent(&self) -> Result<AgentConn, Error> {
-        self.require_running()?;
-        Ok(AgentConn::connect(&self.dir.vsock_socket(), CONNECT_TIMEOUT)?)
+        self.agent_with(&[])
+    }
+
+    /// A new connection to the guest agent, `first` sent with the hello.
+    /// (The VMM refusing the connection is what says that the VM is gone,
+    /// so no connection is made just to ask whether it is running.)
+    fn agent_with(&self, first: &[HostMessage]) -> Result<AgentConn, Error> {
+        if !self.holder_alive() {
+            return Err(Error::NotRunning(self.state.id.clone()));
+        }
+        match AgentConn::connect_with(&self.dir.vsock_socket(), CONNECT_TIMEOUT, first) {
+            Err(AgentError::Connect { .. }) => Err(Error::NotRunning(self.state.id.clone())),
+            other => Ok(other?),
+        }
     }
 
     /// Start `command` and return it running. With an OCI image, the
@@ -252,7 +257,7 @@ impl Sandbox {
             exec.tty = Some(crate::terminal::attach_size()?);
         }
         let Command { stdin, stdout, stderr, terminal, .. } = command;
-        let process = Process::start(self.agent()?, exec, stdin, stdout, stderr)?;
+        let process = Process::start(|first| self.agent_with(first), exec, stdin, stdout, stderr)?;
         if terminal {
             let attached = crate::terminal::attach(process.control())?;
             return Ok(process.with_terminal(attached));

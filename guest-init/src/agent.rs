@@ -7,9 +7,9 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use guest_protocol::agent::{
     read_frame, write_frame, Exec, FrameError, FrameReader, FrameWriter, GuestMessage, HostMessage, WinSize, CHUNK,
@@ -118,6 +118,10 @@ fn serve_request(mut conn: Box<dyn Connection>, shutdown: &Sender<()>) -> Result
         Some(HostMessage::Hello { version }) => {
             let msg = format!("protocol version {version} is not supported (agent speaks {VERSION})");
             write_frame(&mut conn, &GuestMessage::Error(msg.clone()))?;
+            // The host may have sent its request with its Hello: let it
+            // close first, so that the error is not lost in a reset.
+            let mut frames = FrameReader::default();
+            while let Ok(Some(_)) = frames.read::<HostMessage>(&mut conn) {}
             return Err(FrameError::Io(io::Error::other(msg)));
         }
         Some(other) => return Err(FrameError::Io(io::Error::other(format!("expected Hello, got {other:?}")))),
@@ -222,7 +226,11 @@ fn reclaim(msg: GuestMessage) -> Vec<u8> {
 }
 
 /// A command's output stream and the message that carries its bytes.
-type OutputPump = (Box<dyn Read + Send>, fn(Vec<u8>) -> GuestMessage);
+type OutputPump = (std::fs::File, fn(Vec<u8>) -> GuestMessage);
+
+/// How long the status waits, after the command exited, for output still
+/// coming from processes it left behind.
+const LINGER: Duration = Duration::from_millis(200);
 
 /// What the host can reach of a running command.
 struct Running {
@@ -266,7 +274,7 @@ fn exec_command(conn: Box<dyn Connection>, exec: Exec) -> Result<(), FrameError>
             None
         }
     };
-    let (mut child, status) = match reaper::spawn(&mut cmd) {
+    let (mut child, status, pidfd) = match reaper::spawn_with_pidfd(&mut cmd) {
         Ok(spawned) => spawned,
         Err(e) => {
             send(&writer, &GuestMessage::Stderr(format!("{}: {e}\n", exec.argv[0]).into_bytes()))?;
@@ -283,62 +291,102 @@ fn exec_command(conn: Box<dyn Connection>, exec: Exec) -> Result<(), FrameError>
     let mut running = Running { pid, stdin: None, pty: None };
     match pty {
         Some(master) => {
-            outputs.push((Box::new(std::fs::File::from(master.try_clone()?)), GuestMessage::Stdout));
+            outputs.push((std::fs::File::from(master.try_clone()?), GuestMessage::Stdout));
             running.stdin = Some(Box::new(std::fs::File::from(master.try_clone()?)));
             running.pty = Some(master);
         }
         None => {
             if let Some(out) = child.stdout.take() {
-                outputs.push((Box::new(out), GuestMessage::Stdout));
+                outputs.push((OwnedFd::from(out).into(), GuestMessage::Stdout));
             }
             if let Some(err) = child.stderr.take() {
-                outputs.push((Box::new(err), GuestMessage::Stderr));
+                outputs.push((OwnedFd::from(err).into(), GuestMessage::Stderr));
             }
             running.stdin = child.stdin.take().map(|s| Box::new(s) as Box<dyn Write + Send>);
         }
     }
     send(&writer, &GuestMessage::Started { pid: child.id() })?;
 
-    let pumps: Vec<_> = outputs
-        .into_iter()
-        .map(|(mut src, wrap)| {
-            let writer = Arc::clone(&writer);
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; CHUNK];
-                // EIO on a pty master means the slave side is gone.
-                while let Ok(n) = src.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
+    // One thread carries the output and the exit status (threads are
+    // costly in the guest: each new stack is page faults run by emulated
+    // kernel code); this one reads the host's frames.
+    let output = {
+        let writer = Arc::clone(&writer);
+        std::thread::Builder::new().name("agent-output".into()).spawn(move || {
+            let code = pump_outputs(outputs, &writer, pidfd, &status);
+            let sent = send(&writer, &GuestMessage::Exited { status: code });
+            // Wakes this connection's reader (below) blocked on it.
+            if let Ok(w) = writer.lock() {
+                w.0.shutdown_conn();
+            }
+            sent
+        })?
+    };
+    handle_input(&mut reader, &mut running);
+    output.join().unwrap_or_else(|_| Err(FrameError::Io(io::Error::other("output thread panicked"))))
+}
+
+/// Send the command's output as it comes until the command has exited and
+/// its streams are closed; returns its status. Output still in the pipes is
+/// sent before the status; a background process holding them open does not
+/// hold the status back for more than [`LINGER`].
+fn pump_outputs(outputs: Vec<OutputPump>, writer: &Writer, pidfd: Option<OwnedFd>, status: &Receiver<i32>) -> i32 {
+    let mut open: Vec<Option<OutputPump>> = outputs.into_iter().map(Some).collect();
+    let mut pidfd = pidfd;
+    let mut code = None;
+    let mut deadline: Option<Instant> = None;
+    let mut buf = vec![0u8; CHUNK];
+    let mut fds: Vec<libc::pollfd> = Vec::with_capacity(open.len() + 1);
+    while open.iter().any(Option::is_some) {
+        let timeout = match deadline {
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX),
+                _ => break,
+            },
+            None => -1,
+        };
+        fds.clear();
+        let pollfd = |fd: i32| libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // Closed streams stay in the set as -1 (ignored by poll), keeping indices.
+        fds.extend(open.iter().map(|o| pollfd(o.as_ref().map_or(-1, |(f, _)| f.as_raw_fd()))));
+        fds.push(pollfd(pidfd.as_ref().map_or(-1, AsRawFd::as_raw_fd)));
+        let nfds = libc::nfds_t::try_from(fds.len()).unwrap_or(0);
+        // SAFETY: `fds` is a live array of `nfds` initialised pollfd structures.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), nfds, timeout) };
+        if rc < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            crate::log(&format!("agent: poll: {}", io::Error::last_os_error()));
+            break;
+        }
+        if rc == 0 {
+            break; // the linger time after the exit has passed
+        }
+        if fds.last().is_some_and(|p| p.revents != 0) {
+            pidfd = None;
+            code = Some(status.recv().unwrap_or(command::NOT_EXECUTABLE));
+            deadline = Some(Instant::now() + LINGER);
+        }
+        for (slot, p) in open.iter_mut().zip(&fds) {
+            let Some((src, wrap)) = slot.as_mut().filter(|_| p.revents != 0) else { continue };
+            buf.resize(CHUNK, 0);
+            // EIO on a pty master means the slave side is gone.
+            match src.read(&mut buf) {
+                Ok(0) | Err(_) => *slot = None,
+                Ok(n) => {
                     buf.truncate(n);
-                    let msg = wrap(buf);
-                    let sent = send(&writer, &msg);
+                    let msg = wrap(std::mem::take(&mut buf));
+                    let sent = send(writer, &msg);
                     buf = reclaim(msg);
                     if sent.is_err() {
-                        break;
+                        *slot = None;
                     }
                 }
-            })
-        })
-        .collect();
-
-    let input = std::thread::spawn(move || handle_input(&mut reader, &mut running));
-    let code = status.recv().unwrap_or(command::NOT_EXECUTABLE);
-    // Output still in the pipes is sent before the status; a background
-    // process holding them open does not hold the status back for long.
-    let deadline = std::time::Instant::now() + Duration::from_millis(200);
-    for pump in pumps {
-        while !pump.is_finished() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
+            }
         }
     }
-    send(&writer, &GuestMessage::Exited { status: code })?;
-    // Wakes the input thread blocked on the connection.
-    if let Ok(w) = writer.lock() {
-        w.0.shutdown_conn();
-    }
-    let _ = input.join();
-    Ok(())
+    code.unwrap_or_else(|| status.recv().unwrap_or(command::NOT_EXECUTABLE))
 }
 
 /// Host frames for a running command: stdin, signals, resizes.

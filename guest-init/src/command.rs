@@ -45,12 +45,35 @@ pub(crate) fn build(
     let Some((program, args)) = argv.split_first() else {
         return Err("no command given".into());
     };
-    let mut cmd = Command::new(program);
+    // std starts a command with posix_spawn (vfork: no copy of this
+    // process's page tables, no copy-on-write faults after it) unless it
+    // must run code of its own in the child. Two settings would force a
+    // fork: a PATH in the new environment with a bare program name (std
+    // then searches it in the child), and a working directory (the static
+    // musl build does not find posix_spawn_file_actions_addchdir_np). So
+    // the program is looked up here, and the directory is only set when
+    // it is not init's own.
+    let path = env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str())
+        .or_else(|| DEFAULT_ENV.iter().find(|(k, _)| *k == "PATH").map(|(_, v)| *v));
+    let mut cmd = match resolve(program, path, cwd) {
+        Some(found) => {
+            let mut cmd = Command::new(found);
+            cmd.arg0(program);
+            cmd
+        }
+        None => Command::new(program),
+    };
     cmd.args(args)
         .env_clear()
         .envs(DEFAULT_ENV.iter().copied())
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .current_dir(cwd);
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    if !is_current_dir(cwd) {
+        cmd.current_dir(cwd);
+    }
     if let Some(user) = user {
         let (uid, gid, home) = lookup_user(user)?;
         cmd.uid(uid).gid(gid);
@@ -59,6 +82,30 @@ pub(crate) fn build(
         }
     }
     Ok(cmd)
+}
+
+/// The file `program` names through `path` (the command's PATH), as
+/// execvp would find it; `None` for a name with a slash, or not found
+/// (std then reports the error as it would have).
+/// Relative entries are taken from `cwd`, where the command starts.
+fn resolve(program: &str, path: Option<&str>, cwd: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    if program.is_empty() || program.contains('/') {
+        return None;
+    }
+    path?
+        .split(':')
+        .map(|dir| std::path::Path::new(cwd).join(if dir.is_empty() { "." } else { dir }).join(program))
+        .find(|candidate| {
+            std::fs::metadata(candidate).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// Is `dir` init's working directory already (so a child starts there anyway)?
+fn is_current_dir(dir: &str) -> bool {
+    static CWD: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    let cwd = CWD.get_or_init(|| std::env::current_dir().ok());
+    cwd.as_deref().is_some_and(|cwd| cwd == std::path::Path::new(dir))
 }
 
 /// uid, gid and home of `user`: a name in /etc/passwd, or a numeric uid,
@@ -163,5 +210,20 @@ mod tests {
         let err = build(&["true".into()], &[], "/", Some("0:no-such-group")).unwrap_err();
         assert!(err.contains("no-such-group"), "{err}");
         assert_eq!(lookup_user("0:7").unwrap().1, 7);
+    }
+
+    #[test]
+    fn bare_names_are_found_on_the_command_path_and_keep_their_argv0() {
+        let path = Some("/no/such/dir::/bin");
+        assert_eq!(resolve("sh", path, "/"), Some(std::path::PathBuf::from("/bin/sh")));
+        assert_eq!(resolve("/bin/sh", path, "/"), None);
+        assert_eq!(resolve("no-such-program-here", path, "/"), None);
+        let mut cmd = build(&["sh".into(), "-c".into(), "echo $0".into()], &[], "/", None).unwrap();
+        cmd.stdout(Stdio::piped());
+        let (mut child, status) = reaper::spawn(&mut cmd).unwrap();
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+        assert_eq!(status.recv().unwrap(), 0);
+        assert_eq!(out, "sh\n");
     }
 }

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::process::{Child, Command};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Condvar, Mutex, OnceLock};
@@ -39,15 +40,36 @@ fn reaper() -> &'static Reaper {
 
 /// Start `cmd`; the receiver gets its status in shell convention.
 pub(crate) fn spawn(cmd: &mut Command) -> io::Result<(Child, Receiver<i32>)> {
+    spawn_inner(cmd, false).map(|(child, rx, _)| (child, rx))
+}
+
+/// [`spawn`], with a pidfd of the child (`None` where the kernel has none),
+/// which becomes readable when it exits. It is opened before the reaper can
+/// reap the child, so it can never name another process.
+pub(crate) fn spawn_with_pidfd(cmd: &mut Command) -> io::Result<(Child, Receiver<i32>, Option<OwnedFd>)> {
+    spawn_inner(cmd, true)
+}
+
+fn spawn_inner(cmd: &mut Command, want_pidfd: bool) -> io::Result<(Child, Receiver<i32>, Option<OwnedFd>)> {
     let r = reaper();
     let mut reg = r.registry.lock().map_err(|_| io::Error::other("reaper registry poisoned"))?;
     let child = cmd.spawn()?;
     let (tx, rx) = channel();
     let pid = i32::try_from(child.id()).map_err(|_| io::Error::other("pid out of range"))?;
+    let pidfd = if want_pidfd { pidfd_open(pid) } else { None };
     reg.waiters.insert(pid, tx);
     reg.spawned += 1;
     r.children.notify_all();
-    Ok((child, rx))
+    Ok((child, rx, pidfd))
+}
+
+fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
+    // (close-on-exec) or -1; nothing is passed by pointer.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = i32::try_from(fd).ok().filter(|&fd| fd >= 0)?;
+    // SAFETY: the kernel just returned this descriptor and nothing else owns it.
+    Some(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
 
 /// Shell convention for a wait status, `None` for stops and continues.
