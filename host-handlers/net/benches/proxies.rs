@@ -10,9 +10,9 @@
 //! - our handler runs in a process of its own (the crate's handlers with the
 //!   test profile, recording to a real session.db), as in the holder.
 //!
-//! For each, the CPU time (utime + stime from /proc, the process and its
-//! children) of the client, the upstream and the proxy is taken over a
-//! 100 MB download and over small keep-alive requests (4 connections × 500
+//! For each, the CPU time (from /proc: the on-CPU time of the threads of the
+//! process and its children) of the client, the upstream and the proxy is taken over a
+//! 100 MB download and over small keep-alive requests (4 connections × 1000
 //! sequential GETs). The table gives the proxy's CPU per MB and per request,
 //! and the total (client + proxy + upstream) against the direct path's total
 //! (client + upstream, no proxy): the goals are at most 2.2× per MB and 2.5×
@@ -54,9 +54,12 @@ use policy::{Engine, Layer, Policy, ProfileSource, Secrets};
 use telemetry::SessionDb;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-const DOWNLOAD: u64 = 100 * 1024 * 1024;
+/// Download size; `PROXIES_BENCH_MB` overrides the 100 (in MiB).
+fn download_size() -> u64 {
+    std::env::var("PROXIES_BENCH_MB").ok().and_then(|mb| mb.parse().ok()).unwrap_or(100) * 1024 * 1024
+}
 const CONNECTIONS: usize = 4;
-const REQUESTS_PER_CONNECTION: usize = 500;
+const REQUESTS_PER_CONNECTION: usize = 1000;
 const ROLE: &str = "PROXIES_BENCH_ROLE";
 const NAME: &str = "a.test";
 
@@ -185,14 +188,38 @@ fn stat_cpu_seconds(stat: &str) -> (f64, u32) {
     (ticks as f64 / 100.0, fields[1].parse().unwrap())
 }
 
-/// utime + stime of `pid` and of every live process below it.
+/// On-CPU time of the live threads of `pid`, from their schedstat (in ns;
+/// utime + stime count in 10 ms ticks, too coarse for 20 µs requests).
+fn threads_cpu_seconds(pid: &str) -> Option<f64> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let schedstat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        total += schedstat.split(' ').next().and_then(|ns| ns.parse::<u64>().ok()).unwrap_or(0);
+    }
+    Some(total as f64 / 1e9)
+}
+
+/// On-CPU time of the threads of `pid` whose name starts with `prefix`.
+fn named_threads_cpu_seconds(pid: u32, prefix: &str) -> f64 {
+    let mut total = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.starts_with(prefix) {
+            let schedstat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+            total += schedstat.split(' ').next().and_then(|ns| ns.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    total as f64 / 1e9
+}
+
+/// On-CPU time of `pid` and of every live process below it.
 fn tree_cpu_seconds(pid: u32) -> f64 {
     let mut stats = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         if let Some(p) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) {
             if let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) {
-                let (cpu, ppid) = stat_cpu_seconds(&stat);
-                stats.push((p, ppid, cpu));
+                let (ticks, ppid) = stat_cpu_seconds(&stat);
+                stats.push((p, ppid, threads_cpu_seconds(&p.to_string()).unwrap_or(ticks)));
             }
         }
     }
@@ -212,7 +239,7 @@ fn tree_cpu_seconds(pid: u32) -> f64 {
 }
 
 fn self_cpu_seconds() -> f64 {
-    stat_cpu_seconds(&std::fs::read_to_string("/proc/self/stat").unwrap()).0
+    threads_cpu_seconds("self").unwrap()
 }
 
 fn load_average() -> String {
@@ -442,7 +469,8 @@ async fn fetch(sender: &mut SendRequest<GuestBody>, path: &str, port: u16) -> u6
 }
 
 async fn download(mut sender: SendRequest<GuestBody>, port: u16) {
-    assert_eq!(fetch(&mut sender, &format!("/bytes/{DOWNLOAD}"), port).await, DOWNLOAD);
+    let size = download_size();
+    assert_eq!(fetch(&mut sender, &format!("/bytes/{size}"), port).await, size);
 }
 
 async fn small_requests(senders: Vec<SendRequest<GuestBody>>, port: u16) {
@@ -467,6 +495,8 @@ struct Cpu {
     client: f64,
     proxy: f64,
     upstream: f64,
+    /// Of the proxy's, the session.db writer thread's (ours only).
+    writer: f64,
     wall: f64,
 }
 
@@ -478,7 +508,8 @@ impl Cpu {
 
 async fn measured(proxy: &Proxy, upstream: &Process, work: impl std::future::Future<Output = ()>) -> Cpu {
     let proxy_cpu = || proxy.process.as_ref().map_or(0.0, Process::cpu);
-    let before = (self_cpu_seconds(), proxy_cpu(), upstream.cpu());
+    let writer_cpu = || proxy.process.as_ref().map_or(0.0, |p| named_threads_cpu_seconds(p.pid(), "session-db-writ"));
+    let before = (self_cpu_seconds(), proxy_cpu(), upstream.cpu(), writer_cpu());
     let started = Instant::now();
     work.await;
     let wall = started.elapsed().as_secs_f64();
@@ -488,6 +519,7 @@ async fn measured(proxy: &Proxy, upstream: &Process, work: impl std::future::Fut
         client: self_cpu_seconds() - before.0,
         proxy: proxy_cpu() - before.1,
         upstream: upstream.cpu() - before.2,
+        writer: writer_cpu() - before.3,
         wall,
     }
 }
@@ -561,7 +593,7 @@ async fn run() {
         }
     }
 
-    let mb = DOWNLOAD as f64 / 1e6;
+    let mb = download_size() as f64 / 1e6;
     let requests = (CONNECTIONS * REQUESTS_PER_CONNECTION) as f64;
     let (direct_mb, direct_req) = (results[0].0.unwrap(), results[0].1.unwrap());
     println!(
@@ -594,6 +626,13 @@ async fn run() {
         direct_req.client * 1e6 / requests,
         direct_req.upstream * 1e6 / requests,
     );
+    if let Some((Some(per_mb), Some(per_req))) = proxies.iter().position(|p| p.name == "ours").map(|i| results[i]) {
+        println!(
+            "ours: of which the session.db writer thread {:.3} ms/MB, {:.1} us/req",
+            per_mb.writer * 1e3 / mb,
+            per_req.writer * 1e6 / requests
+        );
+    }
     println!("load average at end: {}", load_average());
     drop(proxies);
     drop(upstream);
