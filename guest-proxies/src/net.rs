@@ -58,6 +58,7 @@ pub async fn serve(listener: TcpListener, upstream: Upstream) {
 /// Relay one accepted connection from `peer`. Returns the bytes copied to the
 /// host and back.
 pub async fn relay(mut client: TcpStream, peer: SocketAddr, upstream: &Upstream) -> Result<(u64, u64), Error> {
+    no_delay(&client);
     let destination = match original_destination(&client) {
         Ok(destination) => destination,
         Err(err) => {
@@ -73,6 +74,19 @@ pub async fn relay(mut client: TcpStream, peer: SocketAddr, upstream: &Upstream)
     tokio::io::copy_bidirectional_with_sizes(&mut client, &mut host, TO_HOST_BUFFER, TO_GUEST_BUFFER)
         .await
         .map_err(|source| Error::Io { context: "relay", source })
+}
+
+/// Turn off Nagle's algorithm on the guest program's connection. The relay
+/// writes what the host sent as soon as it arrives, often a response in more
+/// than one piece (TLS records, HTTP head then body); with Nagle a piece
+/// that follows unacknowledged data waits for the program's ACK, which a
+/// delayed-ACK client holds back for up to 40 ms: small keep-alive requests
+/// would see tens of milliseconds added. Buffering is already done by the
+/// relay's large reads.
+fn no_delay(client: &TcpStream) {
+    if let Err(err) = client.set_nodelay(true) {
+        debug!("TCP_NODELAY on the guest connection: {err}");
+    }
 }
 
 /// The destination of a redirected connection before nat rewrote it.
@@ -99,4 +113,19 @@ pub fn original_destination(stream: &TcpStream) -> std::io::Result<SocketAddr> {
     }
     let ip = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
     Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(addr.sin_port))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_send_without_nagle_delay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _program = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(!accepted.nodelay().unwrap(), "the kernel default changed; this test no longer shows anything");
+        no_delay(&accepted);
+        assert!(accepted.nodelay().unwrap());
+    }
 }

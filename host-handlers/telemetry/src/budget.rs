@@ -83,7 +83,8 @@ impl Budget {
 
     /// Bytes the database uses now, including the open transaction.
     pub(crate) fn used(&self, tx: &Transaction<'_>) -> rusqlite::Result<u64> {
-        let pages: i64 = tx.query_row("PRAGMA page_count", [], |row| row.get(0))?;
+        // Asked twice per row: a cached statement, not parsed each time.
+        let pages: i64 = tx.prepare_cached("PRAGMA page_count")?.query_row([], |row| row.get(0))?;
         Ok(u64::try_from(pages).unwrap_or(0) * self.page_size)
     }
 

@@ -3,7 +3,12 @@
 //! It blocks on the channel for the first message, takes whatever else is
 //! already queued (up to `max_batch`), and commits all of it in one
 //! transaction. Under light load every row is committed at once; under heavy
-//! load transactions grow, which is what keeps SQLite fast.
+//! load transactions grow, which is what keeps SQLite fast. When rows come
+//! one by one but close together (many small requests), the writer waits
+//! [`GATHER`] for the next ones before committing: one transaction (and one
+//! wake-up of this thread) for many rows, where each row would otherwise pay
+//! for its own, rewriting the same pages to the WAL. A flush or close is not
+//! delayed.
 //!
 //! Rows are stored in full until `session.db` nears its size budget, then
 //! counted in summaries (see [`crate::budget`]). A blocked request's row keeps
@@ -16,6 +21,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
@@ -41,6 +47,14 @@ const MAX_TOOL_CALLS: usize = 1024;
 const MAX_DENIED_TEXT: usize = 1024;
 
 type Reply = oneshot::Sender<Result<(), TelemetryError>>;
+
+/// How long a small batch waits for more rows before it is committed. Rows
+/// are queued before the actions they record are carried out, so this delays
+/// only when they reach the file (and a reader), never a request.
+const GATHER: Duration = Duration::from_millis(2);
+/// A batch this small waits [`GATHER`]; a larger one shows the writer is
+/// already behind, and is committed at once.
+const GATHER_BELOW: usize = 64;
 
 pub(crate) struct Writer {
     conn: Connection,
@@ -71,12 +85,17 @@ impl Writer {
             // not waited for (a slot filled later is counted as rejected).
             let first = if closers.is_empty() { self.receiver.blocking_recv() } else { self.receiver.try_recv().ok() };
             let Some(first) = first else { break };
+            let gather = matches!(first, Message::Dns(_) | Message::Net(_)) && closers.is_empty();
             batch.push(first);
-            while batch.len() < self.max_batch {
-                match self.receiver.try_recv() {
-                    Ok(message) => batch.push(message),
-                    Err(_) => break,
+            self.drain_into(&mut batch);
+            if gather && batch.len() < GATHER_BELOW.min(self.max_batch) && only_events(&batch) {
+                let deadline = Instant::now() + GATHER;
+                // Sleep rather than wait on the channel: senders do not wake
+                // this thread row by row meanwhile.
+                while let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+                    std::thread::sleep(left);
                 }
+                self.drain_into(&mut batch);
             }
             let mut events = Vec::with_capacity(batch.len());
             let mut flushers = Vec::new();
@@ -116,6 +135,16 @@ impl Writer {
             committed = self.shared.committed.load(Ordering::Acquire),
             "session database writer stopped"
         );
+    }
+
+    /// Move what is queued into `batch`, up to `max_batch` messages.
+    fn drain_into(&mut self, batch: &mut Vec<Message>) {
+        while batch.len() < self.max_batch {
+            match self.receiver.try_recv() {
+                Ok(message) => batch.push(message),
+                Err(_) => break,
+            }
+        }
     }
 
     fn commit(&mut self, events: &[Message]) -> rusqlite::Result<()> {
@@ -212,6 +241,11 @@ impl Writer {
 }
 
 /// Tell the sandbox that the database has reached a stage of its budget.
+/// Whether `batch` holds rows only (no flush or close waiting for an answer).
+fn only_events(batch: &[Message]) -> bool {
+    batch.iter().all(|message| matches!(message, Message::Dns(_) | Message::Net(_)))
+}
+
 fn announce(shared: &Shared, stage: Stage) {
     shared.over_budget.store(true, Ordering::Release);
     match stage {
