@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use guest_protocol::sandbox_dir::SandboxDir;
-use net::fixtures::{Guest, HttpsUpstream, TestCa, TestDns};
+use net::fixtures::{Guest, GuestBody, HttpsUpstream, TestCa, TestDns};
 use net::{Handlers, NetConfig, Server, DNS_PORT, MITM_PORT};
 use policy::{Engine, Layer, Policy, ProfileSource, Secrets};
 use telemetry::query::{DnsRow, LogOptions, LogReader, LogRow, NetRow};
@@ -283,6 +283,33 @@ impl Harness {
         }
         if let Some(db) = self.db.take() {
             db.close().await.unwrap();
+        }
+    }
+}
+
+/// An HTTP/1.1 guest connection to `sni` through the MITM at `destination`,
+/// for many guests opening at once: a connect refused because the handler's
+/// listen backlog is full (`EAGAIN` on a Unix socket, nothing sent yet) is
+/// tried again until `deadline`. Also returns how many times it was retried.
+pub async fn http1_when_accepted(
+    guest: &Guest,
+    sni: &str,
+    destination: SocketAddr,
+    deadline: tokio::time::Instant,
+) -> Result<(hyper::client::conn::http1::SendRequest<GuestBody>, usize), String> {
+    let mut retries = 0;
+    loop {
+        match guest.http1(sni, destination).await {
+            Ok(sender) => return Ok((sender, retries)),
+            Err(err) => {
+                let backlog_full =
+                    err.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::WouldBlock);
+                if !backlog_full || tokio::time::Instant::now() >= deadline {
+                    return Err(format!("connecting after {retries} retries: {err}"));
+                }
+                retries += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
     }
 }
