@@ -15,6 +15,11 @@
 //!   vsock-stream refused <port>
 //!       connects to a host port nobody listens on; succeeds (and prints how
 //!       long the refusal took) only if the connection is refused.
+//!   vsock-stream flood <port> [--unserved <port>] --count N
+//!       N connection attempts one after another, each closed at once:
+//!       alternately to <port> and to --unserved (all to <port> without it).
+//!       Prints `attempts N ok A refused R errors E elapsed_ms T`; fails only
+//!       on bad arguments, so the host can judge the counts.
 //!
 //! Exit status 0 on success, 1 when the check failed, 2 on bad arguments.
 
@@ -63,6 +68,45 @@ enum Command {
     },
     /// Expect a connection to a host port to be refused.
     Refused { port: u32 },
+    /// Open and close connections in a tight loop and count the outcomes.
+    Flood {
+        port: u32,
+        /// Every other attempt goes to this port (one with no listener).
+        #[arg(long)]
+        unserved: Option<u32>,
+        #[arg(long)]
+        count: usize,
+    },
+}
+
+/// The outcomes of a flood of connection attempts.
+#[derive(Debug, Default)]
+struct FloodCounts {
+    ok: usize,
+    refused: usize,
+    errors: usize,
+    first_error: Option<String>,
+}
+
+async fn flood(port: u32, unserved: Option<u32>, count: usize) -> FloodCounts {
+    let mut counts = FloodCounts::default();
+    for i in 0..count {
+        let target = match unserved {
+            Some(other) if i % 2 == 1 => other,
+            _ => port,
+        };
+        match VsockStream::connect(VsockAddr::new(HOST_CID, target)).await {
+            // Dropping the stream closes it at once.
+            Ok(_) => counts.ok += 1,
+            // A vsock peer refuses with a reset: the guest sees ECONNRESET.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNRESET | libc::ECONNREFUSED)) => counts.refused += 1,
+            Err(e) => {
+                counts.errors += 1;
+                counts.first_error.get_or_insert_with(|| format!("port {target}: {e}"));
+            }
+        }
+    }
+    counts
 }
 
 /// Deterministic bytes for connection `seed`: a cheap generator, so the data
@@ -156,6 +200,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
             match VsockStream::connect(VsockAddr::new(HOST_CID, port)).await {
                 Ok(_) => bail!("connected to host port {port}, which should have no listener"),
                 Err(e) => println!("refused after {} ms: {e}", started.elapsed().as_millis()),
+            }
+        }
+        Command::Flood { port, unserved, count } => {
+            let started = Instant::now();
+            let counts = flood(port, unserved, count).await;
+            println!(
+                "attempts {count} ok {} refused {} errors {} elapsed_ms {}",
+                counts.ok,
+                counts.refused,
+                counts.errors,
+                started.elapsed().as_millis()
+            );
+            if let Some(e) = counts.first_error {
+                eprintln!("first error: {e}");
             }
         }
     }
