@@ -47,12 +47,15 @@ fn memory() -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-/// Raise the soft file-descriptor limit to the hard limit: each connection
-/// takes a descriptor on the guest side and one on the handler side, and
-/// upstream connections take two more each (the handler's and the fixture's).
+/// Raise the soft file-descriptor limit to the hard limit (and the hard
+/// limit too when it is too low and this process may raise it, as root may):
+/// each connection takes a descriptor on the guest side and one on the
+/// handler side, and upstream connections take two more each (the handler's
+/// and the fixture's).
 fn raise_fd_limit(max_upstream_connections: usize) {
     let needed = u64::try_from(2 * CONNECTIONS + 2 * max_upstream_connections + 512).unwrap();
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    let hard = if hard < needed && setrlimit(Resource::RLIMIT_NOFILE, needed, needed).is_ok() { needed } else { hard };
     assert!(
         hard >= needed,
         "RLIMIT_NOFILE hard limit is {hard}; {CONNECTIONS} concurrent connections need about {needed} \
