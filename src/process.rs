@@ -191,7 +191,7 @@ impl Process {
         match stdin {
             StdinSource::Null => {}
             StdinSource::Piped => piped_stdin = Some(ProcessStdin { sender: Arc::clone(&sender), open: true }),
-            StdinSource::Reader(src) => feed(src, Arc::clone(&sender)),
+            StdinSource::Reader(src) => feed(src, ProcessStdin { sender: Arc::clone(&sender), open: true }),
         }
         let (out_sink, out_reader) = sink(stdout);
         let (err_sink, err_reader) = sink(stderr);
@@ -257,7 +257,7 @@ impl Process {
     /// when killed by signal N; 127 not found; 126 not executable). Closes
     /// standard input and discards output streams not taken.
     pub fn wait(&mut self) -> Result<i32, Error> {
-        self.wait_until(None).and_then(|s| s.ok_or_else(|| Error::Boot("the process reader stopped".into())))
+        self.wait_until(None)?.ok_or_else(reader_stopped)
     }
 
     /// [`Self::wait`], giving up after `timeout` (`Ok(None)`: still running).
@@ -279,7 +279,7 @@ impl Process {
         let status = match result {
             Ok(status) => status?,
             Err(RecvTimeoutError::Timeout) => return Ok(None),
-            Err(RecvTimeoutError::Disconnected) => return Err(Error::Boot("the process reader stopped".into())),
+            Err(RecvTimeoutError::Disconnected) => return Err(reader_stopped()),
         };
         self.terminal = None;
         self.status = Some(status);
@@ -297,23 +297,28 @@ fn sink(output: OutputSink) -> (Sink, Option<ProcessOutput>) {
     }
 }
 
-/// Feed `src` to the command's standard input, then end of file. The thread
-/// may stay blocked reading `src` (a terminal) after the command ended.
-fn feed(mut src: Box<dyn Read + Send>, sender: Arc<Sender>) {
+/// Feed `src` to the command's standard input, then end of file (when
+/// `stdin` drops). The thread may stay blocked reading `src` (a terminal)
+/// after the command ended.
+fn feed(mut src: Box<dyn Read + Send>, mut stdin: ProcessStdin) {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; CHUNK];
         loop {
             match src.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if sender.send(&HostMessage::Stdin(buf[..n].to_vec())).is_err() {
-                        return;
+                    if stdin.write_all(&buf[..n]).is_err() {
+                        break;
                     }
                 }
             }
         }
-        let _ = sender.send(&HostMessage::StdinEof);
     });
+}
+
+/// The reader thread ended without an exit status (it panicked).
+fn reader_stopped() -> Error {
+    Error::Io("wait for the command".into(), io::Error::other("its reader thread stopped without a status"))
 }
 
 /// Read the guest's frames until the exit status.
