@@ -1,0 +1,5 @@
+//! Confinement of the process that holds a sandbox (its VMM, vCPU threads
+//! and host handlers): the layers that stand between a guest that has found
+//! a bug in code parsing its bytes and the rest of the host.
+
+pub mod seccomp;

@@ -1,0 +1,1 @@
+//! seccomp filters, one per thread type of the holder process.
