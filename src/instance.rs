@@ -124,6 +124,7 @@ impl Instance {
             root_disk: config.root_disk,
             extra_disks: config.extra_disks.into_iter().map(vmm::ExtraDisk::read_only).collect(),
             serial: Box::new(sink),
+            seccomp: Default::default(),
             vsock: Some(vmm::devices::virtio::vsock::VsockConfig { guest_cid: GUEST_CID, uds_path: uds.clone() }),
         });
         let vm = match vm {

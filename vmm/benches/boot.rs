@@ -67,6 +67,7 @@ fn child() -> ExitCode {
         extra_disks: Vec::new(),
         vsock: None,
         serial: Box::new(std::io::stdout()),
+        seccomp: Default::default(),
     };
     match vmm::Vm::create(config).and_then(vmm::Vm::run) {
         Ok(vmm::ExitReason::GuestShutdown) => ExitCode::SUCCESS,

@@ -37,6 +37,20 @@ pub struct VmConfig {
     /// Where the guest's serial console output goes. Writes should not block
     /// for long: a vCPU waits for each byte.
     pub serial: Box<dyn Write + Send>,
+    /// seccomp filters the VMM's threads install on themselves (none: no filter).
+    pub seccomp: ThreadFilters,
+}
+
+/// seccomp filters for the VMM's own threads. Each thread installs its
+/// filter on itself before it does anything for the guest: a vCPU thread
+/// before its first `KVM_RUN`, the event loop after it has started the vCPU
+/// threads (which must not inherit it) and before it handles a device event.
+#[derive(Debug, Clone, Default)]
+pub struct ThreadFilters {
+    /// For each vCPU thread.
+    pub vcpu: Option<seccompiler::BpfProgram>,
+    /// For the thread running [`crate::Vm::run`] (the device event loop).
+    pub event_loop: Option<seccompiler::BpfProgram>,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -168,6 +182,7 @@ mod tests {
             extra_disks: Vec::new(),
             vsock: None,
             serial: Box::new(std::io::sink()),
+            seccomp: Default::default(),
         }
     }
 

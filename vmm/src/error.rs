@@ -161,6 +161,14 @@ pub enum Error {
         /// The error.
         source: io::Error,
     },
+    /// A thread could not install its seccomp filter.
+    #[error("installing the seccomp filter of the {thread} thread: {source}")]
+    Seccomp {
+        /// Which thread ("vCPU 0", "event loop").
+        thread: String,
+        /// The error.
+        source: seccompiler::Error,
+    },
     /// The device event loop failed.
     #[error("device event loop: {0}")]
     EventLoop(#[source] event_manager::Error),

@@ -18,6 +18,7 @@
 //!     extra_disks: Vec::new(),
 //!     vsock: None,
 //!     serial: Box::new(std::io::stdout()),
+//!     seccomp: Default::default(),
 //! };
 //! let vm = vmm::Vm::create(config)?;
 //! let stop = vm.stop_handle(); // may be moved to another thread
@@ -42,7 +43,7 @@ mod vstate;
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-pub use config::{ExtraDisk, VmConfig, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};
+pub use config::{ExtraDisk, ThreadFilters, VmConfig, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};
 pub use devices::virtio::vsock::VsockConfig;
 pub use error::{Error, Result};
 pub use vm::Vm;

@@ -20,7 +20,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch;
 use crate::cmdline::{self, MmioDeviceArgs};
-use crate::config::VmConfig;
+use crate::config::{ThreadFilters, VmConfig};
 use crate::devices::bus::{Bus, SharedDevice};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{Serial, SerialInput};
@@ -47,6 +47,7 @@ pub struct Vm {
     /// The UART's FIFO-drained event, until serial input is attached.
     serial_drained: Option<EventFd>,
     exit: Arc<ExitSignal>,
+    seccomp: ThreadFilters,
     _vm: VmFd,
     _memory: GuestMemoryMmap,
 }
@@ -178,7 +179,16 @@ impl Vm {
         let vcpus = (0..config.vcpus).map(|id| Vcpu::new(&setup, id)).collect::<Result<Vec<_>>>()?;
         vcpu::install_kick_handler()?;
 
-        Ok(Vm { vcpus, events, serial, serial_drained: Some(serial_drained), exit, _vm: vm, _memory: mem })
+        Ok(Vm {
+            vcpus,
+            events,
+            serial,
+            serial_drained: Some(serial_drained),
+            exit,
+            seccomp: config.seccomp,
+            _vm: vm,
+            _memory: mem,
+        })
     }
 
     /// A handle that stops this VM from any thread.
@@ -203,9 +213,16 @@ impl Vm {
     /// are interrupted with `SIGRTMIN`, for which [`Vm::create`] installs an
     /// empty handler: the embedding process must not use that signal.
     pub fn run(self) -> Result<ExitReason> {
-        let Vm { vcpus, mut events, exit, .. } = self;
+        let Vm { vcpus, mut events, exit, seccomp, .. } = self;
 
-        let threads = VcpuThreads::start(vcpus, &exit);
+        let threads = VcpuThreads::start(vcpus, &exit, seccomp.vcpu);
+        // After the vCPU threads exist (they must not inherit it), before
+        // the first device event.
+        if let Some(filter) = &seccomp.event_loop {
+            if let Err(source) = seccompiler::apply_filter(filter) {
+                exit.request(Err(Error::Seccomp { thread: "event loop".into(), source }));
+            }
+        }
         while !exit.is_stopping() {
             if let Err(e) = events.run() {
                 exit.request(Err(Error::EventLoop(e)));

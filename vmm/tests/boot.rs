@@ -138,6 +138,7 @@ fn config(image: &Path, scratch: Option<PathBuf>, vcpus: u8, console: &Console) 
         extra_disks: scratch.map(vmm::ExtraDisk::writable).into_iter().collect(),
         vsock: None,
         serial: Box::new(console.clone()),
+        seccomp: Default::default(),
     }
 }
 

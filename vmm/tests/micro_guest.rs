@@ -115,6 +115,7 @@ fn config(guest: &Guest, vcpus: u8, sink: &Sink) -> VmConfig {
         extra_disks: Vec::new(),
         vsock: None,
         serial: Box::new(sink.clone()),
+        seccomp: Default::default(),
     }
 }
 
@@ -207,4 +208,55 @@ fn kernels_that_are_not_pvh_elfs_are_rejected() {
     let err = Vm::create(config(&g, 1, &Sink::default())).unwrap_err();
     assert!(matches!(err, Error::NoPvhEntry { .. }), "{err}");
     assert!(err.to_string().contains("CONFIG_PVH"));
+}
+
+/// A filter that refuses one system call (with EPERM) and allows the rest.
+fn refusing(syscall: i64) -> seccompiler::BpfProgram {
+    let rules = [(syscall, Vec::new())].into_iter().collect();
+    let filter = seccompiler::SeccompFilter::new(
+        rules,
+        seccompiler::SeccompAction::Allow,
+        seccompiler::SeccompAction::Errno(libc::EPERM as u32),
+        seccompiler::TargetArch::x86_64,
+    )
+    .unwrap();
+    filter.try_into().unwrap()
+}
+
+/// Each vCPU thread installs its filter before its first `KVM_RUN`: with one
+/// that refuses `ioctl`, the guest never prints (it would at its first
+/// instruction) and the VM ends with the refused ioctl.
+#[test]
+fn the_vcpu_filter_is_in_force_before_the_first_guest_instruction() {
+    if !vm::vm_available([]) {
+        return;
+    }
+    let g = guest(&elf(HELLO_AND_RESET, true));
+    let sink = Sink::default();
+    let mut config = config(&g, 1, &sink);
+    config.seccomp.vcpu = Some(refusing(libc::SYS_ioctl));
+    let err = Vm::create(config).unwrap().run().unwrap_err();
+    assert!(err.to_string().contains("Operation not permitted"), "{err}");
+    assert!(sink.0.lock().unwrap().is_empty(), "the guest ran");
+}
+
+/// The event loop installs its filter before it waits for a device event:
+/// with one that refuses `epoll_wait`, the VM ends with the event loop's error.
+#[test]
+fn the_event_loop_filter_is_in_force_before_the_first_device_event() {
+    if !vm::vm_available([]) {
+        return;
+    }
+    let g = guest(&elf(HALT_FOREVER, true));
+    let mut config = config(&g, 1, &Sink::default());
+    config.seccomp.event_loop = Some(refusing(libc::SYS_epoll_wait));
+    let vm = Vm::create(config).unwrap();
+    // Without the filter the guest halts for good: stop it, and fail below.
+    let stop = vm.stop_handle();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(5));
+        stop.stop();
+    });
+    let err = vm.run().unwrap_err();
+    assert!(matches!(err, Error::EventLoop(_)), "{err}");
 }

@@ -254,12 +254,20 @@ pub struct VcpuThreads {
 impl VcpuThreads {
     /// Starts one thread per vCPU. A thread that cannot be started, or a vCPU
     /// that panics, ends the VM with an error.
-    pub fn start(vcpus: Vec<Vcpu>, exit: &Arc<ExitSignal>) -> Self {
+    /// Each thread installs `filter` on itself before its first `KVM_RUN`.
+    pub fn start(vcpus: Vec<Vcpu>, exit: &Arc<ExitSignal>, filter: Option<seccompiler::BpfProgram>) -> Self {
         let mut threads = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
             let id = vcpu.id();
             let vcpu_exit = exit.clone();
+            let filter = filter.clone();
             let spawned = std::thread::Builder::new().name(format!("vcpu{id}")).spawn(move || {
+                if let Some(filter) = &filter {
+                    if let Err(source) = seccompiler::apply_filter(filter) {
+                        vcpu_exit.request(Err(Error::Seccomp { thread: format!("vCPU {id}"), source }));
+                        return;
+                    }
+                }
                 let run = std::panic::AssertUnwindSafe(|| vcpu.run(&vcpu_exit));
                 if std::panic::catch_unwind(run).is_err() {
                     vcpu_exit.request(Err(Error::VcpuPanic(id)));
