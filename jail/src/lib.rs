@@ -2,6 +2,7 @@
 //! and host handlers): the layers that stand between a guest that has found
 //! a bug in code parsing its bytes and the rest of the host.
 
+pub mod cgroup;
 mod error;
 pub mod seccomp;
 
