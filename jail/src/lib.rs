@@ -4,6 +4,7 @@
 
 pub mod cgroup;
 mod error;
+pub mod host;
 pub mod seccomp;
 
 pub use error::Error;

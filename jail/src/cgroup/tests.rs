@@ -57,6 +57,32 @@ fn mountinfo_is_parsed_with_escapes() {
 }
 
 #[test]
+fn v2_with_the_controllers_is_preferred() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_str().unwrap().to_string();
+    fs::write(dir.path().join("cgroup.controllers"), "cpuset cpu io memory hugetlb pids rdma misc\n").unwrap();
+    let text = format!(
+        "32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n\
+         35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n\
+         36 31 0:33 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids\n\
+         41 31 0:38 / {root} rw - cgroup2 cgroup2 rw,nsdelegate\n"
+    );
+    let layout = detect_from(&parse_mountinfo(&text)).unwrap();
+    assert!(matches!(&layout, Layout::V2 { root: r, controllers } if r == dir.path() && controllers.len() == 8));
+    // Without pids in the v2 root, the v1 hierarchies are used.
+    fs::write(dir.path().join("cgroup.controllers"), "cpu memory\n").unwrap();
+    let layout = detect_from(&parse_mountinfo(&text)).unwrap();
+    assert_eq!(
+        layout,
+        Layout::V1 {
+            memory: "/sys/fs/cgroup/memory".into(),
+            pids: "/sys/fs/cgroup/pids".into(),
+            cpu: "/sys/fs/cgroup/cpu".into()
+        }
+    );
+}
+
+#[test]
 fn counters_are_parsed() {
     let events = "low 0\nhigh 0\nmax 7\noom 2\noom_kill 1\n";
     assert_eq!(parse_counter(events, "max"), Some(7));
