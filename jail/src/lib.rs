@@ -2,7 +2,9 @@
 //! and host handlers): the layers that stand between a guest that has found
 //! a bug in code parsing its bytes and the rest of the host.
 
+pub mod cgroup;
 mod error;
+pub mod host;
 pub mod seccomp;
 
 pub use error::Error;
