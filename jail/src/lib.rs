@@ -3,6 +3,10 @@
 //! a bug in code parsing its bytes and the rest of the host.
 
 mod error;
+pub mod namespaces;
+pub mod privileges;
+pub mod root;
 pub mod seccomp;
+pub mod uids;
 
 pub use error::Error;
