@@ -15,6 +15,7 @@
 //! every other process of its namespace.
 
 use std::os::fd::{IntoRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::errno::Errno;
 use nix::sys::signal::{self, SigSet, SigmaskHow, Signal};
@@ -22,6 +23,15 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{ForkResult, Pid};
 
 use crate::Error;
+
+/// Set in the inner process by [`enter_new_namespaces`]: this process is in a
+/// mount namespace of its own (checked by [`crate::root::JailRoot::enter`]).
+static IN_OWN_MOUNT_NAMESPACE: AtomicBool = AtomicBool::new(false);
+
+/// Whether [`enter_new_namespaces`] put this process in a new mount namespace.
+pub(crate) fn in_own_mount_namespace() -> bool {
+    IN_OWN_MOUNT_NAMESPACE.load(Ordering::Relaxed)
+}
 
 /// The signals the outer process passes on to the inner one.
 pub const FORWARDED_SIGNALS: [Signal; 4] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT];
@@ -161,6 +171,7 @@ pub fn enter_new_namespaces() -> Result<Role, Error> {
             }
             signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None)
                 .map_err(|e| Error::sys("restoring the signal mask", e))?;
+            IN_OWN_MOUNT_NAMESPACE.store(true, Ordering::Relaxed);
             Ok(Role::Inner { outer_pid })
         }
     }

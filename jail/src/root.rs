@@ -160,16 +160,24 @@ impl JailRoot {
     }
 }
 
-/// Fails if the process shares its mount namespace with the host's init.
+/// Fails unless the process is known to be in a mount namespace of its own:
+/// entered with [`crate::namespaces::enter_new_namespaces`], or different from
+/// that of the host's init (when its `/proc/1/ns/mnt` can be read at all).
 fn check_own_mount_namespace() -> Result<(), Error> {
-    let own = std::fs::read_link("/proc/self/ns/mnt").map_err(|e| Error::io("reading /proc/self/ns/mnt", e))?;
-    let init = std::fs::read_link("/proc/1/ns/mnt").map_err(|e| Error::io("reading /proc/1/ns/mnt", e))?;
-    if own == init {
-        return Err(Error::Unsupported(
-            "building a jail root needs its own mount namespace; call enter_new_namespaces first".into(),
-        ));
+    if crate::namespaces::in_own_mount_namespace() {
+        return Ok(());
     }
-    Ok(())
+    let refuse = |why: String| {
+        Err(Error::Unsupported(format!(
+            "building a jail root needs a mount namespace of its own ({why}); call enter_new_namespaces first"
+        )))
+    };
+    let own = std::fs::read_link("/proc/self/ns/mnt").map_err(|e| Error::io("reading /proc/self/ns/mnt", e))?;
+    match std::fs::read_link("/proc/1/ns/mnt") {
+        Ok(init) if init == own => refuse("this process shares the host init's".into()),
+        Ok(_) => Ok(()),
+        Err(e) => refuse(format!("cannot compare with the host init's: {e}")),
+    }
 }
 
 /// `jail` (absolute, plain) as a path under `root`.
