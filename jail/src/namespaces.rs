@@ -44,6 +44,8 @@ pub enum Role {
     /// [`forward_and_wait`] with `child`, then [`exit_like`] with the result.
     /// [`FORWARDED_SIGNALS`] and `SIGCHLD` are blocked in it so that none is
     /// lost before [`forward_and_wait`] starts.
+    /// It should not fork again: its new children would land in the new PID
+    /// namespace too.
     Outer {
         /// The inner process, as the host numbers it.
         child: Pid,
@@ -51,7 +53,8 @@ pub enum Role {
     /// The new process: PID 1 of the new PID namespace, with the signal mask it
     /// had before the call. It goes on to build its jail (see
     /// [`crate::root::JailRoot`]). It is killed (`SIGKILL`) when the outer
-    /// process dies.
+    /// process dies. As PID 1 it ignores signals it has no handler for, and
+    /// would have to reap any process it starts.
     Inner {
         /// The outer process's pid, as the host numbers it (inside the new
         /// namespace it has no pid, so this is only useful for logs).

@@ -139,6 +139,9 @@ fn lease_in(dir: &Path) -> UidLease {
 
 const JAIL_HOSTNAME: &str = "jail-test";
 
+/// RLIMIT_NPROC in the jail: with a uid of its own, its threads are all that count.
+const NPROC: u64 = 4;
+
 const EXPECTED_CHECKS: &[&str] = &[
     "pid_is_1",
     "only_own_processes_in_proc",
@@ -162,6 +165,7 @@ const EXPECTED_CHECKS: &[&str] = &[
     "unshare_fails",
     "kept_fd_open",
     "other_fd_closed",
+    "nproc_caps_threads",
 ];
 
 fn jail_confines_parent() {
@@ -223,7 +227,7 @@ fn jail_confines_child() {
         .hostname(JAIL_HOSTNAME)
         .enter()
         .unwrap();
-    set_rlimits(256, Some(64)).unwrap();
+    set_rlimits(256, Some(NPROC)).unwrap();
     close_other_fds(&[keep_fd]).unwrap();
     drop_privileges(uid, uid).unwrap();
 
@@ -338,6 +342,18 @@ fn jail_confines_child() {
     // SAFETY: as above.
     let stray = unsafe { libc::fcntl(stray_fd, libc::F_GETFD) };
     check("other_fd_closed", if stray < 0 && Errno::last() == Errno::EBADF { Ok(()) } else { Err("open".into()) });
+    let mut threads = Vec::new();
+    for _ in 0..2 * NPROC {
+        match std::thread::Builder::new().spawn(|| std::thread::sleep(Duration::from_millis(200))) {
+            Ok(t) => threads.push(t),
+            Err(_) => break,
+        }
+    }
+    let started = threads.len() as u64 + 1;
+    check(
+        "nproc_caps_threads",
+        if started == NPROC { Ok(()) } else { Err(format!("{started} threads for a limit of {NPROC}")) },
+    );
 }
 
 // ---- another_jail_uid_is_denied ----
