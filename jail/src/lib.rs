@@ -5,6 +5,10 @@
 pub mod cgroup;
 mod error;
 pub mod host;
+pub mod namespaces;
+pub mod privileges;
+pub mod root;
 pub mod seccomp;
+pub mod uids;
 
 pub use error::Error;
