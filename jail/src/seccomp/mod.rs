@@ -51,6 +51,26 @@
 //! seccompiler sets, and which installing a filter without `CAP_SYS_ADMIN`
 //! requires).
 //!
+//! # Where the calls go
+//!
+//! Only a process that exists to hold a sandbox installs filters (the CLI's
+//! `run --holder`), never a program that embeds the library:
+//! - [`install_violation_reporter`] and `install(Holder)`: cli/src/holder.rs,
+//!   `serve`, once the jail is set up and the image resolved (pulling an
+//!   image resolves names through NSS, which maps libraries executable),
+//!   before `Signals::new` and `builder.start()`, which start threads;
+//! - `install(Vcpu)`: at the top of the closure of each `vcpu<n>` thread in
+//!   `VcpuThreads::start` (vmm/src/vstate/vcpu.rs), before `vcpu.run`;
+//! - `install(Vmm)`: in `Vm::run` (vmm/src/vm.rs), right after
+//!   `VcpuThreads::start`, before the event loop (not at the start of the
+//!   `vm-<id>` thread: the vCPU threads would inherit it);
+//! - `install(Handlers)`: in `HandlerHost::start` (src/instance.rs), as the
+//!   runtime builder's `on_thread_start` (workers and blocking threads) and
+//!   first thing in the `handlers-<id>` thread; and first thing in the
+//!   `session-db-writer` thread (host-handlers/telemetry/src/lib.rs);
+//! - the policy loader, the signal thread and the threads that wait for
+//!   guest processes keep the holder's filter.
+//!
 //! The lists are built for x86_64 (the only architecture the VMM runs on);
 //! elsewhere [`filter`] and [`install`] return [`Error::Unsupported`].
 
