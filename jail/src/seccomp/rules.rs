@@ -162,7 +162,7 @@ fn clone3_enosys_prologue() -> BpfProgram {
     ]
 }
 
-/// `PR_SET_NAME`/`PR_GET_NAME` and friends, as `u64` for the tests.
+/// A C `int` constant (`PR_SET_NAME`, `AF_INET`, ...) as the argument value a test compares with.
 const fn arg(value: libc::c_int) -> u64 {
     value as u64
 }
