@@ -108,9 +108,10 @@ fn forwarded_and_chld() -> SigSet {
     set
 }
 
-/// Moves the calling process into new mount, PID, IPC and UTS namespaces and
-/// forks: returns [`Role::Outer`] in the original process and [`Role::Inner`]
-/// in the new one, PID 1 of the new PID namespace.
+/// Forks into new mount, PID, IPC and UTS namespaces: returns
+/// [`Role::Outer`] in the original process (which stays in the host's
+/// namespaces) and [`Role::Inner`] in the new one, PID 1 of the new PID
+/// namespace.
 ///
 /// Must be called while the process is single-threaded (checked: otherwise an
 /// error says so), because only the calling thread survives the fork and locks
@@ -125,11 +126,15 @@ pub fn enter_new_namespaces() -> Result<Role, Error> {
     require_single_threaded("entering new namespaces")?;
     let outer_pid = nix::unistd::getpid();
 
-    // SAFETY: unshare only changes the calling process's namespaces; the flags
-    // are valid constants.
-    let rc = unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) };
+    // A new PID namespace takes effect for the children of the caller; the
+    // other namespaces are entered by the child alone (below), so the outer
+    // process keeps the host's file system: it removes the sandbox's cgroup
+    // and reports on it after the inner process has `pivot_root`ed away.
+    // SAFETY: unshare only changes the calling process's namespaces; the flag
+    // is a valid constant.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWPID) };
     if rc != 0 {
-        return Err(Error::sys("unshare(mount, pid, ipc, uts namespaces)", Errno::last()));
+        return Err(Error::sys("unshare(pid namespace)", Errno::last()));
     }
 
     // Tells the inner process whether the outer one is still alive: the outer
@@ -171,6 +176,11 @@ pub fn enter_new_namespaces() -> Result<Role, Error> {
                 tracing::error!("the outer process died before the inner one was set up; exiting");
                 // SAFETY: _exit ends the process without running anything.
                 unsafe { libc::_exit(1) };
+            }
+            // SAFETY: as above.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) };
+            if rc != 0 {
+                return Err(Error::sys("unshare(mount, ipc, uts namespaces)", Errno::last()));
             }
             signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None)
                 .map_err(|e| Error::sys("restoring the signal mask", e))?;

@@ -143,6 +143,7 @@ const JAIL_HOSTNAME: &str = "jail-test";
 const NPROC: u64 = 4;
 
 const EXPECTED_CHECKS: &[&str] = &[
+    "outer_keeps_the_host_fs",
     "pid_is_1",
     "only_own_processes_in_proc",
     "uids",
@@ -215,7 +216,14 @@ fn jail_confines_child() {
     let keep_fd: RawFd = std::env::var("JAIL_KEEP_FD").unwrap().parse().unwrap();
     let stray_fd: RawFd = std::env::var("JAIL_STRAY_FD").unwrap().parse().unwrap();
     match enter_new_namespaces().unwrap() {
-        Role::Outer { child } => exit_like(forward_and_wait(child).unwrap()),
+        Role::Outer { child } => {
+            let status = forward_and_wait(child).unwrap();
+            // The jail's pivot_root did not move the outer process: it still
+            // sees the host's files (it cleans up after the inner one).
+            let host = dir.join("ro.txt");
+            check("outer_keeps_the_host_fs", if host.exists() { Ok(()) } else { Err(format!("{host:?} gone")) });
+            exit_like(status)
+        }
         Role::Inner { .. } => {}
     }
     JailRoot::new(dir.join("root"))
