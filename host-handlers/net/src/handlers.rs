@@ -36,16 +36,40 @@ pub struct Handlers {
     dns_bytes: Arc<Semaphore>,
 }
 
+/// What the handlers read from the host's files: the CA (created if
+/// missing), the DNS configuration and the root certificates. Loaded apart
+/// from [`Handlers`] so a process can read them and then lose access to the
+/// files (a confined holder loads them before it enters its jail).
+#[derive(Debug)]
+pub struct HandlerFiles {
+    ca: Arc<SandboxCa>,
+    upstream: Arc<Upstream>,
+}
+
+impl HandlerFiles {
+    /// Load (or create) the CA, read the DNS configuration and the root certificates.
+    pub fn load(config: &NetConfig) -> Result<HandlerFiles> {
+        Ok(HandlerFiles {
+            ca: Arc::new(SandboxCa::load_or_create(&config.ca_dir)?),
+            upstream: Arc::new(Upstream::new(config)?),
+        })
+    }
+}
+
 impl Handlers {
     /// Load (or create) the CA, read the DNS configuration and the root
     /// certificates. Nothing listens yet.
     pub fn new(config: NetConfig, policy: Policy, recorder: Recorder) -> Result<Handlers> {
-        let ca = Arc::new(SandboxCa::load_or_create(&config.ca_dir)?);
-        let upstream = Arc::new(Upstream::new(&config)?);
+        Ok(Handlers::with_files(HandlerFiles::load(&config)?, config, policy, recorder))
+    }
+
+    /// The handlers, from files already loaded with `config`. Nothing listens yet.
+    pub fn with_files(files: HandlerFiles, config: NetConfig, policy: Policy, recorder: Recorder) -> Handlers {
+        let HandlerFiles { ca, upstream } = files;
         let dns_limiter = Arc::new(DnsLimiter::new(policy.engine().dns_limits(), recorder.clone()));
         let bindings = Arc::default();
         let dns_bytes = Arc::new(Semaphore::new(crate::dns::MAX_HELD_BYTES_PER_SANDBOX));
-        Ok(Handlers { config, upstream, ca, policy, recorder, dns_limiter, bindings, dns_bytes })
+        Handlers { config, upstream, ca, policy, recorder, dns_limiter, bindings, dns_bytes }
     }
 
     /// The sandbox CA whose certificate the guest must trust.
