@@ -50,7 +50,8 @@ fn run() -> Result<(), InitError> {
     let hostname = spec.as_ref().map_or("sandbox", |s| s.hostname.as_str());
     let image = mounts::image_device(&cmdline).map_err(|e| InitError::step("read the image device", e))?;
 
-    mounts::overlay_root(image).map_err(|e| InitError::step("set up the writable root", e))?;
+    let disk = mounts::disk_mib(&cmdline).map_err(|e| InitError::step("read the writable layer's size", e))?;
+    mounts::overlay_root(image, disk).map_err(|e| InitError::step("set up the writable root", e))?;
     mounts::pseudo_filesystems().map_err(|e| InitError::step("mount /proc, /sys, /dev, /tmp", e))?;
     nix::unistd::sethostname(hostname).map_err(|e| InitError::step("set the hostname", e))?;
     replace_file("/etc/hostname", format!("{hostname}\n").as_bytes())

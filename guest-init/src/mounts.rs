@@ -46,10 +46,26 @@ pub(crate) fn mount_proc(target: &str) -> io::Result<()> {
         .map_err(|e| err("mount proc", e))
 }
 
+/// The `sandbox.disk=` size of the writable layer in MiB, if the kernel
+/// command line gives one (else the tmpfs default: half the guest's RAM).
+pub(crate) fn disk_mib(cmdline: &str) -> Result<Option<u32>, String> {
+    let Some(size) = cmdline.split_ascii_whitespace().find_map(|arg| arg.strip_prefix("sandbox.disk=")) else {
+        return Ok(None);
+    };
+    match size.parse::<u32>() {
+        Ok(mib) if mib > 0 => Ok(Some(mib)),
+        _ => Err(format!("sandbox.disk={size}: expected a size in MiB")),
+    }
+}
+
 /// Overlay the read-only root (or the read-only `image` disk) with a tmpfs
-/// and make the overlay `/`.
-pub(crate) fn overlay_root(image: Option<&str>) -> io::Result<()> {
-    mount(Some("tmpfs"), OVERLAY_BASE, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))
+/// of `disk_mib` (or the default size) and make the overlay `/`.
+pub(crate) fn overlay_root(image: Option<&str>, disk_mib: Option<u32>) -> io::Result<()> {
+    let options = match disk_mib {
+        Some(mib) => format!("mode=0755,size={mib}m"),
+        None => "mode=0755".to_string(),
+    };
+    mount(Some("tmpfs"), OVERLAY_BASE, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(options.as_str()))
         .map_err(|e| err("mount tmpfs on /run", e))?;
     for dir in ["/run/upper", "/run/work", NEW_ROOT] {
         std::fs::create_dir(dir)?;
@@ -151,6 +167,10 @@ mod tests {
     fn image_device_from_the_command_line() {
         assert_eq!(image_device("quiet root=/dev/vda"), Ok(None));
         assert_eq!(image_device("quiet sandbox.image=/dev/vdb init=/x"), Ok(Some("/dev/vdb")));
+        assert_eq!(disk_mib("quiet sandbox.disk=512 init=/x"), Ok(Some(512)));
+        assert_eq!(disk_mib("quiet init=/x"), Ok(None));
+        assert!(disk_mib("sandbox.disk=0").is_err());
+        assert!(disk_mib("sandbox.disk=1g").is_err());
         for bad in ["sandbox.image=/etc/passwd", "sandbox.image=/dev/vdb1", "sandbox.image="] {
             assert!(image_device(bad).is_err(), "{bad}");
         }
