@@ -55,6 +55,8 @@ pub struct SandboxBuilder {
     data_dir: Option<PathBuf>,
     label: Vec<String>,
     detached: bool,
+    disk_mib: Option<u32>,
+    jail: Option<crate::Jail>,
     boot: Option<BootImage>,
 }
 
@@ -84,6 +86,8 @@ impl SandboxBuilder {
             data_dir: None,
             label: Vec::new(),
             detached: false,
+            disk_mib: None,
+            jail: None,
             boot: None,
         }
     }
@@ -91,6 +95,13 @@ impl SandboxBuilder {
     /// Guest RAM in MiB (default 256).
     pub fn memory_mib(mut self, mib: u32) -> Self {
         self.memory_mib = mib;
+        self
+    }
+    /// Size of the guest's writable root layer in MiB (default: half the
+    /// guest memory). It is a tmpfs in guest RAM, so it can be no larger
+    /// than the memory; nothing the guest writes reaches the host's disk.
+    pub fn disk_mib(mut self, mib: u32) -> Self {
+        self.disk_mib = Some(mib);
         self
     }
     /// Number of vCPUs (default 1).
@@ -151,12 +162,32 @@ impl SandboxBuilder {
         self
     }
 
+    /// Confine the process that holds the sandbox: its own uid, namespaces,
+    /// file system, cgroup limits, no capabilities, seccomp filters (see
+    /// [`crate::Jail`] and the README's threat model). Needs root.
+    ///
+    /// Only for a process that exists to hold this one sandbox, such as the
+    /// `sandbox` CLI: [`Self::start`] must be called while the process has a
+    /// single thread; it forks, and returns only in the confined child. The
+    /// calling process waits for that child and exits as it does. An
+    /// application that does other work must not use this.
+    pub fn jail(mut self, jail: crate::Jail) -> Self {
+        self.jail = Some(jail);
+        self
+    }
+
     fn check(&self) -> Result<(), Error> {
         if !MEMORY_MIB_RANGE.contains(&self.memory_mib) {
             return Err(Error::Config(format!(
                 "memory must be between {} and {} MiB, not {}",
                 MEMORY_MIB_RANGE.start(),
                 MEMORY_MIB_RANGE.end(),
+                self.memory_mib
+            )));
+        }
+        if let Some(disk) = self.disk_mib.filter(|&d| d == 0 || d > self.memory_mib) {
+            return Err(Error::Config(format!(
+                "the writable layer ({disk} MiB) lives in guest memory: give it between 1 and {} MiB",
                 self.memory_mib
             )));
         }
@@ -198,6 +229,9 @@ impl SandboxBuilder {
             vmm::cmdline::base_args(),
             boot.rootfs.kernel_name()
         );
+        if let Some(disk) = self.disk_mib {
+            cmdline.push_str(&format!(" sandbox.disk={disk}"));
+        }
         if boot.image_disk.is_some() {
             // guest-init overlays the second disk as the root (see guest-init/src/mounts.rs).
             cmdline.push_str(" sandbox.image=/dev/vdb");
@@ -217,6 +251,7 @@ impl SandboxBuilder {
             policy,
             net: self.net,
             console: self.console,
+            jail: self.jail,
         })
     }
 

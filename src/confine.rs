@@ -26,8 +26,8 @@
 //! sandboxes unconfined in its own process.
 
 use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use guest_protocol::sandbox_dir::SandboxDir;
 use jail::cgroup::{Cgroup, Limits};
@@ -92,6 +92,12 @@ pub(crate) struct HostFiles<'a> {
 /// documentation). Returns in the confined child; the calling process waits
 /// for it and exits as it does.
 pub(crate) fn confine(jail: &Jail, id: &str, dir: &SandboxDir, memory_mib: u32, files: HostFiles) -> Result<(), Error> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(jail::Error::Unsupported(
+            "a confined sandbox needs root (namespaces, pivot_root, a uid of its own, cgroups): run as root".into(),
+        )
+        .into());
+    }
     let lease = jail.uids.lease(Path::new(UID_LOCK_DIR))?;
     let (uid, gid) = (lease.uid(), lease.gid());
     nix::unistd::chown(dir.path(), Some(uid.into()), Some(gid.into()))
@@ -102,20 +108,33 @@ pub(crate) fn confine(jail: &Jail, id: &str, dir: &SandboxDir, memory_mib: u32, 
         pids: jail.pids,
     };
     let cgroup = Cgroup::create(id, &limits)?;
-    cgroup.add_self()?;
     let root = root_dir(dir)?;
     // A terminal the process asks questions on (`ask` rules) stays reachable.
     let tty = std::fs::File::open("/dev/tty").is_ok();
     wait_single_threaded();
+    // The child waits until the outer process has put it in its cgroup.
+    let (go_read, go_write) = nix::unistd::pipe().map_err(|e| jail::Error::sys("create a pipe", e))?;
     match jail::namespaces::enter_new_namespaces()? {
         Role::Outer { child } => {
+            drop(go_read);
+            let joined = cgroup.add_process(child.as_raw().unsigned_abs());
+            if joined.is_ok() {
+                let _ = nix::unistd::write(&go_write, b"1");
+            }
+            // Closed without a byte: the child gives up.
+            drop(go_write);
+            if let Err(e) = joined {
+                tracing::error!(id, "putting the sandbox's process in its cgroup: {e}");
+            }
             let status = jail::namespaces::forward_and_wait(child);
-            report_limits(&cgroup, &limits, id, dir);
+            let limit_hit = report_limits(&cgroup, &limits, id, dir);
             if let Err(e) = cgroup.remove() {
                 tracing::warn!(id, "removing the sandbox's cgroup: {e}");
             }
             drop(lease);
             match status {
+                // Killed for its limit: the sandbox failed, as any other start or run failure.
+                Ok(_) if limit_hit => std::process::exit(125),
                 Ok(status) => jail::namespaces::exit_like(status),
                 Err(e) => {
                     tracing::error!(id, "waiting for the sandbox's process: {e}");
@@ -124,6 +143,12 @@ pub(crate) fn confine(jail: &Jail, id: &str, dir: &SandboxDir, memory_mib: u32, 
             }
         }
         Role::Inner { .. } => {
+            drop(go_write);
+            let mut go = [0u8; 1];
+            if nix::unistd::read(&go_read, &mut go) != Ok(1) {
+                return Err(Error::Config("the sandbox's process could not be put in its cgroup".into()));
+            }
+            drop(go_read);
             let mut jail_root = JailRoot::new(&root)
                 .proc()
                 .hostname(&jail.hostname)
@@ -162,8 +187,8 @@ pub(crate) fn confine(jail: &Jail, id: &str, dir: &SandboxDir, memory_mib: u32, 
 fn wait_single_threaded() {
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {
-        match std::fs::read_dir("/proc/self/task") {
-            Ok(tasks) if tasks.count() > 1 => std::thread::sleep(Duration::from_millis(10)),
+        match jail::namespaces::thread_count() {
+            Ok(n) if n > 1 => std::thread::sleep(Duration::from_millis(10)),
             _ => return,
         }
     }
@@ -177,23 +202,69 @@ fn root_dir(dir: &SandboxDir) -> Result<PathBuf, Error> {
     Ok(root)
 }
 
-/// Say which limit stopped the sandbox, if one did: on standard error and in
+/// Say which limit the sandbox hit, if one did: on standard error and in
 /// the sandbox's log (a background holder's standard error goes nowhere).
-fn report_limits(cgroup: &Cgroup, limits: &Limits, id: &str, dir: &SandboxDir) {
-    let message = if cgroup.oom_kills() > 0 {
+/// Returns whether the memory limit killed it.
+fn report_limits(cgroup: &Cgroup, limits: &Limits, id: &str, dir: &SandboxDir) -> bool {
+    let killed = cgroup.oom_kills() > 0;
+    let message = if killed {
         format!(
-            "sandbox {id} was stopped: it used more than its memory limit of {} MiB (guest memory plus the holder's allowance)",
+            "sandbox {id} was stopped: it used more than its memory limit of {} MiB (guest memory plus the holder's allowance, `--holder-memory`)",
             limits.memory_bytes >> 20
         )
     } else if cgroup.pids_limit_hit() {
         format!("sandbox {id}: its process reached its limit of {} processes and threads", limits.pids)
     } else {
-        return;
+        return false;
     };
     tracing::error!("{message}");
     eprintln!("sandbox: {message}");
     use std::io::Write;
     if let Ok(mut log) = std::fs::OpenOptions::new().append(true).create(true).open(dir.sandbox_log()) {
         let _ = writeln!(log, "{message}");
+    }
+    killed
+}
+
+/// The environment variable that makes a confined holder's handler thread
+/// try one forbidden thing once it serves: `execve`, `ptrace`, `open` (of
+/// a host file outside the jail) or `memory` (grow past its memory limit). It proves the layers from the inside in
+/// the end-to-end tests; it can only stop or fail the sandbox that sets it.
+pub(crate) const SELF_TEST_VAR: &str = "SANDBOX_JAIL_SELF_TEST";
+
+/// Try what [`SELF_TEST_VAR`] names, on the calling thread. A forbidden
+/// system call ends the process (the seccomp reporter names it); the rest
+/// is logged.
+pub(crate) fn self_test(what: &str) {
+    tracing::warn!("jail self-test: trying {what} on this thread");
+    match what {
+        "execve" => {
+            let path = c"/bin/true";
+            let argv = [path.as_ptr(), std::ptr::null()];
+            let envp = [std::ptr::null()];
+            // SAFETY: the path and both arrays are valid and null-terminated
+            // for the call; under the holder's filter it never returns.
+            let rc = unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+            tracing::error!("jail self-test: execve returned {rc}: {}", std::io::Error::last_os_error());
+        }
+        "ptrace" => {
+            // SAFETY: PTRACE_TRACEME takes no pointers.
+            let rc = unsafe { libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) };
+            tracing::error!("jail self-test: ptrace returned {rc}: {}", std::io::Error::last_os_error());
+        }
+        "memory" => {
+            // Grow as a leaking handler would, until the cgroup stops it
+            // (at most 4 GiB, should there be no limit).
+            let mut held: Vec<Vec<u8>> = Vec::new();
+            for _ in 0..64 {
+                held.push(vec![1u8; 64 << 20]);
+            }
+            tracing::error!("jail self-test: allocated {} MiB", held.len() * 64);
+        }
+        "open" => match std::fs::File::open("/etc/shadow") {
+            Ok(_) => tracing::error!("jail self-test: opened /etc/shadow"),
+            Err(e) => tracing::warn!("jail self-test: open /etc/shadow: {e}"),
+        },
+        other => tracing::warn!("jail self-test: unknown test {other:?}"),
     }
 }

@@ -15,15 +15,19 @@ use std::time::{Duration, Instant};
 
 use guest_protocol::ports::GUEST_CID;
 use guest_protocol::sandbox_dir::{is_vsock_socket_name, SandboxDir};
-use net::{Handlers, NetConfig};
+use net::{HandlerFiles, Handlers, NetConfig};
 use telemetry::SessionDb;
 
+use crate::confine::{confine, HostFiles};
 use crate::console::{ConsoleSink, ConsoleState};
 use crate::sandbox::{Sandbox, SandboxState};
 use crate::{paths, Error};
 
 /// How long a guest may take from power-on until its agent answers.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Most threads the handlers' runtime starts for blocking work (each counts
+/// against a confined sandbox's pids limit).
+const MAX_BLOCKING_THREADS: usize = 16;
 /// How long a guest may take to power off when asked.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -45,6 +49,8 @@ pub(crate) struct InstanceConfig {
     pub policy: policy::Policy,
     pub net: NetConfig,
     pub console: Option<Box<dyn Write + Send>>,
+    /// Confine this process to hold the sandbox (it must exist for that alone).
+    pub jail: Option<crate::Jail>,
 }
 
 /// A sandbox this process holds: its VM runs on a thread of this process,
@@ -97,20 +103,65 @@ fn private_dir(dir: &Path) -> Result<(), Error> {
         .map_err(|e| Error::Io(format!("create {}", dir.display()), e))
 }
 
+/// `path` with every symbolic link resolved (a confined holder sees each
+/// file at its real path).
+fn canonical(path: &Path) -> Result<PathBuf, Error> {
+    path.canonicalize().map_err(|e| Error::Io(format!("find {}", path.display()), e))
+}
+
+/// The seccomp filters of a confined holder's threads, compiled before any
+/// of them starts.
+struct Filters {
+    vmm: vmm::ThreadFilters,
+    handlers: seccompiler::BpfProgram,
+}
+
+impl Filters {
+    fn compile() -> Result<Filters, Error> {
+        use jail::seccomp::{filter, ThreadKind};
+        Ok(Filters {
+            vmm: vmm::ThreadFilters {
+                vcpu: Some(filter(ThreadKind::Vcpu)?),
+                event_loop: Some(filter(ThreadKind::Vmm)?),
+            },
+            handlers: filter(ThreadKind::Handlers)?,
+        })
+    }
+}
+
 impl Instance {
     /// Boot a sandbox and wait until its agent answers.
-    pub(crate) fn start(config: InstanceConfig) -> Result<Instance, Error> {
+    pub(crate) fn start(mut config: InstanceConfig) -> Result<Instance, Error> {
         let id = new_id()?;
         let dir = SandboxDir::new(paths::sandboxes_in(&config.data_dir).join(&id));
         private_dir(dir.path())?;
         let mut state = SandboxState::new(&id, &config.image_name, &config.label, config.memory_mib, config.vcpus);
         state.detached = config.detached;
-        state.image_config = config.image_config;
+        state.image_config = config.image_config.take();
         state.save(&dir)?;
+        let files = HandlerFiles::load(&config.net)?;
+        let seccomp = match config.jail.take() {
+            Some(jail) => {
+                config.kernel = canonical(&config.kernel)?;
+                config.root_disk = canonical(&config.root_disk)?;
+                config.extra_disks = config.extra_disks.iter().map(|d| canonical(d)).collect::<Result<_, _>>()?;
+                let files = HostFiles {
+                    kernel: &config.kernel,
+                    disks: std::iter::once(&config.root_disk)
+                        .chain(&config.extra_disks)
+                        .map(PathBuf::as_path)
+                        .collect(),
+                };
+                confine(&jail, &id, &dir, config.memory_mib, files)?;
+                Some(Filters::compile()?)
+            }
+            None => None,
+        };
         let session = SessionDb::open(&dir.session_db())?;
-        let handlers = Handlers::new(config.net, config.policy, session.recorder())?;
+        let handlers = Handlers::with_files(files, config.net, config.policy, session.recorder());
         let ca_pem = handlers.ca().ca_cert_pem().to_string();
-        let handlers = HandlerHost::start(&id, dir.path(), handlers, session)?;
+        let handlers =
+            HandlerHost::start(&id, dir.path(), handlers, session, seccomp.as_ref().map(|f| f.handlers.clone()))?;
 
         let console = Arc::new(Mutex::new(ConsoleState::default()));
         let started = Instant::now();
@@ -124,7 +175,7 @@ impl Instance {
             root_disk: config.root_disk,
             extra_disks: config.extra_disks.into_iter().map(vmm::ExtraDisk::read_only).collect(),
             serial: Box::new(sink),
-            seccomp: Default::default(),
+            seccomp: seccomp.map(|f| f.vmm).unwrap_or_default(),
             vsock: Some(vmm::devices::virtio::vsock::VsockConfig { guest_cid: GUEST_CID, uds_path: uds.clone() }),
         });
         let vm = match vm {
@@ -141,7 +192,7 @@ impl Instance {
             .map_err(|e| Error::Io("start the VM thread".into(), e))?;
 
         let mut instance = Instance {
-            sandbox: Sandbox::new(dir, state),
+            sandbox: Sandbox::held_here(dir, state),
             started,
             boot_time: Duration::ZERO,
             stop,
@@ -263,13 +314,27 @@ struct HandlerHost {
 
 impl HandlerHost {
     /// Serve `handlers` on the vsock sockets of `dir`, recording into `session`.
-    fn start(id: &str, dir: &Path, handlers: Handlers, session: SessionDb) -> Result<HandlerHost, Error> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("net")
-            .enable_all()
-            .build()
-            .map_err(|e| Error::Io("start the handler runtime".into(), e))?;
+    /// With `filter`, every thread of the runtime installs it on itself first.
+    fn start(
+        id: &str,
+        dir: &Path,
+        handlers: Handlers,
+        session: SessionDb,
+        filter: Option<seccompiler::BpfProgram>,
+    ) -> Result<HandlerHost, Error> {
+        let mut runtime = tokio::runtime::Builder::new_multi_thread();
+        runtime.worker_threads(2).max_blocking_threads(MAX_BLOCKING_THREADS).thread_name("net").enable_all();
+        let confined = filter.is_some();
+        if let Some(filter) = filter {
+            runtime.on_thread_start(move || {
+                // A thread without its filter still has the holder's (inherited).
+                if let Err(e) = seccompiler::apply_filter(&filter) {
+                    tracing::error!("installing the handler threads' seccomp filter: {e}");
+                }
+            });
+        }
+        let runtime = runtime.build().map_err(|e| Error::Io("start the handler runtime".into(), e))?;
+        let self_test = confined.then(|| std::env::var(crate::confine::SELF_TEST_VAR).ok()).flatten();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let dir = dir.to_path_buf();
@@ -285,6 +350,9 @@ impl HandlerHost {
                         }
                     };
                     let _ = ready_tx.send(Ok(()));
+                    if let Some(test) = self_test {
+                        tokio::spawn(async move { crate::confine::self_test(&test) });
+                    }
                     // A dropped sender (the instance is gone) stops them too.
                     let _ = stopped.await;
                     for s in servers {
@@ -342,7 +410,7 @@ mod tests {
         net.ca_dir = dir.path().join("ca");
         let policy = policy::Policy::new(policy::Engine::builtin("deny-all").unwrap());
         let handlers = Handlers::new(net, policy, session.recorder()).unwrap();
-        let host = HandlerHost::start("test", dir.path(), handlers, session).unwrap();
+        let host = HandlerHost::start("test", dir.path(), handlers, session, None).unwrap();
         assert!(dir.path().join("vsock.sock_5002").exists());
         const ROWS: usize = 10_000;
         for i in 0..ROWS {

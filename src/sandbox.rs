@@ -106,6 +106,9 @@ pub fn valid_id(id: &str) -> bool {
 pub struct Sandbox {
     dir: SandboxDir,
     state: SandboxState,
+    /// This process holds the VM (a confined holder cannot see the pid in
+    /// its state, which is that of the process outside its PID namespace).
+    held_here: bool,
 }
 
 /// Every sandbox under `root` (a sandboxes directory), newest first.
@@ -160,7 +163,7 @@ fn find_under(root: &Path, id: &str) -> Result<Sandbox, Error> {
     let bytes = std::fs::read(&path).map_err(|e| Error::Io(format!("read {}", path.display()), e))?;
     let state: SandboxState = serde_json::from_slice(&bytes)
         .map_err(|e| Error::Io(format!("parse {}", path.display()), std::io::Error::other(e)))?;
-    Ok(Sandbox { dir, state })
+    Ok(Sandbox { dir, state, held_here: false })
 }
 
 impl Sandbox {
@@ -171,8 +174,9 @@ impl Sandbox {
         SandboxBuilder::new(image)
     }
 
-    pub(crate) fn new(dir: SandboxDir, state: SandboxState) -> Self {
-        Sandbox { dir, state }
+    /// The handle of the process that holds the sandbox.
+    pub(crate) fn held_here(dir: SandboxDir, state: SandboxState) -> Self {
+        Sandbox { dir, state, held_here: true }
     }
 
     /// The sandbox `id`, or a unique prefix of one (as `docker` allows), in
@@ -221,7 +225,7 @@ impl Sandbox {
     }
 
     fn holder_alive(&self) -> bool {
-        self.state.pid != 0 && process_start(self.state.pid) == Some(self.state.pid_start)
+        self.held_here || self.state.pid != 0 && process_start(self.state.pid) == Some(self.state.pid_start)
     }
 
     /// Is the holder a process that exists only to hold this sandbox (and

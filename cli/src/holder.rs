@@ -75,14 +75,16 @@ enum Stop {
 
 /// The background process: boot, report the id, hold the VM.
 pub fn serve(builder: SandboxBuilder, command: Command, timeout: Option<Duration>) -> Outcome {
+    let instance = builder.start().or_sandbox_failure()?;
+    // After the start: a confined holder closes every descriptor it did not
+    // open itself (a signal during the boot ends the process; confined, the
+    // process that waits for it forwards the signal and stops it later).
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .context("cannot handle signals")
         .or_sandbox_failure()?;
-    let instance = builder.start().or_sandbox_failure()?;
     let dir = SandboxDir::new(instance.dir());
     println!("{}", instance.id());
     let _ = std::io::stdout().flush();
-    crate::commands::remember_last(instance.id());
     if let Err(e) = redirect_output(&dir.sandbox_log()) {
         tracing::warn!("cannot write {}: {e}", dir.sandbox_log().display());
     }

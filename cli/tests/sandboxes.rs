@@ -11,6 +11,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
@@ -72,7 +73,13 @@ fn a_detached_sandbox_is_driven_from_other_processes() {
 
     // 100 concurrent guest-to-host connections of 1 MiB each, answered
     // with the digest of what arrived.
-    let served = digest_server(UnixListener::bind(found.dir().join("vsock.sock_6000")).unwrap());
+    // The sandbox's process runs as the sandbox's own uid: a host service
+    // for it gives it the socket (connecting needs write permission).
+    let socket = found.dir().join("vsock.sock_6000");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let owner = std::fs::metadata(found.dir()).unwrap();
+    std::os::unix::fs::chown(&socket, Some(owner.uid()), Some(owner.gid())).unwrap();
+    let served = digest_server(listener);
     let t = Instant::now();
     let digests =
         sandbox(&["exec", &id, "--", "vsock-stream", "digest", "6000", "--conns", "100", "--bytes", "1048576"]);

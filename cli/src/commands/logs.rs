@@ -5,6 +5,7 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 use clap::Args;
+use guest_protocol::sandbox_dir::SandboxDir;
 use sandbox::Sandbox;
 use telemetry::query::{print_logs, LogOptions};
 
@@ -32,22 +33,21 @@ pub struct LogsArgs {
     follow: bool,
 }
 
-/// The file naming the most recent run, for `sandbox logs last`.
-fn last_file() -> std::path::PathBuf {
-    sandbox::paths::sandboxes_dir().join("last")
-}
-
-/// Make `id` the one `sandbox logs last` reads.
-pub fn remember_last(id: &str) {
-    let _ = std::fs::write(last_file(), id);
+/// The most recently started sandbox (`sandbox logs last`): the newest
+/// state file, which its holder writes once as it starts.
+fn last_started() -> anyhow::Result<String> {
+    let newest = Sandbox::list()?
+        .into_iter()
+        .filter_map(|s| {
+            let started = std::fs::metadata(SandboxDir::new(s.dir()).state_file()).and_then(|m| m.modified()).ok()?;
+            Some((started, s.id().to_string()))
+        })
+        .max();
+    newest.map(|(_, id)| id).context("no sandbox has run yet")
 }
 
 pub fn logs(args: LogsArgs) -> Outcome {
-    let id = if args.id == "last" {
-        std::fs::read_to_string(last_file()).context("no sandbox has run yet")?.trim().to_string()
-    } else {
-        args.id
-    };
+    let id = if args.id == "last" { last_started()? } else { args.id };
     let db = Sandbox::find(&id)?.session_db();
     if !db.is_file() {
         return Err(anyhow::anyhow!("no session database for sandbox {id} ({} does not exist)", db.display()).into());

@@ -9,6 +9,7 @@ use crate::exit::Outcome;
 
 mod ca;
 mod cp;
+mod doctor;
 mod exec;
 mod images;
 mod logs;
@@ -18,8 +19,6 @@ mod rm;
 pub mod run;
 mod stop;
 mod verify_isolation;
-
-pub use logs::remember_last;
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -46,6 +45,8 @@ pub enum Command {
     Ca(ca::CaCommand),
     #[command(flatten)]
     Images(images::ImagesCommand),
+    /// Print what this host supports for sandboxes (KVM, cgroups, namespaces, seccomp) and what is missing.
+    Doctor(doctor::DoctorArgs),
     /// Boot a canary sandbox and prove from outside that nothing gets out of it.
     VerifyIsolation(verify_isolation::VerifyArgs),
 }
@@ -70,6 +71,7 @@ pub fn run(command: Command) -> Outcome {
         Command::Policy(cmd) => policy::policy(cmd),
         Command::Ca(cmd) => ca::ca(cmd),
         Command::Images(cmd) => images::images(cmd),
+        Command::Doctor(args) => doctor::doctor(args),
         Command::VerifyIsolation(args) => verify_isolation::verify_isolation(args),
     }
 }

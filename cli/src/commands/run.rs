@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::Args;
 use sandbox::policy::{Engine, Layer, Policy, ProfileSource};
-use sandbox::{Command, Image, NetConfig, Sandbox, SandboxBuilder, Status};
+use sandbox::{Command, Image, Jail, NetConfig, Sandbox, SandboxBuilder, Status};
 
 use crate::ask::{GatedWriter, OutputGate, TerminalAsker};
 use crate::exit::{guest_status, Failure, Outcome, SandboxFailure, TIMEOUT};
@@ -22,6 +22,10 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u8,
+    /// Size of the guest's writable root in MiB (default: half of --memory);
+    /// it lives in guest memory, never on the host's disk.
+    #[arg(long, value_name = "MIB")]
+    disk: Option<u32>,
     /// Stop the sandbox after this many seconds (exit status 124).
     #[arg(long, value_name = "SECS")]
     timeout: Option<u64>,
@@ -57,6 +61,15 @@ pub struct RunArgs {
     /// environment variable) whose value is `user:password`.
     #[arg(long, value_name = "SECRET", requires = "upstream_proxy")]
     upstream_proxy_secret: Option<String>,
+    /// Host memory the sandbox's process may use beyond the guest's RAM
+    /// (VMM, handlers, their buffers); its cgroup's limit is --memory plus this.
+    #[arg(long, value_name = "MIB", default_value_t = sandbox::DEFAULT_MEMORY_OVERHEAD_MIB)]
+    holder_memory: u32,
+    /// Run the sandbox's process as root with every capability, no seccomp
+    /// filter and no resource limits. UNSAFE: a guest that finds a bug in the
+    /// VMM or a network handler then owns this host. For debugging only.
+    #[arg(long)]
+    no_jail: bool,
     /// Show the guest kernel's console log on stderr.
     #[arg(long)]
     console: bool,
@@ -115,11 +128,31 @@ fn prepare(args: &RunArgs) -> Result<(SandboxBuilder, Command), Failure> {
     }
     super::images::prepare(&image).or_sandbox_failure()?;
     let mut builder = Sandbox::builder(image).memory_mib(args.memory).vcpus(args.cpus).net_config(net).policy(policy);
+    if let Some(disk) = args.disk {
+        builder = builder.disk_mib(disk);
+    }
+    if args.no_jail {
+        // The background process of `run -d` gets the same flag: say it once.
+        if !args.holder {
+            eprintln!("sandbox: --no-jail: the sandbox's process is not confined (unsafe; for debugging only)");
+        }
+    } else {
+        builder = builder.jail(jail(args));
+    }
     if args.console {
         // The console is guest output too: it waits while a question is asked.
         builder = builder.console(GatedWriter::new(std::io::stderr(), OutputGate::terminal()));
     }
     Ok((builder, args.process.settings(Command::from_argv(args.cmd.clone()).image_entrypoint())))
+}
+
+/// The confinement of a sandbox's process: a CPU quota of its vCPUs plus
+/// half a CPU for its handlers and device loop.
+fn jail(args: &RunArgs) -> Jail {
+    let mut jail = Jail::default();
+    jail.cpus = Some(f64::from(args.cpus) + 0.5);
+    jail.memory_overhead_mib = args.holder_memory;
+    jail
 }
 
 pub fn run(args: RunArgs) -> Outcome {
@@ -146,7 +179,6 @@ pub fn run(args: RunArgs) -> Outcome {
     if std::io::stderr().is_terminal() {
         tracing::debug!("logs: sandbox logs {}", out.id);
     }
-    super::remember_last(&out.id);
     match out.status {
         Status::Exited(code) => Ok(guest_status(code)),
         Status::TimedOut => {
