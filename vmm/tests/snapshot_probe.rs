@@ -1,0 +1,682 @@
+//! A feasibility probe for VM snapshots on the host's KVM: runs a tiny
+//! counting guest in VM A, reads every piece of KVM state a snapshot needs
+//! (vCPU and VM level) plus guest memory, restores it into a fresh VM B whose
+//! memory is a private copy-on-write mapping of the saved memory file, and
+//! checks that B goes on counting where A stopped while A, resumed, diverges
+//! on its own. Prints a table of what each ioctl did; docs/snapshots-probe.md
+//! records the findings. Needs /dev/kvm; skips without it, or fails with
+//! `SANDBOX_REQUIRE_VM=1` (./test.sh).
+#![allow(clippy::unwrap_used)]
+
+#[allow(dead_code)]
+#[path = "../../tests/common/vm.rs"]
+mod vm;
+
+use std::fmt::Debug;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvm_bindings::{
+    kvm_irqchip, kvm_msr_entry, kvm_pit_config, kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region,
+    kvm_xsave2, CpuId, Msrs, Xsave, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_HALTED, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
+use vmm_sys_util::fam::FamStruct;
+
+const MEM_SIZE: usize = 2 << 20;
+const GDT_ADDR: usize = 0x500;
+const IDT_ADDR: usize = 0x600;
+const CODE_ADDR: usize = 0x1000;
+const NMI_HANDLER_ADDR: usize = 0x1100;
+const COUNTER_ADDR: usize = 0x2000;
+const STACK_TOP: u64 = 0x8000;
+const PORT: u16 = 0x3f8;
+const NMI_PORT: u16 = 0x3f9;
+/// The guest reports on `PORT` every this many increments.
+const EVERY: u32 = 256;
+
+/// 32-bit, paging off: `loop: inc dword [COUNTER]; mov eax, [COUNTER];
+/// test eax, EVERY-1; jnz loop; inc ebx; mov dx, PORT; out dx, eax; jmp loop`.
+/// The count lives in memory (tests the memory copy), the number of reports
+/// in EBX (tests the registers).
+const COUNTING: &[u8] = &[
+    0xff, 0x05, 0x00, 0x20, 0x00, 0x00, // inc dword [0x2000]
+    0xa1, 0x00, 0x20, 0x00, 0x00, // mov eax, [0x2000]
+    0xa9, 0xff, 0x00, 0x00, 0x00, // test eax, 0xff
+    0x75, 0xee, // jnz loop
+    0x43, // inc ebx
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xef, // out dx, eax
+    0xeb, 0xe6, // jmp loop
+];
+
+/// Like `COUNTING`, but halts (interrupts off) after each report:
+/// `...; out dx, eax; cli; hlt; jmp loop`. Only an NMI wakes it.
+const COUNTING_THEN_HALT: &[u8] = &[
+    0xff, 0x05, 0x00, 0x20, 0x00, 0x00, // inc dword [0x2000]
+    0xa1, 0x00, 0x20, 0x00, 0x00, // mov eax, [0x2000]
+    0xa9, 0xff, 0x00, 0x00, 0x00, // test eax, 0xff
+    0x75, 0xee, // jnz loop
+    0x43, // inc ebx
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xef, // out dx, eax
+    0xfa, // cli
+    0xf4, // hlt
+    0xeb, 0xe4, // jmp loop
+];
+
+/// NMI handler: `mov eax, [COUNTER]; mov dx, NMI_PORT; out dx, eax;
+/// add esp, 12; push CODE; ret`: reports, drops the interrupt frame and goes
+/// back to the loop. It does not `iret`: KVM's instruction emulator, which
+/// runs guest CPL0 code here, handles IRET only in real mode (an emulation
+/// failure, with or without a snapshot); NMIs stay blocked afterwards, which
+/// this test does not mind.
+const NMI_HANDLER: &[u8] = &[
+    0xa1, 0x00, 0x20, 0x00, 0x00, // mov eax, [0x2000]
+    0x66, 0xba, 0xf9, 0x03, // mov dx, 0x3f9
+    0xef, // out dx, eax
+    0x83, 0xc4, 0x0c, // add esp, 12
+    0x68, 0x00, 0x10, 0x00, 0x00, // push 0x1000
+    0xc3, // ret
+];
+
+/// `loop: rdtsc; mov dx, TSC_PORT; out dx, eax; mov eax, edx; out dx, eax; jmp loop`.
+const READ_TSC: &[u8] = &[
+    0x0f, 0x31, // rdtsc
+    0x66, 0xba, 0xfa, 0x03, // mov dx, 0x3fa
+    0xef, // out dx, eax
+    0x89, 0xd0, // mov eax, edx
+    0xef, // out dx, eax
+    0xeb, 0xf4, // jmp loop
+];
+const TSC_PORT: u16 = 0x3fa;
+
+/// The TSC as the guest's RDTSC sees it, after the host wrote `value` into
+/// IA32_TSC with KVM_SET_MSRS. Informational: the TSC a restore can give.
+fn guest_tsc_after_host_write(kvm: &Kvm, value: u64, t: &mut Table) -> u64 {
+    let mut c = machine(kvm, Memory::anonymous(MEM_SIZE), None, t);
+    boot(&c, READ_TSC);
+    let one = Msrs::from_entries(&[kvm_msr_entry { index: 0x10, data: value, ..Default::default() }]).unwrap();
+    t.note("C: SET IA32_TSC", format!("{:?} written ({value})", c.vcpu.set_msrs(&one)));
+    let mut halves = Vec::new();
+    while halves.len() < 2 {
+        match c.vcpu.run() {
+            Ok(VcpuExit::IoOut(TSC_PORT, data)) if data.len() == 4 => {
+                halves.push(u64::from(u32::from_le_bytes(data.try_into().unwrap())))
+            }
+            other => panic!("unexpected exit: {other:?}"),
+        }
+    }
+    halves[0] | (halves[1] << 32)
+}
+
+/// One line of the probe's table: what was tried and how it went.
+#[derive(Default)]
+struct Table(Vec<(String, String)>);
+
+impl Table {
+    fn note(&mut self, step: &str, outcome: impl Into<String>) {
+        self.0.push((step.to_owned(), outcome.into()));
+    }
+
+    /// Records `result` under `step` and returns its value, if any.
+    fn rec<T, E: Debug>(&mut self, step: &str, result: Result<T, E>) -> Option<T> {
+        match result {
+            Ok(v) => {
+                self.note(step, "ok");
+                Some(v)
+            }
+            Err(e) => {
+                self.note(step, format!("FAILED: {e:?}"));
+                None
+            }
+        }
+    }
+
+    fn ok(&self, step: &str) -> bool {
+        self.0.iter().any(|(s, o)| s == step && o == "ok")
+    }
+
+    fn print(&self, title: &str) {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "\n== {title} ==").unwrap();
+        for (step, outcome) in &self.0 {
+            writeln!(out, "{step:<44} {outcome}").unwrap();
+        }
+    }
+}
+
+/// Guest memory: a mapping that the VM's slot 0 points at.
+struct Memory {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Memory {
+    fn anonymous(len: usize) -> Memory {
+        // SAFETY: a fresh anonymous mapping; the result is checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        Memory { ptr: ptr.cast(), len }
+    }
+
+    /// A private (copy-on-write) mapping of `file`: guest writes never reach it.
+    fn private_file(file: &std::fs::File, len: usize) -> Memory {
+        // SAFETY: maps `len` bytes of an open file; the result is checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        Memory { ptr: ptr.cast(), len }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping is `len` bytes long and lives as long as `self`;
+        // the guest may write it concurrently only while a vCPU runs, and the
+        // probe reads it only between KVM_RUN calls on its single thread.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    fn write(&self, addr: usize, data: &[u8]) {
+        assert!(addr + data.len() <= self.len);
+        // SAFETY: in bounds (checked above) of a live, writable mapping.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(addr), data.len()) };
+    }
+
+    fn read_u32(&self, addr: usize) -> u32 {
+        u32::from_le_bytes(self.bytes()[addr..addr + 4].try_into().unwrap())
+    }
+}
+
+impl Drop for Memory {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping this value owns; VMs using it are dropped first.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// A VM with an in-kernel irqchip and PIT, one memory slot and one vCPU.
+/// Field order matters: the vCPU and VM close before the memory is unmapped.
+struct Machine {
+    vcpu: VcpuFd,
+    vm: VmFd,
+    mem: Memory,
+}
+
+/// `cpuid`: the saved one for a restore, else what KVM supports.
+fn machine(kvm: &Kvm, mem: Memory, cpuid: Option<&CpuId>, table: &mut Table) -> Machine {
+    let vm = kvm.create_vm().unwrap();
+    vm.set_tss_address(0xfffb_d000).unwrap();
+    vm.set_identity_map_address(0xfffb_c000).unwrap();
+    table.rec("KVM_CREATE_IRQCHIP", vm.create_irq_chip()).unwrap();
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    table.rec("KVM_CREATE_PIT2", vm.create_pit2(pit)).unwrap();
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        guest_phys_addr: 0,
+        memory_size: mem.len as u64,
+        userspace_addr: mem.ptr as u64,
+        flags: 0,
+    };
+    // SAFETY: the region is a live mapping owned by the returned Machine,
+    // whose field order closes the VM before the mapping goes.
+    unsafe { vm.set_user_memory_region(region) }.unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+    let cpuid = cpuid.unwrap_or(&supported);
+    table.rec("KVM_SET_CPUID2", vcpu.set_cpuid2(cpuid)).unwrap();
+    Machine { vcpu, vm, mem }
+}
+
+fn segment(selector: u16, type_: u8) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// Loads `code`, a GDT and an IDT whose NMI gate points at `NMI_HANDLER`, and
+/// points the vCPU at `code` in flat 32-bit protected mode.
+fn boot(m: &Machine, code: &[u8]) {
+    let gdt: [u64; 4] = [0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x0000_8b00_0000_0067];
+    for (i, e) in gdt.iter().enumerate() {
+        m.mem.write(GDT_ADDR + 8 * i, &e.to_le_bytes());
+    }
+    let handler = NMI_HANDLER_ADDR as u64;
+    let gate = (handler & 0xffff) | (0x08 << 16) | (0x8e00 << 32) | ((handler >> 16) << 48);
+    m.mem.write(IDT_ADDR + 8 * 2, &gate.to_le_bytes());
+    m.mem.write(CODE_ADDR, code);
+    m.mem.write(NMI_HANDLER_ADDR, NMI_HANDLER);
+
+    let mut sregs: kvm_sregs = m.vcpu.get_sregs().unwrap();
+    sregs.cs = segment(0x08, 0xb);
+    let data = segment(0x10, 0x3);
+    (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+    sregs.tr = kvm_segment { limit: 0x67, s: 0, g: 0, db: 0, ..segment(0x18, 0xb) };
+    sregs.gdt.base = GDT_ADDR as u64;
+    sregs.gdt.limit = 31;
+    sregs.idt.base = IDT_ADDR as u64;
+    sregs.idt.limit = 8 * 3 - 1;
+    (sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer) = (1, 0, 0, 0);
+    m.vcpu.set_sregs(&sregs).unwrap();
+    let regs = kvm_regs { rip: CODE_ADDR as u64, rsp: STACK_TOP, rflags: 2, ..Default::default() };
+    m.vcpu.set_regs(&regs).unwrap();
+}
+
+/// Runs the vCPU until it has reported `n` times on `PORT`; returns the
+/// values reported. Reports from the NMI handler go to `nmi`.
+fn run_reports(vcpu: &mut VcpuFd, n: usize, nmi: &mut Vec<u32>) -> Vec<u32> {
+    try_reports(vcpu, n, nmi).unwrap()
+}
+
+/// As `run_reports`, but any other exit is an error that describes it.
+fn try_reports(vcpu: &mut VcpuFd, n: usize, nmi: &mut Vec<u32>) -> Result<Vec<u32>, String> {
+    let mut seen = Vec::new();
+    while seen.len() < n {
+        let value = match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) if data.len() == 4 => (port, u32::from_le_bytes(data.try_into().unwrap())),
+            Ok(VcpuExit::InternalError) => {
+                // SAFETY: the exit reason says the `internal` member is the valid one.
+                let internal = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal };
+                let ndata = (internal.ndata as usize).min(internal.data.len());
+                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or_default();
+                return Err(format!(
+                    "internal error, suberror {} data {:x?} rip {rip:#x}",
+                    internal.suberror,
+                    &internal.data[..ndata]
+                ));
+            }
+            Ok(other) => return Err(format!("unexpected exit: {other:?}")),
+            Err(e) => return Err(format!("KVM_RUN: {e}")),
+        };
+        match value {
+            (PORT, v) => seen.push(v),
+            (NMI_PORT, v) => nmi.push(v),
+            (other, _) => return Err(format!("unexpected out to port {other:#x}")),
+        }
+    }
+    Ok(seen)
+}
+
+/// Completes the I/O the last exit left pending, the way a VMM pauses a vCPU:
+/// KVM_RUN with `immediate_exit` set, which returns EINTR at once.
+fn pause(vcpu: &mut VcpuFd) -> Result<(), String> {
+    vcpu.set_kvm_immediate_exit(1);
+    let result = match vcpu.run() {
+        Err(e) if e.errno() == libc::EINTR => Ok(()),
+        Err(e) => Err(format!("errno {}", e.errno())),
+        Ok(exit) => Err(format!("unexpected exit {exit:?}")),
+    };
+    vcpu.set_kvm_immediate_exit(0);
+    result
+}
+
+/// Everything a snapshot holds, each item if its GET succeeded.
+#[derive(Default)]
+struct Saved {
+    regs: Option<kvm_regs>,
+    sregs: Option<kvm_sregs>,
+    fpu: Option<kvm_bindings::kvm_fpu>,
+    xsave: Option<kvm_bindings::kvm_xsave>,
+    xsave2: Option<Xsave>,
+    xcrs: Option<kvm_bindings::kvm_xcrs>,
+    debugregs: Option<kvm_bindings::kvm_debugregs>,
+    lapic: Option<kvm_bindings::kvm_lapic_state>,
+    msrs: Option<Msrs>,
+    vcpu_events: Option<kvm_bindings::kvm_vcpu_events>,
+    mp_state: Option<kvm_bindings::kvm_mp_state>,
+    cpuid: Option<CpuId>,
+    tsc_khz: Option<u32>,
+    irqchips: Vec<kvm_irqchip>,
+    pit2: Option<kvm_bindings::kvm_pit_state2>,
+    clock: Option<kvm_bindings::kvm_clock_data>,
+    memory: Vec<u8>,
+}
+
+fn save(kvm: &Kvm, m: &Machine, t: &mut Table) -> Saved {
+    let v = &m.vcpu;
+    let mut s = Saved {
+        mp_state: t.rec("GET mp_state", v.get_mp_state()),
+        regs: t.rec("GET regs", v.get_regs()),
+        sregs: t.rec("GET sregs", v.get_sregs()),
+        fpu: t.rec("GET fpu", v.get_fpu()),
+        xsave: t.rec("GET xsave (KVM_GET_XSAVE)", v.get_xsave()),
+        xcrs: t.rec("GET xcrs", v.get_xcrs()),
+        debugregs: t.rec("GET debugregs", v.get_debug_regs()),
+        lapic: t.rec("GET lapic", v.get_lapic()),
+        cpuid: t.rec("GET cpuid2", v.get_cpuid2(KVM_MAX_CPUID_ENTRIES)),
+        tsc_khz: t.rec("GET tsc_khz", v.get_tsc_khz()),
+        ..Default::default()
+    };
+    t.note("  tsc_khz", format!("{:?}", s.tsc_khz));
+    let xsave_size = m.vm.check_extension_int(Cap::Xsave2);
+    t.note("KVM_CAP_XSAVE2 (size)", xsave_size.to_string());
+    if let Ok(size) = usize::try_from(xsave_size) {
+        if size > 0 {
+            let fam = size
+                .saturating_sub(std::mem::size_of::<kvm_bindings::kvm_xsave>())
+                .div_ceil(std::mem::size_of::<<kvm_xsave2 as FamStruct>::Entry>());
+            let mut x = Xsave::new(fam).unwrap();
+            // SAFETY: `x` holds the size KVM_CAP_XSAVE2 asked for.
+            s.xsave2 = t.rec("GET xsave2 (KVM_GET_XSAVE2)", unsafe { v.get_xsave2(&mut x) }).map(|()| x);
+        }
+    }
+
+    // MSRs: every index KVM lists, read in one call; KVM_GET_MSRS stops at the
+    // first one it cannot read, so the readable set is found one by one.
+    let list = kvm.get_msr_index_list().unwrap();
+    let indices = list.as_slice().to_vec();
+    let entries: Vec<kvm_msr_entry> =
+        indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+    let mut all = Msrs::from_entries(&entries).unwrap();
+    let read = v.get_msrs(&mut all);
+    t.note("GET msrs (all listed, one call)", format!("{read:?} of {}", indices.len()));
+    let mut readable = Vec::new();
+    let mut unreadable = Vec::new();
+    for &index in &indices {
+        let mut one = Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }]).unwrap();
+        match v.get_msrs(&mut one) {
+            Ok(1) => readable.push(one.as_slice()[0]),
+            _ => unreadable.push(format!("{index:#x}")),
+        }
+    }
+    t.note("  listed MSRs", indices.iter().map(|i| format!("{i:#x}")).collect::<Vec<_>>().join(" "));
+    t.note("GET msrs (one by one)", format!("{} of {} read", readable.len(), indices.len()));
+    if !unreadable.is_empty() {
+        t.note("  unreadable MSRs", unreadable.join(" "));
+    }
+    // MSRs outside the list that VMMs save too: APIC base, MTRRs, TSC_AUX, SPEC_CTRL.
+    let mut extra = Vec::new();
+    for index in [0x1b, 0x2ff, 0x200, 0x201, 0x250, 0x258, 0xc000_0103, 0x48] {
+        let mut one = Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }]).unwrap();
+        let got = v.get_msrs(&mut one);
+        let data = one.as_slice()[0].data;
+        let back = match got {
+            Ok(1) => format!("{:?}", v.set_msrs(&one)),
+            _ => "-".into(),
+        };
+        extra.push(format!("{index:#x}: get {got:?} ={data:#x} set-back {back}"));
+    }
+    t.note("  unlisted MSRs", extra.join("; "));
+    s.msrs = Some(Msrs::from_entries(&readable).unwrap());
+    // Events last, as QEMU does: other GETs may change the pending state.
+    s.vcpu_events = t.rec("GET vcpu_events", v.get_vcpu_events());
+
+    for (name, id) in
+        [("PIC master", KVM_IRQCHIP_PIC_MASTER), ("PIC slave", KVM_IRQCHIP_PIC_SLAVE), ("IOAPIC", KVM_IRQCHIP_IOAPIC)]
+    {
+        let mut chip = kvm_irqchip { chip_id: id, ..Default::default() };
+        if t.rec(&format!("GET irqchip {name}"), m.vm.get_irqchip(&mut chip)).is_some() {
+            s.irqchips.push(chip);
+        }
+    }
+    s.pit2 = t.rec("GET pit2", m.vm.get_pit2());
+    s.clock = t.rec("GET clock", m.vm.get_clock());
+    if let Some(c) = &s.clock {
+        t.note("  clock flags", format!("{:#x} (clock {} ns)", c.flags, c.clock));
+    }
+    s.memory = m.mem.bytes().to_vec();
+    s
+}
+
+/// Restores `s` into the fresh machine `m`, in Firecracker's order: vCPU
+/// (cpuid was set at creation), mp_state, regs, sregs, xsave, xcrs,
+/// debugregs, lapic, msrs, vcpu_events; then the VM: pit2, clock, irqchips.
+fn restore(m: &Machine, s: &Saved, t: &mut Table) {
+    let v = &m.vcpu;
+    t.rec("SET mp_state", v.set_mp_state(s.mp_state.unwrap()));
+    t.rec("SET regs", v.set_regs(s.regs.as_ref().unwrap()));
+    t.rec("SET sregs", v.set_sregs(s.sregs.as_ref().unwrap()));
+    t.rec("SET fpu", v.set_fpu(s.fpu.as_ref().unwrap()));
+    if let Some(x) = &s.xsave2 {
+        // SAFETY: `x` was sized by KVM_CAP_XSAVE2 on this host.
+        t.rec("SET xsave2 (KVM_SET_XSAVE, full size)", unsafe { v.set_xsave2(x) });
+    } else if let Some(x) = &s.xsave {
+        // SAFETY: no XSAVE2 capability: the legacy 4 KiB area is the whole state.
+        t.rec("SET xsave (KVM_SET_XSAVE)", unsafe { v.set_xsave(x) });
+    }
+    if let Some(x) = &s.xcrs {
+        t.rec("SET xcrs", v.set_xcrs(x));
+    }
+    t.rec("SET debugregs", v.set_debug_regs(s.debugregs.as_ref().unwrap()));
+    t.rec("SET lapic", v.set_lapic(s.lapic.as_ref().unwrap()));
+    let msrs = s.msrs.as_ref().unwrap();
+    let written = v.set_msrs(msrs);
+    t.note("SET msrs", format!("{written:?} of {}", msrs.as_slice().len()));
+    t.rec("SET vcpu_events", v.set_vcpu_events(s.vcpu_events.as_ref().unwrap()));
+    if let Some(khz) = s.tsc_khz {
+        t.rec("SET tsc_khz (same value)", v.set_tsc_khz(khz));
+    }
+    t.rec("SET pit2", m.vm.set_pit2(s.pit2.as_ref().unwrap()));
+    let clock = s.clock.unwrap();
+    if t.rec("SET clock (flags as read)", m.vm.set_clock(&clock)).is_none() {
+        let plain = kvm_bindings::kvm_clock_data { flags: 0, ..clock };
+        t.rec("SET clock (flags 0)", m.vm.set_clock(&plain));
+    }
+    for chip in &s.irqchips {
+        let name = match chip.chip_id {
+            KVM_IRQCHIP_PIC_MASTER => "PIC master",
+            KVM_IRQCHIP_PIC_SLAVE => "PIC slave",
+            _ => "IOAPIC",
+        };
+        t.rec(&format!("SET irqchip {name}"), m.vm.set_irqchip(chip));
+    }
+}
+
+/// Writes the saved memory to a file and maps it privately for VM B.
+fn memory_file(s: &Saved) -> (tempfile::NamedTempFile, Memory) {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(&s.memory).unwrap();
+    file.flush().unwrap();
+    let mem = Memory::private_file(file.as_file(), s.memory.len());
+    (file, mem)
+}
+
+#[test]
+fn kvm_state_saved_from_a_running_vm_restores_into_a_fresh_one_that_continues() {
+    if !vm::vm_available([]) {
+        return;
+    }
+    let kvm = Kvm::new().unwrap();
+    let mut t = Table::default();
+    let mut a = machine(&kvm, Memory::anonymous(MEM_SIZE), None, &mut t);
+    boot(&a, COUNTING);
+    let mut nmi = Vec::new();
+    let reports = run_reports(&mut a.vcpu, 5, &mut nmi);
+    t.note("A: reports before the snapshot", format!("{reports:?}"));
+    assert_eq!(reports, [256, 512, 768, 1024, 1280]);
+    let rip_at_exit = a.vcpu.get_regs().unwrap().rip;
+    let paused = pause(&mut a.vcpu);
+    let rip_paused = a.vcpu.get_regs().unwrap().rip;
+    t.note(
+        "A: pause (KVM_RUN with immediate_exit)",
+        format!("{paused:?}; rip {rip_at_exit:#x} at the OUT exit -> {rip_paused:#x} after"),
+    );
+
+    let started = std::time::Instant::now();
+    let saved = save(&kvm, &a, &mut t);
+    t.note("save: all GETs + 2 MiB copy took", format!("{:?}", started.elapsed()));
+    let stopped_at = a.mem.read_u32(COUNTER_ADDR);
+    let ebx_a = saved.regs.unwrap().rbx;
+    t.note("A: counter / ebx at the snapshot", format!("{stopped_at} / {ebx_a}"));
+
+    let (file, mem) = memory_file(&saved);
+    let mut b = machine(&kvm, mem, saved.cpuid.as_ref(), &mut t);
+    let started = std::time::Instant::now();
+    restore(&b, &saved, &mut t);
+    t.note("restore: all SETs took", format!("{:?}", started.elapsed()));
+    let clock_b = b.vm.get_clock().unwrap().clock;
+    t.note("B: KVM_GET_CLOCK after restore (ns)", format!("{clock_b} (saved {})", saved.clock.unwrap().clock));
+    let tsc = |v: &VcpuFd| {
+        let mut m = Msrs::from_entries(&[kvm_msr_entry { index: 0x10, ..Default::default() }]).unwrap();
+        v.get_msrs(&mut m).unwrap();
+        m.as_slice()[0].data
+    };
+    let saved_tsc = saved.msrs.as_ref().unwrap().as_slice().iter().find(|e| e.index == 0x10).map(|e| e.data);
+    let (tsc_b, tsc_a) = (tsc(&b.vcpu), tsc(&a.vcpu));
+    t.note("B: IA32_TSC after restore", format!("{tsc_b} (saved {saved_tsc:?}, A now {tsc_a})"));
+    // What KVM_CLOCK_REALTIME does: with it, SET_CLOCK adds the wall time
+    // elapsed since the GET; without it the clock resumes at the saved value.
+    let clock = saved.clock.unwrap();
+    let plain = kvm_bindings::kvm_clock_data { flags: 0, ..clock };
+    let r = b.vm.set_clock(&plain).map(|()| b.vm.get_clock().unwrap().clock);
+    t.note("B: SET clock flags 0, then GET (ns)", format!("{r:?}"));
+    let r = b.vm.set_clock(&clock).map(|()| b.vm.get_clock().unwrap().clock);
+    t.note("B: SET clock flags as read, then GET (ns)", format!("{r:?}"));
+    let b_reports = run_reports(&mut b.vcpu, 3, &mut nmi);
+    let ebx_b = b.vcpu.get_regs().unwrap().rbx;
+    t.note("B: reports after the restore", format!("{b_reports:?}, ebx {ebx_b}"));
+
+    // A goes on by itself; B's writes must not show in A nor in the file.
+    b.mem.write(COUNTER_ADDR + 0x100, &[0xbb; 4]);
+    let a_reports = run_reports(&mut a.vcpu, 2, &mut nmi);
+    let a_counter = a.mem.read_u32(COUNTER_ADDR);
+    let b_counter = b.mem.read_u32(COUNTER_ADDR);
+    let file_counter =
+        u32::from_le_bytes(std::fs::read(file.path()).unwrap()[COUNTER_ADDR..COUNTER_ADDR + 4].try_into().unwrap());
+    t.note("A: reports after resuming", format!("{a_reports:?}"));
+    t.note("counters A / B / file", format!("{a_counter} / {b_counter} / {file_counter}"));
+    // Does a host write of IA32_TSC move the guest TSC at all?
+    let one = Msrs::from_entries(&[kvm_msr_entry { index: 0x10, data: 1_000_000_000, ..Default::default() }]).unwrap();
+    let written = a.vcpu.set_msrs(&one);
+    t.note("A: SET IA32_TSC = 1e9, then GET", format!("{written:?} written, reads {}", tsc(&a.vcpu)));
+    let seen = guest_tsc_after_host_write(&kvm, 1_000_000_000, &mut t);
+    t.note("C: guest RDTSC (CPL0) after that write", seen.to_string());
+    t.print("snapshot probe: running guest");
+
+    // Every SET of the restore worked.
+    for step in [
+        "SET mp_state",
+        "SET regs",
+        "SET sregs",
+        "SET fpu",
+        "SET debugregs",
+        "SET lapic",
+        "SET vcpu_events",
+        "SET pit2",
+        "SET irqchip PIC master",
+        "SET irqchip PIC slave",
+        "SET irqchip IOAPIC",
+    ] {
+        assert!(t.ok(step), "{step} failed");
+    }
+    assert!(t.ok("SET clock (flags as read)") || t.ok("SET clock (flags 0)"));
+    assert_eq!(paused, Ok(()));
+    // B continues from A's count, not from 0, and its registers came along.
+    let next = stopped_at + EVERY;
+    assert_eq!(b_reports, [next, next + EVERY, next + 2 * EVERY]);
+    assert_eq!(ebx_b, ebx_a + 3);
+    // A diverges on its own from the same point; the saved file is untouched.
+    assert_eq!(a_reports, [next, next + EVERY]);
+    assert_eq!(file_counter, stopped_at);
+    assert_eq!(a.mem.read_u32(COUNTER_ADDR + 0x100), 0);
+    assert!(nmi.is_empty());
+}
+
+/// Sends SIGUSR1 to `thread` until `done`: kicks a vCPU out of a KVM_RUN
+/// that blocks in HLT (KVM_RUN returns EINTR).
+fn kicker(thread: libc::pthread_t, done: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    extern "C" fn noop(_: libc::c_int) {}
+    // SAFETY: installs a handler that does nothing, without SA_RESTART, so
+    // that a blocked KVM_RUN returns EINTR.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = noop as extern "C" fn(libc::c_int) as usize;
+        libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut());
+    }
+    std::thread::spawn(move || {
+        while !done.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(50));
+            // SAFETY: `thread` is the test's thread, alive until it sets `done`
+            // and joins this one.
+            unsafe { libc::pthread_kill(thread, libc::SIGUSR1) };
+        }
+    })
+}
+
+/// Runs until KVM_RUN returns EINTR (the kicker's signal); panics on any exit.
+fn run_until_kicked(vcpu: &mut VcpuFd) {
+    match vcpu.run() {
+        Err(e) if e.errno() == libc::EINTR => {}
+        other => panic!("a halted vCPU exited: {other:?}"),
+    }
+}
+
+#[test]
+fn a_vcpu_halted_at_the_snapshot_stays_halted_and_an_nmi_wakes_it() {
+    if !vm::vm_available([]) {
+        return;
+    }
+    let kvm = Kvm::new().unwrap();
+    let mut t = Table::default();
+    let mut a = machine(&kvm, Memory::anonymous(MEM_SIZE), None, &mut t);
+    boot(&a, COUNTING_THEN_HALT);
+    let mut nmi = Vec::new();
+    let first = run_reports(&mut a.vcpu, 1, &mut nmi);
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() };
+    let done = Arc::new(AtomicBool::new(false));
+    let kick = kicker(me, done.clone());
+    run_until_kicked(&mut a.vcpu);
+    let mp_a = a.vcpu.get_mp_state().unwrap().mp_state;
+    t.note("A: report, then mp_state after the kick", format!("{first:?}, {mp_a}"));
+
+    let saved = save(&kvm, &a, &mut t);
+    let (_file, mem) = memory_file(&saved);
+    let mut b = machine(&kvm, mem, saved.cpuid.as_ref(), &mut t);
+    restore(&b, &saved, &mut t);
+    run_until_kicked(&mut b.vcpu);
+    let mp_b = b.vcpu.get_mp_state().unwrap().mp_state;
+    t.note("B: still halted after the restore (mp_state)", mp_b.to_string());
+    done.store(true, Ordering::SeqCst);
+    kick.join().unwrap();
+
+    // Control: the same NMI into A, which was never restored.
+    t.rec("A: KVM_NMI", a.vcpu.nmi());
+    let mut a_nmi = Vec::new();
+    let a_after = try_reports(&mut a.vcpu, 1, &mut a_nmi);
+    t.note("A: after the NMI: NMI handler / next report", format!("{a_nmi:?} / {a_after:?}"));
+    t.rec("B: KVM_NMI", b.vcpu.nmi());
+    let b_after = try_reports(&mut b.vcpu, 1, &mut nmi);
+    t.note("B: after the NMI: NMI handler / next report", format!("{nmi:?} / {b_after:?}"));
+    t.print("snapshot probe: halted guest");
+
+    assert_eq!(first, [EVERY]);
+    assert_eq!(mp_a, KVM_MP_STATE_HALTED);
+    assert_eq!(mp_b, KVM_MP_STATE_HALTED);
+    assert_eq!(a_nmi, [EVERY]);
+    assert_eq!(a_after, Ok(vec![2 * EVERY]));
+    assert_eq!(nmi, [EVERY]);
+    assert_eq!(b_after, Ok(vec![2 * EVERY]));
+}
