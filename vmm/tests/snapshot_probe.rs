@@ -114,6 +114,19 @@ fn guest_tsc_after_host_write(kvm: &Kvm, value: u64, t: &mut Table) -> u64 {
     halves[0] | (halves[1] << 32)
 }
 
+/// MSRs that KVM_GET_MSR_INDEX_LIST may leave out but a snapshot needs.
+const UNLISTED_MSRS: [u32; 8] = [0x1b, 0x2ff, 0x200, 0x201, 0x250, 0x258, 0xc000_0103, 0x48];
+
+/// MSRs the probe sets in VM A before the snapshot (SYSENTER_EIP,
+/// KERNEL_GS_BASE, PAT, MTRRdefType, an MTRR base) to see them in VM B.
+const MARKED_MSRS: [(u32, u64); 5] = [
+    (0x176, 0x1234_5678),
+    (0xc000_0102, 0xffff_8880_dead_0000),
+    (0x277, 0x0007_0406_0007_0106),
+    (0x2ff, 0xc06),
+    (0x200, 0x8000_0006),
+];
+
 /// One line of the probe's table: what was tried and how it went.
 #[derive(Default)]
 struct Table(Vec<(String, String)>);
@@ -416,19 +429,21 @@ fn save(kvm: &Kvm, m: &Machine, t: &mut Table) -> Saved {
     if !unreadable.is_empty() {
         t.note("  unreadable MSRs", unreadable.join(" "));
     }
-    // MSRs outside the list that VMMs save too: APIC base, MTRRs, TSC_AUX, SPEC_CTRL.
+    // MSRs outside the list that VMMs save too (Firecracker adds the MTRRs
+    // by hand): APIC base, MTRRs, TSC_AUX, SPEC_CTRL. Saved when readable.
     let mut extra = Vec::new();
-    for index in [0x1b, 0x2ff, 0x200, 0x201, 0x250, 0x258, 0xc000_0103, 0x48] {
+    for index in UNLISTED_MSRS {
+        if indices.contains(&index) {
+            continue;
+        }
         let mut one = Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }]).unwrap();
         let got = v.get_msrs(&mut one);
-        let data = one.as_slice()[0].data;
-        let back = match got {
-            Ok(1) => format!("{:?}", v.set_msrs(&one)),
-            _ => "-".into(),
-        };
-        extra.push(format!("{index:#x}: get {got:?} ={data:#x} set-back {back}"));
+        if let Ok(1) = got {
+            readable.push(one.as_slice()[0]);
+        }
+        extra.push(format!("{index:#x} {got:?}"));
     }
-    t.note("  unlisted MSRs", extra.join("; "));
+    t.note("GET unlisted MSRs (read count each)", extra.join(", "));
     s.msrs = Some(Msrs::from_entries(&readable).unwrap());
     // Events last, as QEMU does: other GETs may change the pending state.
     s.vcpu_events = t.rec("GET vcpu_events", v.get_vcpu_events());
@@ -453,7 +468,8 @@ fn save(kvm: &Kvm, m: &Machine, t: &mut Table) -> Saved {
 /// Restores `s` into the fresh machine `m`, in Firecracker's order: vCPU
 /// (cpuid was set at creation), mp_state, regs, sregs, xsave, xcrs,
 /// debugregs, lapic, msrs, vcpu_events; then the VM: pit2, clock, irqchips.
-fn restore(m: &Machine, s: &Saved, t: &mut Table) {
+/// Returns how many MSRs KVM_SET_MSRS wrote.
+fn restore(m: &Machine, s: &Saved, t: &mut Table) -> usize {
     let v = &m.vcpu;
     t.rec("SET mp_state", v.set_mp_state(s.mp_state.unwrap()));
     t.rec("SET regs", v.set_regs(s.regs.as_ref().unwrap()));
@@ -474,6 +490,7 @@ fn restore(m: &Machine, s: &Saved, t: &mut Table) {
     let msrs = s.msrs.as_ref().unwrap();
     let written = v.set_msrs(msrs);
     t.note("SET msrs", format!("{written:?} of {}", msrs.as_slice().len()));
+    let written = written.unwrap_or(0);
     t.rec("SET vcpu_events", v.set_vcpu_events(s.vcpu_events.as_ref().unwrap()));
     if let Some(khz) = s.tsc_khz {
         t.rec("SET tsc_khz (same value)", v.set_tsc_khz(khz));
@@ -492,6 +509,7 @@ fn restore(m: &Machine, s: &Saved, t: &mut Table) {
         };
         t.rec(&format!("SET irqchip {name}"), m.vm.set_irqchip(chip));
     }
+    written
 }
 
 /// Writes the saved memory to a file and maps it privately for VM B.
@@ -524,6 +542,11 @@ fn kvm_state_saved_from_a_running_vm_restores_into_a_fresh_one_that_continues() 
         format!("{paused:?}; rip {rip_at_exit:#x} at the OUT exit -> {rip_paused:#x} after"),
     );
 
+    // Non-default values in a few MSRs, so that their restore shows.
+    let marked =
+        Msrs::from_entries(&MARKED_MSRS.map(|(index, data)| kvm_msr_entry { index, data, ..Default::default() }))
+            .unwrap();
+    assert_eq!(a.vcpu.set_msrs(&marked).unwrap(), MARKED_MSRS.len());
     let started = std::time::Instant::now();
     let saved = save(&kvm, &a, &mut t);
     t.note("save: all GETs + 2 MiB copy took", format!("{:?}", started.elapsed()));
@@ -534,7 +557,7 @@ fn kvm_state_saved_from_a_running_vm_restores_into_a_fresh_one_that_continues() 
     let (file, mem) = memory_file(&saved);
     let mut b = machine(&kvm, mem, saved.cpuid.as_ref(), &mut t);
     let started = std::time::Instant::now();
-    restore(&b, &saved, &mut t);
+    let msrs_written = restore(&b, &saved, &mut t);
     t.note("restore: all SETs took", format!("{:?}", started.elapsed()));
     let clock_b = b.vm.get_clock().unwrap().clock;
     t.note("B: KVM_GET_CLOCK after restore (ns)", format!("{clock_b} (saved {})", saved.clock.unwrap().clock));
@@ -554,6 +577,11 @@ fn kvm_state_saved_from_a_running_vm_restores_into_a_fresh_one_that_continues() 
     t.note("B: SET clock flags 0, then GET (ns)", format!("{r:?}"));
     let r = b.vm.set_clock(&clock).map(|()| b.vm.get_clock().unwrap().clock);
     t.note("B: SET clock flags as read, then GET (ns)", format!("{r:?}"));
+    let mut in_b =
+        Msrs::from_entries(&MARKED_MSRS.map(|(index, _)| kvm_msr_entry { index, ..Default::default() })).unwrap();
+    b.vcpu.get_msrs(&mut in_b).unwrap();
+    let in_b: Vec<(u32, u64)> = in_b.as_slice().iter().map(|e| (e.index, e.data)).collect();
+    t.note("B: marked MSRs after restore", format!("{in_b:x?}"));
     let b_reports = run_reports(&mut b.vcpu, 3, &mut nmi);
     let ebx_b = b.vcpu.get_regs().unwrap().rbx;
     t.note("B: reports after the restore", format!("{b_reports:?}, ebx {ebx_b}"));
@@ -592,6 +620,8 @@ fn kvm_state_saved_from_a_running_vm_restores_into_a_fresh_one_that_continues() 
         assert!(t.ok(step), "{step} failed");
     }
     assert!(t.ok("SET clock (flags as read)") || t.ok("SET clock (flags 0)"));
+    assert_eq!(msrs_written, saved.msrs.as_ref().unwrap().as_slice().len());
+    assert_eq!(in_b, MARKED_MSRS);
     assert_eq!(paused, Ok(()));
     // B continues from A's count, not from 0, and its registers came along.
     let next = stopped_at + EVERY;
@@ -655,7 +685,7 @@ fn a_vcpu_halted_at_the_snapshot_stays_halted_and_an_nmi_wakes_it() {
     let saved = save(&kvm, &a, &mut t);
     let (_file, mem) = memory_file(&saved);
     let mut b = machine(&kvm, mem, saved.cpuid.as_ref(), &mut t);
-    restore(&b, &saved, &mut t);
+    let msrs_written = restore(&b, &saved, &mut t);
     run_until_kicked(&mut b.vcpu);
     let mp_b = b.vcpu.get_mp_state().unwrap().mp_state;
     t.note("B: still halted after the restore (mp_state)", mp_b.to_string());
@@ -675,6 +705,7 @@ fn a_vcpu_halted_at_the_snapshot_stays_halted_and_an_nmi_wakes_it() {
     assert_eq!(first, [EVERY]);
     assert_eq!(mp_a, KVM_MP_STATE_HALTED);
     assert_eq!(mp_b, KVM_MP_STATE_HALTED);
+    assert_eq!(msrs_written, saved.msrs.as_ref().unwrap().as_slice().len());
     assert_eq!(a_nmi, [EVERY]);
     assert_eq!(a_after, Ok(vec![2 * EVERY]));
     assert_eq!(nmi, [EVERY]);
