@@ -3,8 +3,9 @@
 //! (vCPU and VM level) plus guest memory, restores it into a fresh VM B whose
 //! memory is a private copy-on-write mapping of the saved memory file, and
 //! checks that B goes on counting where A stopped while A, resumed, diverges
-//! on its own. Prints a table of what each ioctl did; docs/snapshots-probe.md
-//! records the findings. Needs /dev/kvm; skips without it, or fails with
+//! on its own. Two more tests restore a vCPU halted at the snapshot (an NMI
+//! wakes it) and a guest taking PIT interrupts (they keep coming). Prints a
+//! table of what each ioctl did; docs/snapshots-probe.md records the findings. Needs /dev/kvm; skips without it, or fails with
 //! `SANDBOX_REQUIRE_VM=1` (./test.sh).
 #![allow(clippy::unwrap_used)]
 
