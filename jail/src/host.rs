@@ -11,6 +11,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::cgroup::{self, Cgroup, Layout, Limits};
+use crate::privileges::status_field;
 use crate::Error;
 
 /// The outcome of one check: `Ok(what was found)` or `Err(what is missing, and what to do)`.
@@ -150,8 +151,7 @@ fn probe_cgroups() -> Check {
 
 /// The effective capability set from `/proc/self/status`.
 fn effective_caps(status: &str) -> Option<u64> {
-    let hex = status.lines().find_map(|line| line.strip_prefix("CapEff:"))?;
-    u64::from_str_radix(hex.trim(), 16).ok()
+    u64::from_str_radix(status_field(status, "CapEff")?, 16).ok()
 }
 
 fn probe_namespaces(status: &str) -> Check {
@@ -176,8 +176,7 @@ fn probe_namespaces(status: &str) -> Check {
 }
 
 fn probe_seccomp(status: &str) -> Check {
-    let mode = status.lines().find_map(|line| line.strip_prefix("Seccomp:")).map(str::trim);
-    let Some(mode) = mode else {
+    let Some(mode) = status_field(status, "Seccomp") else {
         return Err("the kernel has no seccomp (no Seccomp line in /proc/self/status): rebuild it with \
                     CONFIG_SECCOMP and CONFIG_SECCOMP_FILTER"
             .to_string());

@@ -169,33 +169,26 @@ fn verify(uid: Uid, gid: Gid, last: u32) -> Result<(), Error> {
     Ok(())
 }
 
+/// The value of `key` in a `/proc/<pid>/status` text, trimmed.
+pub(crate) fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
+    status.lines().find_map(|line| line.strip_prefix(key)?.strip_prefix(':')).map(str::trim)
+}
+
 /// Checks the capability lines of a `/proc/<pid>/status` text are all zero
 /// and `NoNewPrivs` is 1; returns what is not.
 fn check_status(status: &str) -> Result<(), String> {
-    let mut seen = 0;
-    for line in status.lines() {
-        let Some((key, value)) = line.split_once(':') else { continue };
-        let value = value.trim();
-        match key {
-            "CapInh" | "CapPrm" | "CapEff" | "CapBnd" | "CapAmb" => {
-                seen += 1;
-                if value.chars().any(|c| c != '0') {
-                    return Err(format!("/proc/self/status has {key}: {value}"));
-                }
-            }
-            "NoNewPrivs" => {
-                seen += 1;
-                if value != "1" {
-                    return Err(format!("/proc/self/status has NoNewPrivs: {value}"));
-                }
-            }
-            _ => {}
+    let field =
+        |key| status_field(status, key).ok_or_else(|| "/proc/self/status lacks some capability lines".to_string());
+    for key in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        let value = field(key)?;
+        if value.chars().any(|c| c != '0') {
+            return Err(format!("/proc/self/status has {key}: {value}"));
         }
     }
-    if seen != 6 {
-        return Err("/proc/self/status lacks some capability lines".into());
+    match field("NoNewPrivs")? {
+        "1" => Ok(()),
+        value => Err(format!("/proc/self/status has NoNewPrivs: {value}")),
     }
-    Ok(())
 }
 
 /// Closes every file descriptor of the process except 0, 1, 2 and `keep`, so
