@@ -125,7 +125,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn item2a_console_buffer_is_bounded() {
+    fn console_buffer_is_bounded() {
         let state = Arc::new(Mutex::new(ConsoleState::default()));
         let mut sink = ConsoleSink::new(Instant::now(), Arc::clone(&state), None, None);
         sink.write_all(b"kernel says hi\n").unwrap();

@@ -360,7 +360,7 @@ decision = "ask"
     }
 
     #[test]
-    fn item6_prompt_cannot_be_spoofed_by_guest_output() {
+    fn prompt_cannot_be_spoofed_by_guest_output() {
         let gate = Arc::new(OutputGate::default());
         let screen = Screen::default();
         let (asker, mut keyboard) = asker(&gate, &screen);
@@ -433,7 +433,7 @@ decision = "ask"
     }
 
     #[test]
-    fn item6_timed_out_prompt_stops_reading_the_terminal() {
+    fn timed_out_prompt_stops_reading_the_terminal() {
         let gate = Arc::new(OutputGate::default());
         let screen = Screen::default();
         let (asker, mut keyboard) = asker(&gate, &screen);

@@ -227,7 +227,7 @@ mod tests {
     }
 
     #[test]
-    fn item7_nat64_local_use_and_test_nets_are_refused() {
+    fn nat64_local_use_and_test_nets_are_refused() {
         let guard = AddressGuard::new(Vec::new());
         let cases = [
             ("64:ff9b:1::8.8.8.8", Refusal::Private),

@@ -102,7 +102,7 @@ async fn stall(h: &Harness, upstream: std::net::SocketAddr) -> (u64, u64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item2d_h2_guest_that_stops_reading_holds_bounded_memory() {
+async fn h2_guest_that_stops_reading_holds_bounded_memory() {
     // The test's own upstreams listen on ports of their own.
     let any_port = "[security.rules.http.a_any_port]\non = \"http.request\"\nif = 'http.request.host == \"a.test\" && http.request.port >= 1024'\ndecision = \"allow\"\n";
     let h =

@@ -61,7 +61,7 @@ fn rss() -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item2c_dns_bytes_held_per_connection_and_sandbox_are_bounded() {
+async fn dns_bytes_held_per_connection_and_sandbox_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
     // The upstream resolver is never asked (every query waits on its ask);
     // it is a local socket nonetheless.

@@ -392,7 +392,7 @@ async fn rewrites_apply_before_forwarding_and_secrets_are_never_logged() {
 }
 
 #[tokio::test]
-async fn item3_secret_reflected_by_upstream_is_redacted() {
+async fn secret_reflected_by_upstream_is_redacted() {
     let h = Harness::start().await;
     // Buffered body, over HTTP/1.1.
     let mut sender = h.guest.http1("a.test", h.upstream_addr()).await.unwrap();
@@ -457,7 +457,7 @@ async fn concurrent_gets(h: &Harness, path: &str, count: usize) -> Vec<StatusCod
 }
 
 #[tokio::test]
-async fn item2e_upstream_connections_are_capped_per_sandbox() {
+async fn upstream_connections_are_capped_per_sandbox() {
     let h = Harness::start_with(|config| {
         config.allowed_networks = vec!["127.0.0.1/32".parse().unwrap()];
         config.max_upstream_connections = 4;
@@ -494,7 +494,7 @@ async fn item2e_upstream_connections_are_capped_per_sandbox() {
 }
 
 #[tokio::test]
-async fn item7_connection_header_cannot_remove_rule_headers() {
+async fn connection_header_cannot_remove_rule_headers() {
     let h = Harness::start().await;
     let mut sender = h.guest.http1("a.test", h.upstream_addr()).await.unwrap();
     let request = Request::get("/headers")
@@ -512,7 +512,7 @@ async fn item7_connection_header_cannot_remove_rule_headers() {
 }
 
 #[tokio::test]
-async fn item7_encoded_path_cannot_bypass_prefix_rule() {
+async fn encoded_path_cannot_bypass_prefix_rule() {
     let h = Harness::start().await;
     let mut sender = h.guest.http1("a.test", h.upstream_addr()).await.unwrap();
     let paths = ["/admin", "/%61dmin", "//admin", "/x/../admin/users", "/%2e/admin"];

@@ -69,7 +69,7 @@ async fn ask(stream: &mut tokio::net::UnixStream, id: u16, name: &str) -> Respon
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item1_log_rows_never_dropped_under_dns_flood() {
+async fn log_rows_never_dropped_under_dns_flood() {
     let h = start().await;
     let stall = stall_writer(&h);
     let mut flood = tokio::task::JoinSet::new();
@@ -130,7 +130,7 @@ async fn item1_log_rows_never_dropped_under_dns_flood() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item1_log_rows_never_dropped_under_https_flood() {
+async fn log_rows_never_dropped_under_https_flood() {
     let h = start().await;
     // Connections are set up before the writer stalls (their handshakes are not the point).
     let mut senders = Vec::new();

@@ -107,7 +107,7 @@ async fn futures_join(policy: &Policy, event: &Event, count: usize) -> Vec<Decis
 }
 
 #[tokio::test(start_paused = true)]
-async fn item6_remembered_answers_cover_only_what_was_shown() {
+async fn remembered_answers_cover_only_what_was_shown() {
     let asker = Scripted::new(Some(true), Duration::from_millis(10));
     let policy = Policy::with_asker(engine(), asker.clone(), TIMEOUT);
     let event = |json: &str| Event::from_json(json).unwrap();
@@ -134,7 +134,7 @@ async fn item6_remembered_answers_cover_only_what_was_shown() {
 }
 
 #[test]
-fn item6_questions_state_method_host_port_and_path_and_escape_guest_text() {
+fn questions_state_method_host_port_and_path_and_escape_guest_text() {
     let request = Event::from_json(
         r#"{"event": "http.request", "host": "a.example", "method": "PUT", "path": "/up", "query": "k=v", "port": 8443}"#,
     )

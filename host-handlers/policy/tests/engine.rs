@@ -421,7 +421,7 @@ fn rewrites_apply_to_allowed_traffic_lowest_number_first_per_header() {
 }
 
 #[test]
-fn item7_encoded_path_cannot_bypass_prefix_rule() {
+fn encoded_path_cannot_bypass_prefix_rule() {
     let engine = engine(
         r#"
 [security.rules.http.no_admin]

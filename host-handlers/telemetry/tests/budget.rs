@@ -64,7 +64,7 @@ fn file_size(path: &Path) -> u64 {
 const BUDGET: u64 = 2 * 1024 * 1024;
 
 #[tokio::test]
-async fn item5_session_db_stays_within_its_budget_and_summarises() {
+async fn session_db_stays_within_its_budget_and_summarises() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("session.db");
     let config = TelemetryConfig { max_db_bytes: BUDGET, ..TelemetryConfig::default() };
@@ -144,7 +144,7 @@ async fn item5_session_db_stays_within_its_budget_and_summarises() {
 }
 
 #[tokio::test]
-async fn item5_blocked_requests_store_far_less_than_allowed_ones() {
+async fn blocked_requests_store_far_less_than_allowed_ones() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("session.db");
     let db = SessionDb::open(&path).unwrap();

@@ -364,7 +364,7 @@ async fn a_full_channel_refuses_rows_instead_of_dropping_them() {
 }
 
 #[tokio::test]
-async fn item1_reserved_slots_are_never_lost_and_the_overflow_is_refused() {
+async fn reserved_slots_are_never_lost_and_the_overflow_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("session.db");
     let config = TelemetryConfig {

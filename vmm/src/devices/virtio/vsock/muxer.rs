@@ -816,7 +816,7 @@ mod tests {
     }
 
     #[test]
-    fn item7_host_connections_have_reserved_slots() {
+    fn host_connections_have_reserved_slots() {
         let dir = tempfile::tempdir().unwrap();
         let (mut m, path) =
             setup(dir.path(), Limits { max_connections: 4, reserved_host_connections: 1, ..Limits::default() });

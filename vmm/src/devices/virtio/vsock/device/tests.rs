@@ -762,7 +762,7 @@ fn a_broken_avail_index_stops_the_device_until_reset() {
 }
 
 #[test]
-fn item7_a_guest_holding_every_connection_does_not_lock_out_connect_5000() {
+fn a_guest_holding_every_connection_does_not_lock_out_connect_5000() {
     let mut g = Guest::new();
     let listener = UnixListener::bind(g.port_path(5002)).unwrap();
     let limits = Limits::default();
