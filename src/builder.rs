@@ -1,6 +1,7 @@
 //! Configure a sandbox's VM (image, resources, policy, network, data
 //! directory) and start it; or boot one, run one command, power it off.
 
+use std::ffi::OsString;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,10 +9,11 @@ use std::time::Duration;
 use net::NetConfig;
 use policy::{Engine, Layer, Policy, ProfileSource};
 
-use crate::command::{Command, Status};
+use crate::command::{Command, OutputSink, Status, StdinSource};
+use crate::holder::{CommandSpec, HolderProgram, HolderSpec};
 use crate::image::BootImage;
-use crate::instance::{Instance, InstanceConfig};
-use crate::{paths, Error, Image, MEMORY_MIB_RANGE, VCPUS_RANGE};
+use crate::instance::{new_id, Instance, InstanceConfig};
+use crate::{paths, Error, Image, Jail, Sandbox, MEMORY_MIB_RANGE, VCPUS_RANGE};
 
 /// What [`SandboxBuilder::run`] produced.
 #[derive(Debug, Clone)]
@@ -40,9 +42,10 @@ pub struct RunOutput {
     pub total_time: Duration,
 }
 
-/// Configures a sandbox's VM: [`Self::start`] boots it and returns it
-/// running; [`Self::run`] boots it for one command. What runs in it, and
-/// how, is a [`Command`].
+/// Configures a sandbox's VM: [`Self::spawn`] boots it in a confined
+/// process of its own and returns it running; [`Self::start`] boots it in
+/// this process; [`Self::run`] boots it here for one command. What runs in
+/// it, and how, is a [`Command`].
 pub struct SandboxBuilder {
     image: Image,
     memory_mib: u32,
@@ -56,7 +59,11 @@ pub struct SandboxBuilder {
     label: Vec<String>,
     detached: bool,
     disk_mib: Option<u32>,
-    jail: Option<crate::Jail>,
+    jail: Option<Jail>,
+    unconfined: bool,
+    holder: Option<HolderProgram>,
+    timeout: Option<Duration>,
+    id: Option<String>,
     boot: Option<BootImage>,
 }
 
@@ -88,6 +95,10 @@ impl SandboxBuilder {
             detached: false,
             disk_mib: None,
             jail: None,
+            unconfined: false,
+            holder: None,
+            timeout: None,
+            id: None,
             boot: None,
         }
     }
@@ -153,26 +164,62 @@ impl SandboxBuilder {
         self.label = argv.into_iter().map(Into::into).collect();
         self
     }
-    /// This process exists only to hold the sandbox (as the background
-    /// process of `sandbox run -d` does): [`crate::Sandbox::stop`] from
-    /// another process may kill it when the guest does not power off.
-    /// Never set this in an application that does other work.
-    pub fn detached(mut self, detached: bool) -> Self {
+    /// This process exists only to hold the sandbox (a holder):
+    /// [`crate::Sandbox::stop`] from another process may kill it when the
+    /// guest does not power off.
+    pub(crate) fn detached(mut self, detached: bool) -> Self {
         self.detached = detached;
         self
     }
 
-    /// Confine the process that holds the sandbox: its own uid, namespaces,
-    /// file system, cgroup limits, no capabilities, seccomp filters (see
-    /// [`crate::Jail`] and the README's threat model). Needs root.
+    /// Start the sandbox under this id (a holder's, chosen by [`Self::spawn`]).
+    pub(crate) fn with_id(mut self, id: String) -> Self {
+        self.id = Some(id);
+        self
+    }
+
+    /// How the process that holds the sandbox confines itself (see
+    /// [`Jail`] and the README's threat model); needs root.
     ///
-    /// Only for a process that exists to hold this one sandbox, such as the
-    /// `sandbox` CLI: [`Self::start`] must be called while the process has a
-    /// single thread; it forks, and returns only in the confined child. The
+    /// With [`Self::spawn`] this sets the holder's limits (without it, the
+    /// holder gets [`Jail::default`]).
+    ///
+    /// With [`Self::start`] it confines *this* process, which must exist to
+    /// hold this one sandbox (as the `sandbox` CLI's `run` does):
+    /// [`Self::start`] must be called while the process has a single
+    /// thread; it forks, and returns only in the confined child. The
     /// calling process waits for that child and exits as it does. An
-    /// application that does other work must not use this.
-    pub fn jail(mut self, jail: crate::Jail) -> Self {
+    /// application that does other work uses [`Self::spawn`] instead.
+    pub fn jail(mut self, jail: Jail) -> Self {
         self.jail = Some(jail);
+        self
+    }
+
+    /// With [`Self::spawn`]: do not confine the holder; it runs with the
+    /// caller's privileges. UNSAFE: a guest that finds a bug in the VMM or
+    /// a network handler then owns the host. For debugging, or a host
+    /// where confinement cannot work (`sandbox doctor` says why).
+    pub fn unconfined(mut self) -> Self {
+        self.unconfined = true;
+        self
+    }
+
+    /// With [`Self::spawn`]: the program that holds the sandbox, and the
+    /// arguments it needs (the `sandbox` CLI passes itself and `holder`).
+    /// Default: `$SANDBOX_HOLDER`, else `sandbox-holder` beside the running
+    /// program, else on `PATH`.
+    pub fn holder_program<S: Into<OsString>>(
+        mut self,
+        program: impl Into<PathBuf>,
+        args: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.holder = Some(HolderProgram { program: program.into(), args: args.into_iter().map(Into::into).collect() });
+        self
+    }
+
+    /// With [`Self::spawn`]: stop the sandbox this long after it is ready.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
         self
     }
 
@@ -252,7 +299,81 @@ impl SandboxBuilder {
             net: self.net,
             console: self.console,
             jail: self.jail,
+            id: self.id,
         })
+    }
+
+    /// Boot the sandbox in a holder process of its own and return it once
+    /// its agent answers. The holder is confined (its own uid, namespaces
+    /// and file system, cgroup limits, no capabilities, seccomp filters;
+    /// see [`Self::jail`]) unless [`Self::unconfined`], so this needs root.
+    /// It runs until [`Sandbox::stop`], the guest powers off, or
+    /// [`Self::timeout`] passes, whatever becomes of this process; its log
+    /// is the sandbox's `sandbox.log`.
+    ///
+    /// The policy must come from profiles ([`Self::profile`],
+    /// [`Self::profile_at`]): a [`Policy`] object (with an `ask` callback)
+    /// cannot cross to another process, nor can a [`Self::console`] sink.
+    pub fn spawn(self) -> Result<Sandbox, Error> {
+        self.spawn_holder(None)
+    }
+
+    /// [`Self::spawn`], and the holder runs `command` once the sandbox is
+    /// ready, its output in the sandbox's `output.log`; the sandbox stops
+    /// when the command ends. The command's arguments, environment,
+    /// directory, user and [`Command::image_entrypoint`] apply; its streams
+    /// and terminal cannot be set.
+    pub fn spawn_running(self, command: Command) -> Result<Sandbox, Error> {
+        let streams_set = !matches!(command.stdin, StdinSource::Null)
+            || !matches!(command.stdout, OutputSink::Piped)
+            || !matches!(command.stderr, OutputSink::Piped)
+            || command.tty.is_some()
+            || command.terminal;
+        if streams_set {
+            return Err(Error::Config(
+                "a spawned sandbox's command writes to its output.log: its streams and terminal cannot be set".into(),
+            ));
+        }
+        command.check()?;
+        self.spawn_holder(Some(CommandSpec::of(&command)))
+    }
+
+    fn spawn_holder(mut self, command: Option<CommandSpec>) -> Result<Sandbox, Error> {
+        self.check()?;
+        if self.policy.is_some() {
+            return Err(Error::Config(
+                "a spawned sandbox takes its policy from profiles (profile, profile_at), not a Policy object".into(),
+            ));
+        }
+        if self.console.is_some() {
+            return Err(Error::Config("a spawned sandbox cannot stream its console to this process".into()));
+        }
+        // Check the profiles, and pull and check the image, here, where
+        // errors reach the caller.
+        if !self.profiles.is_empty() {
+            Engine::load_layers(&self.profiles)?;
+        }
+        self.boot_image()?;
+        let program = match self.holder.take() {
+            Some(program) => program,
+            None => HolderProgram::find()?,
+        };
+        let spec = HolderSpec {
+            id: new_id()?,
+            data_dir: self.data_dir.unwrap_or_else(paths::data_dir),
+            image: self.image,
+            kernel: self.kernel,
+            memory_mib: self.memory_mib,
+            vcpus: self.vcpus,
+            disk_mib: self.disk_mib,
+            profiles: self.profiles,
+            net: self.net,
+            jail: if self.unconfined { None } else { Some(self.jail.unwrap_or_default()) },
+            label: self.label,
+            command,
+            timeout: self.timeout,
+        };
+        crate::holder::spawn(&program, &spec)
     }
 
     /// Boot the sandbox, run `command` in it to its end, power it off.

@@ -45,10 +45,11 @@ const UID_LOCK_DIR: &str = "/run/sandbox/uids";
 
 /// How the process holding a sandbox confines itself. [`Jail::default`]
 /// is what `sandbox run` uses.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct Jail {
     /// The uids (and equal gids) given to sandboxes, one each.
+    #[serde(with = "uid_range")]
     pub uids: UidRange,
     /// Host memory the holder may use beyond the guest's RAM: the VMM,
     /// the handlers' buffers and connections, the session database writer.
@@ -75,6 +76,21 @@ impl Default for Jail {
             open_files: 4096,
             hostname: "sandbox-holder".into(),
         }
+    }
+}
+
+/// A [`UidRange`] as `[first, count]`, checked when read.
+mod uid_range {
+    use jail::uids::UidRange;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(range: &UidRange, s: S) -> Result<S::Ok, S::Error> {
+        [range.first(), range.count()].serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<UidRange, D::Error> {
+        let [first, count] = <[u32; 2]>::deserialize(d)?;
+        UidRange::new(first, count).map_err(serde::de::Error::custom)
     }
 }
 

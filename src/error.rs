@@ -39,6 +39,8 @@ pub enum Error {
     Image(#[from] rootfs::Error),
     #[error("confining the sandbox's process: {0} (sandbox doctor says what this host supports; --no-jail runs unconfined, which is unsafe)")]
     Jail(#[from] jail::Error),
+    #[error("the sandbox's holder process failed: {0}")]
+    Holder(String),
     #[error(
         "the guest stopped without reporting an exit status (kernel panic or init failure); last console lines:\n{0}"
     )]

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use crate::{paths, Error};
 
 /// A guest root image.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Image {
     /// The built-in image (busybox and the sandbox's own guest programs).
     Default,

@@ -33,6 +33,8 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What an [`Instance`] is built from.
 pub(crate) struct InstanceConfig {
+    /// The sandbox's id, when the caller chose it (else a fresh one).
+    pub id: Option<String>,
     /// The image as the user named it, and the command (for `sandbox ps`).
     pub image_name: String,
     pub label: Vec<String>,
@@ -85,7 +87,7 @@ impl std::ops::Deref for Instance {
 }
 
 /// A fresh random sandbox id (12 hex digits).
-fn new_id() -> Result<String, Error> {
+pub(crate) fn new_id() -> Result<String, Error> {
     let mut bytes = [0u8; 6];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
@@ -94,7 +96,7 @@ fn new_id() -> Result<String, Error> {
 }
 
 /// Create `dir` with mode 0700 (and its parents).
-fn private_dir(dir: &Path) -> Result<(), Error> {
+pub(crate) fn private_dir(dir: &Path) -> Result<(), Error> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -132,7 +134,10 @@ impl Filters {
 impl Instance {
     /// Boot a sandbox and wait until its agent answers.
     pub(crate) fn start(mut config: InstanceConfig) -> Result<Instance, Error> {
-        let id = new_id()?;
+        let id = match config.id.take() {
+            Some(id) => id,
+            None => new_id()?,
+        };
         let dir = SandboxDir::new(paths::sandboxes_in(&config.data_dir).join(&id));
         private_dir(dir.path())?;
         let mut state = SandboxState::new(&id, &config.image_name, &config.label, config.memory_mib, config.vcpus);

@@ -37,6 +37,7 @@ mod confine;
 mod console;
 mod error;
 mod events;
+pub mod holder;
 mod image;
 mod instance;
 pub mod paths;

@@ -4,7 +4,6 @@
 mod ask;
 mod commands;
 mod exit;
-mod holder;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -48,7 +47,7 @@ mod tests {
         Cli::command().debug_assert();
         let detached = Cli::try_parse_from(["sandbox", "run", "-d", "default"]).unwrap();
         assert!(!detached.command.is_holder());
-        let holder = Cli::try_parse_from(["sandbox", "run", "--holder", "-d", "default"]).unwrap();
+        let holder = Cli::try_parse_from(["sandbox", "holder"]).unwrap();
         assert!(holder.command.is_holder());
         assert!(Cli::try_parse_from(["sandbox", "run", "-d", "-t", "default"]).is_err());
     }

@@ -49,12 +49,15 @@ pub enum Command {
     Doctor(doctor::DoctorArgs),
     /// Boot a canary sandbox and prove from outside that nothing gets out of it.
     VerifyIsolation(verify_isolation::VerifyArgs),
+    /// Hold one sandbox whose spec arrives on standard input (started by `run -d`).
+    #[command(hide = true)]
+    Holder,
 }
 
 impl Command {
     /// Is this the process that holds a `run -d` sandbox?
     pub fn is_holder(&self) -> bool {
-        matches!(self, Command::Run(args) if args.holder)
+        matches!(self, Command::Holder)
     }
 }
 
@@ -73,6 +76,7 @@ pub fn run(command: Command) -> Outcome {
         Command::Images(cmd) => images::images(cmd),
         Command::Doctor(args) => doctor::doctor(args),
         Command::VerifyIsolation(args) => verify_isolation::verify_isolation(args),
+        Command::Holder => Ok(sandbox::holder::main()),
     }
 }
 

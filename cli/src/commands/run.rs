@@ -1,5 +1,6 @@
-//! `sandbox run`: boot a sandbox, run a command in it, exit with its status
-//! (with `-d`, see [`crate::holder`]).
+//! `sandbox run`: boot a sandbox, run a command in it, exit with its status.
+//! With `-d`, the sandbox runs in a holder process of its own (this program,
+//! as `sandbox holder`; see `sandbox::holder`) and its id is printed.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -7,6 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Args;
 use sandbox::policy::{Engine, Layer, Policy, ProfileSource};
 use sandbox::{Command, Image, Jail, NetConfig, Sandbox, SandboxBuilder, Status};
@@ -34,11 +36,8 @@ pub struct RunArgs {
     /// Leave the sandbox running in the background and print its id; the
     /// command, if given, runs with its output in the sandbox's output.log,
     /// and the sandbox stops when it ends.
-    #[arg(short = 'd', long, conflicts_with_all = ["interactive", "tty"])]
+    #[arg(short = 'd', long, conflicts_with_all = ["interactive", "tty", "console"])]
     detach: bool,
-    /// Marks the process that holds a `run -d` sandbox (started by `run -d` itself).
-    #[arg(long = "holder", hide = true)]
-    pub holder: bool,
     /// Policy profile: a TOML file or a built-in name (`deny-all`, `dev`); repeatable.
     #[arg(long, value_name = "PROFILE")]
     profile: Vec<String>,
@@ -82,12 +81,19 @@ pub struct RunArgs {
     cmd: Vec<String>,
 }
 
-/// The policy for `run`: the profiles in their layers (default `deny-all`),
-/// asking on the terminal when there is one (no answer in time: block).
-fn load_policy(args: &RunArgs) -> Result<Policy, sandbox::policy::ProfileError> {
+/// The profiles in their layers.
+fn layers(args: &RunArgs) -> Vec<(Layer, ProfileSource)> {
     let mut layers: Vec<(Layer, ProfileSource)> =
         args.corporate_profile.iter().map(|f| (Layer::Corporate, ProfileSource::File(f.clone()))).collect();
     layers.extend(args.profile.iter().map(|p| (Layer::User, ProfileSource::from_arg(p))));
+    layers
+}
+
+/// The policy for a foreground `run`: the profiles in their layers (default
+/// `deny-all`), asking on the terminal when there is one (no answer in
+/// time: block).
+fn load_policy(args: &RunArgs) -> Result<Policy, sandbox::policy::ProfileError> {
+    let layers = layers(args);
     let engine = if layers.is_empty() { Engine::builtin("deny-all")? } else { Engine::load_layers(&layers)? };
     Ok(if std::fs::File::open("/dev/tty").is_ok() {
         Policy::with_asker(engine, Arc::new(TerminalAsker::tty()), sandbox::policy::DEFAULT_ASK_TIMEOUT)
@@ -118,30 +124,20 @@ fn net_config(args: &RunArgs) -> Result<NetConfig, Failure> {
     Ok(net)
 }
 
-/// The sandbox and the command `args` describe.
+/// The sandbox and the command `args` describe (without its policy and confinement).
 fn prepare(args: &RunArgs) -> Result<(SandboxBuilder, Command), Failure> {
-    let policy = load_policy(args).or_sandbox_failure()?;
     let net = net_config(args)?;
     let image = Image::parse(&args.image);
     if args.cmd.is_empty() && !args.detach && !matches!(image, Image::Oci(_)) {
         return Err(Failure::Usage("this image needs a command: sandbox run [OPTIONS] <IMAGE> -- <CMD>...".into()));
     }
     super::images::prepare(&image).or_sandbox_failure()?;
-    let mut builder = Sandbox::builder(image).memory_mib(args.memory).vcpus(args.cpus).net_config(net).policy(policy);
+    let mut builder = Sandbox::builder(image).memory_mib(args.memory).vcpus(args.cpus).net_config(net);
     if let Some(disk) = args.disk {
         builder = builder.disk_mib(disk);
     }
     if args.no_jail {
-        // The background process of `run -d` gets the same flag: say it once.
-        if !args.holder {
-            eprintln!("sandbox: --no-jail: the sandbox's process is not confined (unsafe; for debugging only)");
-        }
-    } else {
-        builder = builder.jail(jail(args));
-    }
-    if args.console {
-        // The console is guest output too: it waits while a question is asked.
-        builder = builder.console(GatedWriter::new(std::io::stderr(), OutputGate::terminal()));
+        eprintln!("sandbox: --no-jail: the sandbox's process is not confined (unsafe; for debugging only)");
     }
     Ok((builder, args.process.settings(Command::from_argv(args.cmd.clone()).image_entrypoint())))
 }
@@ -156,13 +152,18 @@ fn jail(args: &RunArgs) -> Jail {
 }
 
 pub fn run(args: RunArgs) -> Outcome {
-    if args.detach && !args.holder {
-        return crate::holder::start();
-    }
-    let (builder, mut command) = prepare(&args)?;
+    let (mut builder, mut command) = prepare(&args)?;
     let timeout = args.timeout.map(Duration::from_secs);
-    if args.holder {
-        return crate::holder::serve(builder.detached(true).label(args.cmd.clone()), command, timeout);
+    if args.detach {
+        return detach(&args, builder, command, timeout);
+    }
+    builder = builder.policy(load_policy(&args).or_sandbox_failure()?);
+    if !args.no_jail {
+        builder = builder.jail(jail(&args));
+    }
+    if args.console {
+        // The console is guest output too: it waits while a question is asked.
+        builder = builder.console(GatedWriter::new(std::io::stderr(), OutputGate::terminal()));
     }
     // Guest output waits while an `ask` question is on the terminal.
     let gate = OutputGate::terminal();
@@ -189,4 +190,22 @@ pub fn run(args: RunArgs) -> Outcome {
             Ok(ExitCode::from(TIMEOUT))
         }
     }
+}
+
+/// `run -d`: start a holder process (this program, `sandbox holder`) that
+/// boots the sandbox and runs the command with its output in the sandbox's
+/// output.log; print the sandbox's id once it is ready.
+fn detach(args: &RunArgs, mut builder: SandboxBuilder, command: Command, timeout: Option<Duration>) -> Outcome {
+    let exe = std::env::current_exe().context("find the sandbox executable").or_sandbox_failure()?;
+    builder = builder.holder_program(exe, ["holder"]).label(args.cmd.clone());
+    for (layer, source) in layers(args) {
+        builder = builder.profile_at(layer, source);
+    }
+    builder = if args.no_jail { builder.unconfined() } else { builder.jail(jail(args)) };
+    if let Some(timeout) = timeout {
+        builder = builder.timeout(timeout);
+    }
+    let sandbox = builder.spawn_running(command).or_sandbox_failure()?;
+    println!("{}", sandbox.id());
+    Ok(ExitCode::SUCCESS)
 }

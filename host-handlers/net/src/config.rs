@@ -11,7 +11,7 @@ use crate::proxy::UpstreamProxy;
 
 /// How the DNS and MITM handlers of one sandbox reach upstream. Start from
 /// `NetConfig::default()` and set the fields you need (more may come).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct NetConfig {
     /// Upstream DNS servers (UDP with TCP fallback). Empty: the host's `/etc/resolv.conf`.

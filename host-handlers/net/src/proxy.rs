@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 const MAX_HEAD: usize = 16 * 1024;
 
 /// An HTTP proxy that upstream connections go through.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UpstreamProxy {
     /// `host:port` of the proxy.
     pub address: String,

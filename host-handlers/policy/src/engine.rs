@@ -87,7 +87,7 @@ impl fmt::Display for RuleDecision {
 
 /// The layer a profile is loaded into. Later layers are loaded after
 /// earlier ones, so locks in earlier layers bind them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Layer {
     /// The built-in default profile.
     Builtin,
@@ -111,7 +111,7 @@ impl fmt::Display for Layer {
 }
 
 /// Where a profile comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ProfileSource {
     /// A TOML file.
     File(PathBuf),

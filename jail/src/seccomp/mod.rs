@@ -53,12 +53,15 @@
 //!
 //! # Where the calls go
 //!
-//! Only a process that exists to hold a sandbox installs filters (the CLI's
-//! `run --holder`), never a program that embeds the library:
-//! - [`install_violation_reporter`] and `install(Holder)`: cli/src/holder.rs,
-//!   `serve`, once the jail is set up and the image resolved (pulling an
-//!   image resolves names through NSS, which maps libraries executable),
-//!   before `Signals::new` and `builder.start()`, which start threads;
+//! Only a process that exists to hold a sandbox installs filters (a
+//! holder: `sandbox-holder` or `sandbox holder`, started by
+//! `SandboxBuilder::spawn`, or the CLI's foreground `run`), never a program
+//! that embeds the library:
+//! - [`install_violation_reporter`] and `install(Holder)`: src/confine.rs,
+//!   `confine`, in the jailed child once its root and privileges are set
+//!   (after the image is resolved: pulling an image resolves names through
+//!   NSS, which maps libraries executable), before `Instance::start` starts
+//!   any thread;
 //! - `install(Vcpu)`: at the top of the closure of each `vcpu<n>` thread in
 //!   `VcpuThreads::start` (vmm/src/vstate/vcpu.rs), before `vcpu.run`;
 //! - `install(Vmm)`: in `Vm::run` (vmm/src/vm.rs), right after
