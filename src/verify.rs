@@ -43,7 +43,7 @@ use guest_protocol::sandbox_dir::SandboxDir;
 use policy::{Layer, ProfileSource};
 use telemetry::query::{LogOptions, LogReader, LogRow};
 
-use crate::{Command, Error, Image, Instance, NetConfig, Sandbox, Status};
+use crate::{Command, Error, Image, Instance, NetConfig, Sandbox, SandboxBuilder, Status};
 
 /// Where the probe lives in the default image.
 pub const PROBE: &str = "/usr/bin/sandbox-probe";
@@ -77,6 +77,10 @@ pub struct VerifyConfig {
     pub attempt_timeout: Duration,
     /// Guest RAM of each sandbox, in MiB.
     pub memory_mib: u32,
+    /// Hold each sandbox in a confined holder process started with this
+    /// program and arguments (see [`crate::SandboxBuilder::holder_program`]);
+    /// `None`: in this process, unconfined.
+    pub holder: Option<(PathBuf, Vec<String>)>,
 }
 
 impl Default for VerifyConfig {
@@ -92,6 +96,43 @@ impl Default for VerifyConfig {
             peer: true,
             attempt_timeout: Duration::from_secs(3),
             memory_mib: 256,
+            holder: None,
+        }
+    }
+}
+
+/// A sandbox the verification started: in a holder process, or in this one.
+enum Held {
+    Holder(Sandbox),
+    Here(Instance),
+}
+
+impl std::ops::Deref for Held {
+    type Target = Sandbox;
+    fn deref(&self) -> &Sandbox {
+        match self {
+            Held::Holder(sandbox) => sandbox,
+            Held::Here(instance) => instance,
+        }
+    }
+}
+
+impl Held {
+    fn start(builder: SandboxBuilder, holder: Option<&(PathBuf, Vec<String>)>) -> Result<Held, Error> {
+        Ok(match holder {
+            Some((program, args)) => Held::Holder(builder.holder_program(program, args).spawn()?),
+            None => Held::Here(builder.start()?),
+        })
+    }
+
+    /// Stop it; every row of its session is in its session.db when this returns.
+    fn finish(self) {
+        let stopped = match self {
+            Held::Holder(sandbox) => sandbox.stop(Duration::from_secs(60)),
+            Held::Here(instance) => instance.shutdown().map(drop),
+        };
+        if let Err(e) = stopped {
+            tracing::warn!(error = %e, "verify-isolation: stopping a sandbox");
         }
     }
 }
@@ -690,9 +731,9 @@ fn attempts(config: &VerifyConfig, host: SocketAddr) -> Vec<Attempt> {
     list
 }
 
-/// Run `argv` in `instance`, collecting stdout.
+/// Run `argv` in `sandbox`, collecting stdout.
 fn exec(
-    instance: &Instance,
+    sandbox: &Sandbox,
     argv: Vec<String>,
     stdin: Option<std::io::PipeReader>,
 ) -> Result<(i32, String, String), Error> {
@@ -700,7 +741,7 @@ fn exec(
     if let Some(stdin) = stdin {
         command = command.stdin_from(stdin);
     }
-    let out = instance.output(command)?;
+    let out = sandbox.output(command)?;
     let status = match out.status {
         Status::Exited(code) => code,
         Status::TimedOut => -1,
@@ -736,11 +777,11 @@ pub fn verify(config: &VerifyConfig) -> Result<Report, Error> {
     // One after the other: two guests booting at once on a loaded host can
     // starve each other past the agent's timeouts where kernel code is emulated.
     let peer = if config.peer {
-        Some(Sandbox::builder(config.image.clone()).memory_mib(config.memory_mib).start()?)
+        Some(Held::start(Sandbox::builder(config.image.clone()).memory_mib(config.memory_mib), config.holder.as_ref())?)
     } else {
         None
     };
-    let canary = canary_builder.start()?;
+    let canary = Held::start(canary_builder, config.holder.as_ref())?;
 
     // The peer listens until its standard input ends (after the canary's attempts).
     let attempt_secs = config.attempt_timeout.as_secs().max(1);
@@ -764,7 +805,7 @@ pub fn verify(config: &VerifyConfig) -> Result<Report, Error> {
             ];
             Some(std::thread::spawn(move || {
                 let result = exec(&peer, argv, Some(reader));
-                let _ = peer.shutdown();
+                peer.finish();
                 result
             }))
         }
@@ -790,8 +831,8 @@ pub fn verify(config: &VerifyConfig) -> Result<Report, Error> {
     let https_accepted = https_target.map(|t| t.finish() + https_target_v6.map_or(0, LoopbackService::finish));
     let canary_id = canary.id().to_string();
     let canary_session_db = SandboxDir::new(canary.dir()).session_db();
-    // Shutting down commits every row of the canary's session.
-    let _ = canary.shutdown();
+    // Stopping commits every row of the canary's session.
+    canary.finish();
     let (_, stdout, stderr) = canary_run?;
     let mut evidence = Evidence { loopback_https_accepted: https_accepted, controls, ..Evidence::default() };
     if let Err(e) = evidence.read_session_db(&canary_session_db) {
@@ -901,7 +942,7 @@ mod tests {
     }
 
     #[test]
-    fn item4_dns_check_reports_a_query_the_handler_let_out() {
+    fn dns_check_reports_a_query_the_handler_let_out() {
         let kind = CheckKind::Dns { qname: DEFAULT_CANARY_NAME.into() };
         let nxdomain = line("dns canary.verify-isolation.invalid/A fail rcode=Non-Existent Domain answers=[]");
         // An allow-all profile: the handler forwarded the query and the
@@ -927,7 +968,7 @@ mod tests {
     }
 
     #[test]
-    fn item4_mitm_loopback_check_counts_at_the_target() {
+    fn mitm_loopback_check_counts_at_the_target() {
         let kind = CheckKind::MitmLoopback { domains: vec!["localhost".into(), "10.0.0.2".into()] };
         let bad_gateway = line("tls 10.0.0.2:443/sni=localhost/host=localhost fail status=502; issuer CN=sandbox");
         // The MITM connected to the host's loopback: the target counted it.
@@ -1007,7 +1048,7 @@ mod tests {
     }
 
     #[test]
-    fn item4_silent_udp_target_is_not_read_as_blocked() {
+    fn silent_udp_target_is_not_read_as_blocked() {
         let target: SocketAddr = "192.0.2.7:9999".parse().unwrap();
         let no_answer = line("udp 192.0.2.7:9999 fail timeout: Resource temporarily unavailable (os error 11)");
         let with = |udp: Reach| Evidence {
@@ -1033,7 +1074,7 @@ mod tests {
     }
 
     #[test]
-    fn item4_tcp_reset_from_the_target_is_an_escape() {
+    fn tcp_reset_from_the_target_is_an_escape() {
         let target: SocketAddr = "192.0.2.7:22".parse().unwrap();
         let reset = line("tcp-connect 192.0.2.7:22 fail reset: Connection reset by peer (os error 104)");
         let refused = line("tcp-connect 192.0.2.7:22 fail refused: Connection refused (os error 111)");
@@ -1100,7 +1141,7 @@ mod tests {
     }
 
     #[test]
-    fn item4_every_check_is_judged_by_evidence_that_can_fail_it() {
+    fn every_check_is_judged_by_evidence_that_can_fail_it() {
         let config = VerifyConfig { targets: vec!["192.0.2.7:22".parse().unwrap()], ..VerifyConfig::default() };
         let list = attempts(&config, "127.0.0.1:2222".parse().unwrap());
         let kind_of = |label: &str| list.iter().find(|a| a.label == label).map(|a| a.kind.clone()).unwrap();
@@ -1124,7 +1165,7 @@ mod tests {
     }
 
     #[test]
-    fn item4_the_host_control_tells_answering_targets_from_silent_ones() {
+    fn the_host_control_tells_answering_targets_from_silent_ones() {
         // A local target that answers UDP and accepts TCP.
         let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = tcp.local_addr().unwrap();
@@ -1145,7 +1186,7 @@ mod tests {
     }
 
     #[test]
-    fn item4_evidence_is_read_from_session_db() {
+    fn evidence_is_read_from_session_db() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("session.db");
         let session = telemetry::SessionDb::open(&path).unwrap();

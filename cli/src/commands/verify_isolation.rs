@@ -3,10 +3,11 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Args;
 use sandbox::verify::{self, VerifyConfig};
 
-use crate::exit::Outcome;
+use crate::exit::{Outcome, SandboxFailure};
 
 /// Status when a check did not block (or could not be made).
 const EXIT_NOT_ISOLATED: u8 = 1;
@@ -48,11 +49,21 @@ pub struct VerifyArgs {
     /// Image of the canary and the peer: `default` or an image file with /usr/bin/sandbox-probe.
     #[arg(long, default_value = "default")]
     image: String,
+    /// Hold the sandboxes in this process, unconfined (unsafe; for debugging
+    /// only), instead of a confined holder process each.
+    #[arg(long)]
+    no_jail: bool,
 }
 
 /// The verification `args` ask for.
-fn config(args: &VerifyArgs) -> VerifyConfig {
+fn config(args: &VerifyArgs) -> anyhow::Result<VerifyConfig> {
     let mut config = VerifyConfig::default();
+    if args.no_jail {
+        eprintln!("sandbox: --no-jail: the sandboxes' processes are not confined (unsafe; for debugging only)");
+    } else {
+        let exe = std::env::current_exe().context("find the sandbox executable")?;
+        config.holder = Some((exe, vec!["holder".into()]));
+    }
     config.image = sandbox::Image::parse(&args.image);
     config.profiles.clone_from(&args.profile);
     config.corporate_profiles.clone_from(&args.corporate_profile);
@@ -62,12 +73,12 @@ fn config(args: &VerifyArgs) -> VerifyConfig {
     config.canary_name.clone_from(&args.canary_name);
     config.host_port = args.host_port;
     config.peer = !args.no_peer;
-    config
+    Ok(config)
 }
 
 /// Run the rounds; exit 0 only when every round was isolated.
 pub fn verify_isolation(args: VerifyArgs) -> Outcome {
-    let config = config(&args);
+    let config = config(&args).or_sandbox_failure()?;
     let rounds = match (args.every, args.rounds) {
         (None, _) => 1,
         (Some(_), n) => n.unwrap_or(u64::MAX),
@@ -126,7 +137,7 @@ mod tests {
     }
 
     #[test]
-    fn item4_verify_isolation_takes_the_production_network_and_corporate_profile() {
+    fn verify_isolation_takes_the_production_network_and_corporate_profile() {
         let cli = Cli::try_parse_from([
             "verify-isolation",
             "--allow-net",
@@ -137,7 +148,8 @@ mod tests {
             "dev",
         ])
         .unwrap();
-        let config = config(&cli.args);
+        let config = config(&cli.args).unwrap();
+        assert_eq!(config.holder.as_ref().map(|(_, args)| args.as_slice()), Some(&["holder".to_string()][..]));
         assert_eq!(config.net.allowed_networks, vec!["10.20.0.0/16".parse::<ipnet::IpNet>().unwrap()]);
         assert_eq!(config.corporate_profiles, vec![std::path::PathBuf::from("/etc/sandbox/corp.toml")]);
         assert_eq!(config.profiles, vec!["dev".to_string()]);
