@@ -131,6 +131,27 @@ impl Filters {
     }
 }
 
+/// Open the session database. With `filter` (the handlers' seccomp
+/// filter), from a thread that installs it first: the database's writer
+/// thread, started there, inherits it.
+fn open_session(path: &Path, filter: Option<seccompiler::BpfProgram>) -> Result<SessionDb, Error> {
+    let Some(filter) = filter else {
+        return Ok(SessionDb::open(path)?);
+    };
+    let path = path.to_path_buf();
+    std::thread::Builder::new()
+        .name("session-db-open".into())
+        .spawn(move || {
+            seccompiler::apply_filter(&filter).map_err(|e| {
+                Error::Io("install the session database's seccomp filter".into(), std::io::Error::other(e))
+            })?;
+            Ok(SessionDb::open(&path)?)
+        })
+        .map_err(|e| Error::Io("start the session database".into(), e))?
+        .join()
+        .map_err(|_| Error::Boot("opening the session database panicked".into()))?
+}
+
 impl Instance {
     /// Boot a sandbox and wait until its agent answers.
     pub(crate) fn start(mut config: InstanceConfig) -> Result<Instance, Error> {
@@ -162,7 +183,7 @@ impl Instance {
             }
             None => None,
         };
-        let session = SessionDb::open(&dir.session_db())?;
+        let session = open_session(&dir.session_db(), seccomp.as_ref().map(|f| f.handlers.clone()))?;
         let handlers = Handlers::with_files(files, config.net, config.policy, session.recorder());
         let ca_pem = handlers.ca().ca_cert_pem().to_string();
         let handlers =
@@ -330,6 +351,7 @@ impl HandlerHost {
         let mut runtime = tokio::runtime::Builder::new_multi_thread();
         runtime.worker_threads(2).max_blocking_threads(MAX_BLOCKING_THREADS).thread_name("net").enable_all();
         let confined = filter.is_some();
+        let own_filter = filter.clone();
         if let Some(filter) = filter {
             runtime.on_thread_start(move || {
                 // A thread without its filter still has the holder's (inherited).
@@ -346,6 +368,11 @@ impl HandlerHost {
         let thread = std::thread::Builder::new()
             .name(format!("handlers-{id}"))
             .spawn(move || {
+                if let Some(filter) = own_filter {
+                    if let Err(e) = seccompiler::apply_filter(&filter) {
+                        tracing::error!("installing the handler threads' seccomp filter: {e}");
+                    }
+                }
                 let result = runtime.block_on(async move {
                     let servers = match handlers.serve_vsock_dir(&dir) {
                         Ok((dns, mitm)) => vec![dns, mitm],

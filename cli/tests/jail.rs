@@ -90,12 +90,15 @@ fn a_holder_runs_as_its_own_uid_without_privileges_in_its_own_namespaces() {
         let status = std::fs::read_to_string(task.join("status")).unwrap();
         assert_eq!(status_field(&status, "Seccomp"), "2", "thread {name}");
         let filters: u32 = status_field(&status, "Seccomp_filters").parse().unwrap();
-        if name.starts_with("vcpu") || name.starts_with("vm-") || name == "net" {
+        let own_filter = ["vcpu", "vm-", "net", "handlers-", "session-db-writ"];
+        if own_filter.iter().any(|prefix| name.starts_with(prefix)) {
             assert!(filters >= 2, "thread {name} has {filters} filters");
         }
         names.push(name);
     }
-    assert!(names.iter().any(|n| n == "vcpu0") && names.iter().any(|n| n == "net"), "threads: {names:?}");
+    for expected in ["vcpu0", "net", "session-db-writ"] {
+        assert!(names.iter().any(|n| n == expected), "no thread {expected}: {names:?}");
+    }
 
     // Its namespaces: mount, PID, IPC and UTS of its own; the host's network (it dials upstreams).
     let me = std::process::id().to_string();

@@ -69,8 +69,9 @@
 //!   `vm-<id>` thread: the vCPU threads would inherit it);
 //! - `install(Handlers)`: in `HandlerHost::start` (src/instance.rs), as the
 //!   runtime builder's `on_thread_start` (workers and blocking threads) and
-//!   first thing in the `handlers-<id>` thread; and first thing in the
-//!   `session-db-writer` thread (host-handlers/telemetry/src/lib.rs);
+//!   first thing in the `handlers-<id>` thread; and in `open_session`
+//!   (src/instance.rs), first thing in the short-lived thread that opens the
+//!   session database, whose `session-db-writer` thread inherits it;
 //! - the policy loader, the signal thread and the threads that wait for
 //!   guest processes keep the holder's filter.
 //!
