@@ -24,6 +24,8 @@ use crate::events::Events;
 use crate::process::{Collect, Collected, Process};
 use crate::{paths, Error, Image, SandboxBuilder, Status};
 
+/// How long killed holder processes may take to be gone.
+const KILL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long to wait for the agent to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -89,6 +91,21 @@ fn process_start(pid: u32) -> Option<u64> {
     // The command name (field 2) is in parentheses and may hold spaces.
     let rest = &stat[stat.rfind(')')? + 1..];
     rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Has process `pid` ended, its status not yet collected by its parent?
+fn zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rfind(')').and_then(|end| stat[end + 1..].split_whitespace().next().map(|s| s == "Z")))
+        .unwrap_or(false)
+}
+
+/// The children of process `pid` (none if it is gone).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .map(|list| list.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .unwrap_or_default()
 }
 
 /// Is `id` a sandbox id (and so safe to join to a path)?
@@ -369,22 +386,41 @@ impl Sandbox {
                     )));
                 }
                 tracing::warn!(id = %self.state.id, pid = self.state.pid, "the sandbox did not stop in time; killing its process");
-                let pid = nix::unistd::Pid::from_raw(i32::try_from(self.state.pid).unwrap_or(0));
-                match nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL) {
-                    Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-                    Err(e) => {
-                        return Err(Error::Io(
-                            format!("kill process {pid} holding sandbox {}", self.state.id),
-                            e.into(),
-                        ))
-                    }
-                }
-                while self.holder_alive() {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
+                self.kill_holder()?;
                 break;
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Kill the holder and wait until it is gone. A confined holder is two
+    /// processes: the one `state.json` names and the jailed one it waits
+    /// for, which would die with it (`PR_SET_PDEATHSIG`) but not at once,
+    /// so both are killed and waited for.
+    fn kill_holder(&self) -> Result<(), Error> {
+        let outer = self.state.pid;
+        let mut holders: Vec<(u32, u64)> =
+            children(outer).into_iter().filter_map(|pid| process_start(pid).map(|start| (pid, start))).collect();
+        holders.push((outer, self.state.pid_start));
+        for &(pid, _) in &holders {
+            let target = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0));
+            match nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL) {
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                Err(e) => {
+                    return Err(Error::Io(format!("kill process {pid} holding sandbox {}", self.state.id), e.into()))
+                }
+            }
+        }
+        let deadline = Instant::now() + KILL_TIMEOUT;
+        while holders.iter().any(|&(pid, start)| process_start(pid) == Some(start) && !zombie(pid)) {
+            if Instant::now() >= deadline {
+                return Err(Error::Config(format!(
+                    "the processes holding sandbox {} were killed but are still there after {KILL_TIMEOUT:?}",
+                    self.state.id
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())
     }
@@ -486,8 +522,17 @@ mod tests {
         held.remove(false).unwrap();
         assert!(!dir.exists());
 
-        // A background holder (its state file says so) is killed after the timeout.
-        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        // A background holder (its state file says so) is killed after the
+        // timeout, with the process it waits for, as a confined holder does.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & echo $!; wait"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+        let inner: u32 = line.trim().parse().unwrap();
+        let inner_start = process_start(inner).unwrap();
         let pid = child.id();
         let start = process_start(pid).unwrap();
         let reaper = std::thread::spawn(move || child.wait().unwrap());
@@ -500,6 +545,7 @@ mod tests {
         assert!(background.held_in_background());
         background.stop(Duration::from_millis(300)).unwrap();
         assert!(!reaper.join().unwrap().success(), "the holder was killed");
+        assert!(process_start(inner) != Some(inner_start) || zombie(inner), "the holder's child outlived stop");
         background.remove(false).unwrap();
         assert!(!dir.exists());
     }
