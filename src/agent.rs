@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use guest_protocol::agent::{
-    read_frame, write_frame, FrameError, FrameWriter, GuestMessage, HostMessage, AGENT_PORT, CHUNK, VERSION,
+    read_frame, write_frame, FrameError, FrameWriter, GuestMessage, HostMessage, Identity, AGENT_PORT, CHUNK, VERSION,
 };
 
 /// What went wrong talking to the guest agent.
@@ -130,9 +130,10 @@ impl AgentConn {
         }
     }
 
-    /// Make the guest trust `pem` (the sandbox CA certificate).
-    pub fn trust_ca(mut self, pem: &str) -> Result<(), AgentError> {
-        write_frame(&mut self.stream, &HostMessage::TrustCa(pem.into()))?;
+    /// Give the guest its identity: the CA it trusts, fresh entropy, the
+    /// time, its hostname.
+    pub fn set_identity(mut self, identity: Identity) -> Result<(), AgentError> {
+        write_frame(&mut self.stream, &HostMessage::SetIdentity(identity))?;
         match read_frame::<GuestMessage>(&mut self.stream)? {
             Some(GuestMessage::DataEnd) => Ok(()),
             Some(GuestMessage::Error(e)) => Err(AgentError::Remote(e)),

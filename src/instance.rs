@@ -86,13 +86,31 @@ impl std::ops::Deref for Instance {
     }
 }
 
-/// A fresh random sandbox id (12 hex digits).
-pub(crate) fn new_id() -> Result<String, Error> {
-    let mut bytes = [0u8; 6];
+/// `n` bytes from the host's random source.
+fn random_bytes(n: usize) -> Result<Vec<u8>, Error> {
+    let mut bytes = vec![0u8; n];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
         .map_err(|e| Error::Io("read /dev/urandom".into(), e))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(bytes)
+}
+
+/// A fresh random sandbox id (12 hex digits).
+pub(crate) fn new_id() -> Result<String, Error> {
+    Ok(random_bytes(6)?.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A guest identity: the sandbox CA `ca_pem`, 64 bytes of fresh host
+/// entropy, the host's clock, and `hostname` (`None`: the guest keeps its own).
+fn identity(ca_pem: String, hostname: Option<String>) -> Result<guest_protocol::agent::Identity, Error> {
+    let entropy = random_bytes(64)?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    Ok(guest_protocol::agent::Identity {
+        ca_pem,
+        entropy,
+        time: (i64::try_from(now.as_secs()).unwrap_or(i64::MAX), now.subsec_nanos()),
+        hostname,
+    })
 }
 
 /// Create `dir` with mode 0700 (and its parents).
@@ -236,7 +254,7 @@ impl Instance {
             return Err(Error::Boot(format!("{e}; last console lines:\n{tail}")));
         }
         instance.boot_time = instance.started.elapsed();
-        instance.agent()?.trust_ca(&ca_pem)?;
+        instance.agent()?.set_identity(identity(ca_pem, None)?)?;
         tracing::debug!(id = %instance.id(), boot = ?instance.boot_time, "sandbox ready");
         Ok(instance)
     }

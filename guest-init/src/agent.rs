@@ -139,8 +139,8 @@ fn serve_request(mut conn: Box<dyn Connection>, shutdown: &Sender<()>) -> Result
             let result = get_file(&mut conn, &path);
             reply_result(&mut conn, result, GuestMessage::DataEnd)
         }
-        Some(HostMessage::TrustCa(pem)) => {
-            let result = crate::trust::install_ca(std::path::Path::new("/"), &pem).map(|_| ());
+        Some(HostMessage::SetIdentity(identity)) => {
+            let result = crate::identity::apply(&identity);
             reply_result(&mut conn, result, GuestMessage::DataEnd)
         }
         Some(HostMessage::Shutdown) => {

@@ -12,6 +12,7 @@
 
 mod agent;
 mod command;
+mod identity;
 mod mounts;
 mod network;
 mod nft_watch;

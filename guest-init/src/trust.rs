@@ -18,23 +18,29 @@ pub(crate) fn ca_env() -> Vec<(String, String)> {
     CA_ENV.lock().unwrap_or_else(PoisonError::into_inner).clone()
 }
 
-/// Install `pem` under `root` (`/` in the guest). Returns the files changed.
+/// Install `pem` under `root` (`/` in the guest), in place of the sandbox
+/// CA trusted before, if any (a guest restored from a snapshot trusts the
+/// CA of the sandbox the snapshot was taken from). Returns the files changed.
 pub(crate) fn install_ca(root: &Path, pem: &str) -> Result<Vec<PathBuf>, String> {
     if !pem.contains("-----BEGIN CERTIFICATE-----") || pem.contains("PRIVATE KEY") {
         return Err("not a PEM certificate (or it holds a private key)".into());
     }
     let pem = if pem.ends_with('\n') { pem.to_string() } else { format!("{pem}\n") };
     let at = |p: &str| root.join(p.trim_start_matches('/'));
-    let mut changed = Vec::new();
     let ca_file = at(CA_FILE);
+    let bundles: Vec<PathBuf> = std::iter::once(at(SYSTEM_BUNDLE)).chain(certifi_bundles(root)).collect();
+    let old = std::fs::read_to_string(&ca_file).ok().filter(|old| old.trim() != pem.trim() && !old.trim().is_empty());
+    if let Some(old) = old {
+        for bundle in &bundles {
+            remove(bundle, &old)?;
+        }
+    }
+    let mut changed = Vec::new();
     write_new(&ca_file, &pem)?;
     changed.push(ca_file);
-    let bundle = at(SYSTEM_BUNDLE);
-    append(&bundle, &pem)?;
-    changed.push(bundle);
-    for certifi in certifi_bundles(root) {
-        append(&certifi, &pem)?;
-        changed.push(certifi);
+    for bundle in bundles {
+        append(&bundle, &pem)?;
+        changed.push(bundle);
     }
     *CA_ENV.lock().unwrap_or_else(PoisonError::into_inner) = vec![
         ("SSL_CERT_FILE".into(), SYSTEM_BUNDLE.into()),
@@ -65,6 +71,16 @@ fn append(path: &Path, pem: &str) -> Result<(), String> {
         .open(path)
         .map_err(|e| format!("{}: {e}", path.display()))?;
     f.write_all(format!("\n{pem}").as_bytes()).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Take `pem` (as [`append`] added it) out of the bundle at `path`.
+fn remove(path: &Path, pem: &str) -> Result<(), String> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept = text.replace(&format!("\n{pem}"), "").replace(pem, "");
+    if kept.len() == text.len() {
+        return Ok(());
+    }
+    std::fs::write(path, kept).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// certifi's cacert.pem in the usual Python locations.
@@ -113,6 +129,27 @@ mod tests {
         for var in ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"] {
             assert!(env.iter().any(|(k, _)| k == var), "{var} missing");
         }
+    }
+
+    #[test]
+    fn a_new_ca_takes_the_place_of_the_one_trusted_before() {
+        const OTHER: &str = "-----BEGIN CERTIFICATE-----\nMIIC\n-----END CERTIFICATE-----\n";
+        let root = tempfile::tempdir().unwrap();
+        let certifi = root.path().join("usr/local/lib/python3.12/dist-packages/certifi/cacert.pem");
+        std::fs::create_dir_all(certifi.parent().unwrap()).unwrap();
+        std::fs::write(&certifi, "existing\n").unwrap();
+        let bundle = root.path().join("etc/ssl/certs/ca-certificates.crt");
+        std::fs::create_dir_all(bundle.parent().unwrap()).unwrap();
+        std::fs::write(&bundle, "system roots\n").unwrap();
+        install_ca(root.path(), PEM).unwrap();
+        install_ca(root.path(), OTHER).unwrap();
+        for file in [&bundle, &certifi] {
+            let text = std::fs::read_to_string(file).unwrap();
+            assert!(!text.contains("MIIB"), "the old CA is still trusted in {}: {text}", file.display());
+            assert_eq!(text.matches("MIIC").count(), 1, "{text}");
+            assert!(text.starts_with("system roots\n") || text.starts_with("existing\n"), "{text}");
+        }
+        assert_eq!(std::fs::read_to_string(root.path().join(CA_FILE.trim_start_matches('/'))).unwrap(), OTHER);
     }
 
     #[test]

@@ -6,14 +6,14 @@
 //! above [`MAX_FRAME`] are refused before anything is allocated. A connection
 //! opens with a [`HostMessage::Hello`] answered by [`GuestMessage::Hello`]
 //! (both carry [`VERSION`]), then carries one request: an exec, a file
-//! transfer, or a shutdown. Concurrent requests use concurrent connections.
+//! transfer, the sandbox's identity, or a shutdown. Concurrent requests use concurrent connections.
 
 use std::io::{self, Read, Write};
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Protocol version; the agent refuses a different one.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Largest frame payload, in bytes.
 pub const MAX_FRAME: usize = 1 << 20;
 /// Largest data chunk a sender puts in one frame.
@@ -40,6 +40,24 @@ pub struct Exec {
     pub tty: Option<WinSize>,
 }
 
+/// Who a sandbox is, given to its guest once it is up, after a boot or a
+/// restore from a snapshot, before any command runs in it: a restored
+/// guest must not keep the identity of the guest the snapshot was taken from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// The sandbox CA certificate (PEM) the guest trusts from now on, in
+    /// place of any sandbox CA it trusted before.
+    pub ca_pem: String,
+    /// Fresh host entropy: mixed into the guest kernel's pool, which is
+    /// then reseeded, so that two guests restored from one snapshot never
+    /// produce the same random bytes.
+    pub entropy: Vec<u8>,
+    /// The host's wall clock: seconds and nanoseconds since the Unix epoch.
+    pub time: (i64, u32),
+    /// The guest's hostname; `None` keeps the one it has.
+    pub hostname: Option<String>,
+}
+
 /// Host to guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HostMessage {
@@ -63,9 +81,10 @@ pub enum HostMessage {
     },
     Data(Vec<u8>),
     DataEnd,
-    /// Trust this CA certificate (PEM) from now on: system bundle, certifi,
-    /// and the TLS environment variables of every later command.
-    TrustCa(String),
+    /// Take on this identity: trust its CA (system bundle, certifi, and the
+    /// TLS environment variables of every later command), reseed, set the
+    /// clock and the hostname.
+    SetIdentity(Identity),
     /// Stop every process and power the VM off.
     Shutdown,
 }
@@ -207,6 +226,12 @@ mod tests {
             HostMessage::Stdin(vec![0, 1, 2, 255]),
             HostMessage::StdinEof,
             HostMessage::Signal(2),
+            HostMessage::SetIdentity(Identity {
+                ca_pem: "-----BEGIN CERTIFICATE-----\n...".into(),
+                entropy: vec![7; 64],
+                time: (1_780_000_000, 999_999_999),
+                hostname: Some("sandbox-1".into()),
+            }),
         ];
         let mut wire = Vec::new();
         for m in &msgs {
