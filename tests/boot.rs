@@ -18,6 +18,7 @@ fn a_command_runs_with_its_arguments_environment_and_status() {
         echo written > /etc/overlay-test && cat /etc/overlay-test
         grep -q ' / overlay ' /proc/mounts && echo "root=overlay"
         echo "pid1=$(cat /proc/1/comm)"
+        echo "clock=$(date +%s)"
         echo "to stderr" >&2
         exit 3
     "#;
@@ -44,6 +45,10 @@ fn a_command_runs_with_its_arguments_environment_and_status() {
     assert!(out.contains("written\nroot=overlay\npid1=sandbox-init\n"), "{out}");
     assert_eq!(String::from_utf8_lossy(&run.stderr), "to stderr\n");
     assert!(run.session_db.is_file());
+    // The guest's clock is the host's (set with its identity once it is up).
+    let clock: u64 = out.lines().find_map(|l| l.strip_prefix("clock=")).and_then(|c| c.parse().ok()).unwrap();
+    let host = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert!(host.abs_diff(clock) <= run.total_time.as_secs() + 5, "guest clock {clock}, host {host}");
 }
 
 #[test]
