@@ -10,10 +10,10 @@ use guest_protocol::agent::Identity;
 
 /// `RNDADDENTROPY` (`_IOW('R', 0x03, int[2])`): mix bytes into the input
 /// pool and credit them as entropy.
-const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+const RNDADDENTROPY: libc::Ioctl = 0x4008_5203;
 /// `RNDRESEEDCRNG` (`_IO('R', 0x07)`): reseed the kernel's CRNG from the
 /// input pool now, rather than at its next scheduled reseed.
-const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+const RNDRESEEDCRNG: libc::Ioctl = 0x5207;
 /// Most entropy bytes taken in one identity.
 const MAX_ENTROPY: usize = 4096;
 
