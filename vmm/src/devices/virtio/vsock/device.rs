@@ -3,7 +3,8 @@
 //!
 //! Work happens on the event loop thread, driven by four descriptors: the
 //! ioeventfds of the rx and tx queues (the driver added buffers or packets),
-//! the event queue's (ignored: the device never sends transport events), and
+//! the event queue's (ignored: the driver's event buffers are kept for the
+//! one event this device sends, the transport reset after a restore), and
 //! the backend's descriptor (for the muxer: a host socket is ready). A tx
 //! notification moves guest packets into the backend; anything the backend
 //! has for the guest is then written into rx buffers, and the guest is
@@ -21,8 +22,8 @@ use std::io;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use tracing::{debug, warn};
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
-use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use super::backend::VsockBackend;
@@ -48,6 +49,9 @@ pub const TX_QUEUE: usize = 1;
 pub const EVENT_QUEUE: usize = 2;
 /// Event-loop data of the backend's descriptor (queue events use their index).
 const BACKEND_EVENT: u32 = 3;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`: the guest must drop its connected
+/// sockets (its listening ones stay) and re-read its CID.
+pub const EVENT_TRANSPORT_RESET: u32 = 0;
 
 /// Takes tx chains: guest packets into the backend.
 struct TxHandler<'a, B> {
@@ -214,6 +218,47 @@ impl<B: VsockBackend> Vsock<B> {
         if !self.common.conclude(result) {
             self.backend.reset();
         }
+    }
+
+    /// Drops every host-side connection and, if the driver is active, puts
+    /// a transport reset event (`struct virtio_vsock_event`, a le32 id) in
+    /// the first buffer of the event queue and interrupts the guest, as
+    /// Firecracker does after restoring a snapshot: connections do not
+    /// survive one. Returns whether the event reached the guest.
+    pub fn send_transport_reset(&mut self) -> bool {
+        self.backend.reset();
+        self.tx_stalled = false;
+        let Some(active) = self.common.active_mut() else {
+            return false;
+        };
+        let mem = &active.mem;
+        let Some(queue) = active.queues.get_mut(EVENT_QUEUE) else {
+            return false;
+        };
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            warn!("vsock: the guest has no event buffer; it is not told that its connections were reset");
+            return false;
+        };
+        let head = chain.head_index();
+        let event = EVENT_TRANSPORT_RESET.to_le_bytes();
+        let buffer = chain.clone().find(|d| d.is_write_only() && d.len() as usize >= event.len());
+        let Some(buffer) = buffer else {
+            warn!("vsock: the guest's event buffer is too small or not writable");
+            let _ = queue.add_used(mem, head, 0);
+            return false;
+        };
+        if let Err(e) = mem.write_slice(&event, buffer.addr()) {
+            warn!("vsock: cannot write the transport reset event: {e}");
+            return false;
+        }
+        if let Err(e) = queue.add_used(mem, head, event.len() as u32) {
+            warn!("vsock: cannot return the event buffer: {e}");
+            return false;
+        }
+        if let Err(e) = active.interrupt.signal_used_queue() {
+            warn!("vsock: cannot interrupt the guest for the transport reset: {e}");
+        }
+        true
     }
 
     /// Handles one event-loop event, by its data.
