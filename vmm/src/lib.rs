@@ -38,6 +38,7 @@ mod config;
 pub mod devices;
 mod error;
 pub mod layout;
+pub mod snapshot;
 mod vm;
 mod vstate;
 
@@ -46,6 +47,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 pub use config::{ExtraDisk, ThreadFilters, VmConfig, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};
 pub use devices::virtio::vsock::VsockConfig;
 pub use error::{Error, Result};
+pub use snapshot::{AfterSnapshot, Digests, SnapshotFiles, SnapshotInfo, VmController};
 pub use vm::Vm;
 pub use vstate::exit::{ExitReason, StopHandle};
 
@@ -64,4 +66,5 @@ const _: () = {
     send::<VmConfig>();
     send_sync::<Error>();
     send_sync::<StopHandle>();
+    send_sync::<VmController>();
 };
