@@ -142,6 +142,9 @@ pub struct Vsock<B = Muxer> {
     rx_buf: Vec<u8>,
     /// tx processing paused on a backlog of replies.
     tx_stalled: bool,
+    /// A transport reset event is with the guest, which has not yet
+    /// handed the event buffer back: packets for the guest wait.
+    reset_pending: bool,
 }
 
 impl<B: std::fmt::Debug> std::fmt::Debug for Vsock<B> {
@@ -186,6 +189,7 @@ impl<B: VsockBackend> Vsock<B> {
             tx_buf: Vec::with_capacity(MAX_PAYLOAD as usize),
             rx_buf: vec![0; MAX_PAYLOAD as usize],
             tx_stalled: false,
+            reset_pending: false,
         })
     }
 
@@ -201,14 +205,17 @@ impl<B: VsockBackend> Vsock<B> {
         let mem = &active.mem;
         let (backend, tx_buf, rx_buf) = (&mut self.backend, &mut self.tx_buf, &mut self.rx_buf);
         let tx_stalled = &mut self.tx_stalled;
+        let rx_allowed = !self.reset_pending;
         let result = (|| -> Result<_, QueueError> {
             let (mut rx_out, mut tx_out) = (QueueOutcome::default(), QueueOutcome::default());
             if tx || *tx_stalled {
                 tx_out |= process_tx(tx_queue, mem, backend, tx_buf)?;
                 *tx_stalled = tx_out.stalled;
             }
-            rx_out |= process_rx(rx_queue, mem, backend, rx_buf)?;
-            if *tx_stalled && !backend.rx_backlogged() {
+            if rx_allowed {
+                rx_out |= process_rx(rx_queue, mem, backend, rx_buf)?;
+            }
+            if rx_allowed && *tx_stalled && !backend.rx_backlogged() {
                 tx_out |= process_tx(tx_queue, mem, backend, tx_buf)?;
                 *tx_stalled = tx_out.stalled;
                 rx_out |= process_rx(rx_queue, mem, backend, rx_buf)?;
@@ -225,9 +232,16 @@ impl<B: VsockBackend> Vsock<B> {
     /// the first buffer of the event queue and interrupts the guest, as
     /// Firecracker does after restoring a snapshot: connections do not
     /// survive one. Returns whether the event reached the guest.
+    ///
+    /// Until the driver has handled the event, which it shows by handing
+    /// the event buffer back (Linux refills and kicks the event queue right
+    /// after handling it), packets for the guest wait: a host connection
+    /// made meanwhile would otherwise reach the guest first and then be
+    /// reset by the event without the host hearing of it.
     pub fn send_transport_reset(&mut self) -> bool {
         self.backend.reset();
         self.tx_stalled = false;
+        self.reset_pending = false;
         let Some(active) = self.common.active_mut() else {
             return false;
         };
@@ -255,6 +269,12 @@ impl<B: VsockBackend> Vsock<B> {
             warn!("vsock: cannot return the event buffer: {e}");
             return false;
         }
+        // Ask for a notification when the driver adds the next buffer.
+        if let Err(e) = queue.enable_notification(mem) {
+            warn!("vsock: cannot ask for event queue notifications: {e}");
+        } else {
+            self.reset_pending = true;
+        }
         if let Err(e) = active.interrupt.signal_used_queue() {
             warn!("vsock: cannot interrupt the guest for the transport reset: {e}");
         }
@@ -276,8 +296,13 @@ impl<B: VsockBackend> Vsock<B> {
                 match index as usize {
                     RX_QUEUE => self.run_queues(false),
                     TX_QUEUE => self.run_queues(true),
-                    // The driver's event buffers are kept for events this
-                    // device never sends.
+                    // The driver's event buffers are kept for the next
+                    // transport reset; one handed back acknowledges the last.
+                    EVENT_QUEUE if self.reset_pending => {
+                        debug!("vsock: the guest handled the transport reset");
+                        self.reset_pending = false;
+                        self.run_queues(false);
+                    }
                     _ => {}
                 }
             }
@@ -299,6 +324,7 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
     fn reset(&mut self) {
         self.common.reset();
         self.tx_stalled = false;
+        self.reset_pending = false;
         self.backend.reset();
     }
 }

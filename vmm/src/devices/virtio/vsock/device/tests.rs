@@ -1011,9 +1011,16 @@ fn a_transport_reset_drops_host_connections_and_fills_an_event_buffer() {
     handler.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty());
 
-    // The guest's packets for the old connection are refused; new ones work.
+    // The guest's packets for the old connection are refused, but the
+    // answer waits until the guest has handled the reset: it hands an
+    // event buffer back.
     g.send(packet(op::RW, 40001, 5002), b"stale");
     g.post_rx(1, 4096);
+    assert!(g.recv().is_empty(), "nothing reaches the guest before it has handled the reset");
+    let event_buf = g.rx_area.alloc(8);
+    g.event.add(&g.mem, &[(event_buf, 8, true)]);
+    g.dev.queue_events()[EVENT_QUEUE].write(1).unwrap();
+    g.dev.handle(EVENT_QUEUE as u32);
     assert_eq!(ops(&g.recv()), [op::RST]);
     let mut fresh = g.connect(40002, &listener);
     g.send(packet(op::RW, 40002, 5002), b"new");
