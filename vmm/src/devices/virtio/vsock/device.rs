@@ -23,7 +23,7 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use tracing::{debug, warn};
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use super::backend::VsockBackend;
@@ -105,6 +105,24 @@ impl<B: VsockBackend> ChainHandler for RxHandler<'_, B> {
             0
         }))
     }
+}
+
+/// Asks the driver to notify the queue when it makes another buffer
+/// available: with event indices, `avail_event` (after the used ring) set
+/// to the driver's current available index; else the used ring's flags
+/// cleared.
+fn request_next_avail_notification(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<(), QueueError> {
+    if !queue.event_idx_enabled() {
+        queue.enable_notification(mem)?;
+        return Ok(());
+    }
+    let avail = queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire)?;
+    let at = GuestAddress(queue.used_ring())
+        .checked_add(4 + 8 * u64::from(queue.size()))
+        .ok_or(QueueError::Queue(virtio_queue::Error::InvalidSize))?;
+    mem.write_obj(avail.0.to_le(), at).map_err(|e| QueueError::Queue(virtio_queue::Error::GuestMemory(e)))?;
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    Ok(())
 }
 
 /// Moves the guest's tx packets into `backend`. `buf` is scratch space for
@@ -269,11 +287,13 @@ impl<B: VsockBackend> Vsock<B> {
             warn!("vsock: cannot return the event buffer: {e}");
             return false;
         }
-        // Ask for a notification when the driver adds the next buffer.
-        if let Err(e) = queue.enable_notification(mem) {
-            warn!("vsock: cannot ask for event queue notifications: {e}");
-        } else {
-            self.reset_pending = true;
+        // Ask for a notification when the driver adds its next buffer. The
+        // driver keeps its other event buffers available, so with event
+        // indices the threshold is the driver's current available index,
+        // not the device's position (virtio-queue's enable_notification).
+        match request_next_avail_notification(queue, mem) {
+            Ok(()) => self.reset_pending = true,
+            Err(e) => warn!("vsock: cannot ask for event queue notifications: {e}"),
         }
         if let Err(e) = active.interrupt.signal_used_queue() {
             warn!("vsock: cannot interrupt the guest for the transport reset: {e}");

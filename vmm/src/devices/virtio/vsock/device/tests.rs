@@ -1030,6 +1030,22 @@ fn a_transport_reset_drops_host_connections_and_fills_an_event_buffer() {
 }
 
 #[test]
+fn with_event_indices_the_next_buffer_the_driver_adds_is_notified() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+    let (mut ring, mut queue) = Ring::new(&mem, EVENT_RING);
+    queue.set_event_idx(true);
+    for i in 0..3 {
+        ring.add(&mem, &[(0x8_0000 + 8 * i, 8, true)]);
+    }
+    assert!(queue.pop_descriptor_chain(&mem).is_some());
+    request_next_avail_notification(&mut queue, &mem).unwrap();
+    // avail_event is the driver's available index (3), not the device's
+    // position (1): Linux kicks when the index moves past it.
+    let avail_event: u16 = mem.read_obj(GuestAddress(ring.used + 4 + 8 * u64::from(QUEUE_SIZE))).unwrap();
+    assert_eq!(avail_event, 3);
+}
+
+#[test]
 fn fake_backend_is_reset_when_the_driver_breaks_a_queue() {
     let mut g = fake_guest();
     g.mem.write_obj(1000u16, GuestAddress(g.tx.avail + 2)).unwrap();
