@@ -33,7 +33,7 @@ use crate::cmdline::{self, MmioDeviceArgs};
 use crate::config::{ThreadFilters, VmConfig};
 use crate::devices::bus::{Bus, SharedDevice};
 use crate::devices::legacy::i8042::I8042;
-use crate::devices::legacy::serial::{Serial, SerialInput};
+use crate::devices::legacy::serial::{Serial, SerialInput, SerialSnapshot};
 use crate::devices::virtio::block::disk::DiskImage;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{reg, MmioTransport};
@@ -164,7 +164,7 @@ fn assemble(
     config: &mut VmConfig,
     (root, extra): (DiskImage, Vec<DiskImage>),
     mem: &GuestMemoryMmap,
-    serial_state: Option<&snapshot_serial::SerialSnapshot>,
+    serial_state: Option<&SerialSnapshot>,
 ) -> Result<Assembled> {
     let kvm_fd = kvm_setup::open()?;
     kvm_setup::check_capabilities(&kvm_fd)?;
@@ -220,8 +220,6 @@ fn assemble(
     let DeviceSetup { mmio, cmdline_devices, attached, .. } = devices;
     Ok(Assembled { kvm_fd, vm, events, serial, serial_drained, exit, control, pio, mmio, cmdline_devices, attached })
 }
-
-use crate::devices::legacy::serial as snapshot_serial;
 
 /// Refuses a snapshot that does not fit `config` and `digests`.
 fn check_snapshot(header: &SnapshotHeader, saved: &VmState, config: &VmConfig, digests: &Digests) -> Result<()> {
