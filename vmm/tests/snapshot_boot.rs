@@ -15,14 +15,16 @@
 #[path = "../../tests/common/vm.rs"]
 mod vm;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use guest_protocol::agent::{read_frame, write_frame, Exec, GuestMessage, HostMessage, VERSION};
+#[path = "support/agent.rs"]
+mod agent;
+
+use agent::{sh, wait_for_agent};
 use vmm::{AfterSnapshot, Digests, ExitReason, SnapshotFiles, Vm, VmConfig, VsockConfig};
 
 fn cached(var: &str, under_cache: &str) -> PathBuf {
@@ -74,67 +76,6 @@ fn config(uds: &Path, console: &Console) -> VmConfig {
     }
 }
 
-/// A connection to the guest agent through the VMM's vsock socket, after
-/// the `CONNECT` handshake and the agent's hello.
-fn agent(uds: &Path) -> Result<UnixStream, String> {
-    let mut s = UnixStream::connect(uds).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
-    s.write_all(b"CONNECT 5000\n").map_err(|e| e.to_string())?;
-    let mut line = Vec::new();
-    let mut byte = [0u8];
-    while byte != *b"\n" {
-        match s.read(&mut byte) {
-            Ok(1) => line.push(byte[0]),
-            other => return Err(format!("handshake: {other:?} after {:?}", String::from_utf8_lossy(&line))),
-        }
-    }
-    if !line.starts_with(b"OK ") {
-        return Err(format!("handshake answered {:?}", String::from_utf8_lossy(&line)));
-    }
-    write_frame(&mut s, &HostMessage::Hello { version: VERSION }).map_err(|e| e.to_string())?;
-    match read_frame::<GuestMessage>(&mut s) {
-        Ok(Some(GuestMessage::Hello { .. })) => Ok(s),
-        other => Err(format!("hello answered {other:?}")),
-    }
-}
-
-/// Waits until the agent answers; returns how long that took.
-fn wait_for_agent(uds: &Path, console: &Console, limit: Duration) -> Duration {
-    let started = Instant::now();
-    loop {
-        match agent(uds) {
-            Ok(_) => return started.elapsed(),
-            Err(e) if started.elapsed() > limit => {
-                panic!("the agent did not answer within {limit:?}: {e}\nconsole:\n{}", console.text())
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
-}
-
-/// Runs `script` with /bin/sh in the guest: (exit status, stdout + stderr).
-fn sh(uds: &Path, script: &str) -> (i32, String) {
-    let mut s = agent(uds).unwrap();
-    let exec = Exec {
-        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-        env: Vec::new(),
-        cwd: "/".into(),
-        user: None,
-        tty: None,
-    };
-    write_frame(&mut s, &HostMessage::Exec(exec)).unwrap();
-    write_frame(&mut s, &HostMessage::StdinEof).unwrap();
-    let mut out = Vec::new();
-    loop {
-        match read_frame::<GuestMessage>(&mut s).unwrap() {
-            Some(GuestMessage::Started { .. }) => {}
-            Some(GuestMessage::Stdout(b) | GuestMessage::Stderr(b)) => out.extend(b),
-            Some(GuestMessage::Exited { status }) => return (status, String::from_utf8_lossy(&out).into_owned()),
-            other => panic!("unexpected agent message {other:?}"),
-        }
-    }
-}
-
 fn load() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
@@ -168,7 +109,7 @@ fn a_booted_guest_is_snapshotted_stopped_and_restored_and_its_agent_answers_on_a
     let vm_a = Vm::create(config(&uds_a, &console_a)).unwrap();
     let controller = vm_a.controller();
     let run_a = std::thread::spawn(move || vm_a.run());
-    let boot_to_agent = wait_for_agent(&uds_a, &console_a, Duration::from_secs(600));
+    let boot_to_agent = wait_for_agent(&uds_a, &|| console_a.text(), Duration::from_secs(600));
     let boot_to_agent = boot_to_agent.max(booted.elapsed());
     let (status, out) = sh(&uds_a, "echo before-the-snapshot > /tmp/mark && cat /tmp/mark");
     assert_eq!((status, out.as_str()), (0, "before-the-snapshot\n"));
@@ -192,7 +133,7 @@ fn a_booted_guest_is_snapshotted_stopped_and_restored_and_its_agent_answers_on_a
     let restore_took = restoring.elapsed();
     let stop_b = vm_b.stop_handle();
     let run_b = std::thread::spawn(move || vm_b.run());
-    let agent_after = wait_for_agent(&uds_b, &console_b, Duration::from_secs(120));
+    let agent_after = wait_for_agent(&uds_b, &|| console_b.text(), Duration::from_secs(120));
     let restore_to_agent = restoring.elapsed();
     let (status, out) = sh(&uds_b, "cat /tmp/mark && echo after-the-restore && cat /proc/uptime");
     println!("restored guest answered: {out:?}");
