@@ -19,6 +19,15 @@
 
 pub mod format;
 
+/// Saving and restoring KVM state, usable on bare KVM file descriptors
+/// (the snapshot probe, `vmm/tests/snapshot_probe.rs`, drives its VMs
+/// with these).
+pub mod kvm {
+    pub use crate::vstate::state::{
+        msrs_to_save, restore_vcpu, restore_vm, save_vcpu, save_vm, xsave_size, VcpuState, VmKvmState, UNLISTED_MSRS,
+    };
+}
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
