@@ -47,6 +47,12 @@ pub fn encode<H: Serialize, P: Serialize>(header: &H, payload: &P) -> Result<Vec
         .map_err(|e| Error::SnapshotCorrupt { reason: format!("cannot encode the header: {e}") })?;
     let payload = postcard::to_stdvec(payload)
         .map_err(|e| Error::SnapshotCorrupt { reason: format!("cannot encode the state: {e}") })?;
+    frame(&header, &payload)
+}
+
+/// Frames an encoded header and payload as a state file: prefix, both, and
+/// the checksum. (Also lets a fuzzer reach the decoders past the checksum.)
+pub fn frame(header: &[u8], payload: &[u8]) -> Result<Vec<u8>> {
     let header_len = u32::try_from(header.len()).ok().filter(|&n| n <= MAX_HEADER_LEN);
     let payload_len = u64::try_from(payload.len()).ok().filter(|&n| n <= MAX_PAYLOAD_LEN);
     let (Some(header_len), Some(payload_len)) = (header_len, payload_len) else {
@@ -57,8 +63,8 @@ pub fn encode<H: Serialize, P: Serialize>(header: &H, payload: &P) -> Result<Vec
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     out.extend_from_slice(&header_len.to_le_bytes());
     out.extend_from_slice(&payload_len.to_le_bytes());
-    out.extend_from_slice(&header);
-    out.extend_from_slice(&payload);
+    out.extend_from_slice(header);
+    out.extend_from_slice(payload);
     let checksum = Sha256::digest(&out);
     out.extend_from_slice(&checksum);
     Ok(out)
@@ -79,29 +85,48 @@ fn u32_at(bytes: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(word)
 }
 
+/// Largest state file accepted.
+pub const MAX_FILE_LEN: u64 = (PREFIX_LEN + CHECKSUM_LEN) as u64 + MAX_HEADER_LEN as u64 + MAX_PAYLOAD_LEN;
+
 /// Reads and checks the state file at `path` (see the module docs); decodes
-/// the payload only when `with_payload`.
+/// the payload only when `with_payload`. A file larger than any state file
+/// is refused before it is read.
 pub fn read<H: DeserializeOwned, P: DeserializeOwned>(path: &Path, with_payload: bool) -> Result<Decoded<H, P>> {
     let file_error = |source| Error::File { what: "snapshot state file", path: path.to_path_buf(), source };
-    let mut file = std::fs::File::open(path).map_err(file_error)?;
+    let file = std::fs::File::open(path).map_err(file_error)?;
     let len = file.metadata().map_err(file_error)?.len();
-    let mut prefix = Vec::with_capacity(PREFIX_LEN);
-    file.by_ref().take(PREFIX_LEN as u64).read_to_end(&mut prefix).map_err(file_error)?;
+    let mut bytes = Vec::new();
+    // One byte more than the limit is enough to tell a file that is too large.
+    file.take(MAX_FILE_LEN + 1).read_to_end(&mut bytes).map_err(file_error)?;
+    if bytes.len() as u64 != len.min(MAX_FILE_LEN + 1) {
+        return Err(Error::SnapshotTruncated { path: path.to_path_buf(), expected: len, got: bytes.len() as u64 });
+    }
+    decode(&bytes, path, with_payload)
+}
+
+/// Checks and decodes a state file's bytes (see the module docs); `path`
+/// only names it in errors. Never panics, whatever the bytes.
+pub fn decode<H: DeserializeOwned, P: DeserializeOwned>(
+    bytes: &[u8],
+    path: &Path,
+    with_payload: bool,
+) -> Result<Decoded<H, P>> {
+    let len = bytes.len() as u64;
     let truncated = |expected: u64| Error::SnapshotTruncated { path: path.to_path_buf(), expected, got: len };
-    let magic_len = prefix.len().min(MAGIC.len());
-    if prefix[..magic_len] != MAGIC[..magic_len] || prefix.is_empty() {
+    let magic_len = bytes.len().min(MAGIC.len());
+    if bytes.is_empty() || bytes[..magic_len] != MAGIC[..magic_len] {
         return Err(Error::SnapshotForeign { path: path.to_path_buf() });
     }
-    if prefix.len() < PREFIX_LEN {
+    if bytes.len() < PREFIX_LEN {
         return Err(truncated(PREFIX_LEN as u64));
     }
-    let version = u32_at(&prefix, 8);
+    let version = u32_at(bytes, 8);
     if version != FORMAT_VERSION {
         return Err(Error::SnapshotVersion { path: path.to_path_buf(), found: version, supported: FORMAT_VERSION });
     }
-    let header_len = u32_at(&prefix, 12);
+    let header_len = u32_at(bytes, 12);
     let mut payload_len = [0u8; 8];
-    payload_len.copy_from_slice(&prefix[16..24]);
+    payload_len.copy_from_slice(&bytes[16..24]);
     let payload_len = u64::from_le_bytes(payload_len);
     if header_len > MAX_HEADER_LEN || payload_len > MAX_PAYLOAD_LEN {
         return Err(Error::SnapshotCorrupt {
@@ -120,24 +145,16 @@ pub fn read<H: DeserializeOwned, P: DeserializeOwned>(path: &Path, with_payload:
             reason: format!("{}: {} bytes after the end of the snapshot", path.display(), len - expected),
         });
     }
-    // Bounded above: at most 24 + 64 KiB + 64 MiB + 32 bytes.
-    let mut all = prefix;
-    all.reserve_exact(usize::try_from(expected).unwrap_or(0).saturating_sub(PREFIX_LEN));
-    file.read_to_end(&mut all).map_err(file_error)?;
-    if all.len() as u64 != expected {
-        // The file changed under us.
-        return Err(truncated(expected));
-    }
-    let body_end = all.len() - CHECKSUM_LEN;
-    if Sha256::digest(&all[..body_end]).as_slice() != &all[body_end..] {
+    let body_end = bytes.len() - CHECKSUM_LEN;
+    if Sha256::digest(&bytes[..body_end]).as_slice() != &bytes[body_end..] {
         return Err(Error::SnapshotChecksum { path: path.to_path_buf() });
     }
     let header_end = PREFIX_LEN + header_len as usize;
-    let header = serde_json::from_slice(&all[PREFIX_LEN..header_end])
+    let header = serde_json::from_slice(&bytes[PREFIX_LEN..header_end])
         .map_err(|e| Error::SnapshotCorrupt { reason: format!("{}: header: {e}", path.display()) })?;
     let payload = if with_payload {
         Some(
-            postcard::from_bytes(&all[header_end..body_end])
+            postcard::from_bytes(&bytes[header_end..body_end])
                 .map_err(|e| Error::SnapshotCorrupt { reason: format!("{}: state: {e}", path.display()) })?,
         )
     } else {
