@@ -261,7 +261,7 @@ fn check_snapshot(header: &SnapshotHeader, saved: &VmState, config: &VmConfig, d
 
 /// Maps the memory file privately (copy-on-write) as the guest RAM regions
 /// for `memory_mib` MiB, at consecutive offsets.
-fn map_memory_file(path: &std::path::Path, memory_mib: u32) -> Result<(GuestMemoryMmap, Vec<(GuestAddress, u64)>)> {
+fn map_memory_file(path: &std::path::Path, memory_mib: u32) -> Result<GuestMemoryMmap> {
     let file_error = |source| Error::File { what: "snapshot memory file", path: path.to_path_buf(), source };
     let file = std::fs::File::open(path).map_err(file_error)?;
     let len = file.metadata().map_err(file_error)?.len();
@@ -303,7 +303,7 @@ fn map_memory_file(path: &std::path::Path, memory_mib: u32) -> Result<(GuestMemo
         path: path.to_path_buf(),
         source: std::io::Error::other(e),
     })?;
-    Ok((mem, ram))
+    Ok(mem)
 }
 
 impl Vm {
@@ -374,7 +374,7 @@ impl Vm {
         let (header, saved) = snapshot::read_state(&files.state)?;
         check_snapshot(&header, &saved, &config, digests)?;
         let opened = config.open_disks()?;
-        let (mem, _ram) = map_memory_file(&files.memory, config.memory_mib)?;
+        let mem = map_memory_file(&files.memory, config.memory_mib)?;
         let parts = assemble(&mut config, opened, &mem, Some(&saved.serial))?;
 
         // The devices: the same ones, in the same windows, each given its state.

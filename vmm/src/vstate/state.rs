@@ -207,18 +207,19 @@ pub fn save_vm(vm: &VmFd) -> Result<VmKvmState> {
     Ok(VmKvmState { irqchips, pit2, clock })
 }
 
-/// Restores the VM-wide state, after every vCPU. The clock is set with the
-/// flags it was read with: with KVM_CLOCK_REALTIME, KVM advances it by the
-/// wall time since the save, keeping the guest's kvmclock in step with the
-/// host's clock (the TSC cannot be restored here, see the probe notes); if
-/// KVM refuses those flags, the clock resumes at the saved value.
+/// Restores the VM-wide state, after every vCPU. kvmclock resumes at the
+/// saved value (flags 0, not KVM_CLOCK_REALTIME): the guest sees no time
+/// pass while the snapshot was on disk. With KVM_CLOCK_REALTIME, KVM would
+/// advance the clock by the wall time since the save, and the guest kernel
+/// would see every CPU silent for that long at once: a real guest restored
+/// a minute after its snapshot answered after seconds instead of a quarter
+/// of a second, and one restored after two and a half minutes was stuck in
+/// RCU stall reports on its emulated console. The guest's wall clock is to
+/// be set by whoever hands the restored VM out.
 pub fn restore_vm(vm: &VmFd, state: &VmKvmState) -> Result<()> {
     vm.set_pit2(&state.pit2).map_err(kvm("KVM_SET_PIT2"))?;
-    if let Err(e) = vm.set_clock(&state.clock) {
-        tracing::debug!("KVM_SET_CLOCK with flags {:#x} refused ({e}); setting it without", state.clock.flags);
-        let plain = kvm_clock_data { flags: 0, ..state.clock };
-        vm.set_clock(&plain).map_err(kvm("KVM_SET_CLOCK"))?;
-    }
+    let clock = kvm_clock_data { flags: 0, ..state.clock };
+    vm.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))?;
     for chip in &state.irqchips {
         vm.set_irqchip(chip).map_err(kvm("KVM_SET_IRQCHIP"))?;
     }
