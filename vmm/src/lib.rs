@@ -28,6 +28,9 @@
 //! # }
 //! ```
 //!
+//! A running VM can be snapshotted through its [`VmController`] and
+//! restored with [`Vm::restore`]; see [`snapshot`].
+//!
 //! Layout: [`layout`] is the guest address map; `arch` sets up x86 CPU
 //! state and boot structures; `vstate` holds KVM VM and vCPU handling;
 //! [`devices`] holds the devices, one directory per virtio device type.

@@ -5,8 +5,11 @@
 //! and console: at once, and after the snapshot has waited on disk for
 //! 45 s. Each restored guest's agent must answer a command over a new vsock
 //! connection, still have the mark, and not have seen the wait (its uptime
-//! goes on from the snapshot's). Prints how long boot, save and restore
-//! took and the sizes of the files.
+//! goes on from the snapshot's), and read a file from its root disk that
+//! the booted guest never read (virtio-blk after the restore; checked
+//! against the image, extracted on the host). The second copy gets another
+//! vsock CID, which the guest takes from the transport reset. Prints how
+//! long boot, save and restore took and the sizes of the files.
 //!
 //! Needs /dev/kvm, the kernel (`kernel-config/build.sh`, or SANDBOX_KERNEL)
 //! and the default image (`./setup.sh`, or SANDBOX_IMAGE). Without them the
@@ -64,6 +67,27 @@ impl Console {
     }
 }
 
+/// A file of the default image that nothing reads while the guest boots
+/// (the image's tools are static), so reading it after a restore goes
+/// through the block device.
+const UNREAD_FILE: &str = "/lib/x86_64-linux-gnu/libcrypto.so.3";
+
+/// MD5 of a file of the image, from the image extracted on the host.
+fn md5_in_image(dir: &Path, file: &str) -> String {
+    let root = dir.join("extracted");
+    let status = std::process::Command::new("fsck.erofs")
+        .arg(format!("--extract={}", root.display()))
+        .arg(image())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("fsck.erofs is missing: apt-get install erofs-utils");
+    assert!(status.success(), "fsck.erofs --extract failed");
+    let out = std::process::Command::new("md5sum").arg(root.join(file.trim_start_matches('/'))).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    std::fs::remove_dir_all(&root).unwrap();
+    text.split_whitespace().next().unwrap().to_string()
+}
+
 fn config(uds: &Path, console: &Console) -> VmConfig {
     VmConfig {
         kernel: kernel(),
@@ -94,13 +118,16 @@ fn uptime(out: &str) -> f64 {
     line.split_whitespace().next().unwrap().parse().unwrap()
 }
 
-/// A VM restored from `files` with the vsock socket `uds`, run until its
-/// agent answers; checks the mark and returns the guest's uptime, then
-/// stops it. Prints its timings under `name`.
-fn restore_and_check(name: &str, files: &SnapshotFiles, digests: &Digests, uds: &Path) -> f64 {
+/// A VM restored from `files` with the vsock socket `uds` and the guest CID
+/// `cid`, run until its agent answers; checks the mark and that
+/// `UNREAD_FILE` reads as `md5`, returns the guest's uptime, then stops it.
+/// Prints its timings under `name`.
+fn restore_and_check(name: &str, files: &SnapshotFiles, digests: &Digests, uds: &Path, cid: u32, md5: &str) -> f64 {
     let console = Console::default();
     let restoring = Instant::now();
-    let vm = Vm::restore(config(uds, &console), files, digests).unwrap();
+    let mut config = config(uds, &console);
+    config.vsock = Some(VsockConfig { guest_cid: cid, uds_path: uds.to_path_buf() });
+    let vm = Vm::restore(config, files, digests).unwrap();
     let built = restoring.elapsed();
     let stop = vm.stop_handle();
     let run = std::thread::spawn(move || vm.run());
@@ -112,6 +139,7 @@ fn restore_and_check(name: &str, files: &SnapshotFiles, digests: &Digests, uds: 
     let second = Instant::now();
     assert_eq!(sh(uds, "true").0, 0);
     let second = second.elapsed();
+    let (md5_status, md5_out) = sh(uds, &format!("md5sum {UNREAD_FILE}"));
     stop.stop();
     let reason = run.join().unwrap();
     println!(
@@ -124,6 +152,8 @@ fn restore_and_check(name: &str, files: &SnapshotFiles, digests: &Digests, uds: 
     assert_eq!(reason.unwrap(), ExitReason::StopRequested, "console:\n{}", console.text());
     assert_eq!(status, 0, "{out}");
     assert!(out.starts_with("before-the-snapshot\nafter-the-restore\n"), "{out}");
+    assert_eq!(md5_status, 0, "{md5_out}");
+    assert_eq!(md5_out.split_whitespace().next(), Some(md5), "{UNREAD_FILE} read after the restore: {md5_out}");
     uptime(&out)
 }
 
@@ -185,10 +215,13 @@ fn a_booted_guest_is_snapshotted_stopped_and_restored_and_its_agent_answers_on_a
         memory_allocated
     );
 
-    // B at once, C after the snapshot has waited on disk.
-    let uptime_b = restore_and_check("restored at once", &files, &digests, &dir.path().join("b/vsock.sock"));
+    // B at once, C after the snapshot has waited on disk, with another CID.
+    let md5 = md5_in_image(dir.path(), UNREAD_FILE);
+    let uds_b = dir.path().join("b/vsock.sock");
+    let uptime_b = restore_and_check("restored at once", &files, &digests, &uds_b, 3, &md5);
     std::thread::sleep(Duration::from_secs(45));
-    let uptime_c = restore_and_check("restored after 45 s", &files, &digests, &dir.path().join("c/vsock.sock"));
+    let uds_c = dir.path().join("c/vsock.sock");
+    let uptime_c = restore_and_check("restored after 45 s, CID 4", &files, &digests, &uds_c, 4, &md5);
     println!(
         "guest uptime: {uptime_a:.2} s before the snapshot, {uptime_b:.2} s and {uptime_c:.2} s after the restores"
     );
