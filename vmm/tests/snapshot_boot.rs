@@ -1,6 +1,8 @@
 //! Snapshots of the real guest: boots the guest kernel with the built
 //! default image until its agent answers on vsock port 5000, leaves a mark
-//! in the guest (a file in its /tmp), snapshots and stops it, and restores
+//! in the guest (a file in its /tmp), snapshots it once resuming (an agent
+//! connection opened before still works after), then snapshots and stops
+//! it, and restores
 //! the snapshot twice, each time into a new VM with another vsock socket
 //! and console: at once, and after the snapshot has waited on disk for
 //! 45 s. Each restored guest's agent must answer a command over a new vsock
@@ -29,7 +31,7 @@ use std::time::{Duration, Instant};
 #[path = "support/agent.rs"]
 mod agent;
 
-use agent::{sh, wait_for_agent};
+use agent::{sh, sh_on, wait_for_agent};
 use vmm::{AfterSnapshot, Digests, ExitReason, SnapshotFiles, Vm, VmConfig, VsockConfig};
 
 fn cached(var: &str, under_cache: &str) -> PathBuf {
@@ -190,11 +192,23 @@ fn a_booted_guest_is_snapshotted_stopped_and_restored_and_its_agent_answers_on_a
     assert_eq!(sh(&uds_a, "true").0, 0);
     let command_a = command_a.elapsed();
 
-    // Snapshot and stop A.
     let digests = Digests {
         kernel: Some(vmm::snapshot::sha256_file(&kernel()).unwrap()),
         disks: vec![Some(vmm::snapshot::sha256_file(&image()).unwrap())],
     };
+    // A snapshot that resumes leaves A as it was: a connection to its agent
+    // opened before it still works after it.
+    let open = agent::agent(&uds_a).unwrap();
+    let resumed = SnapshotFiles::in_dir(dir.path().join("a"));
+    let info = controller.snapshot(&resumed, AfterSnapshot::Resume, digests.clone()).unwrap();
+    println!(
+        "a snapshot that resumes paused the guest for {:.1} ms",
+        (info.pause_took + info.paused_for).as_secs_f64() * 1e3
+    );
+    let (status, out) = sh_on(open, "cat /tmp/mark");
+    assert_eq!((status, out.as_str()), (0, "before-the-snapshot\n"));
+
+    // Snapshot and stop A.
     let saving = Instant::now();
     let info = controller.snapshot(&files, AfterSnapshot::Stop, digests.clone()).unwrap();
     let save_took = saving.elapsed();

@@ -48,7 +48,11 @@ pub fn wait_for_agent(uds: &Path, console: &dyn Fn() -> String, limit: Duration)
 
 /// Runs `script` with /bin/sh in the guest: (exit status, stdout + stderr).
 pub fn sh(uds: &Path, script: &str) -> (i32, String) {
-    let mut s = agent(uds).expect("agent");
+    sh_on(agent(uds).expect("agent"), script)
+}
+
+/// Runs `script` with /bin/sh on an agent connection made earlier.
+pub fn sh_on(mut s: UnixStream, script: &str) -> (i32, String) {
     let exec = Exec {
         argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
         env: Vec::new(),
