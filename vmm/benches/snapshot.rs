@@ -7,8 +7,13 @@
 //! timed from `Vm::create` / `Vm::restore` to `true` having exited in the
 //! guest. Prints the medians, their ratio, and the host's load average
 //! (the test bed is shared: absolute times vary, the ratio less).
-//! `SNAPSHOT_BENCH_ROUNDS` sets the rounds (default 3). Needs /dev/kvm, the
-//! kernel and the default image (as `vmm/tests/snapshot_boot.rs`).
+//! `SNAPSHOT_BENCH_ROUNDS` sets the rounds (default 3). Then
+//! `SNAPSHOT_BENCH_COPIES` (default 3) copies are restored at once, brought
+//! to exec-ready and left idle for a few seconds, and the guest memory
+//! mapping of each is read from /proc/self/smaps: how much of it is shared
+//! with the snapshot's page cache and how much the copy has made private.
+//! Needs /dev/kvm, the kernel and the default image (as
+//! `vmm/tests/snapshot_boot.rs`).
 #![allow(clippy::unwrap_used)]
 
 #[allow(dead_code)]
@@ -111,7 +116,7 @@ fn bench() -> Result<(), String> {
     };
     let rounds: usize = std::env::var("SNAPSHOT_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let uds = |name: &str| {
+    let uds = |name: &str| -> PathBuf {
         let d = dir.path().join(name);
         std::fs::create_dir_all(&d).unwrap();
         d.join("vsock.sock")
@@ -168,6 +173,7 @@ fn bench() -> Result<(), String> {
         boots.push(boot.as_secs_f64());
         restores.push(restore.as_secs_f64());
     }
+    copies(&setup, &files, &uds)?;
     let (boot, restore) = (median(boots), median(restores));
     println!(
         "median to exec-ready: cold boot {boot:.3} s, restore {:.1} ms, ratio restore/boot {:.4}",
@@ -175,6 +181,81 @@ fn bench() -> Result<(), String> {
         restore / boot
     );
     println!("host load average at end: {}", load());
+    Ok(())
+}
+
+/// (Rss, Shared_Clean + Shared_Dirty, Private_Dirty) in KiB of each
+/// mapping of `file` in this process.
+fn mappings_of(file: &Path) -> Vec<(u64, u64, u64)> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+    let name = file.display().to_string();
+    let mut out = Vec::new();
+    let mut current: Option<(u64, u64, u64)> = None;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or("");
+        if !first.ends_with(':') || first.contains('-') {
+            // A mapping's header line: "start-end perms offset dev inode path".
+            out.extend(current.take());
+            if line.ends_with(&name) {
+                current = Some((0, 0, 0));
+            }
+            continue;
+        }
+        let kib: u64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        if let Some(m) = current.as_mut() {
+            match first {
+                "Rss:" => m.0 = kib,
+                "Shared_Clean:" | "Shared_Dirty:" => m.1 += kib,
+                "Private_Dirty:" => m.2 = kib,
+                _ => {}
+            }
+        }
+    }
+    out.extend(current);
+    out
+}
+
+/// Restores several copies at once, lets them idle, and prints how much of
+/// each one's guest memory is shared and how much private.
+fn copies(setup: &Setup, files: &SnapshotFiles, uds: &dyn Fn(&str) -> PathBuf) -> Result<(), String> {
+    let n: usize = std::env::var("SNAPSHOT_BENCH_COPIES").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let mut running = Vec::new();
+    let started = Instant::now();
+    for i in 0..n {
+        let console = Console::default();
+        let path = uds(&format!("copy{i}"));
+        let mut config = setup.config(&path, &console);
+        config.vsock = Some(VsockConfig { guest_cid: 10 + i as u32, uds_path: path.clone() });
+        let vm = Vm::restore(config, files, &Digests::default()).map_err(|e| e.to_string())?;
+        let stop = vm.stop_handle();
+        running.push((path, console, stop, std::thread::spawn(move || vm.run())));
+    }
+    for (path, console, _, _) in &running {
+        let text = || String::from_utf8_lossy(&console.0.lock().unwrap()).into_owned();
+        agent::wait_for_agent(path, &text, Duration::from_secs(600));
+        assert_eq!(agent::sh(path, "true").0, 0);
+    }
+    let ready = started.elapsed();
+    std::thread::sleep(Duration::from_secs(5));
+    let maps = mappings_of(&files.memory);
+    println!(
+        "{n} copies restored at once, all exec-ready after {:.2} s, then idle 5 s; guest memory per copy \
+         (RSS / shared with the page cache / private), MiB:",
+        ready.as_secs_f64()
+    );
+    for (i, (rss, shared, private)) in maps.iter().enumerate() {
+        println!(
+            "  copy {i}: {:.1} / {:.1} / {:.1}",
+            *rss as f64 / 1024.0,
+            *shared as f64 / 1024.0,
+            *private as f64 / 1024.0
+        );
+    }
+    for (_, _, stop, thread) in running {
+        stop.stop();
+        thread.join().unwrap().map_err(|e| e.to_string())?;
+    }
     Ok(())
 }
 
