@@ -261,7 +261,7 @@ fn check_snapshot(header: &SnapshotHeader, saved: &VmState, config: &VmConfig, d
 
 /// Maps the memory file privately (copy-on-write) as the guest RAM regions
 /// for `memory_mib` MiB, at consecutive offsets.
-fn map_memory_file(path: &std::path::Path, memory_mib: u32) -> Result<GuestMemoryMmap> {
+fn map_memory_file(path: &std::path::Path, memory_mib: u32) -> Result<(GuestMemoryMmap, Arc<std::fs::File>)> {
     let file_error = |source| Error::File { what: "snapshot memory file", path: path.to_path_buf(), source };
     let file = std::fs::File::open(path).map_err(file_error)?;
     let len = file.metadata().map_err(file_error)?.len();
@@ -303,7 +303,7 @@ fn map_memory_file(path: &std::path::Path, memory_mib: u32) -> Result<GuestMemor
         path: path.to_path_buf(),
         source: std::io::Error::other(e),
     })?;
-    Ok(mem)
+    Ok((mem, file))
 }
 
 impl Vm {
@@ -374,8 +374,9 @@ impl Vm {
         let (header, saved) = snapshot::read_state(&files.state)?;
         check_snapshot(&header, &saved, &config, digests)?;
         let opened = config.open_disks()?;
-        let mem = map_memory_file(&files.memory, config.memory_mib)?;
+        let (mem, memory_file) = map_memory_file(&files.memory, config.memory_mib)?;
         let parts = assemble(&mut config, opened, &mem, Some(&saved.serial))?;
+        parts.control.set_source_memory(&memory_file)?;
 
         // The devices: the same ones, in the same windows, each given its state.
         let kinds =
@@ -614,7 +615,7 @@ mod tests {
         file.write_all_at(b"high", below_gap + 16).unwrap();
         file.write_all_at(b"end", len - 3).unwrap();
 
-        let mem = map_memory_file(&path, memory_mib).unwrap();
+        let (mem, _) = map_memory_file(&path, memory_mib).unwrap();
         let read = |addr: u64, n: usize| {
             let mut buf = vec![0u8; n];
             mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();

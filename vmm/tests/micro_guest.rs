@@ -432,6 +432,13 @@ fn a_snapshot_can_stop_the_vm_and_two_vms_restore_from_it_at_once() {
         assert_eq!(got[0], next);
         assert_consecutive(&got, "a copy");
     }
+    // A copy will not write a snapshot over the memory file it runs from,
+    // and runs on.
+    let err = copies[0].controller.snapshot(&files, vmm::AfterSnapshot::Resume, vmm::Digests::default()).unwrap_err();
+    assert!(err.to_string().contains("mapped from it"), "{err}");
+    assert_eq!(counter_in(&files.memory), saved_count);
+    let seen = reports(&copies[0].sink).len();
+    wait_for_reports(&copies[0].sink, seen + 2);
     for copy in copies {
         copy.stop.stop();
         assert_eq!(copy.thread.join().unwrap().unwrap(), ExitReason::StopRequested);

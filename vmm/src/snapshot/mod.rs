@@ -29,7 +29,7 @@ pub mod kvm {
 }
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::time::Duration;
@@ -285,6 +285,9 @@ pub(crate) struct ControlShared {
     request: Mutex<Option<Request>>,
     event: EventFd,
     memory_bytes: u64,
+    /// The memory file this VM's RAM is mapped from (device, inode), if it
+    /// was restored: a snapshot must not be written over it.
+    source_memory: Mutex<Option<(u64, u64)>>,
 }
 
 impl ControlShared {
@@ -293,7 +296,15 @@ impl ControlShared {
             request: Mutex::new(None),
             event: EventFd::new(EFD_NONBLOCK).map_err(io("creating the control eventfd"))?,
             memory_bytes,
+            source_memory: Mutex::new(None),
         })
+    }
+
+    /// Records the memory file a restored VM's RAM is mapped from.
+    pub(crate) fn set_source_memory(&self, file: &File) -> Result<()> {
+        let meta = file.metadata().map_err(io("reading the snapshot memory file's metadata"))?;
+        *lock(&self.source_memory) = Some((meta.dev(), meta.ino()));
+        Ok(())
     }
 
     /// The pending request, if any (for the run loop).
@@ -330,7 +341,11 @@ impl VmController {
     }
 
     /// Pauses the VM, writes its snapshot to `files` (created or replaced),
-    /// then resumes or stops it as `then` says. `digests` are recorded in
+    /// then resumes or stops it as `then` says. A restored VM refuses to
+    /// write over the memory file it runs from; other VMs restored from a
+    /// memory file cannot be protected that way: never replace the files
+    /// of a snapshot that VMs run from (truncating a memory file makes
+    /// their guests' untouched pages vanish). `digests` are recorded in
     /// the header. Blocks until the files are written. If the VM is created
     /// but not yet running, the snapshot is taken as soon as it runs.
     ///
@@ -338,6 +353,20 @@ impl VmController {
     /// files may be incomplete: a restore refuses them.
     pub fn snapshot(&self, files: &SnapshotFiles, then: AfterSnapshot, digests: Digests) -> Result<SnapshotInfo> {
         let shared = self.0.upgrade().ok_or(Error::VmNotRunning)?;
+        // Truncating the file this VM's memory is mapped from would pull
+        // the guest's memory from under it (SIGBUS on the next access).
+        if let (Ok(target), Some(source)) = (std::fs::metadata(&files.memory), *lock(&shared.source_memory)) {
+            if (target.dev(), target.ino()) == source {
+                return Err(Error::File {
+                    what: "snapshot memory file",
+                    path: files.memory.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::AlreadyExists,
+                        "this VM's memory is mapped from it: write the snapshot to another file",
+                    ),
+                });
+            }
+        }
         let create = |what: &'static str, path: &Path| {
             std::fs::OpenOptions::new()
                 .write(true)
