@@ -28,9 +28,13 @@ pub fn agent(uds: &Path) -> Result<UnixStream, String> {
     write_frame(&mut s, &HostMessage::Hello { version: VERSION }).map_err(|e| e.to_string())?;
     match read_frame::<GuestMessage>(&mut s) {
         Ok(Some(GuestMessage::Hello { .. })) => Ok(s),
+        Ok(Some(GuestMessage::Error(e))) => Err(format!("{REFUSED}: {e}")),
         other => Err(format!("hello answered {other:?}")),
     }
 }
+
+/// How [`agent`]'s error starts when the agent answered, but refused.
+const REFUSED: &str = "the agent refused the hello";
 
 /// Waits until the agent answers; returns how long that took.
 pub fn wait_for_agent(uds: &Path, console: &dyn Fn() -> String, limit: Duration) -> Duration {
@@ -38,6 +42,11 @@ pub fn wait_for_agent(uds: &Path, console: &dyn Fn() -> String, limit: Duration)
     loop {
         match agent(uds) {
             Ok(_) => return started.elapsed(),
+            // Not a guest still booting: an image built from other sources.
+            Err(e) if e.starts_with(REFUSED) => panic!(
+                "{e} (protocol version {VERSION} here): is the image built from this tree? \
+                 rebuild it (./setup.sh) or point SANDBOX_IMAGE at one that is"
+            ),
             Err(e) if started.elapsed() > limit => {
                 panic!("the agent did not answer within {limit:?}: {e}\nconsole:\n{}", console())
             }
