@@ -151,6 +151,12 @@ impl VmConfig {
     /// Opens the kernel and disk images, failing with the file's role and path.
     pub(crate) fn open_files(&self) -> Result<OpenedFiles> {
         let kernel = open_regular("kernel", &self.kernel, |p| File::open(p))?;
+        let (root, extra) = self.open_disks()?;
+        Ok(OpenedFiles { kernel, root, extra })
+    }
+
+    /// Opens the disk images (the root disk, then the others in order).
+    pub(crate) fn open_disks(&self) -> Result<(DiskImage, Vec<DiskImage>)> {
         let root = open_disk("root disk image", &self.root_disk, true)?;
         let extra = self
             .extra_disks
@@ -160,7 +166,7 @@ impl VmConfig {
                 open_disk(what, &d.path, d.read_only)
             })
             .collect::<Result<_>>()?;
-        Ok(OpenedFiles { kernel, root, extra })
+        Ok((root, extra))
     }
 }
 

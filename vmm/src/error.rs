@@ -172,6 +172,71 @@ pub enum Error {
     /// The device event loop failed.
     #[error("device event loop: {0}")]
     EventLoop(#[source] event_manager::Error),
+    /// The VM a controller belongs to is not running (it has ended, or it
+    /// ended while the request was being served).
+    #[error("the VM is not running")]
+    VmNotRunning,
+    /// Another snapshot of the same VM is under way.
+    #[error("a snapshot of this VM is already being taken")]
+    SnapshotBusy,
+    /// A file is not a snapshot state file of this VMM (wrong magic).
+    #[error("{} is not a sandbox VM snapshot (no snapshot header)", path.display())]
+    SnapshotForeign {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A snapshot written in a format version this VMM does not read.
+    #[error("snapshot {} has format version {found}; this VMM reads version {supported}", path.display())]
+    SnapshotVersion {
+        /// The file.
+        path: PathBuf,
+        /// The version in the file.
+        found: u32,
+        /// The version this build reads and writes.
+        supported: u32,
+    },
+    /// A snapshot file is shorter than its header says.
+    #[error("snapshot {} is truncated: {got} bytes, expected {expected}", path.display())]
+    SnapshotTruncated {
+        /// The file.
+        path: PathBuf,
+        /// Its expected length.
+        expected: u64,
+        /// Its actual length.
+        got: u64,
+    },
+    /// A snapshot state file's checksum does not match its content.
+    #[error("snapshot {} is corrupt: its SHA-256 checksum does not match its content", path.display())]
+    SnapshotChecksum {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A snapshot's content cannot be decoded or used although its checksum
+    /// matched (written by a faulty or hostile writer).
+    #[error("snapshot is invalid: {reason}")]
+    SnapshotCorrupt {
+        /// What is wrong.
+        reason: String,
+    },
+    /// A snapshot does not fit the VM it is restored into (memory size,
+    /// vCPU count, devices, kernel or disk digests, VMM version).
+    #[error("snapshot does not match this VM: {what} is {snapshot} in the snapshot but {current} here")]
+    SnapshotMismatch {
+        /// What differs.
+        what: String,
+        /// Its value in the snapshot.
+        snapshot: String,
+        /// Its value for this VM.
+        current: String,
+    },
+    /// A device's saved state cannot be restored.
+    #[error("cannot restore the state of {device}: {reason}")]
+    DeviceRestore {
+        /// The device ("virtio-mmio device 2", "serial").
+        device: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Shorthand for results with [`Error`].

@@ -28,6 +28,9 @@
 //! # }
 //! ```
 //!
+//! A running VM can be snapshotted through its [`VmController`] and
+//! restored with [`Vm::restore`]; see [`snapshot`].
+//!
 //! Layout: [`layout`] is the guest address map; `arch` sets up x86 CPU
 //! state and boot structures; `vstate` holds KVM VM and vCPU handling;
 //! [`devices`] holds the devices, one directory per virtio device type.
@@ -38,6 +41,7 @@ mod config;
 pub mod devices;
 mod error;
 pub mod layout;
+pub mod snapshot;
 mod vm;
 mod vstate;
 
@@ -46,6 +50,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 pub use config::{ExtraDisk, ThreadFilters, VmConfig, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};
 pub use devices::virtio::vsock::VsockConfig;
 pub use error::{Error, Result};
+pub use snapshot::{AfterSnapshot, Digests, SnapshotFiles, SnapshotInfo, VmController};
 pub use vm::Vm;
 pub use vstate::exit::{ExitReason, StopHandle};
 
@@ -64,4 +69,5 @@ const _: () = {
     send::<VmConfig>();
     send_sync::<Error>();
     send_sync::<StopHandle>();
+    send_sync::<VmController>();
 };

@@ -260,3 +260,275 @@ fn the_event_loop_filter_is_in_force_before_the_first_device_event() {
     let err = vm.run().unwrap_err();
     assert!(matches!(err, Error::EventLoop(_)), "{err}");
 }
+
+/// Counts in memory at 0x2000 and, every 4096 increments, prints the count
+/// on the serial port as a line of eight digits, most significant first,
+/// each digit 0-15 as the character `'0' + digit` ('0'..='?'):
+/// ```text
+/// loop:  inc dword [0x2000]; mov eax, [0x2000]; test eax, 0xfff; jnz loop
+///        mov ebx, eax; mov ecx, 8; mov dx, 0x3f8
+/// digit: rol ebx, 4; mov al, bl; and al, 0xf; add al, '0'; out dx, al
+///        dec ecx; jnz digit; mov al, '\n'; out dx, al; jmp loop
+/// ```
+const COUNT_AND_REPORT: &[u8] = &[
+    0xff, 0x05, 0x00, 0x20, 0x00, 0x00, // inc dword [0x2000]
+    0xa1, 0x00, 0x20, 0x00, 0x00, // mov eax, [0x2000]
+    0xa9, 0xff, 0x0f, 0x00, 0x00, // test eax, 0xfff
+    0x75, 0xee, // jnz loop
+    0x89, 0xc3, // mov ebx, eax
+    0xb9, 0x08, 0x00, 0x00, 0x00, // mov ecx, 8
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xc1, 0xc3, 0x04, // digit: rol ebx, 4
+    0x88, 0xd8, // mov al, bl
+    0x24, 0x0f, // and al, 0xf
+    0x04, 0x30, // add al, '0'
+    0xee, // out dx, al
+    0x49, // dec ecx
+    0x75, 0xf3, // jnz digit
+    0xb0, 0x0a, // mov al, '\n'
+    0xee, // out dx, al
+    0xeb, 0xd1, // jmp loop
+];
+/// Where `COUNT_AND_REPORT` keeps its count (a guest physical address).
+const COUNTER_ADDR: usize = 0x2000;
+const REPORT_EVERY: u32 = 4096;
+
+/// The counts in the complete report lines of `sink`, skipping a partial
+/// first line (a restored guest may go on in the middle of one).
+fn reports(sink: &Sink) -> Vec<u32> {
+    let bytes = sink.0.lock().unwrap().clone();
+    let text = String::from_utf8_lossy(&bytes);
+    let mut lines: Vec<&str> = text.split('\n').collect();
+    lines.pop(); // not ended yet
+    lines
+        .into_iter()
+        .filter(|l| l.len() == 8)
+        .map(|l| l.bytes().fold(0u32, |acc, c| (acc << 4) | u32::from(c - b'0')))
+        .collect()
+}
+
+/// Waits until `sink` holds at least `n` reports.
+fn wait_for_reports(sink: &Sink, n: usize) -> Vec<u32> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = reports(sink);
+        if got.len() >= n {
+            return got;
+        }
+        assert!(std::time::Instant::now() < deadline, "only {} reports: {got:?}", got.len());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn assert_consecutive(reports: &[u32], who: &str) {
+    for pair in reports.windows(2) {
+        assert_eq!(pair[1], pair[0] + REPORT_EVERY, "{who} skipped or repeated a count: {reports:?}");
+    }
+}
+
+fn counter_in(memory_file: &std::path::Path) -> u32 {
+    let bytes = std::fs::read(memory_file).unwrap();
+    u32::from_le_bytes(bytes[COUNTER_ADDR..COUNTER_ADDR + 4].try_into().unwrap())
+}
+
+/// A VM counting on its own thread.
+struct Running {
+    sink: Sink,
+    stop: vmm::StopHandle,
+    controller: vmm::VmController,
+    thread: std::thread::JoinHandle<vmm::Result<ExitReason>>,
+}
+
+fn start(vm: Vm, sink: Sink) -> Running {
+    let stop = vm.stop_handle();
+    let controller = vm.controller();
+    let thread = std::thread::spawn(move || vm.run());
+    Running { sink, stop, controller, thread }
+}
+
+#[test]
+fn a_snapshot_taken_mid_run_goes_on_in_a_restored_vm_while_the_original_runs_on_independently() {
+    if !vm::vm_available([]) {
+        return;
+    }
+    let g = guest(&elf(COUNT_AND_REPORT, true));
+    let snap_dir = tempfile::tempdir().unwrap();
+    let files = vmm::SnapshotFiles::in_dir(snap_dir.path());
+    let sink_a = Sink::default();
+    let a = start(Vm::create(config(&g, 1, &sink_a)).unwrap(), sink_a.clone());
+    wait_for_reports(&a.sink, 3);
+
+    let digests = vmm::Digests {
+        kernel: Some(vmm::snapshot::sha256_file(&g.kernel).unwrap()),
+        disks: vec![Some(vmm::snapshot::sha256_file(&g.disk).unwrap())],
+    };
+    let info = a.controller.snapshot(&files, vmm::AfterSnapshot::Resume, digests.clone()).unwrap();
+    println!(
+        "snapshot: paused after {:?}, paused for {:?}; state file {} bytes, memory file {} bytes ({} written)",
+        info.pause_took, info.paused_for, info.state_bytes, info.memory_bytes, info.memory_written_bytes
+    );
+    assert_eq!(info.memory_bytes, 32 << 20);
+    assert_eq!(std::fs::metadata(&files.memory).unwrap().len(), 32 << 20);
+    assert_eq!(std::fs::metadata(&files.state).unwrap().len(), info.state_bytes);
+    assert!(info.memory_written_bytes < info.memory_bytes / 4, "zero pages are left as holes");
+    let header = vmm::snapshot::read_header(&files.state).unwrap();
+    assert_eq!((header.memory_mib, header.vcpus), (32, 1));
+    assert_eq!(header.digests, digests);
+    let saved_count = counter_in(&files.memory);
+    assert!(saved_count >= 3 * REPORT_EVERY, "the count in the memory file: {saved_count}");
+
+    // B: a new VM from the snapshot, with its own console.
+    let sink_b = Sink::default();
+    let b = start(Vm::restore(config(&g, 1, &sink_b), &files, &digests).unwrap(), sink_b.clone());
+    let from_b = wait_for_reports(&b.sink, 5);
+    let reports_a_at_restore = reports(&a.sink).len();
+    let from_a = wait_for_reports(&a.sink, reports_a_at_restore + 5);
+    for vm in [&a, &b] {
+        vm.stop.stop();
+    }
+    let (a, b) = (a.thread.join().unwrap(), b.thread.join().unwrap());
+    assert_eq!(a.unwrap(), ExitReason::StopRequested);
+    assert_eq!(b.unwrap(), ExitReason::StopRequested);
+
+    // B went on from the saved count: its first report is the next
+    // multiple of 4096 after it, not a count from zero.
+    assert_eq!(from_b[0], (saved_count / REPORT_EVERY + 1) * REPORT_EVERY, "B: {from_b:?}");
+    assert_consecutive(&from_b, "B");
+    // A went on by itself: consecutive reports through the snapshot and
+    // while B ran. Had the two shared memory, both would have incremented
+    // one counter and skipped reports.
+    assert_consecutive(&from_a, "A");
+    assert!(from_a.contains(&from_b[0]) && from_a.len() > reports_a_at_restore);
+    // Neither wrote into the snapshot's memory file.
+    assert_eq!(counter_in(&files.memory), saved_count);
+}
+
+#[test]
+fn a_snapshot_can_stop_the_vm_and_two_vms_restore_from_it_at_once() {
+    if !vm::vm_available([]) {
+        return;
+    }
+    let g = guest(&elf(COUNT_AND_REPORT, true));
+    let snap_dir = tempfile::tempdir().unwrap();
+    let files = vmm::SnapshotFiles::in_dir(snap_dir.path());
+    let sink = Sink::default();
+    let a = start(Vm::create(config(&g, 2, &sink)).unwrap(), sink.clone());
+    wait_for_reports(&a.sink, 2);
+    a.controller.snapshot(&files, vmm::AfterSnapshot::Stop, vmm::Digests::default()).unwrap();
+    assert_eq!(a.thread.join().unwrap().unwrap(), ExitReason::StopRequested);
+    let err = a.controller.snapshot(&files, vmm::AfterSnapshot::Resume, vmm::Digests::default()).unwrap_err();
+    assert!(matches!(err, Error::VmNotRunning), "{err}");
+
+    let saved_count = counter_in(&files.memory);
+    let copies: Vec<Running> = (0..2)
+        .map(|_| {
+            let sink = Sink::default();
+            start(Vm::restore(config(&g, 2, &sink), &files, &vmm::Digests::default()).unwrap(), sink)
+        })
+        .collect();
+    let next = (saved_count / REPORT_EVERY + 1) * REPORT_EVERY;
+    for copy in &copies {
+        let got = wait_for_reports(&copy.sink, 3);
+        assert_eq!(got[0], next);
+        assert_consecutive(&got, "a copy");
+    }
+    // A copy will not write a snapshot over the memory file it runs from,
+    // and runs on.
+    let err = copies[0].controller.snapshot(&files, vmm::AfterSnapshot::Resume, vmm::Digests::default()).unwrap_err();
+    assert!(err.to_string().contains("mapped from it"), "{err}");
+    assert_eq!(counter_in(&files.memory), saved_count);
+    let seen = reports(&copies[0].sink).len();
+    wait_for_reports(&copies[0].sink, seen + 2);
+    for copy in copies {
+        copy.stop.stop();
+        assert_eq!(copy.thread.join().unwrap().unwrap(), ExitReason::StopRequested);
+    }
+}
+
+#[test]
+fn a_halted_guest_is_snapshotted_and_stays_halted_after_the_restore() {
+    if !vm::vm_available([]) {
+        return;
+    }
+    let g = guest(&elf(HALT_FOREVER, true));
+    let snap_dir = tempfile::tempdir().unwrap();
+    let files = vmm::SnapshotFiles::in_dir(snap_dir.path());
+    let a = start(Vm::create(config(&g, 1, &Sink::default())).unwrap(), Sink::default());
+    std::thread::sleep(Duration::from_millis(100));
+    a.controller.snapshot(&files, vmm::AfterSnapshot::Stop, vmm::Digests::default()).unwrap();
+    assert_eq!(a.thread.join().unwrap().unwrap(), ExitReason::StopRequested);
+    let b = start(Vm::restore(config(&g, 1, &Sink::default()), &files, &Default::default()).unwrap(), Sink::default());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!b.thread.is_finished(), "the restored guest is still halted");
+    b.controller
+        .snapshot(&vmm::SnapshotFiles::in_dir(g._dir.path()), vmm::AfterSnapshot::Resume, Default::default())
+        .unwrap();
+    b.stop.stop();
+    assert_eq!(b.thread.join().unwrap().unwrap(), ExitReason::StopRequested);
+}
+
+#[test]
+fn corrupt_truncated_foreign_and_mismatched_snapshots_are_refused_with_distinct_errors() {
+    if !vm::vm_available([]) {
+        return;
+    }
+    let g = guest(&elf(COUNT_AND_REPORT, true));
+    let snap_dir = tempfile::tempdir().unwrap();
+    let files = vmm::SnapshotFiles::in_dir(snap_dir.path());
+    let sink = Sink::default();
+    let a = start(Vm::create(config(&g, 1, &sink)).unwrap(), sink);
+    wait_for_reports(&a.sink, 1);
+    let digests = vmm::Digests { kernel: Some("k".repeat(64)), disks: vec![Some("d".repeat(64))] };
+    a.controller.snapshot(&files, vmm::AfterSnapshot::Stop, digests.clone()).unwrap();
+    a.thread.join().unwrap().unwrap();
+    let good = std::fs::read(&files.state).unwrap();
+    let restore = |files: &vmm::SnapshotFiles, memory_mib: u32, digests: &vmm::Digests| {
+        let mut c = config(&g, 1, &Sink::default());
+        c.memory_mib = memory_mib;
+        Vm::restore(c, files, digests).map(drop)
+    };
+    restore(&files, 32, &digests).unwrap();
+
+    let bad_dir = tempfile::tempdir().unwrap();
+    let bad = vmm::SnapshotFiles { state: bad_dir.path().join("vm.state"), memory: files.memory.clone() };
+    let with_state = |bytes: &[u8]| {
+        std::fs::write(&bad.state, bytes).unwrap();
+        restore(&bad, 32, &digests).unwrap_err()
+    };
+    let truncated = with_state(&good[..good.len() - 100]);
+    assert!(matches!(truncated, Error::SnapshotTruncated { .. }), "{truncated}");
+    let mut flipped = good.clone();
+    flipped[good.len() / 2] ^= 0x40;
+    let checksum = with_state(&flipped);
+    assert!(matches!(checksum, Error::SnapshotChecksum { .. }), "{checksum}");
+    let mut other_version = good.clone();
+    other_version[8..12].copy_from_slice(&99u32.to_le_bytes());
+    let version = with_state(&other_version);
+    assert!(matches!(version, Error::SnapshotVersion { found: 99, .. }), "{version}");
+    let foreign = with_state(&std::fs::read(&g.kernel).unwrap());
+    assert!(matches!(foreign, Error::SnapshotForeign { .. }), "{foreign}");
+
+    let memory = restore(&files, 64, &digests).unwrap_err();
+    assert!(matches!(memory, Error::SnapshotMismatch { .. }), "{memory}");
+    assert!(memory.to_string().contains("memory size"), "{memory}");
+    let other_kernel = vmm::Digests { kernel: Some("0".repeat(64)), ..digests.clone() };
+    let kernel = restore(&files, 32, &other_kernel).unwrap_err();
+    assert!(kernel.to_string().contains("kernel"), "{kernel}");
+    let mut two_vcpus = config(&g, 2, &Sink::default());
+    two_vcpus.memory_mib = 32;
+    let vcpus = Vm::restore(two_vcpus, &files, &digests).unwrap_err();
+    assert!(vcpus.to_string().contains("vCPU count"), "{vcpus}");
+
+    // A memory file cut short.
+    let short = vmm::SnapshotFiles { state: files.state.clone(), memory: bad_dir.path().join("short.mem") };
+    std::fs::write(&short.memory, vec![0u8; 1 << 20]).unwrap();
+    let cut = restore(&short, 32, &digests).unwrap_err();
+    assert!(matches!(cut, Error::SnapshotTruncated { .. }), "{cut}");
+    // Distinct messages for each.
+    let messages: std::collections::HashSet<String> =
+        [&truncated, &checksum, &version, &foreign, &memory].iter().map(|e| e.to_string()).collect();
+    assert_eq!(messages.len(), 5);
+    for e in [&truncated, &checksum, &version, &foreign, &memory, &kernel, &vcpus, &cut] {
+        println!("refused: {e}");
+    }
+}

@@ -41,6 +41,15 @@
 //! `rmdir`: none of them gives anything the rest does not. (No `wait4`:
 //! the holder starts no process.)
 //!
+//! Added for snapshots: `Vm::restore` sets every saved state on the
+//! thread that builds the VM, before any vCPU thread starts:
+//! `KVM_SET_MP_STATE`, `KVM_SET_XSAVE`, `KVM_SET_XCRS`,
+//! `KVM_SET_DEBUGREGS`, `KVM_SET_VCPU_EVENTS`, `KVM_SET_TSC_KHZ` on each
+//! vCPU (with the SETs already listed), then `KVM_SET_PIT2`,
+//! `KVM_SET_CLOCK`, `KVM_SET_IRQCHIP` on the VM; it maps the memory file
+//! `MAP_PRIVATE` (`openat`, `mmap`). Taking a snapshot opens and sizes the
+//! two files on the caller's thread (`openat`, `ftruncate`).
+//!
 //! Not allowed, for any thread: `execve`/`execveat`, `fork`/`vfork` and
 //! `clone` without `CLONE_THREAD`, `ptrace`, `process_vm_readv`/`writev`,
 //! `kill` (only `tgkill`), `mount`/`umount2`/`pivot_root`/`chroot`,
@@ -126,6 +135,16 @@ pub(crate) fn rules() -> Rules {
             ioctl::KVM_GET_LAPIC,
             ioctl::KVM_SET_LAPIC,
             ioctl::KVM_SET_CPUID2,
+            // Vm::restore (see the module docs).
+            ioctl::KVM_SET_MP_STATE,
+            ioctl::KVM_SET_XSAVE,
+            ioctl::KVM_SET_XCRS,
+            ioctl::KVM_SET_DEBUGREGS,
+            ioctl::KVM_SET_VCPU_EVENTS,
+            ioctl::KVM_SET_TSC_KHZ,
+            ioctl::KVM_SET_PIT2,
+            ioctl::KVM_SET_CLOCK,
+            ioctl::KVM_SET_IRQCHIP,
             ioctl::TCGETS,
             ioctl::TIOCGWINSZ,
             ioctl::FIONCLEX,

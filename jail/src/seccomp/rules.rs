@@ -318,6 +318,46 @@ pub(crate) mod ioctl {
     pub(crate) const KVM_SET_LAPIC: u64 = 0x4400_ae8f;
     /// `KVM_SET_CPUID2` (on a vCPU).
     pub(crate) const KVM_SET_CPUID2: u64 = 0x4008_ae90;
+    /// `KVM_GET_MP_STATE` (on a vCPU; snapshots).
+    pub(crate) const KVM_GET_MP_STATE: u64 = 0x8004_ae98;
+    /// `KVM_SET_MP_STATE` (on a vCPU; restores).
+    pub(crate) const KVM_SET_MP_STATE: u64 = 0x4004_ae99;
+    /// `KVM_GET_CPUID2` (on a vCPU; snapshots).
+    pub(crate) const KVM_GET_CPUID2: u64 = 0xc008_ae91;
+    /// `KVM_GET_VCPU_EVENTS` (on a vCPU; snapshots).
+    pub(crate) const KVM_GET_VCPU_EVENTS: u64 = 0x8040_ae9f;
+    /// `KVM_SET_VCPU_EVENTS` (on a vCPU; restores).
+    pub(crate) const KVM_SET_VCPU_EVENTS: u64 = 0x4040_aea0;
+    /// `KVM_GET_DEBUGREGS` (on a vCPU; snapshots).
+    pub(crate) const KVM_GET_DEBUGREGS: u64 = 0x8080_aea1;
+    /// `KVM_SET_DEBUGREGS` (on a vCPU; restores).
+    pub(crate) const KVM_SET_DEBUGREGS: u64 = 0x4080_aea2;
+    /// `KVM_SET_TSC_KHZ` (on a vCPU; restores).
+    pub(crate) const KVM_SET_TSC_KHZ: u64 = 0xaea2;
+    /// `KVM_GET_TSC_KHZ` (on a vCPU; snapshots).
+    pub(crate) const KVM_GET_TSC_KHZ: u64 = 0xaea3;
+    /// `KVM_GET_XSAVE` (on a vCPU; snapshots).
+    pub(crate) const KVM_GET_XSAVE: u64 = 0x9000_aea4;
+    /// `KVM_SET_XSAVE` (on a vCPU; restores).
+    pub(crate) const KVM_SET_XSAVE: u64 = 0x5000_aea5;
+    /// `KVM_GET_XCRS` (on a vCPU; snapshots).
+    pub(crate) const KVM_GET_XCRS: u64 = 0x8188_aea6;
+    /// `KVM_SET_XCRS` (on a vCPU; restores).
+    pub(crate) const KVM_SET_XCRS: u64 = 0x4188_aea7;
+    /// `KVM_GET_XSAVE2` (on a vCPU; snapshots, where the XSAVE area is larger than 4 KiB).
+    pub(crate) const KVM_GET_XSAVE2: u64 = 0x9000_aecf;
+    /// `KVM_GET_IRQCHIP` (on the VM; snapshots).
+    pub(crate) const KVM_GET_IRQCHIP: u64 = 0xc208_ae62;
+    /// `KVM_SET_IRQCHIP` (on the VM; restores).
+    pub(crate) const KVM_SET_IRQCHIP: u64 = 0x8208_ae63;
+    /// `KVM_GET_PIT2` (on the VM; snapshots).
+    pub(crate) const KVM_GET_PIT2: u64 = 0x8070_ae9f;
+    /// `KVM_SET_PIT2` (on the VM; restores).
+    pub(crate) const KVM_SET_PIT2: u64 = 0x4070_aea0;
+    /// `KVM_GET_CLOCK` (on the VM; snapshots).
+    pub(crate) const KVM_GET_CLOCK: u64 = 0x8030_ae7c;
+    /// `KVM_SET_CLOCK` (on the VM; restores).
+    pub(crate) const KVM_SET_CLOCK: u64 = 0x4030_ae7b;
     /// `TCGETS`: `isatty`.
     pub(crate) const TCGETS: u64 = 0x5401;
     /// `TIOCGWINSZ`: a terminal's size.

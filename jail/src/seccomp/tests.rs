@@ -204,6 +204,29 @@ fn vcpu_allows_kvm_run_but_no_other_ioctl() {
 }
 
 #[test]
+fn vcpu_reads_its_state_for_a_snapshot_but_cannot_set_it() {
+    let out = in_child("vcpu_reads_its_state_for_a_snapshot_but_cannot_set_it", || {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let fd = null.as_raw_fd();
+        install_violation_reporter().unwrap();
+        named("vcpu0", move || {
+            install(ThreadKind::Vcpu).unwrap();
+            let mut area = vec![0u8; 4096];
+            // SAFETY: KVM_GET_XSAVE writes at most 4 KiB into `area`, which
+            // lives across the call; /dev/null refuses it anyway.
+            let rc = unsafe { libc::ioctl(fd, ioctl::KVM_GET_XSAVE as _, area.as_mut_ptr()) };
+            assert_eq!((rc, std::io::Error::last_os_error().raw_os_error()), (-1, Some(libc::ENOTTY)));
+            let state: u32 = 0;
+            // SAFETY: KVM_SET_MP_STATE reads a u32 that lives across the
+            // call; the filter traps the call before that.
+            unsafe { libc::ioctl(fd, ioctl::KVM_SET_MP_STATE as _, &state) };
+        });
+        panic!("ioctl(KVM_SET_MP_STATE) returned");
+    });
+    assert_reported(&out, "ioctl", "vcpu0");
+}
+
+#[test]
 fn vcpu_kvm_run_reaches_the_device() {
     let out = in_child("vcpu_kvm_run_reaches_the_device", || {
         let null = std::fs::File::open("/dev/null").unwrap();

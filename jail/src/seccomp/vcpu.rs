@@ -34,6 +34,15 @@
 //!   and a loaded host does. So a vCPU may do whatever a device does on the
 //!   event loop ([`super::vmm`]'s list), and runs the guest besides.
 //!
+//! - a snapshot (vmm/src/snapshot, `VmController::snapshot`) pauses each
+//!   vCPU on its own thread: one more `KVM_RUN` (with `immediate_exit`),
+//!   then the thread reads its own state: `KVM_GET_MP_STATE`,
+//!   `KVM_GET_REGS`, `KVM_GET_SREGS`, `KVM_GET_XSAVE` (or `KVM_GET_XSAVE2`
+//!   where the area is larger), `KVM_GET_XCRS`, `KVM_GET_DEBUGREGS`,
+//!   `KVM_GET_LAPIC`, `KVM_GET_CPUID2`, `KVM_GET_TSC_KHZ`, `KVM_GET_MSRS`,
+//!   `KVM_GET_VCPU_EVENTS`, and waits (`futex`) until the pause ends. Only
+//!   reads: every SET of a restore happens before the vCPU threads start.
+//!
 //! Not allowed, among others: opening anything, sockets other than Unix,
 //! `clone` (a vCPU starts no thread), `rt_sigaction`, any other ioctl,
 //! `execve`, `kill`.
@@ -44,5 +53,21 @@ use super::rules::{ioctl, ioctls, Rules};
 pub(crate) fn rules() -> Rules {
     let mut r = super::vmm::rules();
     ioctls(&mut r, &[ioctl::KVM_RUN, ioctl::KVM_GET_REGS, ioctl::KVM_GET_SREGS, ioctl::KVM_TRANSLATE]);
+    // A snapshot's reads of the vCPU's own state (see the module docs).
+    ioctls(
+        &mut r,
+        &[
+            ioctl::KVM_GET_MP_STATE,
+            ioctl::KVM_GET_XSAVE,
+            ioctl::KVM_GET_XSAVE2,
+            ioctl::KVM_GET_XCRS,
+            ioctl::KVM_GET_DEBUGREGS,
+            ioctl::KVM_GET_LAPIC,
+            ioctl::KVM_GET_CPUID2,
+            ioctl::KVM_GET_TSC_KHZ,
+            ioctl::KVM_GET_MSRS,
+            ioctl::KVM_GET_VCPU_EVENTS,
+        ],
+    );
     r
 }

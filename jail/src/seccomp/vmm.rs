@@ -24,9 +24,17 @@
 //! (`F_GETFL`/`F_SETFL`: non-blocking streams, `F_GETFD`/`F_SETFD`),
 //! `timerfd_gettime`.
 //!
+//! Added for snapshots (vmm/src/snapshot): the loop serves a
+//! `VmController::snapshot` request between two device events. With the
+//! vCPUs paused it reads the VM-wide state, `KVM_GET_IRQCHIP`,
+//! `KVM_GET_PIT2` and `KVM_GET_CLOCK`, and writes the files the caller
+//! opened (`pwrite64` for the memory pages, `write` for the state file),
+//! all already allowed but these three ioctls.
+//!
 //! Not allowed: opening files, sockets other than AF_UNIX, `bind`/`listen`
-//! (the listener exists before the loop starts), `clone`, KVM ioctls (the
-//! VM is set up by then), `rt_sigaction`, `execve`, `kill`.
+//! (the listener exists before the loop starts), `clone`, KVM ioctls other
+//! than the snapshot's three reads (the VM is set up by then),
+//! `rt_sigaction`, `execve`, `kill`.
 
 use super::rules::{common, fcntls, ioctl, ioctls, sockets, Rules};
 
@@ -61,6 +69,8 @@ pub(crate) fn rules() -> Rules {
     ]);
     sockets(&mut r, &[libc::AF_UNIX]);
     ioctls(&mut r, &[ioctl::FIONBIO, ioctl::FIOCLEX]);
+    // A snapshot's reads of the VM-wide state (see the module docs).
+    ioctls(&mut r, &[ioctl::KVM_GET_IRQCHIP, ioctl::KVM_GET_PIT2, ioctl::KVM_GET_CLOCK]);
     fcntls(&mut r, &[libc::F_GETFL, libc::F_SETFL, libc::F_GETFD, libc::F_SETFD]);
     r
 }

@@ -3,4 +3,5 @@
 
 pub mod exit;
 pub mod kvm;
+pub mod state;
 pub mod vcpu;

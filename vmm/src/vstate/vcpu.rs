@@ -9,9 +9,10 @@
 //! the exit flag and sends the thread [`kick_signal`] until it leaves KVM_RUN.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{CpuId, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
@@ -23,7 +24,9 @@ use vmm_sys_util::signal::{register_signal_handler, unblock_signal, Killable, SI
 use crate::arch::{cpuid, msr, regs};
 use crate::devices::bus::Bus;
 use crate::error::{kvm, Error, Result};
+use crate::lock;
 use crate::vstate::exit::{ExitReason, ExitSignal};
+use crate::vstate::state::{self, VcpuState};
 
 /// The signal that interrupts a vCPU thread's KVM_RUN.
 pub fn kick_signal() -> c_int {
@@ -49,6 +52,10 @@ pub struct Vcpu {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     mem: GuestMemoryMmap,
+    /// What a snapshot saves of this vCPU's MSRs.
+    msr_indices: Arc<[u32]>,
+    /// KVM_CAP_XSAVE2's size (0 without it).
+    xsave_size: usize,
 }
 
 /// What every vCPU of a VM is created with.
@@ -68,6 +75,8 @@ pub struct VcpuSetup<'a> {
     pub mmio: Arc<Bus>,
     /// Guest memory.
     pub mem: GuestMemoryMmap,
+    /// The MSRs a snapshot saves ([`state::msrs_to_save`]).
+    pub msr_indices: Arc<[u32]>,
 }
 
 /// What the run loop does after an exit.
@@ -83,11 +92,32 @@ impl Vcpu {
     /// Creates vCPU `id` with its CPUID, MSRs, FPU and LAPIC set up; the
     /// bootstrap vCPU (id 0) also gets the PVH entry registers.
     pub fn new(setup: &VcpuSetup<'_>, id: u8) -> Result<Self> {
+        let vcpu = Self::create(setup, id)?;
+        vcpu.fd.set_cpuid2(&cpuid::for_vcpu(setup.supported_cpuid, id, setup.count)).map_err(kvm("KVM_SET_CPUID2"))?;
+        msr::setup(&vcpu.fd)?;
+        regs::setup(&vcpu.fd, (id == 0).then_some(setup.entry))?;
+        Ok(vcpu)
+    }
+
+    /// Creates vCPU `id` and gives it the state saved in a snapshot (which
+    /// holds its CPUID too).
+    pub fn restored(setup: &VcpuSetup<'_>, saved: &VcpuState) -> Result<Self> {
+        let vcpu = Self::create(setup, saved.id)?;
+        state::restore_vcpu(&vcpu.fd, saved)?;
+        Ok(vcpu)
+    }
+
+    fn create(setup: &VcpuSetup<'_>, id: u8) -> Result<Self> {
         let fd = setup.vm.create_vcpu(u64::from(id)).map_err(kvm("KVM_CREATE_VCPU"))?;
-        fd.set_cpuid2(&cpuid::for_vcpu(setup.supported_cpuid, id, setup.count)).map_err(kvm("KVM_SET_CPUID2"))?;
-        msr::setup(&fd)?;
-        regs::setup(&fd, (id == 0).then_some(setup.entry))?;
-        Ok(Self { id, fd, pio: setup.pio.clone(), mmio: setup.mmio.clone(), mem: setup.mem.clone() })
+        Ok(Self {
+            id,
+            fd,
+            pio: setup.pio.clone(),
+            mmio: setup.mmio.clone(),
+            mem: setup.mem.clone(),
+            msr_indices: setup.msr_indices.clone(),
+            xsave_size: state::xsave_size(setup.vm),
+        })
     }
 
     /// This vCPU's index.
@@ -95,12 +125,18 @@ impl Vcpu {
         self.id
     }
 
-    /// Runs the guest until the VM is asked to end (by anyone, or by this vCPU).
-    pub fn run(mut self, exit: &ExitSignal) {
+    /// Runs the guest until the VM is asked to end (by anyone, or by this
+    /// vCPU), pausing whenever `pause` asks for it.
+    pub fn run(mut self, exit: &ExitSignal, pause: &PauseControl) {
         if let Err(e) = unblock_signal(kick_signal()) {
             warn!("vcpu{}: cannot unblock the kick signal: {e}", self.id);
         }
         while !exit.is_stopping() {
+            if pause.requested() {
+                let saved = self.pause();
+                pause.paused(self.id, saved, exit);
+                continue;
+            }
             match self.run_once() {
                 Next::Continue => {}
                 Next::Stop(outcome) => {
@@ -125,6 +161,28 @@ impl Vcpu {
                 }
             }
         }
+    }
+
+    /// Stops at a point where the state can be saved, and saves it. A
+    /// KVM_RUN with `immediate_exit` completes the port or MMIO access of
+    /// the last exit (on real KVM, RIP still points at that instruction
+    /// until then) and returns at once without running the guest.
+    fn pause(&mut self) -> Result<VcpuState> {
+        self.fd.set_kvm_immediate_exit(1);
+        let completed = self.fd.run().map(|exit| format!("{exit:?}"));
+        self.fd.set_kvm_immediate_exit(0);
+        match completed {
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(source) => return Err(Error::VcpuRun { vcpu: self.id, source }),
+            Ok(exit) => {
+                return Err(Error::UnexpectedExit {
+                    vcpu: self.id,
+                    exit: format!("{exit} while pausing"),
+                    registers: self.describe_registers(),
+                })
+            }
+        }
+        state::save_vcpu(&self.fd, self.id, &self.msr_indices, self.xsave_size)
     }
 
     fn run_once(&mut self) -> Next {
@@ -248,7 +306,53 @@ impl Vcpu {
 #[derive(Debug)]
 pub struct VcpuThreads {
     exit: Arc<ExitSignal>,
+    pause: Arc<PauseControl>,
     threads: Vec<(u8, JoinHandle<()>)>,
+}
+
+/// How the event loop pauses the vCPU threads and lets them go on.
+///
+/// To pause, the event loop sets the request flag and kicks every thread
+/// out of KVM_RUN until each has saved its state and reported it; a
+/// paused thread waits here until the pause ends (or the VM stops).
+#[derive(Debug, Default)]
+pub struct PauseControl {
+    requested: AtomicBool,
+    inner: Mutex<PauseInner>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct PauseInner {
+    /// The state each paused vCPU reported, by arrival.
+    reports: Vec<(u8, Result<VcpuState>)>,
+}
+
+impl PauseControl {
+    fn requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    /// Called by a vCPU thread: reports its state and waits until the pause ends.
+    fn paused(&self, id: u8, saved: Result<VcpuState>, exit: &ExitSignal) {
+        let mut inner = lock(&self.inner);
+        inner.reports.push((id, saved));
+        self.changed.notify_all();
+        while self.requested() && !exit.is_stopping() {
+            inner = match self.changed.wait_timeout(inner, Duration::from_millis(50)) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+    }
+
+    /// Lets paused vCPU threads go on (or see that the VM is stopping).
+    fn release(&self) {
+        let mut inner = lock(&self.inner);
+        self.requested.store(false, Ordering::SeqCst);
+        inner.reports.clear();
+        self.changed.notify_all();
+    }
 }
 
 impl VcpuThreads {
@@ -256,10 +360,12 @@ impl VcpuThreads {
     /// that panics, ends the VM with an error.
     /// Each thread installs `filter` on itself before its first `KVM_RUN`.
     pub fn start(vcpus: Vec<Vcpu>, exit: &Arc<ExitSignal>, filter: Option<seccompiler::BpfProgram>) -> Self {
+        let pause = Arc::new(PauseControl::default());
         let mut threads = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
             let id = vcpu.id();
             let vcpu_exit = exit.clone();
+            let vcpu_pause = pause.clone();
             let filter = filter.clone();
             let spawned = std::thread::Builder::new().name(format!("vcpu{id}")).spawn(move || {
                 if let Some(filter) = &filter {
@@ -268,7 +374,7 @@ impl VcpuThreads {
                         return;
                     }
                 }
-                let run = std::panic::AssertUnwindSafe(|| vcpu.run(&vcpu_exit));
+                let run = std::panic::AssertUnwindSafe(|| vcpu.run(&vcpu_exit, &vcpu_pause));
                 if std::panic::catch_unwind(run).is_err() {
                     vcpu_exit.request(Err(Error::VcpuPanic(id)));
                 }
@@ -281,7 +387,61 @@ impl VcpuThreads {
                 }
             }
         }
-        Self { exit: exit.clone(), threads }
+        Self { exit: exit.clone(), pause, threads }
+    }
+
+    /// Pauses every vCPU and returns their saved states, in vCPU order.
+    /// Each thread is kicked out of KVM_RUN (a halted vCPU sits in it) until
+    /// it reports. On an error the vCPUs are let go again.
+    pub fn pause(&self) -> Result<Vec<VcpuState>> {
+        self.pause.requested.store(true, Ordering::SeqCst);
+        let result = self.collect();
+        if result.is_err() {
+            self.resume();
+        }
+        result
+    }
+
+    fn collect(&self) -> Result<Vec<VcpuState>> {
+        let started = Instant::now();
+        loop {
+            let reported: Vec<u8> = lock(&self.pause.inner).reports.iter().map(|(id, _)| *id).collect();
+            if reported.len() == self.threads.len() {
+                break;
+            }
+            if self.exit.is_stopping() {
+                return Err(Error::VmNotRunning);
+            }
+            for (id, thread) in &self.threads {
+                if reported.contains(id) {
+                    continue;
+                }
+                if thread.is_finished() {
+                    return Err(Error::VmNotRunning);
+                }
+                if let Err(e) = thread.kill(kick_signal()) {
+                    warn!("vcpu{id}: cannot signal the thread: {e}");
+                }
+            }
+            let inner = lock(&self.pause.inner);
+            if inner.reports.len() < self.threads.len() {
+                let _ = self.pause.changed.wait_timeout(inner, Duration::from_millis(1));
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                return Err(Error::Io {
+                    what: "pausing the vCPUs",
+                    source: std::io::Error::new(std::io::ErrorKind::TimedOut, "a vCPU did not pause within 10 s"),
+                });
+            }
+        }
+        let mut reports = std::mem::take(&mut lock(&self.pause.inner).reports);
+        reports.sort_by_key(|(id, _)| *id);
+        reports.into_iter().map(|(_, state)| state).collect()
+    }
+
+    /// Ends a pause: the vCPUs run on (or stop, if the VM is ending).
+    pub fn resume(&self) {
+        self.pause.release();
     }
 }
 
@@ -290,6 +450,7 @@ impl Drop for VcpuThreads {
     fn drop(&mut self) {
         // Normally the VM is already ending and this changes nothing.
         self.exit.request(Ok(ExitReason::StopRequested));
+        self.pause.release();
         for (id, thread) in self.threads.drain(..) {
             while !thread.is_finished() {
                 if let Err(e) = thread.kill(kick_signal()) {

@@ -13,8 +13,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
+use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
-use vm_superio::serial::SerialEvents;
+use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::Trigger;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -64,11 +65,89 @@ impl std::fmt::Debug for Serial {
     }
 }
 
+/// What a snapshot saves of the UART: its registers and the bytes in its
+/// receive FIFO (vm-superio's `SerialState`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Input the guest has not read yet.
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialSnapshot {
+    fn from(s: SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialSnapshot> for SerialState {
+    fn from(s: &SerialSnapshot) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
 impl Serial {
     /// A UART that interrupts through `irq`, writes guest output to `sink`,
     /// and signals `drained` whenever its receive FIFO becomes empty.
     pub fn new(irq: EventFd, drained: EventFd, sink: Box<dyn Write + Send>) -> Self {
         Self { uart: vm_superio::Serial::with_events(IrqEvent(irq), FifoDrained(drained), sink), sink_failed: false }
+    }
+
+    /// A UART in the state a snapshot saved, otherwise as [`Serial::new`].
+    /// Fails if the saved receive FIFO holds more than a FIFO.
+    pub fn restored(
+        saved: &SerialSnapshot,
+        irq: EventFd,
+        drained: EventFd,
+        sink: Box<dyn Write + Send>,
+    ) -> Result<Self, String> {
+        let uart = vm_superio::Serial::from_state(&SerialState::from(saved), IrqEvent(irq), FifoDrained(drained), sink)
+            .map_err(|e| format!("{e:?}"))?;
+        Ok(Self { uart, sink_failed: false })
+    }
+
+    /// The UART's registers and unread input, for a snapshot.
+    pub fn snapshot(&self) -> SerialSnapshot {
+        self.uart.state().into()
     }
 
     /// Free space in the receive FIFO.
@@ -379,6 +458,34 @@ mod tests {
         events.run_with_timeout(1000).unwrap();
         let input = lock(&input);
         assert!(input.closed && !input.polling_input);
+    }
+
+    #[test]
+    fn registers_and_unread_input_survive_a_snapshot() {
+        let (mut serial, _, _) = serial_with(Box::new(io::sink()));
+        serial.write(IER, &[0x1]);
+        serial.write(7, &[0x5a]); // scratch register
+        assert_eq!(serial.enqueue(b"abc"), 3);
+        let saved = serial.snapshot();
+        let sink = SharedSink::default();
+        let mut restored = Serial::restored(&saved, eventfd(), eventfd(), Box::new(sink.clone())).unwrap();
+        assert_eq!(restored.snapshot(), saved);
+        let mut scratch = [0u8];
+        restored.read(7, &mut scratch);
+        assert_eq!(scratch, [0x5a]);
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let mut b = [0u8];
+            restored.read(DATA, &mut b);
+            got.push(b[0]);
+        }
+        assert_eq!(got, b"abc");
+        restored.write(DATA, b"z");
+        assert_eq!(&*lock(&sink.0), b"z", "output goes to the new sink");
+
+        let mut too_much = saved;
+        too_much.in_buffer = vec![0; 65];
+        assert!(Serial::restored(&too_much, eventfd(), eventfd(), Box::new(io::sink())).is_err());
     }
 
     #[test]

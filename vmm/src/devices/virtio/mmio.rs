@@ -11,8 +11,9 @@
 
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::{Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
@@ -64,6 +65,88 @@ pub mod status {
     pub const FEATURES_OK: u32 = 8;
     pub const DEVICE_NEEDS_RESET: u32 = 0x40;
     pub const FAILED: u32 = 0x80;
+}
+
+/// What a snapshot saves of one virtqueue (virtio-queue's `QueueState`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    /// Largest size the device offers.
+    pub max_size: u16,
+    /// Where the device goes on reading the available ring.
+    pub next_avail: u16,
+    /// Where the device goes on writing the used ring.
+    pub next_used: u16,
+    /// VIRTIO_RING_F_EVENT_IDX is in use.
+    pub event_idx_enabled: bool,
+    /// The size the driver chose.
+    pub size: u16,
+    /// The driver marked the queue ready.
+    pub ready: bool,
+    /// Guest address of the descriptor table.
+    pub desc_table: u64,
+    /// Guest address of the available ring.
+    pub avail_ring: u64,
+    /// Guest address of the used ring.
+    pub used_ring: u64,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(q: QueueSnapshot) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+/// What a snapshot saves of a virtio-mmio transport and the life cycle of
+/// its device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioSnapshot {
+    /// The device type behind the window (checked on restore).
+    pub device_type: u32,
+    /// The device status register.
+    pub status: u32,
+    /// The features the driver accepted.
+    pub driver_features: u64,
+    /// DeviceFeaturesSel.
+    pub device_features_select: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_select: u32,
+    /// QueueSel.
+    pub queue_select: u32,
+    /// Interrupt status bits not yet acknowledged.
+    pub interrupt_status: u32,
+    /// ConfigGeneration (the configuration spaces here never change: 0).
+    pub config_generation: u32,
+    /// Every queue: the device's working copy if it is active (with its
+    /// indices), else the driver's setup so far.
+    pub queues: Vec<QueueSnapshot>,
+    /// The device was active (DRIVER_OK accepted and not broken since).
+    pub active: bool,
 }
 
 /// A virtio device's MMIO register window.
@@ -119,6 +202,79 @@ impl MmioTransport {
     /// The current device status register.
     pub fn status(&self) -> u32 {
         self.status
+    }
+
+    /// The transport's and its device's state, for a snapshot. Only
+    /// consistent while no vCPU and no device event runs (the VM is paused).
+    pub fn snapshot(&self) -> MmioSnapshot {
+        let device = lock(&self.device);
+        let active = device.active_queues();
+        let queues = match &active {
+            Some(queues) => queues.iter().cloned().map(QueueSnapshot::from).collect(),
+            None => self.queues.iter().map(|q| QueueSnapshot::from(q.state())).collect(),
+        };
+        MmioSnapshot {
+            device_type: device.device_type(),
+            status: self.status,
+            driver_features: self.driver_features,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            queue_select: self.queue_select,
+            interrupt_status: self.interrupt.status(),
+            config_generation: 0,
+            queues,
+            active: active.is_some(),
+        }
+    }
+
+    /// Puts a freshly created transport (and its device) in the state of
+    /// `saved`: registers, queues with their indices, and, if the device
+    /// was active, the device activated with those queues. Fails, leaving
+    /// the device inactive, if `saved` does not fit this device.
+    pub fn restore(&mut self, saved: &MmioSnapshot) -> Result<(), String> {
+        let (device_type, max_sizes, offered) = {
+            let device = lock(&self.device);
+            (device.device_type(), device.queue_max_sizes().to_vec(), device.features())
+        };
+        if saved.device_type != device_type {
+            return Err(format!("device type {} in the snapshot, {device_type} here", saved.device_type));
+        }
+        let saved_max: Vec<u16> = saved.queues.iter().map(|q| q.max_size).collect();
+        if saved_max != max_sizes {
+            return Err(format!("queue sizes {saved_max:?} in the snapshot, {max_sizes:?} here"));
+        }
+        if saved.driver_features & !offered != 0 {
+            return Err(format!(
+                "the driver accepted features {:#x} that this device does not offer",
+                saved.driver_features & !offered
+            ));
+        }
+        let mut queues = Vec::with_capacity(saved.queues.len());
+        for (index, q) in saved.queues.iter().enumerate() {
+            queues.push(Queue::try_from(QueueState::from(*q)).map_err(|e| format!("queue {index}: {e}"))?);
+        }
+        if saved.active {
+            if let Some(index) = queues.iter().position(|q| !q.is_valid(&self.mem)) {
+                return Err(format!("queue {index} is not ready or not in guest memory"));
+            }
+        }
+        self.status = saved.status;
+        self.driver_features = saved.driver_features;
+        self.device_features_select = saved.device_features_select;
+        self.driver_features_select = saved.driver_features_select;
+        self.queue_select = saved.queue_select;
+        self.interrupt.set_status(saved.interrupt_status);
+        self.queues = saved.queues.iter().filter_map(|q| Queue::try_from(QueueState::from(*q)).ok()).collect();
+        if saved.active {
+            let activation = Activation {
+                mem: self.mem.clone(),
+                queues,
+                interrupt: self.interrupt.clone(),
+                acked_features: self.driver_features,
+            };
+            lock(&self.device).activate(activation).map_err(|e| format!("activation: {e}"))?;
+        }
+        Ok(())
     }
 
     fn has_status(&self, set: u32, clear: u32) -> bool {
@@ -387,6 +543,9 @@ mod tests {
             let start = offset as usize;
             self.config[start..start + data.len()].copy_from_slice(data);
         }
+        fn active_queues(&self) -> Option<Vec<QueueState>> {
+            self.activated.as_ref().map(|a| a.queues.iter().map(Queue::state).collect())
+        }
         fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
             if self.activated.is_some() {
                 return Err(ActivateError::AlreadyActive);
@@ -448,6 +607,107 @@ mod tests {
     }
 
     const ALL_OK: u32 = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+
+    /// Moves queue `index` of the activated dummy on as a device does:
+    /// `served` chains taken from the available ring and returned used.
+    fn advance(f: &Fixture, index: usize, served: u16) {
+        let mut device = lock(&f.device);
+        let queue = &mut device.activated.as_mut().unwrap().queues[index];
+        queue.set_next_avail(queue.next_avail().wrapping_add(served));
+        queue.set_next_used(queue.next_used().wrapping_add(served));
+    }
+
+    #[test]
+    fn a_snapshot_carries_registers_and_live_queue_indices_into_a_new_transport() {
+        let mut f = fixture();
+        let t = &mut f.transport;
+        negotiate(t, VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
+        setup_queue(t, 0, 0x1_0000);
+        setup_queue(t, 1, 0x2_0000);
+        write(t, reg::STATUS, ALL_OK);
+        write(t, reg::QUEUE_SEL, 1);
+        write(t, reg::DEVICE_FEATURES_SEL, 1);
+        f.transport.interrupt.signal_used_queue().unwrap();
+        advance(&f, 0, 7);
+        advance(&f, 1, 300);
+
+        let saved = f.transport.snapshot();
+        assert!(saved.active);
+        assert_eq!(saved.device_type, 42);
+        assert_eq!(saved.status, ALL_OK);
+        assert_eq!(saved.queue_select, 1);
+        assert_eq!(saved.interrupt_status, INTERRUPT_VRING);
+        assert_eq!((saved.queues[0].next_avail, saved.queues[0].next_used), (7, 7));
+        assert_eq!((saved.queues[1].next_avail, saved.queues[1].next_used), (300, 300));
+        assert!(saved.queues.iter().all(|q| q.ready && q.size == 8 && q.event_idx_enabled));
+        assert_eq!(saved.queues[1].desc_table, 0x2_0000);
+
+        // A new transport and device, as a restore creates them.
+        let mut g = fixture();
+        g.transport.restore(&saved).unwrap();
+        let t = &mut g.transport;
+        assert_eq!(read(t, reg::STATUS), ALL_OK);
+        assert_eq!(read(t, reg::INTERRUPT_STATUS), INTERRUPT_VRING);
+        assert_eq!(read(t, reg::QUEUE_READY), 1, "queue 1 is still selected");
+        assert_eq!(read(t, reg::DEVICE_FEATURES), 1, "feature page 1 is still selected");
+        {
+            let device = lock(&g.device);
+            let activation = device.activated.as_ref().expect("the restored device is active");
+            assert_eq!(activation.acked_features, VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
+            assert_eq!(activation.queues[0].next_avail(), 7);
+            assert_eq!(activation.queues[1].next_used(), 300);
+            assert_eq!(activation.queues[1].avail_ring(), 0x2_1000);
+            assert!(activation.queues[1].event_idx_enabled());
+        }
+        assert_eq!(g.transport.snapshot(), saved, "the restored transport saves the same state");
+        // The driver can still reset and set the device up again.
+        write(&mut g.transport, reg::STATUS, 0);
+        assert!(lock(&g.device).activated.is_none());
+    }
+
+    #[test]
+    fn an_inactive_device_is_restored_mid_setup_and_can_finish_it() {
+        let mut f = fixture();
+        negotiate(&mut f.transport, VIRTIO_F_VERSION_1);
+        setup_queue(&mut f.transport, 0, 0x1_0000);
+        let saved = f.transport.snapshot();
+        assert!(!saved.active);
+        let mut g = fixture();
+        g.transport.restore(&saved).unwrap();
+        assert!(lock(&g.device).activated.is_none());
+        setup_queue(&mut g.transport, 1, 0x2_0000);
+        write(&mut g.transport, reg::STATUS, ALL_OK);
+        assert_eq!(read(&mut g.transport, reg::STATUS), ALL_OK);
+        assert_eq!(lock(&g.device).activated.as_ref().unwrap().queues[0].desc_table(), 0x1_0000);
+    }
+
+    #[test]
+    fn a_snapshot_that_does_not_fit_the_device_is_refused() {
+        let mut f = fixture();
+        negotiate(&mut f.transport, VIRTIO_F_VERSION_1);
+        setup_queue(&mut f.transport, 0, 0x1_0000);
+        setup_queue(&mut f.transport, 1, 0x2_0000);
+        write(&mut f.transport, reg::STATUS, ALL_OK);
+        let saved = f.transport.snapshot();
+
+        let mut other = saved.clone();
+        other.device_type = 2;
+        assert!(fixture().transport.restore(&other).unwrap_err().contains("device type"));
+        let mut other = saved.clone();
+        other.queues.pop();
+        assert!(fixture().transport.restore(&other).unwrap_err().contains("queue sizes"));
+        let mut other = saved.clone();
+        other.driver_features |= 1 << 40;
+        assert!(fixture().transport.restore(&other).unwrap_err().contains("does not offer"));
+        let mut other = saved.clone();
+        other.queues[1].used_ring = 0x1_0000_0000;
+        let mut g = fixture();
+        assert!(g.transport.restore(&other).unwrap_err().contains("queue 1"));
+        assert!(lock(&g.device).activated.is_none());
+        let mut other = saved;
+        other.queues[0].size = 6;
+        assert!(fixture().transport.restore(&other).unwrap_err().contains("queue 0"));
+    }
 
     #[test]
     fn identification_registers() {

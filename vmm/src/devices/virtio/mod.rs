@@ -81,6 +81,12 @@ impl Interrupt {
     fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
     }
+
+    /// Sets the status bits a snapshot saved (without raising the line: the
+    /// interrupt controller's saved state holds what was pending there).
+    fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
 }
 
 /// What a device receives when the driver has finished setting it up.
@@ -144,6 +150,14 @@ pub trait VirtioDevice: Send {
     /// Writes the device-specific configuration space (read-only by default).
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         self.common().write_config(offset, data);
+    }
+    /// The state of the queues an active device works on (with the indices
+    /// it has reached), or `None` if the device is not active.
+    fn active_queues(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        match self.common().state() {
+            common::DeviceState::Active(active) => Some(active.queues.iter().map(Queue::state).collect()),
+            _ => None,
+        }
     }
     /// Starts the device with its queues.
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;

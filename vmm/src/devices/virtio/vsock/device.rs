@@ -3,7 +3,8 @@
 //!
 //! Work happens on the event loop thread, driven by four descriptors: the
 //! ioeventfds of the rx and tx queues (the driver added buffers or packets),
-//! the event queue's (ignored: the device never sends transport events), and
+//! the event queue's (ignored: the driver's event buffers are kept for the
+//! one event this device sends, the transport reset after a restore), and
 //! the backend's descriptor (for the muxer: a host socket is ready). A tx
 //! notification moves guest packets into the backend; anything the backend
 //! has for the guest is then written into rx buffers, and the guest is
@@ -21,8 +22,8 @@ use std::io;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use tracing::{debug, warn};
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
-use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use super::backend::VsockBackend;
@@ -48,6 +49,9 @@ pub const TX_QUEUE: usize = 1;
 pub const EVENT_QUEUE: usize = 2;
 /// Event-loop data of the backend's descriptor (queue events use their index).
 const BACKEND_EVENT: u32 = 3;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`: the guest must drop its connected
+/// sockets (its listening ones stay) and re-read its CID.
+pub const EVENT_TRANSPORT_RESET: u32 = 0;
 
 /// Takes tx chains: guest packets into the backend.
 struct TxHandler<'a, B> {
@@ -103,6 +107,24 @@ impl<B: VsockBackend> ChainHandler for RxHandler<'_, B> {
     }
 }
 
+/// Asks the driver to notify the queue when it makes another buffer
+/// available: with event indices, `avail_event` (after the used ring) set
+/// to the driver's current available index; else the used ring's flags
+/// cleared.
+fn request_next_avail_notification(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<(), QueueError> {
+    if !queue.event_idx_enabled() {
+        queue.enable_notification(mem)?;
+        return Ok(());
+    }
+    let avail = queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire)?;
+    let at = GuestAddress(queue.used_ring())
+        .checked_add(4 + 8 * u64::from(queue.size()))
+        .ok_or(QueueError::Queue(virtio_queue::Error::InvalidSize))?;
+    mem.write_obj(avail.0.to_le(), at).map_err(|e| QueueError::Queue(virtio_queue::Error::GuestMemory(e)))?;
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    Ok(())
+}
+
 /// Moves the guest's tx packets into `backend`. `buf` is scratch space for
 /// payloads. The pass stalls while the backend's replies are backlogged.
 pub fn process_tx<B: VsockBackend>(
@@ -138,6 +160,9 @@ pub struct Vsock<B = Muxer> {
     rx_buf: Vec<u8>,
     /// tx processing paused on a backlog of replies.
     tx_stalled: bool,
+    /// A transport reset event is with the guest, which has not yet
+    /// handed the event buffer back: packets for the guest wait.
+    reset_pending: bool,
 }
 
 impl<B: std::fmt::Debug> std::fmt::Debug for Vsock<B> {
@@ -182,6 +207,7 @@ impl<B: VsockBackend> Vsock<B> {
             tx_buf: Vec::with_capacity(MAX_PAYLOAD as usize),
             rx_buf: vec![0; MAX_PAYLOAD as usize],
             tx_stalled: false,
+            reset_pending: false,
         })
     }
 
@@ -197,14 +223,17 @@ impl<B: VsockBackend> Vsock<B> {
         let mem = &active.mem;
         let (backend, tx_buf, rx_buf) = (&mut self.backend, &mut self.tx_buf, &mut self.rx_buf);
         let tx_stalled = &mut self.tx_stalled;
+        let rx_allowed = !self.reset_pending;
         let result = (|| -> Result<_, QueueError> {
             let (mut rx_out, mut tx_out) = (QueueOutcome::default(), QueueOutcome::default());
             if tx || *tx_stalled {
                 tx_out |= process_tx(tx_queue, mem, backend, tx_buf)?;
                 *tx_stalled = tx_out.stalled;
             }
-            rx_out |= process_rx(rx_queue, mem, backend, rx_buf)?;
-            if *tx_stalled && !backend.rx_backlogged() {
+            if rx_allowed {
+                rx_out |= process_rx(rx_queue, mem, backend, rx_buf)?;
+            }
+            if rx_allowed && *tx_stalled && !backend.rx_backlogged() {
                 tx_out |= process_tx(tx_queue, mem, backend, tx_buf)?;
                 *tx_stalled = tx_out.stalled;
                 rx_out |= process_rx(rx_queue, mem, backend, rx_buf)?;
@@ -214,6 +243,62 @@ impl<B: VsockBackend> Vsock<B> {
         if !self.common.conclude(result) {
             self.backend.reset();
         }
+    }
+
+    /// Drops every host-side connection and, if the driver is active, puts
+    /// a transport reset event (`struct virtio_vsock_event`, a le32 id) in
+    /// the first buffer of the event queue and interrupts the guest, as
+    /// Firecracker does after restoring a snapshot: connections do not
+    /// survive one. Returns whether the event reached the guest.
+    ///
+    /// Until the driver has handled the event, which it shows by handing
+    /// the event buffer back (Linux refills and kicks the event queue right
+    /// after handling it), packets for the guest wait: a host connection
+    /// made meanwhile would otherwise reach the guest first and then be
+    /// reset by the event without the host hearing of it.
+    pub fn send_transport_reset(&mut self) -> bool {
+        self.backend.reset();
+        self.tx_stalled = false;
+        self.reset_pending = false;
+        let Some(active) = self.common.active_mut() else {
+            return false;
+        };
+        let mem = &active.mem;
+        let Some(queue) = active.queues.get_mut(EVENT_QUEUE) else {
+            return false;
+        };
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            warn!("vsock: the guest has no event buffer; it is not told that its connections were reset");
+            return false;
+        };
+        let head = chain.head_index();
+        let event = EVENT_TRANSPORT_RESET.to_le_bytes();
+        let buffer = chain.clone().find(|d| d.is_write_only() && d.len() as usize >= event.len());
+        let Some(buffer) = buffer else {
+            warn!("vsock: the guest's event buffer is too small or not writable");
+            let _ = queue.add_used(mem, head, 0);
+            return false;
+        };
+        if let Err(e) = mem.write_slice(&event, buffer.addr()) {
+            warn!("vsock: cannot write the transport reset event: {e}");
+            return false;
+        }
+        if let Err(e) = queue.add_used(mem, head, event.len() as u32) {
+            warn!("vsock: cannot return the event buffer: {e}");
+            return false;
+        }
+        // Ask for a notification when the driver adds its next buffer. The
+        // driver keeps its other event buffers available, so with event
+        // indices the threshold is the driver's current available index,
+        // not the device's position (virtio-queue's enable_notification).
+        match request_next_avail_notification(queue, mem) {
+            Ok(()) => self.reset_pending = true,
+            Err(e) => warn!("vsock: cannot ask for event queue notifications: {e}"),
+        }
+        if let Err(e) = active.interrupt.signal_used_queue() {
+            warn!("vsock: cannot interrupt the guest for the transport reset: {e}");
+        }
+        true
     }
 
     /// Handles one event-loop event, by its data.
@@ -231,8 +316,13 @@ impl<B: VsockBackend> Vsock<B> {
                 match index as usize {
                     RX_QUEUE => self.run_queues(false),
                     TX_QUEUE => self.run_queues(true),
-                    // The driver's event buffers are kept for events this
-                    // device never sends.
+                    // The driver's event buffers are kept for the next
+                    // transport reset; one handed back acknowledges the last.
+                    EVENT_QUEUE if self.reset_pending => {
+                        debug!("vsock: the guest handled the transport reset");
+                        self.reset_pending = false;
+                        self.run_queues(false);
+                    }
                     _ => {}
                 }
             }
@@ -254,6 +344,7 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
     fn reset(&mut self) {
         self.common.reset();
         self.tx_stalled = false;
+        self.reset_pending = false;
         self.backend.reset();
     }
 }

@@ -969,8 +969,8 @@ fn fake_backend_backlog_pauses_tx_until_rx_drains() {
 #[test]
 fn fake_backend_event_queue_buffers_are_kept_and_reset_reaches_the_backend() {
     let mut g = fake_guest();
-    // The device sends no transport events (such as a reset after
-    // migration): the driver's event buffers stay with it, unused.
+    // The device sends transport events only when told to (after a
+    // restore): the driver's event buffers stay with it until then.
     let buf = g.rx_area.alloc(8);
     g.event.add(&g.mem, &[(buf, 8, true)]);
     g.dev.queue_events()[EVENT_QUEUE].write(1).unwrap();
@@ -983,6 +983,66 @@ fn fake_backend_event_queue_buffers_are_kept_and_reset_reaches_the_backend() {
     assert_eq!(g.dev.backend.resets, 1);
     assert!(!g.dev.backend.has_pending_rx());
     assert!(matches!(g.dev.common.state(), DeviceState::Inactive));
+}
+
+#[test]
+fn a_transport_reset_drops_host_connections_and_fills_an_event_buffer() {
+    let mut g = Guest::new();
+    let listener = UnixListener::bind(g.port_path(5002)).unwrap();
+    let mut handler = g.connect(40000, &listener);
+    let _ = g.interrupted();
+
+    // No event buffer: nothing reaches the guest, but the connections go.
+    assert!(!g.dev.send_transport_reset());
+    let mut rest = Vec::new();
+    handler.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "the host side of the connection was closed");
+
+    let mut handler = g.connect(40001, &listener);
+    let _ = g.interrupted();
+    let event_buf = g.rx_area.alloc(8);
+    g.mem.write_obj(0xffff_ffffu32, GuestAddress(event_buf)).unwrap();
+    let head = g.event.add(&g.mem, &[(event_buf, 8, true)]);
+    assert!(g.dev.send_transport_reset());
+    assert_eq!(g.event.take_used(&g.mem), [(head, 4)]);
+    let id: u32 = g.mem.read_obj(GuestAddress(event_buf)).unwrap();
+    assert_eq!(id, EVENT_TRANSPORT_RESET);
+    assert!(g.interrupted());
+    handler.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+
+    // The guest's packets for the old connection are refused, but the
+    // answer waits until the guest has handled the reset: it hands an
+    // event buffer back.
+    g.send(packet(op::RW, 40001, 5002), b"stale");
+    g.post_rx(1, 4096);
+    assert!(g.recv().is_empty(), "nothing reaches the guest before it has handled the reset");
+    let event_buf = g.rx_area.alloc(8);
+    g.event.add(&g.mem, &[(event_buf, 8, true)]);
+    g.dev.queue_events()[EVENT_QUEUE].write(1).unwrap();
+    g.dev.handle(EVENT_QUEUE as u32);
+    assert_eq!(ops(&g.recv()), [op::RST]);
+    let mut fresh = g.connect(40002, &listener);
+    g.send(packet(op::RW, 40002, 5002), b"new");
+    let mut got = [0u8; 3];
+    fresh.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"new");
+}
+
+#[test]
+fn with_event_indices_the_next_buffer_the_driver_adds_is_notified() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+    let (mut ring, mut queue) = Ring::new(&mem, EVENT_RING);
+    queue.set_event_idx(true);
+    for i in 0..3 {
+        ring.add(&mem, &[(0x8_0000 + 8 * i, 8, true)]);
+    }
+    assert!(queue.pop_descriptor_chain(&mem).is_some());
+    request_next_avail_notification(&mut queue, &mem).unwrap();
+    // avail_event is the driver's available index (3), not the device's
+    // position (1): Linux kicks when the index moves past it.
+    let avail_event: u16 = mem.read_obj(GuestAddress(ring.used + 4 + 8 * u64::from(QUEUE_SIZE))).unwrap();
+    assert_eq!(avail_event, 3);
 }
 
 #[test]
