@@ -13,6 +13,7 @@ use crate::command::{Command, OutputSink, Status, StdinSource};
 use crate::holder::{CommandSpec, HolderProgram, HolderSpec};
 use crate::image::BootImage;
 use crate::instance::{new_id, Instance, InstanceConfig};
+use crate::snapshot::Snapshot;
 use crate::{paths, Error, Image, Jail, Sandbox, MEMORY_MIB_RANGE, VCPUS_RANGE};
 
 /// What [`SandboxBuilder::run`] produced.
@@ -64,6 +65,7 @@ pub struct SandboxBuilder {
     holder: Option<HolderProgram>,
     timeout: Option<Duration>,
     id: Option<String>,
+    restore: Option<Snapshot>,
     boot: Option<BootImage>,
 }
 
@@ -99,8 +101,19 @@ impl SandboxBuilder {
             holder: None,
             timeout: None,
             id: None,
+            restore: None,
             boot: None,
         }
+    }
+
+    /// A sandbox restored from `snapshot`: its image, memory and vCPUs are
+    /// the snapshot's ([`crate::Sandbox::from_snapshot`]).
+    pub(crate) fn restoring(snapshot: Snapshot) -> Self {
+        let mut builder = SandboxBuilder::new(Image::parse(&snapshot.image));
+        builder.memory_mib = snapshot.memory_mib;
+        builder.vcpus = snapshot.vcpus;
+        builder.restore = Some(snapshot);
+        builder
     }
 
     /// Guest RAM in MiB (default 256).
@@ -260,12 +273,17 @@ impl SandboxBuilder {
     /// Boot the sandbox and return it running, once its agent answers.
     pub fn start(mut self) -> Result<Instance, Error> {
         self.check()?;
-        self.boot_image()?;
+        if self.restore.is_none() {
+            self.boot_image()?;
+        }
         let policy = match self.policy.take() {
             Some(p) => p,
             None if self.profiles.is_empty() => Policy::new(Engine::builtin("deny-all")?),
             None => Policy::new(Engine::load_layers(&self.profiles)?),
         };
+        if let Some(snapshot) = self.restore.take() {
+            return self.start_restored(policy, snapshot);
+        }
         let kernel = match self.kernel.take() {
             Some(k) => k,
             None => paths::kernel()?,
@@ -300,6 +318,42 @@ impl SandboxBuilder {
             console: self.console,
             jail: self.jail,
             id: self.id,
+            restore: None,
+        })
+    }
+
+    fn start_restored(self, policy: Policy, snapshot: Snapshot) -> Result<Instance, Error> {
+        if self.memory_mib != snapshot.memory_mib || self.vcpus != snapshot.vcpus {
+            return Err(Error::Config(format!(
+                "a sandbox restored from {} has the snapshot's {} MiB and {} vCPUs",
+                snapshot.dir.display(),
+                snapshot.memory_mib,
+                snapshot.vcpus
+            )));
+        }
+        let (root_disk, extra_disks) = snapshot
+            .disks
+            .split_first()
+            .map(|(root, extra)| (root.clone(), extra.to_vec()))
+            .ok_or_else(|| Error::Config(format!("the snapshot {} has no disk", snapshot.dir.display())))?;
+        Instance::start(InstanceConfig {
+            image_name: snapshot.image.clone(),
+            label: self.label,
+            image_config: snapshot.image_config.clone(),
+            detached: self.detached,
+            data_dir: self.data_dir.unwrap_or_else(paths::data_dir),
+            kernel: snapshot.kernel.clone(),
+            root_disk,
+            extra_disks,
+            cmdline: String::new(),
+            memory_mib: snapshot.memory_mib,
+            vcpus: snapshot.vcpus,
+            policy,
+            net: self.net,
+            console: self.console,
+            jail: self.jail,
+            id: self.id,
+            restore: Some(snapshot),
         })
     }
 
@@ -353,7 +407,9 @@ impl SandboxBuilder {
         if !self.profiles.is_empty() {
             Engine::load_layers(&self.profiles)?;
         }
-        self.boot_image()?;
+        if self.restore.is_none() {
+            self.boot_image()?;
+        }
         let program = match self.holder.take() {
             Some(program) => program,
             None => HolderProgram::find()?,
@@ -372,6 +428,7 @@ impl SandboxBuilder {
             label: self.label,
             command,
             timeout: self.timeout,
+            snapshot: self.restore.map(|s| s.dir),
         };
         crate::holder::spawn(&program, &spec)
     }

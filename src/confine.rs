@@ -97,11 +97,11 @@ mod uid_range {
 /// The holder's own memory allowance beyond guest RAM (see [`Jail::memory_overhead_mib`]).
 pub const DEFAULT_MEMORY_OVERHEAD_MIB: u32 = 192;
 
-/// What the holder needs from the host's file system, besides its sandbox directory.
+/// What the holder needs from the host's file system, besides its sandbox
+/// directory: the kernel, the disks and a snapshot's files, read-only.
 #[derive(Debug)]
 pub(crate) struct HostFiles<'a> {
-    pub kernel: &'a Path,
-    pub disks: Vec<&'a Path>,
+    pub read_only: Vec<&'a Path>,
 }
 
 /// Confine this process to hold the sandbox in `dir` (see the module
@@ -175,7 +175,7 @@ pub(crate) fn confine(jail: &Jail, id: &str, dir: &SandboxDir, memory_mib: u32, 
             if tty {
                 jail_root = jail_root.device("/dev/tty", "/dev/tty", 0, 0, 0o666);
             }
-            for file in [files.kernel].into_iter().chain(files.disks) {
+            for file in files.read_only {
                 jail_root = jail_root.bind_read_only(file, file);
             }
             for file in ["/etc/resolv.conf", "/etc/hosts"].map(Path::new) {

@@ -67,6 +67,10 @@ pub(crate) struct HolderSpec {
     pub command: Option<CommandSpec>,
     /// The sandbox stops this long after it is ready.
     pub timeout: Option<Duration>,
+    /// Restore the sandbox from the snapshot in this directory instead of
+    /// booting it (image, memory and vCPUs are then the snapshot's).
+    #[serde(default)]
+    pub snapshot: Option<PathBuf>,
 }
 
 /// The parts of a [`Command`] that cross to another process.
@@ -254,14 +258,12 @@ enum Stop {
 }
 
 fn hold(spec: HolderSpec, report: &mut impl Write) -> Result<(), Error> {
-    let mut builder = SandboxBuilder::new(spec.image)
-        .memory_mib(spec.memory_mib)
-        .vcpus(spec.vcpus)
-        .net_config(spec.net)
-        .data_dir(spec.data_dir)
-        .label(spec.label)
-        .detached(true)
-        .with_id(spec.id);
+    let builder = match spec.snapshot {
+        Some(dir) => SandboxBuilder::restoring(crate::Snapshot::load(dir)?),
+        None => SandboxBuilder::new(spec.image).memory_mib(spec.memory_mib).vcpus(spec.vcpus),
+    };
+    let mut builder =
+        builder.net_config(spec.net).data_dir(spec.data_dir).label(spec.label).detached(true).with_id(spec.id);
     for (layer, source) in spec.profiles {
         builder = builder.profile_at(layer, source);
     }
@@ -357,6 +359,7 @@ mod tests {
             label: vec!["sleep".into()],
             command: Some(CommandSpec::of(&Command::new("sleep").arg("1").env("A", "1").image_entrypoint())),
             timeout: Some(Duration::from_secs(5)),
+            snapshot: None,
         }
     }
 

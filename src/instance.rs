@@ -21,6 +21,7 @@ use telemetry::SessionDb;
 use crate::confine::{confine, HostFiles};
 use crate::console::{ConsoleSink, ConsoleState};
 use crate::sandbox::{Sandbox, SandboxState};
+use crate::snapshot::Snapshot;
 use crate::{paths, Error};
 
 /// How long a guest may take from power-on until its agent answers.
@@ -53,6 +54,9 @@ pub(crate) struct InstanceConfig {
     pub console: Option<Box<dyn Write + Send>>,
     /// Confine this process to hold the sandbox (it must exist for that alone).
     pub jail: Option<crate::Jail>,
+    /// Restore the VM from this snapshot instead of booting it (the kernel
+    /// and disks above are the snapshot's).
+    pub restore: Option<Snapshot>,
 }
 
 /// A sandbox this process holds: its VM runs on a thread of this process,
@@ -68,6 +72,10 @@ pub struct Instance {
     started: Instant,
     boot_time: Duration,
     stop: vmm::StopHandle,
+    controller: vmm::VmController,
+    /// The kernel and disks (root first) the VM was built from.
+    kernel: PathBuf,
+    disks: Vec<PathBuf>,
     vm: Option<JoinHandle<Result<vmm::ExitReason, vmm::Error>>>,
     handlers: Option<HandlerHost>,
     console: Arc<Mutex<ConsoleState>>,
@@ -189,10 +197,12 @@ impl Instance {
                 config.kernel = canonical(&config.kernel)?;
                 config.root_disk = canonical(&config.root_disk)?;
                 config.extra_disks = config.extra_disks.iter().map(|d| canonical(d)).collect::<Result<_, _>>()?;
+                let snapshot_files = config.restore.as_ref().map(|s| s.files());
                 let files = HostFiles {
-                    kernel: &config.kernel,
-                    disks: std::iter::once(&config.root_disk)
+                    read_only: std::iter::once(&config.kernel)
+                        .chain(std::iter::once(&config.root_disk))
                         .chain(&config.extra_disks)
+                        .chain(snapshot_files.iter().flat_map(|f| [&f.state, &f.memory]))
                         .map(PathBuf::as_path)
                         .collect(),
                 };
@@ -211,7 +221,9 @@ impl Instance {
         let started = Instant::now();
         let sink = ConsoleSink::new(started, Arc::clone(&console), None, config.console);
         let uds = dir.vsock_socket();
-        let vm = vmm::Vm::create(vmm::VmConfig {
+        let kernel = config.kernel.clone();
+        let disks: Vec<PathBuf> = std::iter::once(&config.root_disk).chain(&config.extra_disks).cloned().collect();
+        let vm_config = vmm::VmConfig {
             kernel: config.kernel,
             cmdline: config.cmdline,
             memory_mib: config.memory_mib,
@@ -221,7 +233,12 @@ impl Instance {
             serial: Box::new(sink),
             seccomp: seccomp.map(|f| f.vmm).unwrap_or_default(),
             vsock: Some(vmm::devices::virtio::vsock::VsockConfig { guest_cid: GUEST_CID, uds_path: uds.clone() }),
-        });
+        };
+        let restored = config.restore.is_some();
+        let vm = match &config.restore {
+            Some(snapshot) => vmm::Vm::restore(vm_config, &snapshot.files(), &snapshot.digests),
+            None => vmm::Vm::create(vm_config),
+        };
         let vm = match vm {
             Ok(vm) => vm,
             Err(e) => {
@@ -230,6 +247,7 @@ impl Instance {
             }
         };
         let stop = vm.stop_handle();
+        let controller = vm.controller();
         let vm = std::thread::Builder::new()
             .name(format!("vm-{id}"))
             .spawn(move || vm.run())
@@ -240,6 +258,9 @@ impl Instance {
             started,
             boot_time: Duration::ZERO,
             stop,
+            controller,
+            kernel,
+            disks,
             vm: Some(vm),
             handlers: Some(handlers),
             console,
@@ -255,8 +276,42 @@ impl Instance {
         }
         instance.boot_time = instance.started.elapsed();
         instance.agent()?.set_identity(identity(ca_pem, None)?)?;
-        tracing::debug!(id = %instance.id(), boot = ?instance.boot_time, "sandbox ready");
+        tracing::debug!(id = %instance.id(), boot = ?instance.boot_time, restored, "sandbox ready");
         Ok(instance)
+    }
+
+    /// Save the running VM to a snapshot in `dir` (created; it must not
+    /// exist), then let it run on or stop it, as `then` says. A sandbox
+    /// restored from it ([`Sandbox::from_snapshot`]) goes on from this
+    /// point, with an identity of its own.
+    pub fn snapshot(&self, dir: impl AsRef<Path>, then: vmm::AfterSnapshot) -> Result<Snapshot, Error> {
+        let dir = dir.as_ref();
+        std::fs::create_dir(dir)
+            .map_err(|e| Error::Io(format!("create the snapshot directory {}", dir.display()), e))?;
+        let digests = crate::snapshot::digests(&self.kernel, &self.disks)?;
+        let state = self.state();
+        let snapshot = Snapshot {
+            dir: dir.to_path_buf(),
+            source: state.id.clone(),
+            image: state.image.clone(),
+            kernel: self.kernel.clone(),
+            disks: self.disks.clone(),
+            memory_mib: state.memory_mib,
+            vcpus: state.vcpus,
+            image_config: state.image_config.clone(),
+            digests: digests.clone(),
+            created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs(),
+        };
+        let info = self.controller.snapshot(&snapshot.files(), then, digests)?;
+        snapshot.save()?;
+        tracing::info!(
+            id = %self.id(),
+            dir = %dir.display(),
+            paused = ?info.paused_for,
+            memory_written = info.memory_written_bytes,
+            "snapshot written"
+        );
+        Ok(snapshot)
     }
 
     /// The sandbox, as a handle other code can keep (and clone).

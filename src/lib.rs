@@ -43,6 +43,7 @@ mod instance;
 pub mod paths;
 mod process;
 mod sandbox;
+mod snapshot;
 pub mod terminal;
 pub mod verify;
 
@@ -61,7 +62,9 @@ pub use policy;
 pub use process::{Process, ProcessControl, ProcessOutput, ProcessStdin};
 pub use rootfs;
 pub use sandbox::{valid_id, Sandbox, SandboxState};
+pub use snapshot::Snapshot;
 pub use telemetry::query::LogRow;
+pub use vmm::AfterSnapshot;
 
 /// Guest memory bounds, in MiB (the VMM's).
 pub const MEMORY_MIB_RANGE: std::ops::RangeInclusive<u32> = vmm::MIN_MEMORY_MIB..=vmm::MAX_MEMORY_MIB;

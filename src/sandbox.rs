@@ -191,6 +191,13 @@ impl Sandbox {
         SandboxBuilder::new(image)
     }
 
+    /// A sandbox restored from `snapshot` (see [`crate::Snapshot`]):
+    /// configure its policy, network and data directory as for a boot,
+    /// then start or spawn it. Its image, memory and vCPUs are the snapshot's.
+    pub fn from_snapshot(snapshot: crate::Snapshot) -> SandboxBuilder {
+        SandboxBuilder::restoring(snapshot)
+    }
+
     /// The handle of the process that holds the sandbox.
     pub(crate) fn held_here(dir: SandboxDir, state: SandboxState) -> Self {
         Sandbox { dir, state, held_here: true }
