@@ -85,20 +85,22 @@ impl SandboxState {
     }
 }
 
-/// Field 22 of `/proc/<pid>/stat`: when the process started.
-fn process_start(pid: u32) -> Option<u64> {
+/// Field `n` (counted from 1, as proc(5) does; 3 or later) of `/proc/<pid>/stat`.
+fn stat_field(pid: u32, n: usize) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces.
     let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    rest.split_whitespace().nth(n.checked_sub(3)?).map(str::to_string)
+}
+
+/// Field 22 of `/proc/<pid>/stat`: when the process started.
+fn process_start(pid: u32) -> Option<u64> {
+    stat_field(pid, 22)?.parse().ok()
 }
 
 /// Has process `pid` ended, its status not yet collected by its parent?
 fn zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| stat.rfind(')').and_then(|end| stat[end + 1..].split_whitespace().next().map(|s| s == "Z")))
-        .unwrap_or(false)
+    stat_field(pid, 3).is_some_and(|state| state == "Z")
 }
 
 /// The children of process `pid` (none if it is gone).
