@@ -116,6 +116,11 @@ impl SandboxBuilder {
         builder
     }
 
+    /// The image the sandbox runs (a restored one: the snapshot's).
+    pub fn image(&self) -> &Image {
+        &self.image
+    }
+
     /// Guest RAM in MiB (default 256).
     pub fn memory_mib(mut self, mib: u32) -> Self {
         self.memory_mib = mib;
@@ -149,7 +154,9 @@ impl SandboxBuilder {
         self.profiles.push((layer, source));
         self
     }
-    /// Use this policy (for example one with an `ask` callback) instead of profiles.
+    /// Use this policy (for example one with an `ask` callback) instead of
+    /// profiles. Profiles given as well are only recorded (in `state.json`,
+    /// for forks of the sandbox) as where the policy came from.
     pub fn policy(mut self, policy: Policy) -> Self {
         self.policy = Some(policy);
         self
@@ -314,6 +321,7 @@ impl SandboxBuilder {
             memory_mib: self.memory_mib,
             vcpus: self.vcpus,
             policy,
+            profiles: self.profiles,
             net: self.net,
             console: self.console,
             jail: self.jail,
@@ -349,6 +357,7 @@ impl SandboxBuilder {
             memory_mib: snapshot.memory_mib,
             vcpus: snapshot.vcpus,
             policy,
+            profiles: self.profiles,
             net: self.net,
             console: self.console,
             jail: self.jail,
@@ -433,7 +442,7 @@ impl SandboxBuilder {
         crate::holder::spawn(&program, &spec)
     }
 
-    /// Boot the sandbox, run `command` in it to its end, power it off.
+    /// Boot the sandbox, run `command` in it to its end, stop it.
     ///
     /// With an OCI image its config applies as `docker run` applies it: the
     /// entrypoint goes before the command's arguments (`Cmd` when there are
@@ -464,7 +473,8 @@ impl SandboxBuilder {
         };
         let (id, session_db, boot_time) = (instance.id().to_string(), instance.session_db(), instance.boot_time());
         let powered_on = instance.started_at();
-        let console = instance.shutdown()?;
+        // The command has ended: nothing in the guest needs a clean power off.
+        let console = instance.kill()?;
         let total_time = powered_on.elapsed();
         Ok(RunOutput {
             status: output.status,

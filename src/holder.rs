@@ -15,7 +15,8 @@
 //! single-threaded then, as confinement needs). It reports, then holds the
 //! VM until [`crate::Sandbox::stop`] (SIGTERM), the guest powers off, its
 //! command (if the spec has one; output in `output.log`) ends, or its
-//! timeout passes.
+//! timeout passes. Meanwhile it serves its control socket (see
+//! `crate::control`): [`crate::Sandbox::snapshot`] asks it there.
 
 use std::ffi::OsString;
 use std::io::{BufRead, Read, Write};
@@ -33,7 +34,8 @@ use serde::{Deserialize, Serialize};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use crate::command::Command;
-use crate::{Error, Image, Jail, Sandbox, SandboxBuilder};
+use crate::control::{ControlCall, ControlReply, ControlRequest};
+use crate::{AfterSnapshot, Error, Image, Jail, Sandbox, SandboxBuilder};
 
 /// The environment variable naming the holder program when
 /// [`crate::SandboxBuilder::holder_program`] does not.
@@ -251,10 +253,27 @@ fn send(out: &mut impl Write, report: &Report) {
     }
 }
 
-/// Why a holder stops its sandbox.
-enum Stop {
+/// What the holder's main loop waits for.
+enum Event {
     Signal(i32),
     CommandEnded(Result<i32, Error>),
+    Control(ControlCall),
+}
+
+/// Carry out a control request. `Some(reason)`: the sandbox is to stop.
+fn control(instance: &crate::Instance, request: ControlRequest) -> (ControlReply, Option<String>) {
+    match request {
+        ControlRequest::Snapshot { name, stop } => {
+            if !crate::valid_id(&name) {
+                return (ControlReply::Error(format!("not a snapshot directory name: {name:?}")), None);
+            }
+            let then = if stop { AfterSnapshot::Stop } else { AfterSnapshot::Resume };
+            match instance.snapshot(instance.dir().join(&name), then) {
+                Ok(_) => (ControlReply::Done, stop.then(|| "stopped after a snapshot".to_string())),
+                Err(e) => (ControlReply::Error(format!("taking a snapshot: {e}")), None),
+            }
+        }
+    }
 }
 
 fn hold(spec: HolderSpec, report: &mut impl Write) -> Result<(), Error> {
@@ -293,9 +312,10 @@ fn hold(spec: HolderSpec, report: &mut impl Write) -> Result<(), Error> {
     let handle = signals.handle();
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
-            let _ = on_signal.send(Stop::Signal(sig));
+            let _ = on_signal.send(Event::Signal(sig));
         }
     });
+    crate::control::serve(instance.dir(), tx.clone(), Event::Control)?;
     // No arguments and no image Cmd: the sandbox just runs.
     let image_cmd = instance.state().image_config.as_ref().is_some_and(|c| !c.argv(&[]).is_empty());
     if let Some(command) = spec.command.filter(|c| !c.argv.is_empty() || image_cmd) {
@@ -309,20 +329,27 @@ fn hold(spec: HolderSpec, report: &mut impl Write) -> Result<(), Error> {
         match started {
             Ok(mut process) => {
                 std::thread::spawn(move || {
-                    let _ = tx.send(Stop::CommandEnded(process.wait()));
+                    let _ = tx.send(Event::CommandEnded(process.wait()));
                 });
             }
             Err(e) => {
-                let _ = tx.send(Stop::CommandEnded(Err(e)));
+                let _ = tx.send(Event::CommandEnded(Err(e)));
             }
         }
     }
     let started = Instant::now();
     let reason = loop {
         match rx.recv_timeout(Duration::from_millis(250)) {
-            Ok(Stop::Signal(sig)) => break format!("signal {sig}"),
-            Ok(Stop::CommandEnded(Ok(code))) => break format!("the command exited with status {code}"),
-            Ok(Stop::CommandEnded(Err(e))) => break format!("the command failed: {e}"),
+            Ok(Event::Signal(sig)) => break format!("signal {sig}"),
+            Ok(Event::CommandEnded(Ok(code))) => break format!("the command exited with status {code}"),
+            Ok(Event::CommandEnded(Err(e))) => break format!("the command failed: {e}"),
+            Ok(Event::Control(call)) => {
+                let (reply, stop) = control(&instance, call.request);
+                let _ = call.reply.send(reply);
+                if let Some(reason) = stop {
+                    break reason;
+                }
+            }
             Err(mpsc::RecvTimeoutError::Disconnected) => break "nothing left to wait for".into(),
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 if !instance.is_running() {

@@ -50,6 +50,8 @@ pub(crate) struct InstanceConfig {
     pub memory_mib: u32,
     pub vcpus: u8,
     pub policy: policy::Policy,
+    /// Where the policy came from (recorded in `state.json`).
+    pub profiles: Vec<(policy::Layer, policy::ProfileSource)>,
     pub net: NetConfig,
     pub console: Option<Box<dyn Write + Send>>,
     /// Confine this process to hold the sandbox (it must exist for that alone).
@@ -190,6 +192,7 @@ impl Instance {
         let mut state = SandboxState::new(&id, &config.image_name, &config.label, config.memory_mib, config.vcpus);
         state.detached = config.detached;
         state.image_config = config.image_config.take();
+        state.profiles = std::mem::take(&mut config.profiles);
         state.save(&dir)?;
         let files = HandlerFiles::load(&config.net)?;
         let seccomp = match config.jail.take() {
@@ -286,8 +289,7 @@ impl Instance {
     /// point, with an identity of its own.
     pub fn snapshot(&self, dir: impl AsRef<Path>, then: vmm::AfterSnapshot) -> Result<Snapshot, Error> {
         let dir = dir.as_ref();
-        std::fs::create_dir(dir)
-            .map_err(|e| Error::Io(format!("create the snapshot directory {}", dir.display()), e))?;
+        crate::snapshot::create_dir(dir)?;
         let digests = crate::snapshot::digests(&self.kernel, &self.disks)?;
         let state = self.state();
         let snapshot = Snapshot {
@@ -362,6 +364,15 @@ impl Instance {
         if let Ok(agent) = self.agent() {
             let _ = agent.shutdown();
         }
+        self.finish()
+    }
+
+    /// Stop the VM at once, without asking the guest (nothing in it needs
+    /// saving: its writable layer is in its memory), then stop the
+    /// handlers and commit every row as [`Self::shutdown`] does. Returns
+    /// the console log.
+    pub fn kill(mut self) -> Result<Vec<u8>, Error> {
+        self.stop.stop();
         self.finish()
     }
 

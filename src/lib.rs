@@ -35,6 +35,7 @@ mod builder;
 mod command;
 mod confine;
 mod console;
+mod control;
 mod error;
 mod events;
 pub mod holder;
@@ -43,7 +44,7 @@ mod instance;
 pub mod paths;
 mod process;
 mod sandbox;
-mod snapshot;
+pub mod snapshot;
 pub mod terminal;
 pub mod verify;
 

@@ -64,3 +64,8 @@ pub fn sandboxes_dir() -> PathBuf {
 pub fn sandboxes_in(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("sandboxes")
 }
+
+/// The named snapshots of the data directory `data_dir` (`sandbox snapshot --name`).
+pub fn snapshots_in(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("snapshots")
+}

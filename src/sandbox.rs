@@ -20,9 +20,10 @@ use crate::agent::{AgentConn, AgentError};
 use guest_protocol::agent::HostMessage;
 
 use crate::command::{Command, Output, OutputSink};
+use crate::control::ControlRequest;
 use crate::events::Events;
 use crate::process::{Collect, Collected, Process};
-use crate::{paths, Error, Image, SandboxBuilder, Status};
+use crate::{paths, AfterSnapshot, Error, Image, SandboxBuilder, Snapshot, Status};
 
 /// How long killed holder processes may take to be gone.
 const KILL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -55,6 +56,10 @@ pub struct SandboxState {
     /// every command gets unless it sets its own.
     #[serde(default)]
     pub image_config: Option<rootfs::ImageConfig>,
+    /// The policy profiles it was started with, in their layers (empty: a
+    /// policy object, or the default `deny-all`). A fork of it gets them.
+    #[serde(default)]
+    pub profiles: Vec<(policy::Layer, policy::ProfileSource)>,
 }
 
 impl SandboxState {
@@ -71,6 +76,7 @@ impl SandboxState {
             pid_start: process_start(pid).unwrap_or(0),
             detached: false,
             image_config: None,
+            profiles: Vec::new(),
         }
     }
 
@@ -432,6 +438,32 @@ impl Sandbox {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())
+    }
+
+    /// Save the sandbox to a snapshot in `dir` (created; it must not
+    /// exist), then let it run on or stop it, as `then` says. The process
+    /// that holds the sandbox writes it into the sandbox's directory, asked
+    /// on its control socket, and it is then moved to `dir` (fastest on the
+    /// data directory's file system). For a sandbox this process holds,
+    /// [`crate::Instance::snapshot`] does it directly.
+    pub fn snapshot(&self, dir: impl AsRef<Path>, then: AfterSnapshot) -> Result<Snapshot, Error> {
+        let dir = dir.as_ref();
+        if self.held_here {
+            return Err(Error::Config(format!(
+                "this process holds sandbox {}: take its snapshot with Instance::snapshot",
+                self.state.id
+            )));
+        }
+        if !self.holder_alive() {
+            return Err(Error::NotRunning(self.state.id.clone()));
+        }
+        if dir.exists() {
+            return Err(Error::Config(format!("{} already exists", dir.display())));
+        }
+        let name = format!("snapshot{}", crate::instance::new_id()?);
+        let request = ControlRequest::Snapshot { name: name.clone(), stop: then == AfterSnapshot::Stop };
+        crate::control::call(self.dir.path(), &request)?;
+        crate::snapshot::publish(&self.dir.path().join(name), dir)
     }
 
     /// Delete the sandbox's directory (its logs included). A running sandbox

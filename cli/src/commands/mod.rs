@@ -17,6 +17,7 @@ mod policy;
 mod ps;
 mod rm;
 pub mod run;
+mod snapshot;
 mod stop;
 mod verify_isolation;
 
@@ -35,6 +36,14 @@ pub enum Command {
     Stop(stop::StopArgs),
     /// Delete sandboxes and their logs.
     Rm(rm::RmArgs),
+    /// Save a running sandbox to a named snapshot (`run --from NAME` restores it).
+    Snapshot(snapshot::SnapshotArgs),
+    /// List the named snapshots.
+    Snapshots(snapshot::SnapshotsArgs),
+    /// Delete snapshots (sandboxes restored from them run on).
+    RmSnapshot(snapshot::RmSnapshotArgs),
+    /// Snapshot a running sandbox and start copies of it in the background; print their ids.
+    Fork(snapshot::ForkArgs),
     /// Print what a sandbox's guest tried to reach (its session.db).
     Logs(logs::LogsArgs),
     /// Check profiles, or explain a decision.
@@ -70,6 +79,10 @@ pub fn run(command: Command) -> Outcome {
         Command::Ps(args) => ps::ps(args),
         Command::Stop(args) => stop::stop(args),
         Command::Rm(args) => rm::rm(args),
+        Command::Snapshot(args) => snapshot::snapshot(args),
+        Command::Snapshots(args) => snapshot::snapshots(args),
+        Command::RmSnapshot(args) => snapshot::rm_snapshot(args),
+        Command::Fork(args) => snapshot::fork(args),
         Command::Logs(args) => logs::logs(args),
         Command::Policy(cmd) => policy::policy(cmd),
         Command::Ca(cmd) => ca::ca(cmd),

@@ -20,7 +20,7 @@ pub struct PsArgs {
 }
 
 /// "3 minutes ago".
-fn ago(created: u64) -> String {
+pub fn ago(created: u64) -> String {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(created);
     let secs = now.saturating_sub(created);
     match secs {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use sandbox::policy::{Engine, Layer, Policy, ProfileSource};
-use sandbox::{Command, Image, Jail, NetConfig, Sandbox, SandboxBuilder, Status};
+use sandbox::{Command, Image, Jail, NetConfig, Sandbox, SandboxBuilder, Snapshot, Status};
 
 use crate::ask::{GatedWriter, OutputGate, TerminalAsker};
 use crate::exit::{guest_status, Failure, Outcome, SandboxFailure, TIMEOUT};
@@ -72,9 +72,15 @@ pub struct RunArgs {
     /// Show the guest kernel's console log on stderr.
     #[arg(long)]
     console: bool,
+    /// Restore the sandbox from this snapshot (a name from `sandbox
+    /// snapshots`, or a snapshot's directory) instead of booting an image;
+    /// its memory, vCPUs and image are the snapshot's.
+    #[arg(long, value_name = "SNAPSHOT", conflicts_with_all = ["image", "memory", "cpus", "disk"])]
+    from: Option<String>,
     /// `default`, the path of an erofs or ext4 image file, or an OCI image
     /// (`python:3.12-slim`, `oci:<dir>[:tag]`, `docker-archive:<file>`).
-    image: String,
+    #[arg(required_unless_present = "from")]
+    image: Option<String>,
     /// The command and its arguments (optional with -d; for an OCI image:
     /// default its Cmd, after its Entrypoint).
     #[arg(last = true, value_name = "CMD")]
@@ -127,14 +133,30 @@ fn net_config(args: &RunArgs) -> Result<NetConfig, Failure> {
 /// The sandbox and the command `args` describe (without its policy and confinement).
 fn prepare(args: &RunArgs) -> Result<(SandboxBuilder, Command), Failure> {
     let net = net_config(args)?;
-    let image = Image::parse(&args.image);
-    if args.cmd.is_empty() && !args.detach && !matches!(image, Image::Oci(_)) {
+    let mut builder = match (&args.from, &args.image) {
+        (Some(from), _) => {
+            let snapshot = Snapshot::find_in(&sandbox::paths::data_dir(), from).or_sandbox_failure()?;
+            Sandbox::from_snapshot(snapshot)
+        }
+        (None, Some(image)) => {
+            let image = Image::parse(image);
+            super::images::prepare(&image).or_sandbox_failure()?;
+            let mut builder = Sandbox::builder(image).memory_mib(args.memory).vcpus(args.cpus);
+            if let Some(disk) = args.disk {
+                builder = builder.disk_mib(disk);
+            }
+            builder
+        }
+        (None, None) => return Err(Failure::Usage("name an image or a snapshot (--from)".into())),
+    };
+    if args.cmd.is_empty() && !args.detach && !matches!(builder.image(), Image::Oci(_)) {
         return Err(Failure::Usage("this image needs a command: sandbox run [OPTIONS] <IMAGE> -- <CMD>...".into()));
     }
-    super::images::prepare(&image).or_sandbox_failure()?;
-    let mut builder = Sandbox::builder(image).memory_mib(args.memory).vcpus(args.cpus).net_config(net);
-    if let Some(disk) = args.disk {
-        builder = builder.disk_mib(disk);
+    builder = builder.net_config(net);
+    // A foreground run's policy is an object (it asks on the terminal);
+    // the profiles are still recorded, for forks of the sandbox.
+    for (layer, source) in layers(args) {
+        builder = builder.profile_at(layer, source);
     }
     if args.no_jail {
         eprintln!("sandbox: --no-jail: the sandbox's process is not confined (unsafe; for debugging only)");
@@ -142,11 +164,17 @@ fn prepare(args: &RunArgs) -> Result<(SandboxBuilder, Command), Failure> {
     Ok((builder, args.process.settings(Command::from_argv(args.cmd.clone()).image_entrypoint())))
 }
 
-/// The confinement of a sandbox's process: a CPU quota of its vCPUs plus
-/// half a CPU for its handlers and device loop.
-fn jail(args: &RunArgs) -> Jail {
+/// The confinement of a sandbox's process with `vcpus`: a CPU quota of its
+/// vCPUs plus half a CPU for its handlers and device loop.
+pub fn default_jail(vcpus: u8) -> Jail {
     let mut jail = Jail::default();
-    jail.cpus = Some(f64::from(args.cpus) + 0.5);
+    jail.cpus = Some(f64::from(vcpus) + 0.5);
+    jail
+}
+
+/// The confinement `args` ask for.
+fn jail(args: &RunArgs) -> Jail {
+    let mut jail = default_jail(args.cpus);
     jail.memory_overhead_mib = args.holder_memory;
     jail
 }
@@ -198,9 +226,6 @@ pub fn run(args: RunArgs) -> Outcome {
 fn detach(args: &RunArgs, mut builder: SandboxBuilder, command: Command, timeout: Option<Duration>) -> Outcome {
     let exe = std::env::current_exe().context("find the sandbox executable").or_sandbox_failure()?;
     builder = builder.holder_program(exe, ["holder"]).label(args.cmd.clone());
-    for (layer, source) in layers(args) {
-        builder = builder.profile_at(layer, source);
-    }
     builder = if args.no_jail { builder.unconfined() } else { builder.jail(jail(args)) };
     if let Some(timeout) = timeout {
         builder = builder.timeout(timeout);
