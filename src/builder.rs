@@ -66,6 +66,7 @@ pub struct SandboxBuilder {
     timeout: Option<Duration>,
     id: Option<String>,
     restore: Option<Snapshot>,
+    warm: bool,
     boot: Option<BootImage>,
 }
 
@@ -102,6 +103,7 @@ impl SandboxBuilder {
             timeout: None,
             id: None,
             restore: None,
+            warm: false,
             boot: None,
         }
     }
@@ -243,6 +245,79 @@ impl SandboxBuilder {
         self
     }
 
+    /// Start from a snapshot of a freshly booted, idle sandbox of the same
+    /// kernel, image, memory, vCPUs and writable-layer size, kept in the
+    /// cache ([`crate::warm`]); when there is none, one is made first (a
+    /// cold boot in a holder, confined as [`Self::spawn`] confines, so it
+    /// needs the holder program and, unless [`Self::unconfined`], root).
+    /// The sandbox then starts as from [`crate::Sandbox::from_snapshot`]:
+    /// its guest has booted once, in the sandbox that made the snapshot,
+    /// and gets its own identity when restored.
+    pub fn warm(mut self) -> Self {
+        self.warm = true;
+        self
+    }
+
+    /// The kernel to boot: the one set, else the built one.
+    fn kernel_path(&self) -> Result<PathBuf, Error> {
+        match &self.kernel {
+            Some(k) => Ok(k.clone()),
+            None => paths::kernel(),
+        }
+    }
+
+    /// The kernel command line for `boot`.
+    fn cmdline(&self, boot: &BootImage) -> String {
+        let mut cmdline = format!(
+            "{} root=/dev/vda ro rootfstype={} init=/sbin/sandbox-init",
+            vmm::cmdline::base_args(),
+            boot.rootfs.kernel_name()
+        );
+        if let Some(disk) = self.disk_mib {
+            cmdline.push_str(&format!(" sandbox.disk={disk}"));
+        }
+        if boot.image_disk.is_some() {
+            // guest-init overlays the second disk as the root (see guest-init/src/mounts.rs).
+            cmdline.push_str(" sandbox.image=/dev/vdb");
+        }
+        cmdline
+    }
+
+    /// With [`Self::warm`]: restore from the warm snapshot (made now if
+    /// there is none).
+    fn resolve_warm(&mut self) -> Result<(), Error> {
+        if !self.warm || self.restore.is_some() {
+            return Ok(());
+        }
+        let kernel = self.kernel_path()?;
+        let boot = self.boot_image()?.clone();
+        let disks: Vec<PathBuf> = std::iter::once(&boot.root_disk).chain(&boot.image_disk).cloned().collect();
+        let cmdline = self.cmdline(&boot);
+        let settings = crate::warm::WarmSettings {
+            kernel: &kernel,
+            disks: &disks,
+            memory_mib: self.memory_mib,
+            vcpus: self.vcpus,
+            disk_mib: self.disk_mib,
+            cmdline: &cmdline,
+        };
+        let snapshot = crate::warm::snapshot(&settings, |data_dir| {
+            let mut maker = SandboxBuilder::new(self.image.clone())
+                .memory_mib(self.memory_mib)
+                .vcpus(self.vcpus)
+                .kernel(kernel.clone())
+                .data_dir(data_dir);
+            maker.disk_mib = self.disk_mib;
+            maker.boot = Some(boot.clone());
+            maker.holder = self.holder.clone();
+            maker.jail = self.jail.clone();
+            maker.unconfined = self.unconfined;
+            maker.spawn()
+        })?;
+        self.restore = Some(snapshot);
+        Ok(())
+    }
+
     fn check(&self) -> Result<(), Error> {
         if !MEMORY_MIB_RANGE.contains(&self.memory_mib) {
             return Err(Error::Config(format!(
@@ -280,6 +355,7 @@ impl SandboxBuilder {
     /// Boot the sandbox and return it running, once its agent answers.
     pub fn start(mut self) -> Result<Instance, Error> {
         self.check()?;
+        self.resolve_warm()?;
         if self.restore.is_none() {
             self.boot_image()?;
         }
@@ -291,23 +367,9 @@ impl SandboxBuilder {
         if let Some(snapshot) = self.restore.take() {
             return self.start_restored(policy, snapshot);
         }
-        let kernel = match self.kernel.take() {
-            Some(k) => k,
-            None => paths::kernel()?,
-        };
+        let kernel = self.kernel_path()?;
         let boot = self.boot.take().ok_or_else(|| Error::Config("no boot image".into()))?;
-        let mut cmdline = format!(
-            "{} root=/dev/vda ro rootfstype={} init=/sbin/sandbox-init",
-            vmm::cmdline::base_args(),
-            boot.rootfs.kernel_name()
-        );
-        if let Some(disk) = self.disk_mib {
-            cmdline.push_str(&format!(" sandbox.disk={disk}"));
-        }
-        if boot.image_disk.is_some() {
-            // guest-init overlays the second disk as the root (see guest-init/src/mounts.rs).
-            cmdline.push_str(" sandbox.image=/dev/vdb");
-        }
+        let cmdline = self.cmdline(&boot);
         Instance::start(InstanceConfig {
             image_name: self.image.to_string(),
             label: self.label,
@@ -331,6 +393,7 @@ impl SandboxBuilder {
     }
 
     fn start_restored(self, policy: Policy, snapshot: Snapshot) -> Result<Instance, Error> {
+        snapshot.check_files()?;
         if self.memory_mib != snapshot.memory_mib || self.vcpus != snapshot.vcpus {
             return Err(Error::Config(format!(
                 "a sandbox restored from {} has the snapshot's {} MiB and {} vCPUs",
@@ -416,6 +479,7 @@ impl SandboxBuilder {
         if !self.profiles.is_empty() {
             Engine::load_layers(&self.profiles)?;
         }
+        self.resolve_warm()?;
         if self.restore.is_none() {
             self.boot_image()?;
         }

@@ -300,6 +300,9 @@ fn hold(spec: HolderSpec, report: &mut impl Write) -> Result<(), Error> {
     // open itself, the signal handler's included.
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| Error::Io("handle signals".into(), e))?;
+    // Serving before the report: a caller may ask for a snapshot at once.
+    let (tx, rx) = mpsc::channel();
+    crate::control::serve(instance.dir(), tx.clone(), Event::Control)?;
     send(report, &Report::Ready(instance.id().to_string()));
     // The report pipe is done: standard output joins the log.
     // SAFETY: dup2 of two descriptors this process has open (standard error
@@ -307,7 +310,6 @@ fn hold(spec: HolderSpec, report: &mut impl Write) -> Result<(), Error> {
     unsafe { libc::dup2(libc::STDERR_FILENO, std::io::stdout().as_raw_fd()) };
     tracing::info!(id = %instance.id(), "sandbox running");
 
-    let (tx, rx) = mpsc::channel();
     let on_signal = tx.clone();
     let handle = signals.handle();
     std::thread::spawn(move || {
@@ -315,7 +317,7 @@ fn hold(spec: HolderSpec, report: &mut impl Write) -> Result<(), Error> {
             let _ = on_signal.send(Event::Signal(sig));
         }
     });
-    crate::control::serve(instance.dir(), tx.clone(), Event::Control)?;
+
     // No arguments and no image Cmd: the sandbox just runs.
     let image_cmd = instance.state().image_config.as_ref().is_some_and(|c| !c.argv(&[]).is_empty());
     if let Some(command) = spec.command.filter(|c| !c.argv.is_empty() || image_cmd) {

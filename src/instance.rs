@@ -78,6 +78,8 @@ pub struct Instance {
     /// The kernel and disks (root first) the VM was built from.
     kernel: PathBuf,
     disks: Vec<PathBuf>,
+    /// Their digests, when known (those of the snapshot it was restored from).
+    digests: Option<vmm::Digests>,
     vm: Option<JoinHandle<Result<vmm::ExitReason, vmm::Error>>>,
     handlers: Option<HandlerHost>,
     console: Arc<Mutex<ConsoleState>>,
@@ -264,6 +266,7 @@ impl Instance {
             controller,
             kernel,
             disks,
+            digests: config.restore.map(|s| s.digests),
             vm: Some(vm),
             handlers: Some(handlers),
             console,
@@ -290,7 +293,10 @@ impl Instance {
     pub fn snapshot(&self, dir: impl AsRef<Path>, then: vmm::AfterSnapshot) -> Result<Snapshot, Error> {
         let dir = dir.as_ref();
         crate::snapshot::create_dir(dir)?;
-        let digests = crate::snapshot::digests(&self.kernel, &self.disks)?;
+        let digests = match &self.digests {
+            Some(known) => known.clone(),
+            None => crate::snapshot::digests(&self.kernel, &self.disks)?,
+        };
         let state = self.state();
         let snapshot = Snapshot {
             dir: dir.to_path_buf(),

@@ -47,6 +47,7 @@ mod sandbox;
 pub mod snapshot;
 pub mod terminal;
 pub mod verify;
+pub mod warm;
 
 pub use agent::AgentError;
 pub use builder::{RunOutput, SandboxBuilder};

@@ -138,6 +138,21 @@ impl Snapshot {
         std::fs::remove_dir_all(&self.dir).map_err(|e| Error::Io(format!("remove {}", self.dir.display()), e))
     }
 
+    /// Check that the kernel and disks the snapshot was taken with are
+    /// still there, unchanged (their digests are those recorded).
+    pub fn check_files(&self) -> Result<(), Error> {
+        let now = digests(&self.kernel, &self.disks)?;
+        if now != self.digests {
+            return Err(Error::Config(format!(
+                "the snapshot {} was taken with another kernel or disk than {} and {} are now; it cannot be restored",
+                self.dir.display(),
+                self.kernel.display(),
+                self.disks.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        Ok(())
+    }
+
     /// The VMM's files.
     pub fn files(&self) -> vmm::SnapshotFiles {
         vmm::SnapshotFiles::in_dir(&self.dir)
@@ -210,10 +225,12 @@ pub(crate) fn publish(from: &Path, to: &Path) -> Result<Snapshot, Error> {
     Snapshot::load(to)
 }
 
-/// SHA-256 digests of the kernel and disks a VM is built from.
+/// SHA-256 digests of the kernel and disks a VM is built from (from the
+/// digest cache, [`crate::warm`], where this process can reach it).
 pub(crate) fn digests(kernel: &Path, disks: &[PathBuf]) -> Result<vmm::Digests, Error> {
+    let digest = |file: &Path| crate::warm::file_digest(&crate::warm::cache_root(), file);
     Ok(vmm::Digests {
-        kernel: Some(vmm::snapshot::sha256_file(kernel)?),
-        disks: disks.iter().map(|d| vmm::snapshot::sha256_file(d).map(Some)).collect::<Result<_, _>>()?,
+        kernel: Some(digest(kernel)?),
+        disks: disks.iter().map(|d| digest(d).map(Some)).collect::<Result<_, _>>()?,
     })
 }

@@ -102,6 +102,8 @@ impl Default for VerifyConfig {
 }
 
 /// A sandbox the verification started: in a holder process, or in this one.
+// Two of them, each made once: their size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Held {
     Holder(Sandbox),
     Here(Instance),

@@ -77,6 +77,11 @@ pub struct RunArgs {
     /// its memory, vCPUs and image are the snapshot's.
     #[arg(long, value_name = "SNAPSHOT", conflicts_with_all = ["image", "memory", "cpus", "disk"])]
     from: Option<String>,
+    /// Boot the kernel instead of restoring the cached snapshot of an idle
+    /// sandbox of the same image, memory, CPUs and disk (which is made after
+    /// the first boot of each).
+    #[arg(long, conflicts_with = "from")]
+    cold: bool,
     /// `default`, the path of an erofs or ext4 image file, or an OCI image
     /// (`python:3.12-slim`, `oci:<dir>[:tag]`, `docker-archive:<file>`).
     #[arg(required_unless_present = "from")]
@@ -133,6 +138,8 @@ fn net_config(args: &RunArgs) -> Result<NetConfig, Failure> {
 /// The sandbox and the command `args` describe (without its policy and confinement).
 fn prepare(args: &RunArgs) -> Result<(SandboxBuilder, Command), Failure> {
     let net = net_config(args)?;
+    let needs_command = |image: &Image| args.cmd.is_empty() && !args.detach && !matches!(image, Image::Oci(_));
+    let usage = || Failure::Usage("this image needs a command: sandbox run [OPTIONS] <IMAGE> -- <CMD>...".into());
     let mut builder = match (&args.from, &args.image) {
         (Some(from), _) => {
             let snapshot = Snapshot::find_in(&sandbox::paths::data_dir(), from).or_sandbox_failure()?;
@@ -140,26 +147,35 @@ fn prepare(args: &RunArgs) -> Result<(SandboxBuilder, Command), Failure> {
         }
         (None, Some(image)) => {
             let image = Image::parse(image);
+            if needs_command(&image) {
+                return Err(usage());
+            }
             super::images::prepare(&image).or_sandbox_failure()?;
             let mut builder = Sandbox::builder(image).memory_mib(args.memory).vcpus(args.cpus);
             if let Some(disk) = args.disk {
                 builder = builder.disk_mib(disk);
             }
+            if !args.cold {
+                builder = builder.warm();
+            }
             builder
         }
         (None, None) => return Err(Failure::Usage("name an image or a snapshot (--from)".into())),
     };
-    if args.cmd.is_empty() && !args.detach && !matches!(builder.image(), Image::Oci(_)) {
-        return Err(Failure::Usage("this image needs a command: sandbox run [OPTIONS] <IMAGE> -- <CMD>...".into()));
+    if needs_command(builder.image()) {
+        return Err(usage());
     }
-    builder = builder.net_config(net);
+    // The holder of a background sandbox, and of the one that makes a warm snapshot.
+    let exe = std::env::current_exe().context("find the sandbox executable").or_sandbox_failure()?;
+    builder = builder.net_config(net).holder_program(exe, ["holder"]);
+    if args.no_jail {
+        eprintln!("sandbox: --no-jail: the sandbox's process is not confined (unsafe; for debugging only)");
+        builder = builder.unconfined();
+    }
     // A foreground run's policy is an object (it asks on the terminal);
     // the profiles are still recorded, for forks of the sandbox.
     for (layer, source) in layers(args) {
         builder = builder.profile_at(layer, source);
-    }
-    if args.no_jail {
-        eprintln!("sandbox: --no-jail: the sandbox's process is not confined (unsafe; for debugging only)");
     }
     Ok((builder, args.process.settings(Command::from_argv(args.cmd.clone()).image_entrypoint())))
 }
@@ -224,9 +240,10 @@ pub fn run(args: RunArgs) -> Outcome {
 /// boots the sandbox and runs the command with its output in the sandbox's
 /// output.log; print the sandbox's id once it is ready.
 fn detach(args: &RunArgs, mut builder: SandboxBuilder, command: Command, timeout: Option<Duration>) -> Outcome {
-    let exe = std::env::current_exe().context("find the sandbox executable").or_sandbox_failure()?;
-    builder = builder.holder_program(exe, ["holder"]).label(args.cmd.clone());
-    builder = if args.no_jail { builder.unconfined() } else { builder.jail(jail(args)) };
+    builder = builder.label(args.cmd.clone());
+    if !args.no_jail {
+        builder = builder.jail(jail(args));
+    }
     if let Some(timeout) = timeout {
         builder = builder.timeout(timeout);
     }
