@@ -444,7 +444,8 @@ impl Sandbox {
     /// exist), then let it run on or stop it, as `then` says. The process
     /// that holds the sandbox writes it into the sandbox's directory, asked
     /// on its control socket, and it is then moved to `dir` (fastest on the
-    /// data directory's file system). For a sandbox this process holds,
+    /// data directory's file system); with [`AfterSnapshot::Stop`] it
+    /// returns once the sandbox has stopped. For a sandbox this process holds,
     /// [`crate::Instance::snapshot`] does it directly.
     pub fn snapshot(&self, dir: impl AsRef<Path>, then: AfterSnapshot) -> Result<Snapshot, Error> {
         let dir = dir.as_ref();
@@ -463,7 +464,12 @@ impl Sandbox {
         let name = format!("snapshot{}", crate::instance::new_id()?);
         let request = ControlRequest::Snapshot { name: name.clone(), stop: then == AfterSnapshot::Stop };
         crate::control::call(self.dir.path(), &request)?;
-        crate::snapshot::publish(&self.dir.path().join(name), dir)
+        let snapshot = crate::snapshot::publish(&self.dir.path().join(name), dir)?;
+        if then == AfterSnapshot::Stop {
+            // Its VM has stopped; return once its holder is gone too.
+            self.stop(KILL_TIMEOUT)?;
+        }
+        Ok(snapshot)
     }
 
     /// Delete the sandbox's directory (its logs included). A running sandbox

@@ -129,8 +129,9 @@ fn make_in(
     let sandbox = make(tmp)?;
     let written = tmp.join("snapshot");
     let snapshot = sandbox.snapshot(&written, crate::AfterSnapshot::Stop);
-    // The holder stops by itself after a snapshot that stops the VM.
-    let _ = sandbox.stop(Duration::from_secs(30));
+    if snapshot.is_err() {
+        let _ = sandbox.stop(Duration::from_secs(30));
+    }
     snapshot?;
     std::fs::rename(&written, dir).map_err(|e| Error::Io(format!("move the warm snapshot to {}", dir.display()), e))?;
     Snapshot::load(dir)

@@ -33,8 +33,11 @@ pub struct SnapshotsArgs {
 #[derive(Debug, Args)]
 pub struct RmSnapshotArgs {
     /// Snapshot names.
-    #[arg(required = true, value_name = "NAME")]
+    #[arg(required_unless_present = "warm", value_name = "NAME")]
     names: Vec<String>,
+    /// Empty the cache of warm-start snapshots instead.
+    #[arg(long, conflicts_with = "names")]
+    warm: bool,
 }
 
 #[derive(Debug, Args)]
@@ -106,6 +109,11 @@ pub fn snapshots(args: SnapshotsArgs) -> Outcome {
 
 /// `sandbox rm-snapshot`: delete snapshots; sandboxes restored from them run on.
 pub fn rm_snapshot(args: RmSnapshotArgs) -> Outcome {
+    if args.warm {
+        let removed = sandbox::warm::clear()?;
+        eprintln!("sandbox: removed {removed} warm snapshot(s)");
+        return Ok(ExitCode::SUCCESS);
+    }
     let data = sandbox::paths::data_dir();
     let mut code = ExitCode::SUCCESS;
     for name in args.names {
