@@ -84,6 +84,9 @@ fn a_running_sandbox_is_saved_by_name_restored_and_copied() {
     assert!(!ok(data, &["ps", "-q"]).contains(&id), "--stop stopped the source");
 }
 
+/// Damages the snapshot in a directory.
+type Damage = fn(&Path);
+
 #[test]
 fn a_damaged_or_missing_snapshot_is_refused_with_status_125() {
     common::require_vm!();
@@ -99,7 +102,7 @@ fn a_damaged_or_missing_snapshot_is_refused_with_status_125() {
     assert!(text(&missing.stderr).contains("no snapshot nothing"), "{}", text(&missing.stderr));
 
     // Each damage in a copy of the good one.
-    let damages: [(&str, fn(&Path)); 4] = [
+    let damages: [(&str, Damage); 4] = [
         ("truncated state", |d| std::fs::write(d.join("vm.state"), b"short").unwrap()),
         ("flipped state byte", |d| {
             let mut bytes = std::fs::read(d.join("vm.state")).unwrap();
