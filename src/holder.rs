@@ -365,7 +365,8 @@ fn hold(spec: HolderSpec, report: &mut impl Write) -> Result<(), Error> {
     };
     handle.close();
     tracing::info!(id = %instance.id(), "stopping: {reason}");
-    instance.shutdown()?;
+    // Nothing in the guest needs a clean power off.
+    instance.kill()?;
     Ok(())
 }
 

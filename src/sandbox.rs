@@ -380,14 +380,23 @@ impl Sandbox {
         Ok(n)
     }
 
-    /// Stop the sandbox: ask the guest to power off and wait until the VM
-    /// is gone (with the background process of `run -d`, if that holds it).
-    /// After `timeout`, a background holder is killed; any other holder (an
-    /// application using the library) is left alone and this is an error.
+    /// Stop the sandbox and wait until the VM is gone. A holder process
+    /// ([`SandboxBuilder::spawn`], `run -d`) is signalled and stops the VM
+    /// at once; a sandbox an application holds in its own process is asked
+    /// to power off. After `timeout`, a holder is killed; an application's
+    /// process is left alone and this is an error.
     /// Stopping a stopped sandbox does nothing.
     pub fn stop(&self, timeout: Duration) -> Result<(), Error> {
         let deadline = Instant::now() + timeout;
-        if self.is_running() {
+        if self.held_in_background() {
+            // A holder stops its VM at once when told to (nothing in a guest
+            // needs a clean power off: its writable layer is its memory).
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(self.state.pid).unwrap_or(0));
+            match nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM) {
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                Err(e) => return Err(Error::Io(format!("signal the holder of sandbox {}", self.state.id), e.into())),
+            }
+        } else if self.is_running() {
             if let Err(e) = self.agent().and_then(|agent| Ok(agent.shutdown()?)) {
                 tracing::debug!(id = %self.state.id, "asking the guest to power off: {e}");
             }
@@ -569,10 +578,11 @@ mod tests {
         held.remove(false).unwrap();
         assert!(!dir.exists());
 
-        // A background holder (its state file says so) is killed after the
-        // timeout, with the process it waits for, as a confined holder does.
+        // A background holder (its state file says so) that does not stop
+        // when signalled is killed after the timeout, with the process it
+        // waits for, as a confined holder does.
         let mut child = std::process::Command::new("sh")
-            .args(["-c", "sleep 30 & echo $!; wait"])
+            .args(["-c", "trap '' TERM; sleep 30 & echo $!; wait"])
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();

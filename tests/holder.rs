@@ -14,11 +14,17 @@ use std::time::{Duration, Instant};
 
 use sandbox::{Command, Error, Image, Sandbox, SandboxBuilder, Status};
 
-fn builder(data: &Path) -> SandboxBuilder {
+/// A sandbox that boots.
+fn cold(data: &Path) -> SandboxBuilder {
     Sandbox::builder(Image::Default)
         .memory_mib(128)
         .data_dir(data)
         .holder_program(env!("CARGO_BIN_EXE_sandbox-holder"), std::iter::empty::<&str>())
+}
+
+/// A sandbox restored from the warm snapshot (a boot is not what these tests are about).
+fn builder(data: &Path) -> SandboxBuilder {
+    cold(data).warm()
 }
 
 /// The jailed holder: the only child of the process `state.json` names.
@@ -77,7 +83,7 @@ async fn an_application_spawns_a_confined_holder_and_drives_it() {
     assert!(!Path::new(&format!("/proc/{pid}")).exists(), "the holder outlived stop");
     assert!(sandbox.session_db().exists());
     let log = std::fs::read_to_string(sandbox.dir().join("sandbox.log")).unwrap();
-    assert!(log.contains("sandbox running") && log.contains("stopping: the guest powered off"), "{log}");
+    assert!(log.contains("sandbox running") && log.contains("stopping: signal 15"), "{log}");
 }
 
 #[test]
@@ -106,7 +112,7 @@ fn a_holder_that_cannot_start_says_why_and_what_cannot_cross_is_refused() {
     common::require_vm!();
     let data = tempfile::tempdir().unwrap();
     // The holder fails to boot: its reason reaches the caller.
-    let err = builder(data.path()).kernel("/nonexistent/vmlinux").spawn().unwrap_err();
+    let err = cold(data.path()).kernel("/nonexistent/vmlinux").spawn().unwrap_err();
     assert!(matches!(err, Error::Holder(_)), "{err}");
     assert!(err.to_string().contains("/nonexistent/vmlinux"), "{err}");
 

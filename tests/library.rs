@@ -2,11 +2,17 @@
 //! embeds it. One sandbox; two processes at once, their output streamed
 //! while they run, one of them signalled; the sandbox's events followed
 //! live; everything started, used and dropped inside a tokio runtime.
+//! The sandboxes start from the warm snapshot (a boot is tested elsewhere).
 
 use std::io::{BufRead, BufReader};
 use std::time::Duration;
 
-use sandbox::{Command, Image, LogRow, Sandbox, Status};
+use sandbox::{Command, Image, LogRow, Sandbox, SandboxBuilder, Status};
+
+/// Restored from the warm snapshot, made by a holder the first time.
+fn warm(builder: SandboxBuilder) -> SandboxBuilder {
+    builder.warm().holder_program(env!("CARGO_BIN_EXE_sandbox-holder"), std::iter::empty::<&str>())
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_library_runs_concurrent_processes_and_streams_events_from_async_code() {
@@ -16,7 +22,7 @@ async fn the_library_runs_concurrent_processes_and_streams_events_from_async_cod
     let data_dir = data.path().to_path_buf();
     // Booting blocks for seconds: off the async workers, as any blocking call.
     let instance = tokio::task::spawn_blocking(move || {
-        Sandbox::builder(Image::Default).memory_mib(128).data_dir(data_dir).start()
+        warm(Sandbox::builder(Image::Default).memory_mib(128).data_dir(data_dir)).start()
     })
     .await
     .unwrap()
@@ -96,7 +102,7 @@ async fn an_instance_dropped_inside_a_runtime_stops_its_vm() {
     let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
     assert!(kvm.is_ok(), "this test boots a VM and needs read-write access to /dev/kvm: {:?}", kvm.err());
     let data = tempfile::tempdir().unwrap();
-    let instance = Sandbox::builder(Image::Default).memory_mib(128).data_dir(data.path()).start().unwrap();
+    let instance = warm(Sandbox::builder(Image::Default).memory_mib(128).data_dir(data.path())).start().unwrap();
     let handle = instance.sandbox().clone();
     assert!(handle.is_running());
     drop(instance);

@@ -297,6 +297,8 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     net.handshake_timeout = Duration::from_secs(120);
     let run = Sandbox::builder(Image::Default)
         .memory_mib(256)
+        .warm()
+        .holder_program(env!("CARGO_BIN_EXE_sandbox-holder"), std::iter::empty::<&str>())
         .profile(profile.to_str().unwrap())
         .net_config(net)
         .run(

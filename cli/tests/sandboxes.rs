@@ -147,7 +147,7 @@ fn a_detached_sandbox_is_driven_from_other_processes() {
     assert!(text(&missing.stderr).contains("/no/such/file"), "{}", text(&missing.stderr));
     assert!(!work.path().join("x").exists(), "a failed copy leaves no file");
 
-    // stop: the guest powers off, the sandbox is listed as exited, rm deletes it.
+    // stop: the holder stops the VM, the sandbox is listed as exited, rm deletes it.
     let stop = sandbox(&["stop", &id]);
     assert!(stop.status.success(), "{}", text(&stop.stderr));
     assert_eq!(text(&stop.stdout).trim(), id);
@@ -159,7 +159,7 @@ fn a_detached_sandbox_is_driven_from_other_processes() {
     assert_eq!(exec_stopped.status.code(), Some(125));
     assert!(text(&exec_stopped.stderr).contains("not running"), "{}", text(&exec_stopped.stderr));
     let log = std::fs::read_to_string(found.dir().join("sandbox.log")).unwrap_or_default();
-    assert!(log.contains("stopping: the guest powered off"), "{log}");
+    assert!(log.contains("stopping: signal 15"), "{log}");
     let rm = sandbox(&["rm", &id]);
     assert!(rm.status.success(), "{}", text(&rm.stderr));
     assert!(!found.dir().exists());
