@@ -22,7 +22,9 @@
 //!    its state.json) and of the confined process that holds the VM (its
 //!    child), and their total private memory (goal <= 16 MiB per restored
 //!    idle sandbox); then the mappings of one restored and the cold holder
-//!    with the most private memory.
+//!    with the most private memory. Also the CPU time each VM's process
+//!    used over the idle window, and how long each stop took (a stop that
+//!    had to kill its holder shows as 60 s, with a warning on stderr).
 //!
 //! The host's load average is printed at the start and at the end: the
 //! test bed is shared, so compare the ratios of one run, not absolute
@@ -179,6 +181,22 @@ fn descendants(pid: u32) -> Vec<u32> {
         }
     }
     found
+}
+
+/// CPU time (user + system, all threads) process `pid` has used, in clock
+/// ticks (1/100 s on Linux).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields 14 and 15, counted from 1; the command name (2) may hold spaces.
+    let rest = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+    rest.split_whitespace().skip(11).take(2).filter_map(|v| v.parse::<u64>().ok()).sum()
+}
+
+/// The process that holds the VM of a sandbox in a holder: the last one
+/// under the outer holder.
+fn vm_process(sandbox: &Sandbox) -> u32 {
+    let outer = sandbox.state().pid;
+    descendants(outer).last().copied().unwrap_or(outer)
 }
 
 /// One holder's memory: the outer process, and the processes under it.
@@ -368,7 +386,20 @@ fn main() {
         spawned.into_iter().map(|h| h.join().unwrap()).collect()
     });
     println!("{} sandboxes restored at once in holders, all ready in {:.1} s", copies.len(), secs(t.elapsed()));
-    std::thread::sleep(idle);
+    let idle_cpu = |sandboxes: &[&Sandbox]| {
+        let pids: Vec<u32> = sandboxes.iter().map(|s| vm_process(s)).collect();
+        let before: Vec<u64> = pids.iter().map(|&p| cpu_ticks(p)).collect();
+        std::thread::sleep(idle);
+        pids.iter().zip(before).map(|(&p, b)| cpu_ticks(p).saturating_sub(b) * 10).collect::<Vec<u64>>()
+    };
+    let all: Vec<&Sandbox> = copies.iter().chain([&cold_held]).collect();
+    let cpu_ms = idle_cpu(&all);
+    let shown: Vec<String> = cpu_ms.iter().map(u64::to_string).collect();
+    println!(
+        "CPU time of each VM's process over {} s idle, ms (restored #1.., then cold; ~1.5 % of a core is usual): {}",
+        idle.as_secs(),
+        shown.join(" ")
+    );
     println!("memory after {} s idle (MiB = 1024 KiB x 1024):", idle.as_secs());
     let helds: Vec<Held> = copies.iter().map(Held::of).collect();
     for (i, h) in helds.iter().enumerate() {
