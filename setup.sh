@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what is missing and build everything a sandbox needs:
-# the guest kernel, the default guest image and the `sandbox` CLI.
+# the guest kernel, the default guest image, the `sandbox` CLI and
+# `sandbox-holder` (the holder program applications embedding the library use).
 # Built artefacts are cached in $SANDBOX_CACHE (default ~/.cache/sandbox),
 # so a second run takes seconds.
 set -euo pipefail
@@ -11,6 +12,7 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 kernel-config/build.sh >/dev/null
 rootfs/build-default.sh >/dev/null
-log "building the sandbox CLI"
+log "building the sandbox CLI and sandbox-holder"
 cargo build --quiet --release -p cli --bin sandbox
-log "ready: $(pwd)/target/release/sandbox"
+cargo build --quiet --release -p sandbox --bin sandbox-holder
+log "ready: $(pwd)/target/release/sandbox (and sandbox-holder beside it)"
