@@ -109,15 +109,16 @@ pub(crate) fn new_id() -> Result<String, Error> {
 }
 
 /// A guest identity: the sandbox CA `ca_pem`, 64 bytes of fresh host
-/// entropy, the host's clock, and `hostname` (`None`: the guest keeps its own).
-fn identity(ca_pem: String, hostname: Option<String>) -> Result<guest_protocol::agent::Identity, Error> {
+/// entropy, the host's clock, and `hostname` (the sandbox id, as Docker
+/// names a container's host).
+fn identity(ca_pem: String, hostname: &str) -> Result<guest_protocol::agent::Identity, Error> {
     let entropy = random_bytes(64)?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     Ok(guest_protocol::agent::Identity {
         ca_pem,
         entropy,
         time: (i64::try_from(now.as_secs()).unwrap_or(i64::MAX), now.subsec_nanos()),
-        hostname,
+        hostname: Some(hostname.to_owned()),
     })
 }
 
@@ -275,7 +276,7 @@ impl Instance {
             return Err(Error::Boot(format!("{e}; last console lines:\n{tail}")));
         }
         instance.boot_time = instance.started.elapsed();
-        instance.agent()?.set_identity(identity(ca_pem, None)?)?;
+        instance.agent()?.set_identity(identity(ca_pem, &id)?)?;
         tracing::debug!(id = %instance.id(), boot = ?instance.boot_time, restored, "sandbox ready");
         Ok(instance)
     }
