@@ -173,10 +173,11 @@ impl SandboxBuilder {
         self.console = Some(Box::new(sink));
         self
     }
-    /// Keep the sandbox's directory (sockets, `session.db`) under this data
-    /// directory instead of the default ([`paths::data_dir`]:
-    /// `$SANDBOX_DATA`, else `~/.local/share/sandbox`). The sandbox CA stays
-    /// where [`NetConfig::ca_dir`] says.
+    /// Keep the sandbox's directory (sockets, `session.db`, its CA's
+    /// certificate `ca.pem`) under this data directory instead of the
+    /// default ([`paths::data_dir`]: `$SANDBOX_DATA`, else
+    /// `~/.local/share/sandbox`). A CA pinned with [`NetConfig::ca_dir`]
+    /// stays where that says.
     pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.data_dir = Some(dir.into());
         self

@@ -4,7 +4,8 @@
 //! Every sandbox has a private directory (mode 0700) under
 //! `<data dir>/sandboxes/<id>/` holding the VMM's `vsock.sock` (and the
 //! handlers' `vsock.sock_5002`, `vsock.sock_5007`) while it runs, and its
-//! `session.db` for good. Each VM has its own in-process vsock device, so
+//! `session.db` and `ca.pem` (the certificate of its own CA, which its guest
+//! trusts) for good. Each VM has its own in-process vsock device, so
 //! every guest can use the same CID: nothing routes between sandboxes.
 
 use std::io::{Read, Write};
@@ -113,16 +114,24 @@ pub(crate) fn new_id() -> Result<String, Error> {
 }
 
 /// A guest identity: the sandbox CA `ca_pem`, 64 bytes of fresh host
-/// entropy, the host's clock, and `hostname` (`None`: the guest keeps its own).
-fn identity(ca_pem: String, hostname: Option<String>) -> Result<guest_protocol::agent::Identity, Error> {
+/// entropy, the host's clock, and `hostname` (the sandbox id, as Docker
+/// names a container's host).
+fn identity(ca_pem: String, hostname: &str) -> Result<guest_protocol::agent::Identity, Error> {
     let entropy = random_bytes(64)?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     Ok(guest_protocol::agent::Identity {
         ca_pem,
         entropy,
         time: (i64::try_from(now.as_secs()).unwrap_or(i64::MAX), now.subsec_nanos()),
-        hostname,
+        hostname: Some(hostname.to_owned()),
     })
+}
+
+/// Publish the certificate of the sandbox's CA as `<dir>/ca.pem` (the key
+/// stays in this process), for users to see what the guest trusts.
+fn write_ca_cert(dir: &SandboxDir, pem: &str) -> Result<(), Error> {
+    let path = dir.ca_cert();
+    std::fs::write(&path, pem).map_err(|e| Error::Io(format!("write {}", path.display()), e))
 }
 
 /// Create `dir` with mode 0700 (and its parents).
@@ -197,6 +206,8 @@ impl Instance {
         state.profiles = std::mem::take(&mut config.profiles);
         state.save(&dir)?;
         let files = HandlerFiles::load(&config.net)?;
+        let ca_pem = files.ca().ca_cert_pem().to_string();
+        write_ca_cert(&dir, &ca_pem)?;
         let seccomp = match config.jail.take() {
             Some(jail) => {
                 config.kernel = canonical(&config.kernel)?;
@@ -218,7 +229,6 @@ impl Instance {
         };
         let session = open_session(&dir.session_db(), seccomp.as_ref().map(|f| f.handlers.clone()))?;
         let handlers = Handlers::with_files(files, config.net, config.policy, session.recorder());
-        let ca_pem = handlers.ca().ca_cert_pem().to_string();
         let handlers =
             HandlerHost::start(&id, dir.path(), handlers, session, seccomp.as_ref().map(|f| f.handlers.clone()))?;
 
@@ -281,7 +291,7 @@ impl Instance {
             return Err(Error::Boot(format!("{e}; last console lines:\n{tail}")));
         }
         instance.boot_time = instance.started.elapsed();
-        instance.agent()?.set_identity(identity(ca_pem, None)?)?;
+        instance.agent()?.set_identity(identity(ca_pem, &id)?)?;
         tracing::debug!(id = %instance.id(), boot = ?instance.boot_time, restored, "sandbox ready");
         Ok(instance)
     }
@@ -528,8 +538,7 @@ mod tests {
         let path = dir.path().join("session.db");
         let session = SessionDb::open(&path).unwrap();
         let recorder = session.recorder();
-        let mut net = NetConfig::default();
-        net.ca_dir = dir.path().join("ca");
+        let net = NetConfig::default();
         let policy = policy::Policy::new(policy::Engine::builtin("deny-all").unwrap());
         let handlers = Handlers::new(net, policy, session.recorder()).unwrap();
         let host = HandlerHost::start("test", dir.path(), handlers, session, None).unwrap();

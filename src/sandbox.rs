@@ -250,6 +250,12 @@ impl Sandbox {
         self.dir.session_db()
     }
 
+    /// Its `ca.pem`: the certificate (never the key) of the sandbox's own
+    /// CA, the one its guest trusts; written when the sandbox starts.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.ca_cert()
+    }
+
     /// Is the VM running: its holder alive, and its VMM accepting
     /// connections on `vsock.sock`?
     pub fn is_running(&self) -> bool {

@@ -120,6 +120,8 @@ fetch -s --max-time 10 https://10.0.0.2:8443/ >/dev/null 2>&1; check literal_ip 
 echo "links=$(ls /sys/class/net | tr '\n' ' ')"
 ip -4 addr show dummy0 | grep -o 'inet [0-9./]*'
 echo "cert_env=$SSL_CERT_FILE $REQUESTS_CA_BUNDLE $CURL_CA_BUNDLE $NODE_EXTRA_CA_CERTS"
+echo "sandbox_ca=$(grep -v -e '-----' /usr/local/share/ca-certificates/sandbox-ca.crt | tr -d '\n')"
+echo "hostname=$(cat /proc/sys/kernel/hostname)"
 grep -q ' 0100007F:041D 00000000:0000 07 ' /proc/net/udp; check udp1053 $?
 grep -q ' 0100007F:041D 00000000:0000 0A ' /proc/net/tcp; check tcp1053 $?
 grep -q ' 0100007F:28CB 00000000:0000 0A ' /proc/net/tcp; check tcp10443 $?
@@ -328,10 +330,16 @@ fn the_guest_reaches_what_the_profile_allows_and_nothing_else() {
     };
     expect("allowed=0");
     expect("body=hello allowed.test HTTP/1.1");
-    // The guest sees a certificate issued by the sandbox CA, and trusts it
-    // through the system bundle (fetch, OpenSSL) and through the CA's own file (probe).
-    let sandbox_ca = net::SandboxCa::load_or_create(&NetConfig::default().ca_dir).unwrap();
-    let (_, ca_pem) = x509_parser::pem::parse_x509_pem(sandbox_ca.ca_cert_pem().as_bytes()).unwrap();
+    // The guest sees a certificate issued by the sandbox's own CA, whose
+    // certificate is the sandbox's ca.pem, and trusts it through the system
+    // bundle (fetch, OpenSSL) and through the CA's own file (probe).
+    let ca_cert =
+        std::fs::read_to_string(run.session_db.with_file_name(guest_protocol::sandbox_dir::CA_CERT_FILE)).unwrap();
+    assert!(!ca_cert.contains("PRIVATE KEY"), "the key of the sandbox's CA left its process");
+    let ca_body: String = ca_cert.lines().filter(|l| !l.starts_with("-----")).collect();
+    expect(&format!("sandbox_ca={ca_body}"));
+    expect(&format!("hostname={}", run.id));
+    let (_, ca_pem) = x509_parser::pem::parse_x509_pem(ca_cert.as_bytes()).unwrap();
     let sandbox_ca_subject = ca_pem.parse_x509().unwrap().subject().to_string();
     let issuer = line_starting("certificate:");
     assert!(

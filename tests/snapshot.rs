@@ -1,25 +1,18 @@
 //! End to end: a running sandbox is saved to a snapshot, and sandboxes
 //! restored from it go on from that point, each a sandbox of its own: its
-//! own id and session.db, random bytes no other restored sandbox produces,
-//! the host's clock, and the sandbox CA current at its restore in place of
-//! the one trusted when the snapshot was taken; one of them in a confined
-//! holder. Needs root, /dev/kvm and ./setup.sh's artefacts; skips without
+//! own id (also its hostname) and session.db, random bytes no other
+//! restored sandbox produces, the host's clock, and a CA of its own (its
+//! `ca.pem`) in place of the one the snapshot's sandbox trusted; one of
+//! them in a confined holder. Needs root, /dev/kvm and ./setup.sh's artefacts; skips without
 //! the last two, or fails with `SANDBOX_REQUIRE_VM=1`.
 // Its helper functions (outside #[test] fns) unwrap too.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
-use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use sandbox::{AfterSnapshot, Command, Image, NetConfig, Sandbox, Snapshot, Status};
-
-fn net(ca_dir: &Path) -> NetConfig {
-    let mut net = NetConfig::default();
-    net.ca_dir = ca_dir.to_path_buf();
-    net
-}
+use sandbox::{AfterSnapshot, Command, Image, Sandbox, Snapshot, Status};
 
 fn sh(sandbox: &Sandbox, script: &str) -> String {
     let out = sandbox.output(Command::new("/bin/sh").args(["-c", script])).unwrap();
@@ -28,11 +21,13 @@ fn sh(sandbox: &Sandbox, script: &str) -> String {
 }
 
 /// What a restored sandbox shows of its identity: its random bytes, its
-/// clock, the sandbox CA certificates it trusts.
+/// clock, the sandbox CA certificates it trusts, its hostname (the kernel's
+/// and /etc/hostname).
 struct Seen {
     random: String,
     clock: u64,
     bundle: String,
+    hostname: String,
 }
 
 fn look(sandbox: &Sandbox) -> Seen {
@@ -41,7 +36,15 @@ fn look(sandbox: &Sandbox) -> Seen {
         random: sh(sandbox, "head -c 32 /dev/urandom | od -An -tx1"),
         clock: sh(sandbox, "date +%s").trim().parse().unwrap(),
         bundle: sh(sandbox, "cat /etc/ssl/certs/ca-certificates.crt"),
+        hostname: sh(sandbox, "cat /proc/sys/kernel/hostname /etc/hostname"),
     }
+}
+
+/// The certificate of `sandbox`'s own CA (its `ca.pem`), trimmed.
+fn ca_cert(sandbox: &Sandbox) -> String {
+    let pem = std::fs::read_to_string(sandbox.ca_cert()).unwrap();
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----") && !pem.contains("PRIVATE KEY"), "{pem}");
+    pem.trim().to_string()
 }
 
 fn now() -> u64 {
@@ -53,10 +56,11 @@ fn restored_sandboxes_go_on_from_the_snapshot_each_with_an_identity_of_its_own()
     common::require_vm!();
     let work = tempfile::tempdir().unwrap();
     let data = work.path().join("data");
-    let (old_ca, new_ca) = (work.path().join("ca-old"), work.path().join("ca-new"));
 
-    let source =
-        Sandbox::builder(Image::Default).memory_mib(256).net_config(net(&old_ca)).data_dir(&data).start().unwrap();
+    let source = Sandbox::builder(Image::Default).memory_mib(256).data_dir(&data).start().unwrap();
+    let source_ca = ca_cert(&source);
+    assert!(sh(&source, "cat /etc/ssl/certs/ca-certificates.crt").contains(&source_ca));
+    assert_eq!(sh(&source, "cat /proc/sys/kernel/hostname"), format!("{}\n", source.id()));
     sh(&source, "echo 'before the snapshot' > /tmp/marker");
     let saved = Instant::now();
     let snapshot = source.snapshot(work.path().join("snap"), AfterSnapshot::Stop).unwrap();
@@ -64,39 +68,39 @@ fn restored_sandboxes_go_on_from_the_snapshot_each_with_an_identity_of_its_own()
     let _ = source.shutdown();
     let snapshot = Snapshot::load(&snapshot.dir).unwrap();
 
-    // Two restored in this process, with the CA rotated since the snapshot;
-    // a third in a confined holder.
+    // Two restored in this process, a third in a confined holder.
     let mut restored = Vec::new();
     for _ in 0..2 {
         let t = Instant::now();
-        let instance =
-            Sandbox::from_snapshot(snapshot.clone()).net_config(net(&new_ca)).data_dir(&data).start().unwrap();
+        let instance = Sandbox::from_snapshot(snapshot.clone()).data_dir(&data).start().unwrap();
         println!("restored {} in {:?} (to its agent: {:?})", instance.id(), t.elapsed(), instance.boot_time());
         restored.push(instance);
     }
     let t = Instant::now();
     let held = Sandbox::from_snapshot(snapshot.clone())
-        .net_config(net(&new_ca))
         .data_dir(&data)
         .holder_program(env!("CARGO_BIN_EXE_sandbox-holder"), std::iter::empty::<&str>())
         .spawn()
         .unwrap();
     println!("restored {} in a confined holder in {:?}", held.id(), t.elapsed());
 
-    let old_pem = net::SandboxCa::load_or_create(&old_ca).unwrap().ca_cert_pem().to_string();
-    let new_pem = net::SandboxCa::load_or_create(&new_ca).unwrap().ca_cert_pem().to_string();
     let sandboxes: Vec<&Sandbox> = restored.iter().map(|i| i.sandbox()).chain([&held]).collect();
     let seen: Vec<Seen> = sandboxes.iter().map(|s| look(s)).collect();
-    for (sandbox, seen) in sandboxes.iter().zip(&seen) {
+    let cas: Vec<String> = sandboxes.iter().map(|s| ca_cert(s)).collect();
+    for ((sandbox, seen), ca) in sandboxes.iter().zip(&seen).zip(&cas) {
         assert_ne!(sandbox.id(), snapshot.source);
         assert!(sandbox.session_db().exists());
         assert!(now().abs_diff(seen.clock) <= 60, "guest clock {} against the host's {}", seen.clock, now());
-        assert!(seen.bundle.contains(new_pem.trim()), "the current CA is not trusted");
-        assert!(!seen.bundle.contains(old_pem.trim()), "the CA of the snapshot's time is still trusted");
+        assert!(seen.bundle.contains(ca.as_str()), "{} does not trust its own CA", sandbox.id());
+        assert!(!seen.bundle.contains(&source_ca), "{} still trusts the snapshot's CA", sandbox.id());
+        assert_eq!(seen.bundle.matches("BEGIN CERTIFICATE").count(), 1, "{} trusts one sandbox CA", sandbox.id());
+        assert_eq!(seen.hostname, format!("{id}\n{id}\n", id = sandbox.id()), "the hostname is the sandbox id");
     }
     for (i, a) in seen.iter().enumerate() {
-        for b in &seen[i + 1..] {
+        for (b, ca) in seen[i + 1..].iter().zip(&cas[i + 1..]) {
             assert_ne!(a.random, b.random, "two restored sandboxes produced the same random bytes");
+            assert_ne!(&cas[i], ca, "two restored sandboxes share a CA");
+            assert!(!a.bundle.contains(ca.as_str()), "a restored sandbox trusts another one's CA");
         }
     }
     let ids: std::collections::HashSet<&str> = sandboxes.iter().map(|s| s.id()).collect();

@@ -88,3 +88,29 @@ fn a_broken_profile_is_refused_with_its_location() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(out.contains("allow") && out.contains("http.x"), "{out}");
 }
+
+#[test]
+fn ca_names_a_sandbox_and_says_when_it_has_no_certificate() {
+    let data = tempfile::tempdir().unwrap();
+    let env = [("SANDBOX_DATA", data.path().to_str().unwrap())];
+    let o = sandbox(&["ca"], &env);
+    assert_eq!(o.status.code(), Some(2), "the id is required: {}", stderr(&o));
+    let o = sandbox(&["ca", "0123456789ab"], &env);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("no sandbox 0123456789ab"), "{}", stderr(&o));
+    // A sandbox whose directory has no ca.pem (it never started).
+    let dir = data.path().join("sandboxes/0123456789ab");
+    std::fs::create_dir_all(&dir).unwrap();
+    let state = r#"{"id":"0123456789ab","image":"default","command":[],"created":0,"memory_mib":128,"vcpus":1,"pid":0,"pid_start":0}"#;
+    std::fs::write(dir.join("state.json"), state).unwrap();
+    let o = sandbox(&["ca", "0123"], &env);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("sandbox 0123456789ab has no CA certificate"), "{}", stderr(&o));
+    assert!(o.stdout.is_empty());
+    // Its certificate, printed as the sandbox wrote it.
+    let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    std::fs::write(dir.join("ca.pem"), pem).unwrap();
+    let o = sandbox(&["ca", "0123"], &env);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(common::text(&o.stdout), pem);
+}

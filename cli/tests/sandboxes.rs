@@ -1,8 +1,9 @@
 //! End to end: a long-lived sandbox on the real guest kernel, driven through
-//! the CLI (`run -d`, `ps`, `exec`, `exec -it`, `cp`, `stop`, `rm`) and the
-//! library (`Sandbox::find`), and its vsock device under load: 100 concurrent
-//! guest-to-host connections of 1 MiB checked by digest, and a reset for a port with
-//! no listener. One boot. Needs /dev/kvm and ./setup.sh's artefacts; skips
+//! the CLI (`run -d`, `ps`, `ca`, `exec`, `exec -it`, `cp`, `stop`, `rm`) and
+//! the library (`Sandbox::find`), and its vsock device under load: 100
+//! concurrent guest-to-host connections of 1 MiB checked by digest, and a
+//! reset for a port with no listener. One long boot, and a short second one
+//! whose CA must differ. Needs /dev/kvm and ./setup.sh's artefacts; skips
 //! without them, or fails with `SANDBOX_REQUIRE_VM=1` (./test.sh).
 // Its helper functions (outside #[test] fns) unwrap too.
 #![allow(clippy::unwrap_used)]
@@ -68,6 +69,10 @@ fn a_detached_sandbox_is_driven_from_other_processes() {
     let found = Sandbox::find(&id[..6]).unwrap();
     assert!(found.is_running());
     assert_eq!(found.id(), id);
+
+    let cert = own_ca_and_hostname(&id);
+    assert_eq!(cert, std::fs::read_to_string(found.ca_cert()).unwrap());
+    second_sandbox_has_another_ca(&id, &cert);
 
     interactive_shell(&id);
 
@@ -165,6 +170,43 @@ fn a_detached_sandbox_is_driven_from_other_processes() {
     assert!(!found.dir().exists());
     let gone = sandbox(&["exec", &id, "--", "true"]);
     assert!(text(&gone.stderr).contains("no sandbox"), "{}", text(&gone.stderr));
+}
+
+/// The guest's trust bundle.
+fn guest_bundle(id: &str) -> String {
+    let out = sandbox(&["exec", id, "--", "cat", "/etc/ssl/certs/ca-certificates.crt"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// `sandbox ca <id>` prints the certificate of the sandbox's own CA, which
+/// is what its guest trusts; its hostname is its id. Returns the certificate.
+fn own_ca_and_hostname(id: &str) -> String {
+    let ca = sandbox(&["ca", &id[..6]]);
+    assert!(ca.status.success(), "{}", text(&ca.stderr));
+    let cert = text(&ca.stdout);
+    assert!(cert.starts_with("-----BEGIN CERTIFICATE-----\n") && cert.ends_with("-----END CERTIFICATE-----\n"));
+    assert!(!cert.contains("PRIVATE KEY"), "{cert}");
+    let bundle = guest_bundle(id);
+    assert!(bundle.contains(cert.trim()), "the guest does not trust the CA `sandbox ca` printed:\n{bundle}");
+    assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 1, "{bundle}");
+    let hostname = sandbox(&["exec", id, "--", "cat", "/proc/sys/kernel/hostname", "/etc/hostname"]);
+    assert_eq!(text(&hostname.stdout), format!("{id}\n{id}\n"), "{}", text(&hostname.stderr));
+    cert
+}
+
+/// Another sandbox gets a CA of its own: neither guest trusts the other's.
+fn second_sandbox_has_another_ca(first: &str, first_cert: &str) {
+    let started = sandbox(&["run", "-d", "--memory", "128", "default"]);
+    assert!(started.status.success(), "run -d failed: {}", text(&started.stderr));
+    let second = text(&started.stdout).trim().to_string();
+    let _cleanup = RemoveOnDrop(second.clone());
+    let cert = own_ca_and_hostname(&second);
+    assert_ne!(cert, first_cert, "two sandboxes share a CA");
+    assert!(!guest_bundle(&second).contains(first_cert.trim()));
+    assert!(!guest_bundle(first).contains(cert.trim()));
+    let rm = sandbox(&["rm", "--force", &second]);
+    assert!(rm.status.success(), "{}", text(&rm.stderr));
 }
 
 fn hex(bytes: &[u8]) -> String {

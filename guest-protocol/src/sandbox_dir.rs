@@ -25,6 +25,9 @@ pub const SESSION_DB: &str = "session.db";
 pub const STATE_FILE: &str = "state.json";
 /// Where [`STATE_FILE`] is written before it is renamed into place.
 pub const STATE_TMP_FILE: &str = "state.json.tmp";
+/// The certificate (PEM, public part only) of the sandbox's own CA: what
+/// its guest trusts. The key never leaves the process holding the sandbox.
+pub const CA_CERT_FILE: &str = "ca.pem";
 /// The log of a detached sandbox's host process.
 pub const SANDBOX_LOG: &str = "sandbox.log";
 /// The output of the command given to a detached `run`.
@@ -85,6 +88,11 @@ impl SandboxDir {
         self.path.join(STATE_TMP_FILE)
     }
 
+    /// `<dir>/ca.pem`.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.path.join(CA_CERT_FILE)
+    }
+
     /// `<dir>/sandbox.log`.
     pub fn sandbox_log(&self) -> PathBuf {
         self.path.join(SANDBOX_LOG)
@@ -116,6 +124,7 @@ mod tests {
         assert_eq!(dir.session_db(), Path::new("/run/sb/abc/session.db"));
         assert_eq!(dir.state_file(), Path::new("/run/sb/abc/state.json"));
         assert_eq!(dir.state_tmp_file(), Path::new("/run/sb/abc/state.json.tmp"));
+        assert_eq!(dir.ca_cert(), Path::new("/run/sb/abc/ca.pem"));
         assert_eq!(dir.sandbox_log(), Path::new("/run/sb/abc/sandbox.log"));
         assert_eq!(dir.output_log(), Path::new("/run/sb/abc/output.log"));
     }

@@ -49,9 +49,9 @@ pub enum Command {
     /// Check profiles, or explain a decision.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
-    /// Manage the sandbox CA that signs the certificates guests see.
-    #[command(subcommand)]
-    Ca(ca::CaCommand),
+    /// Print the certificate of a sandbox's own CA: the one its guest trusts
+    /// (each sandbox gets a fresh CA; its key never leaves the sandbox's process).
+    Ca(ca::CaArgs),
     #[command(flatten)]
     Images(images::ImagesCommand),
     /// Print what this host supports for sandboxes (KVM, cgroups, namespaces, seccomp) and what is missing.
@@ -85,7 +85,7 @@ pub fn run(command: Command) -> Outcome {
         Command::Fork(args) => snapshot::fork(args),
         Command::Logs(args) => logs::logs(args),
         Command::Policy(cmd) => policy::policy(cmd),
-        Command::Ca(cmd) => ca::ca(cmd),
+        Command::Ca(args) => ca::ca(args),
         Command::Images(cmd) => images::images(cmd),
         Command::Doctor(args) => doctor::doctor(args),
         Command::VerifyIsolation(args) => verify_isolation::verify_isolation(args),

@@ -112,7 +112,6 @@ fn serve_ours() {
         config.dns_servers = vec![dns];
         config.system_roots = false;
         config.extra_root_files = vec![dir.join("upstream-ca.pem")];
-        config.ca_dir = dir.join("ca");
         config.allowed_networks = vec!["127.0.0.1/32".parse().unwrap()];
         let engine = Engine::builder()
             .secrets(Secrets::none().with_value("NET_TEST_TOKEN", common::SECRET_TOKEN))

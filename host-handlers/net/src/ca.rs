@@ -1,10 +1,17 @@
 //! The sandbox CA and the leaf certificates the MITM handler presents.
 //!
-//! The CA is an ECDSA P-256 key and self-signed certificate, created on first use
-//! in one file, `<dir>/ca.pem` (certificate then PKCS#8 key, mode 0600, in a
-//! directory of mode 0700). Only the certificate goes into a guest; the key never
-//! leaves the host process. [`SandboxCa::rotate`] replaces it atomically; running
-//! handlers keep the CA they started with, new sandboxes get the new one.
+//! A CA is an ECDSA P-256 key and self-signed certificate. By default every
+//! sandbox gets a fresh one ([`SandboxCa::generate`]): its key exists only in
+//! the memory of the process holding the sandbox, so no two sandboxes (two
+//! restored from one snapshot included) trust each other's CA, and nothing is
+//! left to steal once the sandbox is gone. Only the certificate goes into the
+//! guest, and into `<sandbox dir>/ca.pem` for users to see.
+//!
+//! An embedder or a test may pin one persistent CA instead
+//! ([`SandboxCa::load_or_create`], [`crate::NetConfig::ca_dir`]): created on
+//! first use in one file, `<dir>/ca.pem` (certificate then PKCS#8 key, mode
+//! 0600, in a directory of mode 0700), and shared by every sandbox started
+//! with that directory.
 //!
 //! Leaves are minted per SNI name: ECDSA P-256, valid 24 hours, signed by the CA,
 //! and cached until an hour before they expire.
@@ -27,7 +34,7 @@ use time::OffsetDateTime;
 
 use crate::error::{Error, Result};
 
-/// Name of the file holding the CA certificate and key.
+/// Name of the file holding a persistent CA's certificate and key.
 pub const CA_FILE: &str = "ca.pem";
 /// Validity of a newly created CA.
 const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -40,9 +47,11 @@ const BACKDATE: Duration = Duration::from_secs(300);
 /// Most leaves kept in the cache.
 const LEAF_CACHE_MAX: usize = 4096;
 
-/// The per-user sandbox certificate authority.
+/// A sandbox certificate authority: the certificate a guest trusts and the
+/// key that signs the MITM handler's leaves.
 pub struct SandboxCa {
-    path: PathBuf,
+    /// The file a persistent CA lives in; `None` for one generated in memory.
+    path: Option<PathBuf>,
     cert_pem: String,
     cert_der: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
@@ -55,14 +64,13 @@ impl std::fmt::Debug for SandboxCa {
 }
 
 impl SandboxCa {
-    /// `$XDG_DATA_HOME/sandbox/ca`, else `~/.local/share/sandbox/ca`.
-    pub fn default_dir() -> PathBuf {
-        let data = std::env::var_os("XDG_DATA_HOME")
-            .filter(|d| !d.is_empty())
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-            .unwrap_or_else(|| PathBuf::from("/var/lib"));
-        data.join("sandbox").join("ca")
+    /// A new CA, in memory only: its key is never written anywhere.
+    pub fn generate() -> Result<SandboxCa> {
+        let (cert, key) = new_ca()?;
+        let cert_der = cert.der().clone();
+        let issuer = Issuer::from_ca_cert_der(&cert_der, key)?;
+        let cert_pem = pem_block("CERTIFICATE", &cert_der);
+        Ok(SandboxCa { path: None, cert_pem, cert_der, issuer })
     }
 
     /// Load the CA from `dir`, creating it if there is none. Concurrent callers
@@ -82,17 +90,6 @@ impl SandboxCa {
             Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(source) => return Err(Error::File { path, source }),
         }
-        Self::load(&path)
-    }
-
-    /// Replace the CA in `dir` with a new one. Guests started afterwards trust
-    /// only the new CA; the old key is overwritten.
-    pub fn rotate(dir: &Path) -> Result<SandboxCa> {
-        create_private_dir(dir)?;
-        let path = dir.join(CA_FILE);
-        let tmp = write_new_ca(dir)?;
-        fs::rename(&tmp, &path).map_err(|source| Error::File { path: path.clone(), source })?;
-        tracing::info!(path = %path.display(), "rotated sandbox CA");
         Self::load(&path)
     }
 
@@ -121,7 +118,7 @@ impl SandboxCa {
             .map_err(|e| bad(format!("certificate and key do not belong together: {e}")))?;
         let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(|e| bad(format!("certificate: {e}")))?;
         let cert_pem = pem_block("CERTIFICATE", &cert_der);
-        Ok(SandboxCa { path: path.to_owned(), cert_pem, cert_der, issuer })
+        Ok(SandboxCa { path: Some(path.to_owned()), cert_pem, cert_der, issuer })
     }
 
     /// The CA certificate in PEM, to install in a guest's trust store.
@@ -134,9 +131,9 @@ impl SandboxCa {
         &self.cert_der
     }
 
-    /// The file the CA lives in.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The file a persistent CA lives in; `None` for one made by [`Self::generate`].
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
     }
 
     /// Mint a leaf certificate for `name`, valid [`LEAF_LIFETIME`] from now.
@@ -168,8 +165,8 @@ fn create_private_dir(dir: &Path) -> Result<()> {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(file)
 }
 
-/// Generate a CA and write it to a fresh temporary file in `dir` (mode 0600).
-fn write_new_ca(dir: &Path) -> Result<PathBuf> {
+/// A new CA key and self-signed certificate.
+fn new_ca() -> Result<(rcgen::Certificate, KeyPair)> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -182,6 +179,12 @@ fn write_new_ca(dir: &Path) -> Result<PathBuf> {
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let cert = params.self_signed(&key)?;
+    Ok((cert, key))
+}
+
+/// Generate a CA and write it to a fresh temporary file in `dir` (mode 0600).
+fn write_new_ca(dir: &Path) -> Result<PathBuf> {
+    let (cert, key) = new_ca()?;
     let text = format!("{}{}", cert.pem(), key.serialize_pem());
 
     let nonce = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
@@ -298,16 +301,33 @@ mod tests {
     }
 
     #[test]
-    fn rotate_replaces_the_ca() {
+    fn generated_cas_are_distinct_in_memory_and_sign_leaves_only_they_verify() {
+        let a = SandboxCa::generate().unwrap();
+        let b = SandboxCa::generate().unwrap();
+        assert_eq!(a.path(), None);
+        assert_ne!(a.ca_cert_der(), b.ca_cert_der());
+        assert!(a.ca_cert_pem().starts_with("-----BEGIN CERTIFICATE-----\n"));
+        assert!(!a.ca_cert_pem().contains("PRIVATE KEY"));
+        let parsed = match rustls_pemfile::read_one(&mut a.ca_cert_pem().as_bytes()).unwrap() {
+            Some(rustls_pemfile::Item::X509Certificate(der)) => der,
+            other => panic!("not a certificate: {other:?}"),
+        };
+        assert_eq!(&parsed, a.ca_cert_der(), "the PEM is the certificate");
+        let (leaf, _) = a.mint_leaf("example.com").unwrap();
+        assert!(verify_leaf(&a, &leaf, "example.com", SystemTime::now()).is_ok());
+        assert!(verify_leaf(&b, &leaf, "example.com", SystemTime::now()).is_err());
+    }
+
+    #[test]
+    fn a_persistent_ca_signs_leaves_a_generated_one_does_not_verify() {
         let dir = tempfile::tempdir().unwrap();
-        let old = SandboxCa::load_or_create(dir.path()).unwrap();
-        let new = SandboxCa::rotate(dir.path()).unwrap();
-        assert_ne!(old.ca_cert_der(), new.ca_cert_der());
-        let loaded = SandboxCa::load_or_create(dir.path()).unwrap();
-        assert_eq!(loaded.ca_cert_der(), new.ca_cert_der());
-        let (leaf, _) = new.mint_leaf("example.com").unwrap();
-        assert!(verify_leaf(&new, &leaf, "example.com", SystemTime::now()).is_ok());
-        assert!(verify_leaf(&old, &leaf, "example.com", SystemTime::now()).is_err());
+        let pinned = SandboxCa::load_or_create(dir.path()).unwrap();
+        assert_eq!(pinned.path(), Some(dir.path().join(CA_FILE).as_path()));
+        let fresh = SandboxCa::generate().unwrap();
+        assert_ne!(pinned.ca_cert_der(), fresh.ca_cert_der());
+        let (leaf, _) = pinned.mint_leaf("example.com").unwrap();
+        assert!(verify_leaf(&pinned, &leaf, "example.com", SystemTime::now()).is_ok());
+        assert!(verify_leaf(&fresh, &leaf, "example.com", SystemTime::now()).is_err());
     }
 
     #[test]
@@ -353,16 +373,9 @@ mod tests {
 
     #[test]
     fn cache_reuses_leaves_per_name() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = LeafCache::new(Arc::new(SandboxCa::load_or_create(dir.path()).unwrap()));
+        let cache = LeafCache::new(Arc::new(SandboxCa::generate().unwrap()));
         let a = cache.get("a.test").unwrap();
         assert!(Arc::ptr_eq(&a, &cache.get("a.test").unwrap()));
         assert!(!Arc::ptr_eq(&a, &cache.get("b.test").unwrap()));
-    }
-
-    #[test]
-    fn default_dir_is_under_user_data() {
-        let dir = SandboxCa::default_dir();
-        assert!(dir.ends_with("sandbox/ca"), "{}", dir.display());
     }
 }

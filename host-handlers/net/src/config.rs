@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::ca::SandboxCa;
 use crate::proxy::UpstreamProxy;
 
 /// How the DNS and MITM handlers of one sandbox reach upstream. Start from
@@ -24,8 +23,12 @@ pub struct NetConfig {
     /// private or host-owned (for example `127.0.0.1/32` for a local upstream).
     /// They also let such addresses through in DNS answers.
     pub allowed_networks: Vec<IpNet>,
-    /// Directory of the sandbox CA ([`SandboxCa::load_or_create`]).
-    pub ca_dir: PathBuf,
+    /// Where the sandbox CA comes from. `None` (the default): a fresh CA for
+    /// each sandbox, generated in memory ([`crate::SandboxCa::generate`]), its key
+    /// never written anywhere. `Some(dir)`: the persistent CA in `dir`,
+    /// created on first use and shared by every sandbox given that directory
+    /// ([`crate::SandboxCa::load_or_create`]), for embedders and tests that pin one.
+    pub ca_dir: Option<PathBuf>,
     /// Time for a guest to send the PROXY header and complete the TLS handshake.
     pub handshake_timeout: Duration,
     /// Time to resolve, connect to and complete TLS with an upstream.
@@ -55,7 +58,7 @@ impl Default for NetConfig {
             system_roots: true,
             extra_root_files: Vec::new(),
             allowed_networks: Vec::new(),
-            ca_dir: SandboxCa::default_dir(),
+            ca_dir: None,
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             response_timeout: Duration::from_secs(60),

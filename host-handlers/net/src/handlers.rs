@@ -36,8 +36,9 @@ pub struct Handlers {
     dns_bytes: Arc<Semaphore>,
 }
 
-/// What the handlers read from the host's files: the CA (created if
-/// missing), the DNS configuration and the root certificates. Loaded apart
+/// What the handlers read from the host's files or make once per sandbox:
+/// the CA (fresh, or the one in [`NetConfig::ca_dir`]), the DNS
+/// configuration and the root certificates. Loaded apart
 /// from [`Handlers`] so a process can read them and then lose access to the
 /// files (a confined holder loads them before it enters its jail).
 #[derive(Debug)]
@@ -47,18 +48,26 @@ pub struct HandlerFiles {
 }
 
 impl HandlerFiles {
-    /// Load (or create) the CA, read the DNS configuration and the root certificates.
+    /// Generate the sandbox's CA (or load or create the one in
+    /// [`NetConfig::ca_dir`]), read the DNS configuration and the root certificates.
     pub fn load(config: &NetConfig) -> Result<HandlerFiles> {
-        Ok(HandlerFiles {
-            ca: Arc::new(SandboxCa::load_or_create(&config.ca_dir)?),
-            upstream: Arc::new(Upstream::new(config)?),
-        })
+        let ca = match &config.ca_dir {
+            Some(dir) => SandboxCa::load_or_create(dir)?,
+            None => SandboxCa::generate()?,
+        };
+        Ok(HandlerFiles { ca: Arc::new(ca), upstream: Arc::new(Upstream::new(config)?) })
+    }
+
+    /// The CA these handlers will sign leaves with; its certificate is what
+    /// the guest must trust.
+    pub fn ca(&self) -> &SandboxCa {
+        &self.ca
     }
 }
 
 impl Handlers {
-    /// Load (or create) the CA, read the DNS configuration and the root
-    /// certificates. Nothing listens yet.
+    /// Generate (or load) the CA, read the DNS configuration and the root
+    /// certificates ([`HandlerFiles::load`]). Nothing listens yet.
     pub fn new(config: NetConfig, policy: Policy, recorder: Recorder) -> Result<Handlers> {
         Ok(Handlers::with_files(HandlerFiles::load(&config)?, config, policy, recorder))
     }

@@ -71,7 +71,6 @@ async fn dns_bytes_held_per_connection_and_sandbox_are_bounded() {
     config.system_roots = false;
     config.extra_root_files =
         vec![TestCa::new("unused upstream CA").unwrap().write_pem(dir.path(), "roots.pem").unwrap()];
-    config.ca_dir = dir.path().join("ca");
     let profile = "[security.rules.dns.ask_everything]\non = \"dns.request\"\ndecision = \"ask\"\n";
     let engine = Engine::builder()
         .profile(Layer::User, ProfileSource::Text { name: "ask.toml".into(), text: profile.into() })

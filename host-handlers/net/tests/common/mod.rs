@@ -170,7 +170,6 @@ impl Harness {
         config.dns_servers = vec![dns_fixture.addr()];
         config.system_roots = false;
         config.extra_root_files = vec![upstream_ca.write_pem(dir.path(), "upstream-ca.pem").unwrap()];
-        config.ca_dir = dir.path().join("ca");
         config.handshake_timeout = Duration::from_secs(5);
         config.connect_timeout = Duration::from_secs(3);
         config.response_timeout = Duration::from_secs(5);
