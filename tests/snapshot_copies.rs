@@ -21,6 +21,11 @@ use sandbox::{AfterSnapshot, Command, Image, Pool, Sandbox, SandboxBuilder, Stat
 /// `ca.test` resolves (to an address outside the guest), so HTTPS to it is
 /// inspected; no request is allowed, so nothing leaves the host.
 const PROFILE: &str = r#"
+[security.rules.dns.ca_test_allowed]
+on = "dns.request"
+if = 'dns.request.qname == "ca.test"'
+decision = "allow"
+
 [security.rules.dns.ca_test]
 on = "dns.request"
 if = 'dns.request.qname == "ca.test"'
