@@ -103,7 +103,7 @@ pub(crate) fn snapshot(
     if let Ok(snapshot) = Snapshot::load(&dir) {
         return Ok(snapshot);
     }
-    let _lock = lock(&root.join(format!("warm-{key}.lock")))?;
+    let _lock = lock(&root.join(format!("warm-{key}.lock")), true)?;
     // Made while this process waited for the lock?
     match Snapshot::load(&dir) {
         Ok(snapshot) => return Ok(snapshot),
@@ -137,16 +137,17 @@ fn make_in(
     Snapshot::load(dir)
 }
 
-/// Hold the lock file at `path` (waiting for it).
-fn lock(path: &Path) -> Result<Flock<File>, Error> {
+/// Hold the lock file at `path`, waiting for it unless `wait` is false
+/// (then another holder is an error).
+fn lock(path: &Path, wait: bool) -> Result<Flock<File>, Error> {
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(path)
         .map_err(|e| Error::Io(format!("open {}", path.display()), e))?;
-    Flock::lock(file, FlockArg::LockExclusive)
-        .map_err(|(_, e)| Error::Io(format!("lock {}", path.display()), std::io::Error::from(e)))
+    let how = if wait { FlockArg::LockExclusive } else { FlockArg::LockExclusiveNonblock };
+    Flock::lock(file, how).map_err(|(_, e)| Error::Io(format!("lock {}", path.display()), std::io::Error::from(e)))
 }
 
 /// Remove every warm snapshot (and the digest cache); returns how many
@@ -162,7 +163,7 @@ pub fn clear() -> Result<usize, Error> {
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with("warm-") && !name.ends_with(".lock") {
-            let Ok(_lock) = try_lock(&root.join(format!("{name}.lock"))) else { continue };
+            let Ok(_lock) = lock(&root.join(format!("{name}.lock")), false) else { continue };
             std::fs::remove_dir_all(entry.path())
                 .map_err(|e| Error::Io(format!("remove {}", entry.path().display()), e))?;
             removed += 1;
@@ -171,17 +172,6 @@ pub fn clear() -> Result<usize, Error> {
         }
     }
     Ok(removed)
-}
-
-fn try_lock(path: &Path) -> Result<Flock<File>, Error> {
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(|e| Error::Io(format!("open {}", path.display()), e))?;
-    Flock::lock(file, FlockArg::LockExclusiveNonblock)
-        .map_err(|(_, e)| Error::Io(format!("lock {}", path.display()), std::io::Error::from(e)))
 }
 
 #[cfg(test)]

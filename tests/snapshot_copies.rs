@@ -13,7 +13,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sandbox::{AfterSnapshot, Command, Image, Pool, Sandbox, SandboxBuilder, Status};
@@ -53,6 +53,18 @@ fn sh(sandbox: &Sandbox, script: &str) -> String {
     out
 }
 
+/// A work directory with a data directory and the profile; a sandbox
+/// booted there in a holder, which has run `script`.
+fn source(script: &str) -> (tempfile::TempDir, PathBuf, PathBuf, Sandbox) {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let profile = work.path().join("profile.toml");
+    std::fs::write(&profile, PROFILE).unwrap();
+    let source = holder(Sandbox::builder(Image::Default).memory_mib(256), &data, &profile).spawn().unwrap();
+    sh(&source, script);
+    (work, data, profile, source)
+}
+
 fn dns_names(sandbox: &Sandbox) -> Vec<String> {
     let db = rusqlite::Connection::open(sandbox.session_db()).unwrap();
     let mut query = db.prepare("SELECT qname FROM dns_events ORDER BY qname").unwrap();
@@ -62,13 +74,8 @@ fn dns_names(sandbox: &Sandbox) -> Vec<String> {
 #[test]
 fn two_copies_of_a_running_sandbox_start_from_its_state_and_then_go_their_own_ways() {
     common::require_vm!();
-    let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
-    let profile = work.path().join("profile.toml");
-    std::fs::write(&profile, PROFILE).unwrap();
-
-    let source = holder(Sandbox::builder(Image::Default).memory_mib(256), &data, &profile).spawn().unwrap();
-    sh(&source, "echo 'from the source' > /tmp/marker; setsid sleep 1000 </dev/null >/dev/null 2>&1 &");
+    let (work, data, profile, source) =
+        source("echo 'from the source' > /tmp/marker; setsid sleep 1000 </dev/null >/dev/null 2>&1 &");
     let snapshot = source.snapshot(work.path().join("snap"), AfterSnapshot::Resume).unwrap();
     assert_eq!(snapshot.source, source.id());
     // The source runs on.
@@ -128,12 +135,7 @@ fn two_copies_of_a_running_sandbox_start_from_its_state_and_then_go_their_own_wa
 #[test]
 fn a_pool_hands_out_restored_sandboxes_and_starts_more() {
     common::require_vm!();
-    let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
-    let profile = work.path().join("profile.toml");
-    std::fs::write(&profile, PROFILE).unwrap();
-    let source = holder(Sandbox::builder(Image::Default).memory_mib(256), &data, &profile).spawn().unwrap();
-    sh(&source, "echo pooled > /tmp/marker");
+    let (work, data, profile, source) = source("echo pooled > /tmp/marker");
     let snapshot = source.snapshot(work.path().join("snap"), AfterSnapshot::Stop).unwrap();
 
     let (data_dir, profile_path) = (data.clone(), profile.clone());
