@@ -25,4 +25,4 @@ log "tests"
 # A test that boots a VM skips without /dev/kvm or the kernel in a plain
 # `cargo test`; here that is a failure, so that a skip never counts as a pass.
 export SANDBOX_REQUIRE_VM=1
-cargo test --workspace --quiet -- --nocapture
+cargo test --workspace --quiet --no-fail-fast -- --nocapture

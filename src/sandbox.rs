@@ -430,9 +430,10 @@ impl Sandbox {
     /// so both are killed and waited for.
     fn kill_holder(&self) -> Result<(), Error> {
         let outer = self.state.pid;
-        let mut holders: Vec<(u32, u64)> =
-            children(outer).into_iter().filter_map(|pid| process_start(pid).map(|start| (pid, start))).collect();
-        holders.push((outer, self.state.pid_start));
+        // The outer one first: killed after its child, it could see the
+        // child end and exit as if all were well.
+        let mut holders = vec![(outer, self.state.pid_start)];
+        holders.extend(children(outer).into_iter().filter_map(|pid| process_start(pid).map(|start| (pid, start))));
         for &(pid, _) in &holders {
             let target = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0));
             match nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL) {
