@@ -29,6 +29,8 @@ use crate::{paths, AfterSnapshot, Error, Image, SandboxBuilder, Snapshot, Status
 const KILL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long to wait for the agent to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How many times a refused agent connection is tried.
+const REFUSED_ATTEMPTS: u32 = 4;
 
 /// What `state.json` records.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -285,9 +287,19 @@ impl Sandbox {
         if !self.holder_alive() {
             return Err(Error::NotRunning(self.state.id.clone()));
         }
-        match AgentConn::connect_with(&self.dir.vsock_socket(), CONNECT_TIMEOUT, first) {
-            Err(AgentError::Connect { .. }) => Err(Error::NotRunning(self.state.id.clone())),
-            other => Ok(other?),
+        let mut attempts = 1;
+        loop {
+            match AgentConn::connect_with(&self.dir.vsock_socket(), CONNECT_TIMEOUT, first) {
+                Err(AgentError::Connect { .. }) => return Err(Error::NotRunning(self.state.id.clone())),
+                // A guest just restored from a snapshot has now and then reset
+                // a fresh connection to its agent: try again, briefly.
+                Err(AgentError::Refused(reply)) if attempts < REFUSED_ATTEMPTS && self.holder_alive() => {
+                    tracing::debug!(id = %self.state.id, attempts, ?reply, "the agent connection was refused; trying again");
+                    attempts += 1;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                other => return Ok(other?),
+            }
         }
     }
 

@@ -40,8 +40,9 @@ fn a_command_runs_with_its_arguments_environment_and_status() {
         t.elapsed()
     );
     assert_eq!(run.status, Status::Exited(3), "console:\n{}", String::from_utf8_lossy(&run.console));
-    assert!(out.starts_with("Linux sandbox "), "{out}");
-    assert!(out.contains("host=sandbox cwd=/tmp greeting=hello world args=2:a b:c\n"), "{out}");
+    // The sandbox's id is the guest's hostname (set with its identity).
+    assert!(out.starts_with(&format!("Linux {} ", run.id)), "{out}");
+    assert!(out.contains(&format!("host={} cwd=/tmp greeting=hello world args=2:a b:c\n", run.id)), "{out}");
     assert!(out.contains("written\nroot=overlay\npid1=sandbox-init\n"), "{out}");
     assert_eq!(String::from_utf8_lossy(&run.stderr), "to stderr\n");
     assert!(run.session_db.is_file());
