@@ -25,10 +25,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The process holding a `run -d` sandbox writes a log file: say more there.
     let holder = cli.command.is_holder();
+    let level = if holder || cli.command.is_service() { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SANDBOX_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if holder { "info" } else { "warn" })),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal() && !holder)

@@ -17,6 +17,7 @@ mod policy;
 mod ps;
 mod rm;
 pub mod run;
+mod serve;
 mod snapshot;
 mod stop;
 mod verify_isolation;
@@ -54,6 +55,8 @@ pub enum Command {
     Ca(ca::CaArgs),
     #[command(flatten)]
     Images(images::ImagesCommand),
+    /// Serve the HTTP API (a Unix socket by default; see docs/api.md).
+    Serve(serve::ServeArgs),
     /// Print what this host supports for sandboxes (KVM, cgroups, namespaces, seccomp) and what is missing.
     Doctor(doctor::DoctorArgs),
     /// Boot a canary sandbox and prove from outside that nothing gets out of it.
@@ -67,6 +70,12 @@ impl Command {
     /// Is this the process that holds a `run -d` sandbox?
     pub fn is_holder(&self) -> bool {
         matches!(self, Command::Holder)
+    }
+
+    /// Does this command run as a service (the API server), whose log says
+    /// what it does?
+    pub fn is_service(&self) -> bool {
+        matches!(self, Command::Serve(_))
     }
 }
 
@@ -87,6 +96,7 @@ pub fn run(command: Command) -> Outcome {
         Command::Policy(cmd) => policy::policy(cmd),
         Command::Ca(args) => ca::ca(args),
         Command::Images(cmd) => images::images(cmd),
+        Command::Serve(args) => serve::serve(args),
         Command::Doctor(args) => doctor::doctor(args),
         Command::VerifyIsolation(args) => verify_isolation::verify_isolation(args),
         Command::Holder => Ok(sandbox::holder::main()),

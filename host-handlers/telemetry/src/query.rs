@@ -315,6 +315,12 @@ impl LogReader {
         })
     }
 
+    /// Start after these row ids (of the DNS, network and model-call
+    /// tables): the rows read next are those recorded after them. A reader that pages (the HTTP API) resumes here.
+    pub fn resume_after(&mut self, position: [i64; 3]) {
+        self.last_id = position;
+    }
+
     /// Rows added since the previous call, ordered by time. The second value
     /// is true when more rows are waiting (a round reads at most a batch per
     /// table), so the caller should call again before pausing.

@@ -1,0 +1,224 @@
+//! The API without a VM: authentication, the error shape, request
+//! validation, the upload limit, and serving on a Unix socket.
+// The helpers unwrap like the tests they serve.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use hyper::Method;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+const KEY: &str = "s3cret-key-for-tests";
+
+fn app(data: &std::path::Path, key: Option<&str>) -> axum::Router {
+    api::router(api::Config::new(data).api_key(key.map(|k| api::ApiKey::new(k.as_bytes()))).upload_limit(1024))
+}
+
+async fn send(app: &axum::Router, request: Request<Body>) -> (StatusCode, Option<String>, Value) {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let auth = response.headers().get("www-authenticate").map(|v| v.to_str().unwrap().to_string());
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, auth, body)
+}
+
+fn get(uri: &str) -> Request<Body> {
+    Request::get(uri).body(Body::empty()).unwrap()
+}
+
+fn post_json(uri: &str, body: &str) -> Request<Body> {
+    Request::post(uri).header("content-type", "application/json").body(Body::from(body.to_string())).unwrap()
+}
+
+/// The one error shape: `{"code": status, "message": text}`.
+fn assert_error(status: StatusCode, body: &Value, expected: StatusCode) {
+    assert_eq!(status, expected, "{body}");
+    assert_eq!(body["code"], json!(expected.as_u16()), "{body}");
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert_eq!(body.as_object().unwrap().len(), 2, "{body}");
+}
+
+#[tokio::test]
+async fn without_the_key_every_request_is_refused_with_401() {
+    let data = tempfile::tempdir().unwrap();
+    let app = app(data.path(), Some(KEY));
+    for uri in ["/v1/health", "/v1/sandboxes", "/openapi.json", "/nowhere"] {
+        let (status, auth, body) = send(&app, get(uri)).await;
+        assert_error(status, &body, StatusCode::UNAUTHORIZED);
+        assert_eq!(auth.as_deref(), Some("Bearer"));
+    }
+    for wrong in [
+        "Bearer nope",
+        "Bearer s3cret-key-for-test",
+        "Bearer s3cret-key-for-tests-and-more",
+        "Basic czNjcmV0",
+        "s3cret-key-for-tests",
+    ] {
+        let request = Request::get("/v1/health").header("authorization", wrong).body(Body::empty()).unwrap();
+        let (status, _, body) = send(&app, request).await;
+        assert_error(status, &body, StatusCode::UNAUTHORIZED);
+    }
+    let request = Request::get("/v1/health").header("x-api-key", "nope").body(Body::empty()).unwrap();
+    assert_eq!(send(&app, request).await.0, StatusCode::UNAUTHORIZED);
+
+    let request =
+        Request::get("/v1/health").header("authorization", format!("bearer {KEY}")).body(Body::empty()).unwrap();
+    let (status, _, body) = send(&app, request).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, json!({"status": "ok"}));
+    let request = Request::get("/v1/version").header("x-api-key", KEY).body(Body::empty()).unwrap();
+    let (status, _, body) = send(&app, request).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["api"], "v1");
+
+    // Without a configured key, none is needed.
+    let open = self::app(data.path(), None);
+    assert_eq!(send(&open, get("/v1/health")).await.0, StatusCode::OK);
+}
+
+#[test]
+fn the_key_is_read_trimmed_and_compared_whatever_its_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("key");
+    std::fs::write(&file, format!("{KEY}\n")).unwrap();
+    let key = api::ApiKey::read(&file).unwrap();
+    assert!(key.matches(KEY.as_bytes()));
+    assert!(!key.matches(b""));
+    assert!(!key.matches(&KEY.as_bytes()[..KEY.len() - 1]));
+    assert!(!key.matches(format!("{KEY}x").as_bytes()));
+    assert!(!format!("{key:?}").contains(KEY), "the key must not be printed");
+    std::fs::write(&file, " \n").unwrap();
+    assert!(api::ApiKey::read(&file).is_err());
+    assert!(api::ApiKey::read(&dir.path().join("missing")).is_err());
+}
+
+#[tokio::test]
+async fn errors_have_one_shape_and_bad_input_is_a_400() {
+    let data = tempfile::tempdir().unwrap();
+    let app = app(data.path(), None);
+    let cases: Vec<(Request<Body>, StatusCode)> = vec![
+        (get("/nowhere"), StatusCode::NOT_FOUND),
+        (Request::delete("/v1/health").body(Body::empty()).unwrap(), StatusCode::METHOD_NOT_ALLOWED),
+        // Bodies that are not what the endpoint takes.
+        (post_json("/v1/sandboxes", "{not json"), StatusCode::BAD_REQUEST),
+        (post_json("/v1/sandboxes", r#"{"memory_mib": "lots"}"#), StatusCode::BAD_REQUEST),
+        (post_json("/v1/sandboxes", r#"{"unknown": 1}"#), StatusCode::BAD_REQUEST),
+        (Request::post("/v1/sandboxes").body(Body::from("{}")).unwrap(), StatusCode::UNSUPPORTED_MEDIA_TYPE),
+        (post_json("/v1/sandboxes", r#"{"memory_mib": 1}"#), StatusCode::BAD_REQUEST),
+        (post_json("/v1/sandboxes", r#"{"vcpus": 0}"#), StatusCode::BAD_REQUEST),
+        (post_json("/v1/sandboxes", r#"{"timeout_secs": 0}"#), StatusCode::BAD_REQUEST),
+        // Nothing on the host can be named: image files, OCI directories, profile files.
+        (post_json("/v1/sandboxes", r#"{"image": "/etc/passwd"}"#), StatusCode::BAD_REQUEST),
+        (post_json("/v1/sandboxes", r#"{"image": "oci:/var/lib/images/x"}"#), StatusCode::BAD_REQUEST),
+        (post_json("/v1/sandboxes", r#"{"image": "docker-archive:/tmp/x.tar"}"#), StatusCode::BAD_REQUEST),
+        (post_json("/v1/sandboxes", r#"{"image": "def\u0000ault"}"#), StatusCode::BAD_REQUEST),
+        (post_json("/v1/sandboxes", r#"{"profiles": ["/etc/shadow"]}"#), StatusCode::BAD_REQUEST),
+        (post_json("/v1/sandboxes", r#"{"snapshot": "../../etc"}"#), StatusCode::BAD_REQUEST),
+        (post_json("/v1/sandboxes", r#"{"snapshot": "nosuch"}"#), StatusCode::NOT_FOUND),
+        // Ids are checked before anything is looked up.
+        (get("/v1/sandboxes/..%2F..%2Fetc"), StatusCode::BAD_REQUEST),
+        (get("/v1/sandboxes/abc-def"), StatusCode::BAD_REQUEST),
+        (get("/v1/sandboxes/0123456789abcdef"), StatusCode::NOT_FOUND),
+        (Request::delete("/v1/sandboxes/0123456789abcdef").body(Body::empty()).unwrap(), StatusCode::NOT_FOUND),
+        (get("/v1/sandboxes/0123456789abcdef/events"), StatusCode::NOT_FOUND),
+        (get("/v1/sandboxes/0123456789abcdef/events?after=x"), StatusCode::BAD_REQUEST),
+        (get("/v1/sandboxes/0123456789abcdef/events?limit=0"), StatusCode::BAD_REQUEST),
+        (get("/v1/sandboxes/0123456789abcdef/events?limit=many"), StatusCode::BAD_REQUEST),
+        (post_json("/v1/sandboxes/0123456789abcdef/snapshots", r#"{"name": "a/b"}"#), StatusCode::BAD_REQUEST),
+        (post_json("/v1/sandboxes/0123456789abcdef/snapshots", r#"{"name": "ok"}"#), StatusCode::NOT_FOUND),
+        // Commands.
+        (post_json("/v1/sandboxes/0123456789abcdef/exec", r#"{"argv": []}"#), StatusCode::BAD_REQUEST),
+        (post_json("/v1/sandboxes/0123456789abcdef/exec", r#"{"argv": ["sh\u0000"]}"#), StatusCode::BAD_REQUEST),
+        (
+            post_json("/v1/sandboxes/0123456789abcdef/exec", r#"{"argv": ["sh"], "env": {"A=B": "c"}}"#),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            post_json(
+                "/v1/sandboxes/0123456789abcdef/exec",
+                r#"{"argv": ["sh"], "stdin": "%%%", "stdin_encoding": "base64"}"#,
+            ),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            post_json("/v1/sandboxes/0123456789abcdef/exec", r#"{"argv": ["sh"], "timeout_secs": 0}"#),
+            StatusCode::BAD_REQUEST,
+        ),
+        (post_json("/v1/sandboxes/0123456789abcdef/exec", r#"{"argv": ["true"]}"#), StatusCode::NOT_FOUND),
+        // Files: a path is required, without NUL.
+        (get("/v1/sandboxes/0123456789abcdef/files"), StatusCode::BAD_REQUEST),
+        (get("/v1/sandboxes/0123456789abcdef/files?path="), StatusCode::BAD_REQUEST),
+        (get("/v1/sandboxes/0123456789abcdef/files?path=%2Ftmp%2Fa%00b"), StatusCode::BAD_REQUEST),
+        (get("/v1/sandboxes/0123456789abcdef/files?path=%2Fetc%2Fhostname"), StatusCode::NOT_FOUND),
+        (
+            Request::put("/v1/sandboxes/0123456789abcdef/files?path=%2Ftmp%2Fa&mode=999")
+                .body(Body::from("x"))
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+        ),
+    ];
+    for (request, expected) in cases {
+        let what = format!("{} {}", request.method(), request.uri());
+        let (status, _, body) = send(&app, request).await;
+        assert_eq!(status, expected, "{what}: {body}");
+        assert_error(status, &body, expected);
+    }
+}
+
+#[tokio::test]
+async fn an_upload_over_the_limit_is_refused_with_413() {
+    let data = tempfile::tempdir().unwrap();
+    let app = app(data.path(), None);
+    // Declared too large.
+    let request =
+        Request::put("/v1/sandboxes/0123456789abcdef/files?path=/tmp/big").body(Body::from(vec![0u8; 4096])).unwrap();
+    let (status, _, body) = send(&app, request).await;
+    assert_error(status, &body, StatusCode::PAYLOAD_TOO_LARGE);
+    // Streamed without a length, and too large.
+    let chunks = futures_util::stream::iter((0..8).map(|_| Ok::<_, std::io::Error>(vec![0u8; 512])));
+    let request =
+        Request::put("/v1/sandboxes/0123456789abcdef/files?path=/tmp/big").body(Body::from_stream(chunks)).unwrap();
+    let (status, _, body) = send(&app, request).await;
+    assert_error(status, &body, StatusCode::PAYLOAD_TOO_LARGE);
+    // Nothing stays behind.
+    let tmp = data.path().join("tmp");
+    assert_eq!(std::fs::read_dir(&tmp).map(|d| d.count()).unwrap_or(0), 0);
+}
+
+#[tokio::test]
+async fn the_unix_socket_is_private_and_serves_the_api() {
+    use std::os::unix::fs::PermissionsExt;
+    let data = tempfile::tempdir().unwrap();
+    let socket = data.path().join("api.sock");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn({
+        let (socket, app) = (socket.clone(), app(data.path(), Some(KEY)));
+        async move { api::serve_unix(&socket, app, async { drop(stopped.await) }).await }
+    });
+    for _ in 0..100 {
+        if socket.exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
+    let (status, body) = common::json(&socket, Method::GET, "/v1/health", None, Value::Null).await;
+    assert_error(status, &body, StatusCode::UNAUTHORIZED);
+    let (status, body) = common::json(&socket, Method::GET, "/v1/health", Some(KEY), Value::Null).await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"status": "ok"})));
+    let (status, doc) = common::json(&socket, Method::GET, "/openapi.json", Some(KEY), Value::Null).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert!(doc["paths"]["/v1/sandboxes/{id}/exec"]["post"].is_object());
+    // A second server on a live socket is refused; the first one goes on.
+    assert!(api::serve_unix(&socket, app(data.path(), None), async {}).await.is_err());
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+    assert!(!socket.exists(), "the socket is removed when the server stops");
+}

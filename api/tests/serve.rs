@@ -1,0 +1,172 @@
+//! End to end through real HTTP on a Unix socket, booting real VMs (needs
+//! root, /dev/kvm and ./setup.sh's kernel and image): a sandbox is created,
+//! runs a command, takes a file in and gives it back, shows the DNS query
+//! its guest made, is snapshotted; a second sandbox is restored from that
+//! snapshot; two clients drive the two at once; both are deleted. The
+//! server has a data directory of its own.
+// The helpers unwrap like the tests they serve.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use hyper::{Method, StatusCode};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+/// Stops whatever sandboxes a failed run left in the data directory.
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for sandbox in sandbox::Sandbox::list_in(&self.0).unwrap_or_default() {
+            let _ = sandbox.stop(Duration::from_secs(30));
+        }
+    }
+}
+
+async fn exec(socket: &Path, id: &str, script: &str) -> Value {
+    let (status, out) = common::json(
+        socket,
+        Method::POST,
+        &format!("/v1/sandboxes/{id}/exec"),
+        None,
+        json!({"argv": ["sh", "-c", script]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_drives_sandboxes_through_the_api() {
+    if !common::vm_available() {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let _cleanup = Cleanup(data.path().to_path_buf());
+    let socket = data.path().join("api.sock");
+    let config = api::Config::new(data.path()).holder(common::holder(), std::iter::empty::<String>());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn({
+        let socket = socket.clone();
+        async move { api::serve_unix(&socket, api::router(config), async { drop(stopped.await) }).await }
+    });
+    while !socket.exists() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let started = Instant::now();
+    let (status, a) = common::json(&socket, Method::POST, "/v1/sandboxes", None, json!({"memory_mib": 256})).await;
+    assert_eq!(status, StatusCode::CREATED, "{a}");
+    let a = a["id"].as_str().unwrap().to_string();
+    eprintln!("sandbox {a} ready in {:?}", started.elapsed());
+
+    // A command's status and output.
+    let out = exec(&socket, &a, "echo hi; exit 3").await;
+    assert_eq!(out["status"], "exited");
+    assert_eq!(out["exit_code"], 3);
+    assert_eq!(out["stdout"], "hi\n");
+    assert_eq!(out["stdout_truncated"], false);
+
+    // A 1 MiB file in and back out.
+    let blob: Vec<u8> = (0u32..1 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let files = format!("/v1/sandboxes/{a}/files?path=/tmp/blob");
+    let (status, body) = common::call(&socket, Method::PUT, &files, None, blob.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let (status, back) = common::call(&socket, Method::GET, &files, None, Vec::new()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(Sha256::digest(&back), Sha256::digest(&blob), "the file came back different ({} bytes)", back.len());
+    let (status, missing) =
+        common::json(&socket, Method::GET, &format!("/v1/sandboxes/{a}/files?path=/nonexistent"), None, Value::Null)
+            .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{missing}");
+
+    // The DNS query its guest made is one of its events (deny-all blocks it).
+    exec(&socket, &a, "nslookup example.test >/dev/null 2>&1; true").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut after = "0.0.0".to_string();
+    let row = loop {
+        let (status, page) = common::json(
+            &socket,
+            Method::GET,
+            &format!("/v1/sandboxes/{a}/events?after={after}&limit=1"),
+            None,
+            Value::Null,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        after = page["next"].as_str().unwrap().to_string();
+        if let Some(row) = page["events"].as_array().unwrap().iter().find(|r| r["qname"] == "example.test") {
+            break row.clone();
+        }
+        assert!(Instant::now() < deadline, "no event for example.test");
+        if page["events"].as_array().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    assert_eq!(row["kind"], "dns");
+    assert_eq!(row["decision"], "denied", "{row}");
+
+    // A snapshot, and a second sandbox restored from it.
+    let (status, snap) =
+        common::json(&socket, Method::POST, &format!("/v1/sandboxes/{a}/snapshots"), None, json!({"name": "base"}))
+            .await;
+    assert_eq!(status, StatusCode::CREATED, "{snap}");
+    assert_eq!(snap["source"], a.as_str());
+    let (status, again) =
+        common::json(&socket, Method::POST, &format!("/v1/sandboxes/{a}/snapshots"), None, json!({"name": "base"}))
+            .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{again}");
+    let (_, list) = common::json(&socket, Method::GET, "/v1/snapshots", None, Value::Null).await;
+    assert!(list["snapshots"].as_array().unwrap().iter().any(|s| s["name"] == "base"), "{list}");
+    let (status, b) = common::json(&socket, Method::POST, "/v1/sandboxes", None, json!({"snapshot": "base"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{b}");
+    let b = b["id"].as_str().unwrap().to_string();
+    assert_ne!(a, b);
+    let (_, list) = common::json(&socket, Method::GET, "/v1/sandboxes", None, Value::Null).await;
+    let running: Vec<&str> = list["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["running"] == true)
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert!(running.contains(&a.as_str()) && running.contains(&b.as_str()), "{list}");
+
+    // Two clients, each driving its own sandbox, at once: the restored one
+    // has the file the first one had when it was saved.
+    let drive = |id: String| {
+        let socket = socket.clone();
+        async move {
+            let mut outputs = Vec::new();
+            for i in 0..3 {
+                let out = exec(&socket, &id, &format!("wc -c < /tmp/blob; hostname; exit {i}")).await;
+                assert_eq!(out["exit_code"], i, "{out}");
+                outputs.push(out["stdout"].as_str().unwrap().to_string());
+            }
+            outputs
+        }
+    };
+    let (from_a, from_b) = tokio::join!(tokio::spawn(drive(a.clone())), tokio::spawn(drive(b.clone())));
+    for (id, outputs) in [(&a, from_a.unwrap()), (&b, from_b.unwrap())] {
+        for out in outputs {
+            assert_eq!(out, format!("1048576\n{id}\n"), "sandbox {id}");
+        }
+    }
+
+    // Both deleted.
+    for id in [&a, &b] {
+        let (status, body) =
+            common::json(&socket, Method::DELETE, &format!("/v1/sandboxes/{id}"), None, Value::Null).await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+        let (status, body) =
+            common::json(&socket, Method::GET, &format!("/v1/sandboxes/{id}"), None, Value::Null).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+        assert_eq!(body["code"], 404);
+    }
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
