@@ -81,6 +81,10 @@ pub struct VerifyConfig {
     /// program and arguments (see [`crate::SandboxBuilder::holder_program`]);
     /// `None`: in this process, unconfined.
     pub holder: Option<(PathBuf, Vec<String>)>,
+    /// Restore each sandbox from the warm snapshot of its kind (see
+    /// [`crate::SandboxBuilder::warm`]; made with the holder program)
+    /// instead of booting it. Needs [`Self::holder`].
+    pub warm: bool,
 }
 
 impl Default for VerifyConfig {
@@ -97,6 +101,7 @@ impl Default for VerifyConfig {
             attempt_timeout: Duration::from_secs(3),
             memory_mib: 256,
             holder: None,
+            warm: false,
         }
     }
 }
@@ -120,9 +125,12 @@ impl std::ops::Deref for Held {
 }
 
 impl Held {
-    fn start(builder: SandboxBuilder, holder: Option<&(PathBuf, Vec<String>)>) -> Result<Held, Error> {
-        Ok(match holder {
-            Some((program, args)) => Held::Holder(builder.holder_program(program, args).spawn()?),
+    fn start(builder: SandboxBuilder, config: &VerifyConfig) -> Result<Held, Error> {
+        Ok(match &config.holder {
+            Some((program, args)) => {
+                let builder = builder.holder_program(program, args);
+                Held::Holder(if config.warm { builder.warm() } else { builder }.spawn()?)
+            }
             None => Held::Here(builder.start()?),
         })
     }
@@ -779,11 +787,11 @@ pub fn verify(config: &VerifyConfig) -> Result<Report, Error> {
     // One after the other: two guests booting at once on a loaded host can
     // starve each other past the agent's timeouts where kernel code is emulated.
     let peer = if config.peer {
-        Some(Held::start(Sandbox::builder(config.image.clone()).memory_mib(config.memory_mib), config.holder.as_ref())?)
+        Some(Held::start(Sandbox::builder(config.image.clone()).memory_mib(config.memory_mib), config)?)
     } else {
         None
     };
-    let canary = Held::start(canary_builder, config.holder.as_ref())?;
+    let canary = Held::start(canary_builder, config)?;
 
     // The peer listens until its standard input ends (after the canary's attempts).
     let attempt_secs = config.attempt_timeout.as_secs().max(1);

@@ -53,6 +53,9 @@ pub struct VerifyArgs {
     /// only), instead of a confined holder process each.
     #[arg(long)]
     no_jail: bool,
+    /// Boot the sandboxes instead of restoring the warm snapshot of their kind.
+    #[arg(long)]
+    cold: bool,
 }
 
 /// The verification `args` ask for.
@@ -63,6 +66,7 @@ fn config(args: &VerifyArgs) -> anyhow::Result<VerifyConfig> {
     } else {
         let exe = std::env::current_exe().context("find the sandbox executable")?;
         config.holder = Some((exe, vec!["holder".into()]));
+        config.warm = !args.cold;
     }
     config.image = sandbox::Image::parse(&args.image);
     config.profiles.clone_from(&args.profile);
