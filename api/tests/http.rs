@@ -333,6 +333,10 @@ async fn an_event_is_explained_blocked_or_allowed_with_its_rule() {
     let (status, _, denied) = send(&app, post_json("/v1/policy/explain", &body.to_string())).await;
     assert_eq!(status, StatusCode::OK, "{denied}");
     assert_eq!(denied["decision"], "block");
+    let body = json!({"profiles": ["dev"], "event": {"event": "http.request", "host": "pypi.org", "method": "GET"}});
+    let (status, _, allowed) = send(&app, post_json("/v1/policy/explain", &body.to_string())).await;
+    assert_eq!(status, StatusCode::OK, "{allowed}");
+    assert_eq!((allowed["decision"].as_str(), allowed["rule"].as_str()), (Some("allow"), Some("http.registries")));
 }
 
 /// A stopped sandbox in `data` with `rows` DNS rows in its session.db,
