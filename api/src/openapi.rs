@@ -6,7 +6,7 @@
 use utoipa::openapi::security::{ApiKey as ApiKeyScheme, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{events, exec, files, meta, sandboxes, snapshots};
+use crate::routes::{events, exec, files, meta, policy, sandboxes, snapshots};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -23,11 +23,16 @@ use crate::routes::{events, exec, files, meta, sandboxes, snapshots};
         sandboxes::get_one,
         sandboxes::delete,
         exec::exec,
+        exec::exec_stream,
         files::upload,
         files::download,
         events::events,
+        events::events_stream,
         snapshots::create,
         snapshots::list,
+        policy::check,
+        policy::explain,
+        policy::sandbox_profile,
     ),
     components(schemas(crate::ErrorBody)),
     modifiers(&Security),
@@ -38,6 +43,7 @@ use crate::routes::{events, exec, files, meta, sandboxes, snapshots};
         (name = "files", description = "Files into and out of a sandbox"),
         (name = "events", description = "What a sandbox's guest tried to reach (its session.db)"),
         (name = "snapshots", description = "Named snapshots, and sandboxes restored from them"),
+        (name = "policy", description = "Check profiles, explain decisions, a sandbox's profiles"),
     )
 )]
 struct ApiDoc;

@@ -222,3 +222,223 @@ async fn the_unix_socket_is_private_and_serves_the_api() {
     server.await.unwrap().unwrap();
     assert!(!socket.exists(), "the socket is removed when the server stops");
 }
+
+const GOOD_PROFILE: &str = r#"
+[security.rules.dns.allow_pypi]
+on = "dns.request"
+if = 'dns.request.qname == "pypi.org"'
+decision = "allow"
+priority = 10
+"#;
+
+#[tokio::test]
+async fn profiles_are_checked_with_the_place_of_each_problem() {
+    let data = tempfile::tempdir().unwrap();
+    let app = app(data.path(), None);
+    // One profile's TOML as the body.
+    let request = Request::post("/v1/policy/check").body(Body::from(GOOD_PROFILE)).unwrap();
+    let (status, _, body) = send(&app, request).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["ok"], true, "{body}");
+    assert_eq!(body["rule_count"], 1);
+    assert_eq!(body["rules"][0]["name"], "dns.allow_pypi");
+    assert_eq!(body["errors"], json!([]));
+    // A bad one: where, and why.
+    let bad = "[security.rules.dns.x]\non = \"dns.request\"\nif = 'dns.request.qname ==='\ndecision = \"allow\"\n";
+    let request = Request::post("/v1/policy/check").body(Body::from(bad)).unwrap();
+    let (status, _, body) = send(&app, request).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["ok"], false, "{body}");
+    let problem = &body["errors"][0];
+    assert_eq!(problem["file"], "profile-1.toml", "{body}");
+    assert_eq!(problem["line"], 3, "{body}");
+    assert!(problem["column"].as_u64().is_some_and(|c| c >= 1), "{body}");
+    assert!(body["text"].as_str().unwrap().starts_with("profile-1.toml:3:"), "{body}");
+    // Layered, as JSON: a built-in name and named text.
+    let layered = json!({"profiles": ["deny-all", {"name": "mine.toml", "text": GOOD_PROFILE}]});
+    let (status, _, body) = send(&app, post_json("/v1/policy/check", &layered.to_string())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["ok"], true, "{body}");
+    assert!(body["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["location"].as_str().unwrap().starts_with("mine.toml:")));
+
+    // Hostile requests get the error shape.
+    let cases: Vec<(Request<Body>, StatusCode)> = vec![
+        (post_json("/v1/policy/check", "{\"profiles\": "), StatusCode::BAD_REQUEST),
+        (post_json("/v1/policy/check", r#"{"profiles": []}"#), StatusCode::BAD_REQUEST),
+        (post_json("/v1/policy/check", r#"{"profiles": ["/etc/shadow"]}"#), StatusCode::BAD_REQUEST),
+        (post_json("/v1/policy/check", r#"{"profiles": [{"text": "", "path": "/x"}]}"#), StatusCode::BAD_REQUEST),
+        (
+            Request::post("/v1/policy/check").body(Body::from(vec![b'#'; 3 * 1024 * 1024])).unwrap(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+        (Request::post("/v1/policy/check").body(Body::from(vec![0xff, 0xfe])).unwrap(), StatusCode::BAD_REQUEST),
+        (post_json("/v1/policy/explain", r#"{"profiles": ["dev"]}"#), StatusCode::BAD_REQUEST),
+        (
+            post_json("/v1/policy/explain", r#"{"profiles": ["dev"], "event": {"event": "nonsense"}}"#),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            post_json(
+                "/v1/policy/explain",
+                &json!({"profiles": [{"text": "[oops"}], "event": {"event": "dns.request", "qname": "a.test"}})
+                    .to_string(),
+            ),
+            StatusCode::BAD_REQUEST,
+        ),
+        (get("/v1/sandboxes/0123456789abcdef/profile"), StatusCode::NOT_FOUND),
+        (get("/v1/sandboxes/bad-id/profile"), StatusCode::BAD_REQUEST),
+    ];
+    for (request, expected) in cases {
+        let what = format!("{} {}", request.method(), request.uri());
+        let (status, _, body) = send(&app, request).await;
+        assert_eq!(status, expected, "{what}: {body}");
+        assert_error(status, &body, expected);
+    }
+    // A profile over the policy crate's own limit, inside the body limit.
+    let big = json!({"profiles": [{"text": "#".repeat((1 << 20) + 1)}]});
+    let (status, _, body) = send(&app, post_json("/v1/policy/check", &big.to_string())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["ok"], false);
+    assert!(body["errors"][0]["message"].as_str().unwrap().contains("larger than"), "{body}");
+}
+
+#[tokio::test]
+async fn an_event_is_explained_blocked_or_allowed_with_its_rule() {
+    let data = tempfile::tempdir().unwrap();
+    let app = app(data.path(), None);
+    let explain = |qname: &str| {
+        json!({"profiles": [{"text": GOOD_PROFILE}], "event": {"event": "dns.request", "qname": qname, "qtype": "A"}})
+            .to_string()
+    };
+    let (status, _, allowed) = send(&app, post_json("/v1/policy/explain", &explain("pypi.org"))).await;
+    assert_eq!(status, StatusCode::OK, "{allowed}");
+    assert_eq!(allowed["decision"], "allow", "{allowed}");
+    assert_eq!(allowed["rule"], "dns.allow_pypi");
+    assert_eq!(allowed["rules"][0]["outcome"], "matched");
+    assert!(allowed["text"].as_str().unwrap().contains("decision: allow by rule dns.allow_pypi"), "{allowed}");
+
+    let (status, _, blocked) = send(&app, post_json("/v1/policy/explain", &explain("evil.test"))).await;
+    assert_eq!(status, StatusCode::OK, "{blocked}");
+    assert_eq!(blocked["decision"], "block", "{blocked}");
+    assert_eq!(blocked["rule"], Value::Null);
+    assert_eq!(blocked["rules"][0]["outcome"], "not_matched");
+
+    // Built-in profiles by name.
+    let body =
+        json!({"profiles": ["deny-all"], "event": {"event": "http.request", "host": "pypi.org", "method": "GET"}});
+    let (status, _, denied) = send(&app, post_json("/v1/policy/explain", &body.to_string())).await;
+    assert_eq!(status, StatusCode::OK, "{denied}");
+    assert_eq!(denied["decision"], "block");
+    let body = json!({"profiles": ["dev"], "event": {"event": "http.request", "host": "pypi.org", "method": "GET"}});
+    let (status, _, allowed) = send(&app, post_json("/v1/policy/explain", &body.to_string())).await;
+    assert_eq!(status, StatusCode::OK, "{allowed}");
+    assert_eq!((allowed["decision"].as_str(), allowed["rule"].as_str()), (Some("allow"), Some("http.registries")));
+}
+
+/// A stopped sandbox in `data` with `rows` DNS rows in its session.db,
+/// as a sandbox that ran leaves it.
+async fn stopped_sandbox(data: &std::path::Path, id: &str, rows: usize) {
+    let dir = data.join("sandboxes").join(id);
+    std::fs::create_dir_all(&dir).unwrap();
+    let state = json!({"id": id, "image": "default", "command": [], "created": 1, "memory_mib": 256, "vcpus": 1,
+                       "pid": 0, "pid_start": 0, "profiles": [["User", {"Builtin": "deny-all"}]]});
+    std::fs::write(dir.join("state.json"), state.to_string()).unwrap();
+    let db = telemetry::SessionDb::open(&dir.join("session.db")).unwrap();
+    for i in 1..=rows {
+        db.recorder()
+            .record_dns(telemetry::DnsEvent {
+                time: std::time::SystemTime::now(),
+                qname: format!("q{i}.test"),
+                qtype: "A".into(),
+                rcode: "NXDOMAIN".into(),
+                decision: telemetry::Outcome::Denied,
+                matched_rule: None,
+                answers: Vec::new(),
+                process_name: None,
+                trace_id: None,
+                error: None,
+            })
+            .unwrap();
+    }
+    db.close().await.unwrap();
+}
+
+/// The events of an SSE body: (event name, id, data).
+fn sse_events(text: &str) -> Vec<(String, String, String)> {
+    text.split("\n\n")
+        .filter(|block| !block.trim().is_empty())
+        .filter_map(|block| {
+            let (mut name, mut id, mut data) = ("message".to_string(), String::new(), String::new());
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    name = v.trim().into();
+                } else if let Some(v) = line.strip_prefix("id:") {
+                    id = v.trim().into();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim());
+                }
+            }
+            (!data.is_empty()).then_some((name, id, data))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn events_stream_as_sse_with_resumable_ids_and_end_when_the_sandbox_stopped() {
+    let data = tempfile::tempdir().unwrap();
+    let id = "00112233445566aa";
+    stopped_sandbox(data.path(), id, 3).await;
+    let app = app(data.path(), None);
+    let stream = |request: Request<Body>| {
+        let app = app.clone();
+        async move {
+            let response = app.oneshot(request).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(response.headers()["content-type"], "text/event-stream");
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            sse_events(std::str::from_utf8(&bytes).unwrap())
+        }
+    };
+    let uri = format!("/v1/sandboxes/{id}/events/stream");
+    let events = stream(get(&uri)).await;
+    assert_eq!(events.len(), 4, "{events:?}");
+    for (i, (name, event_id, data)) in events[..3].iter().enumerate() {
+        assert_eq!(name, "message");
+        assert_eq!(event_id, &format!("{}.0.0", i + 1));
+        let row: Value = serde_json::from_str(data).unwrap();
+        assert_eq!(row["kind"], "dns");
+        assert_eq!(row["qname"], format!("q{}.test", i + 1));
+    }
+    assert_eq!(events[3].0, "end");
+    assert_eq!(serde_json::from_str::<Value>(&events[3].2).unwrap(), json!({"next": "3.0.0"}));
+
+    // Resumed after the first row, by `after` or by Last-Event-ID (which wins).
+    let resumed = stream(get(&format!("{uri}?after=1.0.0"))).await;
+    assert_eq!(resumed.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(), ["2.0.0", "3.0.0", "3.0.0"]);
+    let request =
+        Request::get(format!("{uri}?after=0.0.0")).header("last-event-id", "2.0.0").body(Body::empty()).unwrap();
+    let resumed = stream(request).await;
+    assert_eq!(resumed.len(), 2, "{resumed:?}");
+    assert_eq!(resumed[0].1, "3.0.0");
+
+    // Bad positions and unknown sandboxes are errors, not streams.
+    let (status, _, body) = send(&app, get(&format!("{uri}?after=x"))).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST);
+    let request = Request::get(&uri).header("last-event-id", "1.2").body(Body::empty()).unwrap();
+    let (status, _, body) = send(&app, request).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST);
+    let (status, _, body) = send(&app, get("/v1/sandboxes/0123456789abcdef/events/stream")).await;
+    assert_error(status, &body, StatusCode::NOT_FOUND);
+
+    // Its recorded profiles.
+    let (status, _, body) = send(&app, get(&format!("/v1/sandboxes/{id}/profile"))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let profile = &body["profiles"][0];
+    assert_eq!((profile["layer"].as_str(), profile["source"].as_str()), (Some("user"), Some("builtin")), "{body}");
+    assert_eq!(profile["name"], "deny-all");
+    assert!(profile["text"].as_str().is_some_and(|t| t.contains("[security")), "{body}");
+}

@@ -110,6 +110,17 @@ async fn a_client_drives_sandboxes_through_the_api() {
     assert_eq!(row["kind"], "dns");
     assert_eq!(row["decision"], "denied", "{row}");
 
+    // Followed live: a client streaming the events sees a query the guest
+    // makes after the stream began.
+    live_events(&socket, &a, &after).await;
+    // A client that goes away mid-exec stops its command.
+    disconnect_kills(&socket, &a).await;
+    // Output streamed as newline-delimited JSON, then the exit.
+    streamed_exec(&socket, &a).await;
+    let (status, profile) =
+        common::json(&socket, Method::GET, &format!("/v1/sandboxes/{a}/profile"), None, Value::Null).await;
+    assert_eq!(status, StatusCode::OK, "{profile}");
+
     // A snapshot, and a second sandbox restored from it.
     let (status, snap) =
         common::json(&socket, Method::POST, &format!("/v1/sandboxes/{a}/snapshots"), None, json!({"name": "base"}))
@@ -169,4 +180,92 @@ async fn a_client_drives_sandboxes_through_the_api() {
     }
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
+}
+
+/// Stream `id`'s events from `after`, make the guest look up `live.test`,
+/// and read the stream until that row arrives.
+async fn live_events(socket: &Path, id: &str, after: &str) {
+    let mut response =
+        common::open(socket, Method::GET, &format!("/v1/sandboxes/{id}/events/stream?after={after}"), None).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let started = Instant::now();
+    exec(socket, id, "nslookup live.test >/dev/null 2>&1; true").await;
+    let mut text = String::new();
+    let found = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(chunk) = common::next_chunk(response.body_mut()).await {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            let rows: Vec<Value> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .filter_map(|d| serde_json::from_str(d.trim()).ok())
+                .collect();
+            if let Some(row) = rows.into_iter().find(|r| r["qname"] == "live.test") {
+                return Some(row);
+            }
+        }
+        None
+    })
+    .await;
+    let row = found.ok().flatten().unwrap_or_else(|| panic!("no live.test event on the stream; got:\n{text}"));
+    assert_eq!(row["kind"], "dns");
+    assert!(text.lines().any(|l| l.starts_with("id:")), "{text}");
+    eprintln!("live event after {:?}", started.elapsed());
+}
+
+/// How many `sleep 601` run in the guest.
+async fn sleepers(socket: &Path, id: &str) -> usize {
+    let out = exec(socket, id, "ps -o args 2>/dev/null || ps").await;
+    out["stdout"].as_str().unwrap().lines().filter(|l| l.contains("sleep 601")).count()
+}
+
+/// Start `sleep 601` through exec, drop the connection once it runs: the
+/// command is gone shortly after.
+async fn disconnect_kills(socket: &Path, id: &str) {
+    assert_eq!(sleepers(socket, id).await, 0);
+    let client = tokio::spawn({
+        let (socket, uri) = (socket.to_path_buf(), format!("/v1/sandboxes/{id}/exec"));
+        async move { common::json(&socket, Method::POST, &uri, None, json!({"argv": ["sleep", "601"]})).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sleepers(socket, id).await == 0 {
+        assert!(Instant::now() < deadline, "sleep 601 did not start");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    client.abort();
+    assert!(client.await.is_err(), "the request ended before it was dropped");
+    let gone = Instant::now();
+    while sleepers(socket, id).await > 0 {
+        assert!(gone.elapsed() < Duration::from_secs(20), "sleep 601 still runs after its client went away");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("command killed {:?} after its client went away", gone.elapsed());
+}
+
+async fn streamed_exec(socket: &Path, id: &str) {
+    use base64::Engine as _;
+    let mut response = common::open(
+        socket,
+        Method::POST,
+        &format!("/v1/sandboxes/{id}/exec/stream"),
+        Some(json!({"argv": ["sh", "-c", "echo out; echo err >&2; exit 4"]})),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut text = String::new();
+    while let Some(chunk) = common::next_chunk(response.body_mut()).await {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let events: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let stream = |kind: &str| {
+        events
+            .iter()
+            .filter(|e| e["type"] == kind)
+            .map(|e| base64::engine::general_purpose::STANDARD.decode(e["data"].as_str().unwrap()).unwrap())
+            .collect::<Vec<_>>()
+            .concat()
+    };
+    assert_eq!(stream("stdout"), b"out\n", "{text}");
+    assert_eq!(stream("stderr"), b"err\n", "{text}");
+    assert_eq!(events.last().unwrap(), &json!({"type": "exit", "status": "exited", "exit_code": 4}), "{text}");
 }

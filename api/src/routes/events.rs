@@ -1,13 +1,21 @@
 //! `GET /v1/sandboxes/{id}/events?after=CURSOR&limit=N`: the rows of a
 //! sandbox's `session.db` (DNS queries, connections, model calls), a page
-//! at a time, oldest first.
+//! at a time, oldest first; `GET /v1/sandboxes/{id}/events/stream`: the
+//! same rows followed live as server-sent events.
 //!
 //! The rows live in three tables with ids of their own, so a position is
 //! three row ids, `<dns>.<net>.<ai>` (the last row of each already
-//! returned): every page says where the next starts (`next`).
+//! returned): every page says where the next starts (`next`), every
+//! streamed event carries the position after it as its SSE `id`.
+
+use std::convert::Infallible;
+use std::time::Duration;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::Json;
+use futures_util::Stream;
 use serde::{Deserialize, Serialize};
 use telemetry::query::{LogOptions, LogReader, LogRow};
 use utoipa::{IntoParams, ToSchema};
@@ -138,6 +146,129 @@ pub async fn events(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ApiError::internal(format!("encode events: {e}")))?;
     Ok(Json(EventPage { events, next: format!("{}.{}.{}", position[0], position[1], position[2]), more }))
+}
+
+/// How often the stream looks for new rows.
+const POLL: Duration = Duration::from_millis(100);
+/// Events buffered for a slow client before the reader waits.
+const STREAM_QUEUE: usize = 64;
+
+/// Where a stream starts.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct StreamQuery {
+    /// Where to start: a page's `next` or an event's `id` (default: the
+    /// first row). A `Last-Event-ID` header, which a reconnecting
+    /// EventSource sends, takes precedence.
+    #[param(example = "3.1.0")]
+    pub after: Option<String>,
+}
+
+fn cursor(position: [i64; 3]) -> String {
+    format!("{}.{}.{}", position[0], position[1], position[2])
+}
+
+/// What the stream's reader thread sends.
+fn row_event(row: &LogRow, position: [i64; 3]) -> SseEvent {
+    match serde_json::to_string(row) {
+        Ok(json) => SseEvent::default().id(cursor(position)).data(json),
+        Err(e) => error_event(&ApiError::internal(format!("encode an event: {e}"))),
+    }
+}
+
+fn error_event(e: &ApiError) -> SseEvent {
+    let body = crate::ErrorBody { code: e.status.as_u16(), message: e.message.clone() };
+    SseEvent::default().event("error").data(serde_json::to_string(&body).unwrap_or_default())
+}
+
+/// Follow `sandbox`'s `session.db` from `start`, sending each row as it is
+/// committed, until the sandbox has stopped and every row was sent (then
+/// an `end` event), or the client went away. Runs on a blocking thread.
+fn follow(sandbox: &sandbox::Sandbox, start: [i64; 3], events: &tokio::sync::mpsc::Sender<SseEvent>) {
+    let db = sandbox.session_db();
+    let mut reader: Option<LogReader> = None;
+    let mut position = start;
+    loop {
+        if events.is_closed() {
+            return;
+        }
+        // Whether it ran before reading: rows committed before it stopped
+        // are all read on this round.
+        let running = sandbox.is_running();
+        if reader.is_none() && db.is_file() {
+            match LogReader::open(&db, &LogOptions::default()) {
+                Ok(mut r) => {
+                    r.resume_after(position);
+                    reader = Some(r);
+                }
+                Err(e) => {
+                    let _ = events.blocking_send(error_event(&sandbox::Error::from(e).into()));
+                    return;
+                }
+            }
+        }
+        let (rows, waiting) = match reader.as_mut().map(LogReader::read_new) {
+            None => (Vec::new(), false),
+            Some(Ok(read)) => read,
+            Some(Err(e)) => {
+                let _ = events.blocking_send(error_event(&sandbox::Error::from(e).into()));
+                return;
+            }
+        };
+        // In the order pages use, so that each event's id resumes exactly after it.
+        let (rows, _, _) = page(rows, position, usize::MAX);
+        let sent = !rows.is_empty();
+        for row in rows {
+            let (s, id) = slot(&row);
+            position[s] = id;
+            if events.blocking_send(row_event(&row, position)).is_err() {
+                return;
+            }
+        }
+        if !sent && !waiting {
+            if !running {
+                let end = SseEvent::default()
+                    .event("end")
+                    .id(cursor(position))
+                    .data(format!("{{\"next\":\"{}\"}}", cursor(position)));
+                let _ = events.blocking_send(end);
+                return;
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+/// The sandbox's events followed live, as server-sent events: each row of
+/// its `session.db` one `data:` JSON object (as the paged endpoint gives
+/// it) whose `id:` is the position after it; an `end` event once the
+/// sandbox has stopped and every row was sent; keep-alive comments.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/events/stream", tag = "events",
+    params(("id" = String, Path, description = "The sandbox's id"), StreamQuery,
+           ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event (its `id`)")),
+    responses((status = 200, description = "`text/event-stream`: `data:` a row (with `id:` its position), then `event: end` (`data: {\"next\": position}`); `event: error` (`data:` an ErrorBody) if reading fails",
+                content_type = "text/event-stream", body = String),
+              (status = 400, description = "A bad position", body = crate::ErrorBody),
+              (status = 404, description = "No such sandbox", body = crate::ErrorBody)))]
+pub async fn events_stream(
+    State(state): State<AppState>,
+    SandboxId(id): SandboxId,
+    headers: HeaderMap,
+    QueryParams(query): QueryParams<StreamQuery>,
+) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+    let last_event_id = match headers.get("last-event-id") {
+        Some(v) => Some(v.to_str().map_err(|_| ApiError::bad_request("Last-Event-ID is not text"))?.to_string()),
+        None => None,
+    };
+    let start = parse_cursor(last_event_id.as_deref().or(query.after.as_deref()))?;
+    let sandbox = blocking(move || find(&state, &id)).await?;
+    let (sender, receiver) = tokio::sync::mpsc::channel(STREAM_QUEUE);
+    tokio::task::spawn_blocking(move || follow(&sandbox, start, &sender));
+    let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        let event = receiver.recv().await?;
+        Some((Ok(event), receiver))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
 #[cfg(test)]

@@ -1,15 +1,28 @@
-//! `POST /v1/sandboxes/{id}/exec`: run a command to its end (`Sandbox::output`).
+//! `POST /v1/sandboxes/{id}/exec`: run a command to its end, and `POST
+//! /v1/sandboxes/{id}/exec/stream`: the same, its output streamed as it
+//! comes (newline-delimited JSON).
+//!
+//! Both start the command with `Sandbox::spawn` and hold a [`KillOnDrop`]
+//! while it runs: when the client goes away before the command ends, hyper
+//! drops the request's future (or the streamed body), the guard drops with
+//! it and kills the command in the guest.
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::body::{Body, Bytes};
 use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{blocking, check_text, find, JsonBody, SandboxId};
+use super::{check_text, find, JsonBody, SandboxId};
 use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 
@@ -140,7 +153,141 @@ pub fn command(request: &ExecRequest) -> ApiResult<sandbox::Command> {
     Ok(command)
 }
 
-/// Run a command in a running sandbox to its end and return its status and output.
+/// How a running command is killed (a [`sandbox::ProcessControl`]; a fake in tests).
+pub trait Kill: Send + 'static {
+    fn kill(&self);
+}
+
+impl Kill for sandbox::ProcessControl {
+    fn kill(&self) {
+        if let Err(e) = sandbox::ProcessControl::kill(self) {
+            tracing::debug!("kill a command whose client went away: {e}");
+        }
+    }
+}
+
+/// Where a command stands, shared by the request (the guard) and the
+/// blocking thread that runs it.
+enum Stage<K> {
+    /// Not started yet.
+    Starting,
+    Running(K),
+    /// The command ended by itself.
+    Ended,
+    /// The client went away.
+    Cancelled,
+}
+
+/// Kills the command when dropped before it ended: held by the request's
+/// future (or its streamed body), which hyper drops when the client
+/// disconnects. Race-free: a command that starts after the guard dropped
+/// is killed by the thread that started it ([`Started::running`] says so).
+pub struct KillOnDrop<K: Kill>(Arc<Mutex<Stage<K>>>);
+
+/// The blocking thread's half of a [`KillOnDrop`].
+pub struct Started<K: Kill>(Arc<Mutex<Stage<K>>>);
+
+/// A guard and its other half.
+pub fn kill_on_drop<K: Kill>() -> (KillOnDrop<K>, Started<K>) {
+    let stage = Arc::new(Mutex::new(Stage::Starting));
+    (KillOnDrop(Arc::clone(&stage)), Started(stage))
+}
+
+impl<K: Kill> Started<K> {
+    /// The command runs and `control` kills it. False when the client is
+    /// already gone: the caller kills it.
+    pub fn running(&self, control: K) -> bool {
+        let Ok(mut stage) = self.0.lock() else { return false };
+        if matches!(*stage, Stage::Cancelled) {
+            return false;
+        }
+        *stage = Stage::Running(control);
+        true
+    }
+
+    /// The command ended: nothing to kill any more.
+    pub fn ended(&self) {
+        if let Ok(mut stage) = self.0.lock() {
+            if !matches!(*stage, Stage::Cancelled) {
+                *stage = Stage::Ended;
+            }
+        }
+    }
+}
+
+impl<K: Kill> Drop for KillOnDrop<K> {
+    fn drop(&mut self) {
+        let previous = match self.0.lock() {
+            Ok(mut stage) => std::mem::replace(&mut *stage, Stage::Cancelled),
+            Err(_) => return,
+        };
+        if let Stage::Running(control) = previous {
+            tracing::info!("the client went away before its command ended; killing the command");
+            // Sending the signal writes to the agent connection: not on an async worker.
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(move || control.kill())),
+                Err(_) => control.kill(),
+            }
+        }
+    }
+}
+
+/// Output kept up to a limit; past it, read and dropped.
+#[derive(Debug, Default)]
+struct Collected {
+    bytes: Vec<u8>,
+    truncated: bool,
+}
+
+struct Collector(Arc<Mutex<Collected>>, usize);
+
+impl Write for Collector {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut c = self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?;
+        let room = self.1.saturating_sub(c.bytes.len());
+        c.bytes.extend_from_slice(&buf[..buf.len().min(room)]);
+        c.truncated |= buf.len() > room;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Start `command` in sandbox `id`, tell `started` (killing it at once if
+/// the client is gone), wait for its end or its timeout.
+fn run(
+    state: &AppState,
+    id: &str,
+    command: sandbox::Command,
+    timeout: Option<Duration>,
+    started: &Started<sandbox::ProcessControl>,
+) -> ApiResult<(ExecStatus, Option<i32>)> {
+    let sandbox = find(state, id)?;
+    let mut process = sandbox.spawn(command)?;
+    if !started.running(process.control()) {
+        tracing::info!(id, "the client went away before its command started; killing the command");
+        let _ = process.kill();
+    }
+    let result = match timeout {
+        None => process.wait().map(|code| (ExecStatus::Exited, Some(code))),
+        Some(t) => match process.wait_timeout(t) {
+            Ok(Some(code)) => Ok((ExecStatus::Exited, Some(code))),
+            Ok(None) => {
+                let _ = process.kill();
+                // Ends with the status, or with an error if the VM was stopped.
+                let _ = process.wait();
+                Ok((ExecStatus::TimedOut, None))
+            }
+            Err(e) => Err(e),
+        },
+    };
+    started.ended();
+    Ok(result?)
+}
+
+/// Run a command in a running sandbox to its end and return its status and
+/// output. If the client disconnects first, the command is killed.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "sandboxes", request_body = ExecRequest,
     params(("id" = String, Path, description = "The sandbox's id")),
     responses((status = 200, description = "The command ended (whatever its status)", body = ExecResponse),
@@ -152,20 +299,153 @@ pub async fn exec(
     SandboxId(id): SandboxId,
     JsonBody(request): JsonBody<ExecRequest>,
 ) -> ApiResult<Json<ExecResponse>> {
-    let command = command(&request)?;
+    let limit = sandbox::DEFAULT_OUTPUT_LIMIT;
+    let (out, err) = (Arc::new(Mutex::new(Collected::default())), Arc::new(Mutex::new(Collected::default())));
+    let command =
+        command(&request)?.stdout_to(Collector(Arc::clone(&out), limit)).stderr_to(Collector(Arc::clone(&err), limit));
+    let timeout = request.timeout_secs.map(Duration::from_secs);
     let encoding = request.output_encoding;
-    let output = blocking(move || Ok(find(&state, &id)?.output(command)?)).await?;
-    let (status, exit_code) = match output.status {
-        sandbox::Status::Exited(code) => (ExecStatus::Exited, Some(code)),
-        sandbox::Status::TimedOut => (ExecStatus::TimedOut, None),
-    };
+    let (guard, started) = kill_on_drop();
+    let (status, exit_code) =
+        tokio::task::spawn_blocking(move || run(&state, &id, command, timeout, &started)).await??;
+    drop(guard);
+    let take = |c: &Arc<Mutex<Collected>>| c.lock().map(|mut c| std::mem::take(&mut *c)).unwrap_or_default();
+    let (out, err) = (take(&out), take(&err));
     Ok(Json(ExecResponse {
         status,
         exit_code,
-        stdout: encode(&output.stdout, encoding),
-        stderr: encode(&output.stderr, encoding),
+        stdout: encode(&out.bytes, encoding),
+        stderr: encode(&err.bytes, encoding),
         encoding,
-        stdout_truncated: output.stdout_truncated,
-        stderr_truncated: output.stderr_truncated,
+        stdout_truncated: out.truncated,
+        stderr_truncated: err.truncated,
     }))
+}
+
+/// One line of `POST /v1/sandboxes/{id}/exec/stream`: output as it comes,
+/// then how the command ended (or why it could not run).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecEvent {
+    /// A chunk of standard output (base64).
+    Stdout { data: String },
+    /// A chunk of standard error (base64).
+    Stderr { data: String },
+    /// The command ended; the last line.
+    Exit { status: ExecStatus, exit_code: Option<i32> },
+    /// The command could not be started or waited for; the last line.
+    Error { code: u16, message: String },
+}
+
+impl ExecEvent {
+    fn line(&self) -> Bytes {
+        let mut line = serde_json::to_vec(self)
+            .unwrap_or_else(|_| b"{\"type\":\"error\",\"code\":500,\"message\":\"encode\"}".to_vec());
+        line.push(b'\n');
+        Bytes::from(line)
+    }
+}
+
+/// Chunks of one stream, sent to the response as they come (waiting, and
+/// so holding the guest command, while the client is slow).
+struct Chunks {
+    lines: tokio::sync::mpsc::Sender<Bytes>,
+    stderr: bool,
+}
+
+impl Write for Chunks {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let data = base64::engine::general_purpose::STANDARD.encode(buf);
+        let event = if self.stderr { ExecEvent::Stderr { data } } else { ExecEvent::Stdout { data } };
+        self.lines.blocking_send(event.line()).map_err(|_| std::io::Error::other("the client went away"))?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Run a command and stream its output as newline-delimited JSON
+/// ([`ExecEvent`]s): `stdout`/`stderr` chunks (base64) as they come, then
+/// one `exit` (or `error`) line. If the client disconnects first, the
+/// command is killed. `output_encoding` is ignored (chunks are base64).
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec/stream", tag = "sandboxes", request_body = ExecRequest,
+    params(("id" = String, Path, description = "The sandbox's id")),
+    responses((status = 200, description = "Newline-delimited JSON, one ExecEvent a line; the last is `exit` or `error`",
+                content_type = "application/x-ndjson", body = ExecEvent),
+              (status = 400, description = "A bad request", body = crate::ErrorBody),
+              (status = 404, description = "No such sandbox", body = crate::ErrorBody)))]
+pub async fn exec_stream(
+    State(state): State<AppState>,
+    SandboxId(id): SandboxId,
+    JsonBody(request): JsonBody<ExecRequest>,
+) -> ApiResult<Response> {
+    let command = command(&request)?;
+    // Fail before the 200 when there is no such sandbox.
+    let sandbox_state = state.clone();
+    let sandbox_id = id.clone();
+    super::blocking(move || find(&sandbox_state, &sandbox_id).map(drop)).await?;
+    let (lines, receiver) = tokio::sync::mpsc::channel::<Bytes>(16);
+    let command = command
+        .stdout_to(Chunks { lines: lines.clone(), stderr: false })
+        .stderr_to(Chunks { lines: lines.clone(), stderr: true });
+    let timeout = request.timeout_secs.map(Duration::from_secs);
+    let (guard, started) = kill_on_drop();
+    tokio::task::spawn_blocking(move || {
+        let last = match run(&state, &id, command, timeout, &started) {
+            Ok((status, exit_code)) => ExecEvent::Exit { status, exit_code },
+            Err(e) => ExecEvent::Error { code: e.status.as_u16(), message: e.message },
+        };
+        let _ = lines.blocking_send(last.line());
+    });
+    let body = futures_util::stream::unfold((receiver, guard), |(mut receiver, guard)| async move {
+        let line = receiver.recv().await?;
+        Some((Ok::<_, Infallible>(line), (receiver, guard)))
+    });
+    Ok(([(CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(body)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    struct Fake(Arc<AtomicUsize>);
+
+    impl Kill for Fake {
+        fn kill(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_command_is_killed_when_its_client_goes_away_and_only_then() {
+        let kills = Arc::new(AtomicUsize::new(0));
+        // The client goes away while the command runs.
+        let (guard, started) = kill_on_drop();
+        assert!(started.running(Fake(Arc::clone(&kills))));
+        drop(guard);
+        assert_eq!(kills.load(Ordering::SeqCst), 1);
+        // ... before it started: the starter is told to kill it.
+        let (guard, started) = kill_on_drop();
+        drop(guard);
+        assert!(!started.running(Fake(Arc::clone(&kills))));
+        // The command ended first: nothing is killed.
+        let (guard, started) = kill_on_drop();
+        assert!(started.running(Fake(Arc::clone(&kills))));
+        started.ended();
+        drop(guard);
+        assert_eq!(kills.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn collected_output_is_bounded() {
+        let shared = Arc::new(Mutex::new(Collected::default()));
+        let mut sink = Collector(Arc::clone(&shared), 4);
+        sink.write_all(b"abc").unwrap();
+        sink.write_all(b"def").unwrap();
+        let c = shared.lock().unwrap();
+        assert_eq!((c.bytes.as_slice(), c.truncated), (&b"abcd"[..], true));
+    }
 }

@@ -6,6 +6,7 @@ pub mod events;
 pub mod exec;
 pub mod files;
 pub mod meta;
+pub mod policy;
 pub mod sandboxes;
 pub mod snapshots;
 
@@ -28,10 +29,15 @@ pub fn router() -> Router<AppState> {
         .route("/v1/sandboxes", post(sandboxes::create).get(sandboxes::list))
         .route("/v1/sandboxes/{id}", get(sandboxes::get_one).delete(sandboxes::delete))
         .route("/v1/sandboxes/{id}/exec", post(exec::exec).layer(DefaultBodyLimit::max(exec::MAX_BODY)))
+        .route("/v1/sandboxes/{id}/exec/stream", post(exec::exec_stream).layer(DefaultBodyLimit::max(exec::MAX_BODY)))
         .route("/v1/sandboxes/{id}/files", get(files::download).put(files::upload))
         .route("/v1/sandboxes/{id}/events", get(events::events))
+        .route("/v1/sandboxes/{id}/events/stream", get(events::events_stream))
         .route("/v1/sandboxes/{id}/snapshots", post(snapshots::create))
         .route("/v1/snapshots", get(snapshots::list))
+        .route("/v1/sandboxes/{id}/profile", get(policy::sandbox_profile))
+        .route("/v1/policy/check", post(policy::check).layer(DefaultBodyLimit::max(policy::MAX_BODY)))
+        .route("/v1/policy/explain", post(policy::explain).layer(DefaultBodyLimit::max(policy::MAX_BODY)))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
 }

@@ -67,3 +67,36 @@ pub fn vm_available() -> bool {
     missing.extend(vm::missing_file(&holder(), "build it with `cargo build -p sandbox --bin sandbox-holder`"));
     vm::vm_available(missing)
 }
+
+/// A request whose answer is read as it comes: the response, its body
+/// still streaming. Dropping the body (and the task driving the
+/// connection, which ends with it) closes the connection.
+pub async fn open(
+    socket: &Path,
+    method: Method,
+    uri: &str,
+    body: Option<serde_json::Value>,
+) -> hyper::Response<hyper::body::Incoming> {
+    let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let mut request = Request::builder().method(method).uri(uri).header("host", "sandbox");
+    let bytes = match body {
+        Some(v) => {
+            request = request.header("content-type", "application/json");
+            serde_json::to_vec(&v).unwrap()
+        }
+        None => Vec::new(),
+    };
+    sender.send_request(request.body(Full::new(Bytes::from(bytes))).unwrap()).await.unwrap()
+}
+
+/// The next data frame of a streaming body (`None`: it ended).
+pub async fn next_chunk(body: &mut hyper::body::Incoming) -> Option<Bytes> {
+    loop {
+        let frame = body.frame().await?.unwrap();
+        if let Ok(data) = frame.into_data() {
+            return Some(data);
+        }
+    }
+}
