@@ -525,10 +525,14 @@ impl SandboxBuilder {
         }
         let instance = self.start()?;
         let stop = instance.stop_handle();
-        let output = instance.collect(command, |_| {
-            stop.stop();
-            Ok(())
-        });
+        let output = instance.collect(
+            command,
+            |_| {},
+            |_| {
+                stop.stop();
+                Ok(())
+            },
+        );
         let output = match output {
             Ok(output) => output,
             Err(e) => {

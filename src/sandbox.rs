@@ -22,7 +22,7 @@ use guest_protocol::agent::HostMessage;
 use crate::command::{Command, Output, OutputSink};
 use crate::control::ControlRequest;
 use crate::events::Events;
-use crate::process::{Collect, Collected, Process};
+use crate::process::{Collect, Collected, Process, ProcessControl};
 use crate::{paths, AfterSnapshot, Error, Image, SandboxBuilder, Snapshot, Status};
 
 /// How long killed holder processes may take to be gone.
@@ -324,13 +324,22 @@ impl Sandbox {
     /// get everything instead). Past its [`Command::timeout`] the command
     /// is killed and the status is [`Status::TimedOut`].
     pub fn output(&self, command: Command) -> Result<Output, Error> {
-        self.collect(command, |process| process.kill())
+        self.collect(command, |_| {}, |process| process.kill())
     }
 
-    /// [`Self::output`], doing `on_timeout` when the command's timeout passes.
+    /// [`Self::output`], handing `started` the command's [`ProcessControl`]
+    /// as soon as it runs, so that other code can signal or kill it (say,
+    /// when the client that asked for it goes away).
+    pub fn output_with(&self, command: Command, started: impl FnOnce(ProcessControl)) -> Result<Output, Error> {
+        self.collect(command, |process| started(process.control()), |process| process.kill())
+    }
+
+    /// [`Self::output`], telling `started` of the running command and doing
+    /// `on_timeout` when its timeout passes.
     pub(crate) fn collect(
         &self,
         mut command: Command,
+        started: impl FnOnce(&Process),
         on_timeout: impl FnOnce(&Process) -> Result<(), Error>,
     ) -> Result<Output, Error> {
         let out = Arc::new(Mutex::new(Collected::new(command.output_limit)));
@@ -343,6 +352,7 @@ impl Sandbox {
             command = command.stderr_to(Collect(Arc::clone(&err)));
         }
         let mut process = self.spawn(command)?;
+        started(&process);
         let status = match timeout {
             None => Status::Exited(process.wait()?),
             Some(t) => match process.wait_timeout(t)? {

@@ -232,58 +232,31 @@ impl<K: Kill> Drop for KillOnDrop<K> {
     }
 }
 
-/// Output kept up to a limit; past it, read and dropped.
-#[derive(Debug, Default)]
-struct Collected {
-    bytes: Vec<u8>,
-    truncated: bool,
-}
-
-struct Collector(Arc<Mutex<Collected>>, usize);
-
-impl Write for Collector {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut c = self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?;
-        let room = self.1.saturating_sub(c.bytes.len());
-        c.bytes.extend_from_slice(&buf[..buf.len().min(room)]);
-        c.truncated |= buf.len() > room;
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Start `command` in sandbox `id`, tell `started` (killing it at once if
-/// the client is gone), wait for its end or its timeout.
+/// Run `command` (with its timeout) in sandbox `id` to its end, telling
+/// `started` (which kills it at once if the client is gone).
 fn run(
     state: &AppState,
     id: &str,
     command: sandbox::Command,
-    timeout: Option<Duration>,
     started: &Started<sandbox::ProcessControl>,
-) -> ApiResult<(ExecStatus, Option<i32>)> {
+) -> ApiResult<sandbox::Output> {
     let sandbox = find(state, id)?;
-    let mut process = sandbox.spawn(command)?;
-    if !started.running(process.control()) {
-        tracing::info!(id, "the client went away before its command started; killing the command");
-        let _ = process.kill();
-    }
-    let result = match timeout {
-        None => process.wait().map(|code| (ExecStatus::Exited, Some(code))),
-        Some(t) => match process.wait_timeout(t) {
-            Ok(Some(code)) => Ok((ExecStatus::Exited, Some(code))),
-            Ok(None) => {
-                let _ = process.kill();
-                // Ends with the status, or with an error if the VM was stopped.
-                let _ = process.wait();
-                Ok((ExecStatus::TimedOut, None))
-            }
-            Err(e) => Err(e),
-        },
-    };
+    let output = sandbox.output_with(command, |control| {
+        if !started.running(control.clone()) {
+            tracing::info!(id, "the client went away before its command started; killing the command");
+            Kill::kill(&control);
+        }
+    });
     started.ended();
-    Ok(result?)
+    Ok(output?)
+}
+
+/// How a command ended, for a response.
+fn ended(status: sandbox::Status) -> (ExecStatus, Option<i32>) {
+    match status {
+        sandbox::Status::Exited(code) => (ExecStatus::Exited, Some(code)),
+        sandbox::Status::TimedOut => (ExecStatus::TimedOut, None),
+    }
 }
 
 /// Run a command in a running sandbox to its end and return its status and
@@ -299,26 +272,20 @@ pub async fn exec(
     SandboxId(id): SandboxId,
     JsonBody(request): JsonBody<ExecRequest>,
 ) -> ApiResult<Json<ExecResponse>> {
-    let limit = sandbox::DEFAULT_OUTPUT_LIMIT;
-    let (out, err) = (Arc::new(Mutex::new(Collected::default())), Arc::new(Mutex::new(Collected::default())));
-    let command =
-        command(&request)?.stdout_to(Collector(Arc::clone(&out), limit)).stderr_to(Collector(Arc::clone(&err), limit));
-    let timeout = request.timeout_secs.map(Duration::from_secs);
+    let command = command(&request)?;
     let encoding = request.output_encoding;
     let (guard, started) = kill_on_drop();
-    let (status, exit_code) =
-        tokio::task::spawn_blocking(move || run(&state, &id, command, timeout, &started)).await??;
+    let out = tokio::task::spawn_blocking(move || run(&state, &id, command, &started)).await??;
     drop(guard);
-    let take = |c: &Arc<Mutex<Collected>>| c.lock().map(|mut c| std::mem::take(&mut *c)).unwrap_or_default();
-    let (out, err) = (take(&out), take(&err));
+    let (status, exit_code) = ended(out.status);
     Ok(Json(ExecResponse {
         status,
         exit_code,
-        stdout: encode(&out.bytes, encoding),
-        stderr: encode(&err.bytes, encoding),
+        stdout: encode(&out.stdout, encoding),
+        stderr: encode(&out.stderr, encoding),
         encoding,
-        stdout_truncated: out.truncated,
-        stderr_truncated: err.truncated,
+        stdout_truncated: out.stdout_truncated,
+        stderr_truncated: out.stderr_truncated,
     }))
 }
 
@@ -389,11 +356,13 @@ pub async fn exec_stream(
     let command = command
         .stdout_to(Chunks { lines: lines.clone(), stderr: false })
         .stderr_to(Chunks { lines: lines.clone(), stderr: true });
-    let timeout = request.timeout_secs.map(Duration::from_secs);
     let (guard, started) = kill_on_drop();
     tokio::task::spawn_blocking(move || {
-        let last = match run(&state, &id, command, timeout, &started) {
-            Ok((status, exit_code)) => ExecEvent::Exit { status, exit_code },
+        let last = match run(&state, &id, command, &started) {
+            Ok(out) => {
+                let (status, exit_code) = ended(out.status);
+                ExecEvent::Exit { status, exit_code }
+            }
             Err(e) => ExecEvent::Error { code: e.status.as_u16(), message: e.message },
         };
         let _ = lines.blocking_send(last.line());
@@ -437,15 +406,5 @@ mod tests {
         started.ended();
         drop(guard);
         assert_eq!(kills.load(Ordering::SeqCst), 1);
-    }
-
-    #[test]
-    fn collected_output_is_bounded() {
-        let shared = Arc::new(Mutex::new(Collected::default()));
-        let mut sink = Collector(Arc::clone(&shared), 4);
-        sink.write_all(b"abc").unwrap();
-        sink.write_all(b"def").unwrap();
-        let c = shared.lock().unwrap();
-        assert_eq!((c.bytes.as_slice(), c.truncated), (&b"abcd"[..], true));
     }
 }
