@@ -38,7 +38,13 @@ impl OutsideNetwork {
     fn create() -> Self {
         let pid = std::process::id();
         let (name, host_link, inner_link) = (format!("sbx-iso-{pid}"), format!("sbxh{pid}"), format!("sbxn{pid}"));
-        let subnet = pid % 250 + 1;
+        // A /30 no other link has (one left by a killed run would take the traffic).
+        let in_use = String::from_utf8_lossy(&Command::new("ip").args(["-4", "-br", "addr"]).output().unwrap().stdout)
+            .into_owned();
+        let subnet = (0..250)
+            .map(|i| (pid + i) % 250 + 1)
+            .find(|s| !in_use.contains(&format!("10.231.{s}.")))
+            .expect("a free 10.231.x.0/30");
         let (host_ip, address) = (format!("10.231.{subnet}.1"), Ipv4Addr::new(10, 231, subnet as u8, 2));
         let net = Self { name: name.clone(), address };
         for args in [
