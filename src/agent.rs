@@ -26,6 +26,13 @@ pub enum AgentError {
     Remote(String),
     #[error("guest agent sent {0} where it was not expected")]
     Unexpected(String),
+    #[error("the guest agent did not answer within {0:?} (the guest is busy: too many commands at once for its vCPUs, or stuck)")]
+    Timeout(Duration),
+}
+
+/// Did a read end because its timeout passed?
+fn timed_out(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
 }
 
 /// One connection to the agent, after the version handshake.
@@ -66,6 +73,7 @@ impl AgentConn {
             match stream.read(&mut byte) {
                 Ok(0) => break,
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
+                Err(e) if timed_out(&e) => return Err(AgentError::Timeout(timeout)),
                 Err(e) => return Err(e.into()),
                 Ok(_) => {}
             }
@@ -78,7 +86,11 @@ impl AgentConn {
         if !line.starts_with("OK ") {
             return Err(AgentError::Refused(line));
         }
-        match read_frame::<GuestMessage>(&mut stream)? {
+        let hello = read_frame::<GuestMessage>(&mut stream).map_err(|e| match e {
+            FrameError::Io(io) if timed_out(&io) => AgentError::Timeout(timeout),
+            other => other.into(),
+        })?;
+        match hello {
             Some(GuestMessage::Hello { version }) if version == VERSION => {}
             Some(GuestMessage::Error(e)) => return Err(AgentError::Remote(e)),
             other => return Err(AgentError::Unexpected(format!("{other:?}"))),
@@ -216,5 +228,24 @@ pub(crate) mod tests {
         });
         let err = AgentConn::connect(&path, Duration::from_secs(5)).unwrap_err();
         assert!(matches!(err, AgentError::Refused(_)), "{err}");
+    }
+
+    #[test]
+    fn an_agent_that_does_not_answer_in_time_is_a_timeout() {
+        for answer in [&b""[..], b"OK 1073741824\n"] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("vsock.sock");
+            let listener = UnixListener::bind(&path).unwrap();
+            std::thread::spawn(move || {
+                let (mut s, _) = listener.accept().unwrap();
+                let _ = read_connect(&mut s);
+                s.write_all(answer).unwrap();
+                // Holds the connection, silent, until the client gives up.
+                while s.read(&mut [0u8; 64]).is_ok_and(|n| n > 0) {}
+            });
+            let err = AgentConn::connect(&path, Duration::from_millis(200)).unwrap_err();
+            assert!(matches!(err, AgentError::Timeout(_)), "{err}");
+            assert!(err.to_string().contains("did not answer within 200ms"), "{err}");
+        }
     }
 }
