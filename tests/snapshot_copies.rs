@@ -54,15 +54,27 @@ fn sh(sandbox: &Sandbox, script: &str) -> String {
 }
 
 /// A work directory with a data directory and the profile; a sandbox
-/// booted there in a holder, which has run `script`.
-fn source(script: &str) -> (tempfile::TempDir, PathBuf, PathBuf, Sandbox) {
+/// booted there in a holder.
+fn source() -> (tempfile::TempDir, PathBuf, PathBuf, Sandbox) {
     let work = tempfile::tempdir().unwrap();
     let data = work.path().join("data");
     let profile = work.path().join("profile.toml");
     std::fs::write(&profile, PROFILE).unwrap();
     let source = holder(Sandbox::builder(Image::Default).memory_mib(256), &data, &profile).spawn().unwrap();
-    sh(&source, script);
     (work, data, profile, source)
+}
+
+/// Stops its sandboxes when dropped, also when an assertion fails (a
+/// holder runs until it is told to stop).
+#[derive(Default)]
+struct StopOnDrop(Vec<Sandbox>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        for sandbox in &self.0 {
+            let _ = sandbox.stop(Duration::from_secs(60));
+        }
+    }
 }
 
 fn dns_names(sandbox: &Sandbox) -> Vec<String> {
@@ -74,8 +86,9 @@ fn dns_names(sandbox: &Sandbox) -> Vec<String> {
 #[test]
 fn two_copies_of_a_running_sandbox_start_from_its_state_and_then_go_their_own_ways() {
     common::require_vm!();
-    let (work, data, profile, source) =
-        source("echo 'from the source' > /tmp/marker; setsid sleep 1000 </dev/null >/dev/null 2>&1 &");
+    let (work, data, profile, source) = source();
+    let mut cleanup = StopOnDrop(vec![source.clone()]);
+    sh(&source, "echo 'from the source' > /tmp/marker; setsid sleep 1000 </dev/null >/dev/null 2>&1 &");
     let snapshot = source.snapshot(work.path().join("snap"), AfterSnapshot::Resume).unwrap();
     assert_eq!(snapshot.source, source.id());
     // The source runs on.
@@ -86,6 +99,7 @@ fn two_copies_of_a_running_sandbox_start_from_its_state_and_then_go_their_own_wa
         let (a, b) = (start(), start());
         (a.join().unwrap(), b.join().unwrap())
     });
+    cleanup.0.extend([a.clone(), b.clone()]);
     let ids = [source.id(), a.id(), b.id()];
     assert!(ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2], "{ids:?}");
 
@@ -135,7 +149,9 @@ fn two_copies_of_a_running_sandbox_start_from_its_state_and_then_go_their_own_wa
 #[test]
 fn a_pool_hands_out_restored_sandboxes_and_starts_more() {
     common::require_vm!();
-    let (work, data, profile, source) = source("echo pooled > /tmp/marker");
+    let (work, data, profile, source) = source();
+    let mut cleanup = StopOnDrop(vec![source.clone()]);
+    sh(&source, "echo pooled > /tmp/marker");
     let snapshot = source.snapshot(work.path().join("snap"), AfterSnapshot::Stop).unwrap();
 
     let (data_dir, profile_path) = (data.clone(), profile.clone());
@@ -143,6 +159,7 @@ fn a_pool_hands_out_restored_sandboxes_and_starts_more() {
     let mut taken = Vec::new();
     for _ in 0..3 {
         let sandbox = pool.take(Duration::from_secs(300)).unwrap();
+        cleanup.0.push(sandbox.clone());
         assert_eq!(sh(&sandbox, "cat /tmp/marker"), "pooled\n");
         taken.push(sandbox);
     }
