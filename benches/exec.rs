@@ -13,30 +13,13 @@
 //! and `EXEC_BENCH_M` (default 15) set the counts.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
+mod common;
+
+use common::{env_count, load_average, ms, stats};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use sandbox::{Command, Image, Sandbox, Status};
-
-fn env_count(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(default)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-/// Median, min and max of `times` (sorted here).
-fn stats(times: &mut [Duration]) -> (Duration, Duration, Duration) {
-    times.sort();
-    (times[times.len() / 2], times[0], times[times.len() - 1])
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
 
 fn cli_binary() -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));

@@ -33,6 +33,9 @@
 //! (`$SANDBOX_HOLDER`, else the target directory's release build).
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
+mod common;
+
+use common::{env_count, load_average, stats};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -42,28 +45,12 @@ use sandbox::{AfterSnapshot, Command, Image, Sandbox, Snapshot, Status};
 const MEMORY_MIB: u32 = 256;
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn env_count(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(default)
-}
-
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
-}
-
-/// Median, min and max of `times` (sorted here).
-fn stats(times: &mut [Duration]) -> (Duration, Duration, Duration) {
-    times.sort();
-    (times[times.len() / 2], times[0], times[times.len() - 1])
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
 }
 
 /// Why this machine cannot run the benchmark, if it cannot.

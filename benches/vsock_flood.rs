@@ -15,6 +15,9 @@
 //! latency idle and during the flood and their ratio, and the load average.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
+mod common;
+
+use common::{env_count, ms};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -26,14 +29,6 @@ use sandbox::{Command, Image, Sandbox, Status};
 const SERVED_PORT: u32 = 6200;
 const UNSERVED_PORT: u32 = 6201;
 const IDLE_RUNS: usize = 10;
-
-fn env_count(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(default)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
 
 fn median(times: &mut [Duration]) -> Duration {
     times.sort();

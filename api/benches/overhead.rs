@@ -49,6 +49,10 @@
 //! changes what is logged on stderr (default: warnings).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::print_stderr)]
 
+#[path = "../../benches/common/mod.rs"]
+mod common;
+
+use common::{env_count, load_average, ms, stats};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -64,20 +68,6 @@ const SANDBOXES: usize = 4;
 /// A request that takes longer than this counts as an error.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
-fn env_count(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(default)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-/// Median, min and max of `times` (sorted here).
-fn stats(times: &mut [Duration]) -> (Duration, Duration, Duration) {
-    times.sort();
-    (times[times.len() / 2], times[0], times[times.len() - 1])
-}
-
 fn print_stats(label: &str, times: &mut [Duration]) -> Duration {
     let (med, min, max) = stats(times);
     println!(
@@ -88,12 +78,6 @@ fn print_stats(label: &str, times: &mut [Duration]) -> Duration {
         times.len()
     );
     med
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
 }
 
 /// `$SANDBOX_HOLDER`, else the release build in the target directory.
