@@ -24,8 +24,9 @@ mod verify_isolation;
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Boot a sandbox, run a command in it, and exit with the command's status
-    /// (with -d: leave it running and print its id).
+    /// Start a sandbox (from the warm snapshot of its kind unless --cold), run a
+    /// command in it, and exit with the command's status (with -d: leave it
+    /// running and print its id).
     Run(Box<run::RunArgs>),
     /// Run a command in a running sandbox.
     Exec(exec::ExecArgs),
@@ -33,7 +34,7 @@ pub enum Command {
     Cp(cp::CpArgs),
     /// List running sandboxes (-a: all).
     Ps(ps::PsArgs),
-    /// Stop running sandboxes (the guest powers off).
+    /// Stop running sandboxes.
     Stop(stop::StopArgs),
     /// Delete sandboxes and their logs.
     Rm(rm::RmArgs),

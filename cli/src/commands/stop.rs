@@ -1,4 +1,4 @@
-//! `sandbox stop`: the guests power off.
+//! `sandbox stop`: their holders stop the VMs.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -8,7 +8,7 @@ use sandbox::Sandbox;
 
 use crate::exit::Outcome;
 
-/// How long `stop` waits for a guest to power off before killing its VM.
+/// How long `stop` waits for a sandbox to stop before killing its holder.
 const STOP_TIMEOUT: Duration = Duration::from_secs(40);
 
 #[derive(Debug, Args)]
