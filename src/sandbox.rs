@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use guest_protocol::sandbox_dir::SandboxDir;
+use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::{AgentConn, AgentError};
@@ -116,6 +117,19 @@ fn children(pid: u32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
         .map(|list| list.split_whitespace().filter_map(|p| p.parse().ok()).collect())
         .unwrap_or_default()
+}
+
+/// Send `sig` to process `pid`; one that is gone already is no error. A
+/// pid that names no single process (0, or past `i32::MAX`, which `kill`
+/// would take as a process group) is never signalled.
+fn signal(pid: u32, sig: Signal) -> Result<(), nix::errno::Errno> {
+    let Some(pid) = i32::try_from(pid).ok().filter(|&p| p > 0) else {
+        return Ok(());
+    };
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Is `id` a sandbox id (and so safe to join to a path)?
@@ -419,11 +433,8 @@ impl Sandbox {
         if self.held_in_background() {
             // A holder stops its VM at once when told to (nothing in a guest
             // needs a clean power off: its writable layer is its memory).
-            let pid = nix::unistd::Pid::from_raw(i32::try_from(self.state.pid).unwrap_or(0));
-            match nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM) {
-                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-                Err(e) => return Err(Error::Io(format!("signal the holder of sandbox {}", self.state.id), e.into())),
-            }
+            signal(self.state.pid, Signal::SIGTERM)
+                .map_err(|e| Error::Io(format!("signal the holder of sandbox {}", self.state.id), e.into()))?;
         } else if self.is_running() {
             if let Err(e) = self.agent().and_then(|agent| Ok(agent.shutdown()?)) {
                 tracing::debug!(id = %self.state.id, "asking the guest to power off: {e}");
@@ -457,13 +468,8 @@ impl Sandbox {
         let mut holders = vec![(outer, self.state.pid_start)];
         holders.extend(children(outer).into_iter().filter_map(|pid| process_start(pid).map(|start| (pid, start))));
         for &(pid, _) in &holders {
-            let target = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0));
-            match nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL) {
-                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-                Err(e) => {
-                    return Err(Error::Io(format!("kill process {pid} holding sandbox {}", self.state.id), e.into()))
-                }
-            }
+            signal(pid, Signal::SIGKILL)
+                .map_err(|e| Error::Io(format!("kill process {pid} holding sandbox {}", self.state.id), e.into()))?;
         }
         let deadline = Instant::now() + KILL_TIMEOUT;
         while holders.iter().any(|&(pid, start)| process_start(pid) == Some(start) && !zombie(pid)) {
