@@ -22,6 +22,11 @@ pub enum Image {
     /// An OCI image reference (`python:3.12-slim`, `oci:<dir>[:tag]`,
     /// `docker-archive:<file>`), pulled and converted on first use.
     Oci(String),
+    /// A container's root file system as an erofs image file (`rootfs:<file>`),
+    /// with no image config: overlaid as the guest's root as an OCI image is,
+    /// over the default image that holds the sandbox's own programs. The
+    /// containerd shim boots its containers' bundles this way.
+    Rootfs(PathBuf),
 }
 
 /// What a sandbox boots: its root disk and, for OCI images, the image disk
@@ -62,6 +67,7 @@ impl std::fmt::Display for Image {
             Image::Default => f.write_str("default"),
             Image::File(p) => write!(f, "{}", p.display()),
             Image::Oci(name) => f.write_str(name),
+            Image::Rootfs(p) => write!(f, "rootfs:{}", p.display()),
         }
     }
 }
@@ -72,6 +78,8 @@ impl Image {
     pub fn parse(name: &str) -> Image {
         if name == "default" {
             Image::Default
+        } else if let Some(path) = name.strip_prefix("rootfs:") {
+            Image::Rootfs(PathBuf::from(path))
         } else if name.starts_with("oci:") || name.starts_with("docker-archive:") {
             Image::Oci(name.to_string())
         } else if name.starts_with('/') || name.starts_with('.') || Path::new(name).is_file() {
@@ -86,7 +94,7 @@ impl Image {
     pub fn resolve(&self) -> Result<(PathBuf, RootFs), Error> {
         let path = match self {
             Image::Default => paths::default_image()?,
-            Image::File(p) => p.clone(),
+            Image::File(p) | Image::Rootfs(p) => p.clone(),
             Image::Oci(name) => Self::pull(name)?.1,
         };
         let fs = detect(&path)?;
@@ -106,6 +114,17 @@ impl Image {
                 let root_disk = paths::default_image()?;
                 let rootfs = detect(&root_disk)?;
                 Ok(BootImage { root_disk, rootfs, image_disk: Some(image), config: Some(record.config) })
+            }
+            Image::Rootfs(path) => {
+                if detect(path)? != RootFs::Erofs {
+                    return Err(Error::BadImage {
+                        path: path.clone(),
+                        reason: "a container root file system must be an erofs image".into(),
+                    });
+                }
+                let root_disk = paths::default_image()?;
+                let rootfs = detect(&root_disk)?;
+                Ok(BootImage { root_disk, rootfs, image_disk: Some(path.clone()), config: None })
             }
             _ => {
                 let (root_disk, rootfs) = self.resolve()?;
@@ -177,5 +196,8 @@ mod tests {
         assert_eq!(Image::parse("python:3.12-slim"), Image::Oci("python:3.12-slim".into()));
         assert_eq!(Image::parse("oci:./layout:v1"), Image::Oci("oci:./layout:v1".into()));
         assert_eq!(Image::parse("docker-archive:a.tar"), Image::Oci("docker-archive:a.tar".into()));
+        let rootfs = Image::parse("rootfs:/var/lib/x.erofs");
+        assert_eq!(rootfs, Image::Rootfs("/var/lib/x.erofs".into()));
+        assert_eq!(Image::parse(&rootfs.to_string()), rootfs);
     }
 }
