@@ -66,9 +66,11 @@ pub fn unmount(root: &Path) {
 fn mount_all(root: &Path, mounts: &[Mount]) -> Result<(), Error> {
     std::fs::create_dir_all(root).map_err(Error::io(format!("create {}", root.display())))?;
     for (i, m) in mounts.iter().enumerate() {
-        let fs_type = Some(m.type_.as_str()).filter(|t| !t.is_empty());
+        let (flags, data) = mount_options(&m.options);
+        let fs_type = Some(m.type_.as_str()).filter(|t| !t.is_empty() && *t != "bind");
         let source = Some(m.source.as_str()).filter(|s| !s.is_empty());
-        if let Err(e) = containerd_shim::mount::mount_rootfs(fs_type, source, &m.options, root) {
+        let data = Some(data.as_str()).filter(|d| !d.is_empty());
+        if let Err(e) = nix::mount::mount(source, root, fs_type, flags, data) {
             for _ in 0..i {
                 unmount(root);
             }
@@ -81,6 +83,31 @@ fn mount_all(root: &Path, mounts: &[Mount]) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// A mount's options as mount(2) takes them: the flags it knows, and the
+/// rest as the file system's data. (The shim mounts itself rather than
+/// through containerd-shim's helper, which forks and waits for the
+/// crate's reaper; this shim leaves child processes to the library.)
+fn mount_options(options: &[String]) -> (nix::mount::MsFlags, String) {
+    use nix::mount::MsFlags;
+    let mut flags = MsFlags::empty();
+    let mut data = Vec::new();
+    for option in options {
+        match option.as_str() {
+            "ro" => flags |= MsFlags::MS_RDONLY,
+            "rw" | "defaults" => {}
+            "nosuid" => flags |= MsFlags::MS_NOSUID,
+            "nodev" => flags |= MsFlags::MS_NODEV,
+            "noexec" => flags |= MsFlags::MS_NOEXEC,
+            "relatime" => flags |= MsFlags::MS_RELATIME,
+            "noatime" => flags |= MsFlags::MS_NOATIME,
+            "bind" => flags |= MsFlags::MS_BIND,
+            "rbind" => flags |= MsFlags::MS_BIND | MsFlags::MS_REC,
+            other => data.push(other),
+        }
+    }
+    (flags, data.join(","))
 }
 
 /// Build the erofs image `out` from the tree at `root`, atomically.
@@ -147,6 +174,19 @@ mod tests {
             options: options.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn mount_options_split_into_flags_and_data() {
+        use nix::mount::MsFlags;
+        let options: Vec<String> =
+            ["ro", "nosuid", "index=off", "lowerdir=/a:/b"].iter().map(|s| s.to_string()).collect();
+        let (flags, data) = mount_options(&options);
+        assert_eq!(flags, MsFlags::MS_RDONLY | MsFlags::MS_NOSUID);
+        assert_eq!(data, "index=off,lowerdir=/a:/b");
+        let (flags, data) = mount_options(&["rbind".to_string()]);
+        assert_eq!(flags, MsFlags::MS_BIND | MsFlags::MS_REC);
+        assert_eq!(data, "");
     }
 
     #[test]

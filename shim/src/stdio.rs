@@ -57,7 +57,7 @@ pub fn copy_output(output: Option<impl Read + Send + 'static>, path: String) -> 
     let mut output = output?;
     Some(std::thread::spawn(move || {
         if !path.is_empty() {
-            match OpenOptions::new().write(true).open(PathBuf::from(&path)) {
+            match open_writer(&path) {
                 Ok(mut fifo) => match io::copy(&mut output, &mut fifo) {
                     Ok(_) => return,
                     Err(e) => containerd_shim::warn!("output to {path}: {e}; discarding the rest"),
@@ -69,9 +69,24 @@ pub fn copy_output(output: Option<impl Read + Send + 'static>, path: String) -> 
     }))
 }
 
+/// Open a FIFO for writing without waiting for a reader: containerd opens
+/// its end before it creates or starts the process, so no reader means
+/// nobody will read (ENXIO), and the output is discarded instead of the
+/// shim waiting forever.
+fn open_writer(path: &str) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(PathBuf::from(path))?;
+    let fd = std::os::fd::AsFd::as_fd(&file);
+    let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL).map_err(io::Error::from)?;
+    let blocking = nix::fcntl::OFlag::from_bits_truncate(flags) & !nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(blocking)).map_err(io::Error::from)?;
+    Ok(file)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::OpenOptionsExt;
 
     #[test]
     fn output_reaches_its_fifo() {
@@ -79,7 +94,27 @@ mod tests {
         let fifo = dir.path().join("out");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         let path = fifo.to_string_lossy().into_owned();
-        let reader = std::thread::spawn(move || std::fs::read(fifo).unwrap());
+        // Opened without a reader: discarded, not waited for.
+        let ended = copy_output(Some(io::Cursor::new(b"lost\n".to_vec())), path.clone()).unwrap();
+        ended.join().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let mut f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(fifo).unwrap();
+            tx.send(()).unwrap();
+            let mut out = Vec::new();
+            loop {
+                let mut buf = [0u8; 64];
+                match f.read(&mut buf) {
+                    Ok(0) if !out.is_empty() => return out,
+                    Ok(n) => out.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(std::time::Duration::from_millis(5))
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        });
+        rx.recv().unwrap();
         let handle = copy_output(Some(io::Cursor::new(b"hello\n".to_vec())), path).unwrap();
         handle.join().unwrap();
         assert_eq!(reader.join().unwrap(), b"hello\n");
