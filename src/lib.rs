@@ -56,7 +56,7 @@ pub use command::{Command, Output, Status, DEFAULT_OUTPUT_LIMIT};
 pub use confine::{Jail, DEFAULT_MEMORY_OVERHEAD_MIB};
 pub use error::Error;
 pub use events::Events;
-pub use guest_protocol::agent::WinSize;
+pub use guest_protocol::agent::{Entry, EntryKind, FsErrorKind, WinSize};
 pub use image::{image_store, Image, RootFs};
 pub use instance::Instance;
 pub use jail::host::HostSupport;

@@ -18,7 +18,7 @@ use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::{AgentConn, AgentError};
-use guest_protocol::agent::HostMessage;
+use guest_protocol::agent::{Entry, FsRequest, HostMessage};
 
 use crate::command::{Command, Output, OutputSink};
 use crate::control::ControlRequest;
@@ -422,6 +422,38 @@ impl Sandbox {
         Ok(n)
     }
 
+    /// The guest's file system entry at `path` (absolute; a symbolic link
+    /// is not followed).
+    pub fn stat(&self, path: &str) -> Result<Entry, Error> {
+        let entries = self.agent()?.fs(FsRequest::Stat { path: path.into() })?;
+        first_entry(entries)
+    }
+
+    /// The entries under the guest directory `path`, down to `depth` levels
+    /// (1: its own entries; at most 100,000 entries).
+    pub fn list_dir(&self, path: &str, depth: u32) -> Result<Vec<Entry>, Error> {
+        Ok(self.agent()?.fs(FsRequest::List { path: path.into(), depth })?)
+    }
+
+    /// Make the guest directory `path` with any missing parents (an existing
+    /// one is an error of kind `AlreadyExists`).
+    pub fn make_dir(&self, path: &str) -> Result<Entry, Error> {
+        let entries = self.agent()?.fs(FsRequest::MakeDir { path: path.into() })?;
+        first_entry(entries)
+    }
+
+    /// Remove `path` in the guest: a file, or a directory with all it holds.
+    pub fn remove_path(&self, path: &str) -> Result<(), Error> {
+        self.agent()?.fs(FsRequest::Remove { path: path.into() })?;
+        Ok(())
+    }
+
+    /// Rename `from` to `to` in the guest; the entry at `to`.
+    pub fn rename(&self, from: &str, to: &str) -> Result<Entry, Error> {
+        let entries = self.agent()?.fs(FsRequest::Rename { from: from.into(), to: to.into() })?;
+        first_entry(entries)
+    }
+
     /// Stop the sandbox and wait until the VM is gone. A holder process
     /// ([`SandboxBuilder::spawn`], `run -d`) is signalled and stops the VM
     /// at once; a sandbox an application holds in its own process is asked
@@ -531,6 +563,11 @@ impl Sandbox {
         let dir = self.dir.path();
         std::fs::remove_dir_all(dir).map_err(|e| Error::Io(format!("remove {}", dir.display()), e))
     }
+}
+
+/// The one entry a file system operation answers with.
+fn first_entry(entries: Vec<Entry>) -> Result<Entry, Error> {
+    entries.into_iter().next().ok_or_else(|| AgentError::Unexpected("an answer without its entry".into()).into())
 }
 
 #[cfg(test)]

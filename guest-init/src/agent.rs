@@ -143,6 +143,16 @@ fn serve_request(mut conn: Box<dyn Connection>, shutdown: &Sender<()>) -> Result
             let result = crate::identity::apply(&identity);
             reply_result(&mut conn, result, GuestMessage::DataEnd)
         }
+        Some(HostMessage::Fs(request)) => {
+            let mut frames = FrameWriter::default();
+            let mut send =
+                |msg: GuestMessage| frames.write(&mut conn, &msg).map_err(|e| io::Error::other(e.to_string()));
+            let reply = match crate::fs::serve(request, &mut send) {
+                Ok(()) => GuestMessage::DataEnd,
+                Err(e) => e.into_message(),
+            };
+            write_frame(&mut conn, &reply)
+        }
         Some(HostMessage::Shutdown) => {
             write_frame(&mut conn, &GuestMessage::DataEnd)?;
             let _ = shutdown.send(());
