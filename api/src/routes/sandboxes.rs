@@ -215,13 +215,18 @@ pub async fn get_one(State(state): State<AppState>, SandboxId(id): SandboxId) ->
     responses((status = 204, description = "Stopped and deleted"),
               (status = 404, description = "No such sandbox", body = crate::ErrorBody)))]
 pub async fn delete(State(state): State<AppState>, SandboxId(id): SandboxId) -> ApiResult<StatusCode> {
-    blocking(move || {
-        let sandbox = find(&state, &id)?;
-        sandbox.stop(STOP_TIMEOUT)?;
-        sandbox.remove(true)?;
-        tracing::info!(id, "sandbox deleted");
-        Ok(())
-    })
-    .await?;
+    let st = state.clone();
+    let owned = id.clone();
+    blocking(move || stop_and_remove(&st, &owned)).await?;
+    state.e2b().forget(&id);
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Stop sandbox `id` and delete it with its logs (blocking).
+pub fn stop_and_remove(state: &AppState, id: &str) -> ApiResult<()> {
+    let sandbox = find(state, id)?;
+    sandbox.stop(STOP_TIMEOUT)?;
+    sandbox.remove(true)?;
+    tracing::info!(id, "sandbox deleted");
+    Ok(())
 }
