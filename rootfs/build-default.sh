@@ -38,7 +38,7 @@ rustup target list --installed 2>/dev/null | grep -qx "$target" || {
 }
 log "building guest binaries (musl, size-optimised)"
 (cd "$root" && cargo build --quiet --target "$target" --profile guest -p guest-init -p guest-proxies) >&2
-out_bin="$root/target/$target/guest"
+out_bin="${CARGO_TARGET_DIR:-$root/target}/$target/guest"
 
 stage="$(mktemp -d)"
 trap 'rm -rf "$stage"' EXIT

@@ -249,7 +249,13 @@ pub fn control_router() -> Router<AppState> {
 pub fn envd_router(state: AppState) -> Router<AppState> {
     Router::new()
         .route("/health", get(filesystem::health))
-        .route("/files", get(filesystem::read_file).post(filesystem::write_file))
+        // The upload limit is enforced as the body is written out (`spool`).
+        .route(
+            "/files",
+            get(filesystem::read_file)
+                .post(filesystem::write_file)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/process.Process/{method}", post(process::call))
         .route("/filesystem.Filesystem/{method}", post(filesystem::call))
         .route_layer(axum::middleware::from_fn_with_state(state, require_sandbox_token))
