@@ -6,14 +6,22 @@
 //! above [`MAX_FRAME`] are refused before anything is allocated. A connection
 //! opens with a [`HostMessage::Hello`] answered by [`GuestMessage::Hello`]
 //! (both carry [`VERSION`]), then carries one request: an exec, a file
-//! transfer, the sandbox's identity, or a shutdown. Concurrent requests use concurrent connections.
+//! transfer, the sandbox's identity, a shutdown, or a connection to a port
+//! inside the guest. Concurrent requests use concurrent connections.
+//!
+//! A [`HostMessage::Connect`] is answered by [`GuestMessage::Connected`]
+//! (or an [`GuestMessage::Error`], and the connection ends); after
+//! `Connected` the connection stops being framed and carries the bytes of
+//! the guest's TCP connection to `127.0.0.1:<port>` both ways, each
+//! direction closed on its own (a half-close reaches the other side as one).
+//! Only the host asks: nothing in the guest can open a listener on the host.
 
 use std::io::{self, Read, Write};
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Protocol version; the agent refuses a different one.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Largest frame payload, in bytes.
 pub const MAX_FRAME: usize = 1 << 20;
 /// Largest data chunk a sender puts in one frame.
@@ -87,6 +95,11 @@ pub enum HostMessage {
     SetIdentity(Identity),
     /// Stop every process and power the VM off.
     Shutdown,
+    /// Connect to `127.0.0.1:port` in the guest; once `Connected`, the
+    /// connection carries that TCP connection's bytes, unframed.
+    Connect {
+        port: u16,
+    },
 }
 
 /// Guest to host.
@@ -109,6 +122,8 @@ pub enum GuestMessage {
     DataEnd,
     /// The request failed; the connection ends.
     Error(String),
+    /// The guest connected to the port a `Connect` named: raw bytes follow.
+    Connected,
 }
 
 /// A frame that could not be read or written.
@@ -232,6 +247,7 @@ mod tests {
                 time: (1_780_000_000, 999_999_999),
                 hostname: Some("sandbox-1".into()),
             }),
+            HostMessage::Connect { port: 8080 },
         ];
         let mut wire = Vec::new();
         for m in &msgs {
@@ -243,6 +259,30 @@ mod tests {
             back.push(m);
         }
         assert_eq!(back, msgs);
+    }
+
+    #[test]
+    fn a_connect_reply_is_followed_by_raw_bytes_left_unread() {
+        // The reader takes exactly one frame: what follows `Connected` is
+        // the guest connection's bytes, for the caller to read.
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &GuestMessage::Connected).unwrap();
+        wire.extend_from_slice(b"HTTP/1.0 200 OK\r\n");
+        let mut r = wire.as_slice();
+        assert_eq!(read_frame::<GuestMessage>(&mut r).unwrap(), Some(GuestMessage::Connected));
+        assert_eq!(r, b"HTTP/1.0 200 OK\r\n");
+    }
+
+    #[test]
+    fn new_variants_keep_the_encoding_of_older_ones() {
+        // Variants are appended, so a message an older peer knows keeps its
+        // bytes (the version check refuses mismatched peers anyway).
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &HostMessage::Shutdown).unwrap();
+        assert_eq!(wire, [0, 0, 0, 1, 11]);
+        wire.clear();
+        write_frame(&mut wire, &GuestMessage::Error(String::new())).unwrap();
+        assert_eq!(wire, [0, 0, 0, 2, 7, 0]);
     }
 
     #[test]
