@@ -69,7 +69,7 @@ pub use process::{Process, ProcessControl, ProcessOutput, ProcessStdin};
 pub use rootfs;
 pub use sandbox::{valid_id, Sandbox, SandboxState};
 pub use snapshot::Snapshot;
-pub use telemetry::query::LogRow;
+pub use telemetry::query::{InboundRow, LogRow};
 pub use vmm::AfterSnapshot;
 
 /// Guest memory bounds, in MiB (the VMM's).
