@@ -178,6 +178,26 @@ impl AgentConn {
         }
     }
 
+    /// Connect to `127.0.0.1:port` in the guest (the request sent with the
+    /// hello, see [`Self::connect_with`]) and return the connection, which
+    /// from then on carries that TCP connection's bytes both ways.
+    pub fn open_port(uds: &Path, port: u16, timeout: Duration) -> Result<UnixStream, AgentError> {
+        let mut conn = Self::connect_with(uds, timeout, &[HostMessage::Connect { port }])?;
+        conn.stream.set_read_timeout(Some(timeout))?;
+        let reply = read_frame::<GuestMessage>(&mut conn.stream).map_err(|e| match e {
+            FrameError::Io(io) if timed_out(&io) => AgentError::Timeout(timeout),
+            other => other.into(),
+        })?;
+        match reply {
+            Some(GuestMessage::Connected) => {
+                conn.stream.set_read_timeout(None)?;
+                Ok(conn.stream)
+            }
+            Some(GuestMessage::Error(e)) => Err(AgentError::Remote(e)),
+            other => Err(AgentError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Ask the guest to stop everything and power off.
     pub fn shutdown(mut self) -> Result<(), AgentError> {
         write_frame(&mut self.stream, &HostMessage::Shutdown)?;

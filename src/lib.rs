@@ -43,6 +43,7 @@ mod image;
 mod instance;
 pub mod paths;
 mod pool;
+mod ports;
 mod process;
 mod sandbox;
 pub mod snapshot;
@@ -63,11 +64,12 @@ pub use jail::host::HostSupport;
 pub use net::{NetConfig, UpstreamProxy};
 pub use policy;
 pub use pool::Pool;
+pub use ports::{PortForward, PortSpec, CONNECT_PORT_LISTENER};
 pub use process::{Process, ProcessControl, ProcessOutput, ProcessStdin};
 pub use rootfs;
 pub use sandbox::{valid_id, Sandbox, SandboxState};
 pub use snapshot::Snapshot;
-pub use telemetry::query::LogRow;
+pub use telemetry::query::{InboundRow, LogRow};
 pub use vmm::AfterSnapshot;
 
 /// Guest memory bounds, in MiB (the VMM's).

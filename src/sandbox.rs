@@ -21,8 +21,9 @@ use crate::agent::{AgentConn, AgentError};
 use guest_protocol::agent::{Entry, FsRequest, HostMessage};
 
 use crate::command::{Command, Output, OutputSink};
-use crate::control::ControlRequest;
+use crate::control::{ControlReply, ControlRequest};
 use crate::events::Events;
+use crate::ports::{Forwarder, PortForward, PortSpec};
 use crate::process::{Collect, Collected, Process, ProcessControl};
 use crate::{paths, AfterSnapshot, Error, Image, SandboxBuilder, Snapshot, Status};
 
@@ -150,6 +151,8 @@ pub struct Sandbox {
     /// This process holds the VM (a confined holder cannot see the pid in
     /// its state, which is that of the process outside its PID namespace).
     held_here: bool,
+    /// The connections into the guest, when this process holds the VM.
+    forwarder: Option<Forwarder>,
 }
 
 /// Every sandbox under `root` (a sandboxes directory), newest first.
@@ -204,7 +207,7 @@ fn find_under(root: &Path, id: &str) -> Result<Sandbox, Error> {
     let bytes = std::fs::read(&path).map_err(|e| Error::Io(format!("read {}", path.display()), e))?;
     let state: SandboxState = serde_json::from_slice(&bytes)
         .map_err(|e| Error::Io(format!("parse {}", path.display()), std::io::Error::other(e)))?;
-    Ok(Sandbox { dir, state, held_here: false })
+    Ok(Sandbox { dir, state, held_here: false, forwarder: None })
 }
 
 impl Sandbox {
@@ -223,8 +226,13 @@ impl Sandbox {
     }
 
     /// The handle of the process that holds the sandbox.
-    pub(crate) fn held_here(dir: SandboxDir, state: SandboxState) -> Self {
-        Sandbox { dir, state, held_here: true }
+    pub(crate) fn held_here(dir: SandboxDir, state: SandboxState, forwarder: Forwarder) -> Self {
+        Sandbox { dir, state, held_here: true, forwarder: Some(forwarder) }
+    }
+
+    /// The connections into the guest, when this process holds the VM.
+    pub(crate) fn forwarder(&self) -> Option<&Forwarder> {
+        self.forwarder.as_ref()
     }
 
     /// The sandbox `id`, or a unique prefix of one (as `docker` allows), in
@@ -452,6 +460,91 @@ impl Sandbox {
     pub fn rename(&self, from: &str, to: &str) -> Result<Entry, Error> {
         let entries = self.agent()?.fs(FsRequest::Rename { from: from.into(), to: to.into() })?;
         first_entry(entries)
+    }
+
+    /// A byte stream to `127.0.0.1:guest_port` inside the guest: a TCP
+    /// connection made there by the guest agent, carried over vsock by the
+    /// process that holds the sandbox, which records it in `session.db`
+    /// (an `inbound_events` row, listener `connect_port`). Reading gives
+    /// what the guest's server sends; `shutdown(Write)` passes the end of
+    /// the request on as a half-close. Nothing listening on the port is an
+    /// error. See [`Self::connect_port_from`] to record who asked.
+    pub fn connect_port(&self, guest_port: u16) -> Result<std::os::unix::net::UnixStream, Error> {
+        self.connect_port_from(guest_port, None)
+    }
+
+    /// [`Self::connect_port`], recording `peer` (say, the address of the
+    /// client an HTTP server opens it for) as the row's `peer`.
+    pub fn connect_port_from(
+        &self,
+        guest_port: u16,
+        peer: Option<&str>,
+    ) -> Result<std::os::unix::net::UnixStream, Error> {
+        let peer = peer.map(str::to_string);
+        if let Some(forwarder) = &self.forwarder {
+            return forwarder.connect(guest_port, peer);
+        }
+        self.check_holder_serves()?;
+        let (reply, fd) =
+            crate::control::call_with(self.dir.path(), &ControlRequest::Connect { guest_port, peer }, None)?;
+        match (reply, fd) {
+            (ControlReply::Done, Some(fd)) => Ok(std::os::unix::net::UnixStream::from(fd)),
+            (other, _) => Err(Error::Holder(format!("unexpected reply to a connect request: {other:?}"))),
+        }
+    }
+
+    /// Forward a host port to the guest: bind `spec.host` here (the
+    /// caller's rights and choice of address; port 0 picks a free one) and
+    /// carry every connection to it to the guest's
+    /// `127.0.0.1:spec.guest_port`, each recorded in `session.db`, until
+    /// the sandbox stops. Returns the forward with the address bound.
+    pub fn forward_port(&self, spec: &PortSpec) -> Result<PortForward, Error> {
+        self.forward_listener(spec.bind()?, spec.guest_port)
+    }
+
+    /// [`Self::forward_port`] with a listener the caller bound. For a
+    /// sandbox a holder process holds, the listening socket is handed to
+    /// it (on its control socket), which only accepts on it.
+    pub fn forward_listener(&self, listener: std::net::TcpListener, guest_port: u16) -> Result<PortForward, Error> {
+        use std::os::fd::AsRawFd;
+        if guest_port == 0 {
+            return Err(Error::Config("a forward needs a guest port (1-65535)".into()));
+        }
+        if let Some(forwarder) = &self.forwarder {
+            return forwarder.forward(listener, guest_port);
+        }
+        self.check_holder_serves()?;
+        let request = ControlRequest::Forward { guest_port };
+        match crate::control::call_with(self.dir.path(), &request, Some(listener.as_raw_fd()))? {
+            (ControlReply::Forwarding(forward), _) => Ok(forward),
+            (other, _) => Err(Error::Holder(format!("unexpected reply to a forward request: {other:?}"))),
+        }
+    }
+
+    /// The port forwards of the sandbox while it runs (none once it stopped).
+    pub fn ports(&self) -> Vec<PortForward> {
+        if let Some(forwarder) = &self.forwarder {
+            return forwarder.forwards();
+        }
+        if !self.holder_alive() {
+            return Vec::new();
+        }
+        crate::ports::recorded(&self.dir)
+    }
+
+    /// Is the sandbox held by a process that serves a control socket (a
+    /// holder), which port requests need?
+    fn check_holder_serves(&self) -> Result<(), Error> {
+        if !self.holder_alive() {
+            return Err(Error::NotRunning(self.state.id.clone()));
+        }
+        if !self.state.detached {
+            return Err(Error::Config(format!(
+                "sandbox {} is held by process {} (an application that started it with start()): only that process can carry connections into it",
+                self.state.id, self.state.pid
+            )));
+        }
+        Ok(())
     }
 
     /// Stop the sandbox and wait until the VM is gone. A holder process

@@ -87,7 +87,7 @@ async fn a_client_drives_sandboxes_through_the_api() {
     // The DNS query its guest made is one of its events (deny-all blocks it).
     exec(&socket, &a, "nslookup example.test >/dev/null 2>&1; true").await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut after = "0.0.0".to_string();
+    let mut after = "0.0.0.0".to_string();
     let row = loop {
         let (status, page) = common::json(
             &socket,
@@ -117,6 +117,8 @@ async fn a_client_drives_sandboxes_through_the_api() {
     disconnect_kills(&socket, &a).await;
     // Output streamed as newline-delimited JSON, then the exit.
     streamed_exec(&socket, &a).await;
+    // A port forward to httpd in the guest, and its connection as an event.
+    port_forward(&socket, &a).await;
     let (status, profile) =
         common::json(&socket, Method::GET, &format!("/v1/sandboxes/{a}/profile"), None, Value::Null).await;
     assert_eq!(status, StatusCode::OK, "{profile}");
@@ -180,6 +182,54 @@ async fn a_client_drives_sandboxes_through_the_api() {
     }
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
+}
+
+/// Forward a host port to busybox httpd on the guest's 127.0.0.1:8080, GET
+/// a file through it, see it listed and its connection among the events.
+async fn port_forward(socket: &Path, id: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    exec(
+        socket,
+        id,
+        "mkdir -p /tmp/www && echo through the api > /tmp/www/f.txt && httpd -p 127.0.0.1:8080 -h /tmp/www",
+    )
+    .await;
+    let ports = format!("/v1/sandboxes/{id}/ports");
+    let (status, forward) = common::json(socket, Method::POST, &ports, None, json!({"guest_port": 8080})).await;
+    assert_eq!(status, StatusCode::CREATED, "{forward}");
+    let host: std::net::SocketAddr = forward["host"].as_str().unwrap().parse().unwrap();
+    assert!(host.ip().is_loopback(), "{forward}");
+    let (status, bad) = common::json(socket, Method::POST, &ports, None, json!({"guest_port": 0})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+    let (status, list) = common::json(socket, Method::GET, &ports, None, Value::Null).await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    assert_eq!(list["ports"], json!([forward]));
+
+    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+    stream.write_all(b"GET /f.txt HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.contains(" 200 ") && response.ends_with("through the api\n"), "{response}");
+    // Its row is written when the connection ends: both sides closed.
+    drop(stream);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, page) =
+            common::json(socket, Method::GET, &format!("/v1/sandboxes/{id}/events?limit=1000"), None, Value::Null)
+                .await;
+        let inbound = page["events"].as_array().unwrap().iter().find(|r| r["kind"] == "inbound").cloned();
+        if let Some(row) = inbound {
+            assert_eq!(
+                (&row["listener"], &row["guest_port"], &row["decision"]),
+                (&forward["host"], &json!(8080), &json!("allowed")),
+                "{row}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no inbound event: {page}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Stream `id`'s events from `after`, make the guest look up `live.test`,

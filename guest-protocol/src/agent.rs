@@ -6,7 +6,16 @@
 //! above [`MAX_FRAME`] are refused before anything is allocated. A connection
 //! opens with a [`HostMessage::Hello`] answered by [`GuestMessage::Hello`]
 //! (both carry [`VERSION`]), then carries one request: an exec, a file
-//! transfer, a file system operation, the sandbox's identity, or a shutdown. Concurrent requests use concurrent connections.
+//! transfer, a file system operation, the sandbox's identity, a shutdown,
+//! or a connection to a port inside the guest. Concurrent requests use
+//! concurrent connections.
+//!
+//! A [`HostMessage::Connect`] is answered by [`GuestMessage::Connected`]
+//! (or an [`GuestMessage::Error`], and the connection ends); after
+//! `Connected` the connection stops being framed and carries the bytes of
+//! the guest's TCP connection to `127.0.0.1:<port>` both ways, each
+//! direction closed on its own (a half-close reaches the other side as one).
+//! Only the host asks: nothing in the guest can open a listener on the host.
 
 use std::io::{self, Read, Write};
 
@@ -155,6 +164,11 @@ pub enum HostMessage {
     Shutdown,
     /// A file system operation.
     Fs(FsRequest),
+    /// Connect to `127.0.0.1:port` in the guest; once `Connected`, the
+    /// connection carries that TCP connection's bytes, unframed.
+    Connect {
+        port: u16,
+    },
 }
 
 /// Guest to host.
@@ -184,6 +198,8 @@ pub enum GuestMessage {
         kind: FsErrorKind,
         message: String,
     },
+    /// The guest connected to the port a `Connect` named: raw bytes follow.
+    Connected,
 }
 
 /// A frame that could not be read or written.
@@ -309,6 +325,7 @@ mod tests {
             }),
             HostMessage::Fs(FsRequest::List { path: "/tmp".into(), depth: 2 }),
             HostMessage::Fs(FsRequest::Rename { from: "/a".into(), to: "/b".into() }),
+            HostMessage::Connect { port: 8080 },
         ];
         let mut wire = Vec::new();
         for m in &msgs {
@@ -348,6 +365,30 @@ mod tests {
         }
         let back: Vec<_> = decode_all::<GuestMessage>(&wire).into_iter().map(Result::unwrap).collect();
         assert_eq!(back, msgs);
+    }
+
+    #[test]
+    fn a_connect_reply_is_followed_by_raw_bytes_left_unread() {
+        // The reader takes exactly one frame: what follows `Connected` is
+        // the guest connection's bytes, for the caller to read.
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &GuestMessage::Connected).unwrap();
+        wire.extend_from_slice(b"HTTP/1.0 200 OK\r\n");
+        let mut r = wire.as_slice();
+        assert_eq!(read_frame::<GuestMessage>(&mut r).unwrap(), Some(GuestMessage::Connected));
+        assert_eq!(r, b"HTTP/1.0 200 OK\r\n");
+    }
+
+    #[test]
+    fn new_variants_keep_the_encoding_of_older_ones() {
+        // Variants are appended, so a message an older peer knows keeps its
+        // bytes (the version check refuses mismatched peers anyway).
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &HostMessage::Shutdown).unwrap();
+        assert_eq!(wire, [0, 0, 0, 1, 11]);
+        wire.clear();
+        write_frame(&mut wire, &GuestMessage::Error(String::new())).unwrap();
+        assert_eq!(wire, [0, 0, 0, 2, 7, 0]);
     }
 
     #[test]
