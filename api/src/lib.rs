@@ -119,5 +119,8 @@ pub fn router(config: Config) -> Router {
     let keyed = routes::router()
         .merge(e2b::control_router())
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key));
-    e2b::envd_router(state.clone()).merge(keyed).with_state(state)
+    e2b::envd_router(state.clone())
+        .merge(keyed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), e2b::ports::route_by_host))
+        .with_state(state)
 }

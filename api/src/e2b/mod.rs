@@ -19,6 +19,7 @@
 pub mod connect;
 pub mod control;
 pub mod filesystem;
+pub mod ports;
 pub mod process;
 
 use std::collections::{BTreeMap, HashMap};
@@ -252,9 +253,7 @@ pub fn envd_router(state: AppState) -> Router<AppState> {
         // The upload limit is enforced as the body is written out (`spool`).
         .route(
             "/files",
-            get(filesystem::read_file)
-                .post(filesystem::write_file)
-                .layer(axum::extract::DefaultBodyLimit::disable()),
+            get(filesystem::read_file).post(filesystem::write_file).layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .route("/process.Process/{method}", post(process::call))
         .route("/filesystem.Filesystem/{method}", post(filesystem::call))
@@ -271,31 +270,45 @@ pub struct EnvdSandbox {
 
 /// Middleware in front of envd's routes: the request must name a sandbox
 /// this server knows and carry its token; the sandbox goes into the
-/// request's extensions.
+/// request's extensions. A sandbox that is gone answers 502, as E2B's edge
+/// does (the SDK's `is_running()` reads that as "not running").
 pub async fn require_sandbox_token(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    match envd_sandbox(&state, request.headers()) {
-        Ok(found) => {
-            request.extensions_mut().insert(found);
-            next.run(request).await
+    let found = match envd_sandbox(&state, request.headers()) {
+        Ok(found) => found,
+        Err(e) => return *e,
+    };
+    if request.uri().path() == "/health" {
+        let (st, id) = (state.clone(), found.id.clone());
+        let running = crate::routes::blocking(move || Ok(crate::routes::find(&st, &id)?.is_running())).await;
+        if !running.unwrap_or(false) {
+            return gone(&found.id);
         }
-        Err(e) => e.into_response(),
     }
+    request.extensions_mut().insert(found);
+    next.run(request).await
 }
 
-fn envd_sandbox(state: &AppState, headers: &HeaderMap) -> Result<EnvdSandbox, connect::RpcError> {
+fn gone(id: &str) -> Response {
+    let status = axum::http::StatusCode::BAD_GATEWAY;
+    let body = serde_json::json!({ "code": status.as_u16(), "message": format!("sandbox {id} not found") });
+    (status, axum::Json(body)).into_response()
+}
+
+fn envd_sandbox(state: &AppState, headers: &HeaderMap) -> Result<EnvdSandbox, Box<Response>> {
     use connect::{Code, RpcError};
     use subtle::ConstantTimeEq as _;
     let id = headers.get("e2b-sandbox-id").and_then(|v| v.to_str().ok()).ok_or_else(|| {
-        RpcError::invalid("the E2b-Sandbox-Id header is missing (set E2B_SANDBOX_URL to this server)")
+        Box::new(
+            RpcError::invalid("the E2b-Sandbox-Id header is missing (set E2B_SANDBOX_URL to this server)")
+                .into_response(),
+        )
     })?;
-    let unknown = || RpcError::new(Code::NotFound, format!("sandbox {id} not found"));
-    if !sandbox::valid_id(id) {
-        return Err(unknown());
-    }
-    let record = state.e2b().record(id).ok_or_else(unknown)?;
+    let record = state.e2b().record(id).filter(|_| sandbox::valid_id(id)).ok_or_else(|| Box::new(gone(id)))?;
     let presented = headers.get("x-access-token").map(|v| v.as_bytes()).unwrap_or_default();
     if !bool::from(presented.ct_eq(record.token.as_bytes())) {
-        return Err(RpcError::new(Code::Unauthenticated, "a valid X-Access-Token for this sandbox is required"));
+        return Err(Box::new(
+            RpcError::new(Code::Unauthenticated, "a valid X-Access-Token for this sandbox is required").into_response(),
+        ));
     }
     Ok(EnvdSandbox { id: id.to_string(), record })
 }
