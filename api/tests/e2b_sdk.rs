@@ -3,7 +3,7 @@
 //! /dev/kvm, ./setup.sh's kernel and image, and python3 with venv): the
 //! pytest suite `tests/e2b/test_e2b_sdk.py`, sync and async clients. The
 //! SDK is installed once into a virtual environment in the cache
-//! (`$SANDBOX_CACHE/python/`), from PyPI.
+//! (`$SANDBOX_CACHE/python/`), from PyPI, by `tests/e2b/venv.sh`.
 // The helpers unwrap like the tests they serve.
 #![allow(clippy::unwrap_used)]
 
@@ -24,36 +24,12 @@ impl Drop for Cleanup {
     }
 }
 
-/// The virtual environment with the pinned requirements, made if missing
-/// (in a temporary directory renamed into place, so a failed install is
-/// never taken for a good one).
-fn venv(requirements: &Path) -> PathBuf {
-    let pins = std::fs::read_to_string(requirements).unwrap();
-    let key = pins.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).collect::<Vec<_>>().join("-");
-    let key: String = key.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' }).collect();
-    let cache = sandbox::paths::cache_dir().join("python");
-    let venv = cache.join(key);
-    if venv.join("bin/pytest").exists() {
-        return venv;
-    }
-    std::fs::create_dir_all(&cache).unwrap();
-    let tmp = tempfile::Builder::new().prefix("tmp-venv-").tempdir_in(&cache).unwrap();
-    let python = if Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
-    let made = Command::new(python).args(["-m", "venv"]).arg(tmp.path()).status().unwrap();
-    assert!(made.success(), "{python} -m venv failed (Debian: apt-get install python3-venv)");
-    eprintln!("installing {} into {}", requirements.display(), venv.display());
-    let pip = Command::new(tmp.path().join("bin/pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
-        .arg(requirements)
-        .status()
-        .unwrap();
-    assert!(pip.success(), "pip install -r {} failed", requirements.display());
-    let tmp = tmp.keep();
-    if std::fs::rename(&tmp, &venv).is_err() {
-        // Another run made it first.
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    venv
+/// The virtual environment with the pinned SDK (`tests/e2b/venv.sh`
+/// makes it once).
+pub fn venv(here: &Path) -> PathBuf {
+    let out = Command::new(here.join("venv.sh")).stderr(std::process::Stdio::inherit()).output().unwrap();
+    assert!(out.status.success(), "tests/e2b/venv.sh failed");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -63,8 +39,8 @@ async fn the_official_e2b_sdk_runs_unchanged() {
     }
     let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2b");
     let venv = tokio::task::spawn_blocking({
-        let requirements = here.join("requirements.txt");
-        move || venv(&requirements)
+        let here = here.clone();
+        move || venv(&here)
     })
     .await
     .unwrap();
