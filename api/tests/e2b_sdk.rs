@@ -11,18 +11,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
-
-/// Stops whatever sandboxes a failed run left in the data directory.
-struct Cleanup(PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for sandbox in sandbox::Sandbox::list_in(&self.0).unwrap_or_default() {
-            let _ = sandbox.stop(Duration::from_secs(30));
-        }
-    }
-}
 
 /// The virtual environment with the pinned SDK (`tests/e2b/venv.sh`
 /// makes it once).
@@ -46,7 +34,7 @@ async fn the_official_e2b_sdk_runs_unchanged() {
     .unwrap();
 
     let data = tempfile::tempdir().unwrap();
-    let _cleanup = Cleanup(data.path().to_path_buf());
+    let _cleanup = common::Cleanup(data.path().to_path_buf());
     let key = "e2b-sdk-test-key";
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -9,23 +9,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-
-/// Stops whatever sandboxes a failed run left in the data directory.
-struct Cleanup(PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for sandbox in sandbox::Sandbox::list_in(&self.0).unwrap_or_default() {
-            let _ = sandbox.stop(Duration::from_secs(30));
-        }
-    }
-}
 
 async fn exec(socket: &Path, id: &str, script: &str) -> Value {
     let (status, out) = common::json(
@@ -46,7 +35,7 @@ async fn a_client_drives_sandboxes_through_the_api() {
         return;
     }
     let data = tempfile::tempdir().unwrap();
-    let _cleanup = Cleanup(data.path().to_path_buf());
+    let _cleanup = common::Cleanup(data.path().to_path_buf());
     let socket = data.path().join("api.sock");
     let config = api::Config::new(data.path()).holder(common::holder(), std::iter::empty::<String>());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
