@@ -641,6 +641,42 @@ impl Sandbox {
         Ok(snapshot)
     }
 
+    /// Start `count` copies of this running sandbox: it is snapshotted once
+    /// (and runs on) into its data directory's snapshot store, then each
+    /// copy is restored from that snapshot in a holder of its own, as
+    /// [`SandboxBuilder::spawn`] starts one, with the source's profiles;
+    /// `configure` sets the rest (holder program, jail, label, timeout).
+    /// The snapshot is deleted once the copies have started. Each copy's
+    /// result, in order: one that fails to start does not stop the others.
+    pub fn fork(
+        &self,
+        count: usize,
+        configure: impl Fn(SandboxBuilder) -> SandboxBuilder,
+    ) -> Result<Vec<Result<Sandbox, Error>>, Error> {
+        let data_dir = self.data_dir();
+        let store = paths::snapshots_in(&data_dir);
+        crate::snapshot::create_store(&store)?;
+        let name = format!("fork-{}-{}", self.state.id, crate::instance::new_id()?);
+        let snapshot = self.snapshot(store.join(name), AfterSnapshot::Resume)?;
+        let copies = (0..count)
+            .map(|_| {
+                let mut builder = Sandbox::from_snapshot(snapshot.clone()).data_dir(&data_dir);
+                for (layer, profile) in &self.state.profiles {
+                    builder = builder.profile_at(*layer, profile.clone());
+                }
+                configure(builder).spawn()
+            })
+            .collect();
+        snapshot.remove()?;
+        Ok(copies)
+    }
+
+    /// The data directory the sandbox lives in (`<data dir>/sandboxes/<id>`).
+    fn data_dir(&self) -> PathBuf {
+        let dir = self.dir.path();
+        dir.parent().and_then(Path::parent).map_or_else(|| dir.to_path_buf(), Path::to_path_buf)
+    }
+
     /// Delete the sandbox's directory (its logs included). A running sandbox
     /// is refused unless `force`, which stops it first.
     pub fn remove(&self, force: bool) -> Result<(), Error> {

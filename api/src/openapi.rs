@@ -22,6 +22,7 @@ use crate::routes::{events, exec, files, meta, policy, ports, sandboxes, snapsho
         sandboxes::list,
         sandboxes::get_one,
         sandboxes::delete,
+        sandboxes::fork,
         exec::exec,
         exec::exec_stream,
         files::upload,

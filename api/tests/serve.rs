@@ -159,8 +159,24 @@ async fn a_client_drives_sandboxes_through_the_api() {
         }
     }
 
-    // Both deleted.
-    for id in [&a, &b] {
+    // A fork of the restored one: a copy with the same file, its own
+    // identity, and the fork's snapshot gone from the store.
+    let (status, fork) =
+        common::json(&socket, Method::POST, &format!("/v1/sandboxes/{b}/fork"), None, json!({"count": 1})).await;
+    assert_eq!(status, StatusCode::CREATED, "{fork}");
+    assert_eq!(fork["errors"], json!([]), "{fork}");
+    let c = fork["sandboxes"][0]["id"].as_str().unwrap().to_string();
+    assert!(c != a && c != b, "{fork}");
+    let out = exec(&socket, &c, "wc -c < /tmp/blob; hostname").await;
+    assert_eq!(out["stdout"], format!("1048576\n{c}\n"));
+    let (_, list) = common::json(&socket, Method::GET, "/v1/snapshots", None, Value::Null).await;
+    assert_eq!(list["snapshots"].as_array().unwrap().len(), 1, "only `base` is left: {list}");
+    let (status, bad) =
+        common::json(&socket, Method::POST, &format!("/v1/sandboxes/{b}/fork"), None, json!({"count": 99})).await;
+    assert_eq!((status, bad["code"].as_u64()), (StatusCode::BAD_REQUEST, Some(400)), "{bad}");
+
+    // All deleted.
+    for id in [&a, &b, &c] {
         let (status, body) =
             common::json(&socket, Method::DELETE, &format!("/v1/sandboxes/{id}"), None, Value::Null).await;
         assert_eq!(status, StatusCode::NO_CONTENT, "{body}");

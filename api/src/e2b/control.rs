@@ -320,6 +320,49 @@ pub async fn refresh(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `{"count": n, "timeout": seconds}`.
+#[derive(Debug, Default, Deserialize)]
+pub struct Fork {
+    pub count: Option<u16>,
+    pub timeout: Option<u64>,
+}
+
+/// `POST /sandboxes/{id}/fork`: `count` copies (default 1) from one
+/// snapshot of the sandbox, which runs on; each a `{"sandbox": ...}` or an
+/// `{"error": ...}`.
+pub async fn fork(
+    State(state): State<AppState>,
+    SandboxId(id): SandboxId,
+    JsonBody(request): JsonBody<Fork>,
+) -> ApiResult<(StatusCode, Json<Vec<serde_json::Value>>)> {
+    let timeout = check_timeout(request.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS))?;
+    let (_, source) = known(&state, &id).await?;
+    let count = request.count.unwrap_or(1);
+    let st = state.clone();
+    let copies = blocking(move || sandboxes::fork_copies(&st, &id, count)).await?;
+    let mut results = Vec::new();
+    for copy in copies {
+        let result = match copy {
+            Ok(copy) => {
+                let started_at = now();
+                let record = Record {
+                    token: token()?,
+                    template: source.template.clone(),
+                    metadata: source.metadata.clone(),
+                    env: source.env.clone(),
+                    started_at,
+                    end_at: started_at + timeout,
+                };
+                state.e2b().put(copy.id(), record.clone())?;
+                serde_json::json!({ "sandbox": created(&state, copy.id(), &record) })
+            }
+            Err(e) => serde_json::json!({ "error": { "code": e.status.as_u16(), "message": e.message } }),
+        };
+        results.push(result);
+    }
+    Ok((StatusCode::CREATED, Json(results)))
+}
+
 /// Stop sandbox `id` and delete it with its logs.
 pub async fn kill_sandbox(state: &AppState, id: &str) -> ApiResult<()> {
     let (st, owned) = (state.clone(), id.to_string());

@@ -230,7 +230,7 @@ pub fn control_router() -> Router<AppState> {
         .route("/sandboxes/{id}/refreshes", post(control::refresh))
         .route("/sandboxes/{id}/pause", post(control::not_supported))
         .route("/sandboxes/{id}/resume", post(control::not_supported))
-        .route("/sandboxes/{id}/fork", post(control::not_supported))
+        .route("/sandboxes/{id}/fork", post(control::fork))
         .route("/sandboxes/{id}/snapshots", post(control::not_supported))
         .route("/sandboxes/{id}/metrics", get(control::not_supported))
         .route("/sandboxes/{id}/logs", get(control::not_supported))

@@ -112,6 +112,25 @@ def test_get_host_reaches_a_server_in_the_guest(sbx):
     assert get_through_host(sbx.get_host(8081)).status_code == 502
 
 
+def test_a_fork_has_the_files_and_its_own_identity(sbx):
+    sbx.files.write("/tmp/fork-me.txt", "before the fork")
+    copies = sbx.fork(count=2, timeout=300)
+    try:
+        assert len(copies) == 2 and all(isinstance(c, Sandbox) for c in copies), copies
+        ids = {c.sandbox_id for c in copies}
+        assert len(ids) == 2 and sbx.sandbox_id not in ids
+        for copy in copies:
+            assert copy.files.read("/tmp/fork-me.txt") == "before the fork"
+            assert copy.commands.run("hostname").stdout == f"{copy.sandbox_id}\n"
+        copies[0].files.write("/tmp/fork-me.txt", "changed in one copy")
+        assert copies[1].files.read("/tmp/fork-me.txt") == "before the fork"
+        assert sbx.files.read("/tmp/fork-me.txt") == "before the fork"
+    finally:
+        for copy in copies:
+            if isinstance(copy, Sandbox):
+                copy.kill()
+
+
 def test_set_timeout_moves_the_end(sbx):
     before = sbx.get_info().end_at
     sbx.set_timeout(900)
