@@ -246,12 +246,12 @@ impl Forwarder {
             loop {
                 let slot = tokio::select! {
                     slot = Arc::clone(&inner.slots).acquire_owned() => slot,
-                    _ = stop.changed() => return,
+                    _ = stop.wait_for(|&stopped| stopped) => return,
                 };
                 let Ok(slot) = slot else { return };
                 let accepted = tokio::select! {
                     accepted = listener.accept() => accepted,
-                    _ = stop.changed() => return,
+                    _ = stop.wait_for(|&stopped| stopped) => return,
                 };
                 match accepted {
                     Ok((client, peer)) => {
@@ -391,7 +391,7 @@ async fn carry<S>(
         }
         Ok(guest) => {
             connected(Ok(()));
-            let (to_guest, from_guest, error) = splice(client, guest).await;
+            let (to_guest, from_guest, error) = splice(client, guest, inner.stop.subscribe()).await;
             (Outcome::Allowed, error, to_guest, from_guest)
         }
     };
@@ -436,9 +436,11 @@ async fn pump(
 }
 
 /// Carry bytes between `client` and `guest` until both directions have
-/// ended, or either fails (which ends both). Returns the bytes sent to the
-/// guest, the bytes it sent, and the failure.
-async fn splice<A, B>(client: A, guest: B) -> (u64, u64, Option<String>)
+/// ended, either fails (which ends both), or the sandbox stops (`stop`:
+/// a client that keeps its side open must not keep the row from being
+/// written). Returns the bytes sent to the guest, the bytes it sent, and
+/// the failure.
+async fn splice<A, B>(client: A, guest: B, mut stop: tokio::sync::watch::Receiver<bool>) -> (u64, u64, Option<String>)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -467,6 +469,10 @@ where
                         error = Some(format!("from the guest: {e}"));
                         break;
                     }
+                }
+                _ = stop.wait_for(|&stopped| stopped) => {
+                    error = Some("the sandbox stopped".into());
+                    break;
                 }
             }
         }
@@ -597,7 +603,14 @@ pub(crate) mod tests {
         assert!(err.contains("127.0.0.1:9") && err.contains("refused"), "{err}");
         assert!(forwarder.connect(0, None).is_err());
 
+        // A client that keeps its side open: close ends it, and its row is written.
+        let mut open = std::net::TcpStream::connect(forward.host).unwrap();
+        open.write_all(b"x").unwrap();
+        let mut one = [0u8; 1];
+        open.read_exact(&mut one).unwrap();
+        let started = Instant::now();
         forwarder.close();
+        assert!(started.elapsed() < DRAIN_TIMEOUT, "close waited for the open connection");
         assert!(recorded(&sandbox_dir).is_empty() && !sandbox_dir.ports_file().exists());
         assert!(forwarder.forward(PortSpec::loopback(0, 7).bind().unwrap(), 7).is_err());
         assert!(forwarder.connect(7, None).is_err());
@@ -622,8 +635,10 @@ pub(crate) mod tests {
                 (refused.host.to_string(), 9, "error", 0, 0),
                 (CONNECT_PORT_LISTENER.to_string(), 7, "allowed", 3, 3),
                 (CONNECT_PORT_LISTENER.to_string(), 9, "error", 0, 0),
+                (host.clone(), 7, "allowed", 1, 1),
             ]
         );
+        assert_eq!(rows[4].error.as_deref(), Some("the sandbox stopped"));
         assert_eq!(rows[0].peer.as_deref(), Some(peer.as_str()));
         assert_eq!(rows[2].peer.as_deref(), Some("api"));
         assert!(rows[1].error.as_deref().is_some_and(|e| e.contains("refused")), "{:?}", rows[1]);
