@@ -6,7 +6,8 @@ The same flow runs with the sync and the async client."""
 
 import hashlib
 import os
-import threading
+import shutil
+import subprocess
 import time
 
 import httpx
@@ -108,6 +109,11 @@ def test_get_host_reaches_a_server_in_the_guest(sbx):
     response = get_through_host(host)
     assert response.status_code == 200
     assert response.text == "served-from-the-guest\n"
+    # The URL as it is: curl resolves every *.localhost name to loopback.
+    if shutil.which("curl"):
+        url = f"http://{host}/index.html"
+        curl = subprocess.run(["curl", "-sS", "--max-time", "30", url], capture_output=True, text=True)
+        assert (curl.returncode, curl.stdout) == (0, "served-from-the-guest\n"), curl
     # Nothing listens on another port: a clear error, not a hang.
     assert get_through_host(sbx.get_host(8081)).status_code == 502
 
