@@ -15,4 +15,4 @@ rootfs/build-default.sh >/dev/null
 log "building the sandbox CLI and sandbox-holder"
 cargo build --quiet --release -p cli --bin sandbox
 cargo build --quiet --release -p sandbox --bin sandbox-holder
-log "ready: $(pwd)/target/release/sandbox (and sandbox-holder beside it)"
+log "ready: ${CARGO_TARGET_DIR:-$(pwd)/target}/release/sandbox (and sandbox-holder beside it)"

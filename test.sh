@@ -9,9 +9,10 @@ log() { printf '[test] %s\n' "$*" >&2; }
 ./setup.sh
 # The image tests start a docker-registry on 127.0.0.1 and push to it with
 # skopeo; the isolation suite builds its outside network with ip(8); the
-# upstream proxy tests start a tinyproxy on 127.0.0.1; the containerd shim's
-# test starts a containerd of its own and drives it with ctr.
-for pkg in docker-registry:/usr/bin/docker-registry skopeo:/usr/bin/skopeo iproute2:/usr/sbin/ip tinyproxy:/usr/bin/tinyproxy containerd:/usr/bin/containerd; do
+# upstream proxy tests start a tinyproxy on 127.0.0.1; the E2B suite runs the
+# official e2b Python SDK from a virtual environment; the containerd shim's
+# tests start a containerd of their own and drive it with ctr.
+for pkg in docker-registry:/usr/bin/docker-registry skopeo:/usr/bin/skopeo iproute2:/usr/sbin/ip tinyproxy:/usr/bin/tinyproxy python3-venv:/usr/share/doc/python3-venv containerd:/usr/bin/containerd; do
     [ -e "${pkg#*:}" ] && continue
     [ "$(id -u)" -eq 0 ] || { log "missing package ${pkg%%:*}; run: sudo apt-get install ${pkg%%:*}"; exit 1; }
     log "installing ${pkg%%:*}"

@@ -38,7 +38,10 @@ rustup target list --installed 2>/dev/null | grep -qx "$target" || {
 }
 log "building guest binaries (musl, size-optimised)"
 (cd "$root" && cargo build --quiet --target "$target" --profile guest -p guest-init -p guest-proxies) >&2
-out_bin="$root/target/$target/guest"
+# Where cargo put them: $CARGO_TARGET_DIR (relative to the work tree) or target/.
+target_dir="${CARGO_TARGET_DIR:-target}"
+case "$target_dir" in /*) ;; *) target_dir="$root/$target_dir" ;; esac
+out_bin="$target_dir/$target/guest"
 
 stage="$(mktemp -d)"
 trap 'rm -rf "$stage"' EXIT

@@ -8,7 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use guest_protocol::agent::{
-    read_frame, write_frame, FrameError, FrameWriter, GuestMessage, HostMessage, Identity, AGENT_PORT, CHUNK, VERSION,
+    read_frame, write_frame, Entry, FrameError, FrameWriter, FsErrorKind, FsRequest, GuestMessage, HostMessage,
+    Identity, AGENT_PORT, CHUNK, MAX_LIST_ENTRIES, VERSION,
 };
 
 /// What went wrong talking to the guest agent.
@@ -24,6 +25,9 @@ pub enum AgentError {
     Io(#[from] io::Error),
     #[error("guest agent reported: {0}")]
     Remote(String),
+    /// A file system operation failed in the guest.
+    #[error("{message}")]
+    Fs { kind: FsErrorKind, message: String },
     #[error("guest agent sent {0} where it was not expected")]
     Unexpected(String),
     #[error("the guest agent did not answer within {0:?} (the guest is busy: too many commands at once for its vCPUs, or stuck)")]
@@ -148,6 +152,47 @@ impl AgentConn {
         write_frame(&mut self.stream, &HostMessage::SetIdentity(identity))?;
         match read_frame::<GuestMessage>(&mut self.stream)? {
             Some(GuestMessage::DataEnd) => Ok(()),
+            Some(GuestMessage::Error(e)) => Err(AgentError::Remote(e)),
+            other => Err(AgentError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Carry out a file system operation in the guest; the entries it
+    /// answers with (none for a removal).
+    pub fn fs(mut self, request: FsRequest) -> Result<Vec<Entry>, AgentError> {
+        write_frame(&mut self.stream, &HostMessage::Fs(request))?;
+        let mut entries = Vec::new();
+        loop {
+            match read_frame::<GuestMessage>(&mut self.stream)? {
+                Some(GuestMessage::Entries(batch)) if entries.len() + batch.len() <= MAX_LIST_ENTRIES => {
+                    entries.extend(batch);
+                }
+                Some(GuestMessage::DataEnd) => return Ok(entries),
+                Some(GuestMessage::FsFailed { kind, message }) => return Err(AgentError::Fs { kind, message }),
+                Some(GuestMessage::Error(e)) => return Err(AgentError::Remote(e)),
+                Some(GuestMessage::Entries(_)) => {
+                    return Err(AgentError::Unexpected(format!("more than {MAX_LIST_ENTRIES} entries")))
+                }
+                other => return Err(AgentError::Unexpected(format!("{other:?}"))),
+            }
+        }
+    }
+
+    /// Connect to `127.0.0.1:port` in the guest (the request sent with the
+    /// hello, see [`Self::connect_with`]) and return the connection, which
+    /// from then on carries that TCP connection's bytes both ways.
+    pub fn open_port(uds: &Path, port: u16, timeout: Duration) -> Result<UnixStream, AgentError> {
+        let mut conn = Self::connect_with(uds, timeout, &[HostMessage::Connect { port }])?;
+        conn.stream.set_read_timeout(Some(timeout))?;
+        let reply = read_frame::<GuestMessage>(&mut conn.stream).map_err(|e| match e {
+            FrameError::Io(io) if timed_out(&io) => AgentError::Timeout(timeout),
+            other => other.into(),
+        })?;
+        match reply {
+            Some(GuestMessage::Connected) => {
+                conn.stream.set_read_timeout(None)?;
+                Ok(conn.stream)
+            }
             Some(GuestMessage::Error(e)) => Err(AgentError::Remote(e)),
             other => Err(AgentError::Unexpected(format!("{other:?}"))),
         }

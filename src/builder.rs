@@ -68,6 +68,7 @@ pub struct SandboxBuilder {
     restore: Option<Snapshot>,
     warm: bool,
     boot: Option<BootImage>,
+    forwards: Vec<(std::net::TcpListener, u16)>,
 }
 
 impl std::fmt::Debug for SandboxBuilder {
@@ -105,7 +106,17 @@ impl SandboxBuilder {
             restore: None,
             warm: false,
             boot: None,
+            forwards: Vec::new(),
         }
+    }
+
+    /// Forward connections to `listener` (bound by the caller: see
+    /// [`crate::PortSpec::bind`]) to the guest's `127.0.0.1:guest_port`
+    /// once the sandbox is ready, until it stops; repeatable. (For a
+    /// running sandbox: [`Sandbox::forward_port`].)
+    pub fn forward(mut self, listener: std::net::TcpListener, guest_port: u16) -> Self {
+        self.forwards.push((listener, guest_port));
+        self
     }
 
     /// A sandbox restored from `snapshot`: its image, memory and vCPUs are
@@ -390,6 +401,7 @@ impl SandboxBuilder {
             jail: self.jail,
             id: self.id,
             restore: None,
+            forwards: self.forwards,
         })
     }
 
@@ -427,6 +439,7 @@ impl SandboxBuilder {
             jail: self.jail,
             id: self.id,
             restore: Some(snapshot),
+            forwards: self.forwards,
         })
     }
 
@@ -504,7 +517,14 @@ impl SandboxBuilder {
             timeout: self.timeout,
             snapshot: self.restore.map(|s| s.dir),
         };
-        crate::holder::spawn(&program, &spec)
+        let sandbox = crate::holder::spawn(&program, &spec)?;
+        for (listener, guest_port) in self.forwards {
+            if let Err(e) = sandbox.forward_listener(listener, guest_port) {
+                let _ = sandbox.stop(Duration::from_secs(30));
+                return Err(e);
+            }
+        }
+        Ok(sandbox)
     }
 
     /// Boot the sandbox, run `command` in it to its end, stop it.

@@ -102,6 +102,9 @@ pub const DEFAULT_MEMORY_OVERHEAD_MIB: u32 = 192;
 #[derive(Debug)]
 pub(crate) struct HostFiles<'a> {
     pub read_only: Vec<&'a Path>,
+    /// Descriptors the confined process keeps (every other is closed): the
+    /// listeners of port forwards bound before it was confined.
+    pub keep_fds: Vec<std::os::fd::RawFd>,
 }
 
 /// Confine this process to hold the sandbox in `dir` (see the module
@@ -184,8 +187,10 @@ pub(crate) fn confine(jail: &Jail, id: &str, dir: &SandboxDir, memory_mib: u32, 
                 }
             }
             jail_root.enter()?;
-            // Standard input, output and error stay; so does the uid lease.
-            jail::privileges::close_other_fds(&[lease.as_raw_fd()])?;
+            // Standard input, output and error stay; so do the uid lease and
+            // the listeners the caller handed over.
+            let keep: Vec<_> = std::iter::once(lease.as_raw_fd()).chain(files.keep_fds.iter().copied()).collect();
+            jail::privileges::close_other_fds(&keep)?;
             jail::privileges::set_rlimits(jail.open_files, Some(jail.pids))?;
             jail::privileges::drop_privileges(uid, gid)?;
             jail::seccomp::install_violation_reporter()?;

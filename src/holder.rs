@@ -263,6 +263,10 @@ enum Event {
 /// Carry out a control request. `Some(reason)`: the sandbox is to stop.
 fn control(instance: &crate::Instance, request: ControlRequest) -> (ControlReply, Option<String>) {
     match request {
+        // The control thread serves these itself.
+        ControlRequest::Forward { .. } | ControlRequest::Connect { .. } => {
+            (ControlReply::Error("not a request for the holder's main loop".into()), None)
+        }
         ControlRequest::Snapshot { name, stop } => {
             if !crate::valid_id(&name) {
                 return (ControlReply::Error(format!("not a snapshot directory name: {name:?}")), None);
@@ -302,7 +306,7 @@ fn hold(spec: HolderSpec, report: &mut impl Write) -> Result<(), Error> {
         .map_err(|e| Error::Io("handle signals".into(), e))?;
     // Serving before the report: a caller may ask for a snapshot at once.
     let (tx, rx) = mpsc::channel();
-    crate::control::serve(instance.dir(), tx.clone(), Event::Control)?;
+    crate::control::serve(instance.dir(), tx.clone(), Event::Control, instance.forwarder().cloned())?;
     send(report, &Report::Ready(instance.id().to_string()));
     // The report pipe is done: standard output joins the log.
     // SAFETY: dup2 of two descriptors this process has open (standard error

@@ -9,6 +9,7 @@
 //! every guest can use the same CID: nothing routes between sandboxes.
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -21,6 +22,7 @@ use telemetry::SessionDb;
 
 use crate::confine::{confine, HostFiles};
 use crate::console::{ConsoleSink, ConsoleState};
+use crate::ports::Forwarder;
 use crate::sandbox::{Sandbox, SandboxState};
 use crate::snapshot::Snapshot;
 use crate::{paths, Error};
@@ -60,6 +62,9 @@ pub(crate) struct InstanceConfig {
     /// Restore the VM from this snapshot instead of booting it (the kernel
     /// and disks above are the snapshot's).
     pub restore: Option<Snapshot>,
+    /// Port forwards to start once the sandbox is ready: listeners bound by
+    /// the caller (kept open through confinement), and their guest ports.
+    pub forwards: Vec<(std::net::TcpListener, u16)>,
 }
 
 /// A sandbox this process holds: its VM runs on a thread of this process,
@@ -221,6 +226,7 @@ impl Instance {
                         .chain(snapshot_files.iter().flat_map(|f| [&f.state, &f.memory]))
                         .map(PathBuf::as_path)
                         .collect(),
+                    keep_fds: config.forwards.iter().map(|(listener, _)| listener.as_raw_fd()).collect(),
                 };
                 confine(&jail, &id, &dir, config.memory_mib, files)?;
                 Some(Filters::compile()?)
@@ -228,9 +234,11 @@ impl Instance {
             None => None,
         };
         let session = open_session(&dir.session_db(), seccomp.as_ref().map(|f| f.handlers.clone()))?;
+        let recorder = session.recorder();
         let handlers = Handlers::with_files(files, config.net, config.policy, session.recorder());
         let handlers =
             HandlerHost::start(&id, dir.path(), handlers, session, seccomp.as_ref().map(|f| f.handlers.clone()))?;
+        let forwarder = Forwarder::new(handlers.runtime.clone(), recorder, &dir);
 
         let console = Arc::new(Mutex::new(ConsoleState::default()));
         let started = Instant::now();
@@ -269,7 +277,7 @@ impl Instance {
             .map_err(|e| Error::Io("start the VM thread".into(), e))?;
 
         let mut instance = Instance {
-            sandbox: Sandbox::held_here(dir, state),
+            sandbox: Sandbox::held_here(dir, state, forwarder),
             started,
             boot_time: Duration::ZERO,
             stop,
@@ -292,6 +300,9 @@ impl Instance {
         }
         instance.boot_time = instance.started.elapsed();
         instance.agent()?.set_identity(identity(ca_pem, &id)?)?;
+        for (listener, guest_port) in config.forwards {
+            instance.forward_listener(listener, guest_port)?;
+        }
         tracing::debug!(id = %instance.id(), boot = ?instance.boot_time, restored, "sandbox ready");
         Ok(instance)
     }
@@ -409,6 +420,11 @@ impl Instance {
                 Err(_) => Err(Error::Boot("the VM thread panicked".into())),
             };
         }
+        // The VM is gone: the forwards stop and the connections into it
+        // end, and record their rows before the session database closes.
+        if let Some(forwarder) = self.sandbox.forwarder() {
+            forwarder.close();
+        }
         if let Some(handlers) = self.handlers.take() {
             if let Err(e) = handlers.stop() {
                 tracing::error!(id = %self.id(), error = %e, "the session database was not closed cleanly");
@@ -434,6 +450,8 @@ impl Instance {
 /// writer to finish on its own, and rows queued last could be lost when
 /// the process exits), then ends.
 struct HandlerHost {
+    /// The handlers' runtime, where connections into the guest are carried too.
+    runtime: tokio::runtime::Handle,
     stop: tokio::sync::oneshot::Sender<()>,
     thread: JoinHandle<Result<(), Error>>,
 }
@@ -461,6 +479,7 @@ impl HandlerHost {
             });
         }
         let runtime = runtime.build().map_err(|e| Error::Io("start the handler runtime".into(), e))?;
+        let handle = runtime.handle().clone();
         let self_test = confined.then(|| std::env::var(crate::confine::SELF_TEST_VAR).ok()).flatten();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -498,7 +517,7 @@ impl HandlerHost {
                 result
             })
             .map_err(|e| Error::Io("start the handler thread".into(), e))?;
-        let host = HandlerHost { stop, thread };
+        let host = HandlerHost { runtime: handle, stop, thread };
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(host),
             Ok(Err(e)) => {

@@ -18,11 +18,12 @@ use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::{AgentConn, AgentError};
-use guest_protocol::agent::HostMessage;
+use guest_protocol::agent::{Entry, FsRequest, HostMessage};
 
 use crate::command::{Command, Output, OutputSink};
-use crate::control::ControlRequest;
+use crate::control::{ControlReply, ControlRequest};
 use crate::events::Events;
+use crate::ports::{Forwarder, PortForward, PortSpec};
 use crate::process::{Collect, Collected, Process, ProcessControl};
 use crate::{paths, AfterSnapshot, Error, Image, SandboxBuilder, Snapshot, Status};
 
@@ -150,6 +151,8 @@ pub struct Sandbox {
     /// This process holds the VM (a confined holder cannot see the pid in
     /// its state, which is that of the process outside its PID namespace).
     held_here: bool,
+    /// The connections into the guest, when this process holds the VM.
+    forwarder: Option<Forwarder>,
 }
 
 /// Every sandbox under `root` (a sandboxes directory), newest first.
@@ -204,7 +207,7 @@ fn find_under(root: &Path, id: &str) -> Result<Sandbox, Error> {
     let bytes = std::fs::read(&path).map_err(|e| Error::Io(format!("read {}", path.display()), e))?;
     let state: SandboxState = serde_json::from_slice(&bytes)
         .map_err(|e| Error::Io(format!("parse {}", path.display()), std::io::Error::other(e)))?;
-    Ok(Sandbox { dir, state, held_here: false })
+    Ok(Sandbox { dir, state, held_here: false, forwarder: None })
 }
 
 impl Sandbox {
@@ -223,8 +226,13 @@ impl Sandbox {
     }
 
     /// The handle of the process that holds the sandbox.
-    pub(crate) fn held_here(dir: SandboxDir, state: SandboxState) -> Self {
-        Sandbox { dir, state, held_here: true }
+    pub(crate) fn held_here(dir: SandboxDir, state: SandboxState, forwarder: Forwarder) -> Self {
+        Sandbox { dir, state, held_here: true, forwarder: Some(forwarder) }
+    }
+
+    /// The connections into the guest, when this process holds the VM.
+    pub(crate) fn forwarder(&self) -> Option<&Forwarder> {
+        self.forwarder.as_ref()
     }
 
     /// The sandbox `id`, or a unique prefix of one (as `docker` allows), in
@@ -422,6 +430,123 @@ impl Sandbox {
         Ok(n)
     }
 
+    /// The guest's file system entry at `path` (absolute; a symbolic link
+    /// is not followed).
+    pub fn stat(&self, path: &str) -> Result<Entry, Error> {
+        let entries = self.agent()?.fs(FsRequest::Stat { path: path.into() })?;
+        first_entry(entries)
+    }
+
+    /// The entries under the guest directory `path`, down to `depth` levels
+    /// (1: its own entries; at most 100,000 entries).
+    pub fn list_dir(&self, path: &str, depth: u32) -> Result<Vec<Entry>, Error> {
+        Ok(self.agent()?.fs(FsRequest::List { path: path.into(), depth })?)
+    }
+
+    /// Make the guest directory `path` with any missing parents (an existing
+    /// one is an error of kind `AlreadyExists`).
+    pub fn make_dir(&self, path: &str) -> Result<Entry, Error> {
+        let entries = self.agent()?.fs(FsRequest::MakeDir { path: path.into() })?;
+        first_entry(entries)
+    }
+
+    /// Remove `path` in the guest: a file, or a directory with all it holds.
+    pub fn remove_path(&self, path: &str) -> Result<(), Error> {
+        self.agent()?.fs(FsRequest::Remove { path: path.into() })?;
+        Ok(())
+    }
+
+    /// Rename `from` to `to` in the guest; the entry at `to`.
+    pub fn rename(&self, from: &str, to: &str) -> Result<Entry, Error> {
+        let entries = self.agent()?.fs(FsRequest::Rename { from: from.into(), to: to.into() })?;
+        first_entry(entries)
+    }
+
+    /// A byte stream to `127.0.0.1:guest_port` inside the guest: a TCP
+    /// connection made there by the guest agent, carried over vsock by the
+    /// process that holds the sandbox, which records it in `session.db`
+    /// (an `inbound_events` row, listener `connect_port`). Reading gives
+    /// what the guest's server sends; `shutdown(Write)` passes the end of
+    /// the request on as a half-close. Nothing listening on the port is an
+    /// error. See [`Self::connect_port_from`] to record who asked.
+    pub fn connect_port(&self, guest_port: u16) -> Result<std::os::unix::net::UnixStream, Error> {
+        self.connect_port_from(guest_port, None)
+    }
+
+    /// [`Self::connect_port`], recording `peer` (say, the address of the
+    /// client an HTTP server opens it for) as the row's `peer`.
+    pub fn connect_port_from(
+        &self,
+        guest_port: u16,
+        peer: Option<&str>,
+    ) -> Result<std::os::unix::net::UnixStream, Error> {
+        let peer = peer.map(str::to_string);
+        if let Some(forwarder) = &self.forwarder {
+            return forwarder.connect(guest_port, peer);
+        }
+        self.check_holder_serves()?;
+        let (reply, fd) =
+            crate::control::call_with(self.dir.path(), &ControlRequest::Connect { guest_port, peer }, None)?;
+        match (reply, fd) {
+            (ControlReply::Done, Some(fd)) => Ok(std::os::unix::net::UnixStream::from(fd)),
+            (other, _) => Err(Error::Holder(format!("unexpected reply to a connect request: {other:?}"))),
+        }
+    }
+
+    /// Forward a host port to the guest: bind `spec.host` here (the
+    /// caller's rights and choice of address; port 0 picks a free one) and
+    /// carry every connection to it to the guest's
+    /// `127.0.0.1:spec.guest_port`, each recorded in `session.db`, until
+    /// the sandbox stops. Returns the forward with the address bound.
+    pub fn forward_port(&self, spec: &PortSpec) -> Result<PortForward, Error> {
+        self.forward_listener(spec.bind()?, spec.guest_port)
+    }
+
+    /// [`Self::forward_port`] with a listener the caller bound. For a
+    /// sandbox a holder process holds, the listening socket is handed to
+    /// it (on its control socket), which only accepts on it.
+    pub fn forward_listener(&self, listener: std::net::TcpListener, guest_port: u16) -> Result<PortForward, Error> {
+        use std::os::fd::AsRawFd;
+        if guest_port == 0 {
+            return Err(Error::Config("a forward needs a guest port (1-65535)".into()));
+        }
+        if let Some(forwarder) = &self.forwarder {
+            return forwarder.forward(listener, guest_port);
+        }
+        self.check_holder_serves()?;
+        let request = ControlRequest::Forward { guest_port };
+        match crate::control::call_with(self.dir.path(), &request, Some(listener.as_raw_fd()))? {
+            (ControlReply::Forwarding(forward), _) => Ok(forward),
+            (other, _) => Err(Error::Holder(format!("unexpected reply to a forward request: {other:?}"))),
+        }
+    }
+
+    /// The port forwards of the sandbox while it runs (none once it stopped).
+    pub fn ports(&self) -> Vec<PortForward> {
+        if let Some(forwarder) = &self.forwarder {
+            return forwarder.forwards();
+        }
+        if !self.holder_alive() {
+            return Vec::new();
+        }
+        crate::ports::recorded(&self.dir)
+    }
+
+    /// Is the sandbox held by a process that serves a control socket (a
+    /// holder), which port requests need?
+    fn check_holder_serves(&self) -> Result<(), Error> {
+        if !self.holder_alive() {
+            return Err(Error::NotRunning(self.state.id.clone()));
+        }
+        if !self.state.detached {
+            return Err(Error::Config(format!(
+                "sandbox {} is held by process {} (an application that started it with start()): only that process can carry connections into it",
+                self.state.id, self.state.pid
+            )));
+        }
+        Ok(())
+    }
+
     /// Stop the sandbox and wait until the VM is gone. A holder process
     /// ([`SandboxBuilder::spawn`], `run -d`) is signalled and stops the VM
     /// at once; a sandbox an application holds in its own process is asked
@@ -516,6 +641,42 @@ impl Sandbox {
         Ok(snapshot)
     }
 
+    /// Start `count` copies of this running sandbox: it is snapshotted once
+    /// (and runs on) into its data directory's snapshot store, then each
+    /// copy is restored from that snapshot in a holder of its own, as
+    /// [`SandboxBuilder::spawn`] starts one, with the source's profiles;
+    /// `configure` sets the rest (holder program, jail, label, timeout).
+    /// The snapshot is deleted once the copies have started. Each copy's
+    /// result, in order: one that fails to start does not stop the others.
+    pub fn fork(
+        &self,
+        count: usize,
+        configure: impl Fn(SandboxBuilder) -> SandboxBuilder,
+    ) -> Result<Vec<Result<Sandbox, Error>>, Error> {
+        let data_dir = self.data_dir();
+        let store = paths::snapshots_in(&data_dir);
+        crate::snapshot::create_store(&store)?;
+        let name = format!("fork-{}-{}", self.state.id, crate::instance::new_id()?);
+        let snapshot = self.snapshot(store.join(name), AfterSnapshot::Resume)?;
+        let copies = (0..count)
+            .map(|_| {
+                let mut builder = Sandbox::from_snapshot(snapshot.clone()).data_dir(&data_dir);
+                for (layer, profile) in &self.state.profiles {
+                    builder = builder.profile_at(*layer, profile.clone());
+                }
+                configure(builder).spawn()
+            })
+            .collect();
+        snapshot.remove()?;
+        Ok(copies)
+    }
+
+    /// The data directory the sandbox lives in (`<data dir>/sandboxes/<id>`).
+    fn data_dir(&self) -> PathBuf {
+        let dir = self.dir.path();
+        dir.parent().and_then(Path::parent).map_or_else(|| dir.to_path_buf(), Path::to_path_buf)
+    }
+
     /// Delete the sandbox's directory (its logs included). A running sandbox
     /// is refused unless `force`, which stops it first.
     pub fn remove(&self, force: bool) -> Result<(), Error> {
@@ -531,6 +692,11 @@ impl Sandbox {
         let dir = self.dir.path();
         std::fs::remove_dir_all(dir).map_err(|e| Error::Io(format!("remove {}", dir.display()), e))
     }
+}
+
+/// The one entry a file system operation answers with.
+fn first_entry(entries: Vec<Entry>) -> Result<Entry, Error> {
+    entries.into_iter().next().ok_or_else(|| AgentError::Unexpected("an answer without its entry".into()).into())
 }
 
 #[cfg(test)]

@@ -335,7 +335,7 @@ impl Evidence {
                         port: r.port,
                         ip: r.ip,
                     }),
-                    LogRow::Ai(_) => {}
+                    LogRow::Ai(_) | LogRow::Inbound(_) => {}
                 }
             }
             if !more {

@@ -12,8 +12,10 @@
 //! - `digests/`: SHA-256 digests of kernels and disks, each under a name
 //!   hashed from the file's path, inode, size and times, so a file is read
 //!   whole only once after it changes;
-//! - `tmp-<random>/`: a snapshot being made (the data directory of the
-//!   sandbox that makes it), renamed into place when complete.
+//! - `tmp-<key>-<random>/`: a snapshot being made (the data directory of
+//!   the sandbox that makes it), renamed into place when complete; one left
+//!   by a process killed while making it is removed by the next maker of
+//!   that key (which holds the key's lock, so nobody else is making it).
 //!
 //! A snapshot is made by booting a sandbox in a holder (confined as the
 //! caller's sandbox would be), waiting for its agent, and snapshotting it
@@ -113,12 +115,26 @@ pub(crate) fn snapshot(
         }
         Err(_) => {}
     }
+    remove_abandoned(&root, &key);
     tracing::info!(key, "making the warm snapshot (one cold boot)");
-    let tmp = root.join(format!("tmp-{}", crate::instance::new_id()?));
+    let tmp = root.join(format!("tmp-{key}-{}", crate::instance::new_id()?));
     crate::instance::private_dir(&tmp)?;
     let made = make_in(&tmp, &dir, make);
     let _ = std::fs::remove_dir_all(&tmp);
     made
+}
+
+/// Remove what makers of `key` killed before they finished left behind
+/// (called with the key's lock held).
+fn remove_abandoned(root: &Path, key: &str) {
+    let prefix = format!("tmp-{key}-");
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    for entry in entries.flatten() {
+        if entry.file_name().to_str().is_some_and(|name| name.starts_with(&prefix)) {
+            tracing::info!(dir = %entry.path().display(), "removing an unfinished warm snapshot");
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 fn make_in(
@@ -200,6 +216,19 @@ mod tests {
         f.write_all(b"d").unwrap();
         drop(f);
         assert_ne!(file_digest(root.path(), &file).unwrap(), abc);
+    }
+
+    #[test]
+    fn only_the_same_keys_unfinished_snapshots_are_removed() {
+        let root = tempfile::tempdir().unwrap();
+        for name in ["tmp-aaaa-1", "tmp-aaaa-2", "tmp-bbbb-1", "warm-aaaa"] {
+            std::fs::create_dir(root.path().join(name)).unwrap();
+        }
+        remove_abandoned(root.path(), "aaaa");
+        let mut left: Vec<String> =
+            std::fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        assert_eq!(left, ["tmp-bbbb-1", "warm-aaaa"]);
     }
 
     #[test]

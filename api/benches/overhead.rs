@@ -24,12 +24,20 @@
 //!      router, `spawn_blocking`, finding the sandbox in the data
 //!      directory, a JSON answer).
 //!
+//!    - (e) the library, `sandbox.output(Command::new("sh").args(["-l",
+//!      "-c", "true"]))`: what the E2B SDK's `commands.run("true")` runs
+//!      (`/bin/bash -l -c true`, which the default image runs with
+//!      `/bin/sh`);
+//!    - (f) `commands.run("true")` through the official `e2b` Python SDK
+//!      (the venv of `api/tests/e2b/venv.sh`), timed in Python around the
+//!      call, against the same server on a TCP port of 127.0.0.1.
+//!
 //!    Median, min and max of each; the added time (b) - (a) of the medians,
 //!    and the median of the differences (b) - (a) of each round (which
 //!    cancels load that changes between rounds). On this test bed (a)
 //!    varies by hundreds of ms from run to run (the guest's fork+exec is
 //!    emulated), so those two are noisy; (d) is what the API adds, measured
-//!    without that noise.
+//!    without that noise. The same for the E2B SDK: (f) - (e).
 //! 2. **concurrent**: `OVERHEAD_BENCH_CONCURRENT` (default 100) requests
 //!    `POST .../exec` `{"argv":["echo","<i>"]}` at once, request i to
 //!    sandbox i mod 4, each on a connection of its own; every answer must
@@ -164,6 +172,65 @@ async fn exec(sender: &mut SendRequest<Full<Bytes>>, id: &str, argv: &[&str], st
     Ok(())
 }
 
+/// The official e2b SDK in a Python process of its own, attached to one
+/// sandbox, running `true` when asked (`api/benches/e2b_true.py`).
+struct E2bClient {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl E2bClient {
+    /// The client, or `None` (said on stderr) without python3 and the SDK.
+    fn start(url: &str, id: &str) -> Option<E2bClient> {
+        use std::io::BufRead;
+        use std::process::{Command as Process, Stdio};
+        let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let venv = Process::new(here.join("tests/e2b/venv.sh")).stderr(Stdio::inherit()).output().ok()?;
+        if !venv.status.success() {
+            eprintln!("the E2B SDK's environment could not be made: (e), (f) skipped");
+            return None;
+        }
+        let python = PathBuf::from(String::from_utf8(venv.stdout).ok()?.trim()).join("bin/python");
+        let mut child = Process::new(python)
+            .arg(here.join("benches/e2b_true.py"))
+            .arg(id)
+            .env("E2B_API_URL", url)
+            .env("E2B_SANDBOX_URL", url)
+            .env("E2B_API_KEY", "unused")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .ok()?;
+        let stdin = child.stdin.take()?;
+        let mut stdout = std::io::BufReader::new(child.stdout.take()?);
+        let mut line = String::new();
+        stdout.read_line(&mut line).ok()?;
+        if line.trim() != "ready" {
+            eprintln!("the E2B SDK client did not start: {line:?}");
+            return None;
+        }
+        Some(E2bClient { child, stdin, stdout })
+    }
+
+    /// One `commands.run("true")`, as long as the SDK call took.
+    fn run_true(&mut self) -> Duration {
+        use std::io::{BufRead, Write};
+        writeln!(self.stdin, "go").unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        let ms: f64 = line.trim().parse().unwrap_or_else(|_| panic!("the E2B client said {line:?}"));
+        Duration::from_secs_f64(ms / 1000.0)
+    }
+}
+
+impl Drop for E2bClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -215,14 +282,20 @@ fn main() {
         ids.join(" ")
     );
 
-    // 2. The server, in this process, over the same data directory.
+    // 2. The server, in this process, over the same data directory: on the
+    // Unix socket, and on loopback TCP for the E2B SDK.
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let tcp = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let url = format!("http://{}", tcp.local_addr().unwrap());
     let config = api::Config::new(&data).holder(&holder, std::iter::empty::<String>());
+    let app = runtime.block_on(async { api::router(config) });
     let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (stop_tcp, tcp_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = runtime.spawn({
-        let socket = socket.clone();
-        async move { api::serve_unix(&socket, api::router(config), async { drop(stopped.await) }).await }
+        let (socket, app) = (socket.clone(), app.clone());
+        async move { api::serve_unix(&socket, app, async { drop(stopped.await) }).await }
     });
+    let tcp_server = runtime.spawn(async move { api::serve_tcp(tcp, app, async { drop(tcp_stopped.await) }).await });
     while !socket.exists() {
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -253,13 +326,25 @@ fn main() {
             (took, health, t.elapsed())
         })
     };
+    let lib_login_true = || {
+        let t = Instant::now();
+        let out = one.output(Command::new("sh").args(["-l", "-c", "true"])).unwrap();
+        assert_eq!(out.status, Status::Exited(0));
+        t.elapsed()
+    };
+    let mut e2b = E2bClient::start(&url, one.id());
     // Warm up: the first runs page in the agent's paths, /bin/true, the server's code.
     for _ in 0..2 {
         lib_true();
         api_true();
+        lib_login_true();
+        if let Some(e2b) = &mut e2b {
+            e2b.run_true();
+        }
     }
     let (mut lib, mut api, mut health, mut info) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut differences = Vec::new();
+    let (mut lib_login, mut sdk, mut sdk_differences) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..n {
         // Each first in turn: with the library always first, the API's
         // execs came out ~30 ms slower in one run, and the same calls in
@@ -276,8 +361,22 @@ fn main() {
         health.push(c);
         info.push(d);
         differences.push(ms(b) - ms(a));
+        if let Some(e2b) = &mut e2b {
+            let (e, f) = if round % 2 == 0 {
+                let e = lib_login_true();
+                (e, e2b.run_true())
+            } else {
+                let f = e2b.run_true();
+                (lib_login_true(), f)
+            };
+            lib_login.push(e);
+            sdk.push(f);
+            sdk_differences.push(ms(f) - ms(e));
+        }
     }
     differences.sort_by(f64::total_cmp);
+    sdk_differences.sort_by(f64::total_cmp);
+    drop(e2b);
     drop(sender);
     println!("sequential, sandbox {}, one keep-alive connection ({exec_path}):", one.id());
     let lib_med = print_stats("  (a) library output(/bin/true)", &mut lib);
@@ -292,6 +391,20 @@ fn main() {
         api_med.as_secs_f64() / lib_med.as_secs_f64(),
         load_average()
     );
+
+    if sdk.is_empty() {
+        println!("  (e), (f): skipped, no python3 with the e2b SDK (api/tests/e2b/venv.sh makes it)");
+    } else {
+        let lib_login_med = print_stats("  (e) library output(sh -l -c true)", &mut lib_login);
+        let sdk_med = print_stats("  (f) e2b SDK commands.run(\"true\"), over TCP", &mut sdk);
+        println!(
+            "  added by the E2B surface and its SDK, (f) - (e) of the medians: {:.1} ms; median of the per-round \
+             differences: {:.1} ms (goal <= 10 ms); (f)/(e) = {:.2}",
+            ms(sdk_med) - ms(lib_login_med),
+            sdk_differences[sdk_differences.len() / 2],
+            sdk_med.as_secs_f64() / lib_login_med.as_secs_f64(),
+        );
+    }
 
     // 4. Concurrent: one request per connection, spread over the sandboxes.
     let t = Instant::now();
@@ -341,6 +454,8 @@ fn main() {
     // 5. Everything stopped.
     stop_server.send(()).unwrap();
     runtime.block_on(server).unwrap().unwrap();
+    stop_tcp.send(()).unwrap();
+    runtime.block_on(tcp_server).unwrap().unwrap();
     runtime.shutdown_timeout(Duration::from_secs(10));
     for sandbox in &sandboxes {
         let t = Instant::now();

@@ -79,6 +79,13 @@ impl From<sandbox::Error> for ApiError {
             E::NotRunning(_) => StatusCode::CONFLICT,
             E::Config(_) | E::Launch(_) | E::Profile(_) | E::BadImage { .. } | E::Image(_) => StatusCode::BAD_REQUEST,
             E::Agent(sandbox::AgentError::Remote(_)) => StatusCode::BAD_REQUEST,
+            E::Agent(sandbox::AgentError::Fs { kind, .. }) => match kind {
+                sandbox::FsErrorKind::NotFound => StatusCode::NOT_FOUND,
+                sandbox::FsErrorKind::AlreadyExists => StatusCode::CONFLICT,
+                sandbox::FsErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
+                sandbox::FsErrorKind::Other => StatusCode::INTERNAL_SERVER_ERROR,
+                _ => StatusCode::BAD_REQUEST,
+            },
             // The guest is too busy to take another command now.
             E::Agent(sandbox::AgentError::Timeout(_)) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,

@@ -9,13 +9,15 @@
 //!
 //! The server listens on a Unix socket (access is the socket's
 //! permissions, 0600) or on a TCP address, where an API key is required
-//! ([`auth`]). Other surfaces (an E2B-compatible one, port forwards) are
-//! meant to be further routers merged into [`router`].
+//! ([`auth`]). The E2B-compatible surface ([`e2b`]) is merged beside them:
+//! its control plane behind the same key, its envd services behind each
+//! sandbox's own access token.
 
 pub mod auth;
+pub mod e2b;
 pub mod error;
 pub mod openapi;
-mod routes;
+pub(crate) mod routes;
 pub mod serve;
 
 use std::path::PathBuf;
@@ -44,11 +46,20 @@ pub struct Config {
     pub api_key: Option<ApiKey>,
     /// The largest upload, in bytes.
     pub upload_limit: u64,
+    /// The domain E2B clients build sandbox host names in
+    /// (`<port>-<id>.<domain>`): `localhost:<port>` of a loopback listener.
+    pub e2b_domain: Option<String>,
 }
 
 impl Config {
     pub fn new(data_dir: impl Into<PathBuf>) -> Config {
-        Config { data_dir: data_dir.into(), holder: None, api_key: None, upload_limit: DEFAULT_UPLOAD_LIMIT }
+        Config {
+            data_dir: data_dir.into(),
+            holder: None,
+            api_key: None,
+            upload_limit: DEFAULT_UPLOAD_LIMIT,
+            e2b_domain: None,
+        }
     }
 
     #[must_use]
@@ -64,6 +75,12 @@ impl Config {
     }
 
     #[must_use]
+    pub fn e2b_domain(mut self, domain: Option<String>) -> Config {
+        self.e2b_domain = domain;
+        self
+    }
+
+    #[must_use]
     pub fn upload_limit(mut self, bytes: u64) -> Config {
         self.upload_limit = bytes;
         self
@@ -72,16 +89,38 @@ impl Config {
 
 /// What every handler shares.
 #[derive(Debug, Clone)]
-pub struct AppState(Arc<Config>);
+pub struct AppState {
+    config: Arc<Config>,
+    e2b: Arc<e2b::E2bState>,
+}
 
 impl AppState {
+    pub fn new(config: Config) -> AppState {
+        let e2b = Arc::new(e2b::E2bState::load(&config.data_dir));
+        AppState { config: Arc::new(config), e2b }
+    }
+
     pub fn config(&self) -> &Config {
-        &self.0
+        &self.config
+    }
+
+    pub fn e2b(&self) -> &e2b::E2bState {
+        &self.e2b
     }
 }
 
-/// The whole API: `/v1`, `/openapi.json`, the key check in front of all of it.
+/// The whole API: `/v1`, `/openapi.json` and E2B's control plane with the
+/// key check in front, envd's services with the sandbox token check. Inside
+/// a tokio runtime, this also starts the sweeper that stops sandboxes past
+/// their E2B timeout.
 pub fn router(config: Config) -> Router {
-    let state = AppState(Arc::new(config));
-    routes::router().layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key)).with_state(state)
+    let state = AppState::new(config);
+    e2b::spawn_sweeper(state.clone());
+    let keyed = routes::router()
+        .merge(e2b::control_router())
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key));
+    e2b::envd_router(state.clone())
+        .merge(keyed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), e2b::ports::route_by_host))
+        .with_state(state)
 }

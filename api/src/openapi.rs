@@ -6,7 +6,7 @@
 use utoipa::openapi::security::{ApiKey as ApiKeyScheme, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{events, exec, files, meta, policy, sandboxes, snapshots};
+use crate::routes::{events, exec, files, meta, policy, ports, sandboxes, snapshots};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -22,12 +22,15 @@ use crate::routes::{events, exec, files, meta, policy, sandboxes, snapshots};
         sandboxes::list,
         sandboxes::get_one,
         sandboxes::delete,
+        sandboxes::fork,
         exec::exec,
         exec::exec_stream,
         files::upload,
         files::download,
         events::events,
         events::events_stream,
+        ports::create,
+        ports::list,
         snapshots::create,
         snapshots::list,
         policy::check,
@@ -41,7 +44,8 @@ use crate::routes::{events, exec, files, meta, policy, sandboxes, snapshots};
         (name = "meta", description = "The server itself"),
         (name = "sandboxes", description = "Start, list, drive and delete sandboxes"),
         (name = "files", description = "Files into and out of a sandbox"),
-        (name = "events", description = "What a sandbox's guest tried to reach (its session.db)"),
+        (name = "events", description = "What a sandbox's guest tried to reach, and connections into it (its session.db)"),
+        (name = "ports", description = "Port forwards from the host into a sandbox"),
         (name = "snapshots", description = "Named snapshots, and sandboxes restored from them"),
         (name = "policy", description = "Check profiles, explain decisions, a sandbox's profiles"),
     )

@@ -69,7 +69,8 @@ pub async fn serve_tcp(
 ) -> Result<(), Error> {
     let addr = listener.local_addr().map_err(|e| Error::Io("listen".into(), e))?;
     tracing::info!("listening on {addr}");
-    axum::serve(listener, app)
+    // The peer's address reaches the handlers (a sandbox port records who connected).
+    axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(|e| Error::Io(format!("serve on {addr}"), e))

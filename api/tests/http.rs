@@ -408,22 +408,23 @@ async fn events_stream_as_sse_with_resumable_ids_and_end_when_the_sandbox_stoppe
     assert_eq!(events.len(), 4, "{events:?}");
     for (i, (name, event_id, data)) in events[..3].iter().enumerate() {
         assert_eq!(name, "message");
-        assert_eq!(event_id, &format!("{}.0.0", i + 1));
+        assert_eq!(event_id, &format!("{}.0.0.0", i + 1));
         let row: Value = serde_json::from_str(data).unwrap();
         assert_eq!(row["kind"], "dns");
         assert_eq!(row["qname"], format!("q{}.test", i + 1));
     }
     assert_eq!(events[3].0, "end");
-    assert_eq!(serde_json::from_str::<Value>(&events[3].2).unwrap(), json!({"next": "3.0.0"}));
+    assert_eq!(serde_json::from_str::<Value>(&events[3].2).unwrap(), json!({"next": "3.0.0.0"}));
 
-    // Resumed after the first row, by `after` or by Last-Event-ID (which wins).
-    let resumed = stream(get(&format!("{uri}?after=1.0.0"))).await;
-    assert_eq!(resumed.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(), ["2.0.0", "3.0.0", "3.0.0"]);
+    // Resumed after the first row, by `after` or by Last-Event-ID (which
+    // wins); a position of three ids, from before inbound rows, still works.
+    let resumed = stream(get(&format!("{uri}?after=1.0.0.0"))).await;
+    assert_eq!(resumed.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(), ["2.0.0.0", "3.0.0.0", "3.0.0.0"]);
     let request =
         Request::get(format!("{uri}?after=0.0.0")).header("last-event-id", "2.0.0").body(Body::empty()).unwrap();
     let resumed = stream(request).await;
     assert_eq!(resumed.len(), 2, "{resumed:?}");
-    assert_eq!(resumed[0].1, "3.0.0");
+    assert_eq!(resumed[0].1, "3.0.0.0");
 
     // Bad positions and unknown sandboxes are errors, not streams.
     let (status, _, body) = send(&app, get(&format!("{uri}?after=x"))).await;

@@ -9,23 +9,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-
-/// Stops whatever sandboxes a failed run left in the data directory.
-struct Cleanup(PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for sandbox in sandbox::Sandbox::list_in(&self.0).unwrap_or_default() {
-            let _ = sandbox.stop(Duration::from_secs(30));
-        }
-    }
-}
 
 async fn exec(socket: &Path, id: &str, script: &str) -> Value {
     let (status, out) = common::json(
@@ -46,7 +35,7 @@ async fn a_client_drives_sandboxes_through_the_api() {
         return;
     }
     let data = tempfile::tempdir().unwrap();
-    let _cleanup = Cleanup(data.path().to_path_buf());
+    let _cleanup = common::Cleanup(data.path().to_path_buf());
     let socket = data.path().join("api.sock");
     let config = api::Config::new(data.path()).holder(common::holder(), std::iter::empty::<String>());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -87,7 +76,7 @@ async fn a_client_drives_sandboxes_through_the_api() {
     // The DNS query its guest made is one of its events (deny-all blocks it).
     exec(&socket, &a, "nslookup example.test >/dev/null 2>&1; true").await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut after = "0.0.0".to_string();
+    let mut after = "0.0.0.0".to_string();
     let row = loop {
         let (status, page) = common::json(
             &socket,
@@ -117,6 +106,8 @@ async fn a_client_drives_sandboxes_through_the_api() {
     disconnect_kills(&socket, &a).await;
     // Output streamed as newline-delimited JSON, then the exit.
     streamed_exec(&socket, &a).await;
+    // A port forward to httpd in the guest, and its connection as an event.
+    port_forward(&socket, &a).await;
     let (status, profile) =
         common::json(&socket, Method::GET, &format!("/v1/sandboxes/{a}/profile"), None, Value::Null).await;
     assert_eq!(status, StatusCode::OK, "{profile}");
@@ -168,8 +159,24 @@ async fn a_client_drives_sandboxes_through_the_api() {
         }
     }
 
-    // Both deleted.
-    for id in [&a, &b] {
+    // A fork of the restored one: a copy with the same file, its own
+    // identity, and the fork's snapshot gone from the store.
+    let (status, fork) =
+        common::json(&socket, Method::POST, &format!("/v1/sandboxes/{b}/fork"), None, json!({"count": 1})).await;
+    assert_eq!(status, StatusCode::CREATED, "{fork}");
+    assert_eq!(fork["errors"], json!([]), "{fork}");
+    let c = fork["sandboxes"][0]["id"].as_str().unwrap().to_string();
+    assert!(c != a && c != b, "{fork}");
+    let out = exec(&socket, &c, "wc -c < /tmp/blob; hostname").await;
+    assert_eq!(out["stdout"], format!("1048576\n{c}\n"));
+    let (_, list) = common::json(&socket, Method::GET, "/v1/snapshots", None, Value::Null).await;
+    assert_eq!(list["snapshots"].as_array().unwrap().len(), 1, "only `base` is left: {list}");
+    let (status, bad) =
+        common::json(&socket, Method::POST, &format!("/v1/sandboxes/{b}/fork"), None, json!({"count": 99})).await;
+    assert_eq!((status, bad["code"].as_u64()), (StatusCode::BAD_REQUEST, Some(400)), "{bad}");
+
+    // All deleted.
+    for id in [&a, &b, &c] {
         let (status, body) =
             common::json(&socket, Method::DELETE, &format!("/v1/sandboxes/{id}"), None, Value::Null).await;
         assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
@@ -180,6 +187,54 @@ async fn a_client_drives_sandboxes_through_the_api() {
     }
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
+}
+
+/// Forward a host port to busybox httpd on the guest's 127.0.0.1:8080, GET
+/// a file through it, see it listed and its connection among the events.
+async fn port_forward(socket: &Path, id: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    exec(
+        socket,
+        id,
+        "mkdir -p /tmp/www && echo through the api > /tmp/www/f.txt && httpd -p 127.0.0.1:8080 -h /tmp/www",
+    )
+    .await;
+    let ports = format!("/v1/sandboxes/{id}/ports");
+    let (status, forward) = common::json(socket, Method::POST, &ports, None, json!({"guest_port": 8080})).await;
+    assert_eq!(status, StatusCode::CREATED, "{forward}");
+    let host: std::net::SocketAddr = forward["host"].as_str().unwrap().parse().unwrap();
+    assert!(host.ip().is_loopback(), "{forward}");
+    let (status, bad) = common::json(socket, Method::POST, &ports, None, json!({"guest_port": 0})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+    let (status, list) = common::json(socket, Method::GET, &ports, None, Value::Null).await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    assert_eq!(list["ports"], json!([forward]));
+
+    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+    stream.write_all(b"GET /f.txt HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.contains(" 200 ") && response.ends_with("through the api\n"), "{response}");
+    // Its row is written when the connection ends: both sides closed.
+    drop(stream);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, page) =
+            common::json(socket, Method::GET, &format!("/v1/sandboxes/{id}/events?limit=1000"), None, Value::Null)
+                .await;
+        let inbound = page["events"].as_array().unwrap().iter().find(|r| r["kind"] == "inbound").cloned();
+        if let Some(row) = inbound {
+            assert_eq!(
+                (&row["listener"], &row["guest_port"], &row["decision"]),
+                (&forward["host"], &json!(8080), &json!("allowed")),
+                "{row}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no inbound event: {page}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Stream `id`'s events from `after`, make the guest look up `live.test`,

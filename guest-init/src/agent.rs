@@ -4,7 +4,7 @@
 //! with a logged error and never disturbs the others.
 
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::sync::mpsc::{Receiver, Sender};
@@ -26,6 +26,8 @@ pub(crate) trait Connection: Read + Write + Send + 'static {
     fn try_clone_conn(&self) -> io::Result<Box<dyn Connection>>;
     /// Close both directions, waking a reader blocked on it.
     fn shutdown_conn(&self);
+    /// The socket's descriptor (to poll it and to close one direction).
+    fn fd(&self) -> RawFd;
 }
 
 impl Connection for std::os::unix::net::UnixStream {
@@ -34,6 +36,9 @@ impl Connection for std::os::unix::net::UnixStream {
     }
     fn shutdown_conn(&self) {
         let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+    fn fd(&self) -> RawFd {
+        self.as_raw_fd()
     }
 }
 
@@ -61,6 +66,9 @@ impl Connection for VsockConn {
     }
     fn shutdown_conn(&self) {
         let _ = nix::sys::socket::shutdown(self.0.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+    }
+    fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
     }
 }
 
@@ -143,11 +151,22 @@ fn serve_request(mut conn: Box<dyn Connection>, shutdown: &Sender<()>) -> Result
             let result = crate::identity::apply(&identity);
             reply_result(&mut conn, result, GuestMessage::DataEnd)
         }
+        Some(HostMessage::Fs(request)) => {
+            let mut frames = FrameWriter::default();
+            let mut send =
+                |msg: GuestMessage| frames.write(&mut conn, &msg).map_err(|e| io::Error::other(e.to_string()));
+            let reply = match crate::fs::serve(request, &mut send) {
+                Ok(()) => GuestMessage::DataEnd,
+                Err(e) => e.into_message(),
+            };
+            write_frame(&mut conn, &reply)
+        }
         Some(HostMessage::Shutdown) => {
             write_frame(&mut conn, &GuestMessage::DataEnd)?;
             let _ = shutdown.send(());
             Ok(())
         }
+        Some(HostMessage::Connect { port }) => connect_port(conn, port),
         Some(other) => Err(FrameError::Io(io::Error::other(format!("unexpected request {other:?}")))),
         None => Ok(()),
     }
@@ -438,6 +457,144 @@ fn handle_input(reader: &mut Box<dyn Connection>, running: &mut Running) {
     }
 }
 
+/// Connect to `127.0.0.1:port` in the guest for the host, answer
+/// `Connected` (or the error), then carry the bytes both ways.
+fn connect_port(mut conn: Box<dyn Connection>, port: u16) -> Result<(), FrameError> {
+    let tcp = match std::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port)) {
+        Ok(tcp) => tcp,
+        Err(e) => {
+            let msg = format!("connecting to 127.0.0.1:{port} in the guest: {e}");
+            write_frame(&mut conn, &GuestMessage::Error(msg))?;
+            return Ok(());
+        }
+    };
+    write_frame(&mut conn, &GuestMessage::Connected)?;
+    splice(conn.fd(), tcp.as_raw_fd()).map_err(FrameError::Io)
+}
+
+/// One direction of a [`splice`]: bytes read from `from` and not yet
+/// written to `to`, in a buffer kept for the connection's life.
+struct Direction {
+    from: RawFd,
+    to: RawFd,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// `from` reached its end (or failed).
+    eof: bool,
+    /// The end was passed on: `to` was shut down for writing.
+    done: bool,
+}
+
+impl Direction {
+    fn new(from: RawFd, to: RawFd) -> Direction {
+        Direction { from, to, buf: vec![0; CHUNK], start: 0, end: 0, eof: false, done: false }
+    }
+
+    /// What to poll for: the source while the buffer is empty, else the sink.
+    fn interest(&self) -> (RawFd, libc::c_short) {
+        if self.done {
+            (-1, 0)
+        } else if self.start < self.end {
+            (self.to, libc::POLLOUT)
+        } else if self.eof {
+            (-1, 0)
+        } else {
+            (self.from, libc::POLLIN)
+        }
+    }
+
+    /// Move what can be moved without blocking. An error writing ends the
+    /// whole splice (the peer is gone); one reading is the end of that side.
+    fn pump(&mut self) -> io::Result<()> {
+        loop {
+            if self.start < self.end {
+                // SAFETY: writes from the live buffer's initialised range `start..end`.
+                let n = unsafe { libc::write(self.to, self.buf[self.start..].as_ptr().cast(), self.end - self.start) };
+                if n < 0 {
+                    let e = io::Error::last_os_error();
+                    return match e.kind() {
+                        io::ErrorKind::WouldBlock => Ok(()),
+                        io::ErrorKind::Interrupted => continue,
+                        _ => Err(e),
+                    };
+                }
+                self.start += n.unsigned_abs();
+                continue;
+            }
+            if self.eof {
+                if !self.done {
+                    self.done = true;
+                    // A half-close: the other side sees the end of this direction.
+                    // SAFETY: shutdown on a descriptor this connection owns.
+                    unsafe { libc::shutdown(self.to, libc::SHUT_WR) };
+                }
+                return Ok(());
+            }
+            // SAFETY: reads into the live buffer, at most its length.
+            let n = unsafe { libc::read(self.from, self.buf.as_mut_ptr().cast(), self.buf.len()) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => return Ok(()),
+                    io::ErrorKind::Interrupted => continue,
+                    _ => self.eof = true,
+                }
+            } else if n == 0 {
+                self.eof = true;
+            } else {
+                (self.start, self.end) = (0, n.unsigned_abs());
+            }
+        }
+    }
+}
+
+/// Set `O_NONBLOCK` on `fd`.
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor the caller keeps open; no pointers.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Carry bytes between the sockets `a` and `b` both ways, on this thread,
+/// until each direction has ended (each end passed on as a half-close) or
+/// a write fails. Non-blocking, so that neither direction waits on the
+/// other; one buffer per direction, kept to the end.
+fn splice(a: RawFd, b: RawFd) -> io::Result<()> {
+    set_nonblocking(a)?;
+    set_nonblocking(b)?;
+    let mut dirs = [Direction::new(a, b), Direction::new(b, a)];
+    while !dirs.iter().all(|d| d.done) {
+        let mut fds = dirs.each_ref().map(|d| {
+            let (fd, events) = d.interest();
+            libc::pollfd { fd, events, revents: 0 }
+        });
+        // SAFETY: `fds` is a live array of two initialised pollfd structures.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        for (dir, p) in dirs.iter_mut().zip(&fds) {
+            if p.revents != 0 {
+                dir.pump()?;
+            }
+        }
+        // A direction with nothing to poll for passes its end on at once.
+        for dir in dirs.iter_mut().filter(|d| d.eof && !d.done && d.start == d.end) {
+            dir.pump()?;
+        }
+    }
+    Ok(())
+}
+
 struct Pty {
     master: OwnedFd,
     slave: OwnedFd,
@@ -584,6 +741,50 @@ mod tests {
         assert!(
             matches!(read_frame::<GuestMessage>(&mut host).unwrap(), Some(GuestMessage::Error(e)) if e.contains("/no/such/file"))
         );
+    }
+
+    #[test]
+    fn a_connect_carries_bytes_both_ways_and_passes_each_end_on() {
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = server.local_addr().unwrap().port();
+        // An echo server that answers once its input has ended, then closes.
+        let echo = std::thread::spawn(move || {
+            let (mut s, _) = server.accept().unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).unwrap();
+            s.write_all(b"got:").unwrap();
+            s.write_all(&got).unwrap();
+        });
+        let (mut host, _) = agent();
+        hello(&mut host);
+        write_frame(&mut host, &HostMessage::Connect { port }).unwrap();
+        assert_eq!(read_frame::<GuestMessage>(&mut host).unwrap(), Some(GuestMessage::Connected));
+        // More than a buffer's worth, in both directions.
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        host.write_all(&data).unwrap();
+        host.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        host.read_to_end(&mut back).unwrap();
+        assert_eq!(&back[..4], b"got:");
+        assert_eq!(&back[4..], &data[..]);
+        echo.join().unwrap();
+    }
+
+    #[test]
+    fn a_connect_to_a_closed_port_is_an_error_reply() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let (mut host, _) = agent();
+        hello(&mut host);
+        write_frame(&mut host, &HostMessage::Connect { port }).unwrap();
+        let reply = read_frame::<GuestMessage>(&mut host).unwrap();
+        assert!(
+            matches!(&reply, Some(GuestMessage::Error(e)) if e.contains(&format!("127.0.0.1:{port}"))),
+            "{reply:?}"
+        );
+        assert!(read_frame::<GuestMessage>(&mut host).unwrap().is_none());
     }
 
     #[test]

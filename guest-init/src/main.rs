@@ -12,6 +12,7 @@
 
 mod agent;
 mod command;
+mod fs;
 mod identity;
 mod mounts;
 mod network;

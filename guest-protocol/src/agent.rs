@@ -6,14 +6,23 @@
 //! above [`MAX_FRAME`] are refused before anything is allocated. A connection
 //! opens with a [`HostMessage::Hello`] answered by [`GuestMessage::Hello`]
 //! (both carry [`VERSION`]), then carries one request: an exec, a file
-//! transfer, the sandbox's identity, or a shutdown. Concurrent requests use concurrent connections.
+//! transfer, a file system operation, the sandbox's identity, a shutdown,
+//! or a connection to a port inside the guest. Concurrent requests use
+//! concurrent connections.
+//!
+//! A [`HostMessage::Connect`] is answered by [`GuestMessage::Connected`]
+//! (or an [`GuestMessage::Error`], and the connection ends); after
+//! `Connected` the connection stops being framed and carries the bytes of
+//! the guest's TCP connection to `127.0.0.1:<port>` both ways, each
+//! direction closed on its own (a half-close reaches the other side as one).
+//! Only the host asks: nothing in the guest can open a listener on the host.
 
 use std::io::{self, Read, Write};
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Protocol version; the agent refuses a different one.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Largest frame payload, in bytes.
 pub const MAX_FRAME: usize = 1 << 20;
 /// Largest data chunk a sender puts in one frame.
@@ -58,6 +67,72 @@ pub struct Identity {
     pub hostname: Option<String>,
 }
 
+/// A file system operation in the guest. The guest answers with zero or
+/// more [`GuestMessage::Entries`] frames and a [`GuestMessage::DataEnd`],
+/// or with a [`GuestMessage::FsFailed`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FsRequest {
+    /// The entry at `path` (symbolic links are not followed).
+    Stat { path: String },
+    /// The entries under the directory `path`, down to `depth` levels
+    /// (1: its own entries), at most [`MAX_LIST_ENTRIES`].
+    List { path: String, depth: u32 },
+    /// Make the directory `path` and any missing parents; answers with the
+    /// new directory's entry (an existing directory is `AlreadyExists`).
+    MakeDir { path: String },
+    /// Remove `path`, a directory with everything in it.
+    Remove { path: String },
+    /// Rename `from` to `to`; answers with the entry at `to`.
+    Rename { from: String, to: String },
+}
+
+/// The most entries one [`FsRequest::List`] answers with.
+pub const MAX_LIST_ENTRIES: usize = 100_000;
+/// The most entries the guest puts in one [`GuestMessage::Entries`] frame.
+pub const ENTRIES_PER_FRAME: usize = 256;
+
+/// What kind of file an entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    File,
+    Directory,
+    Symlink,
+    /// A device, socket or FIFO.
+    Other,
+}
+
+/// One file system entry, as `lstat` sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The last component of `path`.
+    pub name: String,
+    /// The absolute path.
+    pub path: String,
+    pub kind: EntryKind,
+    pub size: u64,
+    /// `st_mode`: file type and permission bits.
+    pub mode: u32,
+    /// The owner's and the group's names (numbers when the guest has no name for them).
+    pub owner: String,
+    pub group: String,
+    /// Last modification: seconds and nanoseconds since the Unix epoch.
+    pub modified: (i64, u32),
+    /// Where a symbolic link points.
+    pub symlink_target: Option<String>,
+}
+
+/// Why a file system operation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FsErrorKind {
+    NotFound,
+    AlreadyExists,
+    PermissionDenied,
+    /// A path that is not a directory where one is needed, or the reverse.
+    NotADirectory,
+    InvalidInput,
+    Other,
+}
+
 /// Host to guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HostMessage {
@@ -87,6 +162,13 @@ pub enum HostMessage {
     SetIdentity(Identity),
     /// Stop every process and power the VM off.
     Shutdown,
+    /// A file system operation.
+    Fs(FsRequest),
+    /// Connect to `127.0.0.1:port` in the guest; once `Connected`, the
+    /// connection carries that TCP connection's bytes, unframed.
+    Connect {
+        port: u16,
+    },
 }
 
 /// Guest to host.
@@ -109,6 +191,15 @@ pub enum GuestMessage {
     DataEnd,
     /// The request failed; the connection ends.
     Error(String),
+    /// File system entries (for an [`FsRequest`]); `DataEnd` ends them.
+    Entries(Vec<Entry>),
+    /// A file system operation failed; the connection ends.
+    FsFailed {
+        kind: FsErrorKind,
+        message: String,
+    },
+    /// The guest connected to the port a `Connect` named: raw bytes follow.
+    Connected,
 }
 
 /// A frame that could not be read or written.
@@ -232,6 +323,9 @@ mod tests {
                 time: (1_780_000_000, 999_999_999),
                 hostname: Some("sandbox-1".into()),
             }),
+            HostMessage::Fs(FsRequest::List { path: "/tmp".into(), depth: 2 }),
+            HostMessage::Fs(FsRequest::Rename { from: "/a".into(), to: "/b".into() }),
+            HostMessage::Connect { port: 8080 },
         ];
         let mut wire = Vec::new();
         for m in &msgs {
@@ -243,6 +337,58 @@ mod tests {
             back.push(m);
         }
         assert_eq!(back, msgs);
+    }
+
+    #[test]
+    fn file_system_replies_round_trip() {
+        let entry = Entry {
+            name: "b c".into(),
+            path: "/a/b c".into(),
+            kind: EntryKind::Symlink,
+            size: 3,
+            mode: 0o120_777,
+            owner: "root".into(),
+            group: "1000".into(),
+            modified: (1_780_000_000, 5),
+            symlink_target: Some("/etc".into()),
+        };
+        // A full frame of entries with long paths stays under the frame limit.
+        let long = Entry { path: "/".repeat(3000), name: "n".repeat(255), ..entry.clone() };
+        let msgs = [
+            GuestMessage::Entries(vec![entry]),
+            GuestMessage::Entries(vec![long; ENTRIES_PER_FRAME]),
+            GuestMessage::FsFailed { kind: FsErrorKind::NotFound, message: "/x: no such file".into() },
+        ];
+        let mut wire = Vec::new();
+        for m in &msgs {
+            write_frame(&mut wire, m).unwrap();
+        }
+        let back: Vec<_> = decode_all::<GuestMessage>(&wire).into_iter().map(Result::unwrap).collect();
+        assert_eq!(back, msgs);
+    }
+
+    #[test]
+    fn a_connect_reply_is_followed_by_raw_bytes_left_unread() {
+        // The reader takes exactly one frame: what follows `Connected` is
+        // the guest connection's bytes, for the caller to read.
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &GuestMessage::Connected).unwrap();
+        wire.extend_from_slice(b"HTTP/1.0 200 OK\r\n");
+        let mut r = wire.as_slice();
+        assert_eq!(read_frame::<GuestMessage>(&mut r).unwrap(), Some(GuestMessage::Connected));
+        assert_eq!(r, b"HTTP/1.0 200 OK\r\n");
+    }
+
+    #[test]
+    fn new_variants_keep_the_encoding_of_older_ones() {
+        // Variants are appended, so a message an older peer knows keeps its
+        // bytes (the version check refuses mismatched peers anyway).
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &HostMessage::Shutdown).unwrap();
+        assert_eq!(wire, [0, 0, 0, 1, 11]);
+        wire.clear();
+        write_frame(&mut wire, &GuestMessage::Error(String::new())).unwrap();
+        assert_eq!(wire, [0, 0, 0, 2, 7, 0]);
     }
 
     #[test]

@@ -32,6 +32,11 @@ pub const CA_CERT_FILE: &str = "ca.pem";
 pub const SANDBOX_LOG: &str = "sandbox.log";
 /// The output of the command given to a detached `run`.
 pub const OUTPUT_LOG: &str = "output.log";
+/// The port forwards of a running sandbox (host address, guest port),
+/// written by the process holding it as it adds them.
+pub const PORTS_FILE: &str = "ports.json";
+/// Where [`PORTS_FILE`] is written before it is renamed into place.
+pub const PORTS_TMP_FILE: &str = "ports.json.tmp";
 
 /// The Unix socket name for guest-initiated connections to host vsock port
 /// `port`: `vsock.sock_<port>`. The host handler of that port listens on it;
@@ -71,6 +76,16 @@ impl SandboxDir {
     /// connects for each guest connection to that port.
     pub fn vsock_port_socket(&self, port: u32) -> PathBuf {
         self.path.join(vsock_port_socket_name(port))
+    }
+
+    /// `<dir>/ports.json`.
+    pub fn ports_file(&self) -> PathBuf {
+        self.path.join(PORTS_FILE)
+    }
+
+    /// `<dir>/ports.json.tmp`.
+    pub fn ports_tmp_file(&self) -> PathBuf {
+        self.path.join(PORTS_TMP_FILE)
     }
 
     /// `<dir>/session.db`.

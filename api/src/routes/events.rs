@@ -1,11 +1,13 @@
 //! `GET /v1/sandboxes/{id}/events?after=CURSOR&limit=N`: the rows of a
-//! sandbox's `session.db` (DNS queries, connections, model calls), a page
+//! sandbox's `session.db` (DNS queries, connections, model calls,
+//! connections from the host into the guest), a page
 //! at a time, oldest first; `GET /v1/sandboxes/{id}/events/stream`: the
 //! same rows followed live as server-sent events.
 //!
-//! The rows live in three tables with ids of their own, so a position is
-//! three row ids, `<dns>.<net>.<ai>` (the last row of each already
-//! returned): every page says where the next starts (`next`), every
+//! The rows live in four tables with ids of their own, so a position is
+//! four row ids, `<dns>.<net>.<ai>.<inbound>` (the last row of each already
+//! returned; a position of three, from before the fourth table, means
+//! inbound 0): every page says where the next starts (`next`), every
 //! streamed event carries the position after it as its SSE `id`.
 
 use std::convert::Infallible;
@@ -17,7 +19,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::Json;
 use futures_util::Stream;
 use serde::{Deserialize, Serialize};
-use telemetry::query::{LogOptions, LogReader, LogRow};
+use telemetry::query::{LogOptions, LogReader, LogRow, TABLES};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{blocking, find, QueryParams, SandboxId};
@@ -34,7 +36,7 @@ pub const DEFAULT_LIMIT: usize = 100;
 #[into_params(parameter_in = Query)]
 pub struct EventsQuery {
     /// Where to start: a previous page's `next` (default: the first row).
-    #[param(example = "3.1.0")]
+    #[param(example = "3.1.0.0")]
     pub after: Option<String>,
     /// At most this many rows (1..=1000, default 100).
     pub limit: Option<usize>,
@@ -43,47 +45,44 @@ pub struct EventsQuery {
 /// A page of events.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct EventPage {
-    /// Rows, oldest first: objects with `kind` (`dns`, `net` or `ai`) and
-    /// that table's columns.
+    /// Rows, oldest first: objects with `kind` (`dns`, `net`, `ai` or
+    /// `inbound`) and that table's columns.
     #[schema(value_type = Vec<Object>)]
     pub events: Vec<serde_json::Value>,
     /// The `after` of the next page.
-    #[schema(example = "4.1.0")]
+    #[schema(example = "4.1.0.0")]
     pub next: String,
     /// More rows were already waiting past this page.
     pub more: bool,
 }
 
-/// A position: three row ids.
-pub fn parse_cursor(after: Option<&str>) -> ApiResult<[i64; 3]> {
-    let Some(after) = after else { return Ok([0; 3]) };
-    let bad = || ApiError::bad_request(format!("after={after:?} is not a position (<dns>.<net>.<ai>, from `next`)"));
-    let mut ids = [0i64; 3];
-    let mut parts = after.split('.');
-    for id in &mut ids {
-        *id = parts.next().and_then(|p| p.parse::<i64>().ok()).filter(|n| *n >= 0).ok_or_else(bad)?;
-    }
-    if parts.next().is_some() {
+/// A position: a row id per table.
+pub type Position = [i64; TABLES];
+
+/// A position: four row ids (three, from before inbound rows: the fourth is 0).
+pub fn parse_cursor(after: Option<&str>) -> ApiResult<Position> {
+    let Some(after) = after else { return Ok([0; TABLES]) };
+    let bad = || {
+        ApiError::bad_request(format!("after={after:?} is not a position (<dns>.<net>.<ai>.<inbound>, from `next`)"))
+    };
+    let parts: Vec<&str> = after.split('.').collect();
+    if parts.len() != TABLES && parts.len() != TABLES - 1 {
         return Err(bad());
+    }
+    let mut ids = [0i64; TABLES];
+    for (id, part) in ids.iter_mut().zip(&parts) {
+        *id = part.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(bad)?;
     }
     Ok(ids)
 }
 
 fn slot(row: &LogRow) -> (usize, i64) {
-    match row {
-        LogRow::Dns(r) => (0, r.id),
-        LogRow::Net(r) => (1, r.id),
-        LogRow::Ai(r) => (2, r.id),
-    }
+    row.table_and_id()
 }
 
 /// The time rows are ordered by (as the reader orders them).
 fn time_ms(row: &LogRow) -> i64 {
-    match row {
-        LogRow::Dns(r) => r.time_ms,
-        LogRow::Net(r) => r.finished_ms,
-        LogRow::Ai(r) => r.time_ms,
-    }
+    row.sort_ms()
 }
 
 /// At most `limit` of `rows`, oldest first, taken so that each table's
@@ -91,8 +90,8 @@ fn time_ms(row: &LogRow) -> i64 {
 /// starting after those ids, then misses and repeats nothing (a merge of
 /// the tables in id order, by time). Returns the page, the new position and
 /// whether rows remain.
-pub fn page(rows: Vec<LogRow>, start: [i64; 3], limit: usize) -> (Vec<LogRow>, [i64; 3], bool) {
-    let mut tables: [std::collections::VecDeque<LogRow>; 3] = Default::default();
+pub fn page(rows: Vec<LogRow>, start: Position, limit: usize) -> (Vec<LogRow>, Position, bool) {
+    let mut tables: [std::collections::VecDeque<LogRow>; TABLES] = Default::default();
     let mut sorted = rows;
     sorted.sort_by_key(|r| slot(r).1);
     for row in sorted {
@@ -145,7 +144,7 @@ pub async fn events(
         .map(serde_json::to_value)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ApiError::internal(format!("encode events: {e}")))?;
-    Ok(Json(EventPage { events, next: format!("{}.{}.{}", position[0], position[1], position[2]), more }))
+    Ok(Json(EventPage { events, next: cursor(position), more }))
 }
 
 /// How often the stream looks for new rows.
@@ -160,16 +159,16 @@ pub struct StreamQuery {
     /// Where to start: a page's `next` or an event's `id` (default: the
     /// first row). A `Last-Event-ID` header, which a reconnecting
     /// EventSource sends, takes precedence.
-    #[param(example = "3.1.0")]
+    #[param(example = "3.1.0.0")]
     pub after: Option<String>,
 }
 
-fn cursor(position: [i64; 3]) -> String {
-    format!("{}.{}.{}", position[0], position[1], position[2])
+fn cursor(position: Position) -> String {
+    position.map(|id| id.to_string()).join(".")
 }
 
 /// What the stream's reader thread sends.
-fn row_event(row: &LogRow, position: [i64; 3]) -> SseEvent {
+fn row_event(row: &LogRow, position: Position) -> SseEvent {
     match serde_json::to_string(row) {
         Ok(json) => SseEvent::default().id(cursor(position)).data(json),
         Err(e) => error_event(&ApiError::internal(format!("encode an event: {e}"))),
@@ -184,7 +183,7 @@ fn error_event(e: &ApiError) -> SseEvent {
 /// Follow `sandbox`'s `session.db` from `start`, sending each row as it is
 /// committed, until the sandbox has stopped and every row was sent (then
 /// an `end` event), or the client went away. Runs on a blocking thread.
-fn follow(sandbox: &sandbox::Sandbox, start: [i64; 3], events: &tokio::sync::mpsc::Sender<SseEvent>) {
+fn follow(sandbox: &sandbox::Sandbox, start: Position, events: &tokio::sync::mpsc::Sender<SseEvent>) {
     let db = sandbox.session_db();
     let mut reader: Option<LogReader> = None;
     let mut position = start;
@@ -296,9 +295,11 @@ mod tests {
 
     #[test]
     fn positions_parse_and_bad_ones_are_refused() {
-        assert_eq!(parse_cursor(None).unwrap(), [0, 0, 0]);
-        assert_eq!(parse_cursor(Some("3.1.0")).unwrap(), [3, 1, 0]);
-        for bad in ["", "1", "1.2", "1.2.3.4", "a.b.c", "-1.0.0", "1..2", "99999999999999999999.0.0"] {
+        assert_eq!(parse_cursor(None).unwrap(), [0, 0, 0, 0]);
+        assert_eq!(parse_cursor(Some("3.1.0")).unwrap(), [3, 1, 0, 0]);
+        assert_eq!(parse_cursor(Some("3.1.0.7")).unwrap(), [3, 1, 0, 7]);
+        assert_eq!(cursor([3, 1, 0, 7]), "3.1.0.7");
+        for bad in ["", "1", "1.2", "1.2.3.4.5", "a.b.c", "-1.0.0", "1..2", "99999999999999999999.0.0"] {
             let e = parse_cursor(Some(bad)).unwrap_err();
             assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST, "{bad}");
         }
@@ -309,20 +310,20 @@ mod tests {
         // Row 2 was recorded with an earlier time than row 1.
         let rows = vec![dns(2, 5), dns(1, 10), dns(3, 20)];
         let ids = |page: &[LogRow]| page.iter().map(|r| slot(r).1).collect::<Vec<_>>();
-        let (page1, pos, more) = page(rows.clone(), [0; 3], 1);
+        let (page1, pos, more) = page(rows.clone(), [0; 4], 1);
         assert_eq!(ids(&page1), [1]);
-        assert_eq!(pos, [1, 0, 0]);
+        assert_eq!(pos, [1, 0, 0, 0]);
         assert!(more);
-        let (page2, pos, more) = page(rows.clone(), [0; 3], 2);
+        let (page2, pos, more) = page(rows.clone(), [0; 4], 2);
         assert_eq!(ids(&page2), [1, 2]);
-        assert_eq!(pos, [2, 0, 0]);
+        assert_eq!(pos, [2, 0, 0, 0]);
         assert!(more);
-        let (page3, pos, more) = page(rows, [0; 3], 100);
+        let (page3, pos, more) = page(rows, [0; 4], 100);
         assert_eq!(ids(&page3), [1, 2, 3]);
-        assert_eq!(pos, [3, 0, 0]);
+        assert_eq!(pos, [3, 0, 0, 0]);
         assert!(!more);
-        let (empty, pos, more) = page(Vec::new(), [7, 8, 9], 10);
+        let (empty, pos, more) = page(Vec::new(), [7, 8, 9, 1], 10);
         assert!(empty.is_empty() && !more);
-        assert_eq!(pos, [7, 8, 9]);
+        assert_eq!(pos, [7, 8, 9, 1]);
     }
 }

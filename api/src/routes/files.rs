@@ -71,6 +71,66 @@ fn tmp_dir(state: &AppState) -> ApiResult<PathBuf> {
     Ok(dir)
 }
 
+/// Write a request body (or a part of one) to a temporary file in the data
+/// directory, refusing it once it is over the upload limit; the file and
+/// how many bytes it holds.
+pub async fn spool<E: std::fmt::Display>(
+    state: &AppState,
+    mut stream: impl futures_util::Stream<Item = Result<axum::body::Bytes, E>> + Unpin,
+) -> ApiResult<(tempfile::NamedTempFile, u64)> {
+    let limit = state.config().upload_limit;
+    let dir = tmp_dir(state)?;
+    let tmp = tempfile::NamedTempFile::new_in(&dir).map_err(|e| ApiError::internal(format!("temporary file: {e}")))?;
+    let std_file = tmp.reopen().map_err(|e| ApiError::internal(format!("temporary file: {e}")))?;
+    let mut file = tokio::fs::File::from_std(std_file);
+    let mut written: u64 = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?;
+        written = written.saturating_add(chunk.len() as u64);
+        if written > limit {
+            return Err(too_large(limit));
+        }
+        file.write_all(&chunk).await.map_err(|e| ApiError::internal(format!("temporary file: {e}")))?;
+    }
+    file.flush().await.map_err(|e| ApiError::internal(format!("temporary file: {e}")))?;
+    Ok((tmp, written))
+}
+
+/// A guest file's bytes as a streamed response body (through a temporary
+/// file that is gone by the time the body is sent).
+pub async fn file_response(state: AppState, id: String, path: String) -> ApiResult<Response> {
+    let (file, len) = blocking(move || {
+        let dir = tmp_dir(&state)?;
+        let private = tempfile::Builder::new()
+            .prefix("download-")
+            .tempdir_in(&dir)
+            .map_err(|e| ApiError::internal(format!("temporary directory: {e}")))?;
+        let local = private.path().join("file");
+        let len = find(&state, &id)?.copy_out(&path, &local)?;
+        // Open, then let the directory go: the open file outlives its name.
+        let file = std::fs::File::open(&local).map_err(|e| ApiError::internal(format!("temporary file: {e}")))?;
+        Ok((file, len))
+    })
+    .await?;
+    let file = tokio::fs::File::from_std(file);
+    let stream = futures_util::stream::unfold(file, |mut file| async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        match file.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(buf), file))
+            }
+            Err(e) => Some((Err(e), file)),
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream".to_string()), (header::CONTENT_LENGTH, len.to_string())],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
 fn too_large(limit: u64) -> ApiError {
     ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the file is larger than the limit of {limit} bytes"))
 }
@@ -98,22 +158,7 @@ pub async fn upload(
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large(limit));
     }
-    let dir = tmp_dir(&state)?;
-    let tmp = tempfile::NamedTempFile::new_in(&dir).map_err(|e| ApiError::internal(format!("temporary file: {e}")))?;
-    let std_file = tmp.reopen().map_err(|e| ApiError::internal(format!("temporary file: {e}")))?;
-    let mut file = tokio::fs::File::from_std(std_file);
-    let mut stream = body.into_data_stream();
-    let mut written: u64 = 0;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?;
-        written = written.saturating_add(chunk.len() as u64);
-        if written > limit {
-            return Err(too_large(limit));
-        }
-        file.write_all(&chunk).await.map_err(|e| ApiError::internal(format!("temporary file: {e}")))?;
-    }
-    file.flush().await.map_err(|e| ApiError::internal(format!("temporary file: {e}")))?;
-    drop(file);
+    let (tmp, written) = spool(&state, body.into_data_stream()).await?;
     let path = query.path.clone();
     let bytes = blocking(move || {
         use std::os::unix::fs::PermissionsExt;
@@ -139,34 +184,5 @@ pub async fn download(
     QueryParams(query): QueryParams<FileQuery>,
 ) -> ApiResult<Response> {
     check_path(&query.path)?;
-    let (file, len) = blocking(move || {
-        let dir = tmp_dir(&state)?;
-        let private = tempfile::Builder::new()
-            .prefix("download-")
-            .tempdir_in(&dir)
-            .map_err(|e| ApiError::internal(format!("temporary directory: {e}")))?;
-        let local = private.path().join("file");
-        let len = find(&state, &id)?.copy_out(&query.path, &local)?;
-        // Open, then let the directory go: the open file outlives its name.
-        let file = std::fs::File::open(&local).map_err(|e| ApiError::internal(format!("temporary file: {e}")))?;
-        Ok((file, len))
-    })
-    .await?;
-    let file = tokio::fs::File::from_std(file);
-    let stream = futures_util::stream::unfold(file, |mut file| async move {
-        let mut buf = vec![0u8; 64 * 1024];
-        match file.read(&mut buf).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok::<_, std::io::Error>(buf), file))
-            }
-            Err(e) => Some((Err(e), file)),
-        }
-    });
-    Ok((
-        [(header::CONTENT_TYPE, "application/octet-stream".to_string()), (header::CONTENT_LENGTH, len.to_string())],
-        Body::from_stream(stream),
-    )
-        .into_response())
+    file_response(state, id, query.path).await
 }

@@ -7,6 +7,7 @@ pub mod exec;
 pub mod files;
 pub mod meta;
 pub mod policy;
+pub mod ports;
 pub mod sandboxes;
 pub mod snapshots;
 
@@ -33,7 +34,9 @@ pub fn router() -> Router<AppState> {
         .route("/v1/sandboxes/{id}/files", get(files::download).put(files::upload))
         .route("/v1/sandboxes/{id}/events", get(events::events))
         .route("/v1/sandboxes/{id}/events/stream", get(events::events_stream))
+        .route("/v1/sandboxes/{id}/ports", post(ports::create).get(ports::list))
         .route("/v1/sandboxes/{id}/snapshots", post(snapshots::create))
+        .route("/v1/sandboxes/{id}/fork", post(sandboxes::fork))
         .route("/v1/snapshots", get(snapshots::list))
         .route("/v1/sandboxes/{id}/profile", get(policy::sandbox_profile))
         .route("/v1/policy/check", post(policy::check).layer(DefaultBodyLimit::max(policy::MAX_BODY)))

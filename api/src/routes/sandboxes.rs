@@ -215,13 +215,86 @@ pub async fn get_one(State(state): State<AppState>, SandboxId(id): SandboxId) ->
     responses((status = 204, description = "Stopped and deleted"),
               (status = 404, description = "No such sandbox", body = crate::ErrorBody)))]
 pub async fn delete(State(state): State<AppState>, SandboxId(id): SandboxId) -> ApiResult<StatusCode> {
-    blocking(move || {
-        let sandbox = find(&state, &id)?;
-        sandbox.stop(STOP_TIMEOUT)?;
-        sandbox.remove(true)?;
-        tracing::info!(id, "sandbox deleted");
-        Ok(())
-    })
-    .await?;
+    let st = state.clone();
+    let owned = id.clone();
+    blocking(move || stop_and_remove(&st, &owned)).await?;
+    state.e2b().forget(&id);
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Stop sandbox `id` and delete it with its logs (blocking).
+pub fn stop_and_remove(state: &AppState, id: &str) -> ApiResult<()> {
+    let sandbox = find(state, id)?;
+    sandbox.stop(STOP_TIMEOUT)?;
+    sandbox.remove(true)?;
+    tracing::info!(id, "sandbox deleted");
+    Ok(())
+}
+
+/// How many copies to fork.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForkSandbox {
+    /// How many copies (1..=16, default 1).
+    #[schema(example = 2)]
+    pub count: Option<u16>,
+}
+
+/// The copies a fork started, and why any others did not start.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ForkResult {
+    pub sandboxes: Vec<SandboxInfo>,
+    pub errors: Vec<crate::ErrorBody>,
+}
+
+/// The most copies one fork request starts.
+pub const MAX_FORK: u16 = 16;
+
+/// Start copies of a running sandbox (blocking): its snapshot is taken
+/// once (it runs on), each copy restored from it with the source's
+/// profiles, and the snapshot deleted.
+pub fn fork_copies(state: &AppState, id: &str, count: u16) -> ApiResult<Vec<Result<sandbox::Sandbox, ApiError>>> {
+    if !(1..=MAX_FORK).contains(&count) {
+        return Err(ApiError::bad_request(format!("count must be within 1..={MAX_FORK}")));
+    }
+    let source = find(state, id)?;
+    let mut jail = sandbox::Jail::default();
+    jail.cpus = Some(f64::from(source.state().vcpus) + 0.5);
+    let holder = state.config().holder.clone();
+    let copies = source.fork(usize::from(count), |builder| {
+        let builder = builder.jail(jail.clone());
+        match &holder {
+            Some((program, args)) => builder.holder_program(program, args.iter().cloned()),
+            None => builder,
+        }
+    })?;
+    Ok(copies.into_iter().map(|c| c.map_err(ApiError::from)).collect())
+}
+
+/// Start copies of a running sandbox from one snapshot of it (it runs on).
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/fork", tag = "sandboxes", request_body = ForkSandbox,
+    params(("id" = String, Path, description = "The sandbox's id")),
+    responses((status = 201, description = "The copies that started (and errors of any that did not)", body = ForkResult),
+              (status = 400, description = "A bad count", body = crate::ErrorBody),
+              (status = 404, description = "No such sandbox", body = crate::ErrorBody),
+              (status = 409, description = "The sandbox is not running", body = crate::ErrorBody)))]
+pub async fn fork(
+    State(state): State<AppState>,
+    SandboxId(id): SandboxId,
+    JsonBody(request): JsonBody<ForkSandbox>,
+) -> ApiResult<(StatusCode, Json<ForkResult>)> {
+    let count = request.count.unwrap_or(1);
+    let copies = blocking(move || fork_copies(&state, &id, count)).await?;
+    let mut result = ForkResult { sandboxes: Vec::new(), errors: Vec::new() };
+    for copy in copies {
+        match copy {
+            Ok(copy) => result.sandboxes.push(SandboxInfo::of(&copy)),
+            Err(e) => result.errors.push(crate::ErrorBody { code: e.status.as_u16(), message: e.message }),
+        }
+    }
+    if result.sandboxes.is_empty() {
+        let first = result.errors.first().map_or_else(|| "no copy started".to_string(), |e| e.message.clone());
+        return Err(ApiError::internal(format!("no copy started: {first}")));
+    }
+    Ok((StatusCode::CREATED, Json(result)))
 }

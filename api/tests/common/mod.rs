@@ -10,6 +10,17 @@ use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 
+/// Stops whatever sandboxes a failed run left in the data directory.
+pub struct Cleanup(pub std::path::PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for sandbox in sandbox::Sandbox::list_in(&self.0).unwrap_or_default() {
+            let _ = sandbox.stop(std::time::Duration::from_secs(30));
+        }
+    }
+}
+
 /// One request on a new connection to the server at `socket`.
 pub async fn call(socket: &Path, method: Method, uri: &str, key: Option<&str>, body: Vec<u8>) -> (StatusCode, Bytes) {
     let stream = tokio::net::UnixStream::connect(socket).await.unwrap();

@@ -25,6 +25,9 @@ pub struct LogsArgs {
     /// Only model calls.
     #[arg(long)]
     ai: bool,
+    /// Only connections from the host into the guest (port forwards).
+    #[arg(long)]
+    inbound: bool,
     /// JSON lines.
     #[arg(long)]
     json: bool,
@@ -56,6 +59,7 @@ pub fn logs(args: LogsArgs) -> Outcome {
         dns: args.dns,
         net: args.net,
         ai: args.ai,
+        inbound: args.inbound,
         json: args.json,
         follow: args.follow,
         ..Default::default()

@@ -14,6 +14,7 @@ mod exec;
 mod images;
 mod logs;
 mod policy;
+mod port;
 mod ps;
 mod rm;
 pub mod run;
@@ -34,6 +35,9 @@ pub enum Command {
     Cp(cp::CpArgs),
     /// List running sandboxes (-a: all).
     Ps(ps::PsArgs),
+    /// Forward a host port to a running sandbox's 127.0.0.1 (`port <id>
+    /// [HOST_ADDR:]HOST_PORT:GUEST_PORT`, prints the host address), or list its forwards.
+    Port(port::PortArgs),
     /// Stop running sandboxes.
     Stop(stop::StopArgs),
     /// Delete sandboxes and their logs.
@@ -87,6 +91,7 @@ pub fn run(command: Command) -> Outcome {
         Command::Exec(args) => exec::exec(args),
         Command::Cp(args) => cp::cp(args),
         Command::Ps(args) => ps::ps(args),
+        Command::Port(args) => port::port(args),
         Command::Stop(args) => stop::stop(args),
         Command::Rm(args) => rm::rm(args),
         Command::Snapshot(args) => snapshot::snapshot(args),

@@ -36,7 +36,11 @@ pub fn ps(args: PsArgs) -> Outcome {
     let sandboxes = Sandbox::list()?;
     let mut out = std::io::stdout().lock();
     if !args.quiet {
-        writeln!(out, "{:<14} {:<20} {:<30} {:<16} {:<8} MEMORY", "ID", "IMAGE", "COMMAND", "CREATED", "STATUS")?;
+        writeln!(
+            out,
+            "{:<14} {:<20} {:<30} {:<16} {:<8} {:<9} PORTS",
+            "ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "MEMORY"
+        )?;
     }
     for s in sandboxes {
         let running = s.is_running();
@@ -58,15 +62,17 @@ pub fn ps(args: PsArgs) -> Outcome {
             state.image.clone()
         };
         let status = if running { "running" } else { "exited" };
+        let ports: Vec<String> = s.ports().iter().map(|f| format!("{}->{}", f.host, f.guest_port)).collect();
         writeln!(
             out,
-            "{:<14} {:<20} {:<30} {:<16} {:<8} {} MiB",
+            "{:<14} {:<20} {:<30} {:<16} {:<8} {:<9} {}",
             state.id,
             image,
             command,
             ago(state.created),
             status,
-            state.memory_mib
+            format!("{} MiB", state.memory_mib),
+            ports.join(", ")
         )?;
     }
     Ok(ExitCode::SUCCESS)

@@ -72,6 +72,12 @@ pub struct RunArgs {
     /// Show the guest kernel's console log on stderr.
     #[arg(long)]
     console: bool,
+    /// Forward a host port to the guest's 127.0.0.1 while the sandbox runs:
+    /// `[HOST_ADDR:]HOST_PORT:GUEST_PORT` (HOST_ADDR defaults to 127.0.0.1;
+    /// HOST_PORT 0 picks a free one); repeatable. The host address of each
+    /// is printed on stderr as `sandbox: port HOST -> GUEST`.
+    #[arg(short = 'p', long = "publish", value_name = "[HOST_ADDR:]HOST_PORT:GUEST_PORT", value_parser = super::port::parse_spec)]
+    publish: Vec<sandbox::PortSpec>,
     /// Restore the sandbox from this snapshot (a name from `sandbox
     /// snapshots`, or a snapshot's directory) instead of booting an image;
     /// its memory, vCPUs and image are the snapshot's.
@@ -195,8 +201,22 @@ fn jail(args: &RunArgs) -> Jail {
     jail
 }
 
+/// Bind the listeners of `-p` here (before any confinement: this process's
+/// rights, and a port already taken is an error before anything boots),
+/// say where each listens, and give them to the sandbox.
+fn publish(args: &RunArgs, mut builder: SandboxBuilder) -> Result<SandboxBuilder, Failure> {
+    for spec in &args.publish {
+        let listener = spec.bind().or_sandbox_failure()?;
+        let host = listener.local_addr().context("read a listener's address").or_sandbox_failure()?;
+        eprintln!("sandbox: port {host} -> {}", spec.guest_port);
+        builder = builder.forward(listener, spec.guest_port);
+    }
+    Ok(builder)
+}
+
 pub fn run(args: RunArgs) -> Outcome {
     let (mut builder, mut command) = prepare(&args)?;
+    builder = publish(&args, builder)?;
     let timeout = args.timeout.map(Duration::from_secs);
     if args.detach {
         return detach(&args, builder, command, timeout);

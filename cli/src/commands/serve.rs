@@ -24,6 +24,11 @@ pub struct ServeArgs {
     /// (`Authorization: Bearer <key>` or `X-API-Key: <key>`).
     #[arg(long, value_name = "FILE")]
     api_key_file: Option<PathBuf>,
+    /// The domain E2B clients build a sandbox port's host name in,
+    /// `<port>-<sandbox id>.<domain>` (default with --listen:
+    /// `localhost:<its port>`, which curl and browsers resolve to loopback).
+    #[arg(long, value_name = "DOMAIN", requires = "listen")]
+    domain: Option<String>,
     /// Where sandboxes and snapshots live (default: $SANDBOX_DATA, else ~/.local/share/sandbox).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
@@ -40,25 +45,27 @@ pub fn serve(args: ServeArgs) -> Outcome {
     let key = args.api_key_file.as_deref().map(api::ApiKey::read).transpose()?;
     let exe = std::env::current_exe().context("find the sandbox executable")?;
     let config = api::Config::new(&data_dir).holder(exe, ["holder"]).api_key(key);
-    let app = api::router(config);
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
     runtime.block_on(async {
         match args.listen {
             Some(addr) => {
                 let listener =
                     tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?;
+                let local = listener.local_addr()?;
+                let domain = args.domain.clone().unwrap_or_else(|| format!("localhost:{}", local.port()));
+                let app = api::router(config.e2b_domain(Some(domain)));
                 if !addr.ip().is_loopback() {
                     tracing::warn!(
                         "listening on {addr}, beyond this host: anyone who has the key drives its sandboxes"
                     );
                 }
-                eprintln!("sandbox: serving the API on http://{}", listener.local_addr()?);
+                eprintln!("sandbox: serving the API on http://{local}");
                 api::serve_tcp(listener, app, api::shutdown_signal()).await?;
             }
             None => {
                 let socket = args.socket.unwrap_or_else(|| data_dir.join("api.sock"));
                 eprintln!("sandbox: serving the API on {}", socket.display());
-                api::serve_unix(&socket, app, api::shutdown_signal()).await?;
+                api::serve_unix(&socket, api::router(config), api::shutdown_signal()).await?;
             }
         }
         anyhow::Ok(())

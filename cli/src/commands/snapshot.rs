@@ -138,31 +138,26 @@ pub fn rm_snapshot(args: RmSnapshotArgs) -> Outcome {
 /// the background, each with the source's profiles; print their ids. The
 /// snapshot is deleted once they run (their memory maps it).
 pub fn fork(args: ForkArgs) -> Outcome {
-    let data = sandbox::paths::data_dir();
     let source = Sandbox::find(&args.id)?;
-    let store = sandbox::paths::snapshots_in(&data);
-    sandbox::snapshot::create_store(&store).or_sandbox_failure()?;
-    let snapshot = source
-        .snapshot(store.join(format!("fork-{}", new_name(source.id()))), AfterSnapshot::Resume)
-        .or_sandbox_failure()?;
     let exe = std::env::current_exe().context("find the sandbox executable").or_sandbox_failure()?;
-    let mut result = Ok(());
-    for _ in 0..args.count {
-        let mut builder = Sandbox::from_snapshot(snapshot.clone()).holder_program(&exe, ["holder"]);
-        for (layer, profile) in &source.state().profiles {
-            builder = builder.profile_at(*layer, profile.clone());
-        }
-        builder = builder.jail(super::run::default_jail(snapshot.vcpus)).label(source.state().command.clone());
-        match builder.spawn() {
+    let (label, vcpus) = (source.state().command.clone(), source.state().vcpus);
+    let copies = source
+        .fork(usize::from(args.count), |builder| {
+            builder.holder_program(&exe, ["holder"]).jail(super::run::default_jail(vcpus)).label(label.clone())
+        })
+        .or_sandbox_failure()?;
+    let mut failed = None;
+    for copy in copies {
+        match copy {
             Ok(copy) => println!("{}", copy.id()),
             Err(e) => {
-                result = Err(e);
-                break;
+                eprintln!("sandbox: a copy did not start: {e}");
+                failed.get_or_insert(e);
             }
         }
     }
-    let removed = snapshot.remove();
-    result.or_sandbox_failure()?;
-    removed.or_sandbox_failure()?;
+    if let Some(e) = failed {
+        return Err(e).or_sandbox_failure();
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -129,6 +129,28 @@ pub struct NetEvent {
     pub model_call: Option<ai::ModelCall>,
 }
 
+/// One row of `inbound_events`: a connection from the host into the guest
+/// (a port forward's, or one `Sandbox::connect_port` made), recorded when
+/// it ends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InboundEvent {
+    pub started: SystemTime,
+    pub finished: SystemTime,
+    /// Where it came in: the forward's host address (`127.0.0.1:8080`), or
+    /// what opened it otherwise (`connect_port`).
+    pub listener: String,
+    /// The client's address, when there is one.
+    pub peer: Option<String>,
+    /// The port on the guest's 127.0.0.1 it was carried to.
+    pub guest_port: u16,
+    /// `Allowed`: the guest accepted it; `Error`: it did not (nothing
+    /// listening, the guest agent unreachable).
+    pub decision: Outcome,
+    pub bytes_to_guest: u64,
+    pub bytes_from_guest: u64,
+    pub error: Option<String>,
+}
+
 /// What went wrong in telemetry.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
@@ -214,6 +236,7 @@ impl Default for TelemetryConfig {
 enum Message {
     Dns(Box<DnsEvent>),
     Net(Box<NetEvent>),
+    Inbound(Box<InboundEvent>),
     /// Reply once everything queued before it is committed.
     Flush(oneshot::Sender<Result<(), TelemetryError>>),
     /// Commit everything queued, stop accepting rows and reply when done.
@@ -315,6 +338,11 @@ impl Recorder {
     /// Queue a `net_events` row (and its model call and tool calls). Never blocks.
     pub fn record_net(&self, event: NetEvent) -> Result<(), TelemetryError> {
         self.try_enqueue(Message::Net(Box::new(event)))
+    }
+
+    /// Queue an `inbound_events` row. Never blocks.
+    pub fn record_inbound(&self, event: InboundEvent) -> Result<(), TelemetryError> {
+        self.try_enqueue(Message::Inbound(Box::new(event)))
     }
 
     /// Reserve room for one row, waiting at most [`TelemetryConfig::slot_wait`].
@@ -514,6 +542,11 @@ impl Slot {
     /// Queue a `net_events` row (and its model call) in this slot.
     pub fn record_net(self, event: NetEvent) {
         self.fill(Message::Net(Box::new(event)));
+    }
+
+    /// Queue an `inbound_events` row in this slot.
+    pub fn record_inbound(self, event: InboundEvent) {
+        self.fill(Message::Inbound(Box::new(event)));
     }
 
     fn fill(self, message: Message) {

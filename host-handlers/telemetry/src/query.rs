@@ -36,12 +36,14 @@ macro_rules! iso_time {
 /// What `sandbox logs` shows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogOptions {
-    /// DNS queries. When none of `dns`, `net`, `ai` is set, all are shown.
+    /// DNS queries. When none of `dns`, `net`, `ai`, `inbound` is set, all are shown.
     pub dns: bool,
     /// Network requests.
     pub net: bool,
     /// Model calls with their tool calls.
     pub ai: bool,
+    /// Connections from the host into the guest (port forwards).
+    pub inbound: bool,
     /// JSON lines instead of text.
     pub json: bool,
     /// Keep polling for new rows until stopped.
@@ -56,6 +58,7 @@ impl Default for LogOptions {
             dns: false,
             net: false,
             ai: false,
+            inbound: false,
             json: false,
             follow: false,
             poll_interval: Duration::from_millis(500),
@@ -139,6 +142,25 @@ pub struct ModelCallRow {
     pub tool_calls: Vec<ToolCallRow>,
 }
 
+/// A row of `inbound_events`: a connection from the host into the guest.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InboundRow {
+    pub id: i64,
+    pub started: String,
+    pub started_ms: i64,
+    pub finished_ms: i64,
+    pub duration_ms: i64,
+    /// The forward's host address it came in on (or `connect_port`).
+    pub listener: String,
+    /// The client's address.
+    pub peer: Option<String>,
+    pub guest_port: i64,
+    pub decision: String,
+    pub bytes_to_guest: i64,
+    pub bytes_from_guest: i64,
+    pub error: Option<String>,
+}
+
 /// One row of any table.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -146,6 +168,7 @@ pub enum LogRow {
     Dns(DnsRow),
     Net(NetRow),
     Ai(ModelCallRow),
+    Inbound(InboundRow),
 }
 
 /// The tables, in the order rows of equal time are shown.
@@ -154,9 +177,16 @@ enum Kind {
     Dns,
     Net,
     Ai,
+    Inbound,
 }
 
-const KINDS: [Kind; 3] = [Kind::Dns, Kind::Net, Kind::Ai];
+/// How many tables rows come from.
+pub const TABLES: usize = 4;
+
+const KINDS: [Kind; TABLES] = [Kind::Dns, Kind::Net, Kind::Ai, Kind::Inbound];
+
+/// The first schema version with `inbound_events`.
+const INBOUND_SINCE: i64 = 4;
 
 impl LogRow {
     fn kind(&self) -> Kind {
@@ -164,7 +194,14 @@ impl LogRow {
             LogRow::Dns(_) => Kind::Dns,
             LogRow::Net(_) => Kind::Net,
             LogRow::Ai(_) => Kind::Ai,
+            LogRow::Inbound(_) => Kind::Inbound,
         }
+    }
+
+    /// Which table the row is from (its index in a position: dns, net,
+    /// ai, inbound), and its id there.
+    pub fn table_and_id(&self) -> (usize, i64) {
+        (self.kind() as usize, self.id())
     }
 
     fn id(&self) -> i64 {
@@ -172,16 +209,19 @@ impl LogRow {
             LogRow::Dns(r) => r.id,
             LogRow::Net(r) => r.id,
             LogRow::Ai(r) => r.id,
+            LogRow::Inbound(r) => r.id,
         }
     }
 
     /// The time rows are ordered by: when the row was recorded (a network
-    /// row and its model call are recorded when the connection ends).
-    fn sort_ms(&self) -> i64 {
+    /// row and its model call, and an inbound row, are recorded when the
+    /// connection ends).
+    pub fn sort_ms(&self) -> i64 {
         match self {
             LogRow::Dns(r) => r.time_ms,
             LogRow::Net(r) => r.finished_ms,
             LogRow::Ai(r) => r.time_ms,
+            LogRow::Inbound(r) => r.finished_ms,
         }
     }
 
@@ -227,6 +267,18 @@ impl LogRow {
                 r.estimated_cost_usd.map(|c| format!("${c:.6}")).unwrap_or_else(|| "?".into()),
                 r.stop_reason.as_deref().map(printable).unwrap_or_else(|| "-".into()),
             ),
+            LogRow::Inbound(r) => write!(
+                line,
+                "{}  in   {:<7}  {} -> {} -> guest:{}  to_guest={} from_guest={} {}ms",
+                r.started,
+                r.decision,
+                r.peer.as_deref().map(printable).unwrap_or_else(|| "-".into()),
+                printable(&r.listener),
+                r.guest_port,
+                r.bytes_to_guest,
+                r.bytes_from_guest,
+                r.duration_ms
+            ),
         };
         let mut extra = |label: &str, value: String| {
             if !value.is_empty() {
@@ -266,6 +318,7 @@ impl LogRow {
                 }
                 extra("problems", opt(&r.problems));
             }
+            LogRow::Inbound(r) => extra("error", opt(&r.error)),
         }
         line
     }
@@ -295,8 +348,8 @@ pub fn printable(text: &str) -> String {
 pub struct LogReader {
     conn: Connection,
     path: String,
-    selected: [bool; 3],
-    last_id: [i64; 3],
+    selected: [bool; TABLES],
+    last_id: [i64; TABLES],
 }
 
 impl LogReader {
@@ -306,18 +359,26 @@ impl LogReader {
             return Err(TelemetryError::NotUsable { path: path.display().to_string(), what: "no such file".into() });
         }
         let conn = schema::open_for_reading(path)?;
-        let all = !(options.dns || options.net || options.ai);
+        let err = |source| TelemetryError::Query { path: path.display().to_string(), source };
+        let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(err)?;
+        let all = !(options.dns || options.net || options.ai || options.inbound);
         Ok(LogReader {
             conn,
             path: path.display().to_string(),
-            selected: [all || options.dns, all || options.net, all || options.ai],
-            last_id: [0; 3],
+            selected: [
+                all || options.dns,
+                all || options.net,
+                all || options.ai,
+                // A database from before the table has no such rows.
+                (all || options.inbound) && version >= INBOUND_SINCE,
+            ],
+            last_id: [0; TABLES],
         })
     }
 
-    /// Start after these row ids (of the DNS, network and model-call
-    /// tables): the rows read next are those recorded after them. A reader that pages (the HTTP API) resumes here.
-    pub fn resume_after(&mut self, position: [i64; 3]) {
+    /// Start after these row ids (of the DNS, network, model-call and
+    /// inbound tables): the rows read next are those recorded after them. A reader that pages (the HTTP API) resumes here.
+    pub fn resume_after(&mut self, position: [i64; TABLES]) {
         self.last_id = position;
     }
 
@@ -325,7 +386,7 @@ impl LogReader {
     /// is true when more rows are waiting (a round reads at most a batch per
     /// table), so the caller should call again before pausing.
     pub fn read_new(&mut self) -> Result<(Vec<LogRow>, bool), TelemetryError> {
-        let mut per_kind: Vec<Vec<LogRow>> = Vec::with_capacity(3);
+        let mut per_kind: Vec<Vec<LogRow>> = Vec::with_capacity(TABLES);
         for (slot, kind) in KINDS.iter().enumerate() {
             let rows = if self.selected[slot] { self.fetch(*kind, self.last_id[slot])? } else { Vec::new() };
             per_kind.push(rows);
@@ -363,6 +424,7 @@ impl LogReader {
             Kind::Dns => (DNS_SQL, dns_row),
             Kind::Net => (NET_SQL, net_row),
             Kind::Ai => (AI_SQL, ai_row),
+            Kind::Inbound => (INBOUND_SQL, inbound_row),
         };
         let mut statement = self.conn.prepare_cached(sql).map_err(err)?;
         let rows = statement.query_map(params![after, limit], map).map_err(err)?;
@@ -396,6 +458,13 @@ const AI_SQL: &str = concat!(
         FROM (SELECT * FROM tool_calls WHERE model_call_id = m.id ORDER BY position) AS t) \
      FROM model_calls m JOIN net_events n ON n.id = m.net_event_id \
      WHERE m.id > ?1 ORDER BY m.id LIMIT ?2"
+);
+
+const INBOUND_SQL: &str = concat!(
+    "SELECT id, ",
+    iso_time!("started_ms"),
+    ", started_ms, finished_ms, duration_ms, listener, peer, guest_port, decision, bytes_to_guest, \
+     bytes_from_guest, error FROM inbound_events WHERE id > ?1 ORDER BY id LIMIT ?2"
 );
 
 /// A JSON text column, tolerating what another writer may have put there.
@@ -478,6 +547,23 @@ fn ai_row(row: &Row<'_>) -> rusqlite::Result<LogRow> {
         complete: row.get(14)?,
         problems: row.get(15)?,
         tool_calls: json_column(row.get(16)?),
+    }))
+}
+
+fn inbound_row(row: &Row<'_>) -> rusqlite::Result<LogRow> {
+    Ok(LogRow::Inbound(InboundRow {
+        id: row.get(0)?,
+        started: row.get::<_, Option<String>>(1)?.unwrap_or_default(),
+        started_ms: row.get(2)?,
+        finished_ms: row.get(3)?,
+        duration_ms: row.get(4)?,
+        listener: row.get(5)?,
+        peer: row.get(6)?,
+        guest_port: row.get(7)?,
+        decision: row.get(8)?,
+        bytes_to_guest: row.get(9)?,
+        bytes_from_guest: row.get(10)?,
+        error: row.get(11)?,
     }))
 }
 

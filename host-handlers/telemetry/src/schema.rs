@@ -107,6 +107,39 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (second_ms, kind, decision, host)
     );
     "#,
+    // 4: connections made from the host into the guest (port forwards and
+    // `Sandbox::connect_port`): where they came in, from whom, the guest
+    // port, how they ended and the bytes each way. Summaries count them too
+    // (kind 'inbound'), so event_summaries is rebuilt with the wider CHECK.
+    r#"
+    CREATE TABLE inbound_events (
+        id                INTEGER PRIMARY KEY,
+        started_ms        INTEGER NOT NULL,
+        finished_ms       INTEGER NOT NULL,
+        duration_ms       INTEGER NOT NULL,
+        listener          TEXT NOT NULL,
+        peer              TEXT,
+        guest_port        INTEGER NOT NULL,
+        decision          TEXT NOT NULL CHECK (decision IN ('allowed', 'denied', 'error')),
+        bytes_to_guest    INTEGER NOT NULL,
+        bytes_from_guest  INTEGER NOT NULL,
+        error             TEXT
+    );
+    CREATE INDEX inbound_events_started ON inbound_events (started_ms);
+
+    CREATE TABLE event_summaries_new (
+        id          INTEGER PRIMARY KEY,
+        second_ms   INTEGER NOT NULL,
+        kind        TEXT NOT NULL CHECK (kind IN ('dns', 'net', 'inbound')),
+        decision    TEXT NOT NULL CHECK (decision IN ('allowed', 'denied', 'error')),
+        host        TEXT NOT NULL,
+        count       INTEGER NOT NULL,
+        UNIQUE (second_ms, kind, decision, host)
+    );
+    INSERT INTO event_summaries_new SELECT id, second_ms, kind, decision, host, count FROM event_summaries;
+    DROP TABLE event_summaries;
+    ALTER TABLE event_summaries_new RENAME TO event_summaries;
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -200,7 +233,7 @@ mod tests {
         assert_eq!(version, current_version());
         let mode: String = conn.pragma_query_value(None, "journal_mode", |r| r.get(0)).unwrap();
         assert_eq!(mode, "wal");
-        for table in ["net_events", "dns_events", "model_calls", "tool_calls", "event_summaries"] {
+        for table in ["net_events", "dns_events", "model_calls", "tool_calls", "event_summaries", "inbound_events"] {
             let n: i64 = conn
                 .query_row("SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = ?1", [table], |r| {
                     r.get(0)

@@ -30,7 +30,8 @@ use crate::ai::ModelCall;
 use crate::budget::{Budget, Counted, Stage, MAX_TRANSACTION_BYTES};
 use crate::preview::{body_preview, truncate_str, Preview};
 use crate::{
-    redact, unix_ms, DnsEvent, Message, NetEvent, Outcome, PriceTable, Shared, TelemetryConfig, TelemetryError,
+    redact, unix_ms, DnsEvent, InboundEvent, Message, NetEvent, Outcome, PriceTable, Shared, TelemetryConfig,
+    TelemetryError,
 };
 
 /// Longest stored text field (domain, path, rule, error, ...).
@@ -85,7 +86,7 @@ impl Writer {
             // not waited for (a slot filled later is counted as rejected).
             let first = if closers.is_empty() { self.receiver.blocking_recv() } else { self.receiver.try_recv().ok() };
             let Some(first) = first else { break };
-            let gather = matches!(first, Message::Dns(_) | Message::Net(_)) && closers.is_empty();
+            let gather = is_event(&first) && closers.is_empty();
             batch.push(first);
             self.drain_into(&mut batch);
             if gather && batch.len() < GATHER_BELOW.min(self.max_batch) && only_events(&batch) {
@@ -101,7 +102,7 @@ impl Writer {
             let mut flushers = Vec::new();
             for message in batch.drain(..) {
                 match message {
-                    Message::Dns(_) | Message::Net(_) => events.push(message),
+                    Message::Dns(_) | Message::Net(_) | Message::Inbound(_) => events.push(message),
                     Message::Flush(reply) => flushers.push(reply),
                     Message::Close(reply) => {
                         // Refuse new rows; what is already queued is still written.
@@ -169,6 +170,7 @@ impl Writer {
             let (full, entered) = match event {
                 Message::Dns(dns) => budget.admit(&tx, dns_size(dns))?,
                 Message::Net(net) => budget.admit(&tx, net_size(net))?,
+                Message::Inbound(inbound) => budget.admit(&tx, inbound_size(inbound))?,
                 Message::Flush(_) | Message::Close(_) => continue,
             };
             if let Some(stage) = entered {
@@ -177,6 +179,7 @@ impl Writer {
             match event {
                 Message::Dns(dns) if full => insert_dns(&tx, dns)?,
                 Message::Net(net) if full => insert_net(&tx, net, prices)?,
+                Message::Inbound(inbound) if full => insert_inbound(&tx, inbound)?,
                 Message::Dns(dns) => {
                     summarised += 1;
                     budget.count(&Counted {
@@ -193,6 +196,15 @@ impl Writer {
                         kind: "net",
                         decision: net.decision.as_str(),
                         host: &net.domain,
+                    });
+                }
+                Message::Inbound(inbound) => {
+                    summarised += 1;
+                    budget.count(&Counted {
+                        time_ms: unix_ms(inbound.started),
+                        kind: "inbound",
+                        decision: inbound.decision.as_str(),
+                        host: &inbound.listener,
                     });
                 }
                 Message::Flush(_) | Message::Close(_) => {}
@@ -222,7 +234,7 @@ impl Writer {
         let mut lost = failed_batch;
         while let Ok(message) = self.receiver.try_recv() {
             match message {
-                Message::Dns(_) | Message::Net(_) => lost += 1,
+                Message::Dns(_) | Message::Net(_) | Message::Inbound(_) => lost += 1,
                 Message::Flush(reply) | Message::Close(reply) => replies.push(reply),
             }
         }
@@ -243,7 +255,12 @@ impl Writer {
 /// Tell the sandbox that the database has reached a stage of its budget.
 /// Whether `batch` holds rows only (no flush or close waiting for an answer).
 fn only_events(batch: &[Message]) -> bool {
-    batch.iter().all(|message| matches!(message, Message::Dns(_) | Message::Net(_)))
+    batch.iter().all(is_event)
+}
+
+/// Whether `message` is a row (not a flush or close).
+fn is_event(message: &Message) -> bool {
+    matches!(message, Message::Dns(_) | Message::Net(_) | Message::Inbound(_))
 }
 
 fn announce(shared: &Shared, stage: Stage) {
@@ -315,6 +332,35 @@ fn net_size(event: &NetEvent) -> u64 {
             .sum::<usize>();
     }
     u64::try_from(bytes).unwrap_or(u64::MAX)
+}
+
+/// About how many bytes an inbound row takes (an overestimate).
+fn inbound_size(event: &InboundEvent) -> u64 {
+    let texts = [Some(&event.listener), event.peer.as_ref(), event.error.as_ref()];
+    let bytes = 128 + texts.iter().flatten().map(|t| t.len().min(MAX_TEXT)).sum::<usize>();
+    u64::try_from(bytes).unwrap_or(u64::MAX)
+}
+
+fn insert_inbound(tx: &Transaction<'_>, event: &InboundEvent) -> rusqlite::Result<()> {
+    let started = unix_ms(event.started);
+    let finished = unix_ms(event.finished);
+    tx.prepare_cached(
+        "INSERT INTO inbound_events (started_ms, finished_ms, duration_ms, listener, peer, guest_port, decision, \
+         bytes_to_guest, bytes_from_guest, error) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?
+    .execute(params![
+        started,
+        finished,
+        finished.saturating_sub(started).max(0),
+        text(&event.listener),
+        opt_text(event.peer.as_ref()),
+        event.guest_port,
+        event.decision.as_str(),
+        sql_int(event.bytes_to_guest),
+        sql_int(event.bytes_from_guest),
+        opt_text(event.error.as_ref()),
+    ])?;
+    Ok(())
 }
 
 fn text(value: &str) -> &str {

@@ -11,7 +11,9 @@ use std::time::{Duration, SystemTime};
 use rusqlite::Connection;
 use telemetry::ai::{ModelCall, StreamParser, ToolCall};
 use telemetry::query::{print_logs, LogOptions, LogReader, LogRow};
-use telemetry::{DnsEvent, NetEvent, OnWriteFailure, Outcome, PriceTable, SessionDb, TelemetryConfig, TelemetryError};
+use telemetry::{
+    DnsEvent, InboundEvent, NetEvent, OnWriteFailure, Outcome, PriceTable, SessionDb, TelemetryConfig, TelemetryError,
+};
 
 fn at(ms: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_millis(1_750_000_000_000 + ms)
@@ -54,6 +56,52 @@ fn net(domain: &str, ms: u64) -> NetEvent {
         error: None,
         model_call: None,
     }
+}
+
+fn inbound(ms: u64) -> InboundEvent {
+    InboundEvent {
+        started: at(ms),
+        finished: at(ms + 40),
+        listener: "127.0.0.1:8080".into(),
+        peer: Some("127.0.0.1:40000".into()),
+        guest_port: 80,
+        decision: Outcome::Allowed,
+        bytes_to_guest: 77,
+        bytes_from_guest: 1500,
+        error: None,
+    }
+}
+
+/// A database made by a build from before `inbound_events` (schema 3) is
+/// read without it, and migrated (its summaries kept) when written again.
+#[tokio::test]
+async fn a_database_from_before_inbound_rows_is_read_and_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("session.db");
+    SessionDb::open(&path).unwrap().close().await.unwrap();
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "DROP TABLE inbound_events; DROP TABLE event_summaries; \
+             CREATE TABLE event_summaries (id INTEGER PRIMARY KEY, second_ms INTEGER NOT NULL, \
+               kind TEXT NOT NULL CHECK (kind IN ('dns', 'net')), \
+               decision TEXT NOT NULL CHECK (decision IN ('allowed', 'denied', 'error')), \
+               host TEXT NOT NULL, count INTEGER NOT NULL, UNIQUE (second_ms, kind, decision, host)); \
+             INSERT INTO event_summaries (second_ms, kind, decision, host, count) VALUES (0, 'dns', 'allowed', '*', 5); \
+             PRAGMA user_version = 3;",
+        )
+        .unwrap();
+    }
+    assert!(read_all(&path, &LogOptions::default()).is_empty());
+    let db = SessionDb::open(&path).unwrap();
+    db.recorder().record_inbound(inbound(0)).unwrap();
+    db.close().await.unwrap();
+    assert_eq!(count(&path, "inbound_events"), 1);
+    assert_eq!(count(&path, "event_summaries"), 1);
+    Connection::open(&path)
+        .unwrap()
+        .execute("INSERT INTO event_summaries (second_ms, kind, decision, host, count) VALUES (0, 'inbound', 'error', '*', 1)", [])
+        .unwrap();
 }
 
 fn model_call() -> ModelCall {
@@ -112,8 +160,9 @@ async fn rows_are_written_linked_and_read_back() {
     denied.matched_rule = None;
     denied.error = Some("no rule allows evil.example".into());
     recorder.record_net(denied).unwrap();
+    recorder.record_inbound(inbound(300)).unwrap();
     recorder.flush().await.unwrap();
-    assert_eq!(recorder.committed_events(), 3);
+    assert_eq!(recorder.committed_events(), 4);
     assert!(recorder.healthy());
 
     let conn = Connection::open(&path).unwrap();
@@ -148,9 +197,10 @@ async fn rows_are_written_linked_and_read_back() {
             LogRow::Dns(_) => "dns",
             LogRow::Net(_) => "net",
             LogRow::Ai(_) => "ai",
+            LogRow::Inbound(_) => "inbound",
         })
         .collect();
-    assert_eq!(kinds, ["dns", "net", "ai", "net"]);
+    assert_eq!(kinds, ["dns", "net", "ai", "net", "inbound"]);
     let LogRow::Ai(ai) = &rows[2] else { panic!("{:?}", rows[2]) };
     assert_eq!(ai.domain, "api.anthropic.com");
     assert_eq!(ai.tool_calls.len(), 2);
@@ -160,10 +210,21 @@ async fn rows_are_written_linked_and_read_back() {
     assert_eq!(d.time, "2025-06-15T15:06:40.000Z");
     let LogRow::Net(n) = &rows[3] else { panic!() };
     assert_eq!((n.decision.as_str(), n.status_code), ("denied", None));
+    let LogRow::Inbound(i) = &rows[4] else { panic!() };
+    assert_eq!(
+        (i.listener.as_str(), i.peer.as_deref(), i.guest_port, i.bytes_to_guest, i.bytes_from_guest, i.duration_ms),
+        ("127.0.0.1:8080", Some("127.0.0.1:40000"), 80, 77, 1500, 40)
+    );
+    let text = rows[4].to_text();
+    assert!(text.contains("in   allowed  127.0.0.1:40000 -> 127.0.0.1:8080 -> guest:80"), "{text}");
+    let json = serde_json::to_value(&rows[4]).unwrap();
+    assert_eq!(json["kind"], "inbound");
 
     let only_ai = read_all(&path, &LogOptions { ai: true, ..LogOptions::default() });
     assert_eq!(only_ai.len(), 1);
-    assert_eq!(db.close().await.unwrap(), 3);
+    let only_inbound = read_all(&path, &LogOptions { inbound: true, ..LogOptions::default() });
+    assert_eq!(only_inbound.len(), 1);
+    assert_eq!(db.close().await.unwrap(), 4);
     assert!(matches!(recorder.record_dns(dns("late.example", 99)), Err(TelemetryError::Closed)));
     assert!(!recorder.healthy());
 }
@@ -546,13 +607,6 @@ async fn reading_in_batches_keeps_time_order_across_tables() {
     db.close().await.unwrap();
     let rows = read_all(&path, &LogOptions::default());
     assert_eq!(rows.len(), 2750);
-    let times: Vec<i64> = rows
-        .iter()
-        .map(|r| match r {
-            LogRow::Dns(d) => d.time_ms,
-            LogRow::Net(n) => n.finished_ms,
-            LogRow::Ai(a) => a.time_ms,
-        })
-        .collect();
+    let times: Vec<i64> = rows.iter().map(LogRow::sort_ms).collect();
     assert!(times.windows(2).all(|w| w[0] <= w[1]), "rows out of time order");
 }

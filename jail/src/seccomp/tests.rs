@@ -317,6 +317,66 @@ fn vmm_cannot_open_files() {
     assert_reported(&out, "openat", "vm-test");
 }
 
+/// What port forwarding does in a confined holder, without widening any
+/// list: the control thread (the holder's filter) makes a socket pair,
+/// receives a forward's listening socket with `SCM_RIGHTS` and checks it
+/// listens; the handlers' runtime threads accept on it, make the socket
+/// non-blocking, connect to the VMM's Unix socket and half-close.
+#[test]
+fn port_forwarding_needs_nothing_more_than_the_lists_allow() {
+    let out = in_child("port_forwarding_needs_nothing_more_than_the_lists_allow", || {
+        use std::io::{IoSlice, IoSliceMut};
+        use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+        use std::os::unix::net::{UnixListener, UnixStream};
+
+        use nix::sys::socket::{getsockopt, recvmsg, sendmsg, sockopt, ControlMessage, ControlMessageOwned, MsgFlags};
+
+        let dir = tempfile::tempdir().unwrap();
+        let vsock = dir.path().join("vsock.sock");
+        let vmm = UnixListener::bind(&vsock).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = on_filtered_thread(&[ThreadKind::Holder], move || {
+            let (client, holder) = UnixStream::pair().unwrap();
+            let fds = [listener.as_raw_fd()];
+            let iov = [IoSlice::new(b"{}\n")];
+            sendmsg::<()>(client.as_raw_fd(), &iov, &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None)
+                .unwrap();
+            let mut buf = [0u8; 16];
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let mut space = nix::cmsg_space!([RawFd; 1]);
+            let msg =
+                recvmsg::<()>(holder.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC).unwrap();
+            let mut fds = Vec::new();
+            for cmsg in msg.cmsgs().unwrap() {
+                if let ControlMessageOwned::ScmRights(list) = cmsg {
+                    fds.extend(list);
+                }
+            }
+            // SAFETY: the kernel installed this descriptor for this process just now.
+            let fd = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+            assert!(getsockopt(&fd, sockopt::AcceptConn).unwrap());
+            TcpListener::from(fd)
+        });
+        let echoed = on_filtered_thread(&[ThreadKind::Holder, ThreadKind::Handlers], move || {
+            let mut client = TcpStream::connect(addr).unwrap();
+            let (mut accepted, _) = received.accept().unwrap();
+            accepted.set_nonblocking(true).unwrap();
+            accepted.set_nonblocking(false).unwrap();
+            let mut guest = UnixStream::connect(&vsock).unwrap();
+            guest.write_all(b"CONNECT 5000\n").unwrap();
+            guest.shutdown(std::net::Shutdown::Write).unwrap();
+            client.write_all(b"ping").unwrap();
+            let mut got = [0u8; 4];
+            accepted.read_exact(&mut got).unwrap();
+            got
+        });
+        assert_eq!(&echoed, b"ping");
+        drop(vmm);
+    });
+    assert_ok(&out);
+}
+
 #[test]
 fn holder_allows_files_but_not_execve() {
     let out = in_child("holder_allows_files_but_not_execve", || {
