@@ -12,10 +12,12 @@
 //! - `digests/`: SHA-256 digests of kernels and disks, each under a name
 //!   hashed from the file's path, inode, size and times, so a file is read
 //!   whole only once after it changes;
-//! - `tmp-<key>-<random>/`: a snapshot being made (the data directory of
-//!   the sandbox that makes it), renamed into place when complete; one left
-//!   by a process killed while making it is removed by the next maker of
-//!   that key (which holds the key's lock, so nobody else is making it).
+//! - `tmp-<random>/`: a snapshot being made (the data directory of the
+//!   sandbox that makes it), renamed into place when complete. Its maker
+//!   holds a lock on `tmp-<random>/maker.lock`; one whose lock is free was
+//!   left by a maker that was killed, and the next maker removes it. (The
+//!   name stays short: the VMM's sockets live below it, and a Unix socket's
+//!   path has at most 107 bytes.)
 //!
 //! A snapshot is made by booting a sandbox in a holder (confined as the
 //! caller's sandbox would be), waiting for its agent, and snapshotting it
@@ -115,24 +117,36 @@ pub(crate) fn snapshot(
         }
         Err(_) => {}
     }
-    remove_abandoned(&root, &key);
+    remove_abandoned(&root);
     tracing::info!(key, "making the warm snapshot (one cold boot)");
-    let tmp = root.join(format!("tmp-{key}-{}", crate::instance::new_id()?));
+    let tmp = root.join(format!("tmp-{}", crate::instance::new_id()?));
     crate::instance::private_dir(&tmp)?;
-    let made = make_in(&tmp, &dir, make);
+    let maker = lock(&tmp.join(MAKER_LOCK), false);
+    let made = maker.and_then(|_maker| make_in(&tmp, &dir, make));
     let _ = std::fs::remove_dir_all(&tmp);
     made
 }
 
-/// Remove what makers of `key` killed before they finished left behind
-/// (called with the key's lock held).
-fn remove_abandoned(root: &Path, key: &str) {
-    let prefix = format!("tmp-{key}-");
+/// The lock a maker holds in its `tmp-<random>/` directory.
+const MAKER_LOCK: &str = "maker.lock";
+
+/// Remove what makers killed before they finished left behind: `tmp-*`
+/// directories whose maker's lock is free. (One whose lock file is not
+/// there yet is being set up, and left alone.)
+fn remove_abandoned(root: &Path) {
     let Ok(entries) = std::fs::read_dir(root) else { return };
     for entry in entries.flatten() {
-        if entry.file_name().to_str().is_some_and(|name| name.starts_with(&prefix)) {
-            tracing::info!(dir = %entry.path().display(), "removing an unfinished warm snapshot");
-            let _ = std::fs::remove_dir_all(entry.path());
+        let path = entry.path();
+        if !entry.file_name().to_str().is_some_and(|name| name.starts_with("tmp-")) {
+            continue;
+        }
+        let lock_file = path.join(MAKER_LOCK);
+        if !lock_file.exists() {
+            continue;
+        }
+        if let Ok(_abandoned) = lock(&lock_file, false) {
+            tracing::info!(dir = %path.display(), "removing an unfinished warm snapshot");
+            let _ = std::fs::remove_dir_all(&path);
         }
     }
 }
@@ -219,16 +233,18 @@ mod tests {
     }
 
     #[test]
-    fn only_the_same_keys_unfinished_snapshots_are_removed() {
+    fn only_unfinished_snapshots_nobody_makes_are_removed() {
         let root = tempfile::tempdir().unwrap();
-        for name in ["tmp-aaaa-1", "tmp-aaaa-2", "tmp-bbbb-1", "warm-aaaa"] {
+        for name in ["tmp-abandoned", "tmp-being-made", "tmp-just-created", "warm-aaaa"] {
             std::fs::create_dir(root.path().join(name)).unwrap();
         }
-        remove_abandoned(root.path(), "aaaa");
+        drop(lock(&root.path().join("tmp-abandoned").join(MAKER_LOCK), false).unwrap());
+        let _maker = lock(&root.path().join("tmp-being-made").join(MAKER_LOCK), false).unwrap();
+        remove_abandoned(root.path());
         let mut left: Vec<String> =
             std::fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         left.sort();
-        assert_eq!(left, ["tmp-bbbb-1", "warm-aaaa"]);
+        assert_eq!(left, ["tmp-being-made", "tmp-just-created", "warm-aaaa"]);
     }
 
     #[test]
