@@ -1,4 +1,4 @@
-//! The E2B-compatible surface: what the official `e2b` SDKs call, so that a
+//! The E2B-compatible surface: what the official `e2b` SDK calls, so that a
 //! platform written against E2B switches to this server by setting
 //! `E2B_API_URL`, `E2B_SANDBOX_URL` (both this server's URL) and
 //! `E2B_API_KEY`.
