@@ -2,6 +2,7 @@
 //! state directory and socket, runs tasks through the built
 //! `containerd-shim-sandbox-v2` (`ctr run --runtime io.containerd.sandbox.v2`)
 //! on a busybox image the test builds and imports: output and exit status,
+//! a missing command (127) and a bad profile annotation (create fails),
 //! `ctr task exec`, a blocked TLS connection logged in the task's
 //! `session.db`, `ctr task kill`, and nothing left running afterwards.
 #![allow(clippy::unwrap_used)]
@@ -234,6 +235,17 @@ fn ctr_runs_tasks_in_sandboxes() {
     eprintln!("t1 (first task: root image, warm snapshot, run): {:?}", started.elapsed());
     assert_eq!(text(&out.stdout).trim(), "hi", "stderr: {}\n{}", text(&out.stderr), containerd.log());
     assert_eq!(out.status.code(), Some(3), "stderr: {}\n{}", text(&out.stderr), containerd.log());
+
+    // A command the image does not have: the shell's 127, as the status.
+    let out = containerd.ctr(&["run", "--runtime", RUNTIME, "--rm", IMAGE, "t3", "/no/such/program"]);
+    assert_eq!(out.status.code(), Some(127), "stderr: {}\n{}", text(&out.stderr), containerd.log());
+    // A profile that does not exist: create fails, naming it and the ones there are.
+    let annotation = "sandbox.dev/profile=no-such-profile";
+    let out = containerd.ctr(&["run", "--runtime", RUNTIME, "--rm", "--annotation", annotation, IMAGE, "t4", "true"]);
+    let said = text(&out.stderr);
+    assert!(!out.status.success(), "a bad profile was accepted: {said}");
+    assert!(said.contains("no-such-profile") && said.contains("deny-all"), "{said}");
+    let _ = containerd.ctr(&["container", "rm", "t4"]);
 
     // A long-running task, an exec in it, a blocked request, a kill.
     let started = Instant::now();
