@@ -25,6 +25,8 @@ pub enum AgentError {
     Io(#[from] io::Error),
     #[error("guest agent reported: {0}")]
     Remote(String),
+    #[error("{path} in the guest is larger than the limit of {max} bytes")]
+    TooLarge { path: String, max: u64 },
     /// A file system operation failed in the guest.
     #[error("{message}")]
     Fs { kind: FsErrorKind, message: String },
@@ -129,14 +131,17 @@ impl AgentConn {
         }
     }
 
-    /// Copy `path` from the guest into `dst`.
-    pub fn get_file(mut self, path: &str, dst: &mut dyn Write) -> Result<u64, AgentError> {
+    /// Copy `path` from the guest into `dst`; more than `max` bytes is an error.
+    pub fn get_file(mut self, path: &str, dst: &mut dyn Write, max: u64) -> Result<u64, AgentError> {
         write_frame(&mut self.stream, &HostMessage::GetFile { path: path.into() })?;
         let mut total = 0u64;
         loop {
             match read_frame::<GuestMessage>(&mut self.stream)? {
                 Some(GuestMessage::Data(b)) => {
-                    total += b.len() as u64;
+                    total = total.saturating_add(b.len() as u64);
+                    if total > max {
+                        return Err(AgentError::TooLarge { path: path.into(), max });
+                    }
                     dst.write_all(&b)?;
                 }
                 Some(GuestMessage::DataEnd) => return Ok(total),
@@ -256,6 +261,20 @@ pub(crate) mod tests {
             script(s);
         });
         (dir, path)
+    }
+
+    #[test]
+    fn a_guest_that_sends_more_than_the_limit_is_cut_off() {
+        let (_dir, path) = fake(|mut s| {
+            assert!(matches!(read_frame::<HostMessage>(&mut s).unwrap(), Some(HostMessage::GetFile { .. })));
+            // A file that never ends, as /dev/zero would be.
+            while write_frame(&mut s, &GuestMessage::Data(vec![0; CHUNK])).is_ok() {}
+        });
+        let mut got = Vec::new();
+        let conn = AgentConn::connect(&path, Duration::from_secs(5)).unwrap();
+        let err = conn.get_file("/dev/zero", &mut got, 3 * CHUNK as u64).unwrap_err();
+        assert!(matches!(err, AgentError::TooLarge { max, .. } if max == 3 * CHUNK as u64), "{err}");
+        assert_eq!(got.len(), 3 * CHUNK, "no more than the limit is written");
     }
 
     #[test]

@@ -419,13 +419,19 @@ impl Sandbox {
 
     /// Copy `src` in the guest to the local file `dst` (written whole or not at all).
     pub fn copy_out(&self, src: &str, dst: &Path) -> Result<u64, Error> {
+        self.copy_out_at_most(src, dst, u64::MAX)
+    }
+
+    /// [`Self::copy_out`], refusing a file of more than `max` bytes (the
+    /// guest decides how many it sends: a device or a FIFO never ends).
+    pub fn copy_out_at_most(&self, src: &str, dst: &Path, max: u64) -> Result<u64, Error> {
         let parent = match dst.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
         let io = |what: &str, e| Error::Io(format!("{what} {}", dst.display()), e);
         let mut tmp = tempfile::NamedTempFile::new_in(parent).map_err(|e| io("create", e))?;
-        let n = self.agent()?.get_file(src, &mut tmp)?;
+        let n = self.agent()?.get_file(src, &mut tmp, max)?;
         tmp.persist(dst).map_err(|e| io("write", e.error))?;
         Ok(n)
     }

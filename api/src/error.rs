@@ -79,6 +79,7 @@ impl From<sandbox::Error> for ApiError {
             E::NotRunning(_) => StatusCode::CONFLICT,
             E::Config(_) | E::Launch(_) | E::Profile(_) | E::BadImage { .. } | E::Image(_) => StatusCode::BAD_REQUEST,
             E::Agent(sandbox::AgentError::Remote(_)) => StatusCode::BAD_REQUEST,
+            E::Agent(sandbox::AgentError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             E::Agent(sandbox::AgentError::Fs { kind, .. }) => match kind {
                 sandbox::FsErrorKind::NotFound => StatusCode::NOT_FOUND,
                 sandbox::FsErrorKind::AlreadyExists => StatusCode::CONFLICT,

@@ -443,3 +443,33 @@ async fn events_stream_as_sse_with_resumable_ids_and_end_when_the_sandbox_stoppe
     assert_eq!(profile["name"], "deny-all");
     assert!(profile["text"].as_str().is_some_and(|t| t.contains("[security")), "{body}");
 }
+
+#[tokio::test]
+async fn e2b_calls_have_their_own_checks() {
+    let data = tempfile::tempdir().unwrap();
+    let config = api::Config::new(data.path())
+        .api_key(Some(api::ApiKey::new(KEY.as_bytes())))
+        .e2b_domain(Some("localhost:3000".into()));
+    let app = api::router(config);
+    // A port of a sandbox the E2B surface does not know: no guest is asked.
+    let port = Request::get("/").header("host", "8080-abc123.localhost:3000").body(Body::empty()).unwrap();
+    let (status, _, body) = send(&app, port).await;
+    assert_error(status, &body, StatusCode::BAD_GATEWAY);
+    // envd calls need the sandbox's id and token, not the API key.
+    let (status, _, body) = send(&app, post_json("/process.Process/List", "{}")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let unknown = Request::post("/process.Process/List")
+        .header("content-type", "application/json")
+        .header("e2b-sandbox-id", "abc123")
+        .header("x-access-token", "whatever")
+        .body(Body::from("{}"))
+        .unwrap();
+    let (status, _, body) = send(&app, unknown).await;
+    assert_error(status, &body, StatusCode::BAD_GATEWAY);
+    // The control plane needs the key; calls it does not serve are a 501.
+    let (status, _, body) = send(&app, get("/v2/sandboxes")).await;
+    assert_error(status, &body, StatusCode::UNAUTHORIZED);
+    let pause = Request::post("/sandboxes/abc123/pause").header("x-api-key", KEY).body(Body::empty()).unwrap();
+    let (status, _, body) = send(&app, pause).await;
+    assert_error(status, &body, StatusCode::NOT_IMPLEMENTED);
+}

@@ -48,15 +48,19 @@ pub fn prepare(root: &Path, mounts: &[Mount], images_dir: &Path, task: &str) -> 
     }
     let built = build(root, &path);
     if mounted {
-        unmount(root);
+        unmount(root, mounts.len());
     }
     built?;
     Ok(RootImage { path, cached })
 }
 
-/// Undo what a task may have left mounted on `root` (after a crash).
-pub fn unmount(root: &Path) {
-    for _ in 0..8 {
+/// How many mounts a shim that crashed while building a task's image may
+/// have left on the bundle's `rootfs` (containerd passes one or a few).
+pub const LEFT_MOUNTED_AT_MOST: usize = 8;
+
+/// Detach the `times` top mounts on `root` (fewer if there are fewer).
+pub fn unmount(root: &Path, times: usize) {
+    for _ in 0..times {
         if nix::mount::umount2(root, nix::mount::MntFlags::MNT_DETACH).is_err() {
             break;
         }
@@ -71,9 +75,7 @@ fn mount_all(root: &Path, mounts: &[Mount]) -> Result<(), Error> {
         let source = Some(m.source.as_str()).filter(|s| !s.is_empty());
         let data = Some(data.as_str()).filter(|d| !d.is_empty());
         if let Err(e) = nix::mount::mount(source, root, fs_type, flags, data) {
-            for _ in 0..i {
-                unmount(root);
-            }
+            unmount(root, i);
             return Err(Error::InvalidArgument(format!(
                 "mounting the task's root file system ({} {} on {}): {e}",
                 m.type_,

@@ -99,7 +99,6 @@ impl Proc {
 
 struct Task {
     bundle: PathBuf,
-    root: PathBuf,
     sandbox: Sandbox,
     image: rootfs::RootImage,
     init: Proc,
@@ -209,14 +208,7 @@ impl Service {
             stderr: req.stderr.clone(),
             terminal: req.terminal || spec.process.terminal,
         };
-        let task = Task {
-            bundle,
-            root: spec.root.clone(),
-            sandbox,
-            image,
-            init: Proc::new(spec.process, stdio),
-            execs: HashMap::new(),
-        };
+        let task = Task { bundle, sandbox, image, init: Proc::new(spec.process, stdio), execs: HashMap::new() };
         let pid = task.pid();
         self.tasks().insert(req.id.clone(), task);
         self.publish(
@@ -356,7 +348,8 @@ impl Service {
         let pid = task.process_pid(exec_id, proc);
         let exit = match (proc.exit.get(), proc.running.is_some()) {
             (Some(exit), _) => exit,
-            (None, false) => Exit { status: 0, at: now() },
+            // Never started: a `wait` on it ends now too.
+            (None, false) => proc.exit.set(0),
             (None, true) => {
                 return Err(Error::FailedPrecondition(format!(
                     "process {exec_id:?} of task {id} is still running: kill it first"
@@ -375,8 +368,9 @@ impl Service {
         }
         let Some(task) = tasks.remove(id) else { return Err(not_found(id)) };
         drop(tasks);
+        // (The root was unmounted once its image was built: nothing of the
+        // shim's is mounted there, and what is belongs to someone else.)
         stop_sandbox(&task.sandbox);
-        rootfs::unmount(&task.root);
         if !task.image.cached {
             let _ = std::fs::remove_file(&task.image.path);
         }
@@ -411,7 +405,7 @@ pub fn cleanup_bundle(bundle: &Path, data_dir: &Path) {
         }
         let _ = std::fs::remove_file(bundle.join(SANDBOX_ID_FILE));
     }
-    rootfs::unmount(&bundle.join("rootfs"));
+    rootfs::unmount(&bundle.join("rootfs"), rootfs::LEFT_MOUNTED_AT_MOST);
 }
 
 fn not_found(id: &str) -> Error {

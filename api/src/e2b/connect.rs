@@ -106,6 +106,7 @@ impl From<sandbox::Error> for RpcError {
                 K::Other => Code::Internal,
             },
             E::Agent(AgentError::Remote(_)) | E::Config(_) => Code::InvalidArgument,
+            E::Agent(AgentError::TooLarge { .. }) => Code::ResourceExhausted,
             E::Agent(AgentError::Timeout(_)) => Code::Unavailable,
             _ => Code::Internal,
         };

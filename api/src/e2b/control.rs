@@ -155,14 +155,14 @@ async fn known(state: &AppState, id: &str) -> ApiResult<(sandbox::Sandbox, Recor
     if let Some(record) = state.e2b().record(id) {
         return Ok((sandbox, record));
     }
-    let started_at = sandbox.state().created;
+    // Started otherwise: no deadline until a client sets one.
     let record = Record {
         token: token()?,
         template: sandbox.state().image.clone(),
         metadata: BTreeMap::new(),
         env: BTreeMap::new(),
-        started_at,
-        end_at: now() + DEFAULT_TIMEOUT_SECS,
+        started_at: sandbox.state().created,
+        end_at: super::NO_DEADLINE,
     };
     state.e2b().put(id, record.clone())?;
     Ok((sandbox, record))
@@ -273,7 +273,8 @@ pub async fn get_one(State(state): State<AppState>, SandboxId(id): SandboxId) ->
 }
 
 /// `POST /v2/sandboxes/{id}/connect`: the sandbox's connection details;
-/// its deadline moves to `timeout` seconds from now if that is later.
+/// its deadline moves to `timeout` seconds from now if that is later (a
+/// sandbox without one keeps none).
 pub async fn connect(
     State(state): State<AppState>,
     SandboxId(id): SandboxId,

@@ -183,8 +183,12 @@ pub async fn read_file(
         let path = guest_path(query.path.as_deref().unwrap_or_default(), query.user(&headers).as_deref())?;
         let (st, id, p) = (state.clone(), found.id.clone(), path.clone());
         let entry = super::run(move || Ok(find(&st, &id)?.stat(&p)?)).await?;
-        if entry.kind == sandbox::EntryKind::Directory {
-            return Err(RpcError::invalid(format!("{path} is a directory")));
+        match entry.kind {
+            sandbox::EntryKind::File | sandbox::EntryKind::Symlink => {}
+            sandbox::EntryKind::Directory => return Err(RpcError::invalid(format!("{path} is a directory"))),
+            sandbox::EntryKind::Other => {
+                return Err(RpcError::invalid(format!("{path} is not a regular file (a device, socket or FIFO)")))
+            }
         }
         Ok(file_response(state, found.id, path).await?)
     }

@@ -45,6 +45,9 @@ pub const ENVD_VERSION: &str = "0.5.7";
 const CLIENT_ID: &str = "sandbox";
 /// A sandbox's lifetime when the request names none (E2B's default).
 pub const DEFAULT_TIMEOUT_SECS: u64 = 300;
+/// The deadline of a sandbox the E2B surface adopted (started by the CLI
+/// or `/v1`) until a client sets one: 9999-12-31T23:59:59Z, never.
+pub const NO_DEADLINE: u64 = 253_402_300_799;
 /// How often the sweeper looks for sandboxes past their deadline.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 

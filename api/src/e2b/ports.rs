@@ -7,7 +7,9 @@
 //! which resolve every `*.localhost` name to loopback.
 //!
 //! Like an E2B sandbox's ports by default, these need no key: anyone who
-//! reaches the server reaches the sandboxes' ports.
+//! reaches the server reaches the ports of the sandboxes the E2B surface
+//! knows (created through it, or asked about by a client with the key);
+//! other sandboxes' ports are not reachable this way.
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
@@ -35,6 +37,11 @@ pub async fn route_by_host(State(state): State<AppState>, request: Request, next
     let host = request.headers().get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or_default();
     let Some((port, id)) = parse_host(host, domain) else { return next.run(request).await };
     let (port, id) = (port, id.to_string());
+    // Only sandboxes the E2B surface created or was asked about by a client
+    // with the key: a sandbox of the CLI or of /v1 is not reachable this way.
+    if state.e2b().record(&id).is_none() {
+        return ApiError::new(StatusCode::BAD_GATEWAY, format!("sandbox {id} not found")).into_response();
+    }
     match proxy(&state, port, &id, request).await {
         Ok(response) => response,
         Err(e) => e.into_response(),

@@ -97,7 +97,8 @@ pub async fn spool<E: std::fmt::Display>(
 }
 
 /// A guest file's bytes as a streamed response body (through a temporary
-/// file that is gone by the time the body is sent).
+/// file that is gone by the time the body is sent), at most the transfer
+/// limit (the upload limit, 100 MiB by default): past it, a 413.
 pub async fn file_response(state: AppState, id: String, path: String) -> ApiResult<Response> {
     let (file, len) = blocking(move || {
         let dir = tmp_dir(&state)?;
@@ -106,7 +107,9 @@ pub async fn file_response(state: AppState, id: String, path: String) -> ApiResu
             .tempdir_in(&dir)
             .map_err(|e| ApiError::internal(format!("temporary directory: {e}")))?;
         let local = private.path().join("file");
-        let len = find(&state, &id)?.copy_out(&path, &local)?;
+        // The guest decides how many bytes it sends: no more than the
+        // transfer limit land on this host's disk.
+        let len = find(&state, &id)?.copy_out_at_most(&path, &local, state.config().upload_limit)?;
         // Open, then let the directory go: the open file outlives its name.
         let file = std::fs::File::open(&local).map_err(|e| ApiError::internal(format!("temporary file: {e}")))?;
         Ok((file, len))

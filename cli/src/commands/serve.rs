@@ -56,7 +56,8 @@ pub fn serve(args: ServeArgs) -> Outcome {
                 let app = api::router(config.e2b_domain(Some(domain)));
                 if !addr.ip().is_loopback() {
                     tracing::warn!(
-                        "listening on {addr}, beyond this host: anyone who has the key drives its sandboxes"
+                        "listening on {addr}, beyond this host: anyone who has the key drives its sandboxes, \
+                         and anyone who reaches it reaches the ports of the sandboxes E2B clients use"
                     );
                 }
                 eprintln!("sandbox: serving the API on http://{local}");
