@@ -219,50 +219,17 @@ async fn list(state: AppState, query: ListQuery) -> ApiResult<Vec<Detail>> {
 }
 
 /// `k=v&k2=v2` (what is left of the `metadata` parameter once the query
-/// is decoded), each key and value percent-decoded.
+/// is decoded), each key and value decoded again.
 fn serde_urlencoded_pairs(query: &str) -> Vec<(String, String)> {
-    fn hex(b: u8) -> Option<u8> {
-        (b as char).to_digit(16).and_then(|d| u8::try_from(d).ok())
-    }
-    fn decode(s: &str) -> String {
-        let bytes = s.as_bytes();
-        let mut out = Vec::with_capacity(bytes.len());
-        let mut i = 0;
-        while i < bytes.len() {
-            match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
-                (b'%', Some(hi), Some(lo)) => {
-                    out.push(hi << 4 | lo);
-                    i += 3;
-                }
-                (b'+', _, _) => {
-                    out.push(b' ');
-                    i += 1;
-                }
-                (b, _, _) => {
-                    out.push(b);
-                    i += 1;
-                }
-            }
-        }
-        String::from_utf8_lossy(&out).into_owned()
-    }
-    query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (decode(k), decode(v))
-        })
-        .collect()
+    serde_urlencoded::from_str(query).unwrap_or_default()
 }
 
-/// `GET /sandboxes`: the running sandboxes this server created or was asked about.
-pub async fn list_v1(State(state): State<AppState>, Query(query): Query<ListQuery>) -> ApiResult<Json<Vec<Detail>>> {
-    Ok(Json(list(state, query).await?))
-}
-
-/// `GET /v2/sandboxes`: the same, in one page.
-pub async fn list_v2(State(state): State<AppState>, Query(query): Query<ListQuery>) -> ApiResult<Json<Vec<Detail>>> {
+/// `GET /sandboxes` and `GET /v2/sandboxes` (in one page): the running
+/// sandboxes this server created or was asked about.
+pub async fn list_sandboxes(
+    State(state): State<AppState>,
+    Query(query): Query<ListQuery>,
+) -> ApiResult<Json<Vec<Detail>>> {
     Ok(Json(list(state, query).await?))
 }
 

@@ -224,8 +224,8 @@ pub fn spawn_sweeper(state: AppState) {
 /// The control plane's routes (behind the API key).
 pub fn control_router() -> Router<AppState> {
     Router::new()
-        .route("/sandboxes", post(control::create).get(control::list_v1))
-        .route("/v2/sandboxes", post(control::create).get(control::list_v2))
+        .route("/sandboxes", post(control::create).get(control::list_sandboxes))
+        .route("/v2/sandboxes", post(control::create).get(control::list_sandboxes))
         .route("/sandboxes/{id}", get(control::get_one).delete(control::kill))
         .route("/sandboxes/{id}/timeout", post(control::set_timeout))
         .route("/sandboxes/{id}/connect", post(control::connect))

@@ -296,7 +296,7 @@ pub async fn call(
 /// The keepalive interval the client asks for (`Keepalive-Ping-Interval`, seconds).
 fn keepalive(headers: &HeaderMap) -> Duration {
     headers
-        .get(crate::e2b::process::KEEPALIVE_HEADER)
+        .get(KEEPALIVE_HEADER)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .filter(|s| (1..=3600).contains(s))
         .map_or(DEFAULT_KEEPALIVE, Duration::from_secs)
