@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use guest_protocol::agent::{Exec, WinSize};
+use guest_protocol::agent::{Exec, Rlimit, WinSize};
 
 use crate::Error;
 use rootfs::ImageConfig;
@@ -72,6 +72,8 @@ pub struct Command {
     pub(crate) env: Vec<(String, String)>,
     pub(crate) cwd: Option<String>,
     pub(crate) user: Option<String>,
+    pub(crate) groups: Vec<u32>,
+    pub(crate) rlimits: Vec<Rlimit>,
     pub(crate) tty: Option<WinSize>,
     pub(crate) stdin: StdinSource,
     pub(crate) stdout: OutputSink,
@@ -89,6 +91,8 @@ impl std::fmt::Debug for Command {
             .field("env", &self.env)
             .field("cwd", &self.cwd)
             .field("user", &self.user)
+            .field("groups", &self.groups)
+            .field("rlimits", &self.rlimits)
             .field("tty", &self.tty)
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
@@ -109,6 +113,8 @@ impl Command {
             env: Vec::new(),
             cwd: None,
             user: None,
+            groups: Vec::new(),
+            rlimits: Vec::new(),
             tty: None,
             stdin: StdinSource::Null,
             stdout: OutputSink::Piped,
@@ -143,6 +149,20 @@ impl Command {
     /// Run as this user (a name in the image's /etc/passwd, or a uid; default root).
     pub fn user(mut self, user: impl Into<String>) -> Self {
         self.user = Some(user.into());
+        self
+    }
+    /// Give the command these supplementary group ids (by default it has
+    /// none).
+    pub fn groups(mut self, gids: impl IntoIterator<Item = u32>) -> Self {
+        self.groups = gids.into_iter().collect();
+        self
+    }
+    /// Limit a resource of the command (`resource` a Linux `RLIMIT_*`
+    /// number such as `libc::RLIMIT_NOFILE`; `u64::MAX` is unlimited), set
+    /// before it changes user, so it may raise the hard limit.
+    pub fn rlimit(mut self, resource: u32, soft: u64, hard: u64) -> Self {
+        self.rlimits.retain(|r| r.resource != resource);
+        self.rlimits.push(Rlimit { resource, soft, hard });
         self
     }
     /// Run on a pseudo-terminal of this size (standard output and error
@@ -221,6 +241,12 @@ impl Command {
         if let Some(cwd) = self.cwd.as_ref().filter(|c| !c.starts_with('/')) {
             return Err(Error::Config(format!("the working directory must be absolute, not {cwd:?}")));
         }
+        if let Some(r) = self.rlimits.iter().find(|r| r.soft > r.hard) {
+            return Err(Error::Config(format!(
+                "resource limit {}: the soft limit {} is above the hard limit {}",
+                r.resource, r.soft, r.hard
+            )));
+        }
         Ok(())
     }
 
@@ -251,7 +277,15 @@ impl Command {
         if argv.first().is_none_or(String::is_empty) {
             return Err(Error::Config("no command given (and the image has no Cmd or Entrypoint)".into()));
         }
-        Ok(Exec { argv, env, cwd: cwd.unwrap_or_else(|| "/".into()), user, tty: self.tty })
+        Ok(Exec {
+            argv,
+            env,
+            cwd: cwd.unwrap_or_else(|| "/".into()),
+            user,
+            tty: self.tty,
+            groups: self.groups.clone(),
+            rlimits: self.rlimits.clone(),
+        })
     }
 }
 

@@ -263,7 +263,7 @@ fn exec_command(conn: Box<dyn Connection>, exec: Exec) -> Result<(), FrameError>
     let mut reader = conn;
     let mut env = crate::trust::ca_env();
     env.extend(exec.env.iter().cloned());
-    let mut cmd = match command::build(&exec.argv, &env, &exec.cwd, exec.user.as_deref()) {
+    let mut cmd = match command::build(&exec.argv, &env, &exec.cwd, exec.user.as_deref(), &exec.groups, &exec.rlimits) {
         Ok(cmd) => cmd,
         Err(e) => return send(&writer, &GuestMessage::Error(e)),
     };
@@ -640,7 +640,15 @@ mod tests {
     }
 
     fn exec(argv: &[&str], tty: Option<WinSize>) -> Exec {
-        Exec { argv: argv.iter().map(|s| s.to_string()).collect(), env: vec![], cwd: "/".into(), user: None, tty }
+        Exec {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: vec![],
+            cwd: "/".into(),
+            user: None,
+            tty,
+            groups: vec![],
+            rlimits: vec![],
+        }
     }
 
     /// Collect (stdout, stderr, status) until the command exits.

@@ -4,6 +4,7 @@
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
+use guest_protocol::agent::Rlimit;
 use guest_protocol::LaunchSpec;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -35,12 +36,15 @@ pub(crate) fn raw_console_output() -> nix::Result<()> {
 }
 
 /// A command with init's default environment, the given variables, the
-/// working directory and, if named, the user (from /etc/passwd, or a number).
+/// working directory, if named, the user (from /etc/passwd, or a number),
+/// and the supplementary groups and resource limits.
 pub(crate) fn build(
     argv: &[String],
     env: &[(String, String)],
     cwd: &str,
     user: Option<&str>,
+    groups: &[u32],
+    rlimits: &[Rlimit],
 ) -> Result<Command, String> {
     let Some((program, args)) = argv.split_first() else {
         return Err("no command given".into());
@@ -74,14 +78,53 @@ pub(crate) fn build(
     if !is_current_dir(cwd) {
         cmd.current_dir(cwd);
     }
-    if let Some(user) = user {
-        let (uid, gid, home) = lookup_user(user)?;
-        cmd.uid(uid).gid(gid);
-        if !env.iter().any(|(k, _)| k == "HOME") {
-            cmd.env("HOME", home);
+    let ids = match user {
+        Some(user) => {
+            let (uid, gid, home) = lookup_user(user)?;
+            if !env.iter().any(|(k, _)| k == "HOME") {
+                cmd.env("HOME", home);
+            }
+            Some((uid, gid))
         }
+        None => None,
+    };
+    match ids {
+        // std drops the supplementary groups when it changes the user.
+        Some((uid, gid)) if groups.is_empty() && rlimits.is_empty() => {
+            cmd.uid(uid).gid(gid);
+        }
+        None if groups.is_empty() && rlimits.is_empty() => {}
+        ids => set_credentials(&mut cmd, ids, groups, rlimits),
     }
     Ok(cmd)
+}
+
+/// Set the limits, then the groups, then the ids in the child before it
+/// executes the program: the limits while the child may still raise them,
+/// the groups while it may still set them. (std's own uid and gid would be
+/// set before this runs.)
+fn set_credentials(cmd: &mut Command, ids: Option<(u32, u32)>, groups: &[u32], rlimits: &[Rlimit]) {
+    let groups: Vec<libc::gid_t> = groups.to_vec();
+    let limits: Vec<(Rlimit, libc::rlimit)> =
+        rlimits.iter().map(|r| (*r, libc::rlimit { rlim_cur: r.soft, rlim_max: r.hard })).collect();
+    let check = |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) };
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes system calls on memory it owns (no allocation, no locks).
+    unsafe {
+        cmd.pre_exec(move || {
+            for (r, limit) in &limits {
+                // `limit` is a valid rlimit.
+                check(libc::setrlimit(r.resource as _, limit))?;
+            }
+            // `groups` is a valid array of its length.
+            check(libc::setgroups(groups.len(), groups.as_ptr()))?;
+            if let Some((uid, gid)) = ids {
+                check(libc::setgid(gid))?;
+                check(libc::setuid(uid))?;
+            }
+            Ok(())
+        });
+    }
 }
 
 /// The file `program` names through `path` (the command's PATH), as
@@ -154,7 +197,7 @@ pub(crate) fn spawn_error_status(e: &std::io::Error) -> i32 {
 
 /// Run the launch-spec command on init's console to its end; returns its status.
 pub(crate) fn run(spec: &LaunchSpec) -> i32 {
-    let mut cmd = match build(&spec.argv, &spec.env, &spec.cwd, None) {
+    let mut cmd = match build(&spec.argv, &spec.env, &spec.cwd, None, &[], &[]) {
         Ok(cmd) => cmd,
         Err(e) => {
             crate::log(&e);
@@ -185,29 +228,62 @@ pub(crate) fn kill_all() {
 mod tests {
     use super::*;
 
-    #[test]
-    fn build_applies_environment_directory_and_user() {
-        let mut cmd = build(
-            &["/bin/sh".into(), "-c".into(), "echo $PATH $X $HOME; pwd; id -u".into()],
-            &[("X".into(), "y".into())],
-            "/tmp",
-            Some("0"),
-        )
-        .unwrap();
+    /// Run `cmd` to its end: its standard output (its status must be 0).
+    fn output_of(mut cmd: Command) -> String {
         cmd.stdout(Stdio::piped());
         let (mut child, status) = reaper::spawn(&mut cmd).unwrap();
         let mut out = String::new();
         std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
         assert_eq!(status.recv().unwrap(), 0);
+        out
+    }
+
+    #[test]
+    fn build_applies_environment_directory_and_user() {
+        let cmd = build(
+            &["/bin/sh".into(), "-c".into(), "echo $PATH $X $HOME; pwd; id -u".into()],
+            &[("X".into(), "y".into())],
+            "/tmp",
+            Some("0"),
+            &[],
+            &[],
+        )
+        .unwrap();
+        let out = output_of(cmd);
         assert_eq!(out, "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin y /root\n/tmp\n0\n");
     }
 
     #[test]
+    fn groups_and_limits_are_set_before_the_user_changes() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: changing user needs root");
+            return;
+        }
+        // Below this process's hard limit (raising it needs CAP_SYS_RESOURCE,
+        // which the guest's init has and a test host may not).
+        let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+        let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+        let hard: u64 = line.split_whitespace().nth(4).unwrap().parse().unwrap();
+        let hard = hard - 1;
+        let limits = [Rlimit { resource: 7, soft: 77, hard }]; // 7: RLIMIT_NOFILE
+        let script = "id -u; id -G; ulimit -n; ulimit -Hn";
+        let argv = ["sh".into(), "-c".into(), script.into()];
+        let cmd = build(&argv, &[], "/", Some("65534:65534"), &[10, 20], &limits).unwrap();
+        let out = output_of(cmd);
+        assert_eq!(out, format!("65534\n65534 10 20\n77\n{hard}\n"));
+
+        // Without groups or limits, none are added.
+        let cmd = build(&["id".into(), "-G".into()], &[], "/", Some("65534:65534"), &[], &[]).unwrap();
+        let out = output_of(cmd);
+        assert_eq!(out, "65534\n");
+    }
+
+    #[test]
     fn unknown_users_and_empty_commands_are_errors() {
-        assert!(build(&[], &[], "/", None).is_err());
-        let err = build(&["true".into()], &[], "/", Some("no-such-user")).unwrap_err();
+        assert!(build(&[], &[], "/", None, &[], &[]).is_err());
+        let err = build(&["true".into()], &[], "/", Some("no-such-user"), &[], &[]).unwrap_err();
         assert!(err.contains("no-such-user"), "{err}");
-        let err = build(&["true".into()], &[], "/", Some("0:no-such-group")).unwrap_err();
+        let err = build(&["true".into()], &[], "/", Some("0:no-such-group"), &[], &[]).unwrap_err();
         assert!(err.contains("no-such-group"), "{err}");
         assert_eq!(lookup_user("0:7").unwrap().1, 7);
     }
@@ -218,12 +294,8 @@ mod tests {
         assert_eq!(resolve("sh", path, "/"), Some(std::path::PathBuf::from("/bin/sh")));
         assert_eq!(resolve("/bin/sh", path, "/"), None);
         assert_eq!(resolve("no-such-program-here", path, "/"), None);
-        let mut cmd = build(&["sh".into(), "-c".into(), "echo $0".into()], &[], "/", None).unwrap();
-        cmd.stdout(Stdio::piped());
-        let (mut child, status) = reaper::spawn(&mut cmd).unwrap();
-        let mut out = String::new();
-        std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
-        assert_eq!(status.recv().unwrap(), 0);
+        let cmd = build(&["sh".into(), "-c".into(), "echo $0".into()], &[], "/", None, &[], &[]).unwrap();
+        let out = output_of(cmd);
         assert_eq!(out, "sh\n");
     }
 }

@@ -22,7 +22,7 @@ use std::io::{self, Read, Write};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Protocol version; the agent refuses a different one.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// Largest frame payload, in bytes.
 pub const MAX_FRAME: usize = 1 << 20;
 /// Largest data chunk a sender puts in one frame.
@@ -37,6 +37,15 @@ pub struct WinSize {
     pub cols: u16,
 }
 
+/// A resource limit of a command: `setrlimit(resource, {soft, hard})`,
+/// `resource` a Linux `RLIMIT_*` number (`u64::MAX`: unlimited).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    pub resource: u32,
+    pub soft: u64,
+    pub hard: u64,
+}
+
 /// A command to run in the guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Exec {
@@ -47,6 +56,10 @@ pub struct Exec {
     pub user: Option<String>,
     /// Run on a pseudo-terminal of this size (stdout and stderr merged).
     pub tty: Option<WinSize>,
+    /// Supplementary group ids (empty: none, as for any user change).
+    pub groups: Vec<u32>,
+    /// Resource limits, set before the user changes.
+    pub rlimits: Vec<Rlimit>,
 }
 
 /// Who a sandbox is, given to its guest once it is up, after a boot or a
@@ -313,6 +326,8 @@ mod tests {
                 cwd: "/".into(),
                 user: Some("nobody".into()),
                 tty: Some(WinSize { rows: 24, cols: 80 }),
+                groups: vec![10, 100],
+                rlimits: vec![Rlimit { resource: 7, soft: 1024, hard: u64::MAX }],
             }),
             HostMessage::Stdin(vec![0, 1, 2, 255]),
             HostMessage::StdinEof,

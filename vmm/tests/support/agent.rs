@@ -68,6 +68,8 @@ pub fn sh_on(mut s: UnixStream, script: &str) -> (i32, String) {
         cwd: "/".into(),
         user: None,
         tty: None,
+        groups: Vec::new(),
+        rlimits: Vec::new(),
     };
     write_frame(&mut s, &HostMessage::Exec(exec)).expect("agent");
     write_frame(&mut s, &HostMessage::StdinEof).expect("agent");
