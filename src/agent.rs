@@ -32,6 +32,10 @@ pub enum AgentError {
     Fs { kind: FsErrorKind, message: String },
     #[error("guest agent sent {0} where it was not expected")]
     Unexpected(String),
+    /// The agent refused the hello: guest image and host program were
+    /// built from different sources.
+    #[error("the guest agent does not speak this program's protocol ({0}): the guest image was built from other sources than this program; rebuild it with ./setup.sh")]
+    Mismatch(String),
     #[error("the guest agent did not answer within {0:?} (the guest is busy: too many commands at once for its vCPUs, or stuck)")]
     Timeout(Duration),
 }
@@ -98,7 +102,10 @@ impl AgentConn {
         })?;
         match hello {
             Some(GuestMessage::Hello { version }) if version == VERSION => {}
-            Some(GuestMessage::Error(e)) => return Err(AgentError::Remote(e)),
+            Some(GuestMessage::Hello { version }) => {
+                return Err(AgentError::Mismatch(format!("it speaks version {version}, this program {VERSION}")))
+            }
+            Some(GuestMessage::Error(e)) => return Err(AgentError::Mismatch(e)),
             other => return Err(AgentError::Unexpected(format!("{other:?}"))),
         }
         stream.set_read_timeout(None)?;
@@ -220,6 +227,8 @@ pub fn wait_ready(uds: &Path, timeout: Duration, mut alive: impl FnMut() -> bool
     loop {
         match AgentConn::connect(uds, Duration::from_secs(5)) {
             Ok(_) => return Ok(()),
+            // An agent that answers and refuses will not change its mind.
+            Err(e @ AgentError::Mismatch(_)) => return Err(e),
             Err(e) if std::time::Instant::now() >= deadline || !alive() => return Err(e),
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
@@ -261,6 +270,27 @@ pub(crate) mod tests {
             script(s);
         });
         (dir, path)
+    }
+
+    #[test]
+    fn an_agent_of_another_protocol_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vsock.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            read_connect(&mut s).unwrap();
+            s.write_all(b"OK 1073741824\n").unwrap();
+            let _ = read_frame::<HostMessage>(&mut s);
+            let msg = format!("protocol version {VERSION} is not supported (agent speaks {})", VERSION - 1);
+            write_frame(&mut s, &GuestMessage::Error(msg)).unwrap();
+            std::thread::sleep(Duration::from_secs(1));
+        });
+        let started = std::time::Instant::now();
+        let err = wait_ready(&path, Duration::from_secs(30), || true).unwrap_err();
+        assert!(matches!(err, AgentError::Mismatch(_)), "{err}");
+        assert!(err.to_string().contains("./setup.sh"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
     }
 
     #[test]
