@@ -67,7 +67,7 @@ pub use pool::Pool;
 pub use ports::{PortForward, PortSpec, CONNECT_PORT_LISTENER};
 pub use process::{Process, ProcessControl, ProcessOutput, ProcessStdin};
 pub use rootfs;
-pub use sandbox::{valid_id, Sandbox, SandboxState};
+pub use sandbox::{valid_id, HostUsage, Sandbox, SandboxState};
 pub use snapshot::Snapshot;
 pub use telemetry::query::{InboundRow, LogRow};
 pub use vmm::AfterSnapshot;

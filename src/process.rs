@@ -11,9 +11,8 @@
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use guest_protocol::agent::{Exec, FrameReader, FrameWriter, GuestMessage, HostMessage, WinSize, CHUNK};
@@ -30,8 +29,21 @@ const OUTPUT_QUEUE: usize = 16;
 #[derive(Debug)]
 struct Sender {
     frames: Mutex<(UnixStream, FrameWriter)>,
-    /// The guest pid (0 until the guest reported it).
-    pid: AtomicU32,
+    /// Whether the guest started the command, set by the reader thread.
+    launch: Mutex<Launch>,
+    launched: Condvar,
+}
+
+/// What the guest said of starting the command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Launch {
+    /// Nothing yet.
+    Pending,
+    /// Started, with this guest pid.
+    Started(u32),
+    /// The connection ended (with an exit status or an error) before the
+    /// guest reported a start: the command never ran.
+    NotStarted,
 }
 
 impl Sender {
@@ -42,6 +54,19 @@ impl Sender {
             .map_err(|_| Error::Io("send to the guest agent".into(), io::Error::other("a sender panicked")))?;
         let (stream, writer) = &mut *guard;
         writer.write(stream, msg).map_err(|e| Error::Agent(AgentError::Frame(e)))
+    }
+
+    fn launch(&self) -> std::sync::MutexGuard<'_, Launch> {
+        self.launch.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Record what the guest said, once: a later word does not undo a start.
+    fn set_launch(&self, launch: Launch) {
+        let mut guard = self.launch();
+        if *guard == Launch::Pending {
+            *guard = launch;
+            self.launched.notify_all();
+        }
     }
 }
 
@@ -66,7 +91,31 @@ impl ProcessControl {
     }
     /// The command's pid in the guest, once the guest reported it started.
     pub fn pid(&self) -> Option<u32> {
-        Some(self.sender.pid.load(Ordering::Acquire)).filter(|&p| p != 0)
+        match *self.sender.launch() {
+            Launch::Started(pid) => Some(pid),
+            Launch::Pending | Launch::NotStarted => None,
+        }
+    }
+
+    /// Wait, at most `timeout`, for the guest to start the command: its
+    /// guest pid, or `Ok(None)` when it ended without starting (a program
+    /// the image lacks or cannot execute: [`Process::wait`] then gives 127
+    /// or 126, and the command's standard error says why).
+    pub fn wait_started(&self, timeout: Duration) -> Result<Option<u32>, Error> {
+        let guard = self.sender.launch();
+        let (guard, _) = self
+            .sender
+            .launched
+            .wait_timeout_while(guard, timeout, |l| *l == Launch::Pending)
+            .unwrap_or_else(|p| p.into_inner());
+        match *guard {
+            Launch::Started(pid) => Ok(Some(pid)),
+            Launch::NotStarted => Ok(None),
+            Launch::Pending => Err(Error::Io(
+                "wait for the command to start".into(),
+                io::Error::new(io::ErrorKind::TimedOut, format!("the guest did not start it within {timeout:?}")),
+            )),
+        }
     }
 }
 
@@ -185,7 +234,11 @@ impl Process {
         }
         let stream = connect(&first)?.into_stream();
         let reader = stream.try_clone().map_err(|e| Error::Io("clone the agent connection".into(), e))?;
-        let sender = Arc::new(Sender { frames: Mutex::new((stream, FrameWriter::default())), pid: AtomicU32::new(0) });
+        let sender = Arc::new(Sender {
+            frames: Mutex::new((stream, FrameWriter::default())),
+            launch: Mutex::new(Launch::Pending),
+            launched: Condvar::new(),
+        });
 
         let mut piped_stdin = None;
         match stdin {
@@ -200,7 +253,8 @@ impl Process {
         std::thread::Builder::new()
             .name("sandbox-process".into())
             .spawn(move || {
-                let status = pump(reader, out_sink, err_sink, &pid_sender.pid);
+                let status = pump(reader, out_sink, err_sink, &pid_sender);
+                pid_sender.set_launch(Launch::NotStarted);
                 let _ = exit_tx.send(status);
             })
             .map_err(|e| Error::Io("start the process reader thread".into(), e))?;
@@ -239,6 +293,10 @@ impl Process {
     /// See [`ProcessControl::pid`].
     pub fn pid(&self) -> Option<u32> {
         self.control.pid()
+    }
+    /// See [`ProcessControl::wait_started`].
+    pub fn wait_started(&self, timeout: Duration) -> Result<Option<u32>, Error> {
+        self.control.wait_started(timeout)
     }
     /// The command's standard input, when it was piped (once).
     pub fn take_stdin(&mut self) -> Option<ProcessStdin> {
@@ -322,11 +380,11 @@ fn reader_stopped() -> Error {
 }
 
 /// Read the guest's frames until the exit status.
-fn pump(mut stream: UnixStream, mut stdout: Sink, mut stderr: Sink, pid: &AtomicU32) -> Result<i32, Error> {
+fn pump(mut stream: UnixStream, mut stdout: Sink, mut stderr: Sink, sender: &Sender) -> Result<i32, Error> {
     let mut frames = FrameReader::default();
     loop {
         match frames.read::<GuestMessage>(&mut stream).map_err(AgentError::from)? {
-            Some(GuestMessage::Started { pid: p }) => pid.store(p, Ordering::Release),
+            Some(GuestMessage::Started { pid }) => sender.set_launch(Launch::Started(pid)),
             Some(GuestMessage::Stdout(b)) => stdout.put(b),
             Some(GuestMessage::Stderr(b)) => stderr.put(b),
             Some(GuestMessage::Exited { status }) => return Ok(status),
@@ -394,7 +452,15 @@ mod tests {
 
     fn start(path: &std::path::Path, stdin: StdinSource) -> Process {
         let connect = |first: &[HostMessage]| Ok(AgentConn::connect_with(path, Duration::from_secs(5), first)?);
-        let exec = Exec { argv: vec!["cat".into()], env: vec![], cwd: "/".into(), user: None, tty: None };
+        let exec = Exec {
+            argv: vec!["cat".into()],
+            env: vec![],
+            cwd: "/".into(),
+            user: None,
+            tty: None,
+            groups: vec![],
+            rlimits: vec![],
+        };
         Process::start(connect, exec, stdin, OutputSink::Piped, OutputSink::Piped).unwrap()
     }
 
@@ -453,6 +519,43 @@ mod tests {
         assert_eq!(process.wait_timeout(Duration::from_millis(50)).unwrap(), None);
         let err = process.wait().unwrap_err().to_string();
         assert!(err.contains("before the command's exit status"), "{err}");
+    }
+
+    #[test]
+    fn wait_started_gives_the_pid_or_says_the_command_never_ran() {
+        let (_dir, path) = fake(|mut s| {
+            let _ = read_frame::<HostMessage>(&mut s);
+            std::thread::sleep(Duration::from_millis(100));
+            write_frame(&mut s, &GuestMessage::Started { pid: 42 }).unwrap();
+            write_frame(&mut s, &GuestMessage::Exited { status: 0 }).unwrap();
+            while let Ok(Some(_)) = read_frame::<HostMessage>(&mut s) {}
+        });
+        let mut process = start(&path, StdinSource::Null);
+        assert_eq!(process.wait_started(Duration::from_secs(5)).unwrap(), Some(42));
+        assert_eq!(process.wait().unwrap(), 0);
+        // The start is kept after the end.
+        assert_eq!(process.wait_started(Duration::ZERO).unwrap(), Some(42));
+
+        // A program the guest cannot find: an exit status, no start.
+        let (_dir, path) = fake(|mut s| {
+            let _ = read_frame::<HostMessage>(&mut s);
+            write_frame(&mut s, &GuestMessage::Stderr(b"nope: not found\n".to_vec())).unwrap();
+            write_frame(&mut s, &GuestMessage::Exited { status: 127 }).unwrap();
+            while let Ok(Some(_)) = read_frame::<HostMessage>(&mut s) {}
+        });
+        let mut process = start(&path, StdinSource::Null);
+        assert_eq!(process.wait_started(Duration::from_secs(5)).unwrap(), None);
+        assert_eq!(process.pid(), None);
+        assert_eq!(process.wait().unwrap(), 127);
+
+        // A guest that says nothing: a timeout, not a start.
+        let (_dir, path) = fake(|mut s| {
+            let _ = read_frame::<HostMessage>(&mut s);
+            std::thread::sleep(Duration::from_millis(500));
+        });
+        let process = start(&path, StdinSource::Null);
+        let err = process.wait_started(Duration::from_millis(50)).unwrap_err().to_string();
+        assert!(err.contains("start"), "{err}");
     }
 
     #[test]

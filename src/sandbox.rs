@@ -95,6 +95,48 @@ impl SandboxState {
     }
 }
 
+/// What a sandbox's host processes use: its holder and every process under
+/// it (the confined VMM, whose resident memory includes the guest's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostUsage {
+    /// CPU time, user and system, since the processes started.
+    pub cpu: Duration,
+    /// Proportional set size: private pages whole, shared ones (a
+    /// snapshot's memory file in the page cache) divided among the
+    /// processes that map them.
+    pub memory_bytes: u64,
+    /// How many processes.
+    pub processes: u32,
+}
+
+/// The CPU time and proportional set size of process `pid` and its
+/// descendants (those that exist while they are read).
+fn tree_usage(pid: u32) -> HostUsage {
+    // SAFETY: sysconf reads a constant of the system; no memory is shared.
+    let ticks = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok().filter(|t| *t > 0).unwrap_or(100);
+    let mut usage = HostUsage::default();
+    let mut pending = vec![pid];
+    while let Some(pid) = pending.pop() {
+        // utime and stime, in clock ticks.
+        let field = |n| stat_field(pid, n).and_then(|v| v.parse::<u64>().ok());
+        let (Some(user), Some(system)) = (field(14), field(15)) else { continue };
+        let times = user + system;
+        usage.cpu += Duration::from_nanos(times.saturating_mul(1_000_000_000) / ticks);
+        usage.memory_bytes += proportional_set_size(pid).unwrap_or(0);
+        usage.processes += 1;
+        pending.extend(children(pid));
+    }
+    usage
+}
+
+/// `Pss` of `/proc/<pid>/smaps_rollup`, in bytes.
+fn proportional_set_size(pid: u32) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let line = rollup.lines().find(|l| l.starts_with("Pss:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Field `n` (counted from 1, as proc(5) does; 3 or later) of `/proc/<pid>/stat`.
 fn stat_field(pid: u32, n: usize) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -284,6 +326,16 @@ impl Sandbox {
     /// connections on `vsock.sock`?
     pub fn is_running(&self) -> bool {
         self.holder_alive() && std::os::unix::net::UnixStream::connect(self.dir.vsock_socket()).is_ok()
+    }
+
+    /// The CPU time and memory its host processes use now; an error when
+    /// its holder is gone. (For a sandbox held in this process, this
+    /// process's own use.)
+    pub fn host_usage(&self) -> Result<HostUsage, Error> {
+        if !self.holder_alive() {
+            return Err(Error::NotRunning(self.id().to_string()));
+        }
+        Ok(tree_usage(self.state.pid))
     }
 
     fn holder_alive(&self) -> bool {
@@ -718,6 +770,24 @@ mod tests {
         assert!(start > 0);
         assert_eq!(process_start(me), Some(start));
         assert_eq!(process_start(u32::MAX), None);
+    }
+
+    #[test]
+    fn host_usage_counts_a_process_tree() {
+        // A child that burns CPU, with a grandchild.
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 3 & i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done; wait"])
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(600));
+        let pid = child.id();
+        let usage = tree_usage(pid);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(usage.processes >= 2, "{usage:?}");
+        assert!(usage.cpu > Duration::from_millis(10), "{usage:?}");
+        assert!(usage.memory_bytes > 0, "{usage:?}");
+        assert_eq!(tree_usage(u32::MAX), HostUsage::default());
     }
 
     fn write_state(root: &Path, id: &str, pid: u32, pid_start: u64, created: u64) -> PathBuf {

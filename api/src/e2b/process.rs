@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -383,16 +383,19 @@ async fn spawn(
     let pid = super::run(move || {
         let sandbox = find(&st, &id)?;
         let mut process = sandbox.spawn(command)?;
-        let deadline = Instant::now() + START_TIMEOUT;
-        let pid = loop {
-            if let Some(pid) = process.pid() {
-                break pid;
+        let pid = match process.wait_started(START_TIMEOUT) {
+            Ok(Some(pid)) => pid,
+            Ok(None) => {
+                let status = process.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                return Err(RpcError::new(
+                    Code::FailedPrecondition,
+                    format!("the command did not start (status {status})"),
+                ));
             }
-            if Instant::now() > deadline {
+            Err(_) => {
                 let _ = process.kill();
                 return Err(RpcError::new(Code::Unavailable, "the command did not start in time"));
             }
-            std::thread::sleep(Duration::from_millis(2));
         };
         let running = Arc::new(Running {
             pid,
