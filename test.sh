@@ -11,8 +11,9 @@ log() { printf '[test] %s\n' "$*" >&2; }
 # skopeo; the isolation suite builds its outside network with ip(8); the
 # upstream proxy tests start a tinyproxy on 127.0.0.1; the E2B suite runs the
 # official e2b Python SDK from a virtual environment; the containerd shim's
-# tests start a containerd of their own and drive it with ctr.
-for pkg in docker-registry:/usr/bin/docker-registry skopeo:/usr/bin/skopeo iproute2:/usr/sbin/ip tinyproxy:/usr/bin/tinyproxy python3-venv:/usr/share/doc/python3-venv containerd:/usr/bin/containerd; do
+# tests start a containerd of their own and drive it with ctr and with a CRI
+# client, whose gRPC code is generated with protoc when it is built.
+for pkg in docker-registry:/usr/bin/docker-registry skopeo:/usr/bin/skopeo iproute2:/usr/sbin/ip tinyproxy:/usr/bin/tinyproxy python3-venv:/usr/share/doc/python3-venv containerd:/usr/bin/containerd protobuf-compiler:/usr/bin/protoc; do
     [ -e "${pkg#*:}" ] && continue
     [ "$(id -u)" -eq 0 ] || { log "missing package ${pkg%%:*}; run: sudo apt-get install ${pkg%%:*}"; exit 1; }
     log "installing ${pkg%%:*}"

@@ -5,14 +5,19 @@
 
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::{Process, Spec};
+use oci_spec::runtime::{PosixRlimitType, Process, Spec};
 
 use crate::Error;
 
-/// The annotation naming the built-in policy profile of a task.
-pub const PROFILE_ANNOTATION: &str = "sandbox.dev/profile";
-/// The profile of a task without the annotation.
-pub const DEFAULT_PROFILE: &str = "deny-all";
+use crate::config::PROFILE_ANNOTATION;
+
+/// CRI's annotation saying whether a task is a pod's sandbox (pause)
+/// container (`sandbox`) or one of its containers (`container`).
+pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
+/// CRI's annotations naming the pod and the container.
+const POD_NAMESPACE_ANNOTATION: &str = "io.kubernetes.cri.sandbox-namespace";
+const POD_NAME_ANNOTATION: &str = "io.kubernetes.cri.sandbox-name";
+const CONTAINER_NAME_ANNOTATION: &str = "io.kubernetes.cri.container-name";
 /// The longest `config.json` read (containerd's are a few KiB).
 const MAX_CONFIG_BYTES: u64 = 4 << 20;
 
@@ -24,6 +29,10 @@ pub struct ProcessSpec {
     pub cwd: String,
     /// `uid:gid`.
     pub user: String,
+    /// `user.additionalGids`.
+    pub groups: Vec<u32>,
+    /// `rlimits`: Linux `RLIMIT_*` number, soft, hard.
+    pub rlimits: Vec<(u32, u64, u64)>,
     pub terminal: bool,
 }
 
@@ -35,10 +44,14 @@ pub struct TaskSpec {
     pub memory_mib: Option<u32>,
     /// From `linux.resources.cpu` quota and period; `None`: the default.
     pub vcpus: Option<u8>,
-    /// A built-in profile name.
-    pub profile: String,
+    /// The `sandbox.dev/profile` annotation, when there is one.
+    pub profile: Option<String>,
     /// `root.path`, relative to the bundle unless absolute.
     pub root: PathBuf,
+    /// A pod's sandbox (pause) container, as CRI creates one.
+    pub pod_sandbox: bool,
+    /// `<pod namespace>/<pod name>/<container name>` for a CRI container.
+    pub pod_container: Option<String>,
 }
 
 impl TaskSpec {
@@ -56,18 +69,28 @@ impl TaskSpec {
     pub fn parse(json: &str, bundle: &Path) -> Result<TaskSpec, Error> {
         let spec: Spec = serde_json::from_str(json)
             .map_err(|e| Error::InvalidArgument(format!("the bundle's config.json is not an OCI runtime spec: {e}")))?;
+        let annotation = |key: &str| spec.annotations().as_ref().and_then(|a| a.get(key)).cloned();
+        let profile = annotation(PROFILE_ANNOTATION);
+        let pod_sandbox = annotation(CONTAINER_TYPE_ANNOTATION).as_deref() == Some("sandbox");
         let process = spec
             .process()
             .as_ref()
-            .ok_or_else(|| Error::InvalidArgument("the bundle's config.json has no process to run".into()))?;
-        let process = ProcessSpec::of(process)?;
-        let profile = spec
-            .annotations()
-            .as_ref()
-            .and_then(|a| a.get(PROFILE_ANNOTATION))
-            .map(|p| p.trim().to_string())
-            .unwrap_or_else(|| DEFAULT_PROFILE.to_string());
-        check_profile(&profile)?;
+            .ok_or_else(|| Error::InvalidArgument("the bundle's config.json has no process to run".into()))
+            .and_then(ProcessSpec::of);
+        // A pod's sandbox container runs nothing: its process (pause) is
+        // only kept for `state`.
+        let process = match process {
+            Err(_) if pod_sandbox => ProcessSpec::nothing(),
+            process => process?,
+        };
+        let pod_container = match (
+            annotation(POD_NAMESPACE_ANNOTATION),
+            annotation(POD_NAME_ANNOTATION),
+            annotation(CONTAINER_NAME_ANNOTATION),
+        ) {
+            (Some(ns), Some(pod), Some(name)) if !pod_sandbox => Some(format!("{ns}/{pod}/{name}")),
+            _ => None,
+        };
         let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
         let memory_mib = match resources.and_then(|r| r.memory().as_ref()).and_then(|m| m.limit()) {
             Some(limit) if limit > 0 => Some(memory_mib(limit)?),
@@ -76,7 +99,7 @@ impl TaskSpec {
         let vcpus = resources.and_then(|r| r.cpu().as_ref()).and_then(|cpu| vcpus(cpu.quota(), cpu.period()));
         let root = spec.root().as_ref().map(|r| r.path().clone()).unwrap_or_else(|| PathBuf::from("rootfs"));
         let root = if root.is_absolute() { root } else { bundle.join(root) };
-        Ok(TaskSpec { process, memory_mib, vcpus, profile, root })
+        Ok(TaskSpec { process, memory_mib, vcpus, profile, root, pod_sandbox, pod_container })
     }
 }
 
@@ -102,7 +125,37 @@ impl ProcessSpec {
             return Err(Error::InvalidArgument(format!("the process's cwd {cwd:?} is not an absolute path")));
         }
         let user = format!("{}:{}", process.user().uid(), process.user().gid());
-        Ok(ProcessSpec { args, env, cwd, user, terminal: process.terminal().unwrap_or(false) })
+        let groups = process.user().additional_gids().clone().unwrap_or_default();
+        let rlimits = process
+            .rlimits()
+            .iter()
+            .flatten()
+            .map(|r| {
+                if r.soft() > r.hard() {
+                    return Err(Error::InvalidArgument(format!(
+                        "rlimit {:?}: the soft limit {} is above the hard limit {}",
+                        r.typ(),
+                        r.soft(),
+                        r.hard()
+                    )));
+                }
+                Ok((rlimit_number(r.typ()), r.soft(), r.hard()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ProcessSpec { args, env, cwd, user, groups, rlimits, terminal: process.terminal().unwrap_or(false) })
+    }
+
+    /// The process of a task that runs none (a pod's sandbox container).
+    pub fn nothing() -> ProcessSpec {
+        ProcessSpec {
+            args: Vec::new(),
+            env: Vec::new(),
+            cwd: "/".into(),
+            user: "0:0".into(),
+            groups: Vec::new(),
+            rlimits: Vec::new(),
+            terminal: false,
+        }
     }
 
     /// Parse an exec's process (the JSON containerd sends in the request).
@@ -114,24 +167,40 @@ impl ProcessSpec {
 
     /// The library's command for it (streams are set by the caller).
     pub fn command(&self) -> sandbox::Command {
-        let mut command = sandbox::Command::from_argv(self.args.iter().cloned()).cwd(&self.cwd).user(&self.user);
+        let mut command = sandbox::Command::from_argv(self.args.iter().cloned())
+            .cwd(&self.cwd)
+            .user(&self.user)
+            .groups(self.groups.iter().copied());
         for (k, v) in &self.env {
             command = command.env(k, v);
+        }
+        for &(resource, soft, hard) in &self.rlimits {
+            command = command.rlimit(resource, soft, hard);
         }
         command
     }
 }
 
-/// A built-in profile, or an error naming the ones there are.
-pub fn check_profile(name: &str) -> Result<(), Error> {
-    if sandbox::policy::builtin_profile(name).is_some() {
-        return Ok(());
+/// Linux's number for an rlimit (`RLIMIT_*` in <sys/resource.h>, x86-64).
+fn rlimit_number(typ: PosixRlimitType) -> u32 {
+    match typ {
+        PosixRlimitType::RlimitCpu => 0,
+        PosixRlimitType::RlimitFsize => 1,
+        PosixRlimitType::RlimitData => 2,
+        PosixRlimitType::RlimitStack => 3,
+        PosixRlimitType::RlimitCore => 4,
+        PosixRlimitType::RlimitRss => 5,
+        PosixRlimitType::RlimitNproc => 6,
+        PosixRlimitType::RlimitNofile => 7,
+        PosixRlimitType::RlimitMemlock => 8,
+        PosixRlimitType::RlimitAs => 9,
+        PosixRlimitType::RlimitLocks => 10,
+        PosixRlimitType::RlimitSigpending => 11,
+        PosixRlimitType::RlimitMsgqueue => 12,
+        PosixRlimitType::RlimitNice => 13,
+        PosixRlimitType::RlimitRtprio => 14,
+        PosixRlimitType::RlimitRttime => 15,
     }
-    let known: Vec<&str> = sandbox::policy::BUILTIN_PROFILES.iter().map(|(n, _)| *n).collect();
-    Err(Error::InvalidArgument(format!(
-        "annotation {PROFILE_ANNOTATION}={name:?} names no built-in policy profile; use one of: {}",
-        known.join(", ")
-    )))
 }
 
 /// Guest memory for a memory limit in bytes: whole MiB, within the range
@@ -167,7 +236,7 @@ mod tests {
         format!(r#"{{"ociVersion":"1.0.2","process":{process},"root":{{"path":"rootfs"}}{extra}}}"#)
     }
 
-    const PROCESS: &str = r#"{"terminal":false,"user":{"uid":1000,"gid":100},"args":["sh","-c","echo hi"],"env":["PATH=/bin","A=b=c"],"cwd":"/work"}"#;
+    const PROCESS: &str = r#"{"terminal":false,"user":{"uid":1000,"gid":100,"additionalGids":[10,20]},"args":["sh","-c","echo hi"],"env":["PATH=/bin","A=b=c"],"cwd":"/work","rlimits":[{"type":"RLIMIT_NOFILE","hard":4096,"soft":1024},{"type":"RLIMIT_NPROC","hard":100,"soft":50}]}"#;
 
     #[test]
     fn reads_the_process_resources_and_profile() {
@@ -180,11 +249,15 @@ mod tests {
         assert_eq!(spec.process.env, [("PATH".into(), "/bin".into()), ("A".into(), "b=c".into())]);
         assert_eq!(spec.process.cwd, "/work");
         assert_eq!(spec.process.user, "1000:100");
+        assert_eq!(spec.process.groups, [10, 20]);
+        assert_eq!(spec.process.rlimits, [(7, 1024, 4096), (6, 50, 100)]);
         assert!(!spec.process.terminal);
         assert_eq!(spec.memory_mib, Some(512));
         assert_eq!(spec.vcpus, Some(2));
-        assert_eq!(spec.profile, "dev");
+        assert_eq!(spec.profile.as_deref(), Some("dev"));
         assert_eq!(spec.root, Path::new("/b/rootfs"));
+        assert!(!spec.pod_sandbox);
+        assert_eq!(spec.pod_container, None);
     }
 
     #[test]
@@ -192,14 +265,32 @@ mod tests {
         let spec = TaskSpec::parse(&config(PROCESS, ""), Path::new("/b")).unwrap();
         assert_eq!(spec.memory_mib, None);
         assert_eq!(spec.vcpus, None);
-        assert_eq!(spec.profile, DEFAULT_PROFILE);
+        assert_eq!(spec.profile, None);
+    }
+
+    #[test]
+    fn cri_annotations_say_pod_sandbox_or_container_and_which_pod() {
+        let pause = config(
+            PROCESS,
+            r#","annotations":{"io.kubernetes.cri.container-type":"sandbox","io.kubernetes.cri.sandbox-name":"p","io.kubernetes.cri.sandbox-namespace":"ns"}"#,
+        );
+        let spec = TaskSpec::parse(&pause, Path::new("/b")).unwrap();
+        assert!(spec.pod_sandbox);
+        assert_eq!(spec.pod_container, None);
+        // An image without a command makes a pause container that runs nothing.
+        let bare = pause.replace(r#""args":["sh","-c","echo hi"],"#, "");
+        assert_eq!(TaskSpec::parse(&bare, Path::new("/b")).unwrap().process, ProcessSpec::nothing());
+        let container = config(
+            PROCESS,
+            r#","annotations":{"io.kubernetes.cri.container-type":"container","io.kubernetes.cri.sandbox-name":"p","io.kubernetes.cri.sandbox-namespace":"ns","io.kubernetes.cri.container-name":"c"}"#,
+        );
+        let spec = TaskSpec::parse(&container, Path::new("/b")).unwrap();
+        assert!(!spec.pod_sandbox);
+        assert_eq!(spec.pod_container.as_deref(), Some("ns/p/c"));
     }
 
     #[test]
     fn bad_bundles_are_clear_errors() {
-        let bad_profile = config(PROCESS, r#","annotations":{"sandbox.dev/profile":"allow-everything"}"#);
-        let err = TaskSpec::parse(&bad_profile, Path::new("/b")).unwrap_err().to_string();
-        assert!(err.contains("allow-everything") && err.contains("deny-all"), "{err}");
         let err = TaskSpec::parse("{not json", Path::new("/b")).unwrap_err().to_string();
         assert!(err.contains("not an OCI runtime spec"), "{err}");
         let no_args = config(r#"{"user":{"uid":0,"gid":0},"args":[],"cwd":"/"}"#, "");
@@ -208,6 +299,12 @@ mod tests {
         let tiny = config(PROCESS, r#","linux":{"resources":{"memory":{"limit":1048576}}}"#);
         let err = TaskSpec::parse(&tiny, Path::new("/b")).unwrap_err().to_string();
         assert!(err.contains("memory limit"), "{err}");
+        let bad_limit = config(
+            r#"{"user":{"uid":0,"gid":0},"args":["x"],"cwd":"/","rlimits":[{"type":"RLIMIT_NOFILE","hard":1,"soft":2}]}"#,
+            "",
+        );
+        let err = TaskSpec::parse(&bad_limit, Path::new("/b")).unwrap_err().to_string();
+        assert!(err.contains("above the hard limit"), "{err}");
         let bad_env = config(r#"{"user":{"uid":0,"gid":0},"args":["x"],"env":["NOEQUALS"],"cwd":"/"}"#, "");
         assert!(TaskSpec::parse(&bad_env, Path::new("/b")).is_err());
     }

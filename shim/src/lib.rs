@@ -5,6 +5,7 @@
 //! data directory. See `docs/containerd.md`.
 
 pub mod bundle;
+pub mod config;
 pub mod error;
 pub mod rootfs;
 pub mod service;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use containerd_shim::{api, publisher::RemotePublisher, Config, ExitSignal, Flags, StartOpts};
 
-use crate::service::{cleanup_bundle, Service};
+use crate::service::{cleanup_bundle, now, Service};
 
 /// The shim, as `containerd_shim::run` sees it.
 pub struct Shim {
@@ -49,14 +49,9 @@ impl containerd_shim::Shim for Shim {
 
     fn delete_shim(&mut self) -> Result<api::DeleteResponse, containerd_shim::Error> {
         cleanup_bundle(&self.bundle, &crate::data_dir());
-        let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let exited_at = containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp {
-            seconds: i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
-            ..Default::default()
-        };
         Ok(api::DeleteResponse {
             exit_status: 128 + libc::SIGKILL as u32,
-            exited_at: Some(exited_at).into(),
+            exited_at: Some(now()).into(),
             ..Default::default()
         })
     }
