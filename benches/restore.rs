@@ -35,9 +35,9 @@
 
 mod common;
 
-use common::{env_count, load_average, stats};
+use common::{env_count, holder_program, load_average, missing, stats};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use sandbox::{AfterSnapshot, Command, Image, Sandbox, Snapshot, Status};
@@ -51,29 +51,6 @@ fn secs(d: Duration) -> f64 {
 
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
-}
-
-/// Why this machine cannot run the benchmark, if it cannot.
-fn missing() -> Option<String> {
-    let mut why = Vec::new();
-    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        why.push(format!("needs read-write access to /dev/kvm ({e})"));
-    }
-    why.extend(sandbox::paths::kernel().err().map(|e| e.to_string()));
-    why.extend(sandbox::paths::default_image().err().map(|e| e.to_string()));
-    (!why.is_empty()).then(|| why.join("; "))
-}
-
-/// `$SANDBOX_HOLDER`, else the release build in the target directory.
-fn holder_program() -> PathBuf {
-    if let Some(path) = std::env::var_os("SANDBOX_HOLDER") {
-        return PathBuf::from(path);
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
-    let path = target.join("release").join("sandbox-holder");
-    assert!(path.is_file(), "{} is missing: cargo build --release --bin sandbox-holder", path.display());
-    path
 }
 
 /// Apparent and allocated size of a file, in bytes.
