@@ -222,11 +222,12 @@ async fn plain_http(listen: SocketAddr, count: Arc<AtomicU64>) -> tokio::task::J
 
 /// The SHA-256 of the fixture's `/bytes/<n>` body, and `fetch` run on the host.
 fn host_fetch(args: &[&str]) -> std::process::Output {
-    let fetch = concat!(env!("CARGO_MANIFEST_DIR"), "/target/x86_64-unknown-linux-musl/guest/fetch");
-    assert!(
-        std::path::Path::new(fetch).is_file(),
-        "{fetch} is missing: run ./setup.sh (rootfs/build-default.sh builds it)"
-    );
+    // Where ./setup.sh built it: the target directory this test was built in.
+    let target = option_env!("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let fetch = target.join("x86_64-unknown-linux-musl/guest/fetch");
+    assert!(fetch.is_file(), "{} is missing: run ./setup.sh (rootfs/build-default.sh builds it)", fetch.display());
     std::process::Command::new(fetch).args(args).output().unwrap()
 }
 
