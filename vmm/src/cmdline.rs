@@ -38,6 +38,10 @@ pub const BASE_ARGS: &[&str] = &[
     // 395 is X86_FEATURE_FSRS, which has no name. The kernel reads at most 128
     // bytes of this value.
     "clearcpuid=popcnt,cx16,fsgsbase,movbe,rdrand,rdseed,smap,smep,pcid,invpcid,serialize,rdpid,abm,bmi1,bmi2,erms,fsrm,395",
+    // Per-CPU areas in 4 KiB pages instead of one 2 MiB block per CPU,
+    // which the kernel sets up and partly frees again: where kernel code is
+    // emulated, that step of the boot took 0.4 s instead of 1.9 s.
+    "percpu_alloc=page",
     // Do not create /sys/module/<built-in>/parameters (kernel-config patch
     // 0004): about a second at boot.
     "no_builtin_param_sysfs",
