@@ -221,12 +221,15 @@ impl AgentConn {
     }
 }
 
-/// Wait until the agent answers through `uds`, or `timeout` passes.
-pub fn wait_ready(uds: &Path, timeout: Duration, mut alive: impl FnMut() -> bool) -> Result<(), AgentError> {
+/// Wait until the agent answers through `uds`, or `timeout` passes. The
+/// connection that got the answer is returned for a first request: where
+/// guest kernel code is emulated, every new connection costs the guest
+/// tenths of a second.
+pub fn wait_ready(uds: &Path, timeout: Duration, mut alive: impl FnMut() -> bool) -> Result<AgentConn, AgentError> {
     let deadline = std::time::Instant::now() + timeout;
     loop {
         match AgentConn::connect(uds, Duration::from_secs(5)) {
-            Ok(_) => return Ok(()),
+            Ok(conn) => return Ok(conn),
             // An agent that answers and refuses will not change its mind.
             Err(e @ AgentError::Mismatch(_)) => return Err(e),
             Err(e) if std::time::Instant::now() >= deadline || !alive() => return Err(e),

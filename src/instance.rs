@@ -293,13 +293,16 @@ impl Instance {
             let vm = instance.vm.as_ref();
             crate::agent::wait_ready(&uds, BOOT_TIMEOUT, || vm.is_some_and(|t| !t.is_finished()))
         };
-        if let Err(e) = ready {
-            let tail = instance.console_tail();
-            let _ = instance.finish();
-            return Err(Error::Boot(format!("{e}; last console lines:\n{tail}")));
-        }
+        let agent = match ready {
+            Ok(agent) => agent,
+            Err(e) => {
+                let tail = instance.console_tail();
+                let _ = instance.finish();
+                return Err(Error::Boot(format!("{e}; last console lines:\n{tail}")));
+            }
+        };
         instance.boot_time = instance.started.elapsed();
-        instance.agent()?.set_identity(identity(ca_pem, &id)?)?;
+        agent.set_identity(identity(ca_pem, &id)?)?;
         for (listener, guest_port) in config.forwards {
             instance.forward_listener(listener, guest_port)?;
         }
