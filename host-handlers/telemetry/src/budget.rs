@@ -82,23 +82,27 @@ impl Budget {
     }
 
     /// Bytes the database uses now, including the open transaction.
+    ///
+    /// Not cheap: SQLite runs a PRAGMA statement only once per preparation,
+    /// so the cached statement is parsed and planned again at every call.
+    /// The writer asks once per stored row.
     pub(crate) fn used(&self, tx: &Transaction<'_>) -> rusqlite::Result<u64> {
-        // Asked twice per row: a cached statement, not parsed each time.
         let pages: i64 = tx.prepare_cached("PRAGMA page_count")?.query_row([], |row| row.get(0))?;
         Ok(u64::try_from(pages).unwrap_or(0) * self.page_size)
     }
 
-    /// Whether a row of about `row_bytes` may still be stored in full; moves
-    /// on to summaries when not. Returns the stage entered, if it changed.
-    pub(crate) fn admit(&mut self, tx: &Transaction<'_>, row_bytes: u64) -> rusqlite::Result<(bool, Option<Stage>)> {
+    /// Whether a row of about `row_bytes` may still be stored in full in a
+    /// database of `used` bytes ([`Budget::used`]); moves on to summaries
+    /// when not. Returns the stage entered, if it changed.
+    pub(crate) fn admit(&mut self, used: u64, row_bytes: u64) -> (bool, Option<Stage>) {
         if self.stage != Stage::Full {
-            return Ok((false, None));
+            return (false, None);
         }
-        if self.used(tx)?.saturating_add(row_bytes) <= self.full_limit {
-            return Ok((true, None));
+        if used.saturating_add(row_bytes) <= self.full_limit {
+            return (true, None);
         }
         self.stage = Stage::Summaries;
-        Ok((false, Some(Stage::Summaries)))
+        (false, Some(Stage::Summaries))
     }
 
     /// Count an event that is not stored in full.
@@ -146,5 +150,21 @@ impl Budget {
     /// Forget counts of a transaction that was not committed.
     pub(crate) fn discard_pending(&mut self) {
         self.pending.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admits_full_rows_until_the_reserve_then_never_again() {
+        let mut budget = Budget::new(8 * 1024 * 1024, 4096);
+        let full_limit = 7 * 1024 * 1024;
+        assert_eq!(budget.admit(0, 1000), (true, None));
+        assert_eq!(budget.admit(full_limit - 1000, 1000), (true, None));
+        assert_eq!(budget.admit(full_limit - 999, 1000), (false, Some(Stage::Summaries)));
+        // Summaries stay, even for a smaller database or row.
+        assert_eq!(budget.admit(0, 1), (false, None));
     }
 }

@@ -164,13 +164,17 @@ impl Writer {
     fn write(&mut self, events: &[Message]) -> rusqlite::Result<()> {
         let Writer { conn, budget, prices, shared, .. } = self;
         let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut start = budget.used(&tx)?;
+        // The size is measured once per transaction and after each stored
+        // row: only stored rows change it (counted ones are written at the
+        // end, by `write_counts`).
+        let mut used = budget.used(&tx)?;
+        let mut start = used;
         let mut summarised = 0u64;
         for event in events {
             let (full, entered) = match event {
-                Message::Dns(dns) => budget.admit(&tx, dns_size(dns))?,
-                Message::Net(net) => budget.admit(&tx, net_size(net))?,
-                Message::Inbound(inbound) => budget.admit(&tx, inbound_size(inbound))?,
+                Message::Dns(dns) => budget.admit(used, dns_size(dns)),
+                Message::Net(net) => budget.admit(used, net_size(net)),
+                Message::Inbound(inbound) => budget.admit(used, inbound_size(inbound)),
                 Message::Flush(_) | Message::Close(_) => continue,
             };
             if let Some(stage) = entered {
@@ -209,7 +213,10 @@ impl Writer {
                 }
                 Message::Flush(_) | Message::Close(_) => {}
             }
-            let used = budget.used(&tx)?;
+            if !full {
+                continue;
+            }
+            used = budget.used(&tx)?;
             if used.saturating_sub(start) >= MAX_TRANSACTION_BYTES {
                 tx.commit()?;
                 tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
