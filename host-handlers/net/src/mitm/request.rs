@@ -40,7 +40,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Either, Empty, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::http::uri::Authority;
+use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
@@ -77,6 +77,11 @@ pub(crate) struct Conn {
     h2: bool,
     activity: Arc<Activity>,
     pub(crate) requests: RequestCount,
+    /// The address connected to, as every row of the connection shows it.
+    ip: String,
+    /// Where requests are forwarded, `<sni>:<port>`; or why that is not an
+    /// authority (each request is then refused).
+    upstream_authority: Result<Authority, String>,
 }
 
 /// A request already answered by the handler (403, 502, 504, 400).
@@ -143,7 +148,10 @@ impl Conn {
         h2: bool,
         activity: Arc<Activity>,
     ) -> Self {
-        Self { handler, sni, destination, h2, activity, requests: RequestCount::default() }
+        let ip = destination.ip.to_string();
+        let upstream_authority =
+            Authority::try_from(format!("{sni}:{}", destination.port)).map_err(|e| format!("{sni}: {e}"));
+        Self { handler, sni, destination, h2, activity, requests: RequestCount::default(), ip, upstream_authority }
     }
 
     /// TLS inspected (`https`), or plain HTTP (`mode = "http"`).
@@ -151,11 +159,11 @@ impl Conn {
         self.destination.mode != ConnectMode::Http
     }
 
-    fn scheme(&self) -> &'static str {
+    fn scheme(&self) -> Scheme {
         if self.tls() {
-            "https"
+            Scheme::HTTPS
         } else {
-            "http"
+            Scheme::HTTP
         }
     }
 
@@ -164,7 +172,9 @@ impl Conn {
         let recorder = self.handler.recorder.clone();
         let sni = self.tls().then(|| self.sni.clone());
         let mut exchange = Exchange::new(recorder, SystemTime::now(), self.sni.clone(), sni);
-        self.destination.describe(&mut exchange.event);
+        exchange.event.port = Some(self.destination.port);
+        exchange.event.ip = Some(self.ip.clone());
+        exchange.event.mode = Some(self.destination.mode.name().to_owned());
         exchange.event.method = Some(req.method().to_string());
         exchange.event.path = Some(req.uri().path_and_query().map_or("/", |pq| pq.as_str()).to_owned());
         exchange.event.request_headers = logged_headers(req.headers(), &HashSet::new());
@@ -226,7 +236,7 @@ impl Conn {
             raw_path: req.uri().path().to_owned(),
             query: req.uri().query().unwrap_or_default().to_owned(),
             headers: header_map(req.headers()),
-            scheme: self.scheme().into(),
+            scheme: self.scheme().as_str().to_owned(),
             port: self.destination.port,
         };
         let verdict = self.handler.policy.decide(&Event::HttpRequest(request_event.clone())).await;
@@ -361,17 +371,29 @@ impl Conn {
         Ok(Response::from_parts(parts, body))
     }
 
+    /// The request's path and query at the connection's upstream.
     fn upstream_uri(&self, uri: &Uri) -> Result<Uri, Refusal> {
-        let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
-        format!("{}://{}:{}{path}", self.scheme(), self.sni, self.destination.port)
-            .parse()
-            .map_err(|e| Refusal::failed(StatusCode::BAD_REQUEST, format!("request target {uri}: {e}")))
+        let refused =
+            |e: &dyn std::fmt::Display| Refusal::failed(StatusCode::BAD_REQUEST, format!("request target {uri}: {e}"));
+        let authority = self.upstream_authority.clone().map_err(|e| refused(&e))?;
+        upstream_uri(self.scheme(), authority, uri).map_err(|e| refused(&e))
     }
 
     fn response_timed_out(&self) -> Refusal {
         let message = format!("upstream {} did not respond within {:?}", self.sni, self.handler.response_timeout);
         Refusal::failed(StatusCode::GATEWAY_TIMEOUT, message)
     }
+}
+
+/// `uri`'s path and query (`/` if none) at `scheme://authority`. Only a
+/// path is forwarded: not the asterisk form (`OPTIONS *`).
+fn upstream_uri(scheme: Scheme, authority: Authority, uri: &Uri) -> Result<Uri, String> {
+    let path_and_query = match uri.path_and_query() {
+        Some(pq) if pq.as_str().starts_with('/') => pq.clone(),
+        Some(pq) if !pq.as_str().is_empty() => return Err(format!("{pq} is not a path")),
+        _ => PathAndQuery::from_static("/"),
+    };
+    Uri::builder().scheme(scheme).authority(authority).path_and_query(path_and_query).build().map_err(|e| e.to_string())
 }
 
 /// What to keep out of a request's row: the policy's secret values and the
@@ -634,6 +656,34 @@ mod tests {
         assert!(logged.contains(&("x-plain".into(), "visible".into())));
         assert!(logged.contains(&("x-api-token".into(), "REDACTED".into())));
         assert!(logged.contains(&("authorization".into(), "Bearer REDACTED".into())));
+    }
+
+    #[test]
+    fn upstream_uris_keep_path_and_query_at_the_connection_authority() {
+        let authority = Authority::from_static("a.test:8443");
+        for (target, expected) in [
+            ("/", "https://a.test:8443/"),
+            ("/x/y?q=1&r", "https://a.test:8443/x/y?q=1&r"),
+            ("https://a.test/x?y", "https://a.test:8443/x?y"),
+            ("http://other.test:80/z", "https://a.test:8443/z"),
+            ("/%2e%2e/a", "https://a.test:8443/%2e%2e/a"),
+        ] {
+            let uri = upstream_uri(Scheme::HTTPS, authority.clone(), &target.parse().unwrap()).unwrap();
+            assert_eq!(uri.to_string(), expected, "{target}");
+            // What the format and parse it replaces made of it.
+            let formatted: Uri = format!(
+                "https://a.test:8443{}",
+                target.parse::<Uri>().unwrap().path_and_query().map_or("/", |pq| pq.as_str())
+            )
+            .parse()
+            .unwrap();
+            assert_eq!(uri, formatted, "{target}");
+        }
+        assert_eq!(
+            upstream_uri(Scheme::HTTP, authority.clone(), &"http://a.test".parse().unwrap()).unwrap(),
+            "http://a.test:8443/"
+        );
+        assert!(upstream_uri(Scheme::HTTPS, authority, &"*".parse().unwrap()).is_err());
     }
 
     #[test]
