@@ -22,11 +22,16 @@
 //! A snapshot is made by booting a sandbox in a holder (confined as the
 //! caller's sandbox would be), waiting for its agent, and snapshotting it
 //! with the VM stopped. A damaged snapshot is removed and made again.
+//!
+//! The cache keeps the [`KEEP`] snapshots used last (a use sets the
+//! directory's modification time): making one more removes the least
+//! recently used beyond that, so kernels and images that were rebuilt or
+//! removed do not leave their snapshots behind for ever.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use nix::fcntl::{Flock, FlockArg};
 use sha2::{Digest, Sha256};
@@ -105,12 +110,16 @@ pub(crate) fn snapshot(
     let key = key(&root, settings)?;
     let dir = root.join(format!("warm-{key}"));
     if let Ok(snapshot) = Snapshot::load(&dir) {
+        touch(&dir);
         return Ok(snapshot);
     }
     let _lock = lock(&root.join(format!("warm-{key}.lock")), true)?;
     // Made while this process waited for the lock?
     match Snapshot::load(&dir) {
-        Ok(snapshot) => return Ok(snapshot),
+        Ok(snapshot) => {
+            touch(&dir);
+            return Ok(snapshot);
+        }
         Err(e) if dir.exists() => {
             tracing::warn!(dir = %dir.display(), "the warm snapshot cannot be used; making it again: {e}");
             std::fs::remove_dir_all(&dir).map_err(|e| Error::Io(format!("remove {}", dir.display()), e))?;
@@ -124,7 +133,45 @@ pub(crate) fn snapshot(
     let maker = lock(&tmp.join(MAKER_LOCK), false);
     let made = maker.and_then(|_maker| make_in(&tmp, &dir, make));
     let _ = std::fs::remove_dir_all(&tmp);
+    if made.is_ok() {
+        remove_least_recently_used(&root, KEEP);
+    }
     made
+}
+
+/// How many warm snapshots the cache keeps (each some 20 MiB on disk for
+/// the default image).
+pub const KEEP: usize = 16;
+
+/// Mark the snapshot in `dir` as used now.
+fn touch(dir: &Path) {
+    if let Err(e) = File::open(dir).and_then(|d| d.set_modified(SystemTime::now())) {
+        tracing::debug!(dir = %dir.display(), "cannot mark the warm snapshot as used: {e}");
+    }
+}
+
+/// Remove the warm snapshots of `root` beyond the `keep` used last. One
+/// whose lock another process holds is left alone. A sandbox restored from
+/// a removed snapshot runs on: its files stay until it closes them.
+fn remove_least_recently_used(root: &Path, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    let mut snapshots: Vec<(SystemTime, PathBuf, String)> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            let is_snapshot = name.starts_with("warm-") && !name.ends_with(".lock");
+            let used = entry.metadata().ok()?.modified().ok()?;
+            is_snapshot.then(|| (used, entry.path(), name))
+        })
+        .collect();
+    snapshots.sort_by_key(|(used, _, _)| std::cmp::Reverse(*used));
+    for (_, path, name) in snapshots.into_iter().skip(keep) {
+        let Ok(_lock) = lock(&root.join(format!("{name}.lock")), false) else { continue };
+        tracing::info!(dir = %path.display(), "removing a warm snapshot not used for the longest time");
+        if let Err(e) = std::fs::remove_dir_all(&path) {
+            tracing::warn!(dir = %path.display(), "cannot remove a warm snapshot: {e}");
+        }
+    }
 }
 
 /// The lock a maker holds in its `tmp-<random>/` directory.
@@ -245,6 +292,28 @@ mod tests {
             std::fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         left.sort();
         assert_eq!(left, ["tmp-being-made", "tmp-just-created", "warm-aaaa"]);
+    }
+
+    #[test]
+    fn the_least_recently_used_snapshots_beyond_the_limit_are_removed() {
+        let root = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        for (name, minutes_ago) in [("warm-a", 3), ("warm-b", 1), ("warm-c", 4), ("warm-d", 2), ("tmp-x", 9)] {
+            let dir = root.path().join(name);
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::write(dir.join("vm.state"), b"s").unwrap();
+            let used = now - Duration::from_secs(60 * minutes_ago);
+            File::open(&dir).unwrap().set_modified(used).unwrap();
+        }
+        std::fs::write(root.path().join("warm-a.lock"), b"").unwrap();
+        // warm-c, the oldest, is being made again by another process: kept.
+        let _maker = lock(&root.path().join("warm-c.lock"), false).unwrap();
+        touch(&root.path().join("warm-a"));
+        remove_least_recently_used(root.path(), 2);
+        let mut left: Vec<String> =
+            std::fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        assert_eq!(left, ["tmp-x", "warm-a", "warm-a.lock", "warm-b", "warm-c", "warm-c.lock", "warm-d.lock"]);
     }
 
     #[test]
