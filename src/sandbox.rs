@@ -117,8 +117,9 @@ fn tree_usage(pid: u32) -> HostUsage {
     let mut usage = HostUsage::default();
     let mut pending = vec![pid];
     while let Some(pid) = pending.pop() {
-        // utime and stime, in clock ticks.
-        let field = |n| stat_field(pid, n).and_then(|v| v.parse::<u64>().ok());
+        // utime and stime (fields 14 and 15), in clock ticks.
+        let Some(stat) = stat_fields(pid) else { continue };
+        let field = |n: usize| stat.get(n - 3).and_then(|v| v.parse::<u64>().ok());
         let (Some(user), Some(system)) = (field(14), field(15)) else { continue };
         let times = user + system;
         usage.cpu += Duration::from_nanos(times.saturating_mul(1_000_000_000) / ticks);
@@ -139,10 +140,16 @@ fn proportional_set_size(pid: u32) -> Option<u64> {
 
 /// Field `n` (counted from 1, as proc(5) does; 3 or later) of `/proc/<pid>/stat`.
 fn stat_field(pid: u32, n: usize) -> Option<String> {
+    stat_fields(pid)?.into_iter().nth(n.checked_sub(3)?)
+}
+
+/// The fields of `/proc/<pid>/stat` from the third on (field `n` at index
+/// `n - 3`), read at once.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces.
     let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(n.checked_sub(3)?).map(str::to_string)
+    Some(rest.split_whitespace().map(str::to_string).collect())
 }
 
 /// Field 22 of `/proc/<pid>/stat`: when the process started.

@@ -770,11 +770,11 @@ impl containerd_shim::Task for Service {
     }
 
     fn stats(&self, _ctx: &TtrpcContext, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
-        let (sandbox, memory_mib) = {
+        let sandbox = {
             let tasks = self.tasks();
-            let task = tasks.get(&req.id).ok_or_else(|| not_found(&req.id))?;
-            (task.sandbox().cloned(), task.sandbox().map(|s| s.state().memory_mib))
+            tasks.get(&req.id).ok_or_else(|| not_found(&req.id))?.sandbox().cloned()
         };
+        let memory_mib = sandbox.as_ref().map(|s| s.state().memory_mib);
         // A pod's sandbox container uses nothing of its own.
         let usage = match &sandbox {
             Some(sandbox) => sandbox.host_usage().map_err(Error::sandbox("reading the sandbox's host processes"))?,
