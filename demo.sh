@@ -56,5 +56,5 @@ fetch -s https://blocked.sandbox.demo/; echo "[fetch exit $?]"
 '
 echo
 data="${SANDBOX_DATA:-${XDG_DATA_HOME:-$HOME/.local/share}/sandbox}"
-echo "what the guest tried to reach ($data/sandboxes/$(cat "$data/sandboxes/last")/session.db, printed by: sandbox logs last):"
+echo "what the guest tried to reach ($data/sandboxes/$("$sandbox" ps -aq | sed -n 1p)/session.db, printed by: sandbox logs last):"
 "$sandbox" logs last
