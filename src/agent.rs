@@ -5,7 +5,8 @@
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use guest_protocol::agent::{
     read_frame, write_frame, Entry, FrameError, FrameWriter, FsErrorKind, FsRequest, GuestMessage, HostMessage,
@@ -221,19 +222,60 @@ impl AgentConn {
     }
 }
 
+/// Init's word that the agent listens ([`guest_protocol::console::READY`]
+/// on the console), raised by the console sink.
+#[derive(Debug, Default)]
+pub struct ReadySignal {
+    raised: Mutex<bool>,
+    changed: Condvar,
+}
+
+impl ReadySignal {
+    /// Say that the agent listens (init said so, or the guest was restored
+    /// from a snapshot taken while it did).
+    pub fn raise(&self) {
+        if let Ok(mut raised) = self.raised.lock() {
+            *raised = true;
+            self.changed.notify_all();
+        }
+    }
+
+    /// Wait at most `timeout` for the word; whether it has come.
+    fn wait(&self, timeout: Duration) -> bool {
+        let Ok(raised) = self.raised.lock() else { return true };
+        self.changed.wait_timeout_while(raised, timeout, |raised| !*raised).map_or(true, |(raised, _)| *raised)
+    }
+}
+
+/// How often [`wait_ready`] knocks on a guest whose init has not said that
+/// the agent listens.
+const UNANNOUNCED_KNOCK: Duration = Duration::from_secs(2);
+
 /// Wait until the agent answers through `uds`, or `timeout` passes. The
 /// connection that got the answer is returned for a first request: where
 /// guest kernel code is emulated, every new connection costs the guest
 /// tenths of a second.
-pub fn wait_ready(uds: &Path, timeout: Duration, mut alive: impl FnMut() -> bool) -> Result<AgentConn, AgentError> {
-    let deadline = std::time::Instant::now() + timeout;
+///
+/// It knocks once `ready` is raised, and every [`UNANNOUNCED_KNOCK`] before
+/// that: a knock on a guest that does not listen yet costs it an interrupt
+/// and a reset, tens of milliseconds of a booting guest's time where its
+/// kernel code is emulated.
+pub fn wait_ready(
+    uds: &Path,
+    timeout: Duration,
+    ready: &ReadySignal,
+    mut alive: impl FnMut() -> bool,
+) -> Result<AgentConn, AgentError> {
+    let deadline = Instant::now() + timeout;
     loop {
+        let announced = ready.wait(UNANNOUNCED_KNOCK.min(deadline.saturating_duration_since(Instant::now())));
         match AgentConn::connect(uds, Duration::from_secs(5)) {
             Ok(conn) => return Ok(conn),
             // An agent that answers and refuses will not change its mind.
             Err(e @ AgentError::Mismatch(_)) => return Err(e),
-            Err(e) if std::time::Instant::now() >= deadline || !alive() => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) if Instant::now() >= deadline || !alive() => return Err(e),
+            Err(_) if announced => std::thread::sleep(Duration::from_millis(50)),
+            Err(_) => {}
         }
     }
 }
@@ -289,11 +331,41 @@ pub(crate) mod tests {
             write_frame(&mut s, &GuestMessage::Error(msg)).unwrap();
             std::thread::sleep(Duration::from_secs(1));
         });
-        let started = std::time::Instant::now();
-        let err = wait_ready(&path, Duration::from_secs(30), || true).unwrap_err();
+        let ready = ReadySignal::default();
+        ready.raise();
+        let started = Instant::now();
+        let err = wait_ready(&path, Duration::from_secs(30), &ready, || true).unwrap_err();
         assert!(matches!(err, AgentError::Mismatch(_)), "{err}");
         assert!(err.to_string().contains("./setup.sh"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    }
+
+    #[test]
+    fn a_booting_guest_is_knocked_on_when_init_says_the_agent_listens() {
+        let (knocked_tx, knocked) = std::sync::mpsc::channel();
+        let (_dir, path) = fake(move |_| knocked_tx.send(Instant::now()).unwrap());
+        let ready = std::sync::Arc::new(ReadySignal::default());
+        let raiser = std::sync::Arc::clone(&ready);
+        let started = Instant::now();
+        let raised_at = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let at = Instant::now();
+            raiser.raise();
+            at
+        });
+        wait_ready(&path, Duration::from_secs(30), &ready, || true).unwrap();
+        let raised_at = raised_at.join().unwrap();
+        let knocked = knocked.recv().unwrap();
+        assert!(knocked >= raised_at, "knocked {:?} before the word", raised_at - knocked);
+        assert!(started.elapsed() < UNANNOUNCED_KNOCK, "{:?}", started.elapsed());
+    }
+
+    #[test]
+    fn a_guest_whose_init_never_says_it_listens_is_knocked_on_now_and_then() {
+        let (_dir, path) = fake(|_| {});
+        let started = Instant::now();
+        wait_ready(&path, Duration::from_secs(30), &ReadySignal::default(), || true).unwrap();
+        assert!(started.elapsed() >= UNANNOUNCED_KNOCK, "{:?}", started.elapsed());
     }
 
     #[test]

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use guest_protocol::console::{Demux, Piece};
 
+use crate::agent::ReadySignal;
+
 /// How much console log a sandbox keeps.
 const CONSOLE_KEEP: usize = 64 * 1024;
 /// How much command output (after the start marker) a sandbox keeps when
@@ -57,6 +59,7 @@ pub(crate) struct ConsoleSink {
     demux: Demux,
     started: Instant,
     state: Arc<Mutex<ConsoleState>>,
+    ready: Arc<ReadySignal>,
     output: Option<Box<dyn Write + Send>>,
     console: Option<Box<dyn Write + Send>>,
 }
@@ -65,10 +68,11 @@ impl ConsoleSink {
     pub(crate) fn new(
         started: Instant,
         state: Arc<Mutex<ConsoleState>>,
+        ready: Arc<ReadySignal>,
         output: Option<Box<dyn Write + Send>>,
         console: Option<Box<dyn Write + Send>>,
     ) -> Self {
-        Self { demux: Demux::new(), started, state, output, console }
+        Self { demux: Demux::new(), started, state, ready, output, console }
     }
 
     fn handle(&mut self, pieces: Vec<Piece>) -> std::io::Result<()> {
@@ -93,6 +97,7 @@ impl ConsoleSink {
                     }
                     None => state.keep_output(&bytes),
                 },
+                Piece::AgentReady => self.ready.raise(),
                 Piece::Started => state.boot_time = Some(self.started.elapsed()),
                 Piece::Exited(code) => state.status = Some(code),
             }
@@ -127,7 +132,7 @@ mod tests {
     #[test]
     fn console_buffer_is_bounded() {
         let state = Arc::new(Mutex::new(ConsoleState::default()));
-        let mut sink = ConsoleSink::new(Instant::now(), Arc::clone(&state), None, None);
+        let mut sink = ConsoleSink::new(Instant::now(), Arc::clone(&state), Arc::default(), None, None);
         sink.write_all(b"kernel says hi\n").unwrap();
         sink.write_all(guest_protocol::console::START).unwrap();
         // A detached guest writing to /dev/ttyS0 without end: 4 MiB in 4 KiB

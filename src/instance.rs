@@ -20,6 +20,7 @@ use guest_protocol::sandbox_dir::{is_vsock_socket_name, SandboxDir};
 use net::{HandlerFiles, Handlers, NetConfig};
 use telemetry::SessionDb;
 
+use crate::agent::ReadySignal;
 use crate::confine::{confine, HostFiles};
 use crate::console::{ConsoleSink, ConsoleState};
 use crate::ports::Forwarder;
@@ -242,7 +243,8 @@ impl Instance {
 
         let console = Arc::new(Mutex::new(ConsoleState::default()));
         let started = Instant::now();
-        let sink = ConsoleSink::new(started, Arc::clone(&console), None, config.console);
+        let ready = Arc::new(ReadySignal::default());
+        let sink = ConsoleSink::new(started, Arc::clone(&console), Arc::clone(&ready), None, config.console);
         let uds = dir.vsock_socket();
         let kernel = config.kernel.clone();
         let disks: Vec<PathBuf> = std::iter::once(&config.root_disk).chain(&config.extra_disks).cloned().collect();
@@ -258,6 +260,10 @@ impl Instance {
             vsock: Some(vmm::devices::virtio::vsock::VsockConfig { guest_cid: GUEST_CID, uds_path: uds.clone() }),
         };
         let restored = config.restore.is_some();
+        if restored {
+            // The snapshot was taken while the agent listened.
+            ready.raise();
+        }
         let vm = match &config.restore {
             Some(snapshot) => vmm::Vm::restore(vm_config, &snapshot.files(), &snapshot.digests),
             None => vmm::Vm::create(vm_config),
@@ -291,7 +297,7 @@ impl Instance {
         };
         let ready = {
             let vm = instance.vm.as_ref();
-            crate::agent::wait_ready(&uds, BOOT_TIMEOUT, || vm.is_some_and(|t| !t.is_finished()))
+            crate::agent::wait_ready(&uds, BOOT_TIMEOUT, &ready, || vm.is_some_and(|t| !t.is_finished()))
         };
         let agent = match ready {
             Ok(agent) => agent,

@@ -77,6 +77,12 @@ fn run() -> Result<(), InitError> {
 
     let (shutdown_tx, shutdown_rx) = std::sync::mpsc::channel();
     let agent = agent::listen(AGENT_PORT, shutdown_tx);
+    if agent.is_ok() {
+        // The host connects when it reads this, instead of knocking.
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(console::READY);
+        let _ = out.flush();
+    }
     let Some(spec) = spec else {
         agent.map_err(|e| InitError::step("start the agent on vsock port 5000", e))?;
         // Serve until the host asks for a shutdown.

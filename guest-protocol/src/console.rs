@@ -2,11 +2,18 @@
 //!
 //! Everything before [`START`] is the kernel's log; between [`START`] and the
 //! exit marker is the command's output; the exit marker carries the status.
+//! [`READY`], in the log, says that the guest agent listens.
 //! Markers are delimited by two ASCII record separators (0x1e), which text
 //! output does not contain; any other bytes pass through unchanged.
 
 /// Written by init just before the command starts.
 pub const START: &[u8] = b"\x1e\x1esandbox:start\x1e\x1e";
+
+/// Written by init once the agent listens on its vsock port, so that the
+/// host connects then instead of knocking while the guest boots (each
+/// knock costs a booting guest an interrupt and a reset). Only a hint: the
+/// host still checks by connecting, and a forged one costs nothing.
+pub const READY: &[u8] = b"\x1e\x1esandbox:ready\x1e\x1e";
 
 const DELIM: &[u8] = b"\x1e\x1e";
 const EXIT_PREFIX: &[u8] = b"sandbox:exit:";
@@ -31,6 +38,8 @@ pub enum Piece {
     Log(Vec<u8>),
     /// The command's output.
     Output(Vec<u8>),
+    /// The guest agent listens ([`READY`], outside the command's output).
+    AgentReady,
     /// The command started.
     Started,
     /// The command ended with this status.
@@ -64,7 +73,7 @@ impl Demux {
                 continue;
             }
             // `rest` starts with (a prefix of) the delimiter.
-            match Self::marker(rest) {
+            match self.marker(rest) {
                 Marker::Incomplete => {
                     self.pending = rest.to_vec();
                     break;
@@ -75,7 +84,11 @@ impl Demux {
                 }
                 Marker::Found(len, piece) => {
                     self.flush(&mut data, &mut out);
-                    self.running = matches!(piece, Piece::Started);
+                    match piece {
+                        Piece::Started => self.running = true,
+                        Piece::Exited(_) => self.running = false,
+                        _ => {}
+                    }
                     out.push(piece);
                     i += len;
                 }
@@ -101,7 +114,7 @@ impl Demux {
         out.push(if self.running { Piece::Output(bytes) } else { Piece::Log(bytes) });
     }
 
-    fn marker(rest: &[u8]) -> Marker {
+    fn marker(&self, rest: &[u8]) -> Marker {
         if rest.len() < DELIM.len() {
             return Marker::Incomplete;
         }
@@ -116,6 +129,10 @@ impl Demux {
         let body = &body[..end];
         if rest.starts_with(START) {
             return Marker::Found(len, Piece::Started);
+        }
+        // The command's own output passes through whatever it prints.
+        if !self.running && rest.starts_with(READY) {
+            return Marker::Found(len, Piece::AgentReady);
         }
         let status = body
             .strip_prefix(EXIT_PREFIX)
@@ -140,8 +157,10 @@ mod tests {
 
     fn stream() -> Vec<u8> {
         let mut s = b"[ 0.1] booting\n".to_vec();
+        s.extend_from_slice(READY);
         s.extend_from_slice(START);
         s.extend_from_slice(b"hello\x1e world\n\x1e\x1enot a marker\x1e\x1e");
+        s.extend_from_slice(READY);
         s.extend_from_slice(&exit_marker(3));
         s.extend_from_slice(b"reboot: Restarting system\n");
         s
@@ -171,8 +190,10 @@ mod tests {
             pieces.extend(d.finish());
             let (log, output, events) = collect(pieces);
             assert_eq!(log, b"[ 0.1] booting\nreboot: Restarting system\n", "chunk {chunk}");
-            assert_eq!(output, b"hello\x1e world\n\x1e\x1enot a marker\x1e\x1e".to_vec(), "chunk {chunk}");
-            assert_eq!(events, vec![Piece::Started, Piece::Exited(3)], "chunk {chunk}");
+            let mut expected = b"hello\x1e world\n\x1e\x1enot a marker\x1e\x1e".to_vec();
+            expected.extend_from_slice(READY);
+            assert_eq!(output, expected, "chunk {chunk}");
+            assert_eq!(events, vec![Piece::AgentReady, Piece::Started, Piece::Exited(3)], "chunk {chunk}");
         }
     }
 
