@@ -66,11 +66,20 @@ pub fn report(outcome: Outcome) -> ExitCode {
             eprintln!("sandbox: {err:#}");
             ExitCode::from(SANDBOX_ERROR)
         }
+        // `sandbox ps | head -1`: the reader has what it wanted.
+        Err(Failure::Failed(err)) if output_closed(&err) => ExitCode::SUCCESS,
         Err(Failure::Failed(err)) => {
             eprintln!("sandbox: {err:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `err` is a write to a pipe whose reader has gone (a bare I/O
+/// error, as a command's own output gives: other writes say what they were).
+fn output_closed(err: &anyhow::Error) -> bool {
+    err.chain().count() == 1
+        && err.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 #[cfg(test)]
@@ -86,5 +95,13 @@ mod tests {
         assert!(matches!(missing.or_sandbox_failure(), Err(Failure::Sandbox(_))));
         let other: Failure = anyhow::anyhow!("x").into();
         assert!(matches!(other, Failure::Failed(_)));
+    }
+
+    #[test]
+    fn a_reader_that_stops_early_is_not_an_error() {
+        let closed = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        assert_eq!(report(Err(Failure::Failed(closed.into()))), ExitCode::SUCCESS);
+        let described = anyhow::Error::from(std::io::Error::from(std::io::ErrorKind::BrokenPipe)).context("send to x");
+        assert_eq!(report(Err(Failure::Failed(described))), ExitCode::FAILURE);
     }
 }
