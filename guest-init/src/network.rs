@@ -21,19 +21,21 @@
 //! OUTPUT it rewrites the destination to 127.0.0.1 the same way, needs no
 //! address register, and works without `route_localnet`.
 //!
-//! Links, addresses and routes go through rtnetlink (on a current-thread tokio
-//! runtime that lives only for this setup). The nft rules are a single
-//! nfnetlink batch built with netlink-packet-netfilter's message types and
-//! sent on a plain netlink socket: a batch must reach the kernel in one
-//! sendmsg, which rtnetlink's request/response machinery does not do, and
-//! rustables would add a libclang build dependency for what are five rules.
+//! Both are a batch of netlink messages sent in one sendmsg on a plain
+//! netlink socket, each acknowledged: the links, address and route as
+//! rtnetlink messages (built with rtnetlink's message builders), the nft
+//! rules as one nfnetlink batch built with netlink-packet-netfilter's message
+//! types (a batch must reach the kernel in one sendmsg; rustables would add a
+//! libclang build dependency for what are five rules). No async runtime:
+//! where guest kernel code is emulated, starting one and its connection task
+//! cost the boot about a third of a second.
 //!
 //! This is a convenience for programs in the guest, not a security boundary:
 //! guest root can undo all of it, and the host decides what leaves.
 
 use std::ffi::CString;
 use std::fmt::Display;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 
 use guest_protocol::ports::{DNS_PROXY_PORT, NET_PROXY_PORT};
 use netlink_packet_netfilter::nftables::{
@@ -44,11 +46,13 @@ use netlink_packet_netfilter::nftables::{
 use netlink_packet_netfilter::none::ControlMessage;
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
 use rtnetlink::packet_core::{
-    DefaultNla, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST,
+    DefaultNla, NetlinkDeserializable, NetlinkMessage, NetlinkPayload, NetlinkSerializable, NLM_F_ACK, NLM_F_APPEND,
+    NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST,
 };
 use rtnetlink::packet_route::route::RouteScope;
-use rtnetlink::sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
-use rtnetlink::{LinkUnspec, RouteMessageBuilder};
+use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::sys::{protocols::NETLINK_NETFILTER, protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use rtnetlink::{AddressMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
 /// The link every non-local route leads to. The kernel's built-in dummy
 /// driver (CONFIG_DUMMY=y, `numdummies` defaulting to 1) creates it at boot,
@@ -101,48 +105,45 @@ pub fn resolv_conf() -> String {
 /// [`setup`] with another link in place of dummy0 (tests use a veth, as the
 /// host kernel has no dummy driver).
 fn setup_with_uplink(uplink: &str) -> Result<(), NetworkError> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .map_err(|e| NetworkError::new("start the netlink runtime", e))?;
-    let uplink_index = runtime.block_on(configure_links(uplink))?;
+    let uplink_index = configure_links(uplink)?;
     install_nat_rules(uplink_index)
 }
 
 /// lo up; the uplink with its address, up; the default route through it.
-async fn configure_links(uplink: &str) -> Result<u32, NetworkError> {
-    let (connection, handle, _) =
-        rtnetlink::new_connection().map_err(|e| NetworkError::new("open a route netlink socket", e))?;
-    tokio::spawn(connection);
-
-    handle
-        .link()
-        .set(LinkUnspec::new_with_name("lo").up().build())
-        .execute()
-        .await
-        .map_err(|e| NetworkError::new("bring lo up", e))?;
-
+fn configure_links(uplink: &str) -> Result<u32, NetworkError> {
     let index = link_index(uplink).map_err(|e| NetworkError::new(format!("find {uplink}"), e))?;
-    handle
-        .address()
-        .add(index, IpAddr::V4(GUEST_ADDRESS), GUEST_PREFIX_LEN)
-        .execute()
-        .await
-        .map_err(|e| NetworkError::new(format!("add {GUEST_ADDRESS}/{GUEST_PREFIX_LEN} to {uplink}"), e))?;
-    handle
-        .link()
-        .set(LinkUnspec::new_with_index(index).up().build())
-        .execute()
-        .await
-        .map_err(|e| NetworkError::new(format!("bring {uplink} up"), e))?;
+    let address =
+        AddressMessageBuilder::<Ipv4Addr>::new().index(index).address(GUEST_ADDRESS, GUEST_PREFIX_LEN).build();
     let default_route = RouteMessageBuilder::<Ipv4Addr>::new().output_interface(index).scope(RouteScope::Link).build();
-    handle
-        .route()
-        .add(default_route)
-        .execute()
-        .await
-        .map_err(|e| NetworkError::new(format!("add the default route via {uplink}"), e))?;
+    let create = NLM_F_CREATE | NLM_F_EXCL;
+    // In this order: the kernel adds a route through a link that is up only.
+    let requests = [
+        ("bring lo up".to_string(), RouteNetlinkMessage::SetLink(LinkUnspec::new_with_name("lo").up().build()), 0),
+        (
+            format!("add {GUEST_ADDRESS}/{GUEST_PREFIX_LEN} to {uplink}"),
+            RouteNetlinkMessage::NewAddress(address),
+            create,
+        ),
+        (format!("bring {uplink} up"), RouteNetlinkMessage::SetLink(LinkUnspec::new_with_index(index).up().build()), 0),
+        (format!("add the default route via {uplink}"), RouteNetlinkMessage::NewRoute(default_route), create),
+    ];
+    let mut batch = Vec::new();
+    let mut steps = Vec::with_capacity(requests.len());
+    for (step, message, flags) in requests {
+        steps.push(step);
+        append_message(&mut batch, message, NLM_F_ACK | flags, steps.len() as u32);
+    }
+    let mut socket = open_socket(NETLINK_ROUTE, "open a route netlink socket")?;
+    send_acknowledged::<RouteNetlinkMessage>(&mut socket, &batch, &steps, "configure the links")?;
     Ok(index)
+}
+
+/// A netlink socket of `protocol`, connected to the kernel.
+fn open_socket(protocol: isize, step: &str) -> Result<Socket, NetworkError> {
+    let mut socket = Socket::new(protocol).map_err(|e| NetworkError::new(step, e))?;
+    socket.bind_auto().map_err(|e| NetworkError::new(step, e))?;
+    socket.connect(&SocketAddr::new(0, 0)).map_err(|e| NetworkError::new(step, e))?;
+    Ok(socket)
 }
 
 fn link_index(name: &str) -> std::io::Result<u32> {
@@ -271,10 +272,7 @@ fn dport(port: u16) -> Vec<ListAttribute<ExpressionAttribute>> {
 /// kernel's acknowledgement of every message in it.
 fn install_nat_rules(uplink_index: u32) -> Result<(), NetworkError> {
     let ruleset = nat_ruleset(uplink_index);
-    let socket_step = "open a netfilter netlink socket";
-    let mut socket = Socket::new(NETLINK_NETFILTER).map_err(|e| NetworkError::new(socket_step, e))?;
-    socket.bind_auto().map_err(|e| NetworkError::new(socket_step, e))?;
-    socket.connect(&SocketAddr::new(0, 0)).map_err(|e| NetworkError::new(socket_step, e))?;
+    let mut socket = open_socket(NETLINK_NETFILTER, "open a netfilter netlink socket")?;
 
     let control = |message| {
         let header = NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, NFNL_SUBSYS_NFTABLES);
@@ -290,28 +288,38 @@ fn install_nat_rules(uplink_index: u32) -> Result<(), NetworkError> {
     }
     append_message(&mut batch, control(ControlMessage::BatchEnd), 0, steps.len() as u32 + 1);
 
-    let send_step = "send the nft ruleset";
-    socket.send(&batch, 0).map_err(|e| NetworkError::new(send_step, e))?;
+    send_acknowledged::<NetfilterMessage>(&mut socket, &batch, &steps, "send the nft ruleset")
+}
 
-    // The kernel handles the batch inside sendmsg: every acknowledgement is
-    // queued by now, so nothing here waits.
+/// Send `batch` in one sendmsg and check the kernel's acknowledgement of
+/// each of `steps` (message `i` of them has sequence number `i + 1`); a
+/// refused one fails naming its step, anything else naming `what`.
+fn send_acknowledged<T: NetlinkDeserializable>(
+    socket: &mut Socket,
+    batch: &[u8],
+    steps: &[String],
+    what: &str,
+) -> Result<(), NetworkError> {
+    socket.send(batch, 0).map_err(|e| NetworkError::new(what, e))?;
+    // The kernel handles the messages inside sendmsg: every acknowledgement
+    // is queued by now, so nothing here waits.
     let mut acknowledged = 0;
     let mut buf = Vec::with_capacity(64 * 1024);
     while acknowledged < steps.len() {
         buf.clear();
-        socket.recv(&mut buf, libc::MSG_DONTWAIT).map_err(|e| {
-            NetworkError::new(send_step, format!("{acknowledged} of {} acknowledged: {e}", steps.len()))
-        })?;
+        socket
+            .recv(&mut buf, libc::MSG_DONTWAIT)
+            .map_err(|e| NetworkError::new(what, format!("{acknowledged} of {} acknowledged: {e}", steps.len())))?;
         let mut offset = 0;
         while offset < buf.len() {
-            let reply = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[offset..])
-                .map_err(|e| NetworkError::new(send_step, format!("unreadable reply: {e}")))?;
+            let reply = NetlinkMessage::<T>::deserialize(&buf[offset..])
+                .map_err(|e| NetworkError::new(what, format!("unreadable reply: {e}")))?;
             let length = reply.header.length as usize;
             if let NetlinkPayload::Error(error) = reply.payload {
                 let step = (reply.header.sequence_number as usize)
                     .checked_sub(1)
                     .and_then(|i| steps.get(i))
-                    .map_or(send_step, String::as_str);
+                    .map_or(what, String::as_str);
                 if error.code.is_some() {
                     return Err(NetworkError::new(step, error.to_io()));
                 }
@@ -326,7 +334,10 @@ fn install_nat_rules(uplink_index: u32) -> Result<(), NetworkError> {
     Ok(())
 }
 
-fn append_message(batch: &mut Vec<u8>, message: NetfilterMessage, flags: u16, seq: u32) {
+fn append_message<T: NetlinkSerializable>(batch: &mut Vec<u8>, message: T, flags: u16, seq: u32)
+where
+    NetlinkMessage<T>: From<T>,
+{
     let mut message = NetlinkMessage::from(message);
     message.header.flags = NLM_F_REQUEST | flags;
     message.header.sequence_number = seq;
@@ -381,6 +392,16 @@ mod tests {
     fn missing_uplink_fails_naming_the_step() {
         let err = in_new_netns(|| setup_with_uplink("nosuchlink0")).unwrap_err();
         assert!(err.to_string().contains("find nosuchlink0"), "{err}");
+    }
+
+    #[test]
+    fn a_refused_request_fails_naming_its_step() {
+        let err = in_new_netns(|| {
+            add_veth("uplink0", "peer0");
+            setup_with_uplink("uplink0").unwrap();
+            setup_with_uplink("uplink0").unwrap_err()
+        });
+        assert!(err.to_string().contains(&format!("add {GUEST_ADDRESS}/{GUEST_PREFIX_LEN} to uplink0")), "{err}");
     }
 
     #[test]
