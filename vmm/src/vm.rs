@@ -86,6 +86,18 @@ struct AttachedVirtio {
     vsock: Option<Arc<Mutex<Vsock>>>,
 }
 
+impl AttachedVirtio {
+    /// What a snapshot saves of the device beyond its transport.
+    fn snapshot(&self) -> DeviceSnapshot {
+        match (&self.device, &self.vsock) {
+            (DeviceSnapshot::Vsock { guest_cid, .. }, Some(vsock)) => {
+                DeviceSnapshot::Vsock { guest_cid: *guest_cid, next_host_port: lock(vsock).next_host_port() }
+            }
+            (device, _) => device.clone(),
+        }
+    }
+}
+
 /// Devices being put on the buses while the VM is assembled.
 struct DeviceSetup<'a> {
     vm: &'a VmFd,
@@ -134,7 +146,8 @@ impl DeviceSetup<'_> {
             path: config.uds_path.clone(),
             source,
         })?;
-        let device = self.attach_virtio(device, DeviceSnapshot::Vsock { guest_cid: config.guest_cid })?;
+        let kind = DeviceSnapshot::Vsock { guest_cid: config.guest_cid, next_host_port: device.next_host_port() };
+        let device = self.attach_virtio(device, kind)?;
         if let Some(last) = self.attached.last_mut() {
             last.vsock = Some(device);
         }
@@ -425,9 +438,11 @@ impl Vm {
 
         // Now that the interrupt controllers hold their saved state, tell
         // the guest its vsock connections are gone.
-        for attached in &parts.attached {
-            if let Some(vsock) = &attached.vsock {
-                lock(vsock).send_transport_reset();
+        for (attached, saved) in parts.attached.iter().zip(&saved.virtio) {
+            if let (Some(vsock), DeviceSnapshot::Vsock { next_host_port, .. }) = (&attached.vsock, &saved.device) {
+                let mut vsock = lock(vsock);
+                vsock.continue_host_ports_from(*next_host_port);
+                vsock.send_transport_reset();
             }
         }
         info!(
@@ -570,7 +585,7 @@ impl Running<'_> {
             virtio: self
                 .virtio
                 .iter()
-                .map(|d| VirtioSnapshot { device: d.device.clone(), transport: lock(&d.transport).snapshot() })
+                .map(|d| VirtioSnapshot { device: d.snapshot(), transport: lock(&d.transport).snapshot() })
                 .collect(),
         };
         let header = SnapshotHeader {

@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 pub const MAGIC: [u8; 8] = *b"SBXVMSNP";
 /// The format this build writes and the only one it reads. Bump it whenever
 /// the header or the payload changes shape or meaning.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Bytes before the header.
 pub const PREFIX_LEN: usize = 24;
 /// Bytes of the trailing checksum.
@@ -256,11 +256,15 @@ mod tests {
     fn other_versions_and_foreign_files_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let (path, mut bytes) = written(dir.path());
-        bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let other = FORMAT_VERSION + 1;
+        bytes[8..12].copy_from_slice(&other.to_le_bytes());
         std::fs::write(&path, &bytes).unwrap();
         let err = read_back(&path).unwrap_err();
-        assert!(matches!(err, Error::SnapshotVersion { found: 2, supported: FORMAT_VERSION, .. }), "{err}");
-        assert!(err.to_string().contains("version 2"));
+        assert!(
+            matches!(err, Error::SnapshotVersion { found, supported: FORMAT_VERSION, .. } if found == other),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&format!("version {other}")));
 
         std::fs::write(&path, b"\x7fELF and then some more bytes than a prefix").unwrap();
         assert!(matches!(read_back(&path).unwrap_err(), Error::SnapshotForeign { .. }));

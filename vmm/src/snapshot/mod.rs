@@ -134,6 +134,10 @@ pub enum DeviceSnapshot {
     Vsock {
         /// The guest's CID when the snapshot was taken.
         guest_cid: u32,
+        /// The host port of the next host-initiated connection: a restored
+        /// VMM goes on from there, so that no new connection reuses the
+        /// port of one the guest may not have closed yet.
+        next_host_port: u32,
     },
 }
 

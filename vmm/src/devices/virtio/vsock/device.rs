@@ -187,6 +187,17 @@ impl Vsock {
         let guest_cid = u64::from(config.guest_cid);
         Self::with_backend(guest_cid, Muxer::new(guest_cid, &config.uds_path)?)
     }
+
+    /// What a snapshot keeps of the device beyond its transport: where the
+    /// host's port numbers go on (see [`Muxer::continue_host_ports_from`]).
+    pub fn next_host_port(&self) -> u32 {
+        self.backend.next_host_port()
+    }
+
+    /// Take up the numbering of host ports where a snapshot left it.
+    pub fn continue_host_ports_from(&mut self, port: u32) {
+        self.backend.continue_host_ports_from(port);
+    }
 }
 
 impl<B: VsockBackend> Vsock<B> {

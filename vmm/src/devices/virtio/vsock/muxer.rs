@@ -595,6 +595,21 @@ impl Muxer {
         self.insert(Connection::local_init(stream, self.guest_cid, key, deadline), false);
     }
 
+    /// The host port the next host-initiated connection will try first.
+    pub fn next_host_port(&self) -> u32 {
+        self.next_local_port
+    }
+
+    /// Go on numbering host-initiated connections from `port` (a value
+    /// [`Self::next_host_port`] gave before a snapshot). A restored guest
+    /// may still hold sockets of its connections from before the snapshot
+    /// until its programs close them: a new connection that reused one of
+    /// their host ports would be refused by the guest.
+    pub fn continue_host_ports_from(&mut self, port: u32) {
+        self.next_local_port =
+            if (FIRST_EPHEMERAL_PORT..u32::MAX).contains(&port) { port } else { FIRST_EPHEMERAL_PORT };
+    }
+
     /// An ephemeral host port not used towards `peer_port`.
     fn alloc_local_port(&mut self, peer_port: u32) -> Option<u32> {
         // At most `conns.len()` ports are taken, so this many tries find one.
@@ -846,6 +861,27 @@ mod tests {
         m.send_pkt(&close, &[]);
         m.send_pkt(&guest(op::REQUEST, 6, 5002), &[]);
         assert_eq!(ops(&drain(&mut m)), [op::RESPONSE]);
+    }
+
+    #[test]
+    fn host_ports_go_on_from_where_a_snapshot_left_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, path) = setup(dir.path(), Limits::default());
+        m.continue_host_ports_from(FIRST_EPHEMERAL_PORT + 7);
+        let mut client = UnixStream::connect(&path).unwrap();
+        client.write_all(b"CONNECT 5000\n").unwrap();
+        let mut requests = Vec::new();
+        while requests.is_empty() {
+            pump(&mut m);
+            requests.extend(drain(&mut m));
+        }
+        assert_eq!(requests[0].0.src_port, FIRST_EPHEMERAL_PORT + 7);
+        assert_eq!(m.next_host_port(), FIRST_EPHEMERAL_PORT + 8);
+        // A value no muxer hands out starts the numbering over.
+        for bad in [0, FIRST_EPHEMERAL_PORT - 1, u32::MAX] {
+            m.continue_host_ports_from(bad);
+            assert_eq!(m.next_host_port(), FIRST_EPHEMERAL_PORT);
+        }
     }
 
     #[test]
