@@ -21,14 +21,15 @@
 //! OUTPUT it rewrites the destination to 127.0.0.1 the same way, needs no
 //! address register, and works without `route_localnet`.
 //!
-//! Both are a batch of netlink messages sent in one sendmsg on a plain
-//! netlink socket, each acknowledged: the links, address and route as
-//! rtnetlink messages (built with rtnetlink's message builders), the nft
-//! rules as one nfnetlink batch built with netlink-packet-netfilter's message
-//! types (a batch must reach the kernel in one sendmsg; rustables would add a
-//! libclang build dependency for what are five rules). No async runtime:
-//! where guest kernel code is emulated, starting one and its connection task
-//! cost the boot about a third of a second.
+//! The links, address and route, and then the nft rules, each reach the
+//! kernel as one batch of netlink messages in one sendmsg on a plain
+//! netlink socket, every message acknowledged: rtnetlink messages built
+//! with rtnetlink's message builders, and an nfnetlink batch built with
+//! netlink-packet-netfilter's message types (an nft batch must arrive in
+//! one sendmsg; rustables would add a libclang build dependency for what
+//! are five rules). No async runtime: where guest kernel code is emulated,
+//! starting one and its connection task cost the boot about a third of a
+//! second.
 //!
 //! This is a convenience for programs in the guest, not a security boundary:
 //! guest root can undo all of it, and the host decides what leaves.
