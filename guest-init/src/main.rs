@@ -79,9 +79,7 @@ fn run() -> Result<(), InitError> {
     let agent = agent::listen(AGENT_PORT, shutdown_tx);
     if agent.is_ok() {
         // The host connects when it reads this, instead of knocking.
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(console::READY);
-        let _ = out.flush();
+        console_marker(console::READY);
     }
     let Some(spec) = spec else {
         agent.map_err(|e| InitError::step("start the agent on vsock port 5000", e))?;
@@ -93,17 +91,17 @@ fn run() -> Result<(), InitError> {
         log(&format!("agent not available (no vsock device?): {e}"));
     }
 
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(console::START);
-    let _ = out.flush();
-    drop(out);
-
+    console_marker(console::START);
     let status = command::run(&spec);
-
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(&console::exit_marker(status));
-    let _ = out.flush();
+    console_marker(&console::exit_marker(status));
     Ok(())
+}
+
+/// Write one of the markers the host reads on the console (stdout).
+fn console_marker(marker: &[u8]) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(marker);
+    let _ = out.flush();
 }
 
 /// Write a file of the writable root, replacing what is there: an image's
