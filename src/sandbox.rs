@@ -118,8 +118,8 @@ fn tree_usage(pid: u32) -> HostUsage {
     let mut pending = vec![pid];
     while let Some(pid) = pending.pop() {
         // utime and stime (fields 14 and 15), in clock ticks.
-        let Some(stat) = stat_fields(pid) else { continue };
-        let field = |n: usize| stat.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+        let Some(stat) = ProcStat::read(pid) else { continue };
+        let field = |n| stat.field(n).and_then(|v| v.parse::<u64>().ok());
         let (Some(user), Some(system)) = (field(14), field(15)) else { continue };
         let times = user + system;
         usage.cpu += Duration::from_nanos(times.saturating_mul(1_000_000_000) / ticks);
@@ -138,28 +138,31 @@ fn proportional_set_size(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Field `n` (counted from 1, as proc(5) does; 3 or later) of `/proc/<pid>/stat`.
-fn stat_field(pid: u32, n: usize) -> Option<String> {
-    stat_fields(pid)?.into_iter().nth(n.checked_sub(3)?)
-}
+/// `/proc/<pid>/stat`, read once.
+struct ProcStat(Vec<String>);
 
-/// The fields of `/proc/<pid>/stat` from the third on (field `n` at index
-/// `n - 3`), read at once.
-fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may hold spaces.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    Some(rest.split_whitespace().map(str::to_string).collect())
+impl ProcStat {
+    fn read(pid: u32) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name (field 2) is in parentheses and may hold spaces.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        Some(Self(rest.split_whitespace().map(str::to_string).collect()))
+    }
+
+    /// Field `n`, counted from 1 as proc(5) does (3 or later).
+    fn field(&self, n: usize) -> Option<&str> {
+        self.0.get(n.checked_sub(3)?).map(String::as_str)
+    }
 }
 
 /// Field 22 of `/proc/<pid>/stat`: when the process started.
 fn process_start(pid: u32) -> Option<u64> {
-    stat_field(pid, 22)?.parse().ok()
+    ProcStat::read(pid)?.field(22)?.parse().ok()
 }
 
 /// Has process `pid` ended, its status not yet collected by its parent?
 fn zombie(pid: u32) -> bool {
-    stat_field(pid, 3).is_some_and(|state| state == "Z")
+    ProcStat::read(pid).is_some_and(|stat| stat.field(3) == Some("Z"))
 }
 
 /// The children of process `pid` (none if it is gone).
