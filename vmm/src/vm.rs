@@ -79,7 +79,8 @@ impl std::fmt::Debug for Vm {
 
 /// A virtio device on its MMIO window, as a snapshot sees it.
 struct AttachedVirtio {
-    /// What kind of device, with what a restore checks.
+    /// What kind of device, with what a restore checks (a vsock device's
+    /// next host port changes as it runs: [`Self::snapshot`] reads it).
     device: DeviceSnapshot,
     transport: Arc<Mutex<MmioTransport>>,
     /// The vsock device itself (for the transport reset after a restore).
