@@ -54,7 +54,7 @@ install -m 0755 /bin/busybox "$stage/bin/busybox"
     [ -e "$stage/$applet" ] || ln -s /bin/busybox "$stage/$applet"
 done
 install -m 0755 "$out_bin/sandbox-init" "$stage/sbin/sandbox-init"
-install -m 0755 "$out_bin/dns-proxy" "$out_bin/net-proxy" "$stage/usr/libexec/sandbox/"
+install -m 0755 "$out_bin/sandbox-proxy" "$stage/usr/libexec/sandbox/"
 # A small HTTPS client (busybox's wget is not usable in the guest), and a
 # tool that checks and measures vsock from inside.
 install -m 0755 "$out_bin/fetch" "$out_bin/vsock-stream" "$stage/usr/bin/"

@@ -77,7 +77,7 @@ fn a_pulled_image_runs_with_its_own_env_workdir_and_user() {
     );
     assert!(out.contains("cwd=/work greeting=from-image overridden=flag uid=1000 gid=1000\n"), "{out}");
     assert!(out.contains("layer data\nwhiteout applied\nlinks=2\nwritten\n"), "{out}");
-    assert!(out.contains("dns-proxy\nnet-proxy\n"), "the sandbox's programs are not at /.sandbox: {out}");
+    assert!(out.contains("sandbox-proxy\n"), "the sandbox's programs are not at /.sandbox: {out}");
     assert!(out.contains("nameserver 10.0.0.1"), "{out}");
 
     // The CLI lists it; rmi removes it again.

@@ -66,13 +66,13 @@ fn run() -> Result<(), InitError> {
     replace_file("/etc/resolv.conf", network::resolv_conf().as_bytes())
         .map_err(|e| InitError::step("write /etc/resolv.conf", e))?;
     let programs = if image.is_some() { mounts::OWN_PROGRAMS } else { mounts::BOOT_PROGRAMS };
-    for name in supervise::PROXIES {
-        let proxy = format!("{programs}/{name}");
-        if std::path::Path::new(&proxy).exists() {
-            supervise::supervise(proxy).map_err(|e| InitError::step("start the guest proxies", e))?;
-        } else {
-            log(&format!("{proxy} is not in this image: no network access"));
-        }
+    let proxy = format!("{programs}/{}", supervise::PROXY);
+    if std::path::Path::new(&proxy).exists() {
+        let sockets =
+            supervise::ProxySockets::bind().map_err(|e| InitError::step("bind the guest proxy's sockets", e))?;
+        supervise::supervise(proxy, sockets).map_err(|e| InitError::step("start the guest proxy", e))?;
+    } else {
+        log(&format!("{proxy} is not in this image: no network access"));
     }
 
     let (shutdown_tx, shutdown_rx) = std::sync::mpsc::channel();

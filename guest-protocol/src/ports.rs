@@ -31,10 +31,21 @@ pub const MITM_PORT: u32 = 5002;
 pub const DNS_PORT: u32 = 5007;
 
 /// Guest-local port of dns-proxy (UDP and TCP on 127.0.0.1). The guest's init
-/// redirects port 53 here with nftables; dns-proxy listens on it.
+/// redirects port 53 here with nftables, binds it, and hands the sockets to
+/// dns-proxy ([`DNS_UDP_SOCKET_FD`], [`DNS_TCP_SOCKET_FD`]).
 pub const DNS_PROXY_PORT: u16 = 1053;
 
 /// Guest-local port of net-proxy (TCP on 127.0.0.1). The guest's init
-/// redirects port 443, and any other TCP leaving through the uplink, here;
-/// net-proxy listens on it.
+/// redirects port 443, and any other TCP leaving through the uplink, here,
+/// binds it, and hands the listener to net-proxy ([`NET_SOCKET_FD`]).
 pub const NET_PROXY_PORT: u16 = 10443;
+
+/// Where `sandbox-proxy` (dns-proxy and net-proxy in one process) finds the
+/// listening sockets init bound for it before starting it: the UDP socket on
+/// [`DNS_PROXY_PORT`]. Init keeps the sockets, so what the guest sends while
+/// the proxy starts, or restarts, waits in them instead of being refused.
+pub const DNS_UDP_SOCKET_FD: std::os::fd::RawFd = 3;
+/// The TCP listener on [`DNS_PROXY_PORT`] (see [`DNS_UDP_SOCKET_FD`]).
+pub const DNS_TCP_SOCKET_FD: std::os::fd::RawFd = 4;
+/// The TCP listener on [`NET_PROXY_PORT`] (see [`DNS_UDP_SOCKET_FD`]).
+pub const NET_SOCKET_FD: std::os::fd::RawFd = 5;

@@ -1,8 +1,10 @@
 //! Guest-side proxies: the guest's only ways to reach the network.
 //!
 //! Guest init redirects (nftables nat OUTPUT) every DNS packet to `dns-proxy`
-//! and every TCP connection to port 443 to `net-proxy`. Both forward what they
-//! receive to the host over vsock, where the DNS and MITM handlers decide:
+//! and every TCP connection to port 443 to `net-proxy`, which run together in
+//! one process, `sandbox-proxy`, on sockets init binds and passes to it. Both
+//! forward what they receive to the host over vsock, where the DNS and MITM
+//! handlers decide:
 //!
 //! - [`dns`]: UDP and TCP DNS on a local port, each query sent to the host as
 //!   RFC 1035 TCP framing ([`guest_protocol::dns_framing`]) over one
@@ -16,7 +18,7 @@
 //!
 //! The guest kernel is slow at everything it does for user space (every
 //! syscall and page fault is emulated on the test bed), so both proxies run on
-//! a single-threaded tokio runtime: one thread, no worker pool, small buffers,
+//! a single-threaded tokio runtime: one process, one thread, no worker pool, small buffers,
 //! and readiness through epoll, which tokio already wraps portably and which a
 //! hand-written poll loop would only duplicate.
 
