@@ -73,6 +73,11 @@ impl Connection for VsockConn {
 }
 
 /// Listen on vsock `port` and serve every connection on its own thread.
+/// How long the answer to an identity waits for the network proxy to
+/// serve (it starts at boot, and takes seconds where guest kernel code is
+/// emulated).
+const PROXY_START_LIMIT: Duration = Duration::from_secs(20);
+
 pub(crate) fn listen(port: u32, shutdown: Sender<()>) -> io::Result<()> {
     use nix::sys::socket::{
         accept, bind, listen as sock_listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
@@ -149,6 +154,12 @@ fn serve_request(mut conn: Box<dyn Connection>, shutdown: &Sender<()>) -> Result
         }
         Some(HostMessage::SetIdentity(identity)) => {
             let result = crate::identity::apply(&identity);
+            // The host counts the sandbox ready when this is answered: the
+            // commands it runs then, and a snapshot it takes, find the
+            // network proxy serving instead of still starting.
+            if !crate::supervise::wait_until_serving(PROXY_START_LIMIT) {
+                crate::log(&format!("the network proxy does not serve after {PROXY_START_LIMIT:?}; going on"));
+            }
             reply_result(&mut conn, result, GuestMessage::DataEnd)
         }
         Some(HostMessage::Fs(request)) => {

@@ -171,7 +171,8 @@ pub enum HostMessage {
     DataEnd,
     /// Take on this identity: trust its CA (system bundle, certifi, and the
     /// TLS environment variables of every later command), reseed, set the
-    /// clock and the hostname.
+    /// clock and the hostname. Answered once the guest's network proxy
+    /// serves (it may still be starting after a boot), or after 20 s.
     SetIdentity(Identity),
     /// Stop every process and power the VM off.
     Shutdown,

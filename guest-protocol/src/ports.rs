@@ -49,3 +49,6 @@ pub const DNS_UDP_SOCKET_FD: std::os::fd::RawFd = 3;
 pub const DNS_TCP_SOCKET_FD: std::os::fd::RawFd = 4;
 /// The TCP listener on [`NET_PROXY_PORT`] (see [`DNS_UDP_SOCKET_FD`]).
 pub const NET_SOCKET_FD: std::os::fd::RawFd = 5;
+/// The write end of a pipe to init: `sandbox-proxy` writes one byte to it
+/// once it serves its sockets, and closes it.
+pub const PROXY_READY_FD: std::os::fd::RawFd = 6;

@@ -1,6 +1,7 @@
 //! The `sandbox-proxy` program as init starts it: its three listening
-//! sockets bound beforehand and passed at descriptors 3 to 5, fake host
-//! handlers on Unix sockets standing in for vsock.
+//! sockets bound beforehand and passed at descriptors 3 to 5, the pipe it
+//! says it serves on at 6, fake host handlers on Unix sockets standing in
+//! for vsock.
 
 #![allow(clippy::unwrap_used)]
 
@@ -18,8 +19,8 @@ use hickory_proto::rr::{Name, RecordType};
 const PROGRAM: &str = env!("CARGO_BIN_EXE_sandbox-proxy");
 const WAIT: Duration = Duration::from_secs(20);
 
-/// `cmd` with `fds` at descriptors 3, 4, 5 (`None`: closed there).
-fn with_descriptors(cmd: &mut Command, fds: [Option<RawFd>; 3]) {
+/// `cmd` with `fds` at descriptors 3 to 6 (`None`: closed there).
+fn with_descriptors(cmd: &mut Command, fds: [Option<RawFd>; 4]) {
     // SAFETY: dup2 and close are async-signal-safe; the sources stay open in
     // the parent until the child has been spawned, and are above 5 (the
     // test binds them after its own standard descriptors, and moves them
@@ -71,7 +72,8 @@ fn serves_dns_and_connections_on_the_sockets_init_bound() {
     early.write_all(b"sent before the proxy ran").unwrap();
     early.shutdown(std::net::Shutdown::Write).unwrap();
 
-    let fds = [above(udp), above(dns_tcp), above(net)];
+    let (mut ready, ready_tx) = std::io::pipe().unwrap();
+    let fds = [above(udp), above(dns_tcp), above(net), above(ready_tx)];
     let mut cmd = Command::new(PROGRAM);
     cmd.arg("--inherited-sockets")
         .arg(format!("--dns-upstream=unix:{}", dir.path().join("dns.sock").display()))
@@ -80,6 +82,10 @@ fn serves_dns_and_connections_on_the_sockets_init_bound() {
     with_descriptors(&mut cmd, fds.each_ref().map(|fd| Some(fd.as_raw_fd())));
     let _proxy = Running(cmd.spawn().unwrap());
     drop(fds);
+    // It says when it serves, once.
+    let mut said = Vec::new();
+    ready.read_to_end(&mut said).unwrap();
+    assert_eq!(said, b"r");
 
     // net-proxy: the early connection reaches the host with its header.
     let (host_side, _) = net_host.accept().unwrap();
@@ -123,7 +129,7 @@ fn serves_dns_and_connections_on_the_sockets_init_bound() {
 fn started_without_the_sockets_it_says_so_and_exits() {
     let mut cmd = Command::new(PROGRAM);
     cmd.arg("--inherited-sockets");
-    with_descriptors(&mut cmd, [None, None, None]);
+    with_descriptors(&mut cmd, [None; 4]);
     let out = cmd.output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -133,7 +139,7 @@ fn started_without_the_sockets_it_says_so_and_exits() {
     let stream = above(TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap());
     let mut cmd = Command::new(PROGRAM);
     cmd.arg("--inherited-sockets");
-    with_descriptors(&mut cmd, [Some(stream.as_raw_fd()), None, None]);
+    with_descriptors(&mut cmd, [Some(stream.as_raw_fd()), None, None, None]);
     let out = cmd.output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);

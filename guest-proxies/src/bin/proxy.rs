@@ -7,6 +7,7 @@
 //! emulated guest kernel code, and nothing the guest sends before the proxy
 //! runs is refused.
 
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
@@ -15,6 +16,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use guest_protocol::ports::{
     DNS_PORT, DNS_PROXY_PORT, DNS_TCP_SOCKET_FD, DNS_UDP_SOCKET_FD, HOST_CID, MITM_PORT, NET_PROXY_PORT, NET_SOCKET_FD,
+    PROXY_READY_FD,
 };
 use guest_proxies::upstream::Upstream;
 use guest_proxies::{dns, net, Error};
@@ -27,7 +29,8 @@ use tokio::net::{TcpListener, UdpSocket};
 #[command(version)]
 struct Args {
     /// Take the listening sockets from init instead of binding them: the
-    /// descriptors 3 (DNS over UDP), 4 (DNS over TCP) and 5 (connections).
+    /// descriptors 3 (DNS over UDP), 4 (DNS over TCP) and 5 (connections);
+    /// once they are served, write a byte to descriptor 6.
     #[arg(long)]
     inherited_sockets: bool,
     /// Address of the DNS listeners (UDP and TCP), unless inherited.
@@ -57,10 +60,13 @@ fn main() -> anyhow::Result<()> {
     let inherited = args.inherited_sockets.then(inherited_sockets).transpose()?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("start the runtime")?;
     runtime.block_on(async {
-        let (udp, dns_tcp, net_tcp) = match inherited {
-            Some((udp, dns_tcp, net_tcp)) => {
-                (UdpSocket::from_std(udp)?, TcpListener::from_std(dns_tcp)?, TcpListener::from_std(net_tcp)?)
-            }
+        let (udp, dns_tcp, net_tcp, ready) = match inherited {
+            Some(Inherited { udp, dns_tcp, net_tcp, ready }) => (
+                UdpSocket::from_std(udp)?,
+                TcpListener::from_std(dns_tcp)?,
+                TcpListener::from_std(net_tcp)?,
+                Some(ready),
+            ),
             None => {
                 let dns = |source| Error::Listen { addr: args.dns_listen, source };
                 let net = |source| Error::Listen { addr: args.net_listen, source };
@@ -68,6 +74,7 @@ fn main() -> anyhow::Result<()> {
                     UdpSocket::bind(args.dns_listen).await.map_err(dns)?,
                     TcpListener::bind(args.dns_listen).await.map_err(dns)?,
                     TcpListener::bind(args.net_listen).await.map_err(net)?,
+                    None,
                 )
             }
         };
@@ -78,6 +85,10 @@ fn main() -> anyhow::Result<()> {
             net_upstream = %args.net_upstream,
             "sandbox-proxy ready"
         );
+        if let Some(ready) = ready {
+            // One byte, then closed: init learns that the sockets are served.
+            (&ready).write_all(b"r").context("tell init that the proxy serves")?;
+        }
         tokio::join!(
             dns::serve(udp, dns_tcp, args.dns_upstream, Duration::from_millis(args.dns_timeout_ms)),
             net::serve(net_tcp, args.net_upstream),
@@ -86,30 +97,43 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-/// The sockets init bound: dns-proxy's UDP socket and TCP listener, and
-/// net-proxy's listener, made non-blocking for the runtime.
-fn inherited_sockets() -> anyhow::Result<(std::net::UdpSocket, std::net::TcpListener, std::net::TcpListener)> {
+/// What init passes: the listening sockets (non-blocking for the runtime)
+/// and the pipe on which to say that they are served.
+struct Inherited {
+    udp: std::net::UdpSocket,
+    dns_tcp: std::net::TcpListener,
+    net_tcp: std::net::TcpListener,
+    ready: std::fs::File,
+}
+
+fn inherited_sockets() -> anyhow::Result<Inherited> {
     let udp = std::net::UdpSocket::from(inherited(DNS_UDP_SOCKET_FD, SockType::Datagram)?);
     let dns_tcp = std::net::TcpListener::from(inherited(DNS_TCP_SOCKET_FD, SockType::Stream)?);
     let net_tcp = std::net::TcpListener::from(inherited(NET_SOCKET_FD, SockType::Stream)?);
     for set in [udp.set_nonblocking(true), dns_tcp.set_nonblocking(true), net_tcp.set_nonblocking(true)] {
         set.context("make an inherited socket non-blocking")?;
     }
-    Ok((udp, dns_tcp, net_tcp))
+    let ready = std::fs::File::from(inherited_fd(PROXY_READY_FD)?);
+    Ok(Inherited { udp, dns_tcp, net_tcp, ready })
 }
 
-/// Take descriptor `fd`, which init passed bound (and, for a stream socket,
-/// listening), after checking that it is a socket of the `expected` type.
-fn inherited(raw: RawFd, expected: SockType) -> anyhow::Result<OwnedFd> {
+/// Take descriptor `raw`, which init passed, if it is open.
+fn inherited_fd(raw: RawFd) -> anyhow::Result<OwnedFd> {
     // SAFETY: F_GETFD only reads the descriptor's flags; a descriptor that
     // is not open gives -1.
     if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
         bail!("descriptor {raw} is not open: was this started by init with its sockets?");
     }
     // SAFETY: the descriptor is open and, by contract with init, this
-    // process's socket, which nothing else in it uses; the checks below
-    // reject anything else before use.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // process's, and nothing else in it uses it; callers check what it is
+    // before use.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Take descriptor `fd`, which init passed bound (and, for a stream socket,
+/// listening), after checking that it is a socket of the `expected` type.
+fn inherited(raw: RawFd, expected: SockType) -> anyhow::Result<OwnedFd> {
+    let fd = inherited_fd(raw)?;
     let kind = getsockopt(&fd, sockopt::SockType).with_context(|| format!("descriptor {raw} is not a socket"))?;
     if kind != expected {
         bail!("descriptor {raw} is a {kind:?} socket, expected {expected:?}");
