@@ -5,7 +5,7 @@
 //! (`--inherited-sockets`): one program to start instead of two, which
 //! matters where every process start and first page fault runs through
 //! emulated guest kernel code, and nothing the guest sends before the proxy
-//! runs is refused.
+//! runs is refused. It tells init when it serves them (descriptor 6).
 
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -56,8 +56,8 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     guest_proxies::init_logging(args.log_level);
-    // Before anything else opens a descriptor, which could land on a free one of 3 to 5.
-    let inherited = args.inherited_sockets.then(inherited_sockets).transpose()?;
+    // Before anything else opens a descriptor, which could land on a free one of 3 to 6.
+    let inherited = args.inherited_sockets.then(take_inherited).transpose()?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("start the runtime")?;
     runtime.block_on(async {
         let (udp, dns_tcp, net_tcp, ready) = match inherited {
@@ -106,10 +106,10 @@ struct Inherited {
     ready: std::fs::File,
 }
 
-fn inherited_sockets() -> anyhow::Result<Inherited> {
-    let udp = std::net::UdpSocket::from(inherited(DNS_UDP_SOCKET_FD, SockType::Datagram)?);
-    let dns_tcp = std::net::TcpListener::from(inherited(DNS_TCP_SOCKET_FD, SockType::Stream)?);
-    let net_tcp = std::net::TcpListener::from(inherited(NET_SOCKET_FD, SockType::Stream)?);
+fn take_inherited() -> anyhow::Result<Inherited> {
+    let udp = std::net::UdpSocket::from(inherited_socket(DNS_UDP_SOCKET_FD, SockType::Datagram)?);
+    let dns_tcp = std::net::TcpListener::from(inherited_socket(DNS_TCP_SOCKET_FD, SockType::Stream)?);
+    let net_tcp = std::net::TcpListener::from(inherited_socket(NET_SOCKET_FD, SockType::Stream)?);
     for set in [udp.set_nonblocking(true), dns_tcp.set_nonblocking(true), net_tcp.set_nonblocking(true)] {
         set.context("make an inherited socket non-blocking")?;
     }
@@ -130,9 +130,9 @@ fn inherited_fd(raw: RawFd) -> anyhow::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
-/// Take descriptor `fd`, which init passed bound (and, for a stream socket,
+/// Take descriptor `raw`, which init passed bound (and, for a stream socket,
 /// listening), after checking that it is a socket of the `expected` type.
-fn inherited(raw: RawFd, expected: SockType) -> anyhow::Result<OwnedFd> {
+fn inherited_socket(raw: RawFd, expected: SockType) -> anyhow::Result<OwnedFd> {
     let fd = inherited_fd(raw)?;
     let kind = getsockopt(&fd, sockopt::SockType).with_context(|| format!("descriptor {raw} is not a socket"))?;
     if kind != expected {
