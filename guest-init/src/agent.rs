@@ -72,12 +72,12 @@ impl Connection for VsockConn {
     }
 }
 
-/// Listen on vsock `port` and serve every connection on its own thread.
 /// How long the answer to an identity waits for the network proxy to
 /// serve (it starts at boot, and takes seconds where guest kernel code is
 /// emulated).
 const PROXY_START_LIMIT: Duration = Duration::from_secs(20);
 
+/// Listen on vsock `port` and serve every connection on its own thread.
 pub(crate) fn listen(port: u32, shutdown: Sender<()>) -> io::Result<()> {
     use nix::sys::socket::{
         accept, bind, listen as sock_listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
