@@ -18,9 +18,9 @@
 //!
 //! The guest kernel is slow at everything it does for user space (every
 //! syscall and page fault is emulated on the test bed), so both proxies run on
-//! a single-threaded tokio runtime: one process, one thread, no worker pool, small buffers,
-//! and readiness through epoll, which tokio already wraps portably and which a
-//! hand-written poll loop would only duplicate.
+//! a single-threaded tokio runtime: one process, one thread, no worker pool,
+//! small buffers, and readiness through epoll, which tokio already wraps
+//! portably and which a hand-written poll loop would only duplicate.
 
 pub mod cert;
 pub mod dns;
