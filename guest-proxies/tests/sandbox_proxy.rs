@@ -22,9 +22,8 @@ const WAIT: Duration = Duration::from_secs(20);
 /// `cmd` with `fds` at descriptors 3 to 6 (`None`: closed there).
 fn with_descriptors(cmd: &mut Command, fds: [Option<RawFd>; 4]) {
     // SAFETY: dup2 and close are async-signal-safe; the sources stay open in
-    // the parent until the child has been spawned, and are above 5 (the
-    // test binds them after its own standard descriptors, and moves them
-    // up below).
+    // the parent until the child has been spawned, and are at 10 or above
+    // (see `above`), so no move overwrites a source.
     unsafe {
         cmd.pre_exec(move || {
             for (to, from) in (3..).zip(fds) {
@@ -40,7 +39,7 @@ fn with_descriptors(cmd: &mut Command, fds: [Option<RawFd>; 4]) {
     }
 }
 
-/// A copy of `fd` at descriptor 10 or above, clear of 3 to 5.
+/// A copy of `fd` at descriptor 10 or above, clear of 3 to 6.
 fn above(fd: impl Into<OwnedFd>) -> OwnedFd {
     let fd: OwnedFd = fd.into();
     let copy = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10)).unwrap();
