@@ -476,7 +476,11 @@ impl HandlerHost {
         filter: Option<seccompiler::BpfProgram>,
     ) -> Result<HandlerHost, Error> {
         let mut runtime = tokio::runtime::Builder::new_multi_thread();
-        runtime.worker_threads(2).max_blocking_threads(MAX_BLOCKING_THREADS).thread_name("net").enable_all();
+        runtime
+            .worker_threads(net::RUNTIME_WORKERS)
+            .max_blocking_threads(MAX_BLOCKING_THREADS)
+            .thread_name("net")
+            .enable_all();
         let confined = filter.is_some();
         let own_filter = filter.clone();
         if let Some(filter) = filter {

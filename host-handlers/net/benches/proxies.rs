@@ -29,7 +29,8 @@
 //!
 //! `PROXIES_BENCH_MITMDUMP` names the `mitmdump` binary (default: the venv
 //! above, then `mitmdump` on PATH); `PROXIES_BENCH_ONLY=direct,ours` limits
-//! the proxies measured.
+//! the proxies measured; `PROXIES_BENCH_WORKERS` sets the worker threads of
+//! our handlers' runtime (default: [`net::RUNTIME_WORKERS`], as the holder).
 #![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
 
 #[path = "../tests/common/mod.rs"]
@@ -99,14 +100,20 @@ fn serve_upstream() {
 }
 
 /// Our handlers on `<dir>/vsock.sock_5002`, as the holder runs them (a
-/// two-worker runtime, a session.db in the sandbox directory); writes the
+/// runtime of [`net::RUNTIME_WORKERS`] workers, `PROXIES_BENCH_WORKERS` to
+/// compare another count; a session.db in the sandbox directory); writes the
 /// sandbox CA to `<dir>/sandbox-ca.pem` and prints `ready`.
 fn serve_ours() {
     let args: Vec<String> = std::env::args().collect();
     let dir = PathBuf::from(&args[1]);
     let dns: SocketAddr = args[2].parse().unwrap();
     let port: u16 = args[3].parse().unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let workers = std::env::var("PROXIES_BENCH_WORKERS").ok().and_then(|w| w.parse().ok());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers.unwrap_or(net::RUNTIME_WORKERS))
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async {
         let mut config = NetConfig::default();
         config.dns_servers = vec![dns];

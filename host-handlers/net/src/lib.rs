@@ -37,7 +37,7 @@ pub use ca::SandboxCa;
 pub use config::NetConfig;
 pub use dns_limits::DNS_LIMIT_RULE;
 pub use error::{Error, Result};
-pub use handlers::{HandlerFiles, Handlers, DNS_PORT, MITM_PORT};
+pub use handlers::{HandlerFiles, Handlers, DNS_PORT, MITM_PORT, RUNTIME_WORKERS};
 pub use proxy::UpstreamProxy;
 pub use server::Server;
 
