@@ -9,6 +9,10 @@
 //!   HTTPS proxies through CONNECT;
 //! - our handler runs in a process of its own (the crate's handlers with the
 //!   test profile, recording to a real session.db), as in the holder.
+//! - `forwarder`, for reference, is the floor of our handler's design: the
+//!   same stack (PROXY line, rustls, hyper's server and pooled client, the
+//!   same upstream connector and runtime) forwarding each request as it
+//!   comes, with no policy, no header handling and no session.db.
 //!
 //! For each, the CPU time (from /proc: the on-CPU time of the threads of the
 //! process and its children) of the client, the upstream and the proxy is taken over a
@@ -29,8 +33,9 @@
 //!
 //! `PROXIES_BENCH_MITMDUMP` names the `mitmdump` binary (default: the venv
 //! above, then `mitmdump` on PATH); `PROXIES_BENCH_ONLY=direct,ours` limits
-//! the proxies measured; `PROXIES_BENCH_WORKERS` sets the worker threads of
-//! our handlers' runtime (default: [`net::RUNTIME_WORKERS`], as the holder).
+//! the proxies measured; `PROXIES_BENCH_WORKERS=2` adds a row for our
+//! handler on a runtime of that many workers (the holder's has
+//! [`net::RUNTIME_WORKERS`]).
 #![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
 
 #[path = "../tests/common/mod.rs"]
@@ -68,6 +73,7 @@ fn main() {
     match std::env::var(ROLE).as_deref() {
         Ok("upstream") => serve_upstream(),
         Ok("ours") => serve_ours(),
+        Ok("forwarder") => serve_forwarder(),
         _ => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             runtime.block_on(run());
@@ -100,20 +106,15 @@ fn serve_upstream() {
 }
 
 /// Our handlers on `<dir>/vsock.sock_5002`, as the holder runs them (a
-/// runtime of [`net::RUNTIME_WORKERS`] workers, `PROXIES_BENCH_WORKERS` to
-/// compare another count; a session.db in the sandbox directory); writes the
+/// runtime of the workers given, a session.db in the sandbox directory); writes the
 /// sandbox CA to `<dir>/sandbox-ca.pem` and prints `ready`.
 fn serve_ours() {
     let args: Vec<String> = std::env::args().collect();
     let dir = PathBuf::from(&args[1]);
     let dns: SocketAddr = args[2].parse().unwrap();
     let port: u16 = args[3].parse().unwrap();
-    let workers = std::env::var("PROXIES_BENCH_WORKERS").ok().and_then(|w| w.parse().ok());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers.unwrap_or(net::RUNTIME_WORKERS))
-        .enable_all()
-        .build()
-        .unwrap();
+    let workers: usize = args[4].parse().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build().unwrap();
     runtime.block_on(async {
         let mut config = NetConfig::default();
         config.dns_servers = vec![dns];
@@ -135,6 +136,85 @@ fn serve_ours() {
         mitm.shutdown().await;
         db.close().await.unwrap();
     });
+}
+
+/// The floor of our handler's design, for reference: the same stack (a
+/// Unix socket with a PROXY line, rustls, hyper's HTTP/1.1 server, the
+/// pooled client and [`net::upstream`]'s connector, the same runtime)
+/// forwarding every request as it comes, with no policy, no header
+/// handling and no session.db. Listens on `<dir>/forwarder.sock`, writes its
+/// CA to `<dir>/forwarder-ca.pem` and prints `ready`.
+fn serve_forwarder() {
+    use hyper::service::service_fn;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    use net::upstream::{Upstream, UpstreamConnector};
+    use tokio::io::AsyncBufReadExt;
+
+    let args: Vec<String> = std::env::args().collect();
+    let dir = PathBuf::from(&args[1]);
+    let dns: SocketAddr = args[2].parse().unwrap();
+    let port: u16 = args[3].parse().unwrap();
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(net::RUNTIME_WORKERS).enable_all().build().unwrap();
+    runtime.block_on(async {
+        let ca = TestCa::new("forwarder bench CA").unwrap();
+        ca.write_pem(&dir, "forwarder-ca.pem").unwrap();
+        let (chain, key) = ca.issue(&[NAME]).unwrap();
+        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(net::crypto_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let mut config = NetConfig::default();
+        config.dns_servers = vec![dns];
+        config.system_roots = false;
+        config.extra_root_files = vec![dir.join("upstream-ca.pem")];
+        config.allowed_networks = vec!["127.0.0.1/32".parse().unwrap()];
+        let upstream = Arc::new(Upstream::new(&config).unwrap());
+        let client: Client<_, hyper::body::Incoming> =
+            Client::builder(TokioExecutor::new()).build(UpstreamConnector::new(upstream, true));
+        let listener = tokio::net::UnixListener::bind(dir.join("forwarder.sock")).unwrap();
+        println!("ready");
+        std::io::stdout().flush().unwrap();
+        let serve = async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (acceptor, client) = (acceptor.clone(), client.clone());
+                tokio::spawn(async move {
+                    let mut stream = tokio::io::BufReader::new(stream);
+                    let mut header = String::new();
+                    stream.read_line(&mut header).await.unwrap();
+                    let tls = acceptor.accept(stream).await.unwrap();
+                    let service = service_fn(move |mut req: Request<hyper::body::Incoming>| {
+                        let target = format!("https://{NAME}:{port}{}", req.uri().path());
+                        *req.uri_mut() = target.parse().unwrap();
+                        let client = client.clone();
+                        async move { client.request(req).await }
+                    });
+                    let _ =
+                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service).await;
+                });
+            }
+        };
+        tokio::select! {
+            () = serve => {}
+            _ = tokio::task::spawn_blocking(until_stdin_closes) => {}
+        }
+    });
+}
+
+/// Our handler in a process of its own, on a runtime of `workers` workers,
+/// with `dir` (holding `upstream-ca.pem`) as its sandbox directory.
+fn start_ours(dir: &Path, name: &'static str, dns: &str, upstream: SocketAddr, workers: usize) -> Proxy {
+    let args = [dir.display().to_string(), dns.to_owned(), upstream.port().to_string(), workers.to_string()];
+    let (process, _) = spawn_role("ours", &args);
+    let pem = std::fs::read_to_string(dir.join("sandbox-ca.pem")).unwrap();
+    let socket = SandboxDir::new(dir).vsock_port_socket(MITM_PORT);
+    Proxy { name, route: Route::Ours(socket), roots: roots_from_pem(&pem), process: Some(process) }
 }
 
 // ---- process bookkeeping ------------------------------------------------------
@@ -160,7 +240,7 @@ impl Drop for Process {
     fn drop(&mut self) {
         // Our roles stop when their stdin closes; the others on SIGTERM.
         drop(self.child.stdin.take());
-        if !matches!(self.name, "upstream" | "ours") {
+        if !matches!(self.name, "upstream" | "ours" | "forwarder") {
             let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
         }
         let deadline = Instant::now() + Duration::from_secs(3);
@@ -555,13 +635,23 @@ async fn run() {
     let mut proxies =
         vec![Proxy { name: "direct", route: Route::Direct, roots: roots_from_pem(&upstream_ca), process: None }];
     if wanted("ours") {
-        let args = [dir.path().display().to_string(), dns_addr, upstream_addr.port().to_string()];
-        let (process, _) = spawn_role("ours", &args);
-        let pem = std::fs::read_to_string(dir.path().join("sandbox-ca.pem")).unwrap();
-        let socket = SandboxDir::new(dir.path()).vsock_port_socket(MITM_PORT);
+        proxies.push(start_ours(dir.path(), "ours", &dns_addr, upstream_addr, net::RUNTIME_WORKERS));
+        // Another worker count, for comparison.
+        if let Some(workers) = std::env::var("PROXIES_BENCH_WORKERS").ok().and_then(|w| w.parse().ok()) {
+            let own = dir.path().join(format!("ours-{workers}"));
+            std::fs::create_dir(&own).unwrap();
+            std::fs::copy(dir.path().join("upstream-ca.pem"), own.join("upstream-ca.pem")).unwrap();
+            let name = format!("ours, {workers} workers").leak();
+            proxies.push(start_ours(&own, name, &dns_addr, upstream_addr, workers));
+        }
+    }
+    if wanted("forwarder") {
+        let args = [dir.path().display().to_string(), dns_addr.clone(), upstream_addr.port().to_string()];
+        let (process, _) = spawn_role("forwarder", &args);
+        let pem = std::fs::read_to_string(dir.path().join("forwarder-ca.pem")).unwrap();
         proxies.push(Proxy {
-            name: "ours",
-            route: Route::Ours(socket),
+            name: "forwarder",
+            route: Route::Ours(dir.path().join("forwarder.sock")),
             roots: roots_from_pem(&pem),
             process: Some(process),
         });
