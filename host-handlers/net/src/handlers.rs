@@ -28,7 +28,7 @@ pub use guest_protocol::ports::{DNS_PORT, MITM_PORT};
 /// with a second worker each wake could hand the task to the other thread,
 /// a futex wake and a context switch per hop. Measured with
 /// `cargo bench -p net --bench proxies` on 2 cores, one worker took about
-/// 0.7 of the CPU per small request that two did, and less per MB; each
+/// 0.8 of the CPU per small request that two did, and 0.7 per MB; each
 /// sandbox has its own runtime, so sandboxes still use every core.
 pub const RUNTIME_WORKERS: usize = 1;
 
