@@ -214,7 +214,7 @@ fn start_ours(dir: &Path, name: &'static str, dns: &str, upstream: SocketAddr, w
     let (process, _) = spawn_role("ours", &args);
     let pem = std::fs::read_to_string(dir.join("sandbox-ca.pem")).unwrap();
     let socket = SandboxDir::new(dir).vsock_port_socket(MITM_PORT);
-    Proxy { name, route: Route::Ours(socket), roots: roots_from_pem(&pem), process: Some(process) }
+    Proxy { name, route: Route::Unix(socket), roots: roots_from_pem(&pem), process: Some(process) }
 }
 
 // ---- process bookkeeping ------------------------------------------------------
@@ -337,8 +337,9 @@ fn load_average() -> String {
 /// How the client reaches the upstream.
 enum Route {
     Direct,
-    /// Our handler's Unix socket, with a PROXY line for the upstream.
-    Ours(PathBuf),
+    /// A Unix socket taking a PROXY line for the upstream (our handler, and
+    /// the forwarder).
+    Unix(PathBuf),
     /// An HTTP proxy on this port, asked to CONNECT to `target`.
     Connect {
         port: u16,
@@ -501,7 +502,7 @@ async fn open(proxy: &Proxy, upstream: SocketAddr) -> SendRequest<GuestBody> {
             tcp.set_nodelay(true).unwrap();
             Box::new(tcp)
         }
-        Route::Ours(socket) => {
+        Route::Unix(socket) => {
             let mut unix = tokio::net::UnixStream::connect(socket).await.unwrap();
             let header = format!("PROXY TCP4 10.0.0.2 {} 40000 {}\r\n", upstream.ip(), upstream.port());
             unix.write_all(header.as_bytes()).await.unwrap();
@@ -651,7 +652,7 @@ async fn run() {
         let pem = std::fs::read_to_string(dir.path().join("forwarder-ca.pem")).unwrap();
         proxies.push(Proxy {
             name: "forwarder",
-            route: Route::Ours(dir.path().join("forwarder.sock")),
+            route: Route::Unix(dir.path().join("forwarder.sock")),
             roots: roots_from_pem(&pem),
             process: Some(process),
         });
