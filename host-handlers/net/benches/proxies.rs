@@ -105,6 +105,17 @@ fn serve_upstream() {
     });
 }
 
+/// Handler configuration reaching the upstream role: its DNS, its CA (in
+/// `<dir>/upstream-ca.pem`), loopback allowed.
+fn upstream_config(dir: &Path, dns: SocketAddr) -> NetConfig {
+    let mut config = NetConfig::default();
+    config.dns_servers = vec![dns];
+    config.system_roots = false;
+    config.extra_root_files = vec![dir.join("upstream-ca.pem")];
+    config.allowed_networks = vec!["127.0.0.1/32".parse().unwrap()];
+    config
+}
+
 /// Our handlers on `<dir>/vsock.sock_5002`, as the holder runs them (a
 /// runtime of the workers given, a session.db in the sandbox directory); writes the
 /// sandbox CA to `<dir>/sandbox-ca.pem` and prints `ready`.
@@ -116,11 +127,7 @@ fn serve_ours() {
     let workers: usize = args[4].parse().unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build().unwrap();
     runtime.block_on(async {
-        let mut config = NetConfig::default();
-        config.dns_servers = vec![dns];
-        config.system_roots = false;
-        config.extra_root_files = vec![dir.join("upstream-ca.pem")];
-        config.allowed_networks = vec!["127.0.0.1/32".parse().unwrap()];
+        let config = upstream_config(&dir, dns);
         let engine = Engine::builder()
             .secrets(Secrets::none().with_value("NET_TEST_TOKEN", common::SECRET_TOKEN))
             .profile(Layer::User, ProfileSource::Text { name: "bench.toml".into(), text: common::profile(port) })
@@ -169,12 +176,7 @@ fn serve_forwarder() {
             .unwrap();
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-        let mut config = NetConfig::default();
-        config.dns_servers = vec![dns];
-        config.system_roots = false;
-        config.extra_root_files = vec![dir.join("upstream-ca.pem")];
-        config.allowed_networks = vec!["127.0.0.1/32".parse().unwrap()];
-        let upstream = Arc::new(Upstream::new(&config).unwrap());
+        let upstream = Arc::new(Upstream::new(&upstream_config(&dir, dns)).unwrap());
         let client: Client<_, hyper::body::Incoming> =
             Client::builder(TokioExecutor::new()).build(UpstreamConnector::new(upstream, true));
         let listener = tokio::net::UnixListener::bind(dir.join("forwarder.sock")).unwrap();
@@ -223,6 +225,9 @@ fn start_ours(dir: &Path, name: &'static str, dns: &str, upstream: SocketAddr, w
 struct Process {
     child: Child,
     name: &'static str,
+    /// One of this bench's roles, which stop when their stdin closes; the
+    /// others are sent SIGTERM.
+    role: bool,
 }
 
 impl Process {
@@ -240,7 +245,7 @@ impl Drop for Process {
     fn drop(&mut self) {
         // Our roles stop when their stdin closes; the others on SIGTERM.
         drop(self.child.stdin.take());
-        if !matches!(self.name, "upstream" | "ours" | "forwarder") {
+        if !self.role {
             let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
         }
         let deadline = Instant::now() + Duration::from_secs(3);
@@ -264,7 +269,7 @@ fn spawn_role(role: &'static str, args: &[String]) -> (Process, String) {
     let stdout: ChildStdout = child.stdout.take().unwrap();
     let mut line = String::new();
     std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
-    (Process { child, name: role }, line.trim().to_owned())
+    (Process { child, name: role, role: true }, line.trim().to_owned())
 }
 
 fn stat_cpu_seconds(stat: &str) -> (f64, u32) {
@@ -445,7 +450,7 @@ fn start_squid(dir: &Path, upstream: SocketAddr) -> Result<Proxy, String> {
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("squid: {e}"))?;
-    let process = Process { child, name: "squid" };
+    let process = Process { child, name: "squid", role: false };
     if !wait_for_port(port) {
         return Err(format!("squid did not listen; see {d}/cache.log"));
     }
@@ -478,7 +483,7 @@ fn start_mitmproxy(dir: &Path, upstream: SocketAddr) -> Result<Proxy, String> {
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("mitmdump: {e}"))?;
-    let process = Process { child, name: "mitmproxy" };
+    let process = Process { child, name: "mitmproxy", role: false };
     let ca = confdir.join("mitmproxy-ca-cert.pem");
     if !wait_for_file(&ca) || !wait_for_port(port) {
         return Err("mitmdump did not start".into());
